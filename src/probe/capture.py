@@ -1,0 +1,503 @@
+"""The context manager that attaches probe to a model for the length of a ``with`` block.
+
+Recipe::
+
+    with probe.capture(model, out="run.h5", skip_first=1) as run:
+        for batch in loader:
+            model(**batch)
+    run["hidden_states.5"].kurtosis
+
+Everything is validated before any hook is registered; hooks are registered inside ``try`` and
+removed in ``finally``, so the model is left exactly as it was on every exit path.
+
+Hook order within one forward: the root pre-hook reads ``attention_mask`` / ``position_ids`` /
+``cache_position`` / ``input_ids``; each site hook detaches its tensor, upcasts it chunk by chunk
+to float32 and feeds the statistics on the tensor's own device; the root post-hook closes the
+forward (the cross-layer statistic folds in the sites it held).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import stats as _stats
+from .errors import ProbeError, SiteError
+from .sites import Site, SiteSpec, resolve
+
+__all__ = ["capture", "Capture", "Handle"]
+
+#: elements per float32 chunk: bounds the temporaries a site's update allocates (16 MiB each)
+CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class Handle:
+    """One registered hook: which site it serves, where it hangs, and the torch handle."""
+
+    site: str
+    module: str
+    kind: str
+    handle: Any
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def capture(
+    model: nn.Module,
+    out: str | os.PathLike | None = None,
+    *,
+    sites: SiteSpec = "hidden_states",
+    stats: Sequence[str] | None = None,
+    skip_first: int = 0,
+    max_positions: int = 4096,
+    histogram_bits: int = 7,
+    sample_size: int = 20_000,
+    cross_budget: int = 2 << 30,
+    seed: int = 0,
+    overwrite: bool = False,
+    strict: bool = False,
+) -> Capture:
+    """Capture streaming statistics of ``model``'s activations inside a ``with`` block.
+
+    Args:
+        model: any ``torch.nn.Module``; Hugging Face models get exact ``hidden_states`` parity.
+        out: HDF5 file to write (schema in ``docs/format.md``); ``None`` keeps results in memory.
+        sites: ``"hidden_states"`` (default), module names, glob patterns, or a callable
+            ``(name, module) -> bool``.
+        stats: names from ``("moments", "position", "histogram", "sample", "cross")``; all by default.
+        skip_first: drop the first ``k`` real tokens of each sequence from every statistic except
+            the per-position ones (which keep all real tokens so the first-token effect shows).
+        max_positions: per-position statistics cover positions ``0 .. max_positions - 1``.
+        histogram_bits: mantissa bits ``m`` of the histogram buckets; quantiles are within
+            ``2**-m / (2 + 2**-m)`` relative error (0.39 % at 7), exact for bf16 data.
+        sample_size: ``k`` of the uniform per-site sample for scatter plots.
+        cross_budget: bytes of one forward's activations the cross-layer statistic may hold;
+            a forward past it is left out of the cross-layer statistic, with a warning.
+        seed: seed of the sample's per-forward keys.
+        overwrite: replace ``out`` if it exists.
+        strict: re-raise errors inside statistics instead of disabling the site with a warning.
+
+    Returns:
+        A :class:`Capture`; use it as a context manager. After the block it answers like
+        :func:`probe.load`: ``run.sites``, ``run["hidden_states.3"]``, ``run.cross``.
+
+    Raises:
+        ProbeError: bad arguments, unknown sites, an unwritable or existing ``out``; raised
+            before any hook is registered or any file is written.
+
+    Example:
+        >>> import probe, torch, transformers
+        >>> model = transformers.GPT2Model(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2))
+        >>> with probe.capture(model) as run:
+        ...     _ = model(torch.tensor([[1, 2, 3]]))
+        >>> run.sites
+        ['hidden_states.0', 'hidden_states.1', 'hidden_states.2']
+    """
+    return Capture(model, out, sites=sites, stats=stats, skip_first=skip_first,
+                   max_positions=max_positions, histogram_bits=histogram_bits,
+                   sample_size=sample_size, cross_budget=cross_budget, seed=seed,
+                   overwrite=overwrite, strict=strict)
+
+
+def _check_int(name: str, value: Any, low: int, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ProbeError(f"{name} must be an int >= {low}; got {value!r}; {fix}")
+    return value
+
+
+class Capture:
+    """A capture session; see :func:`capture`. Results are available after the block."""
+
+    def __init__(self, model: nn.Module, out, *, sites, stats, skip_first, max_positions,
+                 histogram_bits, sample_size, cross_budget, seed, overwrite, strict) -> None:
+        if not isinstance(model, nn.Module):
+            raise ProbeError(f"model must be a torch.nn.Module; got {type(model).__name__}; "
+                             "pass the model object itself (e.g. AutoModelForCausalLM.from_pretrained(...))")
+        if hasattr(model, "_orig_mod") or type(model).__name__ == "OptimizedModule":
+            raise ProbeError("model is compiled with torch.compile; hooks added after compiling never fire; "
+                             "enter probe.capture(model) first, then compile inside the block")
+        self.skip_first = _check_int("skip_first", skip_first, 0, "pass 0 to keep every token")
+        self.max_positions = _check_int("max_positions", max_positions, 1, "pass e.g. 4096")
+        self.sample_size = _check_int("sample_size", sample_size, 1, "pass e.g. 20000")
+        self.cross_budget = _check_int("cross_budget", cross_budget, 0, "pass a byte count such as 2 << 30")
+        self.seed = _check_int("seed", seed, 0, "pass a non-negative int")
+        self.histogram_bits = _check_int("histogram_bits", histogram_bits, 0, "pass 7")
+        _stats.Histogram(histogram_bits)  # validates the range
+        names = _stats.NAMES if stats is None else (stats,) if isinstance(stats, str) else tuple(stats)
+        unknown = [s for s in names if s not in _stats.NAMES]
+        if unknown or not names:
+            raise ProbeError(f"unknown stats {unknown or names!r}; expected a subset of {list(_stats.NAMES)}; "
+                             "pass e.g. stats=('moments', 'histogram')")
+        self.stats = tuple(s for s in _stats.NAMES if s in names)
+        self.strict = bool(strict)
+        self.model = model
+        self._defs: list[Site] = resolve(model, sites)
+        modules = dict(model.named_modules())
+        self._modules = [modules[s.module] for s in self._defs]
+        self.out = None if out is None else os.fspath(out)
+        if self.out is not None:
+            from . import store
+
+            store.check_writable(self.out, overwrite)
+        self.overwrite = overwrite
+        try:
+            self._signature = inspect.signature(model.forward)
+        except (TypeError, ValueError):  # pragma: no cover - builtins without signature
+            self._signature = None
+        self._handles: list[Handle] = []
+        self._writer = None
+        self._rows: list = []
+        self._active = False
+        self._forward = 0
+        self._rows_seen = 0
+        self._call: dict[str, Any] | None = None
+        self._tokens: dict = {}
+        self._disabled: dict[str, str] = {}
+        self._dtypes: dict[str, str] = {}
+        self._window = self._new_window()
+        self._result = None
+
+    # ----------------------------------------------------------------------------- set-up
+    def _new_window(self) -> dict:
+        window: dict[str, dict[str, Any]] = {}
+        for site in self._defs:
+            per: dict[str, Any] = {}
+            if "moments" in self.stats:
+                per["moments"] = _stats.Moments()
+            if "position" in self.stats:
+                per["position"] = _stats.Position(self.max_positions)
+            if "histogram" in self.stats:
+                per["histogram"] = _stats.Histogram(self.histogram_bits)
+            if "sample" in self.stats:
+                per["sample"] = _stats.Sample(self.sample_size)
+            window[site.name] = per
+        old = getattr(self, "_cross", None)
+        self._cross = None
+        if "cross" in self.stats:
+            self._cross = _stats.Cross([s.name for s in self._defs], budget=self.cross_budget)
+            self._cross.members = old.members if old is not None else None
+        return window
+
+    def meta(self) -> dict[str, Any]:
+        """The run's description, stored as the file's root attributes."""
+        from . import __version__
+
+        import transformers
+
+        config = getattr(self.model, "config", None)
+        return {
+            "probe_version": __version__,
+            "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+            "model": {
+                "class": type(self.model).__name__,
+                "name_or_path": getattr(config, "_name_or_path", "") or getattr(self.model, "name_or_path", ""),
+                "config": config.to_diff_dict() if hasattr(config, "to_diff_dict") else {},
+            },
+            "sites": [
+                {"name": s.name, "module": s.module, "read": s.read, "index": s.index,
+                 "hf_index": s.hf_index, "dtype": self._dtypes.get(s.name, "")}
+                for s in self._defs
+            ],
+            "stats": list(self.stats),
+            "mask_policy": "attention_mask zeros are padding and enter no statistic",
+            "skip_first": self.skip_first,
+            "max_positions": self.max_positions,
+            "histogram": {"encoding": "float32-bits", "mantissa_bits": self.histogram_bits},
+            "sample": {"size": self.sample_size, "seed": self.seed},
+            "cross_sites": list(self._cross.sites) if self._cross is not None else [],
+            "disabled": dict(self._disabled),
+        }
+
+    def __repr__(self) -> str:
+        state = "attached" if self._active else "detached"
+        lines = [f"Capture({type(self.model).__name__}, {len(self._defs)} sites, {state}, "
+                 f"stats={list(self.stats)}, out={self.out!r})"]
+        lines += [f"  {h.site:<24} {h.kind:<12} {h.module or '<root>'}" for h in self._handles]
+        return "\n".join(lines)
+
+    def __enter__(self) -> Capture:
+        if self._active or self._result is not None:
+            raise ProbeError("this capture was already entered; expected a fresh one per with-block; "
+                             "call probe.capture(model, ...) again")
+        if self.out is not None:
+            from . import store
+
+            self._writer = store.Writer(self.out, self.overwrite)
+        try:
+            self._register()
+        except BaseException:
+            self._remove()
+            if self._writer is not None:
+                self._writer.abort()
+            raise
+        self._active = True
+        return self
+
+    def _register(self) -> None:
+        root = self.model
+        h = root.register_forward_pre_hook(self._begin, with_kwargs=True, prepend=True)
+        self._handles.append(Handle("<forward>", "", "pre-root", h))
+        for i, (site, module) in enumerate(zip(self._defs, self._modules)):
+            if site.read == "input":
+                h = module.register_forward_pre_hook(self._make_pre(i), with_kwargs=True)
+                kind = "pre"
+            else:
+                h = module.register_forward_hook(self._make_post(i))
+                kind = "post"
+            self._handles.append(Handle(site.name, site.module, kind, h))
+        h = root.register_forward_hook(self._end)
+        self._handles.append(Handle("<forward>", "", "post-root", h))
+
+    def _remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            self._remove()
+        finally:
+            self._active = False
+            try:
+                self._commit(final=True)
+            except Exception as err:
+                if exc is None:
+                    raise
+                warnings.warn(f"probe: could not save the last window while handling {exc_type.__name__}: {err}",
+                              stacklevel=2)
+            finally:
+                if self._writer is not None:
+                    self._writer.close()
+        return False
+
+    # ------------------------------------------------------------------------------ hooks
+    def _finish_cross(self) -> None:
+        if self._cross is None:
+            return
+        try:
+            self._cross.finish()
+        except Exception as err:
+            if self.strict:
+                raise ProbeError(f"cross-layer statistics failed: {err}") from err
+            self._disabled["cross"] = str(err)
+            self._cross = None
+            warnings.warn(f"probe: cross-layer statistics failed ({err}); disabled for the rest of the run",
+                          stacklevel=2)
+
+    def _begin(self, module, args, kwargs) -> None:
+        self._finish_cross()
+        self._forward += 1
+        call: dict[str, Any] = dict(kwargs)
+        if args and self._signature is not None:
+            try:
+                call.update(self._signature.bind_partial(*args, **kwargs).arguments)
+            except TypeError:
+                pass
+        self._call = {k: call.get(k) for k in ("attention_mask", "position_ids", "cache_position",
+                                              "input_ids", "inputs_embeds")}
+        self._tokens = {}
+
+    def _end(self, module, args, output) -> None:
+        self._finish_cross()
+        shape = self._batch_shape()
+        if shape is not None:
+            self._rows_seen += shape[0]
+        self._call = None
+
+    def _batch_shape(self) -> tuple[int, int] | None:
+        for key in ("input_ids", "inputs_embeds"):
+            t = (self._call or {}).get(key)
+            if isinstance(t, Tensor) and t.dim() >= 2:
+                return t.shape[0], t.shape[1]
+        return next(iter(self._tokens), (None,))[:2] if self._tokens else None
+
+    def _make_pre(self, i: int):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states")
+            self._observe(i, x)
+
+        return hook
+
+    def _make_post(self, i: int):
+        site = self._defs[i]
+
+        def hook(module, args, output):
+            if site.read == "last_hidden_state":
+                x = getattr(output, "last_hidden_state", None)
+                if x is None and isinstance(output, (tuple, list)) and output:
+                    x = output[0]
+            elif isinstance(output, (tuple, list)):
+                x = output[site.index] if len(output) > site.index else None
+            elif isinstance(output, Tensor):
+                x = output
+            else:  # a ModelOutput or other mapping: its first tensor, as transformers' to_tuple() would
+                x = next((v for v in getattr(output, "values", lambda: [])() if isinstance(v, Tensor)), None)
+            self._observe(i, x)
+
+        return hook
+
+    def _tokens_for(self, b: int, t: int, device: torch.device):
+        memo = (b, t, device)
+        if memo in self._tokens:
+            return self._tokens[memo]
+        call = self._call or {}
+        mask = call.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] == b and mask.shape[1] >= t:
+            full = mask.to(device)
+            valid = full[:, -t:].bool()
+        else:
+            full, valid = None, torch.ones(b, t, dtype=torch.bool, device=device)
+        pos_ids, cache_pos = call.get("position_ids"), call.get("cache_position")
+        if (isinstance(pos_ids, Tensor) and pos_ids.dim() == 2 and pos_ids.shape[-1] == t
+                and pos_ids.shape[0] in (1, b)):
+            position = pos_ids.to(device).long().expand(b, t)
+        elif full is not None:
+            position = (full.long().cumsum(-1) - 1)[:, -t:]
+        elif isinstance(cache_pos, Tensor) and cache_pos.dim() == 1 and cache_pos.shape[0] == t:
+            position = cache_pos.to(device).long().expand(b, t)
+        else:
+            position = torch.arange(t, device=device).expand(b, t)
+        ids = call.get("input_ids")
+        if isinstance(ids, Tensor) and ids.dim() == 2 and ids.shape[0] == b and ids.shape[1] >= t:
+            token = ids[:, -t:].to(device).long()
+        else:
+            token = torch.full((b, t), -1, dtype=torch.int64, device=device)
+        row = (self._rows_seen + torch.arange(b, device=device)).unsqueeze(1).expand(b, t)
+        keep = valid & (position >= self.skip_first)
+        cache = next(iter(self._tokens.values())).cache if self._tokens else {}
+        tokens = _stats.Tokens(valid.reshape(-1), keep.reshape(-1), position.reshape(-1),
+                               row.reshape(-1), token.reshape(-1), self._forward,
+                               hash((self.seed, self._forward)) & ((1 << 62) - 1), 0, cache)
+        self._tokens[memo] = tokens
+        return tokens
+
+    def _observe(self, i: int, x: Any) -> None:
+        site = self._defs[i]
+        if site.name in self._disabled:
+            return
+        try:
+            if self._call is None:  # a submodule called on its own: treat it as one forward
+                self._begin(self.model, (), {})
+            self._update(i, site, x)
+        except Exception as err:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            dtype = str(x.dtype).replace("torch.", "") if isinstance(x, Tensor) else "-"
+            message = f"site {site.name!r} (shape {shape}, dtype {dtype}): {err}"
+            if self.strict:
+                raise SiteError(message) from err
+            self._disabled[site.name] = str(err)
+            warnings.warn(f"probe: {message}; this site is disabled for the rest of the run", stacklevel=2)
+
+    @torch.no_grad()
+    def _update(self, i: int, site: Site, x: Any) -> None:
+        if not isinstance(x, Tensor):
+            raise SiteError(f"the module produced {type(x).__name__}, not a tensor; "
+                            "choose a module whose output (or output[0]) is a tensor")
+        if not (x.is_floating_point()):
+            raise SiteError(f"expected a floating-point tensor, got {x.dtype}; "
+                            "capture a module that outputs activations")
+        if x.dim() < 3:
+            raise SiteError("expected [batch, sequence, ...] activations; "
+                            "capture a module whose output keeps the batch and sequence dims")
+        x = x.detach()
+        self._dtypes.setdefault(site.name, str(x.dtype).replace("torch.", ""))
+        b, t = x.shape[0], x.shape[1]
+        x2 = x.reshape(b * t, -1)
+        tokens = self._tokens_for(b, t, x.device)
+        per = self._window[site.name]
+        chunked = [s for s in per.values() if s.chunked]
+        if chunked:
+            step = max(1, CHUNK_ELEMENTS // max(1, x2.shape[1]))
+            for a in range(0, b * t, step):
+                xc = x2[a:a + step]
+                xc = xc.float() if xc.dtype != torch.float32 else xc
+                tc = tokens.slice(a, a + step)
+                for stat in chunked:
+                    stat.update(xc, tc)
+        for stat in per.values():
+            if not stat.chunked:
+                stat.update(x2, tokens)
+        if self._cross is not None:
+            self._cross.hold(i, x2, tokens)
+
+    # ------------------------------------------------------------------------- snapshots
+    def snapshot(self, step: int | None = None) -> None:
+        """Commit the current window as one row (flushed to ``out``) and start a new window.
+
+        Args:
+            step: the row's label (e.g. the optimizer step); defaults to the number of forwards.
+        """
+        self._commit(step=step)
+
+    def _commit(self, step: int | None = None, final: bool = False) -> None:
+        self._finish_cross()
+        if final and self._rows and all(not st.state_dict() for per in self._window.values()
+                                        for st in per.values()):
+            self._finish_result()
+            return
+        row = {
+            "step": self._forward if step is None else int(step),
+            "sites": {name: {k: {f: v.detach().cpu().numpy() for f, v in st.state_dict().items()}
+                             for k, st in per.items()} for name, per in self._window.items()},
+            "cross": ({f: v.cpu().numpy() for f, v in self._cross.state_dict().items()}
+                      if self._cross is not None else {}),
+        }
+        if self._writer is not None:
+            self._writer.append(self.meta(), row)
+        else:
+            self._rows.append(row)
+        self._window = self._new_window()
+        if final:
+            self._finish_result()
+
+    def _finish_result(self) -> None:
+        from .run import Run
+
+        if self._writer is not None:
+            self._writer.close()
+            from .store import read
+
+            self._result = read(self.out)
+        else:
+            self._result = Run(self.meta(), self._rows)
+
+    # ---------------------------------------------------------------- results after exit
+    @property
+    def result(self):
+        """The :class:`probe.run.Run` after the block (``None`` while capturing)."""
+        return self._result
+
+    def _need_result(self):
+        if self._result is None:
+            raise ProbeError("results are read after the with-block; expected an exited capture; "
+                             "read run[...] after the block, or call run.snapshot() and probe.load(out)")
+        return self._result
+
+    @property
+    def cross(self):
+        return self._need_result().cross
+
+    @property
+    def steps(self):
+        return self._need_result().steps
+
+    def at(self, step: int):
+        return self._need_result().at(step)
+
+    def __getitem__(self, name: str):
+        return self._need_result()[name]
+
+    @property
+    def sites(self) -> list[str]:
+        """Site names in capture order (available before, during and after the block)."""
+        return [s.name for s in self._defs]
+

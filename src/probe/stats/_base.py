@@ -1,0 +1,182 @@
+"""The protocol every statistic follows, the token metadata they share, and the moment algebra.
+
+A statistic is its sufficient statistics: ``update`` folds in a chunk of activations, ``merge``
+folds in another instance of the same statistic (another window, rank or file), and the state
+round-trips through ``state_dict`` / ``load_state_dict`` as plain tensors. State lives on the
+device of the activations it saw; nothing in ``update`` synchronises with the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = ["Tokens", "Stat", "StatBase", "merge_moments", "chunk_moments"]
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Per-token metadata for the ``n`` tokens of a chunk (all 1-D, on the activation's device).
+
+    ``valid`` marks real (unpadded) tokens; ``keep`` additionally drops the first ``skip_first``
+    real tokens of each sequence. ``position`` is the absolute position, ``row`` the global index
+    of the sequence since the capture began, ``token`` the input id (``-1`` when unknown), and
+    ``offset`` the index of the chunk's first token within the forward pass.
+    """
+
+    valid: Tensor
+    keep: Tensor
+    position: Tensor
+    row: Tensor
+    token: Tensor
+    forward: int
+    seed: int = 0
+    offset: int = 0
+    #: per-forward memo shared by every site (e.g. the sample's key selection)
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def slice(self, start: int, stop: int) -> Tokens:
+        return Tokens(
+            self.valid[start:stop],
+            self.keep[start:stop],
+            self.position[start:stop],
+            self.row[start:stop],
+            self.token[start:stop],
+            self.forward,
+            self.seed,
+            self.offset + start,
+            self.cache,
+        )
+
+
+class Stat(Protocol):
+    """What :func:`probe.capture` needs from a statistic."""
+
+    name: ClassVar[str]
+    #: ``True`` when ``update`` takes token chunks; ``False`` when it wants the whole forward.
+    chunked: ClassVar[bool]
+
+    def update(self, x: Tensor, tokens: Tokens) -> None: ...
+
+    def merge(self, other: Any) -> None: ...
+
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+    def to(self, device: torch.device | str) -> Any: ...
+
+
+class StatBase:
+    """Shared plumbing: lazily allocated state tensors named in ``_fields``."""
+
+    name: ClassVar[str] = ""
+    chunked: ClassVar[bool] = True
+    _fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        self._state: dict[str, Tensor] | None = None
+
+    @property
+    def empty(self) -> bool:
+        """``True`` until the first update (or load) allocates the state."""
+        return self._state is None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {} if self._state is None else dict(self._state)
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if not state:
+            self._state = None
+            return
+        missing = [f for f in self._fields if f not in state]
+        if missing:
+            from ..errors import FileFormatError
+
+            raise FileFormatError(
+                f"{self.name} state lacks {missing}; expected {list(self._fields)}; "
+                "the file is damaged or not a probe run"
+            )
+        self._state = {f: torch.as_tensor(state[f]) for f in self._fields}
+
+    def to(self, device: torch.device | str):
+        if self._state is not None:
+            self._state = {k: v.to(device) for k, v in self._state.items()}
+        return self
+
+    def merge(self, other) -> None:
+        if other._state is None:
+            return
+        if self._state is None:
+            self._state = {k: v.clone() for k, v in other._state.items()}
+            return
+        theirs = {k: v.to(self._state[k].device) for k, v in other._state.items()}
+        self._merge(theirs)
+
+    def _merge(self, other: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    @property
+    def s(self) -> dict[str, Tensor]:
+        assert self._state is not None
+        return self._state
+
+
+def merge_moments(a: tuple, b: tuple) -> tuple:
+    """Combine central moment sums ``(n, mean, M2, M3, M4)`` of two disjoint sets.
+
+    Pébay (2008), eqs. 3.1 and 3.2: exact algebra, written for tensors or numpy arrays alike.
+    An empty side (``n == 0``) leaves the other untouched.
+    """
+    na, ma, m2a, m3a, m4a = a
+    nb, mb, m2b, m3b, m4b = b
+    n = na + nb
+    safe = _clamp_one(n)
+    delta = mb - ma
+    dn = delta / safe
+    dn2 = dn * dn
+    nab = na * nb
+    mean = ma + nb * dn
+    m2 = m2a + m2b + delta * dn * nab
+    m3 = m3a + m3b + dn2 * delta * nab * (na - nb) + 3 * dn * (na * m2b - nb * m2a)
+    m4 = (
+        m4a
+        + m4b
+        + dn2 * dn2 * nab * (na * na - nab + nb * nb) * safe
+        + 6 * dn2 * (na * na * m2b + nb * nb * m2a)
+        + 4 * dn * (na * m3b - nb * m3a)
+    )
+    return n, mean, m2, m3, m4
+
+
+def _clamp_one(n):
+    return n.clamp(min=1) if isinstance(n, Tensor) else n.clip(min=1)
+
+
+def chunk_moments(x: Tensor, w: Tensor, dim: int = 0) -> tuple[Tensor, ...]:
+    """Float64 ``(n, mean, M2, M3, M4)`` of ``x`` along ``dim`` where the bool ``w`` is set.
+
+    Two passes: the mean (accumulated in float64), then the powers of ``d = x - mean`` in ``x``'s
+    dtype, accumulated in float64. Centering first keeps the cancellation that ruins one-pass
+    power sums out of the picture; the few ulps by which the float32 mean misses the exact one are
+    shifted out exactly (``delta = sum(d) / n``), so even a near-zero mean keeps full precision.
+    """
+    f64 = torch.float64
+    n = w.sum(dim, dtype=f64)
+    safe = n.clamp(min=1)
+    mean = torch.where(w, x, 0.0).sum(dim, dtype=f64) / safe
+    center = mean.to(x.dtype)
+    d = torch.where(w, x - center.unsqueeze(dim), 0.0)
+    d2 = d * d
+    s1 = d.sum(dim, dtype=f64)
+    s2 = d2.sum(dim, dtype=f64)
+    s3 = (d2 * d).sum(dim, dtype=f64)
+    s4 = (d2 * d2).sum(dim, dtype=f64)
+    delta = s1 / safe
+    m2 = s2 - n * delta**2
+    m3 = s3 - 3 * delta * s2 + 2 * n * delta**3
+    m4 = s4 - 4 * delta * s3 + 6 * delta**2 * s2 - 3 * n * delta**4
+    return n, center.to(f64) + delta, m2, m3, m4

@@ -1,0 +1,168 @@
+"""Layer × layer covariance and R² over matching (token, channel) elements, in float64.
+
+Each site is one variable and each kept (token, channel) element one observation, so entry
+``(i, j)`` compares site ``i`` and site ``j`` at the same place in the same forward. This needs
+every site of a forward at once: the sites' tensors are held by reference (no copy; in training
+autograd holds them anyway) until the forward ends, then folded in token blocks of at most
+``block_bytes`` of float64, which bounds the temporaries and is exact (blocks merge with the
+co-moment formula). An element that is non-finite in any site is left out for all sites.
+
+Two views: ``keep`` (the first ``skip_first`` real tokens excluded) and ``all`` (every real
+token). ``all`` is ``keep`` merged with the excluded head, so the big Gram is computed once.
+
+If holding one forward's sites would pass ``budget`` bytes, that forward is left out of these
+statistics (only these), ``skipped_tokens`` counts its tokens and a warning says how to fix it.
+
+State: for each view ``v`` in (``keep``, ``all``): ``v_n`` float64 scalar, ``v_mean`` ``[S]``,
+``v_c`` ``[S, S]`` (co-moment sums); ``skipped_tokens`` int64 scalar.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from ._base import StatBase, Tokens
+
+__all__ = ["Cross"]
+
+
+def _comoments(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(n, mean[S], C[S, S])`` of float64 ``x[S, m]`` over the columns where ``w[m]``."""
+    n = w.sum(dtype=torch.float64)
+    xz = torch.where(w, x, 0.0)
+    mean = xz.sum(1) / n.clamp(min=1)
+    xc = torch.where(w, x - mean.unsqueeze(1), 0.0)
+    return n, mean, xc @ xc.T
+
+
+def _merge(a: tuple, b: tuple) -> tuple:
+    na, ma, ca = a
+    nb, mb, cb = b
+    n = na + nb
+    delta = mb - ma
+    mean = ma + delta * nb / n.clamp(min=1)
+    c = ca + cb + torch.outer(delta, delta) * (na * nb / n.clamp(min=1))
+    return n, mean, c
+
+
+class Cross(StatBase):
+    name = "cross"
+    chunked = False
+    _fields = ("keep_n", "keep_mean", "keep_c", "all_n", "all_mean", "all_c", "skipped_tokens")
+
+    def __init__(self, sites: list[str], budget: int = 2 << 30, block_bytes: int = 64 << 20) -> None:
+        super().__init__()
+        self.candidates = list(sites)
+        #: indices (into ``candidates``) of the sites in the matrices: those as wide as the first
+        #: site that fires; fixed by the first forward
+        self.members: list[int] | None = None
+        self.budget = budget
+        self.block_bytes = block_bytes
+        self._held: dict[int, tuple[Tensor, int]] = {}
+        self._held_bytes = 0
+        self._over = False
+        self._warned = False
+        self._tokens: Tokens | None = None
+
+    @property
+    def sites(self) -> list[str]:
+        """Names of the sites in matrix order."""
+        return [self.candidates[i] for i in (self.members or [])]
+
+    def _init(self, device: torch.device) -> None:
+        s = len(self.sites)
+        f64 = dict(dtype=torch.float64, device=device)
+        self._state = {}
+        for v in ("keep", "all"):
+            self._state[f"{v}_n"] = torch.zeros((), **f64)
+            self._state[f"{v}_mean"] = torch.zeros(s, **f64)
+            self._state[f"{v}_c"] = torch.zeros(s, s, **f64)
+        self._state["skipped_tokens"] = torch.zeros((), dtype=torch.int64, device=device)
+
+    def hold(self, index: int, x: Tensor, tokens: Tokens) -> None:
+        """Keep a reference to site ``index``'s ``[n, D]`` tensor until :meth:`finish`."""
+        if self._tokens is not None and self._tokens.forward != tokens.forward:
+            self.finish()
+        self._tokens = tokens
+        if self._over or (self.members is not None and index not in self.members):
+            return
+        size = x.numel() * x.element_size()
+        if self._held_bytes + size > self.budget:
+            self._over = True
+            self._held.clear()
+            self._held_bytes = 0
+            return
+        self._held[index] = (x, x._version)
+        self._held_bytes += size
+
+    def update(self, x: Tensor, tokens: Tokens) -> None:  # pragma: no cover - protocol only
+        raise TypeError("Cross is fed through hold()/finish(), not update()")
+
+    def finish(self) -> None:
+        """Fold the held forward in and release it."""
+        tokens, held, over = self._tokens, self._held, self._over
+        self._tokens, self._held, self._held_bytes, self._over = None, {}, 0, False
+        if tokens is None:
+            return
+        device = tokens.keep.device
+        if self.members is None:
+            if not held:
+                return
+            width = held[min(held)][0].shape[1]
+            self.members = sorted(i for i, (x, _) in held.items() if x.shape[1] == width)
+        if self._state is None:
+            self._init(device)
+        s = self.s
+        stale = [self.candidates[i] for i, (x, v) in held.items() if x._version != v]
+        if over or any(i not in held for i in self.members) or stale:
+            s["skipped_tokens"] += tokens.keep.sum().to(device)
+            if not self._warned:
+                self._warned = True
+                if over:
+                    why = (f"holding {len(self.candidates)} sites of this forward needs more than "
+                           f"cross_budget={self.budget} bytes; pass a larger cross_budget= or smaller batches")
+                elif stale:
+                    why = f"sites {stale} were modified in place during the forward; capture other sites"
+                else:
+                    missing = [i for i in self.members if i not in held]
+                    why = (f"sites {[self.candidates[i] for i in missing]} did not fire in this forward; "
+                           "pass sites that run in every forward")
+                warnings.warn(f"probe: cross-layer statistics skip a forward: {why} "
+                              "(skipped tokens are counted in cross.skipped_tokens)", stacklevel=2)
+            return
+        xs = [held[i][0] for i in self.members]
+        n_tok, d = xs[0].shape
+        per_token = len(xs) * d * 8
+        block = max(1, self.block_bytes // per_token)
+        keep_acc = all_head = None
+        for a in range(0, n_tok, block):
+            b = min(n_tok, a + block)
+            x = torch.stack([t[a:b].to(device=device, dtype=torch.float64) for t in xs])
+            x = x.reshape(len(xs), -1)
+            finite = torch.isfinite(x).all(0)
+            keep = tokens.keep[a:b].repeat_interleave(d) & finite
+            head = (tokens.valid[a:b] & ~tokens.keep[a:b]).repeat_interleave(d) & finite
+            part = _comoments(x, keep)
+            keep_acc = part if keep_acc is None else _merge(keep_acc, part)
+            part = _comoments(x, head)
+            all_head = part if all_head is None else _merge(all_head, part)
+        all_acc = _merge(keep_acc, all_head)
+        for v, acc in (("keep", keep_acc), ("all", all_acc)):
+            n, mean, c = _merge((s[f"{v}_n"], s[f"{v}_mean"], s[f"{v}_c"]), acc)
+            s[f"{v}_n"], s[f"{v}_mean"], s[f"{v}_c"] = n, mean, c
+
+    def _merge(self, o: dict[str, Tensor]) -> None:
+        s = self.s
+        if o["keep_mean"].shape != s["keep_mean"].shape:
+            from ..errors import ProbeError
+
+            raise ProbeError("cross-layer stats cover different sites; expected the same sites; "
+                             "merge runs captured with the same sites=")
+        for v in ("keep", "all"):
+            n, mean, c = _merge((s[f"{v}_n"], s[f"{v}_mean"], s[f"{v}_c"]),
+                                (o[f"{v}_n"], o[f"{v}_mean"], o[f"{v}_c"]))
+            s[f"{v}_n"], s[f"{v}_mean"], s[f"{v}_c"] = n, mean, c
+        s["skipped_tokens"] = s["skipped_tokens"] + o["skipped_tokens"]
