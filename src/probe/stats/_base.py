@@ -161,8 +161,8 @@ def chunk_moments(x: Tensor, w: Tensor, dim: int = 0) -> tuple[Tensor, ...]:
 
     Two passes: the mean (accumulated in float64), then the powers of ``d = x - mean`` in ``x``'s
     dtype, accumulated in float64. Centering first keeps the cancellation that ruins one-pass
-    power sums out of the picture; the few ulps by which the float32 mean misses the exact one are
-    shifted out exactly (``delta = sum(d) / n``), so even a near-zero mean keeps full precision.
+    power sums out of the picture; the few ulps by which the float32 center misses the float64 mean
+    are shifted out exactly (``delta = sum(d) / n``). The mean itself is the float64 sum over ``n``.
     """
     f64 = torch.float64
     n = w.sum(dim, dtype=f64)
@@ -179,4 +179,4 @@ def chunk_moments(x: Tensor, w: Tensor, dim: int = 0) -> tuple[Tensor, ...]:
     m2 = s2 - n * delta**2
     m3 = s3 - 3 * delta * s2 + 2 * n * delta**3
     m4 = s4 - 4 * delta * s3 + 6 * delta**2 * s2 - 3 * n * delta**4
-    return n, center.to(f64) + delta, m2, m3, m4
+    return n, mean, m2, m3, m4

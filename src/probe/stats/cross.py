@@ -62,6 +62,7 @@ class Cross(StatBase):
         self.budget = budget
         self.block_bytes = block_bytes
         self._held: dict[int, tuple[Tensor, int]] = {}
+        self._widths: dict[int, int] = {}
         self._held_bytes = 0
         self._over = False
         self._warned = False
@@ -87,6 +88,7 @@ class Cross(StatBase):
         if self._tokens is not None and self._tokens.forward != tokens.forward:
             self.finish()
         self._tokens = tokens
+        self._widths[index] = x.shape[1]
         if self._over or (self.members is not None and index not in self.members):
             return
         size = x.numel() * x.element_size()
@@ -103,16 +105,16 @@ class Cross(StatBase):
 
     def finish(self) -> None:
         """Fold the held forward in and release it."""
-        tokens, held, over = self._tokens, self._held, self._over
-        self._tokens, self._held, self._held_bytes, self._over = None, {}, 0, False
+        tokens, held, over, widths = self._tokens, self._held, self._over, self._widths
+        self._tokens, self._held, self._held_bytes, self._over, self._widths = None, {}, 0, False, {}
         if tokens is None:
             return
         device = tokens.keep.device
         if self.members is None:
-            if not held:
+            if not widths:
                 return
-            width = held[min(held)][0].shape[1]
-            self.members = sorted(i for i, (x, _) in held.items() if x.shape[1] == width)
+            width = widths[min(widths)]
+            self.members = sorted(i for i, w in widths.items() if w == width)
         if self._state is None:
             self._init(device)
         s = self.s

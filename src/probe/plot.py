@@ -1,0 +1,566 @@
+"""Figures of a run as PNG files: ``probe plot run.h5`` and ``probe diff a.h5 b.h5 --plot d.png``.
+
+Recipe::
+
+    import probe
+    from probe.plot import plot_run, plot_diff
+    run = probe.load("run.h5")
+    plot_run(run, "figures")                      # every figure the run has data for
+    plot_run(run, "figures", kinds=["cross"])     # just cross_cov.png and cross_r2.png
+    plot_diff(probe.load("a.h5"), probe.load("b.h5"), "diff.png")
+
+One kind, one or two files:
+
+========== ============================================ =====================================
+kind       files                                        needs
+========== ============================================ =====================================
+histograms ``hist_grid.png``, ``hist_overlay.png``      ``histogram`` (+ ``moments``)
+cross      ``cross_cov.png``, ``cross_r2.png``          ``cross``
+scatter    ``scatter_position.png``, ``scatter_channel`` ``sample``
+channels   ``channels_absmax.png``                      ``moments``
+positions  ``positions.png``                            ``position``
+steps      ``steps.png``                                ``moments`` and two or more windows
+========== ============================================ =====================================
+
+Activations span decades (a residual stream with massive activations has a median magnitude
+near 0.01 and a maximum near 1000), so nearly every value axis here is logarithmic, and each
+figure says which scale it uses. Figures are drawn on a bare :class:`matplotlib.figure.Figure`,
+never through ``pyplot``: nothing global changes (a notebook keeps its backend) and no display is
+needed. matplotlib is optional (``pip install "probe[plot]"``) and imported only when drawing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import ProbeError
+from .run import Run
+
+__all__ = ["KINDS", "plot_run", "plot_diff"]
+
+Kind = Literal["histograms", "cross", "scatter", "channels", "positions", "steps"]
+
+#: every figure kind, in the order :func:`plot_run` draws them
+KINDS: tuple[str, ...] = ("histograms", "cross", "scatter", "channels", "positions", "steps")
+
+DPI = 110
+#: quantiles that bound the shared histogram range: wide enough that log-y shows the tails, narrow
+#: enough that one massive activation (10**4 x the median) does not squash every bulk into a bin
+RANGE_QUANTILES = (1e-4, 1 - 1e-4)
+HIST_BINS = 201  # odd, so that 0 sits in the middle of a bin
+CMAP_DEPTH = "viridis"
+
+
+class _Missing(ProbeError):
+    """A figure whose statistics the run lacks: skipped unless the kind was asked for by name."""
+
+
+def _mpl():
+    """Import matplotlib lazily; the ``Figure`` class and the modules the figures need."""
+    try:
+        import matplotlib
+        from matplotlib import cm, colors
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ProbeError('plotting needs matplotlib; expected it installed; pip install "probe[plot]"') from None
+    return matplotlib, Figure, colors, cm
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _labels(names: Sequence[str]) -> tuple[list[str], str]:
+    """Short tick labels for site names and the axis title that explains them.
+
+    ``hidden_states.k`` becomes ``k`` (the layer); other names lose their common dotted prefix,
+    and when that still leaves long names, the site's index in the list is used instead.
+    """
+    prefix = "hidden_states."
+    if names and all(n.startswith(prefix) for n in names):
+        return [n[len(prefix):] for n in names], "layer (hidden_states index)"
+    parts = [n.split(".") for n in names]
+    common = 0
+    while parts and all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    short = [".".join(p[common:]) for p in parts]
+    if any(len(s) > 14 for s in short):
+        return [str(i) for i in range(len(names))], "site (index in run.sites)"
+    return short, "site"
+
+
+def _index_ticks(axis, labels: Sequence[str], most: int = 32, fontsize: float = 7) -> None:
+    """Put (at most ``most``) site labels on an axis whose positions are 0..len-1."""
+    step = max(1, math.ceil(len(labels) / most))
+    idx = list(range(0, len(labels), step))
+    axis.set_ticks(idx)
+    axis.set_ticklabels([labels[i] for i in idx], fontsize=fontsize)
+
+
+def _save(fig, path: str) -> str:
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+    return path
+
+
+def _cmap(name: str):
+    import matplotlib
+
+    return matplotlib.colormaps[name]
+
+
+def _depth_colorbar(fig, ax, cm, colors, names: Sequence[str], label: str):
+    norm = colors.Normalize(vmin=0, vmax=max(1, len(names) - 1))
+    sm = cm.ScalarMappable(norm=norm, cmap=_cmap(CMAP_DEPTH))
+    bar = fig.colorbar(sm, ax=ax, pad=0.01, fraction=0.04)
+    labels, _ = _labels(names)
+    step = max(1, math.ceil(len(names) / 12))
+    ticks = list(range(0, len(names), step))
+    bar.set_ticks(ticks)
+    bar.set_ticklabels([labels[i] for i in ticks], fontsize=7)
+    bar.set_label(label, fontsize=8)
+    return norm
+
+
+def _title(run: Run) -> str:
+    model = run.meta.get("model", {})
+    name = model.get("name_or_path") or model.get("class") or "model"
+    return f"{name} · skip_first={run.meta.get('skip_first', '?')}"
+
+
+def _sites_with(run: Run, kind: str) -> list[str]:
+    """Sites whose ``kind`` state is present and non-empty (disabled sites have none)."""
+    sites = run.total.get("sites", {})
+    return [n for n in run.sites if sites.get(n, {}).get(kind)]
+
+
+def _missing(kind: str, stat: str, run: Run) -> _Missing:
+    got = run.meta.get("stats")
+    return _Missing(f"plot kind {kind!r} needs {stat} statistics; expected a run captured with stats including "
+                    f"{stat!r}; got stats={got!r}; capture again with stats including {stat!r} or leave out "
+                    f"kind {kind!r}")
+
+
+# ---------------------------------------------------------------------------- histograms
+def _histograms(run: Run, out: str) -> list[str]:
+    _, Figure, colors, cm = _mpl()
+    names, quants = [], []
+    for name in _sites_with(run, "histogram"):
+        s = run[name]
+        q = np.asarray(s.quantile(RANGE_QUANTILES), dtype=np.float64)
+        if np.all(np.isfinite(q)):
+            names.append(name)
+            quants.append(q)
+    if not names:
+        raise _missing("histograms", "histogram", run)
+    half = float(np.max(np.abs(quants)))
+    half = half * 1.05 if half > 0 else 1.0
+    labels, axis_label = _labels(run.sites)
+    index = {n: i for i, n in enumerate(run.sites)}
+    curves = []
+    for name, q in zip(names, quants):
+        s = run[name]
+        total = float(s.histogram_counts.sum())
+        # each panel of the grid gets its own symmetric range; the overlay shares one
+        own = float(np.max(np.abs(q))) * 1.05 or 1.0
+        c_own, e_own = s.histogram(bins=HIST_BINS, range=(-own, own))
+        c_all, e_all = s.histogram(bins=HIST_BINS, range=(-half, half))
+        curves.append((name, total, c_own, e_own, c_all, e_all))
+
+    # grid: one small panel per site, its own x range, log y
+    n = len(curves)
+    cols = min(n, max(1, math.ceil(math.sqrt(n * 1.6))))
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(1.9 * cols, 1.45 * rows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, (name, total, c, e, _, _) in zip(axes, curves):
+        dens = c / max(total, 1.0) / np.diff(e)
+        ax.stairs(np.where(dens > 0, dens, np.nan), e, fill=True, color="#3b6ea5", alpha=0.85)
+        ax.set_yscale("log")
+        s = run[name]
+        ax.set_title(f"{labels[index[name]]}: σ={s.std:.3g} κ={s.kurtosis:.3g}", fontsize=7, pad=2)
+        ax.tick_params(labelsize=6, pad=1)
+        ax.set_xlim(e[0], e[-1])
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.supxlabel(f"activation value (each panel: ± its own q{RANGE_QUANTILES[1]:g} magnitude)", fontsize=9)
+    fig.supylabel("density (log)", fontsize=9)
+    fig.suptitle(f"Per-site histograms ({axis_label}; σ = std, κ = excess kurtosis) — {_title(run)}",
+                 fontsize=10)
+    paths = [_save(fig, os.path.join(out, "hist_grid.png"))]
+
+    # overlay: every site on one shared symmetric range, coloured by depth
+    fig = Figure(figsize=(8.5, 4.8), layout="constrained")
+    ax = fig.subplots()
+    norm = _depth_colorbar(fig, ax, cm, colors, run.sites, axis_label)
+    cmap = _cmap(CMAP_DEPTH)
+    for name, total, _, _, c, e in curves:
+        dens = c / max(total, 1.0) / np.diff(e)
+        ax.stairs(np.where(dens > 0, dens, np.nan), e, color=cmap(norm(index[name])), lw=0.9, alpha=0.85)
+    ax.set_yscale("log")
+    ax.set_xlim(-half, half)
+    ax.set_xlabel(f"activation value (range ± max over sites of |q{RANGE_QUANTILES[0]:g}|, "
+                  f"|q{RANGE_QUANTILES[1]:g}|; {HIST_BINS} linear bins)", fontsize=9)
+    ax.set_ylabel("density (log scale)", fontsize=9)
+    ax.set_title(f"Activation histograms by depth — {_title(run)}", fontsize=10)
+    ax.grid(alpha=0.25, lw=0.5)
+    paths.append(_save(fig, os.path.join(out, "hist_overlay.png")))
+    return paths
+
+
+# --------------------------------------------------------------------------------- cross
+def _cross(run: Run, out: str) -> list[str]:
+    _, Figure, colors, cm = _mpl()
+    cross = run.cross
+    if cross.cov.size == 0 or not (cross.n > 0 or cross.n_all > 0):
+        raise _missing("cross", "cross", run)
+    labels, axis_label = _labels(cross.sites)
+    skip = run.meta.get("skip_first", 0)
+    panels = [(f"first {skip} token(s) of each sequence excluded", cross.cov, cross.r2, cross.n),
+              ("all tokens", cross.cov_all, cross.r2_all, cross.n_all)]
+    panels = [p for p in panels if p[3] > 0]
+    size = max(3.6, min(6.5, 0.16 * len(labels) + 1.2))
+
+    def grid(values, norm, cmap, label, title, name):
+        fig = Figure(figsize=(size * len(panels) + 1.2, size + 0.5), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
+        im = None
+        for ax, (what, v) in zip(axes, values):
+            im = ax.imshow(np.ma.masked_invalid(v), norm=norm, cmap=cmap, interpolation="nearest")
+            ax.set_title(what, fontsize=9)
+            _index_ticks(ax.xaxis, labels, fontsize=6 if len(labels) > 24 else 7)
+            _index_ticks(ax.yaxis, labels, fontsize=6 if len(labels) > 24 else 7)
+            ax.tick_params(axis="x", labelrotation=90)
+            ax.set_xlabel(axis_label, fontsize=8)
+            ax.set_ylabel(axis_label, fontsize=8)
+        bar = fig.colorbar(im, ax=list(axes), shrink=0.85, pad=0.02)
+        bar.set_label(label, fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+        fig.suptitle(f"{title} — {_title(run)}", fontsize=10)
+        return _save(fig, os.path.join(out, name))
+
+    # Covariances run from ~1e-4 (embeddings) to ~1e4 (massive-activation layers) and can be
+    # negative: a symmetric log norm keeps the sign and every decade; linthresh sits at the 1st
+    # percentile of |cov| so nearly every entry is on the logarithmic part.
+    covs = np.concatenate([np.abs(p[1][np.isfinite(p[1])]).ravel() for p in panels])
+    covs = covs[covs > 0]
+    top = float(covs.max()) if covs.size else 1.0
+    lin = float(10 ** np.floor(np.log10(np.percentile(covs, 1)))) if covs.size else 1e-6
+    lin = min(max(lin, top * 1e-9), top / 10)
+    norm = colors.SymLogNorm(linthresh=lin, vmin=-top, vmax=top, base=10)
+    paths = [grid([(p[0], p[1]) for p in panels], norm, _cmap("RdBu_r"),
+                  f"covariance (symmetric log; linear within ±{lin:.0e})",
+                  "Layer × layer covariance", "cross_cov.png")]
+    paths.append(grid([(p[0], p[2]) for p in panels], colors.Normalize(0, 1), _cmap("magma"),
+                      "R² (squared Pearson correlation, linear 0–1)", "Layer × layer R²", "cross_r2.png"))
+    return paths
+
+
+# ------------------------------------------------------------------------------- scatter
+def _pick(names: Sequence[str], k: int = 3) -> list[str]:
+    """First, middle and last (k evenly spaced) of ``names``."""
+    if len(names) <= k:
+        return list(names)
+    idx = sorted({round(i * (len(names) - 1) / (k - 1)) for i in range(k)})
+    return [names[i] for i in idx]
+
+
+def _scatter(run: Run, out: str) -> list[str]:
+    _, Figure, colors, cm = _mpl()
+    found = []
+    for name in _sites_with(run, "sample"):
+        sm = run[name].sample
+        keep = sm.position > 0  # the first token's values are extreme (attention sink); see positions.png
+        if keep.any():
+            found.append((name, sm.position[keep], sm.channel[keep], sm.value[keep], int(keep.sum())))
+    if not found:
+        raise _missing("scatter", "sample", run)
+    chosen = set(_pick([f[0] for f in found]))
+    found = [f for f in found if f[0] in chosen]
+    labels, axis_label = _labels(run.sites)
+    index = {n: i for i, n in enumerate(run.sites)}
+    paths = []
+    for x_name, col, xlabel, file in (("position", 1, "token position", "scatter_position.png"),
+                                      ("channel", 2, "channel", "scatter_channel.png")):
+        fig = Figure(figsize=(4.3 * len(found), 3.8), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, len(found), squeeze=False)).ravel()
+        for ax, f in zip(axes, found):
+            name, values = f[0], f[3]
+            # a symlog y keeps the bulk (linear within ±std) and the rare huge values (log) both visible
+            std = float(np.std(values)) or 1.0
+            ax.scatter(f[col], values, s=1.5, alpha=0.3, color="#1f4e79", linewidths=0, rasterized=True)
+            ax.set_yscale("symlog", linthresh=std)
+            ax.axhspan(-std, std, color="0.9", zorder=0, lw=0)
+            ax.set_title(f"{axis_label.split(' (')[0]} {labels[index[name]]} ({f[4]:,} sampled values)", fontsize=9)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.25, lw=0.5)
+        axes[0].set_ylabel("activation value (symlog; grey band = ±std, linear)", fontsize=8)
+        fig.suptitle(f"Uniform sample, value vs {x_name} (position 0 excluded) — {_title(run)}", fontsize=10)
+        paths.append(_save(fig, os.path.join(out, file)))
+    return paths
+
+
+# ------------------------------------------------------------------------------ channels
+def _channels(run: Run, out: str) -> list[str]:
+    _, Figure, colors, cm = _mpl()
+    names = [n for n in _sites_with(run, "moments") if run[n].count]
+    if not names:
+        raise _missing("channels", "moments", run)
+    width = max(len(run[n].channel) for n in names)
+    grid = np.full((len(run.sites), width), np.nan)
+    index = {n: i for i, n in enumerate(run.sites)}
+    for n in names:
+        a = run[n].channel.absmax
+        grid[index[n], :len(a)] = a
+    pos = grid[np.isfinite(grid) & (grid > 0)]
+    if pos.size == 0:
+        raise _missing("channels", "moments", run)
+    # a log colour scale: typical channels sit near 1, outlier channels 100-1000x above
+    top = float(pos.max())
+    low = max(float(np.percentile(pos, 1)), top * 1e-6)
+    labels, axis_label = _labels(run.sites)
+    fig = Figure(figsize=(11, max(3.2, 0.17 * len(run.sites) + 1.4)), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(np.ma.masked_invalid(np.where(grid > 0, grid, np.nan)), aspect="auto",
+                   interpolation="nearest", cmap=_cmap("magma"), norm=colors.LogNorm(vmin=low, vmax=top))
+    _index_ticks(ax.yaxis, labels, fontsize=6 if len(labels) > 24 else 7)
+    ax.set_ylabel(axis_label, fontsize=8)
+    ax.set_xlabel("channel", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    bar = fig.colorbar(im, ax=ax, pad=0.01)
+    bar.set_label("max |activation| over kept tokens (log scale)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    ax.set_title(f"Per-channel absmax — {_title(run)}", fontsize=10)
+    return [_save(fig, os.path.join(out, "channels_absmax.png"))]
+
+
+# ----------------------------------------------------------------------------- positions
+def _positions(run: Run, out: str) -> list[str]:
+    _, Figure, colors, cm = _mpl()
+    views = []
+    for name in _sites_with(run, "position"):
+        p = run[name].position
+        if len(p):
+            views.append((name, p))
+    if not views:
+        raise _missing("positions", "position", run)
+    _, axis_label = _labels(run.sites)
+    index = {n: i for i, n in enumerate(run.sites)}
+    cmap = _cmap(CMAP_DEPTH)
+    fig = Figure(figsize=(12, 6.2), layout="constrained")
+    gs = fig.add_gridspec(2, 2, height_ratios=(4, 1.1))
+    ax_abs = fig.add_subplot(gs[0, 0])
+    ax_std = fig.add_subplot(gs[0, 1], sharex=ax_abs)
+    ax_tok = fig.add_subplot(gs[1, :], sharex=ax_abs)
+    norm = _depth_colorbar(fig, [ax_abs, ax_std], cm, colors, run.sites, axis_label)
+    longest = max(len(p) for _, p in views)
+    for name, p in views:
+        x = np.arange(len(p))
+        c = cmap(norm(index[name]))
+        ax_abs.plot(x, np.where(p.absmax > 0, p.absmax, np.nan), color=c, lw=0.9, alpha=0.85)
+        ax_std.plot(x, np.where(p.std > 0, p.std, np.nan), color=c, lw=0.9, alpha=0.85)
+    # every site sees the same tokens; one bar chart of the token count tells how noisy each position is
+    tokens = views[0][1].tokens
+    ax_tok.bar(np.arange(len(tokens)), tokens, width=1.0, color="0.55")
+    for ax, what in ((ax_abs, "max |activation|"), (ax_std, "std over channels and tokens")):
+        ax.set_yscale("log")
+        ax.set_title(f"{what} per position", fontsize=9)
+        ax.set_ylabel(f"{what} (log)", fontsize=8)
+        ax.grid(alpha=0.25, lw=0.5, which="both")
+        ax.tick_params(labelsize=7)
+        ax.tick_params(labelbottom=False)
+    # symlog x: position 0 (the first-token effect) and the first few positions get room of
+    # their own while long contexts still fit
+    ax_tok.set_xscale("symlog", linthresh=8, linscale=1.0)
+    ax_tok.set_xlim(-0.5, max(longest - 0.5, 1))
+    ax_tok.set_yscale("log")
+    ax_tok.set_ylabel("tokens", fontsize=8)
+    ax_tok.set_xlabel("token position (symlog: linear up to 8)", fontsize=8)
+    ax_tok.tick_params(labelsize=7)
+    ax_tok.grid(alpha=0.25, lw=0.5)
+    fig.suptitle(f"Per-position profile, every real token (skip_first does not apply) — {_title(run)}",
+                 fontsize=10)
+    return [_save(fig, os.path.join(out, "positions.png"))]
+
+
+# --------------------------------------------------------------------------------- steps
+def _steps(run: Run, out: str) -> list[str]:
+    _, Figure, colors, cm = _mpl()
+    steps = run.steps
+    if len(steps) < 2:
+        raise _Missing(f"plot kind 'steps' needs two or more windows; expected run.steps with 2+ entries; "
+                       f"got {steps}; call run.snapshot(step) inside the capture block, or leave out kind 'steps'")
+    names = _sites_with(run, "moments")
+    if not names:
+        raise _missing("steps", "moments", run)
+    table = {n: np.full((3, len(steps)), np.nan) for n in names}
+    for j, step in enumerate(steps):
+        window = run.at(step)
+        for n in names:
+            s = window[n]
+            table[n][:, j] = (s.std, s.absmax, s.kurtosis)
+    _, axis_label = _labels(run.sites)
+    index = {n: i for i, n in enumerate(run.sites)}
+    cmap = _cmap(CMAP_DEPTH)
+    fig = Figure(figsize=(13, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3)
+    norm = _depth_colorbar(fig, list(axes), cm, colors, run.sites, axis_label)
+    marker = "o" if len(steps) <= 30 else None
+    for n in names:
+        c = cmap(norm(index[n]))
+        for k, ax in enumerate(axes):
+            ax.plot(steps, table[n][k], color=c, lw=1, marker=marker, ms=2.5, alpha=0.85)
+    for ax, what, scale in zip(axes, ("std", "max |activation|", "excess kurtosis"), ("log", "log", "symlog")):
+        if scale == "symlog":
+            ax.set_yscale("symlog", linthresh=1.0)
+        else:
+            ax.set_yscale("log")
+        ax.set_title(what, fontsize=9)
+        ax.set_ylabel(f"{what} ({scale})", fontsize=8)
+        ax.set_xlabel("step (window label)", fontsize=8)
+        ax.grid(alpha=0.25, lw=0.5)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"Per-window statistics over {len(steps)} windows — {_title(run)}", fontsize=10)
+    return [_save(fig, os.path.join(out, "steps.png"))]
+
+
+_DRAW = {"histograms": _histograms, "cross": _cross, "scatter": _scatter, "channels": _channels,
+         "positions": _positions, "steps": _steps}
+
+
+# ---------------------------------------------------------------------------------- public
+def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind | None = None) -> list[str]:
+    """Draw a run's figures as PNG files in ``out_dir`` (created if missing).
+
+    Args:
+        run: a :class:`probe.run.Run` (``probe.load(path)``, or a capture after its block).
+        out_dir: folder for the PNG files; existing files of the same name are replaced.
+        kinds: names from :data:`KINDS`; ``None`` draws every kind the run has data for and
+            silently skips the rest (a run captured with ``stats=("moments",)`` gets
+            ``channels_absmax.png`` only).
+
+    Returns:
+        The paths written, in the order of :data:`KINDS`.
+
+    Raises:
+        ProbeError: an unknown kind; a kind asked for by name whose statistics the run lacks
+            (``"steps"`` also needs two or more windows); matplotlib missing.
+
+    Example:
+        >>> import probe
+        >>> from probe.plot import plot_run
+        >>> plot_run(probe.load("run.h5"), "figures", kinds=["histograms"])  # doctest: +SKIP
+        ['figures/hist_grid.png', 'figures/hist_overlay.png']
+    """
+    if isinstance(kinds, str):
+        kinds = [kinds]
+    asked = kinds is not None
+    chosen = list(KINDS) if kinds is None else list(dict.fromkeys(kinds))
+    unknown = [k for k in chosen if k not in KINDS]
+    if unknown:
+        raise ProbeError(f"unknown plot kind {unknown[0]!r}; expected one of {', '.join(KINDS)}; "
+                         f"pass e.g. kinds=['histograms', 'cross']")
+    if asked and not chosen:
+        raise ProbeError(f"no plot kinds given; expected one or more of {', '.join(KINDS)}; "
+                         "pass kinds=None to draw everything")
+    _mpl()  # fail on a missing matplotlib before creating the folder
+    out = os.fspath(out_dir)
+    os.makedirs(out, exist_ok=True)
+    paths: list[str] = []
+    for kind in KINDS:
+        if kind not in chosen:
+            continue
+        try:
+            paths += _DRAW[kind](run, out)
+        except _Missing:
+            if asked:
+                raise
+    return paths
+
+
+def plot_diff(a: Run, b: Run, path: str | os.PathLike) -> str:
+    """Draw the per-site shift from run ``a`` to run ``b`` (see :func:`probe.report.diff`) to ``path``.
+
+    Up to three panels, one bar per site present in both runs: the std ratio ``std_b / std_a``
+    (log scale, 1 = unchanged), the Jensen–Shannon divergence between the two bucket histograms
+    (bits; needs histograms in both), and the shift of the q0.001, q0.5 and q0.999 quantiles
+    (symmetric log).
+
+    Args:
+        a, b: the runs to compare; ``a`` is the reference.
+        path: the PNG file to write; its folder is created if missing.
+
+    Returns:
+        ``path`` as a string.
+
+    Raises:
+        ProbeError: the runs share no site; matplotlib missing.
+
+    Example:
+        >>> import probe
+        >>> from probe.plot import plot_diff
+        >>> plot_diff(probe.load("fp32.h5"), probe.load("bf16.h5"), "diff.png")  # doctest: +SKIP
+        'diff.png'
+    """
+    from .report import diff
+
+    _, Figure, colors, cm = _mpl()
+    rows = diff(a, b)
+    if not rows:
+        raise ProbeError(f"runs share no site; expected common site names; got {a.sites[:3]}… and "
+                         f"{b.sites[:3]}…; compare runs captured with the same sites=")
+    names = [r["site"] for r in rows]
+    labels, axis_label = _labels(names)
+    x = np.arange(len(rows))
+
+    def col(key: str) -> np.ndarray:
+        return np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows])
+
+    ratio, js = col("std_ratio"), col("js")
+    qshift = {q: np.array([np.nan if r.get("quantile_shift") is None or r["quantile_shift"].get(q) is None
+                           else r["quantile_shift"][q] for r in rows], dtype=np.float64)
+              for q in ("0.001", "0.5", "0.999")}
+    panels = ["ratio"] + (["js"] if np.isfinite(js).any() else []) + \
+             (["quantiles"] if any(np.isfinite(v).any() for v in qshift.values()) else [])
+    fig = Figure(figsize=(max(8.0, 0.24 * len(rows) + 3), 2.4 * len(panels) + 0.9), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(len(panels), 1, sharex=True, squeeze=False)).ravel()
+    for ax, panel in zip(axes, panels):
+        if panel == "ratio":
+            good = np.isfinite(ratio) & (ratio > 0)
+            ax.bar(x[good], np.log10(ratio[good]), bottom=0, color=np.where(ratio[good] >= 1, "#c44e52", "#4c72b0"))
+            ax.axhline(0, color="0.3", lw=0.8)
+            ticks = ax.get_yticks()
+            ax.set_yticks(ticks)
+            ax.set_yticklabels([f"{10 ** t:.3g}" for t in ticks])
+            ax.set_ylabel("std_b / std_a\n(log scale)", fontsize=8)
+            ax.set_title("std ratio (red: b wider, blue: b narrower)", fontsize=9)
+        elif panel == "js":
+            ax.bar(x, np.nan_to_num(js), color="#55a868")
+            pos = js[np.isfinite(js) & (js > 0)]
+            if pos.size and pos.max() / pos.min() > 100:
+                ax.set_yscale("log")
+            ax.set_ylabel("JS divergence\n(bits, 0–1)", fontsize=8)
+            ax.set_title("Jensen–Shannon divergence of the value histograms", fontsize=9)
+        else:
+            width = 0.28
+            for k, (q, c) in enumerate(zip(qshift, ("#4c72b0", "0.4", "#c44e52"))):
+                ax.bar(x + (k - 1) * width, qshift[q], width=width, color=c, label=f"q{q}")
+            finite = np.concatenate([np.abs(v[np.isfinite(v)]) for v in qshift.values()])
+            finite = finite[finite > 0]
+            lin = float(np.percentile(finite, 10)) if finite.size else 1.0
+            ax.set_yscale("symlog", linthresh=lin)
+            ax.axhline(0, color="0.3", lw=0.8)
+            ax.legend(fontsize=7, ncol=3, loc="best")
+            ax.set_ylabel(f"quantile_b − quantile_a\n(symlog, linear within ±{lin:.2g})", fontsize=8)
+            ax.set_title("quantile shift", fontsize=9)
+        ax.grid(axis="y", alpha=0.25, lw=0.5)
+        ax.tick_params(labelsize=7)
+    _index_ticks(axes[-1].xaxis, labels, most=48, fontsize=7)
+    axes[-1].set_xlabel(axis_label, fontsize=8)
+    fig.suptitle(f"Shift from a = {a.path or 'run a'} to b = {b.path or 'run b'}", fontsize=10)
+    path = os.fspath(path)
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    return _save(fig, path)

@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny random-init models of several families, the bundled SmolLM2, and a
+helper that proves hooks are removed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers
+
+torch.set_num_threads(2)
+transformers.logging.set_verbosity_error()
+
+VOCAB = 97
+
+
+def _tiny(kind: str):
+    c = transformers
+    common = dict(vocab_size=VOCAB)
+    if kind == "gpt2":
+        return c.GPT2LMHeadModel(c.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, **common))
+    if kind == "llama":
+        return c.LlamaForCausalLM(c.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, **common))
+    if kind == "mistral":
+        return c.MistralForCausalLM(c.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2, **common))
+    if kind == "qwen2":
+        return c.Qwen2ForCausalLM(c.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, **common))
+    if kind == "gemma":
+        return c.GemmaForCausalLM(c.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, **common))
+    if kind == "gpt_neox":
+        return c.GPTNeoXForCausalLM(c.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, **common))
+    if kind == "opt":
+        return c.OPTForCausalLM(c.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                            num_attention_heads=4, word_embed_proj_dim=32, **common))
+    if kind == "bert":
+        return c.BertModel(c.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, **common))
+    raise KeyError(kind)
+
+
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gemma", "gpt_neox", "opt", "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """``tiny(kind)`` -> a fresh eval-mode random-init model with seeded weights."""
+
+    def make(kind: str):
+        torch.manual_seed(0)
+        model = _tiny(kind).eval()
+        # random init gives well-behaved activations; scale the embeddings so layers differ in scale
+        return model
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The bundled SmolLM2-135M and its tokenizer (loaded once per session)."""
+    from probe.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+def hook_state(model: torch.nn.Module) -> dict:
+    """Every module's hook dicts, as (module name, dict name) -> tuple of hook ids."""
+    names = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+             "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks")
+    return {(n, d): tuple(getattr(m, d, {}).keys()) for n, m in model.named_modules() for d in names}
+
+
+@pytest.fixture
+def assert_hooks_restored():
+    """``with assert_hooks_restored(model): ...`` checks hook dicts equal their prior state after."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def check(model):
+        before = hook_state(model)
+        try:
+            yield
+        finally:
+            assert hook_state(model) == before
+
+    return check
+
+
+def batch(b: int = 3, t: int = 9, pad: str | None = None, seed: int = 0):
+    """Random ids with a ragged attention mask (left or right padded)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    if pad is not None:
+        for i in range(b):
+            n = (i * 3) % (t - 2)  # 0, 3, 6, ... padded tokens
+            if pad == "right" and n:
+                mask[i, t - n:] = 0
+            elif pad == "left" and n:
+                mask[i, :n] = 0
+    return ids, mask
