@@ -26,7 +26,7 @@ def load(path):
 
 def merge(paths, out, *, overwrite: bool = False):
     """Merge run files (ranks, shards) exactly into one file at ``out``; returns the merged Run."""
-    from .merge import merge_files
+    from .merging import merge_files
 
     return merge_files(paths, out, overwrite=overwrite)
 

@@ -99,8 +99,33 @@ def _index_ticks(axis, labels: Sequence[str], most: int = 32, fontsize: float = 
     axis.set_ticklabels([labels[i] for i in idx], fontsize=fontsize)
 
 
+#: a PNG larger than this is re-encoded with a 256-colour palette
+PNG_BUDGET = 250_000
+
+
 def _save(fig, path: str) -> str:
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+    """Write ``fig`` as a PNG, palette-encoded when the full-colour file is large.
+
+    Scatter clouds drawn with alpha make thousands of distinct shades that PNG compresses badly
+    (450 KB for one figure); an adaptive 256-colour palette brings them to a third, invisibly.
+    Heatmaps stay full colour (a palette would band their colorbars). Pillow ships with matplotlib.
+    """
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - matplotlib depends on pillow
+        Image = None
+    if Image is None or buf.tell() <= PNG_BUDGET:
+        with open(path, "wb") as f:
+            f.write(buf.getvalue())
+        return path
+    buf.seek(0)
+    with Image.open(buf) as im:
+        im.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE) \
+            .save(path, format="PNG", optimize=True)
     return path
 
 
@@ -176,8 +201,9 @@ def _histograms(run: Run, out: str) -> list[str]:
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax, (name, total, c, e, _, _) in zip(axes, curves):
         dens = c / max(total, 1.0) / np.diff(e)
-        ax.stairs(np.where(dens > 0, dens, np.nan), e, fill=True, color="#3b6ea5", alpha=0.85)
+        ax.stairs(np.where(c >= 0.5, dens, 0.0), e, fill=True, color="#3b6ea5", alpha=0.85)
         ax.set_yscale("log")
+        ax.set_ylim(bottom=0.5 / max(total, 1.0) / float(e[1] - e[0]))
         s = run[name]
         ax.set_title(f"{labels[index[name]]}: σ={s.std:.3g} κ={s.kurtosis:.3g}", fontsize=7, pad=2)
         ax.tick_params(labelsize=6, pad=1)
@@ -195,10 +221,16 @@ def _histograms(run: Run, out: str) -> list[str]:
     ax = fig.subplots()
     norm = _depth_colorbar(fig, ax, cm, colors, run.sites, axis_label)
     cmap = _cmap(CMAP_DEPTH)
+    floor = np.inf
     for name, total, _, _, c, e in curves:
-        dens = c / max(total, 1.0) / np.diff(e)
-        ax.stairs(np.where(dens > 0, dens, np.nan), e, color=cmap(norm(index[name])), lw=0.9, alpha=0.85)
+        width = np.diff(e)
+        dens = c / max(total, 1.0) / width
+        # bins holding less than half a value are spread-out bucket mass, not data: leave gaps
+        dens = np.where(c >= 0.5, dens, np.nan)
+        floor = min(floor, 0.5 / max(total, 1.0) / float(width[0]))
+        ax.plot((e[:-1] + e[1:]) / 2, dens, color=cmap(norm(index[name])), lw=0.9, alpha=0.8)
     ax.set_yscale("log")
+    ax.set_ylim(bottom=floor)
     ax.set_xlim(-half, half)
     ax.set_xlabel(f"activation value (range ± max over sites of |q{RANGE_QUANTILES[0]:g}|, "
                   f"|q{RANGE_QUANTILES[1]:g}|; {HIST_BINS} linear bins)", fontsize=9)
@@ -217,20 +249,25 @@ def _cross(run: Run, out: str) -> list[str]:
         raise _missing("cross", "cross", run)
     labels, axis_label = _labels(cross.sites)
     skip = run.meta.get("skip_first", 0)
-    panels = [(f"first {skip} token(s) of each sequence excluded", cross.cov, cross.r2, cross.n),
-              ("all tokens", cross.cov_all, cross.r2_all, cross.n_all)]
+    kept = f"kept tokens (first {skip} of each sequence excluded)" if skip else "kept tokens (skip_first=0)"
+    panels = [(kept, cross.cov, cross.r2, cross.n), ("all real tokens", cross.cov_all, cross.r2_all, cross.n_all)]
     panels = [p for p in panels if p[3] > 0]
     size = max(3.6, min(6.5, 0.16 * len(labels) + 1.2))
+    fs = 6 if len(labels) > 24 else 7
 
-    def grid(values, norm, cmap, label, title, name):
+    def grid(values, norm, cmap, label, title, name, signed=False):
         fig = Figure(figsize=(size * len(panels) + 1.2, size + 0.5), layout="constrained")
         axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
         im = None
         for ax, (what, v) in zip(axes, values):
-            im = ax.imshow(np.ma.masked_invalid(v), norm=norm, cmap=cmap, interpolation="nearest")
+            im = ax.imshow(np.ma.masked_invalid(np.abs(v) if signed else v), norm=norm, cmap=cmap,
+                           interpolation="nearest")
+            if signed:
+                yy, xx = np.nonzero(np.nan_to_num(v) < 0)
+                ax.scatter(xx, yy, marker="_", s=12 if len(labels) <= 40 else 4, color="white", lw=0.9)
             ax.set_title(what, fontsize=9)
-            _index_ticks(ax.xaxis, labels, fontsize=6 if len(labels) > 24 else 7)
-            _index_ticks(ax.yaxis, labels, fontsize=6 if len(labels) > 24 else 7)
+            _index_ticks(ax.xaxis, labels, fontsize=fs)
+            _index_ticks(ax.yaxis, labels, fontsize=fs)
             ax.tick_params(axis="x", labelrotation=90)
             ax.set_xlabel(axis_label, fontsize=8)
             ax.set_ylabel(axis_label, fontsize=8)
@@ -240,26 +277,24 @@ def _cross(run: Run, out: str) -> list[str]:
         fig.suptitle(f"{title} — {_title(run)}", fontsize=10)
         return _save(fig, os.path.join(out, name))
 
-    # Covariances run from ~1e-4 (embeddings) to ~1e4 (massive-activation layers) and can be
-    # negative: a symmetric log norm keeps the sign and every decade; linthresh sits at the 1st
-    # percentile of |cov| so nearly every entry is on the logarithmic part.
-    covs = np.concatenate([np.abs(p[1][np.isfinite(p[1])]).ravel() for p in panels])
-    covs = covs[covs > 0]
-    top = float(covs.max()) if covs.size else 1.0
-    lin = float(10 ** np.floor(np.log10(np.percentile(covs, 1)))) if covs.size else 1e-6
-    lin = min(max(lin, top * 1e-9), top / 10)
-    norm = colors.SymLogNorm(linthresh=lin, vmin=-top, vmax=top, base=10)
-    paths = [grid([(p[0], p[1]) for p in panels], norm, _cmap("RdBu_r"),
-                  f"covariance (symmetric log; linear within ±{lin:.0e})",
-                  "Layer × layer covariance", "cross_cov.png")]
+    # Covariances run from ~1e-4 (embeddings) to ~1e4 (massive-activation layers): the colour is
+    # log10 |cov| on one norm shared by both panels, and the few negative entries (all tiny in
+    # practice) are marked rather than given half of a diverging colormap.
+    mags = np.concatenate([np.abs(p[1][np.isfinite(p[1])]).ravel() for p in panels])
+    mags = mags[mags > 0]
+    top = float(mags.max()) if mags.size else 1.0
+    low = max(float(np.percentile(mags, 1)) if mags.size else top * 1e-6, top * 1e-12)
+    norm = colors.LogNorm(vmin=low, vmax=top)
+    paths = [grid([(p[0], p[1]) for p in panels], norm, _cmap("viridis"),
+                  "|covariance| (log scale; white dash = negative entry)",
+                  "Layer × layer covariance (population, per channel-token observation)", "cross_cov.png",
+                  signed=True)]
     paths.append(grid([(p[0], p[2]) for p in panels], colors.Normalize(0, 1), _cmap("magma"),
                       "R² (squared Pearson correlation, linear 0–1)", "Layer × layer R²", "cross_r2.png"))
     return paths
-
-
 # ------------------------------------------------------------------------------- scatter
 def _pick(names: Sequence[str], k: int = 3) -> list[str]:
-    """First, middle and last (k evenly spaced) of ``names``."""
+    """First, middle and last (``k`` evenly spaced) of ``names``."""
     if len(names) <= k:
         return list(names)
     idx = sorted({round(i * (len(names) - 1) / (k - 1)) for i in range(k)})
@@ -268,36 +303,45 @@ def _pick(names: Sequence[str], k: int = 3) -> list[str]:
 
 def _scatter(run: Run, out: str) -> list[str]:
     _, Figure, colors, cm = _mpl()
-    found = []
+    found = {}
     for name in _sites_with(run, "sample"):
         sm = run[name].sample
         keep = sm.position > 0  # the first token's values are extreme (attention sink); see positions.png
         if keep.any():
-            found.append((name, sm.position[keep], sm.channel[keep], sm.value[keep], int(keep.sum())))
+            found[name] = (sm.position[keep], sm.channel[keep], sm.value[keep])
     if not found:
         raise _missing("scatter", "sample", run)
-    chosen = set(_pick([f[0] for f in found]))
-    found = [f for f in found if f[0] in chosen]
+    chosen = _pick(list(found))
+    # plus the most heavy-tailed site (largest max|x| / std in the sample), where outlier
+    # channels and massive activations show best, when first/middle/last missed it
+    ratio = {n: np.max(np.abs(v[2])) / (np.std(v[2]) or 1.0) for n, v in found.items()}
+    heavy = max(ratio, key=ratio.get)
+    if heavy not in chosen:
+        chosen = sorted(chosen + [heavy], key=run.sites.index)
     labels, axis_label = _labels(run.sites)
+    what = axis_label.split(" (")[0]
     index = {n: i for i, n in enumerate(run.sites)}
     paths = []
-    for x_name, col, xlabel, file in (("position", 1, "token position", "scatter_position.png"),
-                                      ("channel", 2, "channel", "scatter_channel.png")):
-        fig = Figure(figsize=(4.3 * len(found), 3.8), layout="constrained")
-        axes = np.atleast_1d(fig.subplots(1, len(found), squeeze=False)).ravel()
-        for ax, f in zip(axes, found):
-            name, values = f[0], f[3]
-            # a symlog y keeps the bulk (linear within ±std) and the rare huge values (log) both visible
+    for x_name, col, xlabel, file in (("position", 0, "token position", "scatter_position.png"),
+                                      ("channel", 1, "channel", "scatter_channel.png")):
+        fig = Figure(figsize=(3.7 * len(chosen), 3.7), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, len(chosen), squeeze=False)).ravel()
+        for ax, name in zip(axes, chosen):
+            values = found[name][2]
+            # symlog y: linear within ±lin (a power of ten near the std) so the bulk keeps its
+            # shape, logarithmic beyond so the rare huge values fit on the same axes
             std = float(np.std(values)) or 1.0
-            ax.scatter(f[col], values, s=1.5, alpha=0.3, color="#1f4e79", linewidths=0, rasterized=True)
-            ax.set_yscale("symlog", linthresh=std)
-            ax.axhspan(-std, std, color="0.9", zorder=0, lw=0)
-            ax.set_title(f"{axis_label.split(' (')[0]} {labels[index[name]]} ({f[4]:,} sampled values)", fontsize=9)
+            lin = float(10 ** np.round(np.log10(std)))
+            ax.scatter(found[name][col], values, s=1.5, alpha=0.3, color="#1f4e79", linewidths=0, rasterized=True)
+            ax.set_yscale("symlog", linthresh=lin, linscale=1.0)
+            ax.axhspan(-lin, lin, color="0.92", zorder=0, lw=0)
+            tag = " (heaviest tail)" if name == heavy and name not in _pick(list(found)) else ""
+            ax.set_title(f"{what} {labels[index[name]]}{tag}: {len(values):,} values", fontsize=9)
             ax.set_xlabel(xlabel, fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.25, lw=0.5)
-        axes[0].set_ylabel("activation value (symlog; grey band = ±std, linear)", fontsize=8)
-        fig.suptitle(f"Uniform sample, value vs {x_name} (position 0 excluded) — {_title(run)}", fontsize=10)
+        axes[0].set_ylabel("activation value (symlog; shaded band linear)", fontsize=8)
+        fig.suptitle(f"Uniform sample of kept values vs {x_name}, position 0 excluded — {_title(run)}", fontsize=10)
         paths.append(_save(fig, os.path.join(out, file)))
     return paths
 
@@ -339,6 +383,8 @@ def _channels(run: Run, out: str) -> list[str]:
 # ----------------------------------------------------------------------------- positions
 def _positions(run: Run, out: str) -> list[str]:
     _, Figure, colors, cm = _mpl()
+    from matplotlib.ticker import FuncFormatter
+
     views = []
     for name in _sites_with(run, "position"):
         p = run[name].position
@@ -350,37 +396,36 @@ def _positions(run: Run, out: str) -> list[str]:
     index = {n: i for i, n in enumerate(run.sites)}
     cmap = _cmap(CMAP_DEPTH)
     fig = Figure(figsize=(12, 6.2), layout="constrained")
-    gs = fig.add_gridspec(2, 2, height_ratios=(4, 1.1))
-    ax_abs = fig.add_subplot(gs[0, 0])
-    ax_std = fig.add_subplot(gs[0, 1], sharex=ax_abs)
-    ax_tok = fig.add_subplot(gs[1, :], sharex=ax_abs)
-    norm = _depth_colorbar(fig, [ax_abs, ax_std], cm, colors, run.sites, axis_label)
+    axes = fig.subplots(2, 2, sharex=True, height_ratios=(4, 1))
+    norm = _depth_colorbar(fig, list(axes.ravel()), cm, colors, run.sites, axis_label)
     longest = max(len(p) for _, p in views)
     for name, p in views:
         x = np.arange(len(p))
         c = cmap(norm(index[name]))
-        ax_abs.plot(x, np.where(p.absmax > 0, p.absmax, np.nan), color=c, lw=0.9, alpha=0.85)
-        ax_std.plot(x, np.where(p.std > 0, p.std, np.nan), color=c, lw=0.9, alpha=0.85)
-    # every site sees the same tokens; one bar chart of the token count tells how noisy each position is
+        axes[0, 0].plot(x, np.where(p.absmax > 0, p.absmax, np.nan), color=c, lw=0.9)
+        axes[0, 1].plot(x, np.where(p.std > 0, p.std, np.nan), color=c, lw=0.9)
+    # every site sees the same tokens: one count says how noisy each position's numbers are
     tokens = views[0][1].tokens
-    ax_tok.bar(np.arange(len(tokens)), tokens, width=1.0, color="0.55")
-    for ax, what in ((ax_abs, "max |activation|"), (ax_std, "std over channels and tokens")):
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    for j, what in enumerate(("max |activation|", "std over channels and tokens")):
+        ax, low = axes[0, j], axes[1, j]
         ax.set_yscale("log")
         ax.set_title(f"{what} per position", fontsize=9)
         ax.set_ylabel(f"{what} (log)", fontsize=8)
-        ax.grid(alpha=0.25, lw=0.5, which="both")
+        ax.grid(alpha=0.25, lw=0.5)
         ax.tick_params(labelsize=7)
-        ax.tick_params(labelbottom=False)
-    # symlog x: position 0 (the first-token effect) and the first few positions get room of
-    # their own while long contexts still fit
-    ax_tok.set_xscale("symlog", linthresh=8, linscale=1.0)
-    ax_tok.set_xlim(-0.5, max(longest - 0.5, 1))
-    ax_tok.set_yscale("log")
-    ax_tok.set_ylabel("tokens", fontsize=8)
-    ax_tok.set_xlabel("token position (symlog: linear up to 8)", fontsize=8)
-    ax_tok.tick_params(labelsize=7)
-    ax_tok.grid(alpha=0.25, lw=0.5)
-    fig.suptitle(f"Per-position profile, every real token (skip_first does not apply) — {_title(run)}",
+        low.stairs(tokens, np.arange(len(tokens) + 1) - 0.5, fill=True, color="0.6")
+        low.set_ylim(bottom=0)
+        low.set_ylabel("real tokens", fontsize=8)
+        low.tick_params(labelsize=7)
+        low.grid(alpha=0.25, lw=0.5)
+        # symlog x: position 0 (the first-token effect) and the first few positions get room of
+        # their own, and a 4096-token context still fits
+        low.set_xscale("symlog", linthresh=1, linscale=0.4)
+        low.set_xlim(-0.5, max(longest, 2))
+        low.xaxis.set_major_formatter(plain)
+        low.set_xlabel("token position (log scale past 1)", fontsize=8)
+    fig.suptitle(f"Per-position profile over every real token (skip_first does not apply) — {_title(run)}",
                  fontsize=10)
     return [_save(fig, os.path.join(out, "positions.png"))]
 

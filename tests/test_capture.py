@@ -1,0 +1,242 @@
+"""Hooks live exactly as long as the with-block; bad input is refused before anything attaches;
+files round-trip; the layout is pinned."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import probe
+from conftest import batch
+
+
+def run_once(model, **kw):
+    ids, mask = batch(2, 8, "right")
+    with probe.capture(model, **kw) as run:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    return run
+
+
+def test_hooks_removed_on_every_exit_path(tiny, assert_hooks_restored):
+    model = tiny("gpt2")
+    ids, mask = batch()
+    with assert_hooks_restored(model):
+        run_once(model)
+    with assert_hooks_restored(model):
+        with pytest.raises(KeyError):
+            with probe.capture(model):
+                model(input_ids=ids)
+                raise KeyError("user error")
+    with assert_hooks_restored(model):  # an exception inside a hook, strict mode re-raises it
+        with pytest.raises(probe.ProbeError, match=r"site 'transformer.h.1' \(shape \(3, 9, 32\), dtype float32\)"):
+            with probe.capture(model, sites=["transformer.h.0", "transformer.h.1"], strict=True) as c:
+                c._window["transformer.h.1"]["moments"].update = lambda *a: 1 / 0
+                model(input_ids=ids)
+    with assert_hooks_restored(model):  # nested captures on the same model
+        with probe.capture(model, stats=("moments",)) as outer:
+            with probe.capture(model, stats=("moments",)) as inner:
+                with torch.no_grad():
+                    model(input_ids=ids)
+            with torch.no_grad():
+                model(input_ids=ids)
+    assert outer["hidden_states.1"].tokens == 2 * inner["hidden_states.1"].tokens
+
+
+def test_failing_stat_disables_site_without_breaking_forward(tiny):
+    model = tiny("llama")
+    ids, _ = batch()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    with pytest.warns(UserWarning, match="disabled"):
+        with probe.capture(model, stats=("moments",)) as c:
+            c._window["hidden_states.1"]["moments"].update = lambda *a: 1 / 0
+            with torch.no_grad():
+                got = model(input_ids=ids).logits
+    assert torch.equal(got, want)
+    assert c["hidden_states.2"].tokens == ids.numel()
+    assert "hidden_states.1" in c.result.meta["disabled"]
+
+
+def test_outputs_bitwise_unchanged(tiny):
+    model = tiny("qwen2")
+    ids, mask = batch(3, 9, "left")
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        with probe.capture(model, skip_first=1):
+            got = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(model=object()), r"model must be a torch.nn.Module; got object; pass the model"),
+        (dict(sites=["model.layrs.0"]), r"unknown site 'model.layrs.0'.*closest: model.layers.0"),
+        (dict(sites=["model.norm", "model.norm"]), r"listed twice"),
+        (dict(sites=["nothing.*"]), r"matches no module"),
+        (dict(stats=("moments", "kurt")), r"unknown stats \['kurt'\]; expected a subset"),
+        (dict(skip_first=-1), r"skip_first must be an int >= 0; got -1"),
+        (dict(histogram_bits=12), r"histogram_bits must be an int in 0..10"),
+    ],
+)
+def test_bad_input_one_line(tiny, kwargs, match, assert_hooks_restored):
+    model = kwargs.pop("model", None) or tiny("llama")
+    if isinstance(model, torch.nn.Module):
+        with assert_hooks_restored(model):
+            with pytest.raises(probe.ProbeError, match=match) as err:
+                probe.capture(model, **kwargs)
+    else:
+        with pytest.raises(probe.ProbeError, match=match) as err:
+            probe.capture(model, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_out_paths(tiny, tmp_path):
+    model = tiny("gpt2")
+    (tmp_path / "exists.h5").write_bytes(b"x")
+    with pytest.raises(probe.ProbeError, match="already exists.*overwrite=True"):
+        probe.capture(model, out=tmp_path / "exists.h5")
+    with pytest.raises(probe.ProbeError, match="is a directory"):
+        probe.capture(model, out=tmp_path)
+    with pytest.raises(probe.ProbeError, match="does not exist"):
+        probe.capture(model, out=tmp_path / "no" / "r.h5")
+    assert (tmp_path / "exists.h5").read_bytes() == b"x"
+
+
+def test_unresolvable_hidden_states():
+    with pytest.raises(probe.ProbeError, match="cannot locate the hidden states.*pass sites="):
+        probe.capture(torch.nn.Linear(3, 3))
+
+
+def test_integer_site_output_is_refused_clearly(tiny):
+    class Ints(torch.nn.Module):
+        def forward(self, x):
+            return x.long()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cast = Ints()
+
+        def forward(self, x):
+            self.cast(x)
+            return x
+
+    net = Net()
+    with pytest.raises(probe.ProbeError, match="expected a floating-point tensor, got torch.int64"):
+        with probe.capture(net, sites=["cast"], strict=True):
+            net(torch.randn(1, 2, 3))
+
+
+def test_file_round_trip_equals_memory(tiny, tmp_path):
+    model = tiny("llama")
+    ids, mask = batch(3, 9, "right")
+    with probe.capture(model, skip_first=1) as mem:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    with probe.capture(model, out=tmp_path / "r.h5", skip_first=1) as disk:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    loaded = probe.load(tmp_path / "r.h5")
+    assert loaded.sites == mem.sites == disk.sites
+    for name in mem.sites:
+        a, b = mem[name], loaded[name]
+        for attr in ("count", "tokens", "mean", "std", "skew", "kurtosis", "min", "max", "absmax"):
+            assert getattr(a, attr) == getattr(b, attr), attr
+        np.testing.assert_array_equal(a.channel.std, b.channel.std)
+        np.testing.assert_array_equal(a.sample.value, b.sample.value)
+        np.testing.assert_array_equal(a.quantile([0.1, 0.9]), b.quantile([0.1, 0.9]))
+    np.testing.assert_array_equal(mem.cross.r2, loaded.cross.r2)
+
+
+def test_layout_pinned(tiny, tmp_path):
+    model = tiny("gpt2")
+    with probe.capture(model, out=tmp_path / "r.h5", max_positions=16, sample_size=8) as run:
+        with torch.no_grad():
+            model(input_ids=batch()[0])
+        run.snapshot(step=10)
+        with torch.no_grad():
+            model(input_ids=batch()[0])
+    with h5py.File(tmp_path / "r.h5", "r") as f:
+        assert f.attrs["schema"] == "probe" and f.attrs["schema_version"] == 1
+        assert f["steps"][:].tolist() == [10, 2]
+        assert sorted(f["sites"]) == ["00", "01", "02"]
+        g = f["sites/01"]
+        assert dict(g.attrs) == {"name": "hidden_states.1", "module": "transformer.h.0", "read": "output",
+                                 "dtype": "float32", "hf_index": 1}
+        assert sorted(g) == ["histogram", "moments", "position", "sample"]
+        layout = {k: (g[f"moments/{k}"].shape, str(g[f"moments/{k}"].dtype)) for k in g["moments"]}
+        assert layout == {
+            "_present": ((2,), "bool"), "n": ((2, 32), "float64"), "mean": ((2, 32), "float64"),
+            "m2": ((2, 32), "float64"), "m3": ((2, 32), "float64"), "m4": ((2, 32), "float64"),
+            "min": ((2, 32), "float32"), "max": ((2, 32), "float32"), "nan": ((2,), "int64"),
+            "posinf": ((2,), "int64"), "neginf": ((2,), "int64"), "tokens": ((2,), "int64"),
+            "absmax": ((2,), "float32"), "absmax_at": ((2, 4), "int64"), "large": ((2, 32), "int64"),
+        }
+        assert g["histogram/counts"].shape == (2, 65536) and g["histogram/counts"].dtype == np.int64
+        assert g["position/tokens"].shape == (2, 16)
+        assert g["sample/key"].shape == (2, 8) and g["sample/key"].dtype == np.float64
+        assert sorted(f["cross"]) == ["_present", "all_c", "all_mean", "all_n", "keep_c", "keep_mean",
+                                      "keep_n", "skipped_tokens"]
+        assert json.loads(f["cross"].attrs["sites"]) == ["hidden_states.0", "hidden_states.1", "hidden_states.2"]
+        meta = json.loads(f.attrs["meta"])
+        assert meta["histogram"] == {"encoding": "float32-bits", "mantissa_bits": 7}
+        assert meta["model"]["class"] == "GPT2LMHeadModel"
+    r = probe.load(tmp_path / "r.h5")
+    assert r.steps == [10, 2]
+    assert r["hidden_states.1"].tokens == r.at(10)["hidden_states.1"].tokens + r.at(2)["hidden_states.1"].tokens
+
+
+def test_user_exception_keeps_collected_data(tiny, tmp_path):
+    model = tiny("gpt2")
+    ids, _ = batch()
+    with pytest.raises(RuntimeError, match="boom"):
+        with probe.capture(model, out=tmp_path / "r.h5"):
+            with torch.no_grad():
+                model(input_ids=ids)
+            raise RuntimeError("boom")
+    assert probe.load(tmp_path / "r.h5")["hidden_states.1"].tokens == ids.numel()
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"not hdf5 at all", "not a readable HDF5 file"),
+    (None, "not a probe run"),
+    ("newer", "schema version 99; this probe reads up to 1"),
+])
+def test_load_refuses_bad_files(tmp_path, content, match):
+    path = tmp_path / "bad.h5"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        with h5py.File(path, "w") as f:
+            if content == "newer":
+                f.attrs["schema"] = "probe"
+                f.attrs["schema_version"] = 99
+    with pytest.raises(probe.ProbeError, match=match):
+        probe.load(path)
+
+
+def test_merge_halves_equals_one_run(tiny, tmp_path):
+    model = tiny("llama")
+    b1, b2 = batch(2, 8, "right", seed=1), batch(2, 8, "left", seed=2)
+    for path, batches, seed in (("a.h5", [b1], 1), ("b.h5", [b2], 2), ("ab.h5", [b1, b2], 3)):
+        with probe.capture(model, out=tmp_path / path, seed=seed, skip_first=1):
+            for ids, mask in batches:
+                with torch.no_grad():
+                    model(input_ids=ids, attention_mask=mask)
+    merged = probe.merge([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "m.h5")
+    one = probe.load(tmp_path / "ab.h5")
+    for name in one.sites:
+        a, b = merged[name], one[name]
+        assert (a.count, a.tokens, a.min, a.max, a.absmax) == (b.count, b.tokens, b.min, b.max, b.absmax)
+        np.testing.assert_allclose([a.mean, a.std, a.kurtosis], [b.mean, b.std, b.kurtosis], rtol=1e-9)
+        np.testing.assert_array_equal(a.histogram_counts, b.histogram_counts)
+        np.testing.assert_array_equal(a.position.tokens, b.position.tokens)
+    np.testing.assert_allclose(merged.cross.r2, one.cross.r2, atol=1e-12)
+    with pytest.raises(probe.ProbeError, match="same sample seed 1"):
+        probe.merge([tmp_path / "a.h5", tmp_path / "a.h5"], tmp_path / "x.h5")
