@@ -63,6 +63,9 @@ def capture(
     sample_size: int = 20_000,
     cross_budget: int = 2 << 30,
     seed: int = 0,
+    every: int | None = None,
+    phases: bool = False,
+    distributed: bool | None = None,
     overwrite: bool = False,
     strict: bool = False,
 ) -> Capture:
@@ -83,6 +86,14 @@ def capture(
         cross_budget: bytes of one forward's activations the cross-layer statistic may hold;
             a forward past it is left out of the cross-layer statistic, with a warning.
         seed: seed of the sample's per-forward keys.
+        every: commit a window (:meth:`Capture.snapshot`) after every ``every`` forward passes
+            of ``model``; ``None`` commits once, at the end. (The HF Trainer callback counts
+            optimizer steps instead.)
+        phases: record forwards that extend a KV cache (``generate()`` decode steps) under
+            separate sites named ``"<site>@decode"``; prefill forwards keep the plain names.
+        distributed: under ``torch.distributed``, merge every window across ranks at each
+            commit; rank 0 writes ``out`` and every rank gets the merged result. ``None``
+            (default) does so whenever a process group with more than one rank is initialised.
         overwrite: replace ``out`` if it exists.
         strict: re-raise errors inside statistics instead of disabling the site with a warning.
 
@@ -104,8 +115,45 @@ def capture(
     """
     return Capture(model, out, sites=sites, stats=stats, skip_first=skip_first,
                    max_positions=max_positions, histogram_bits=histogram_bits,
-                   sample_size=sample_size, cross_budget=cross_budget, seed=seed,
-                   overwrite=overwrite, strict=strict)
+                   sample_size=sample_size, cross_budget=cross_budget, seed=seed, every=every,
+                   phases=phases, distributed=distributed, overwrite=overwrite, strict=strict)
+
+
+def _eager(fn):
+    """Keep torch.compile out of probe's hooks: they run eagerly at a graph break, so a model
+    compiled inside the with-block is captured exactly and the hooks' Python is never traced."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
+def _in_backward() -> bool:
+    # gradient checkpointing re-runs forwards of (sub)modules inside the backward pass
+    return torch._C._current_graph_task_id() != -1
+
+
+def _extends_cache(call: dict[str, Any]) -> bool:
+    """True when this forward appends to a non-empty KV cache (read from shapes: no host sync)."""
+    cache = call.get("past_key_values")
+    if cache is None:
+        cache = call.get("cache")
+    length = getattr(cache, "get_seq_length", None)
+    if callable(length):
+        try:
+            return int(length()) > 0
+        except (TypeError, ValueError, IndexError, AttributeError):
+            return False
+    return False
+
+
+def _dist_info(distributed: bool | None) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    ready = dist.is_available() and dist.is_initialized()
+    if distributed and not ready:
+        raise ProbeError("distributed=True but torch.distributed is not initialised; expected "
+                         "init_process_group() first; call it before probe.capture, or pass distributed=None")
+    if distributed is False or not ready:
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _check_int(name: str, value: Any, low: int, fix: str) -> int:
@@ -118,13 +166,18 @@ class Capture:
     """A capture session; see :func:`capture`. Results are available after the block."""
 
     def __init__(self, model: nn.Module, out, *, sites, stats, skip_first, max_positions,
-                 histogram_bits, sample_size, cross_budget, seed, overwrite, strict) -> None:
+                 histogram_bits, sample_size, cross_budget, seed, every=None, phases=False,
+                 distributed=None, overwrite=False, strict=False) -> None:
         if not isinstance(model, nn.Module):
             raise ProbeError(f"model must be a torch.nn.Module; got {type(model).__name__}; "
                              "pass the model object itself (e.g. AutoModelForCausalLM.from_pretrained(...))")
-        if hasattr(model, "_orig_mod") or type(model).__name__ == "OptimizedModule":
-            raise ProbeError("model is compiled with torch.compile; hooks added after compiling never fire; "
-                             "enter probe.capture(model) first, then compile inside the block")
+        if hasattr(model, "_orig_mod") or getattr(model, "_compiled_call_impl", None) is not None:
+            raise ProbeError("model is already compiled with torch.compile, and hooks added after compiling "
+                             "never fire; expected an uncompiled model; enter probe.capture(model) on the "
+                             "uncompiled model first, then call torch.compile(model) inside the block")
+        self.every = None if every is None else _check_int("every", every, 1, "pass None to commit once at the end")
+        self.phases = bool(phases)
+        self.rank, self.world = _dist_info(distributed)
         self.skip_first = _check_int("skip_first", skip_first, 0, "pass 0 to keep every token")
         self.max_positions = _check_int("max_positions", max_positions, 1, "pass e.g. 4096")
         self.sample_size = _check_int("sample_size", sample_size, 1, "pass e.g. 20000")
@@ -143,8 +196,10 @@ class Capture:
         self._defs: list[Site] = resolve(model, sites)
         modules = dict(model.named_modules())
         self._modules = [modules[s.module] for s in self._defs]
+        self._names = {"prefill": [s.name for s in self._defs],
+                       "decode": [f"{s.name}@decode" for s in self._defs] if self.phases else []}
         self.out = None if out is None else os.fspath(out)
-        if self.out is not None:
+        if self.out is not None and self.rank == 0:
             from . import store
 
             store.check_writable(self.out, overwrite)
@@ -156,10 +211,12 @@ class Capture:
         self._handles: list[Handle] = []
         self._writer = None
         self._rows: list = []
+        self._committed = 0
         self._active = False
         self._forward = 0
         self._rows_seen = 0
         self._call: dict[str, Any] | None = None
+        self._phase = "prefill"
         self._tokens: dict = {}
         self._disabled: dict[str, str] = {}
         self._dtypes: dict[str, str] = {}
@@ -169,7 +226,7 @@ class Capture:
     # ----------------------------------------------------------------------------- set-up
     def _new_window(self) -> dict:
         window: dict[str, dict[str, Any]] = {}
-        for site in self._defs:
+        for name in self._names["prefill"] + self._names["decode"]:
             per: dict[str, Any] = {}
             if "moments" in self.stats:
                 per["moments"] = _stats.Moments()
@@ -179,7 +236,7 @@ class Capture:
                 per["histogram"] = _stats.Histogram(self.histogram_bits)
             if "sample" in self.stats:
                 per["sample"] = _stats.Sample(self.sample_size)
-            window[site.name] = per
+            window[name] = per
         old = getattr(self, "_cross", None)
         self._cross = None
         if "cross" in self.stats:
@@ -204,10 +261,13 @@ class Capture:
                 "config": config.to_diff_dict() if hasattr(config, "to_diff_dict") else {},
             },
             "sites": [
-                {"name": s.name, "module": s.module, "read": s.read, "index": s.index,
-                 "hf_index": s.hf_index, "dtype": self._dtypes.get(s.name, "")}
-                for s in self._defs
+                {"name": name, "module": s.module, "read": s.read, "index": s.index,
+                 "hf_index": s.hf_index, "dtype": self._dtypes.get(s.name, ""), "phase": phase}
+                for phase in ("prefill", "decode") for name, s in zip(self._names[phase], self._defs)
             ],
+            "phases": self.phases,
+            "every": self.every,
+            "world_size": self.world,
             "stats": list(self.stats),
             "mask_policy": "attention_mask zeros are padding and enter no statistic",
             "skip_first": self.skip_first,
@@ -229,7 +289,7 @@ class Capture:
         if self._active or self._result is not None:
             raise ProbeError("this capture was already entered; expected a fresh one per with-block; "
                              "call probe.capture(model, ...) again")
-        if self.out is not None:
+        if self.out is not None and self.rank == 0:
             from . import store
 
             self._writer = store.Writer(self.out, self.overwrite)
@@ -293,7 +353,10 @@ class Capture:
             warnings.warn(f"probe: cross-layer statistics failed ({err}); disabled for the rest of the run",
                           stacklevel=2)
 
+    @_eager
     def _begin(self, module, args, kwargs) -> None:
+        if _in_backward():
+            return
         self._finish_cross()
         self._forward += 1
         call: dict[str, Any] = dict(kwargs)
@@ -304,14 +367,20 @@ class Capture:
                 pass
         self._call = {k: call.get(k) for k in ("attention_mask", "position_ids", "cache_position",
                                               "input_ids", "inputs_embeds")}
+        self._phase = "decode" if self.phases and _extends_cache(call) else "prefill"
         self._tokens = {}
 
+    @_eager
     def _end(self, module, args, output) -> None:
+        if _in_backward():
+            return
         self._finish_cross()
         shape = self._batch_shape()
         if shape is not None:
             self._rows_seen += shape[0]
         self._call = None
+        if self.every is not None and self._forward % self.every == 0:
+            self._commit()
 
     def _batch_shape(self) -> tuple[int, int] | None:
         for key in ("input_ids", "inputs_embeds"):
@@ -376,29 +445,33 @@ class Capture:
         cache = next(iter(self._tokens.values())).cache if self._tokens else {}
         tokens = _stats.Tokens(valid.reshape(-1), keep.reshape(-1), position.reshape(-1),
                                row.reshape(-1), token.reshape(-1), self._forward,
-                               hash((self.seed, self._forward)) & ((1 << 62) - 1), 0, cache)
+                               hash((self.seed, self.rank, self._forward)) & ((1 << 62) - 1), 0, cache)
         self._tokens[memo] = tokens
         return tokens
 
+    @_eager
     def _observe(self, i: int, x: Any) -> None:
+        if _in_backward():  # a gradient-checkpointing recompute: this token was counted already
+            return
         site = self._defs[i]
-        if site.name in self._disabled:
+        name = self._names[self._phase][i]
+        if name in self._disabled:
             return
         try:
             if self._call is None:  # a submodule called on its own: treat it as one forward
                 self._begin(self.model, (), {})
-            self._update(i, site, x)
+            self._update(i, name, x)
         except Exception as err:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             dtype = str(x.dtype).replace("torch.", "") if isinstance(x, Tensor) else "-"
-            message = f"site {site.name!r} (shape {shape}, dtype {dtype}): {err}"
+            message = f"site {name!r} (shape {shape}, dtype {dtype}): {err}"
             if self.strict:
                 raise SiteError(message) from err
-            self._disabled[site.name] = str(err)
+            self._disabled[name] = str(err)
             warnings.warn(f"probe: {message}; this site is disabled for the rest of the run", stacklevel=2)
 
     @torch.no_grad()
-    def _update(self, i: int, site: Site, x: Any) -> None:
+    def _update(self, i: int, name: str, x: Any) -> None:
         if not isinstance(x, Tensor):
             raise SiteError(f"the module produced {type(x).__name__}, not a tensor; "
                             "choose a module whose output (or output[0]) is a tensor")
@@ -409,11 +482,11 @@ class Capture:
             raise SiteError("expected [batch, sequence, ...] activations; "
                             "capture a module whose output keeps the batch and sequence dims")
         x = x.detach()
-        self._dtypes.setdefault(site.name, str(x.dtype).replace("torch.", ""))
+        self._dtypes.setdefault(self._defs[i].name, str(x.dtype).replace("torch.", ""))
         b, t = x.shape[0], x.shape[1]
         x2 = x.reshape(b * t, -1)
         tokens = self._tokens_for(b, t, x.device)
-        per = self._window[site.name]
+        per = self._window[name]
         chunked = [s for s in per.values() if s.chunked]
         if chunked:
             step = max(1, CHUNK_ELEMENTS // max(1, x2.shape[1]))
@@ -426,7 +499,7 @@ class Capture:
         for stat in per.values():
             if not stat.chunked:
                 stat.update(x2, tokens)
-        if self._cross is not None:
+        if self._cross is not None and self._phase == "prefill":
             self._cross.hold(i, x2, tokens)
 
     # ------------------------------------------------------------------------- snapshots
@@ -440,8 +513,8 @@ class Capture:
 
     def _commit(self, step: int | None = None, final: bool = False) -> None:
         self._finish_cross()
-        if final and self._rows and all(not st.state_dict() for per in self._window.values()
-                                        for st in per.values()):
+        if final and self._committed and all(not st.state_dict() for per in self._window.values()
+                                             for st in per.values()):
             self._finish_result()
             return
         row = {
@@ -451,11 +524,26 @@ class Capture:
             "cross": ({f: v.cpu().numpy() for f, v in self._cross.state_dict().items()}
                       if self._cross is not None else {}),
         }
+        meta = self.meta()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            from .run import merge_rows
+
+            rows: list = [None] * self.world
+            dist.all_gather_object(rows, row)
+            row = merge_rows(rows, meta["cross_sites"])
+            row["step"] = rows[0]["step"]
         if self._writer is not None:
-            self._writer.append(self.meta(), row)
+            self._writer.append(meta, row)
+        elif self.out is not None:  # another rank's file is written by rank 0: keep a running total
+            from .run import merge_rows
+
+            self._rows = [merge_rows(self._rows + [row], meta["cross_sites"])]
         else:
             self._rows.append(row)
         self._window = self._new_window()
+        self._committed += 1
         if final:
             self._finish_result()
 
@@ -499,5 +587,5 @@ class Capture:
     @property
     def sites(self) -> list[str]:
         """Site names in capture order (available before, during and after the block)."""
-        return [s.name for s in self._defs]
+        return self._names["prefill"] + self._names["decode"]
 
