@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -212,6 +213,8 @@ class Capture:
         self._writer = None
         self._rows: list = []
         self._committed = 0
+        self._thread = threading.get_ident()
+        self._warned_thread = False
         self._active = False
         self._forward = 0
         self._rows_seen = 0
@@ -293,6 +296,7 @@ class Capture:
             from . import store
 
             self._writer = store.Writer(self.out, self.overwrite)
+        self._thread = threading.get_ident()
         try:
             self._register()
         except BaseException:
@@ -353,9 +357,21 @@ class Capture:
             warnings.warn(f"probe: cross-layer statistics failed ({err}); disabled for the rest of the run",
                           stacklevel=2)
 
+    def _foreign_thread(self) -> bool:
+        """Statistics are not thread-safe: forwards on threads other than the one that entered are
+        ignored, with one warning (run one capture per thread, on separate model replicas)."""
+        if threading.get_ident() == self._thread:
+            return False
+        if not self._warned_thread:
+            self._warned_thread = True
+            warnings.warn("probe: a forward ran on another thread than the one that entered capture(); "
+                          "its activations are not recorded; enter a separate capture in each thread",
+                          stacklevel=3)
+        return True
+
     @_eager
     def _begin(self, module, args, kwargs) -> None:
-        if _in_backward():
+        if _in_backward() or self._foreign_thread():
             return
         self._finish_cross()
         self._forward += 1
@@ -372,7 +388,7 @@ class Capture:
 
     @_eager
     def _end(self, module, args, output) -> None:
-        if _in_backward():
+        if _in_backward() or self._foreign_thread():
             return
         self._finish_cross()
         shape = self._batch_shape()
@@ -453,6 +469,8 @@ class Capture:
     def _observe(self, i: int, x: Any) -> None:
         if _in_backward():  # a gradient-checkpointing recompute: this token was counted already
             return
+        if self._foreign_thread():
+            return
         site = self._defs[i]
         name = self._names[self._phase][i]
         if name in self._disabled:
@@ -484,7 +502,7 @@ class Capture:
         x = x.detach()
         self._dtypes.setdefault(self._defs[i].name, str(x.dtype).replace("torch.", ""))
         b, t = x.shape[0], x.shape[1]
-        x2 = x.reshape(b * t, -1)
+        x2 = x.reshape(b * t, x.shape[2:].numel())
         tokens = self._tokens_for(b, t, x.device)
         per = self._window[name]
         chunked = [s for s in per.values() if s.chunked]

@@ -9,21 +9,17 @@ Recipe::
     plot_run(run, "figures", kinds=["cross"])     # just cross_cov.png and cross_r2.png
     plot_diff(probe.load("a.h5"), probe.load("b.h5"), "diff.png")
 
-One kind, one or two files:
+One kind, one or two files (and the statistics it needs):
 
-========== ============================================ =====================================
-kind       files                                        needs
-========== ============================================ =====================================
-histograms ``hist_grid.png``, ``hist_overlay.png``      ``histogram`` (+ ``moments``)
-cross      ``cross_cov.png``, ``cross_r2.png``          ``cross``
-scatter    ``scatter_position.png``, ``scatter_channel`` ``sample``
-channels   ``channels_absmax.png``                      ``moments``
-positions  ``positions.png``                            ``position``
-steps      ``steps.png``                                ``moments`` and two or more windows
-========== ============================================ =====================================
+- ``histograms``: ``hist_grid.png``, ``hist_overlay.png`` (``histogram``, ``moments``)
+- ``cross``: ``cross_cov.png``, ``cross_r2.png`` (``cross``)
+- ``scatter``: ``scatter_position.png``, ``scatter_channel.png`` (``sample``)
+- ``channels``: ``channels_absmax.png`` (``moments``)
+- ``positions``: ``positions.png`` (``position``)
+- ``steps``: ``steps.png`` (``moments``, and two or more windows: ``run.snapshot()``)
 
-Activations span decades (a residual stream with massive activations has a median magnitude
-near 0.01 and a maximum near 1000), so nearly every value axis here is logarithmic, and each
+Activations span decades (a residual stream with massive activations has most values within ±10
+and a few near 1000), so nearly every value axis here is logarithmic, and each
 figure says which scale it uses. Figures are drawn on a bare :class:`matplotlib.figure.Figure`,
 never through ``pyplot``: nothing global changes (a notebook keeps its backend) and no display is
 needed. matplotlib is optional (``pip install "probe[plot]"``) and imported only when drawing.
@@ -49,7 +45,7 @@ Kind = Literal["histograms", "cross", "scatter", "channels", "positions", "steps
 KINDS: tuple[str, ...] = ("histograms", "cross", "scatter", "channels", "positions", "steps")
 
 DPI = 110
-#: quantiles that bound the shared histogram range: wide enough that log-y shows the tails, narrow
+#: quantiles that bound the histogram ranges: wide enough that log-y shows the tails, narrow
 #: enough that one massive activation (10**4 x the median) does not squash every bulk into a bin
 RANGE_QUANTILES = (1e-4, 1 - 1e-4)
 HIST_BINS = 201  # odd, so that 0 sits in the middle of a bin
@@ -170,6 +166,8 @@ def _missing(kind: str, stat: str, run: Run) -> _Missing:
 # ---------------------------------------------------------------------------- histograms
 def _histograms(run: Run, out: str) -> list[str]:
     _, Figure, colors, cm = _mpl()
+    from matplotlib.ticker import MaxNLocator
+
     names, quants = [], []
     for name in _sites_with(run, "histogram"):
         s = run[name]
@@ -208,12 +206,14 @@ def _histograms(run: Run, out: str) -> list[str]:
         ax.set_title(f"{labels[index[name]]}: σ={s.std:.3g} κ={s.kurtosis:.3g}", fontsize=7, pad=2)
         ax.tick_params(labelsize=6, pad=1)
         ax.set_xlim(e[0], e[-1])
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4, symmetric=True))
     for ax in axes[n:]:
         ax.set_visible(False)
-    fig.supxlabel(f"activation value (each panel: ± its own q{RANGE_QUANTILES[1]:g} magnitude)", fontsize=9)
-    fig.supylabel("density (log)", fontsize=9)
-    fig.suptitle(f"Per-site histograms ({axis_label}; σ = std, κ = excess kurtosis) — {_title(run)}",
-                 fontsize=10)
+    fig.supxlabel(f"activation value (each panel: its own symmetric range ± max(|q{RANGE_QUANTILES[0]:g}|, "
+                  f"|q{RANGE_QUANTILES[1]:g}|); {HIST_BINS} linear bins)", fontsize=9)
+    fig.supylabel("density (log scale)", fontsize=9)
+    fig.suptitle(f"Per-site histograms — panel title: {axis_label.split(' (')[0]}: σ = std, κ = excess kurtosis "
+                 f"— {_title(run)}", fontsize=10)
     paths = [_save(fig, os.path.join(out, "hist_grid.png"))]
 
     # overlay: every site on one shared symmetric range, coloured by depth
@@ -251,7 +251,9 @@ def _cross(run: Run, out: str) -> list[str]:
     skip = run.meta.get("skip_first", 0)
     kept = f"kept tokens (first {skip} of each sequence excluded)" if skip else "kept tokens (skip_first=0)"
     panels = [(kept, cross.cov, cross.r2, cross.n), ("all real tokens", cross.cov_all, cross.r2_all, cross.n_all)]
-    panels = [p for p in panels if p[3] > 0]
+    # with nothing skipped both halves are the same matrix: draw it once
+    panels = [p for p in panels if p[3] > 0] if cross.n != cross.n_all else panels[1:]
+    noun = "Layer" if axis_label.startswith("layer") else "Site"
     size = max(3.6, min(6.5, 0.16 * len(labels) + 1.2))
     fs = 6 if len(labels) > 24 else 7
 
@@ -287,11 +289,14 @@ def _cross(run: Run, out: str) -> list[str]:
     norm = colors.LogNorm(vmin=low, vmax=top)
     paths = [grid([(p[0], p[1]) for p in panels], norm, _cmap("viridis"),
                   "|covariance| (log scale; white dash = negative entry)",
-                  "Layer × layer covariance (population, per channel-token observation)", "cross_cov.png",
+                  f"{noun} × {noun.lower()} covariance (population, per channel-token observation)", "cross_cov.png",
                   signed=True)]
     paths.append(grid([(p[0], p[2]) for p in panels], colors.Normalize(0, 1), _cmap("magma"),
-                      "R² (squared Pearson correlation, linear 0–1)", "Layer × layer R²", "cross_r2.png"))
+                      "R² (squared Pearson correlation, linear 0–1)", f"{noun} × {noun.lower()} R²",
+                      "cross_r2.png"))
     return paths
+
+
 # ------------------------------------------------------------------------------- scatter
 def _pick(names: Sequence[str], k: int = 3) -> list[str]:
     """First, middle and last (``k`` evenly spaced) of ``names``."""
@@ -433,16 +438,24 @@ def _positions(run: Run, out: str) -> list[str]:
 # --------------------------------------------------------------------------------- steps
 def _steps(run: Run, out: str) -> list[str]:
     _, Figure, colors, cm = _mpl()
-    steps = run.steps
-    if len(steps) < 2:
-        raise _Missing(f"plot kind 'steps' needs two or more windows; expected run.steps with 2+ entries; "
-                       f"got {steps}; call run.snapshot(step) inside the capture block, or leave out kind 'steps'")
     names = _sites_with(run, "moments")
     if not names:
         raise _missing("steps", "moments", run)
+    # one Run per stored row rather than run.at(step): step labels need not be unique or sorted,
+    # and a window that saw no token (e.g. committed at exit right after a snapshot) is left out
+    windows = []
+    for row in run.rows:
+        window = Run(run.meta, [row], run.path)
+        if any(window[n].tokens for n in names):
+            windows.append((int(row["step"]), window))
+    windows.sort(key=lambda w: w[0])
+    if len(windows) < 2:
+        raise _Missing(f"plot kind 'steps' needs two or more windows with tokens; expected run.steps with 2+ "
+                       f"entries; got {run.steps}; call run.snapshot(step) inside the capture block, or leave out "
+                       "kind 'steps'")
+    steps = [w[0] for w in windows]
     table = {n: np.full((3, len(steps)), np.nan) for n in names}
-    for j, step in enumerate(steps):
-        window = run.at(step)
+    for j, (_, window) in enumerate(windows):
         for n in names:
             s = window[n]
             table[n][:, j] = (s.std, s.absmax, s.kurtosis)
@@ -469,6 +482,19 @@ def _steps(run: Run, out: str) -> list[str]:
         ax.tick_params(labelsize=7)
     fig.suptitle(f"Per-window statistics over {len(steps)} windows — {_title(run)}", fontsize=10)
     return [_save(fig, os.path.join(out, "steps.png"))]
+
+
+def _as_run(run: Any) -> Run:
+    """A :class:`Run`, also from a finished ``probe.capture(...)`` (its ``.result``)."""
+    if isinstance(run, Run):
+        return run
+    result = getattr(run, "result", None)
+    if isinstance(result, Run):
+        return result
+    if hasattr(run, "result"):
+        raise ProbeError("the capture has no results yet; expected an exited capture; "
+                         "plot after the with-block, or call run.snapshot() and plot probe.load(out)")
+    raise ProbeError(f"run must be a probe Run; got {type(run).__name__}; pass probe.load('run.h5')")
 
 
 _DRAW = {"histograms": _histograms, "cross": _cross, "scatter": _scatter, "channels": _channels,
@@ -499,6 +525,7 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
         >>> plot_run(probe.load("run.h5"), "figures", kinds=["histograms"])  # doctest: +SKIP
         ['figures/hist_grid.png', 'figures/hist_overlay.png']
     """
+    run = _as_run(run)
     if isinstance(kinds, str):
         kinds = [kinds]
     asked = kinds is not None
@@ -506,7 +533,7 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
     unknown = [k for k in chosen if k not in KINDS]
     if unknown:
         raise ProbeError(f"unknown plot kind {unknown[0]!r}; expected one of {', '.join(KINDS)}; "
-                         f"pass e.g. kinds=['histograms', 'cross']")
+                         f"pass e.g. kinds=['histograms', 'cross'] (probe plot --kind histograms)")
     if asked and not chosen:
         raise ProbeError(f"no plot kinds given; expected one or more of {', '.join(KINDS)}; "
                          "pass kinds=None to draw everything")
@@ -529,9 +556,10 @@ def plot_diff(a: Run, b: Run, path: str | os.PathLike) -> str:
     """Draw the per-site shift from run ``a`` to run ``b`` (see :func:`probe.report.diff`) to ``path``.
 
     Up to three panels, one bar per site present in both runs: the std ratio ``std_b / std_a``
-    (log scale, 1 = unchanged), the Jensen–Shannon divergence between the two bucket histograms
-    (bits; needs histograms in both), and the shift of the q0.001, q0.5 and q0.999 quantiles
-    (symmetric log).
+    (log scale, 1 = unchanged); the Jensen–Shannon divergence between the two bucket histograms
+    (bits, 0 = identical, 1 = disjoint; needs histograms in both); and the shift of the q0.001,
+    q0.5 and q0.999 quantiles in units of ``std_a``, so that layers of very different scale share
+    one axis.
 
     Args:
         a, b: the runs to compare; ``a`` is the reference.
@@ -552,10 +580,14 @@ def plot_diff(a: Run, b: Run, path: str | os.PathLike) -> str:
     from .report import diff
 
     _, Figure, colors, cm = _mpl()
-    rows = diff(a, b)
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    a, b = _as_run(a), _as_run(b)
+    with np.errstate(all="ignore"):  # report._js evaluates log2(0) in the branch np.where discards
+        rows = diff(a, b)
     if not rows:
-        raise ProbeError(f"runs share no site; expected common site names; got {a.sites[:3]}… and "
-                         f"{b.sites[:3]}…; compare runs captured with the same sites=")
+        raise ProbeError(f"runs share no site; expected common site names; got {a.sites[:3]} and "
+                         f"{b.sites[:3]}; compare runs captured with the same sites=")
     names = [r["site"] for r in rows]
     labels, axis_label = _labels(names)
     x = np.arange(len(rows))
@@ -564,46 +596,48 @@ def plot_diff(a: Run, b: Run, path: str | os.PathLike) -> str:
         return np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows])
 
     ratio, js = col("std_ratio"), col("js")
-    qshift = {q: np.array([np.nan if r.get("quantile_shift") is None or r["quantile_shift"].get(q) is None
-                           else r["quantile_shift"][q] for r in rows], dtype=np.float64)
-              for q in ("0.001", "0.5", "0.999")}
+    std_a = np.array([a[n].std for n in names], dtype=np.float64)
+    qs = ("0.001", "0.5", "0.999")
+    shift = {q: np.array([np.nan if (r.get("quantile_shift") or {}).get(q) is None else r["quantile_shift"][q]
+                          for r in rows], dtype=np.float64) for q in qs}
+    with np.errstate(all="ignore"):
+        shift = {q: np.where(std_a > 0, v / std_a, np.nan) for q, v in shift.items()}
     panels = ["ratio"] + (["js"] if np.isfinite(js).any() else []) + \
-             (["quantiles"] if any(np.isfinite(v).any() for v in qshift.values()) else [])
-    fig = Figure(figsize=(max(8.0, 0.24 * len(rows) + 3), 2.4 * len(panels) + 0.9), layout="constrained")
+             (["quantiles"] if any(np.isfinite(v).any() for v in shift.values()) else [])
+    fig = Figure(figsize=(max(8.0, 0.26 * len(rows) + 3), 2.3 * len(panels) + 0.9), layout="constrained")
     axes = np.atleast_1d(fig.subplots(len(panels), 1, sharex=True, squeeze=False)).ravel()
     for ax, panel in zip(axes, panels):
         if panel == "ratio":
             good = np.isfinite(ratio) & (ratio > 0)
-            ax.bar(x[good], np.log10(ratio[good]), bottom=0, color=np.where(ratio[good] >= 1, "#c44e52", "#4c72b0"))
+            logr = np.log10(ratio[good])
+            ax.bar(x[good], logr, color=np.where(logr >= 0, "#c44e52", "#4c72b0"))
             ax.axhline(0, color="0.3", lw=0.8)
-            ticks = ax.get_yticks()
-            ax.set_yticks(ticks)
-            ax.set_yticklabels([f"{10 ** t:.3g}" for t in ticks])
+            # bars are log10(ratio), so up and down are symmetric; ticks read as the change itself
+            small = logr.size == 0 or float(np.max(np.abs(logr))) < np.log10(2)
+            fmt = (lambda t, _: f"{(10 ** t - 1) * 100:+.2g} %") if small else (lambda t, _: f"×{10 ** t:.3g}")
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=6, symmetric=True))
+            ax.yaxis.set_major_formatter(FuncFormatter(fmt))
             ax.set_ylabel("std_b / std_a\n(log scale)", fontsize=8)
             ax.set_title("std ratio (red: b wider, blue: b narrower)", fontsize=9)
         elif panel == "js":
             ax.bar(x, np.nan_to_num(js), color="#55a868")
-            pos = js[np.isfinite(js) & (js > 0)]
-            if pos.size and pos.max() / pos.min() > 100:
-                ax.set_yscale("log")
-            ax.set_ylabel("JS divergence\n(bits, 0–1)", fontsize=8)
-            ax.set_title("Jensen–Shannon divergence of the value histograms", fontsize=9)
+            ax.set_ylim(bottom=0)
+            ax.set_ylabel("JS divergence\n(bits)", fontsize=8)
+            ax.set_title("Jensen–Shannon divergence of the value histograms (0 = identical, 1 = disjoint)",
+                         fontsize=9)
         else:
             width = 0.28
-            for k, (q, c) in enumerate(zip(qshift, ("#4c72b0", "0.4", "#c44e52"))):
-                ax.bar(x + (k - 1) * width, qshift[q], width=width, color=c, label=f"q{q}")
-            finite = np.concatenate([np.abs(v[np.isfinite(v)]) for v in qshift.values()])
-            finite = finite[finite > 0]
-            lin = float(np.percentile(finite, 10)) if finite.size else 1.0
-            ax.set_yscale("symlog", linthresh=lin)
+            for k, (q, c) in enumerate(zip(qs, ("#4c72b0", "0.45", "#c44e52"))):
+                ax.bar(x + (k - 1) * width, shift[q], width=width, color=c, label=f"q{q}")
             ax.axhline(0, color="0.3", lw=0.8)
             ax.legend(fontsize=7, ncol=3, loc="best")
-            ax.set_ylabel(f"quantile_b − quantile_a\n(symlog, linear within ±{lin:.2g})", fontsize=8)
-            ax.set_title("quantile shift", fontsize=9)
+            ax.set_ylabel("(q_b − q_a) / std_a", fontsize=8)
+            ax.set_title("quantile shift in units of run a's std", fontsize=9)
         ax.grid(axis="y", alpha=0.25, lw=0.5)
         ax.tick_params(labelsize=7)
     _index_ticks(axes[-1].xaxis, labels, most=48, fontsize=7)
     axes[-1].set_xlabel(axis_label, fontsize=8)
+    axes[-1].set_xlim(-0.6, len(rows) - 0.4)
     fig.suptitle(f"Shift from a = {a.path or 'run a'} to b = {b.path or 'run b'}", fontsize=10)
     path = os.fspath(path)
     if os.path.dirname(path):

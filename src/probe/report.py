@@ -107,8 +107,11 @@ def _js(p: np.ndarray, q: np.ndarray) -> float:
     p = p / p.sum() if p.sum() else p
     q = q / q.sum() if q.sum() else q
     m = (p + q) / 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kl = lambda a: np.where(a > 0, a * np.log2(a / m), 0.0).sum()  # noqa: E731
+
+    def kl(a: np.ndarray) -> float:
+        nz = a > 0  # where a > 0, m > 0 too
+        return float((a[nz] * np.log2(a[nz] / m[nz])).sum())
+
     return float(max(0.0, (kl(p) + kl(q)) / 2))
 
 
@@ -120,7 +123,7 @@ def diff(a: Run, b: Run) -> list[dict[str, Any]]:
         if name not in b.sites:
             continue
         sa, sb = a[name], b[name]
-        row = {"site": name, "mean_a": sa.mean, "mean_b": sb.mean,
+        row = {"site": name, "mean_a": sa.mean, "mean_b": sb.mean, "std_a": sa.std, "std_b": sb.std,
                "std_ratio": sb.std / sa.std if sa.std else float("nan"),
                "mean_shift": sb.mean - sa.mean}
         ha = a.total["sites"].get(name, {}).get("histogram")

@@ -127,7 +127,8 @@ class PositionView:
 
 
 class SampleView:
-    """A uniform sample of kept elements: parallel numpy arrays, ordered by key."""
+    """A uniform sample of kept elements (padding and the first ``skip_first`` positions are never
+    in it): parallel numpy arrays ``row, position, channel, token, value``, ordered by key."""
 
     def __init__(self, s: dict[str, np.ndarray]) -> None:
         filled = np.isfinite(s["key"])
@@ -284,10 +285,18 @@ class Run:
             return self.rows[0]
         return merge_rows(self.rows, self.meta.get("cross_sites", []))
 
+    @property
+    def stats(self) -> list[str]:
+        """The statistics this run captured, e.g. ``["moments", "histogram"]``."""
+        return list(self.meta.get("stats", []))
+
     def __getitem__(self, name: str) -> SiteView:
         if name not in self._info:
             raise ProbeError(f"unknown site {name!r}; expected one of run.sites{closest(name, self.sites)}")
-        return SiteView(name, self._info[name], self.total["sites"].get(name, {}), self.meta)
+        views = self.__dict__.setdefault("_views", {})
+        if name not in views:
+            views[name] = SiteView(name, self._info[name], self.total["sites"].get(name, {}), self.meta)
+        return views[name]
 
     def __iter__(self):
         return (self[name] for name in self.sites)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -57,22 +58,45 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+def _open(path: str, mode: str, wait: float = 10.0):
+    """``h5py.File`` with our libver and HDF5's file lock, so a reader never sees a half-appended
+    window: while another process holds the file we retry for up to ``wait`` seconds (appends
+    take milliseconds). On filesystems without locking we open without it."""
+    h5py = _h5py()
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return h5py.File(path, mode, libver=("v110", "v110"), locking=True)
+        except OSError as err:
+            text = str(err)
+            busy = "errno = 11" in text or "temporarily unavailable" in text or "open for write" in text
+            if busy and time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            if "lock" in text.lower() and not busy:  # no locking on this filesystem
+                return h5py.File(path, mode, libver=("v110", "v110"), locking=False)
+            raise
+
+
 class Writer:
-    """Appends windows to a run file, flushing after each one."""
+    """Appends windows to a run file.
+
+    The file is open only while a window is appended (milliseconds), then flushed and closed, so
+    between windows it is always a complete, closed HDF5 file: another process can read it (a
+    live ``probe show``), and a process killed between windows loses nothing committed.
+    """
 
     def __init__(self, path: str, overwrite: bool = False) -> None:
         check_writable(path, overwrite)
-        h5py = _h5py()
         self.path = path
         try:
-            self.f = h5py.File(path, "w", libver=("v110", "v110"))
+            with _open(path, "w") as f:
+                f.attrs["schema"] = SCHEMA
+                f.attrs["schema_version"] = VERSION
+                f.create_dataset("steps", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(64,))
         except OSError as err:
             raise ProbeError(f"cannot create out={path!r}: {err}; choose a writable path") from err
-        self.f.attrs["schema"] = SCHEMA
-        self.f.attrs["schema_version"] = VERSION
-        self.f.create_dataset("steps", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(64,))
         self.rows = 0
-        self.f.flush()
 
     def _put(self, group, name: str, value: np.ndarray) -> None:
         value = np.asarray(value)
@@ -97,7 +121,10 @@ class Writer:
                 group[field].resize(self.rows + 1, axis=0)
 
     def append(self, meta: dict[str, Any], row: dict[str, Any]) -> None:
-        f = self.f
+        with _open(self.path, "r+") as f:
+            self._append(f, meta, row)
+
+    def _append(self, f, meta: dict[str, Any], row: dict[str, Any]) -> None:
         f.attrs["meta"] = json.dumps(_jsonable(meta))
         sites = f.require_group("sites")
         width = max(2, len(str(len(meta["sites"]) - 1)))
@@ -123,8 +150,7 @@ class Writer:
         f.flush()
 
     def close(self) -> None:
-        if getattr(self, "f", None) is not None and self.f.id.valid:
-            self.f.close()
+        """Nothing stays open between windows; kept for symmetry."""
 
     def abort(self) -> None:
         self.close()
@@ -162,12 +188,15 @@ def read(path: str | os.PathLike):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ProbeError(f"no such file: {path!r}; expected a run written by probe; check the path")
-    h5py = _h5py()
     try:
-        f = h5py.File(path, "r", locking=False)
+        f = _open(path, "r")
     except OSError as err:
-        raise FileFormatError(f"{path!r} is not a readable HDF5 file ({err}); expected a probe run; "
-                              "the file is truncated or of another kind") from err
+        if "open for write" in str(err):
+            raise FileFormatError(f"{path!r} is marked open for writing: a writer is appending now, or was "
+                                  "killed mid-append; if none is running, clear the mark with "
+                                  f"`h5clear -s {path}` (hdf5-tools) and retry") from err
+        raise FileFormatError(f"{path!r} is not a readable HDF5 file ({str(err).splitlines()[0]}); "
+                              "expected a probe run; the file is truncated or of another kind") from err
     try:
         with f:
             if f.attrs.get("schema") != SCHEMA:
@@ -210,8 +239,7 @@ def read(path: str | os.PathLike):
 
 def annotate(path: str, **entries: Any) -> None:
     """Add JSON entries to a closed run file's ``meta`` (e.g. decoded token texts)."""
-    h5py = _h5py()
-    with h5py.File(path, "r+", libver=("v110", "v110")) as f:
+    with _open(path, "r+") as f:
         meta = json.loads(f.attrs.get("meta", "{}"))
         meta.update(_jsonable(entries))
         f.attrs["meta"] = json.dumps(meta)

@@ -137,6 +137,8 @@ class Cross(StatBase):
             return
         xs = [held[i][0] for i in self.members]
         n_tok, d = xs[0].shape
+        if n_tok == 0 or d == 0:
+            return
         per_token = len(xs) * d * 8
         block = max(1, self.block_bytes // per_token)
         keep_acc = all_head = None

@@ -47,6 +47,8 @@ class Histogram(StatBase):
         }
 
     def update(self, x: Tensor, tokens: Tokens) -> None:
+        if x.numel() == 0:  # an empty chunk adds nothing (shape check: no sync)
+            return
         if self._state is None:
             self._init(x.device)
         s = self.s

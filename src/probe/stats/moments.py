@@ -25,6 +25,15 @@ __all__ = ["Moments", "LARGE"]
 LARGE = 6.0
 
 
+def _better(value: Tensor, at: Tensor, old: Tensor, old_at: Tensor) -> Tensor:
+    """Larger magnitude wins; a tie goes to the earlier (row, position, channel), so merges
+    commute. Elementwise tensor logic only: no host sync."""
+    earlier = at[2] < old_at[2]
+    for i in (1, 0):
+        earlier = (at[i] < old_at[i]) | ((at[i] == old_at[i]) & earlier)
+    return (value > old) | ((value == old) & (old_at[0] >= 0) & earlier)
+
+
 class Moments(StatBase):
     name = "moments"
     chunked = True
@@ -52,6 +61,8 @@ class Moments(StatBase):
         }
 
     def update(self, x: Tensor, tokens: Tokens) -> None:
+        if x.numel() == 0:  # an empty chunk adds nothing (shape check: no sync)
+            return
         if self._state is None:
             self._init(x.shape[1], x.device)
         s = self.s
@@ -77,7 +88,7 @@ class Moments(StatBase):
         d = x.shape[1]
         t = flat // d
         at = torch.stack((tokens.row[t], tokens.position[t], flat % d, tokens.token[t]))
-        better = value > s["absmax"]
+        better = _better(value, at, s["absmax"], s["absmax_at"])
         s["absmax"] = torch.where(better, value, s["absmax"])
         s["absmax_at"] = torch.where(better, at, s["absmax_at"])
 
@@ -91,6 +102,6 @@ class Moments(StatBase):
         s["max"] = torch.maximum(s["max"], o["max"])
         for key in ("nan", "posinf", "neginf", "tokens", "large"):
             s[key] = s[key] + o[key]
-        better = o["absmax"] > s["absmax"]
+        better = _better(o["absmax"], o["absmax_at"], s["absmax"], s["absmax_at"])
         s["absmax"] = torch.where(better, o["absmax"], s["absmax"])
         s["absmax_at"] = torch.where(better, o["absmax_at"], s["absmax_at"])

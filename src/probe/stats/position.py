@@ -39,6 +39,8 @@ class Position(StatBase):
         }
 
     def update(self, x: Tensor, tokens: Tokens) -> None:
+        if x.numel() == 0:  # an empty chunk adds nothing (shape check: no sync)
+            return
         if self._state is None:
             self._init(x.device)
         s = self.s

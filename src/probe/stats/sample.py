@@ -54,6 +54,8 @@ class Sample(StatBase):
         return tokens.cache[memo]
 
     def update(self, x: Tensor, tokens: Tokens) -> None:
+        if x.numel() == 0:  # an empty chunk adds nothing (shape check: no sync)
+            return
         if self._state is None:
             self._init(x.device)
         n, d = x.shape
@@ -73,7 +75,12 @@ class Sample(StatBase):
         s = self.s
         keys = torch.cat((s["key"], o["key"]))
         _, best = torch.topk(keys, self.size, largest=False, sorted=True)
-        self._state = {f: torch.cat((s[f], o[f]))[best] for f in _FIELDS}
+        merged = {f: torch.cat((s[f], o[f]))[best] for f in _FIELDS}
+        empty = torch.isinf(merged["key"])  # masked elements and unfilled slots: one canonical form
+        for f in _FIELDS[1:5]:
+            merged[f] = merged[f].masked_fill(empty, -1)
+        merged["value"] = merged["value"].masked_fill(empty, float("nan"))
+        self._state = merged
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         super().load_state_dict(state)
