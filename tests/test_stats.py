@@ -293,3 +293,28 @@ def test_position_stat_against_numpy():
         np.testing.assert_allclose(s["mean"][p], sel.mean(), rtol=1e-10)
         np.testing.assert_allclose(s["m2"][p] / s["n"][p], sel.var(), rtol=2e-7)
     assert s["overflow"] == int(((pos.numpy() >= 8) & valid.numpy()).sum())
+
+
+@pytest.mark.parametrize("pad", ["left", "right"])
+@pytest.mark.parametrize("explicit_positions", [False, True])
+def test_cross_through_capture_both_views(tiny, pad, explicit_positions):
+    """Both head paths (gathered by topk, or masked when position_ids are the caller's) equal numpy."""
+    from conftest import batch
+
+    model = tiny("llama")
+    data = [batch(3, 9, pad, seed=s) for s in range(3)]
+    hidden, keeps, valids = [], [], []
+    with probe.capture(model, skip_first=2, stats=("cross",), strict=True) as run:
+        for ids, mask in data:
+            position = (mask.cumsum(-1) - 1).clamp(min=0)
+            extra = {"position_ids": position} if explicit_positions else {}
+            with torch.no_grad():
+                hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **extra).hidden_states
+            hidden.append(hs)
+            valids.append(mask.bool())
+            keeps.append(mask.bool() & (position >= 2))
+    for view, masks in (("", keeps), ("_all", valids)):
+        data64 = np.stack([np.concatenate([h[i][m].double().numpy().ravel() for h, m in zip(hidden, masks)])
+                           for i in range(len(run.sites))])
+        np.testing.assert_allclose(getattr(run.cross, "cov" + view), np.cov(data64, bias=True), rtol=1e-10)
+        assert np.max(np.abs(getattr(run.cross, "r2" + view) - np.corrcoef(data64) ** 2)) <= 1e-9

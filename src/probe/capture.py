@@ -442,9 +442,11 @@ class Capture:
         else:
             full, valid = None, torch.ones(b, t, dtype=torch.bool, device=device)
         pos_ids, cache_pos = call.get("position_ids"), call.get("cache_position")
+        head_bound = b * min(self.skip_first, t)  # at most skip_first head tokens per sequence...
         if (isinstance(pos_ids, Tensor) and pos_ids.dim() == 2 and pos_ids.shape[-1] == t
                 and pos_ids.shape[0] in (1, b)):
             position = pos_ids.to(device).long().expand(b, t)
+            head_bound = -1  # ...unless the caller's position_ids restart inside a sequence
         elif full is not None:
             position = (full.long().cumsum(-1) - 1)[:, -t:]
         elif isinstance(cache_pos, Tensor) and cache_pos.dim() == 1 and cache_pos.shape[0] == t:
@@ -461,7 +463,8 @@ class Capture:
         cache = next(iter(self._tokens.values())).cache if self._tokens else {}
         tokens = _stats.Tokens(valid.reshape(-1), keep.reshape(-1), position.reshape(-1),
                                row.reshape(-1), token.reshape(-1), self._forward,
-                               hash((self.seed, self.rank, self._forward)) & ((1 << 62) - 1), 0, cache)
+                               hash((self.seed, self.rank, self._forward)) & ((1 << 62) - 1), 0,
+                               head_bound, cache)
         self._tokens[memo] = tokens
         return tokens
 

@@ -35,6 +35,9 @@ class Tokens:
     forward: int
     seed: int = 0
     offset: int = 0
+    #: an upper bound on the tokens with ``valid & ~keep`` (the skipped head), known on the host;
+    #: ``-1`` when unknown (e.g. user-supplied ``position_ids`` may restart inside a sequence)
+    head_bound: int = -1
     #: per-forward memo shared by every site (e.g. the sample's key selection)
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -48,6 +51,7 @@ class Tokens:
             self.forward,
             self.seed,
             self.offset + start,
+            -1,
             self.cache,
         )
 

@@ -141,22 +141,35 @@ class Cross(StatBase):
             return
         per_token = len(xs) * d * 8
         block = max(1, self.block_bytes // per_token)
-        keep_acc = all_head = None
+        bound = tokens.head_bound
+        keep_acc = head_acc = None
         for a in range(0, n_tok, block):
             b = min(n_tok, a + block)
-            x = torch.stack([t[a:b].to(device=device, dtype=torch.float64) for t in xs])
-            x = x.reshape(len(xs), -1)
+            x = self._stack(xs, slice(a, b), device)
             finite = torch.isfinite(x).all(0)
-            keep = tokens.keep[a:b].repeat_interleave(d) & finite
-            head = (tokens.valid[a:b] & ~tokens.keep[a:b]).repeat_interleave(d) & finite
-            part = _comoments(x, keep)
+            part = _comoments(x, tokens.keep[a:b].repeat_interleave(d) & finite)
             keep_acc = part if keep_acc is None else _merge(keep_acc, part)
-            part = _comoments(x, head)
-            all_head = part if all_head is None else _merge(all_head, part)
-        all_acc = _merge(keep_acc, all_head)
+            if bound < 0:  # head tokens anywhere: a masked pass over the block
+                head = (tokens.valid[a:b] & ~tokens.keep[a:b]).repeat_interleave(d) & finite
+                part = _comoments(x, head)
+                head_acc = part if head_acc is None else _merge(head_acc, part)
+        if bound >= 0:  # at most `bound` head tokens: gather them (topk, no host sync) and fold them alone
+            head = tokens.valid & ~tokens.keep
+            bound = min(bound, n_tok)
+            order = torch.arange(n_tok, device=device)
+            _, index = torch.topk(torch.where(head, order, order + n_tok), bound, largest=False)
+            x = self._stack(xs, index, device)
+            finite = torch.isfinite(x).all(0)
+            head_acc = _comoments(x, head[index].repeat_interleave(d) & finite)
+        all_acc = _merge(keep_acc, head_acc)
         for v, acc in (("keep", keep_acc), ("all", all_acc)):
             n, mean, c = _merge((s[f"{v}_n"], s[f"{v}_mean"], s[f"{v}_c"]), acc)
             s[f"{v}_n"], s[f"{v}_mean"], s[f"{v}_c"] = n, mean, c
+
+    @staticmethod
+    def _stack(xs: list[Tensor], rows, device) -> Tensor:
+        """float64 ``[S, rows * D]`` of the held sites (``rows``: a slice or an index tensor)."""
+        return torch.stack([t[rows].to(device=device, dtype=torch.float64) for t in xs]).reshape(len(xs), -1)
 
     def _merge(self, o: dict[str, Tensor]) -> None:
         s = self.s
