@@ -131,6 +131,26 @@ def test_nan_inf_activations_counted_not_poisoning(tiny):
     assert run[run.sites[-1]].nan > 0  # the NaN spreads through later layers, and is counted there
 
 
+def test_nonfinite_token_left_out_of_cross(tiny):
+    model = tiny("llama")
+    ids, _ = batch(2, 6)
+
+    def poison(module, args, output):
+        out = output.clone()
+        out[0, 2, 1] = float("nan")
+        return out
+
+    h = model.model.norm.register_forward_hook(poison)  # only the last site sees it
+    try:
+        with probe.capture(model, strict=True, stats=("cross",)) as run:
+            with torch.no_grad():
+                model(input_ids=ids)
+    finally:
+        h.remove()
+    assert run.cross.n_all == (ids.numel() - 1) * 32  # that token, in every site, and nothing else
+    assert np.isfinite(run.cross.r2_all).all()
+
+
 def test_fp16_near_overflow():
     x = torch.tensor([[[60000.0, -65504.0, 1.0, 0.5]]], dtype=torch.float16).repeat(2, 3, 1)
 

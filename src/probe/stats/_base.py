@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Tokens", "Stat", "StatBase", "merge_moments", "chunk_moments"]
+__all__ = ["Tokens", "Stat", "StatBase", "merge_moments", "chunk_moments", "finite_parts"]
 
 
 @dataclass(frozen=True)
@@ -160,27 +160,40 @@ def _clamp_one(n):
     return n.clamp(min=1) if isinstance(n, Tensor) else n.clip(min=1)
 
 
-def chunk_moments(x: Tensor, w: Tensor, dim: int = 0) -> tuple[Tensor, ...]:
-    """Float64 ``(n, mean, M2, M3, M4)`` of ``x`` along ``dim`` where the bool ``w`` is set.
+def chunk_moments(xs: Tensor, w: Tensor) -> tuple[Tensor, ...]:
+    """Float64 per-column ``(n, mean, M2, M3, M4)`` of ``xs[n, D]`` weighted by the 0/1 float ``w``.
 
-    Two passes: the mean (accumulated in float64), then the powers of ``d = x - mean`` in ``x``'s
-    dtype, accumulated in float64. Centering first keeps the cancellation that ruins one-pass
-    power sums out of the picture; the few ulps by which the float32 center misses the float64 mean
-    are shifted out exactly (``delta = sum(d) / n``). The mean itself is the float64 sum over ``n``.
+    ``xs`` must be finite (see :func:`finite_parts`). Two passes: the mean (accumulated in
+    float64), then the powers of ``d = (xs - mean) * w`` in ``xs``'s dtype, accumulated in
+    float64. Centering first keeps the cancellation that ruins one-pass power sums out of the
+    picture; the few ulps by which the float32 center misses the float64 mean are shifted out
+    exactly (``delta = sum(d) / n``). The mean itself is the float64 sum over ``n``.
     """
     f64 = torch.float64
-    n = w.sum(dim, dtype=f64)
+    n = w.sum(0, dtype=f64)
     safe = n.clamp(min=1)
-    mean = torch.where(w, x, 0.0).sum(dim, dtype=f64) / safe
-    center = mean.to(x.dtype)
-    d = torch.where(w, x - center.unsqueeze(dim), 0.0)
+    mean = (xs * w).double().sum(0) / safe
+    center = mean.to(xs.dtype)
+    d = (xs - center) * w
     d2 = d * d
-    s1 = d.sum(dim, dtype=f64)
-    s2 = d2.sum(dim, dtype=f64)
-    s3 = (d2 * d).sum(dim, dtype=f64)
-    s4 = (d2 * d2).sum(dim, dtype=f64)
+    s1 = d.double().sum(0)
+    s2 = d2.double().sum(0)
+    s3 = (d2 * d).double().sum(0)
+    s4 = (d2 * d2).double().sum(0)
     delta = s1 / safe
     m2 = s2 - n * delta**2
     m3 = s3 - 3 * delta * s2 + 2 * n * delta**3
     m4 = s4 - 4 * delta * s3 + 6 * delta**2 * s2 - 3 * n * delta**4
     return n, mean, m2, m3, m4
+
+
+def finite_parts(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(xs, fm)``: ``x`` with non-finite values replaced by 0, and a float mask that is 1 where
+    ``x`` is finite and 0 elsewhere.
+
+    Built from arithmetic (``x - x`` is 0 for finite values and NaN otherwise) rather than
+    ``isfinite``: on CPU, bool-producing kernels cost ~10x a vectorised float op, and these two
+    tensors let every statistic mask by multiplication and reduce by matrix-vector products.
+    """
+    fm = torch.nan_to_num((x - x) + 1.0, nan=0.0)
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), fm

@@ -30,11 +30,12 @@ __all__ = ["Cross"]
 
 
 def _comoments(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(n, mean[S], C[S, S])`` of float64 ``x[S, m]`` over the columns where ``w[m]``."""
-    n = w.sum(dtype=torch.float64)
-    xz = torch.where(w, x, 0.0)
-    mean = xz.sum(1) / n.clamp(min=1)
-    xc = torch.where(w, x - mean.unsqueeze(1), 0.0)
+    """``(n, mean[S], C[S, S])`` of float64 ``x[S, t, D]`` over the tokens where the 0/1 float64
+    ``w[t]`` is 1 (``x`` must be finite there and is zeroed elsewhere)."""
+    d = x.shape[2]
+    n = w.sum() * d
+    mean = (x.sum(2) @ w) / n.clamp(min=1)
+    xc = ((x - mean.view(-1, 1, 1)) * w.view(1, -1, 1)).reshape(x.shape[0], -1)
     return n, mean, xc @ xc.T
 
 
@@ -143,33 +144,40 @@ class Cross(StatBase):
         block = max(1, self.block_bytes // per_token)
         bound = tokens.head_bound
         keep_acc = head_acc = None
+        f64 = torch.float64
         for a in range(0, n_tok, block):
             b = min(n_tok, a + block)
-            x = self._stack(xs, slice(a, b), device)
-            finite = torch.isfinite(x).all(0)
-            part = _comoments(x, tokens.keep[a:b].repeat_interleave(d) & finite)
+            x, ok = self._stack(xs, slice(a, b), device)
+            part = _comoments(x, tokens.keep[a:b].to(f64) * ok)
             keep_acc = part if keep_acc is None else _merge(keep_acc, part)
             if bound < 0:  # head tokens anywhere: a masked pass over the block
-                head = (tokens.valid[a:b] & ~tokens.keep[a:b]).repeat_interleave(d) & finite
-                part = _comoments(x, head)
+                part = _comoments(x, (tokens.valid[a:b] & ~tokens.keep[a:b]).to(f64) * ok)
                 head_acc = part if head_acc is None else _merge(head_acc, part)
         if bound >= 0:  # at most `bound` head tokens: gather them (topk, no host sync) and fold them alone
             head = tokens.valid & ~tokens.keep
             bound = min(bound, n_tok)
             order = torch.arange(n_tok, device=device)
             _, index = torch.topk(torch.where(head, order, order + n_tok), bound, largest=False)
-            x = self._stack(xs, index, device)
-            finite = torch.isfinite(x).all(0)
-            head_acc = _comoments(x, head[index].repeat_interleave(d) & finite)
+            x, ok = self._stack(xs, index, device)
+            head_acc = _comoments(x, head[index].to(f64) * ok)
         all_acc = _merge(keep_acc, head_acc)
         for v, acc in (("keep", keep_acc), ("all", all_acc)):
             n, mean, c = _merge((s[f"{v}_n"], s[f"{v}_mean"], s[f"{v}_c"]), acc)
             s[f"{v}_n"], s[f"{v}_mean"], s[f"{v}_c"] = n, mean, c
 
     @staticmethod
-    def _stack(xs: list[Tensor], rows, device) -> Tensor:
-        """float64 ``[S, rows * D]`` of the held sites (``rows``: a slice or an index tensor)."""
-        return torch.stack([t[rows].to(device=device, dtype=torch.float64) for t in xs]).reshape(len(xs), -1)
+    def _stack(xs: list[Tensor], rows, device) -> tuple[Tensor, Tensor]:
+        """float64 ``[S, t, D]`` of the held sites' ``rows`` (a slice or an index tensor), with
+        non-finite values zeroed, and the float64 ``[t]`` mask of tokens finite in every site."""
+        first = xs[0][rows]
+        out = torch.empty((len(xs), *first.shape), dtype=torch.float64, device=device)
+        ok = torch.ones(first.shape[0], dtype=torch.float64, device=device)
+        for i, t in enumerate(xs):
+            out[i].copy_(first if i == 0 else t[rows])
+            # x - x is 0 for finite values and NaN otherwise: a cheap per-token finiteness test
+            ok *= torch.nan_to_num((out[i] - out[i]).sum(1) + 1.0, nan=0.0)
+        torch.nan_to_num_(out, nan=0.0, posinf=0.0, neginf=0.0)
+        return out, ok
 
     def _merge(self, o: dict[str, Tensor]) -> None:
         s = self.s

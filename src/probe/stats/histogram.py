@@ -54,20 +54,24 @@ class Histogram(StatBase):
         s = self.s
         size = 2 ** (9 + self.m)
         bits = x.contiguous().view(torch.int32)
-        index = (bits >> (23 - self.m)) & (size - 1)
-        w = tokens.keep.unsqueeze(1) & torch.isfinite(x)
-        index = torch.where(w, index, size).flatten().long()
+        # NaN and +-inf land in exponent-255 buckets, which are dropped when the state is read;
+        # excluded tokens go to the spare bucket at the end
+        index = torch.where(tokens.keep.unsqueeze(1), (bits >> (23 - self.m)) & (size - 1), size)
         n = index.numel()
         if self._ones is None or self._ones.numel() < n or self._ones.device != x.device:
             self._ones = torch.ones(n, dtype=torch.int64, device=x.device)
-        s["counts"].index_add_(0, index, self._ones[:n])
+        s["counts"].index_add_(0, index.flatten(), self._ones[:n])
         low = (1 << (23 - self.m)) - 1
-        s["lossless"] &= ((bits & low) == 0).logical_or(~w).all()
+        # lossless is judged on every value of the chunk (excluded ones too): conservative
+        s["lossless"] &= torch.count_nonzero(bits & low) == 0
 
     def state_dict(self) -> dict[str, Tensor]:
         if self._state is None:
             return {}
-        return {"counts": self.s["counts"][:-1], "lossless": self.s["lossless"]}
+        counts = self.s["counts"][:-1].clone()
+        exponent = (torch.arange(counts.numel(), device=counts.device) >> self.m) & 255
+        counts[exponent == 255] = 0  # NaN and +-inf: counted by the moments, not here
+        return {"counts": counts, "lossless": self.s["lossless"]}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         super().load_state_dict(state)

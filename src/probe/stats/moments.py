@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import StatBase, Tokens, chunk_moments, merge_moments
+from ._base import StatBase, Tokens, chunk_moments, finite_parts, merge_moments
 
 __all__ = ["Moments", "LARGE"]
 
@@ -66,25 +66,40 @@ class Moments(StatBase):
         if self._state is None:
             self._init(x.shape[1], x.device)
         s = self.s
-        keep = tokens.keep.unsqueeze(1)
-        finite = torch.isfinite(x)
-        w = keep & finite
-        s["nan"] += (keep & torch.isnan(x)).sum()
-        s["posinf"] += (keep & (x == float("inf"))).sum()
-        s["neginf"] += (keep & (x == float("-inf"))).sum()
+        inf = float("inf")
+        keep = tokens.keep.to(x.dtype)
+        xs, fm = finite_parts(x)
+        w = fm * keep.unsqueeze(1)  # 1 for kept finite values
+        # non-finite counts without bool kernels: each difference below is 1 exactly where x is
+        # NaN (resp. +inf) and 0 elsewhere; -inf is what remains of the non-finite values
+        nan = torch.nan_to_num(x, nan=1.0, posinf=0.0, neginf=0.0) - xs
+        pos = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0) - xs
+        bad = keep @ (1.0 - fm).sum(1)
+        n_nan, n_pos = keep @ nan.sum(1), keep @ pos.sum(1)
+        s["nan"] += n_nan.round().long()
+        s["posinf"] += n_pos.round().long()
+        s["neginf"] += (bad - n_nan - n_pos).round().long()
         s["tokens"] += tokens.keep.sum()
 
-        chunk = chunk_moments(x, w, 0)
+        chunk = chunk_moments(xs, w)
         state = (s["n"], s["mean"], s["m2"], s["m3"], s["m4"])
         for key, value in zip(("n", "mean", "m2", "m3", "m4"), merge_moments(state, chunk)):
             s[key] = value
 
-        torch.minimum(s["min"], torch.where(w, x, float("inf")).amin(0), out=s["min"])
-        torch.maximum(s["max"], torch.where(w, x, float("-inf")).amax(0), out=s["max"])
+        # masked extremes by addition, not where(): +-BIG on excluded values (0 * BIG on kept ones)
+        big = (1.0 - w) * 3e38
+        lo = (torch.nan_to_num(x, nan=inf, posinf=inf, neginf=inf) + big).amin(0)
+        hi = (torch.nan_to_num(x, nan=-inf, posinf=-inf, neginf=-inf) - big).amax(0)
+        seen = chunk[0] > 0
+        torch.minimum(s["min"], torch.where(seen, lo, inf), out=s["min"])
+        torch.maximum(s["max"], torch.where(seen, hi, -inf), out=s["max"])
 
-        mag = torch.where(w, x.abs(), -1.0)
-        s["large"] += (mag >= LARGE).sum(0)
+        mag = xs.abs() * w
+        # |x| >= LARGE as 0/1 floats: (mag - LARGE) * 2**100 + 1 is >= 1 there and hugely negative
+        # below (the step is one ulp of LARGE, far above 2**-100)
+        s["large"] += ((mag - LARGE) * 2.0**100 + 1.0).clamp_(0.0, 1.0).sum(0).round().long()
         value, flat = mag.flatten().max(0)
+        value = torch.where(seen.any(), value, -1.0)
         d = x.shape[1]
         t = flat // d
         at = torch.stack((tokens.row[t], tokens.position[t], flat % d, tokens.token[t]))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import StatBase, Tokens
+from ._base import StatBase, Tokens, finite_parts
 
 __all__ = ["Position"]
 
@@ -49,18 +49,20 @@ class Position(StatBase):
         inside = tokens.valid & (pos >= 0) & (pos < p)
         s["overflow"] += (tokens.valid & (pos >= p)).sum()
         index = torch.where(inside, pos, 0)
-        w = inside.unsqueeze(1) & torch.isfinite(x)
+        xs, fm = finite_parts(x)
+        w = fm * inside.to(x.dtype).unsqueeze(1)
 
         count = w.sum(1, dtype=torch.float64)
         n = torch.zeros(p, dtype=torch.float64, device=x.device).index_add_(0, index, count)
-        total = torch.where(w, x, 0.0).sum(1, dtype=torch.float64)
+        total = (xs * w).sum(1, dtype=torch.float64)
         mean = torch.zeros_like(n).index_add_(0, index, total) / n.clamp(min=1)
-        d = torch.where(w, x - mean.to(x.dtype)[index].unsqueeze(1), 0.0)
+        d = (xs - mean.to(x.dtype)[index].unsqueeze(1)) * w
         m2 = torch.zeros_like(n).index_add_(0, index, (d * d).sum(1, dtype=torch.float64))
         self._merge_moments(n, mean, m2)
 
         s["tokens"].index_add_(0, index, inside.long())
-        mag = torch.where(w, x.abs(), float("-inf")).amax(1)
+        # w is 0 on excluded values, so they contribute |x| * 0 = 0: only empty tokens need -inf
+        mag = torch.where(count > 0, (xs.abs() * w).amax(1), float("-inf")).to(torch.float32)
         s["absmax"].scatter_reduce_(0, index, mag, reduce="amax")
 
     def _merge_moments(self, nb: Tensor, mb: Tensor, m2b: Tensor) -> None:
