@@ -45,23 +45,17 @@ def pieces(stream):
     return [(x[a:b], valid[a:b], keep[a:b], position[a:b], a) for a, b in zip(bounds, bounds[1:])]
 
 
-def fed(make, parts, whole_forward=False):
-    """One statistic fed every part (as separate forwards unless whole_forward)."""
+def fed(make, parts, first_forward=0):
+    """One statistic fed every part, each as its own forward (so the sample draws fresh keys)."""
     stat = make()
     for i, (x, v, k, p, off) in enumerate(parts):
-        stat.update(x, tokens(v, k, p, 0 if whole_forward else i, off))
+        stat.update(x, tokens(v, k, p, first_forward + i, off))
     return stat
 
 
 def merged(make, parts):
-    stats = [fed(make, [part]) for part in parts]
-    # forwards must differ for the sample's keys, as they would in a real run
-    stats = []
-    for i, part in enumerate(parts):
-        s = make()
-        x, v, k, p, off = part
-        s.update(x, tokens(v, k, p, i, off))
-        stats.append(s)
+    """Each part into its own statistic (forward i, as in a real run), then merged left to right."""
+    stats = [fed(make, [part], first_forward=i) for i, part in enumerate(parts)]
     out = stats[0]
     for s in stats[1:]:
         out.merge(s)
@@ -128,12 +122,7 @@ def _three(stream, make):
     parts = pieces(stream)
     while len(parts) < 3:
         parts.append(parts[-1])
-    stats = []
-    for i, (x, v, k, p, off) in enumerate(parts[:3]):
-        s = make()
-        s.update(x, tokens(v, k, p, i, off))
-        stats.append(s)
-    return stats
+    return [fed(make, [part], first_forward=i) for i, part in enumerate(parts[:3])]
 
 
 def _copy(stat, make):
