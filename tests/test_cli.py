@@ -82,3 +82,16 @@ def test_default_run_on_bundled_model(tmp_path, capsys, smollm):
     assert run["hidden_states.0"].tokens > 100
     assert run.meta["token_text"]
     assert np.isfinite(run.cross.r2).all()
+    pytest.importorskip("matplotlib")
+    capsys.readouterr()
+    assert main(["plot", out, "-o", str(tmp_path / "fig")]) == 0
+    paths = capsys.readouterr().out.split()
+    names = {p.rsplit("/", 1)[-1] for p in paths}
+    assert {"hist_grid.png", "hist_overlay.png", "cross_r2.png", "cross_cov.png", "scatter_position.png",
+            "scatter_channel.png", "channels_absmax.png", "positions.png"} <= names
+    import matplotlib.image
+
+    for path in paths:
+        data = open(path, "rb").read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        assert np.ptp(matplotlib.image.imread(path)[..., :3]) > 0.2  # not one flat colour
