@@ -31,11 +31,12 @@ __all__ = ["Cross"]
 
 def _comoments(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(n, mean[S], C[S, S])`` of float64 ``x[S, t, D]`` over the tokens where the 0/1 float64
-    ``w[t]`` is 1 (``x`` must be finite there and is zeroed elsewhere)."""
-    d = x.shape[2]
+    ``w[t]`` is 1 (``x`` must be finite everywhere)."""
+    s, _, d = x.shape
     n = w.sum() * d
     mean = (x.sum(2) @ w) / n.clamp(min=1)
-    xc = ((x - mean.view(-1, 1, 1)) * w.view(1, -1, 1)).reshape(x.shape[0], -1)
+    # (x - mean) * w in one fused pass: -mean * w + x * w
+    xc = torch.addcmul(-mean.view(s, 1, 1) * w.view(1, -1, 1), x, w.view(1, -1, 1)).view(s, -1)
     return n, mean, xc @ xc.T
 
 
@@ -173,10 +174,10 @@ class Cross(StatBase):
         out = torch.empty((len(xs), *first.shape), dtype=torch.float64, device=device)
         ok = torch.ones(first.shape[0], dtype=torch.float64, device=device)
         for i, t in enumerate(xs):
-            out[i].copy_(first if i == 0 else t[rows])
+            src = first if i == 0 else t[rows]
             # x - x is 0 for finite values and NaN otherwise: a cheap per-token finiteness test
-            ok *= torch.nan_to_num((out[i] - out[i]).sum(1) + 1.0, nan=0.0)
-        torch.nan_to_num_(out, nan=0.0, posinf=0.0, neginf=0.0)
+            ok *= torch.nan_to_num((src - src).sum(1, dtype=torch.float64) + 1.0, nan=0.0).to(device)
+            torch.nan_to_num_(out[i].copy_(src), nan=0.0, posinf=0.0, neginf=0.0)
         return out, ok
 
     def _merge(self, o: dict[str, Tensor]) -> None:
