@@ -318,3 +318,12 @@ def test_cross_through_capture_both_views(tiny, pad, explicit_positions):
                            for i in range(len(run.sites))])
         np.testing.assert_allclose(getattr(run.cross, "cov" + view), np.cov(data64, bias=True), rtol=1e-10)
         assert np.max(np.abs(getattr(run.cross, "r2" + view) - np.corrcoef(data64) ** 2)) <= 1e-9
+
+
+def test_no_per_site_buffer_scales_with_the_activations():
+    """Memory must not grow with depth: no statistic keeps anything activation-sized per site."""
+    x = torch.randn(8192, 64)  # larger than the 65,536 histogram buckets
+    for stat in (Moments(), Position(16), Histogram(), Sample(32)):
+        stat.update(x, tokens(8192))
+        held = [v for v in list(vars(stat).values()) + list(stat.state_dict().values()) if isinstance(v, torch.Tensor)]
+        assert all(t.numel() < x.numel() / 2 for t in held), type(stat).__name__

@@ -22,6 +22,18 @@ from ._base import StatBase, Tokens
 __all__ = ["Histogram", "bucket_edges"]
 
 
+_ONES: dict[torch.device, Tensor] = {}
+
+
+def _ones(n: int, device: torch.device) -> Tensor:
+    """int64 ones to add per value, one buffer per device shared by every site (at most one chunk,
+    ``CHUNK_ELEMENTS``), so memory does not grow with the number of sites."""
+    ones = _ONES.get(device)
+    if ones is None or ones.numel() < n:
+        ones = _ONES[device] = torch.ones(n, dtype=torch.int64, device=device)
+    return ones[:n]
+
+
 class Histogram(StatBase):
     name = "histogram"
     chunked = True
@@ -37,7 +49,6 @@ class Histogram(StatBase):
                 "use 7 (0.39 % quantile error) unless you need finer"
             )
         self.m = mantissa_bits
-        self._ones: Tensor | None = None
 
     def _init(self, device: torch.device) -> None:
         self._state = {
@@ -57,10 +68,7 @@ class Histogram(StatBase):
         # NaN and +-inf land in exponent-255 buckets, which are dropped when the state is read;
         # excluded tokens go to the spare bucket at the end
         index = torch.where(tokens.keep.unsqueeze(1), (bits >> (23 - self.m)) & (size - 1), size)
-        n = index.numel()
-        if self._ones is None or self._ones.numel() < n or self._ones.device != x.device:
-            self._ones = torch.ones(n, dtype=torch.int64, device=x.device)
-        s["counts"].index_add_(0, index.flatten(), self._ones[:n])
+        s["counts"].index_add_(0, index.flatten(), _ones(index.numel(), x.device))
         low = (1 << (23 - self.m)) - 1
         # lossless is judged on every value of the chunk (excluded ones too): conservative
         s["lossless"] &= torch.count_nonzero(bits & low) == 0
