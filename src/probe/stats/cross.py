@@ -4,7 +4,7 @@ Each site is one variable and each kept (token, channel) element one observation
 ``(i, j)`` compares site ``i`` and site ``j`` at the same place in the same forward. This needs
 every site of a forward at once: the sites' tensors are held by reference (no copy; in training
 autograd holds them anyway) until the forward ends, then folded in token blocks of at most
-``block_bytes`` of float64, which bounds the temporaries and is exact (blocks merge with the
+``block_bytes`` (16 MiB) of float64, which bounds the temporaries and is exact (blocks merge with the
 co-moment formula). An element that is non-finite in any site is left out for all sites.
 
 Two views: ``keep`` (the first ``skip_first`` real tokens excluded) and ``all`` (every real
@@ -55,7 +55,7 @@ class Cross(StatBase):
     chunked = False
     _fields = ("keep_n", "keep_mean", "keep_c", "all_n", "all_mean", "all_c", "skipped_tokens")
 
-    def __init__(self, sites: list[str], budget: int = 2 << 30, block_bytes: int = 64 << 20) -> None:
+    def __init__(self, sites: list[str], budget: int = 2 << 30, block_bytes: int = 16 << 20) -> None:
         super().__init__()
         self.candidates = list(sites)
         #: indices (into ``candidates``) of the sites in the matrices: those as wide as the first
