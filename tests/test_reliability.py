@@ -106,24 +106,30 @@ class Blocks(torch.nn.Module):
         return h
 
 
-def test_nan_inf_activations_counted_not_poisoning(tiny):
-    model = tiny("llama")
-    ids, mask = batch(2, 6)
+def run_poisoned(model, module, cells, ids, **options):
+    """Capture one forward in which ``module``'s output gets ``value`` at each ``(index, value)``."""
 
-    def poison(module, args, output):
+    def poison(mod, args, output):
         out = output.clone()
-        out[0, 2, 1] = float("nan")
-        out[1, 3, 2] = float("inf")
-        out[1, 4, 3] = -float("inf")
+        for index, value in cells:
+            out[index] = value
         return out
 
-    h = model.model.layers[0].register_forward_hook(poison)
+    h = module.register_forward_hook(poison)
     try:
-        with probe.capture(model, strict=True) as run:
+        with probe.capture(model, strict=True, **options) as run:
             with torch.no_grad():
                 model(input_ids=ids)
     finally:
         h.remove()
+    return run
+
+
+def test_nan_inf_activations_counted_not_poisoning(tiny):
+    model = tiny("llama")
+    ids, _ = batch(2, 6)
+    cells = [((0, 2, 1), float("nan")), ((1, 3, 2), float("inf")), ((1, 4, 3), -float("inf"))]
+    run = run_poisoned(model, model.model.layers[0], cells, ids)
     s = run["hidden_states.1"]
     assert (s.nan, s.posinf, s.neginf) == (1, 1, 1)
     assert s.count == ids.numel() * 32 - 3
@@ -134,19 +140,8 @@ def test_nan_inf_activations_counted_not_poisoning(tiny):
 def test_nonfinite_token_left_out_of_cross(tiny):
     model = tiny("llama")
     ids, _ = batch(2, 6)
-
-    def poison(module, args, output):
-        out = output.clone()
-        out[0, 2, 1] = float("nan")
-        return out
-
-    h = model.model.norm.register_forward_hook(poison)  # only the last site sees it
-    try:
-        with probe.capture(model, strict=True, stats=("cross",)) as run:
-            with torch.no_grad():
-                model(input_ids=ids)
-    finally:
-        h.remove()
+    # only the last site (the final norm's output) sees the NaN
+    run = run_poisoned(model, model.model.norm, [((0, 2, 1), float("nan"))], ids, stats=("cross",))
     assert run.cross.n_all == (ids.numel() - 1) * 32  # that token, in every site, and nothing else
     assert np.isfinite(run.cross.r2_all).all()
 
