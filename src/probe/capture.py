@@ -338,9 +338,6 @@ class Capture:
                     raise
                 warnings.warn(f"probe: could not save the last window while handling {exc_type.__name__}: {err}",
                               stacklevel=2)
-            finally:
-                if self._writer is not None:
-                    self._writer.close()
         return False
 
     # ------------------------------------------------------------------------------ hooks
@@ -391,19 +388,18 @@ class Capture:
         if _in_backward() or self._foreign_thread():
             return
         self._finish_cross()
-        shape = self._batch_shape()
-        if shape is not None:
-            self._rows_seen += shape[0]
+        self._rows_seen += self._batch_rows()
         self._call = None
         if self.every is not None and self._forward % self.every == 0:
             self._commit()
 
-    def _batch_shape(self) -> tuple[int, int] | None:
+    def _batch_rows(self) -> int:
+        """Sequences in this forward: from the inputs, else from the first site's shape."""
         for key in ("input_ids", "inputs_embeds"):
             t = (self._call or {}).get(key)
             if isinstance(t, Tensor) and t.dim() >= 2:
-                return t.shape[0], t.shape[1]
-        return next(iter(self._tokens), (None,))[:2] if self._tokens else None
+                return t.shape[0]
+        return next(iter(self._tokens))[0] if self._tokens else 0
 
     def _make_pre(self, i: int):
         def hook(module, args, kwargs):
@@ -572,7 +568,6 @@ class Capture:
         from .run import Run
 
         if self._writer is not None:
-            self._writer.close()
             from .store import read
 
             self._result = read(self.out)

@@ -149,11 +149,8 @@ class Writer:
         self.rows += 1
         f.flush()
 
-    def close(self) -> None:
-        """Nothing stays open between windows; kept for symmetry."""
-
     def abort(self) -> None:
-        self.close()
+        """Remove the file if no window was committed (nothing stays open between windows)."""
         if self.rows == 0 and os.path.exists(self.path):
             os.remove(self.path)
 
@@ -161,11 +158,8 @@ class Writer:
 def write_run(run, path: str, overwrite: bool = False) -> None:
     """Write a :class:`probe.run.Run` (all its windows) to ``path``."""
     w = Writer(path, overwrite)
-    try:
-        for row in run.rows:
-            w.append(run.meta, row)
-    finally:
-        w.close()
+    for row in run.rows:
+        w.append(run.meta, row)
 
 
 def _read_ds(ds, rows: int) -> np.ndarray:
