@@ -197,7 +197,7 @@ def print_summary(run: Run, console=None, site: str | None = None) -> None:
                                   for m in data["massive"][:6]) + (" …" if len(data["massive"]) > 6 else ""))
     if data["outlier_channels"]:
         console.print(f"[bold yellow]outlier channels[/] (|x| ≥ {OUTLIER_VALUE:g} in ≥ {OUTLIER_TOKENS:.0%} of tokens "
-                      f"at ≥ {OUTLIER_SITES:.0%} of sites): "
+                      f"at ≥ {OUTLIER_SITES:.0%} of sites, RMS ≥ {OUTLIER_RMS:g}× the median channel's): "
                       + ", ".join(f"{o['channel']} ({o['sites']}/{o['of']})" for o in data["outlier_channels"][:12])
                       + (f" … {len(data['outlier_channels'])} in all" if len(data["outlier_channels"]) > 12 else ""))
 
