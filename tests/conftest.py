@@ -3,8 +3,6 @@ helper that proves hooks are removed."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import transformers

@@ -466,11 +466,9 @@ class Capture:
 
     @_eager
     def _observe(self, i: int, x: Any) -> None:
-        if _in_backward():  # a gradient-checkpointing recompute: this token was counted already
+        # a gradient-checkpointing recompute (in backward) re-runs tokens that were counted already
+        if _in_backward() or self._foreign_thread():
             return
-        if self._foreign_thread():
-            return
-        site = self._defs[i]
         name = self._names[self._phase][i]
         if name in self._disabled:
             return

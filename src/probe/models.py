@@ -68,11 +68,10 @@ def load_model(name: str = BUNDLED, *, dtype: str | None = None, device: str = "
             model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch_dtype or torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(cache)
         else:
-            try:
-                import gguf as _  # noqa: F401
-                import accelerate as _  # noqa: F401,F811
-            except ImportError:
-                raise ProbeError(f"loading the bundled GGUF needs gguf and accelerate; run: {_INSTALL}") from None
+            from importlib.util import find_spec
+
+            if find_spec("gguf") is None or find_spec("accelerate") is None:
+                raise ProbeError(f"loading the bundled GGUF needs gguf and accelerate; run: {_INSTALL}")
             kwargs = dict(gguf_file=gguf.name)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)

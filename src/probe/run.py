@@ -16,7 +16,6 @@ import torch
 
 from . import stats as _stats
 from .errors import ProbeError, closest
-from .stats.histogram import bucket_edges
 
 __all__ = ["Run", "SiteView", "ChannelView", "PositionView", "SampleView", "CrossView",
            "combine_channels", "merge_rows"]
