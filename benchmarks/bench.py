@@ -733,27 +733,38 @@ def profile_main(args) -> int:
             parent = parent.cpu_parent
         if scope is None:
             continue
-        acc = by_scope.setdefault((scope, e.name), [0.0, 0, 0])
+        acc = by_scope.setdefault((scope, e.name), [0.0, 0, 0, 0.0])
         acc[0] += e.self_cpu_time_total
         acc[1] += 1
         acc[2] += max(0, getattr(e, "self_cpu_memory_usage", 0) or 0)
+        acc[3] += getattr(e, "self_device_time_total", 0.0) or 0.0
     top = sorted(by_scope.items(), key=lambda kv: -kv[1][0])[: args.profile_top]
     total = sum(v[0] for v in by_scope.values())
     scopes: dict[str, list[float]] = {}
     for (sc, _), v in by_scope.items():
-        acc = scopes.setdefault(sc, [0.0, 0, 0])
-        for j in range(3):
+        acc = scopes.setdefault(sc, [0.0, 0, 0, 0.0])
+        for j in range(4):
             acc[j] += v[j]
+    device_col = ["self GPU ms"] if cuda else []
+
+    def gpu(v):
+        return [f"{v[3] / 1e3:.2f}"] if cuda else []
+
     print_table("inside probe during one profiled forward, by statistic: self CPU time of its torch ops, "
                 "their count, and the bytes their outputs allocated (temporaries included)",
-                ["statistic", "self CPU ms", "torch ops", "allocated MiB"],
-                [[sc, f"{v[0] / 1e3:.1f}", str(v[1]), f"{v[2] / 2**20:.0f}"]
+                ["statistic", "self CPU ms", *device_col, "torch ops", "allocated MiB"],
+                [[sc, f"{v[0] / 1e3:.1f}", *gpu(v), str(v[1]), f"{v[2] / 2**20:.0f}"]
                  for sc, v in sorted(scopes.items(), key=lambda kv: -kv[1][0])], console)
     print_table(f"top torch ops inside probe during one forward (self CPU time; {total / 1e3:.0f} ms in probe scopes)",
-                ["statistic", "op", "self CPU ms", "calls", "% of probe", "allocated MiB"],
-                [[s, op, f"{v[0] / 1e3:.1f}", str(v[1]), f"{100 * v[0] / max(total, 1e-9):.1f}",
+                ["statistic", "op", "self CPU ms", *device_col, "calls", "% of probe", "allocated MiB"],
+                [[s, op, f"{v[0] / 1e3:.1f}", *gpu(v), str(v[1]), f"{100 * v[0] / max(total, 1e-9):.1f}",
                   f"{v[2] / 2**20:.0f}"]
                  for (s, op), v in top], console)
+    if cuda:
+        kernels = prof.key_averages()
+        fwd_gpu = sum(getattr(k, "self_device_time_total", 0.0) for k in kernels)
+        print(f"GPU time of the whole profiled forward (all kernels): {fwd_gpu / 1e3:.2f} ms; "
+              f"probe's share: {sum(v[3] for v in scopes.values()) / 1e3:.2f} ms")
     if args.profile_trace:
         prof.export_chrome_trace(args.profile_trace)
         print(f"chrome trace written to {args.profile_trace}")

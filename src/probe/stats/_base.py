@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Tokens", "Stat", "StatBase", "merge_moments", "chunk_moments", "finite_parts"]
+__all__ = ["Tokens", "Stat", "StatBase", "Finite", "merge_moments", "central_sums", "finite"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class Tokens:
     head_bound: int = -1
     #: per-forward memo shared by every site (e.g. the sample's key selection)
     cache: dict = field(default_factory=dict, compare=False, repr=False)
+    #: per-chunk memo shared by the statistics that read the same chunk (see :func:`finite`)
+    local: dict = field(default_factory=dict, compare=False, repr=False)
 
     def slice(self, start: int, stop: int) -> Tokens:
         return Tokens(
@@ -53,6 +55,7 @@ class Tokens:
             self.offset + start,
             -1,
             self.cache,
+            {},
         )
 
 
@@ -160,40 +163,74 @@ def _clamp_one(n):
     return n.clamp(min=1) if isinstance(n, Tensor) else n.clip(min=1)
 
 
-def chunk_moments(xs: Tensor, w: Tensor) -> tuple[Tensor, ...]:
-    """Float64 per-column ``(n, mean, M2, M3, M4)`` of ``xs[n, D]`` weighted by the 0/1 float ``w``.
+def central_sums(d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Float64 per-column ``(sum d**2, sum d**3, sum d**4)`` of the float32 ``d[n, D]``.
 
-    ``xs`` must be finite (see :func:`finite_parts`). Two passes: the mean (accumulated in
-    float64), then the powers of ``d = (xs - mean) * w`` in ``xs``'s dtype, accumulated in
-    float64. Centering first keeps the cancellation that ruins one-pass power sums out of the
-    picture; the few ulps by which the float32 center misses the float64 mean are shifted out
-    exactly (``delta = sum(d) / n``). The mean itself is the float64 sum over ``n``.
+    The powers are formed in float32 (one rounding each) and summed by torch's float32 reductions,
+    which are blocked (cascade) sums on CPU and tree sums on CUDA: their error grows with the log
+    of ``n``, not with ``n``, so it stays at the level of the powers' own rounding. ``d`` is
+    overwritten.
     """
-    f64 = torch.float64
-    n = w.sum(0, dtype=f64)
-    safe = n.clamp(min=1)
-    mean = (xs * w).double().sum(0) / safe
-    center = mean.to(xs.dtype)
-    d = (xs - center) * w
     d2 = d * d
-    s1 = d.double().sum(0)
-    s2 = d2.double().sum(0)
-    s3 = (d2 * d).double().sum(0)
-    s4 = (d2 * d2).double().sum(0)
-    delta = s1 / safe
+    s2 = d2.sum(0)
+    s3 = d2.mul_(d).sum(0)  # d**3 in place of d**2
+    s4 = d2.mul_(d).sum(0)  # d**4
+    return s2.double(), s3.double(), s4.double()
+
+
+def shift_moments(n: Tensor, delta: Tensor, s2: Tensor, s3: Tensor, s4: Tensor) -> tuple[Tensor, ...]:
+    """Central sums ``(M2, M3, M4)`` about the mean from power sums about a point ``delta`` below it."""
     m2 = s2 - n * delta**2
     m3 = s3 - 3 * delta * s2 + 2 * n * delta**3
     m4 = s4 - 4 * delta * s3 + 6 * delta**2 * s2 - 3 * n * delta**4
-    return n, mean, m2, m3, m4
+    return m2, m3, m4
 
 
-def finite_parts(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(xs, fm)``: ``x`` with non-finite values replaced by 0, and a float mask that is 1 where
-    ``x`` is finite and 0 elsewhere.
+class Finite:
+    """What every statistic needs from one chunk ``x[n, D]``, computed once per chunk.
 
-    Built from arithmetic (``x - x`` is 0 for finite values and NaN otherwise) rather than
-    ``isfinite``: on CPU, bool-producing kernels cost ~10x a vectorised float op, and these two
-    tensors let every statistic mask by multiplication and reduce by matrix-vector products.
+    ``xs`` is ``x`` with non-finite values replaced by 0 and ``fm`` the float mask that is 1
+    where ``x`` is finite; ``abs`` is ``|xs|`` and ``rowmax`` its per-token maximum. All are built
+    from arithmetic rather than ``isfinite``/``where`` (``x - x`` is 0 for finite values and NaN
+    otherwise): on CPU, bool-producing kernels cost several times a vectorised float op, and these
+    tensors let every statistic mask by multiplication.
     """
-    fm = torch.nan_to_num((x - x) + 1.0, nan=0.0)
-    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), fm
+
+    __slots__ = ("x", "_xs", "_fm", "_abs", "_rowmax")
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x
+        self._xs = self._fm = self._abs = self._rowmax = None
+
+    @property
+    def xs(self) -> Tensor:
+        if self._xs is None:
+            self._xs = torch.nan_to_num(self.x, nan=0.0, posinf=0.0, neginf=0.0)
+        return self._xs
+
+    @property
+    def fm(self) -> Tensor:
+        if self._fm is None:
+            self._fm = torch.sub(self.x, self.x).add_(1.0).nan_to_num_(nan=0.0)
+        return self._fm
+
+    @property
+    def abs(self) -> Tensor:
+        if self._abs is None:
+            self._abs = self.xs.abs()
+        return self._abs
+
+    @property
+    def rowmax(self) -> Tensor:
+        if self._rowmax is None:
+            self._rowmax = self.abs.amax(1)
+        return self._rowmax
+
+
+def finite(x: Tensor, tokens: Tokens) -> Finite:
+    """The :class:`Finite` parts of chunk ``x``, shared through ``tokens.local`` by every statistic
+    that reads the same chunk (the capture hands them the same tensor and the same chunk tokens)."""
+    parts = tokens.local.get("finite")
+    if parts is None or parts.x is not x:
+        parts = tokens.local["finite"] = Finite(x)
+    return parts

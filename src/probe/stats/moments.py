@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import StatBase, Tokens, chunk_moments, finite_parts, merge_moments
+from ._base import StatBase, Tokens, central_sums, finite, merge_moments, shift_moments
 
 __all__ = ["Moments", "LARGE"]
 
@@ -66,43 +66,59 @@ class Moments(StatBase):
         if self._state is None:
             self._init(x.shape[1], x.device)
         s = self.s
-        inf = float("inf")
-        keep = tokens.keep.to(x.dtype)
-        xs, fm = finite_parts(x)
-        w = fm * keep.unsqueeze(1)  # 1 for kept finite values
-        # non-finite counts without bool kernels: each difference below is 1 exactly where x is
-        # NaN (resp. +inf) and 0 elsewhere; -inf is what remains of the non-finite values
-        nan = torch.nan_to_num(x, nan=1.0, posinf=0.0, neginf=0.0) - xs
-        pos = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0) - xs
-        bad = keep @ (1.0 - fm).sum(1)
-        n_nan, n_pos = keep @ nan.sum(1), keep @ pos.sum(1)
-        s["nan"] += n_nan.round().long()
-        s["posinf"] += n_pos.round().long()
-        s["neginf"] += (bad - n_nan - n_pos).round().long()
-        s["tokens"] += tokens.keep.sum()
-
-        chunk = chunk_moments(xs, w)
+        f64 = torch.float64
+        p = finite(x, tokens)
+        xs = p.xs
+        keep1 = tokens.keep.to(x.dtype)
+        keep = keep1.unsqueeze(1)
+        w = p.fm * keep  # 1 for kept finite values
+        n32 = w.sum(0)  # integer counts below 2**24: exact in float32
+        n = n32.double()
+        safe = n.clamp(min=1)
+        # the mean from a float64 sum of the float32 values (xs is 0 where x is not finite)
+        mean = (xs * keep).sum(0, dtype=f64) / safe
+        center = mean.to(x.dtype)
+        # powers of the deviation from the float32 center; the float64 mean sits delta above it
+        s2, s3, s4 = central_sums(torch.sub(xs, center).mul_(w))
+        chunk = (n, mean, *shift_moments(n, mean - center.double(), s2, s3, s4))
         state = (s["n"], s["mean"], s["m2"], s["m3"], s["m4"])
         for key, value in zip(("n", "mean", "m2", "m3", "m4"), merge_moments(state, chunk)):
             s[key] = value
 
+        # non-finite kept values: all of them from the counts, +inf and -inf by clamping the
+        # distance past the largest float to 0/1 (NaN stays NaN, which nansum skips)
+        kept = tokens.keep.sum()
+        bad = kept.double() * x.shape[1] - n.sum()
+        biggest = torch.finfo(x.dtype).max
+        pos = torch.sub(x, biggest).clamp_(0.0, 1.0).nansum(1) @ keep1
+        neg = torch.add(x, biggest).clamp_(-1.0, 0.0).nansum(1) @ keep1
+        s["posinf"] += pos.round().long()
+        s["neginf"] -= neg.round().long()
+        s["nan"] += (bad - pos.double() + neg.double()).round().long()
+        s["tokens"] += kept
+
         # masked extremes by addition, not where(): +-BIG on excluded values (0 * BIG on kept ones)
-        big = (1.0 - w) * 3e38
-        lo = (torch.nan_to_num(x, nan=inf, posinf=inf, neginf=inf) + big).amin(0)
-        hi = (torch.nan_to_num(x, nan=-inf, posinf=-inf, neginf=-inf) - big).amax(0)
-        seen = chunk[0] > 0
+        big = torch.mul(w, -3e38).add_(3e38)
+        lo = (xs + big).amin(0)
+        hi = big.neg_().add_(xs).amax(0)
+        inf = float("inf")
+        seen = n32 > 0
         torch.minimum(s["min"], torch.where(seen, lo, inf), out=s["min"])
         torch.maximum(s["max"], torch.where(seen, hi, -inf), out=s["max"])
 
-        mag = xs.abs() * w
-        # |x| >= LARGE as 0/1 floats: (mag - LARGE) * 2**100 + 1 is >= 1 there and hugely negative
-        # below (the step is one ulp of LARGE, far above 2**-100)
-        s["large"] += ((mag - LARGE) * 2.0**100 + 1.0).clamp_(0.0, 1.0).sum(0).round().long()
-        value, flat = mag.flatten().max(0)
+        # |x| >= LARGE as 0/1: min(|x|, LARGE) / LARGE rounds down to below 1 for any |x| < LARGE
+        mag = p.abs
+        large = torch.clamp(mag, max=LARGE).div_(LARGE).floor_()
+        s["large"] += (keep1 @ large).round().long()
+
+        # the largest kept |x|: the first token holding it, then the first channel in that token
+        # (the first element in (row, position, channel) order, as a flat argmax would give)
+        # (1-element index tensors: indexing with a 0-d tensor would read it on the host)
+        value, t = (p.rowmax * keep1).max(0)
+        t = t.view(1)
+        channel = mag.index_select(0, t).argmax(1)
         value = torch.where(seen.any(), value, -1.0)
-        d = x.shape[1]
-        t = flat // d
-        at = torch.stack((tokens.row[t], tokens.position[t], flat % d, tokens.token[t]))
+        at = torch.cat((tokens.row[t], tokens.position[t], channel, tokens.token[t]))
         better = _better(value, at, s["absmax"], s["absmax_at"])
         s["absmax"] = torch.where(better, value, s["absmax"])
         s["absmax_at"] = torch.where(better, at, s["absmax_at"])

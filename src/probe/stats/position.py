@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import StatBase, Tokens, finite_parts
+from ._base import StatBase, Tokens, finite
 
 __all__ = ["Position"]
 
@@ -49,20 +49,22 @@ class Position(StatBase):
         inside = tokens.valid & (pos >= 0) & (pos < p)
         s["overflow"] += (tokens.valid & (pos >= p)).sum()
         index = torch.where(inside, pos, 0)
-        xs, fm = finite_parts(x)
-        w = fm * inside.to(x.dtype).unsqueeze(1)
-
-        count = w.sum(1, dtype=torch.float64)
-        n = torch.zeros(p, dtype=torch.float64, device=x.device).index_add_(0, index, count)
-        total = (xs * w).sum(1, dtype=torch.float64)
+        f64 = torch.float64
+        parts = finite(x, tokens)
+        xs, fm = parts.xs, parts.fm
+        inside64 = inside.to(f64)
+        # per token first (row reductions), then per position (index_add_ over tokens)
+        count = fm.sum(1, dtype=f64) * inside64
+        total = xs.sum(1, dtype=f64) * inside64
+        n = torch.zeros(p, dtype=f64, device=x.device).index_add_(0, index, count)
         mean = torch.zeros_like(n).index_add_(0, index, total) / n.clamp(min=1)
-        d = (xs - mean.to(x.dtype)[index].unsqueeze(1)) * w
-        m2 = torch.zeros_like(n).index_add_(0, index, (d * d).sum(1, dtype=torch.float64))
+        d = torch.sub(xs, mean.to(x.dtype)[index].unsqueeze(1)).mul_(fm)
+        m2 = torch.zeros_like(n).index_add_(0, index, d.mul_(d).sum(1, dtype=f64) * inside64)
         self._merge_moments(n, mean, m2)
 
         s["tokens"].index_add_(0, index, inside.long())
-        # w is 0 on excluded values, so they contribute |x| * 0 = 0: only empty tokens need -inf
-        mag = torch.where(count > 0, (xs.abs() * w).amax(1), float("-inf")).to(torch.float32)
+        # xs is 0 where x is not finite, so only tokens with no finite value need -inf
+        mag = torch.where((count > 0), parts.rowmax.to(f64), float("-inf")).to(torch.float32)
         s["absmax"].scatter_reduce_(0, index, mag, reduce="amax")
 
     def _merge_moments(self, nb: Tensor, mb: Tensor, m2b: Tensor) -> None:
