@@ -62,3 +62,48 @@ def test_no_host_sync_in_hooks(tiny, family, monkeypatch):
         assert state["calls"] > 2 * len(run.sites)
     monkeypatch.undo()
     assert run["hidden_states.1"].tokens == 2 * (int(mask.sum()) - 3)
+
+
+# what reads a device value on the host at the C++ level, where patching Python methods cannot see
+# it: item()/bool()/int() of a tensor, and indexing with a 0-d tensor, go through
+# _local_scalar_dense; nonzero and masked_select size their output from the data
+HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_consecutive",
+              "aten::_unique2"}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_no_host_reads_in_hooks_at_the_op_level(tiny, family, monkeypatch):
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def scoped(method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            with record_function("probe.hook"):
+                return method(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("_begin", "_end", "_observe"):
+        monkeypatch.setattr(Capture, name, scoped(getattr(Capture, name)))
+    model = tiny(family)
+    ids, mask = batch(3, 9, "left")
+    with probe.capture(model, skip_first=1, strict=True, sample_size=16) as run:
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(input_ids=ids, attention_mask=mask)
+            model(input_ids=ids, attention_mask=mask)
+    inside, offending = 0, []
+    for event in prof.events():
+        parent = event.cpu_parent
+        while parent is not None and parent.name != "probe.hook":
+            parent = parent.cpu_parent
+        if parent is None or event.name == "probe.hook":
+            continue
+        inside += 1
+        if event.name in HOST_READS:
+            chain, p = [], event.cpu_parent
+            while p is not None and p.name != "probe.hook":
+                chain.append(p.name)
+                p = p.cpu_parent
+            offending.append(f"{event.name} <- {' <- '.join(chain)}")
+    assert inside > 100 * len(run.sites), inside  # the scopes saw probe's ops: the check is not vacuous
+    assert not offending, offending[:5]

@@ -213,6 +213,47 @@ def test_sample_respects_keep_and_merges_exactly():
         np.testing.assert_array_equal(v.numpy(), both.state_dict()[f].numpy())
 
 
+def test_sample_shared_merge_follows_each_sites_history():
+    """Sites that share a forward share its merge only when they hold the same keys: a site that
+    missed a forward, or got another's state by merge, keeps a sample of its own stream."""
+    n, d, k = 30, 4, 25
+    forwards = [tokens(n, seed=10 + f, forward=f) for f in range(3)]  # one Tokens per forward, shared
+    xs = [torch.randn(n, d) for _ in range(3)]
+    a, b, c = Sample(k), Sample(k), Sample(k)
+    for f, tk in enumerate(forwards):
+        a.update(xs[f], tk)
+        if f != 1:  # b misses forward 1
+            b.update(xs[f] * 3, tk)
+        c.update(xs[f] - 1, tk)
+
+    def alone(fs, scale=1.0, shift=0.0):  # the same stream through fresh Tokens: no sharing possible
+        st = Sample(k)
+        for f in fs:
+            st.update(xs[f] * scale + shift, tokens(n, seed=10 + f, forward=f))
+        return st.state_dict()
+
+    for st, ref in ((a, alone([0, 1, 2])), (b, alone([0, 2], scale=3.0)), (c, alone([0, 1, 2], shift=-1.0))):
+        for f, v in st.state_dict().items():
+            np.testing.assert_array_equal(v.numpy(), ref[f].numpy(), err_msg=f)
+    assert a.history == c.history != b.history
+    # a merge makes the history unique: the next shared forward does not reuse another's merge
+    a.merge(b)
+    tk = tokens(n, seed=99, forward=4)
+    a.update(xs[0], tk)
+    c.update(xs[0], tk)
+    assert a.history != c.history
+    ref_a, ref_c = Sample(k), Sample(k)
+    ref_a.load_state_dict(alone([0, 1, 2]))
+    other = Sample(k)
+    other.load_state_dict(alone([0, 2], scale=3.0))
+    ref_a.merge(other)
+    ref_c.load_state_dict(alone([0, 1, 2], shift=-1.0))
+    for st, ref in ((a, ref_a), (c, ref_c)):
+        ref.update(xs[0], tokens(n, seed=99, forward=4))
+        for f, v in st.state_dict().items():
+            np.testing.assert_array_equal(v.numpy(), ref.state_dict()[f].numpy(), err_msg=f)
+
+
 def test_same_triples_across_sites(tiny):
     model = tiny("llama")
     from conftest import batch

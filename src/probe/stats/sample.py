@@ -5,13 +5,18 @@ per site), so all sites of equal shape draw the same keys, keep the same (row, p
 triples, and can be paired point by point. The ``k`` smallest keys seen so far are exactly a
 uniform sample without replacement; merging two samples is concatenation plus bottom-k again.
 The per-forward selection (one ``topk`` over the forward's keys) is memoised in ``Tokens.cache``
-and shared by every site, so each site only pays a gather and a ``2k`` merge.
+and shared by every site. So is the merge with the reservoir: sites that have seen the same
+forwards hold the same keys (a host-side ``history`` hash says so without reading the device),
+so the ``2k`` merge and the (row, position, channel, token) fields are computed once per forward
+and shared; each site only gathers its ``k`` values.
 
 State, ``k = sample_size``: ``key`` float64 ``[k]`` (``inf`` = empty slot), ``row, position,
 channel, token`` int64 ``[k]``, ``value`` float32 ``[k]``.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import Tensor
@@ -21,6 +26,8 @@ from ._base import StatBase, Tokens
 __all__ = ["Sample"]
 
 _FIELDS = ("key", "row", "position", "channel", "token", "value")
+_META = _FIELDS[:5]
+_UNIQUE = itertools.count()
 
 
 class Sample(StatBase):
@@ -31,6 +38,8 @@ class Sample(StatBase):
     def __init__(self, size: int = 20_000) -> None:
         super().__init__()
         self.size = size
+        #: equal for two samples exactly when they hold the same keys (same forwards, from empty)
+        self.history: int = hash(("empty", size))
 
     def _init(self, device: torch.device) -> None:
         k = self.size
@@ -41,7 +50,7 @@ class Sample(StatBase):
         }
 
     def _select(self, n: int, d: int, tokens: Tokens, device: torch.device) -> tuple[Tensor, Tensor]:
-        memo = ("sample", n, d, self.size, str(device))
+        memo = ("sample", id(tokens), n, d, self.size)
         if memo not in tokens.cache:
             gen = torch.Generator(device=device).manual_seed(tokens.seed)
             keys = torch.rand(n * d, dtype=torch.float64, device=device, generator=gen)
@@ -59,30 +68,43 @@ class Sample(StatBase):
         if self._state is None:
             self._init(x.device)
         n, d = x.shape
-        keys, index = self._select(n, d, tokens, x.device)
-        t = index // d
-        new = {
-            "key": keys,
-            "row": tokens.row[t],
-            "position": tokens.position[t],
-            "channel": index % d,
-            "token": tokens.token[t],
-            "value": x.reshape(-1)[index].float(),
-        }
-        self._merge(new)
+        memo = ("sample-merge", self.history, id(tokens), n, d, self.size)
+        shared = tokens.cache.get(memo)
+        if shared is None:  # the first site of this forward with this history merges for all
+            keys, index = self._select(n, d, tokens, x.device)
+            t = index // d
+            new = {"key": keys, "row": tokens.row[t], "position": tokens.position[t],
+                   "channel": index % d, "token": tokens.token[t]}
+            best, meta, empty = self._best(new)
+            shared = tokens.cache[memo] = (index, best, meta, empty)
+        index, best, meta, empty = shared
+        value = torch.cat((self.s["value"], x.reshape(-1)[index].float()))[best].masked_fill(empty, float("nan"))
+        self._state = {**meta, "value": value}
+        self.history = hash((self.history, memo[2:], tokens.seed, tokens.forward))
+
+    def _best(self, o: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """Merge order of this reservoir with ``o``: the ``k`` smallest keys of both, and the
+        merged key/row/position/channel/token, with empty slots in one canonical form."""
+        s = self.s
+        _, best = torch.topk(torch.cat((s["key"], o["key"])), self.size, largest=False, sorted=True)
+        meta = {f: torch.cat((s[f], o[f]))[best] for f in _META}
+        empty = torch.isinf(meta["key"])  # masked elements and unfilled slots
+        for f in _META[1:]:
+            meta[f] = meta[f].masked_fill(empty, -1)
+        return best, meta, empty
+
+    def merge(self, other) -> None:
+        super().merge(other)
+        if other._state is not None:
+            self.history = hash(("merged", next(_UNIQUE)))
 
     def _merge(self, o: dict[str, Tensor]) -> None:
-        s = self.s
-        keys = torch.cat((s["key"], o["key"]))
-        _, best = torch.topk(keys, self.size, largest=False, sorted=True)
-        merged = {f: torch.cat((s[f], o[f]))[best] for f in _FIELDS}
-        empty = torch.isinf(merged["key"])  # masked elements and unfilled slots: one canonical form
-        for f in _FIELDS[1:5]:
-            merged[f] = merged[f].masked_fill(empty, -1)
-        merged["value"] = merged["value"].masked_fill(empty, float("nan"))
-        self._state = merged
+        best, meta, empty = self._best(o)
+        value = torch.cat((self.s["value"], o["value"]))[best].masked_fill(empty, float("nan"))
+        self._state = {**meta, "value": value}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         super().load_state_dict(state)
+        self.history = hash(("loaded", next(_UNIQUE)))
         if self._state is not None:
             self.size = self.s["key"].numel()
