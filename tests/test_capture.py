@@ -82,6 +82,7 @@ def test_outputs_bitwise_unchanged(tiny):
         (dict(stats=("moments", "kurt")), r"unknown stats \['kurt'\]; expected a subset"),
         (dict(skip_first=-1), r"skip_first must be an int >= 0; got -1"),
         (dict(histogram_bits=12), r"histogram_bits must be an int in 0..10"),
+        (dict(compile="yes"), r"compile must be None, True or False; got 'yes'"),
     ],
 )
 def test_bad_input_one_line(tiny, kwargs, match, assert_hooks_restored):

@@ -8,13 +8,14 @@ device of the activations it saw; nothing in ``update`` synchronises with the ho
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["Tokens", "Stat", "StatBase", "Finite", "merge_moments", "central_sums", "finite"]
+__all__ = ["Tokens", "Stat", "StatBase", "Finite", "merge_moments", "central_sums", "finite", "run_compiled"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,13 @@ class StatBase:
 
     def __init__(self) -> None:
         self._state: dict[str, Tensor] | None = None
+        #: run the update as one torch.compile graph: ``None`` = on accelerators only
+        self.compile: bool | None = None
+
+    def compiled(self, x: Tensor) -> bool:
+        """Whether this update of ``x`` runs compiled (see :func:`run_compiled`)."""
+        wanted = x.device.type != "cpu" if self.compile is None else self.compile
+        return wanted and COMPILE_BACKEND is not None
 
     @property
     def empty(self) -> bool:
@@ -130,6 +138,34 @@ class StatBase:
     def s(self) -> dict[str, Tensor]:
         assert self._state is not None
         return self._state
+
+
+#: torch.compile backend of the compiled updates; ``None`` turns compiling off everywhere
+COMPILE_BACKEND: str | None = "inductor"
+_COMPILED: dict[Callable, Callable] = {}
+_EAGER: set[Callable] = set()
+
+
+def run_compiled(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` through ``torch.compile`` (dynamic shapes, one graph, compiled once per process
+    and shape family). ``fn`` must be pure; if compiling it fails, one warning says so and it runs
+    eagerly from then on (the result is the same, only slower)."""
+    if fn not in _EAGER:
+        compiled = _COMPILED.get(fn)
+        if compiled is None:
+            compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True, backend=COMPILE_BACKEND)
+        try:
+            return compiled(*args)
+        except Exception as err:  # a compiler failure must not cost the run: eager gives the same result
+            _EAGER.add(fn)
+            root = err  # dynamo wraps the compiler's own error (inner_exception)
+            while getattr(root, "inner_exception", None) is not None or root.__cause__ is not None:
+                root = getattr(root, "inner_exception", None) or root.__cause__
+            why = (str(root).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"probe: torch.compile of {fn.__module__}.{fn.__qualname__} failed "
+                          f"({type(root).__name__}: {why}); running it eagerly "
+                          "(pass compile=False to skip compiling)", stacklevel=2)
+    return fn(*args)
 
 
 def merge_moments(a: tuple, b: tuple) -> tuple:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import StatBase, Tokens, central_sums, finite, merge_moments, shift_moments
+from ._base import StatBase, Tokens, central_sums, finite, merge_moments, run_compiled, shift_moments
 
 __all__ = ["Moments", "LARGE"]
 
@@ -32,6 +32,76 @@ def _better(value: Tensor, at: Tensor, old: Tensor, old_at: Tensor) -> Tensor:
     for i in (1, 0):
         earlier = (at[i] < old_at[i]) | ((at[i] == old_at[i]) & earlier)
     return (value > old) | ((value == old) & (old_at[0] >= 0) & earlier)
+
+
+def _step(state: tuple[Tensor, ...], x: Tensor, xs: Tensor | None, fm: Tensor | None, mag: Tensor | None,
+          rowmax: Tensor | None, keep: Tensor, row: Tensor, position: Tensor, token: Tensor,
+          wide: bool = False) -> tuple[Tensor, ...]:
+    """The state (in ``Moments._fields`` order) after folding in the chunk ``x[n, D]``.
+
+    A pure function of tensors (no host reads, no Python branches on values), so it runs eagerly
+    or as one ``torch.compile`` graph. ``xs, fm, mag, rowmax`` are :class:`Finite`'s parts of ``x``,
+    or ``None`` to compute them here. ``wide`` forms the deviations and their powers in float64:
+    free inside a fused graph (nothing float64 is materialised), a full-size copy when eager.
+    """
+    (n0, mean0, m20, m30, m40, lo0, hi0, nan0, pos0, neg0, tok0, absmax0, at0, large0) = state
+    f64 = torch.float64
+    if xs is None or fm is None or mag is None or rowmax is None:
+        xs = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        fm = torch.sub(x, x).add_(1.0).nan_to_num_(nan=0.0)
+        mag = xs.abs()
+        rowmax = mag.amax(1)
+    keep1 = keep.to(x.dtype)
+    w = fm * keep1.unsqueeze(1)  # 1 for kept finite values
+    n32 = w.sum(0)  # integer counts below 2**24: exact in float32
+    n = n32.double()
+    # the mean from a float64 sum of the float32 values (xs is 0 where x is not finite)
+    mean = (xs * keep1.unsqueeze(1)).sum(0, dtype=f64) / n.clamp(min=1)
+    center = mean.to(x.dtype)
+    if wide:  # deviations from the float64 mean, powers and sums in float64
+        d = (xs.to(f64) - mean) * w
+        d2 = d * d
+        chunk = (n, mean, d2.sum(0), (d2 * d).sum(0), (d2 * d2).sum(0))
+    else:  # powers of the deviation from the float32 center; the float64 mean sits delta above it
+        s2, s3, s4 = central_sums(torch.sub(xs, center).mul_(w))
+        chunk = (n, mean, *shift_moments(n, mean - center.double(), s2, s3, s4))
+    n1, mean1, m21, m31, m41 = merge_moments((n0, mean0, m20, m30, m40), chunk)
+
+    # non-finite kept values: all of them from the counts, +inf and -inf by clamping the distance
+    # past the largest float to 0/1 (NaN stays NaN, which nansum skips)
+    kept = keep.sum()
+    bad = kept.double() * x.shape[1] - n.sum()
+    biggest = torch.finfo(x.dtype).max
+    pos = torch.sub(x, biggest).clamp_(0.0, 1.0).nansum(1) @ keep1
+    neg = torch.add(x, biggest).clamp_(-1.0, 0.0).nansum(1) @ keep1
+    nan1 = nan0 + (bad - pos.double() + neg.double()).round().long()
+    pos1 = pos0 + pos.round().long()
+    neg1 = neg0 - neg.round().long()
+
+    # masked extremes by addition, not where(): +-BIG on excluded values (0 * BIG on kept ones)
+    big = torch.mul(w, -3e38).add_(3e38)
+    lo = (xs + big).amin(0)
+    hi = big.neg_().add_(xs).amax(0)
+    seen = n32 > 0
+    lo1 = torch.minimum(lo0, torch.where(seen, lo, float("inf")))
+    hi1 = torch.maximum(hi0, torch.where(seen, hi, float("-inf")))
+
+    # |x| >= LARGE as 0/1: min(|x|, LARGE) / LARGE rounds down to below 1 for any |x| < LARGE
+    large = torch.clamp(mag, max=LARGE).div_(LARGE).floor_()
+    large1 = large0 + (keep1 @ large).round().long()
+
+    # the largest kept |x|: the first token holding it, then the first channel in that token
+    # (the first element in (row, position, channel) order, as a flat argmax would give);
+    # 1-element index tensors, since indexing with a 0-d tensor would read it on the host
+    value, t = (rowmax * keep1).max(0)
+    t = t.view(1)
+    channel = mag.index_select(0, t).argmax(1)
+    value = torch.where(seen.any(), value, -1.0)
+    at = torch.cat((row[t], position[t], channel, token[t]))
+    better = _better(value, at, absmax0, at0)
+    absmax1 = torch.where(better, value, absmax0)
+    at1 = torch.where(better, at, at0)
+    return (n1, mean1, m21, m31, m41, lo1, hi1, nan1, pos1, neg1, tok0 + kept, absmax1, at1, large1)
 
 
 class Moments(StatBase):
@@ -65,63 +135,14 @@ class Moments(StatBase):
             return
         if self._state is None:
             self._init(x.shape[1], x.device)
-        s = self.s
-        f64 = torch.float64
-        p = finite(x, tokens)
-        xs = p.xs
-        keep1 = tokens.keep.to(x.dtype)
-        keep = keep1.unsqueeze(1)
-        w = p.fm * keep  # 1 for kept finite values
-        n32 = w.sum(0)  # integer counts below 2**24: exact in float32
-        n = n32.double()
-        safe = n.clamp(min=1)
-        # the mean from a float64 sum of the float32 values (xs is 0 where x is not finite)
-        mean = (xs * keep).sum(0, dtype=f64) / safe
-        center = mean.to(x.dtype)
-        # powers of the deviation from the float32 center; the float64 mean sits delta above it
-        s2, s3, s4 = central_sums(torch.sub(xs, center).mul_(w))
-        chunk = (n, mean, *shift_moments(n, mean - center.double(), s2, s3, s4))
-        state = (s["n"], s["mean"], s["m2"], s["m3"], s["m4"])
-        for key, value in zip(("n", "mean", "m2", "m3", "m4"), merge_moments(state, chunk)):
-            s[key] = value
-
-        # non-finite kept values: all of them from the counts, +inf and -inf by clamping the
-        # distance past the largest float to 0/1 (NaN stays NaN, which nansum skips)
-        kept = tokens.keep.sum()
-        bad = kept.double() * x.shape[1] - n.sum()
-        biggest = torch.finfo(x.dtype).max
-        pos = torch.sub(x, biggest).clamp_(0.0, 1.0).nansum(1) @ keep1
-        neg = torch.add(x, biggest).clamp_(-1.0, 0.0).nansum(1) @ keep1
-        s["posinf"] += pos.round().long()
-        s["neginf"] -= neg.round().long()
-        s["nan"] += (bad - pos.double() + neg.double()).round().long()
-        s["tokens"] += kept
-
-        # masked extremes by addition, not where(): +-BIG on excluded values (0 * BIG on kept ones)
-        big = torch.mul(w, -3e38).add_(3e38)
-        lo = (xs + big).amin(0)
-        hi = big.neg_().add_(xs).amax(0)
-        inf = float("inf")
-        seen = n32 > 0
-        torch.minimum(s["min"], torch.where(seen, lo, inf), out=s["min"])
-        torch.maximum(s["max"], torch.where(seen, hi, -inf), out=s["max"])
-
-        # |x| >= LARGE as 0/1: min(|x|, LARGE) / LARGE rounds down to below 1 for any |x| < LARGE
-        mag = p.abs
-        large = torch.clamp(mag, max=LARGE).div_(LARGE).floor_()
-        s["large"] += (keep1 @ large).round().long()
-
-        # the largest kept |x|: the first token holding it, then the first channel in that token
-        # (the first element in (row, position, channel) order, as a flat argmax would give)
-        # (1-element index tensors: indexing with a 0-d tensor would read it on the host)
-        value, t = (p.rowmax * keep1).max(0)
-        t = t.view(1)
-        channel = mag.index_select(0, t).argmax(1)
-        value = torch.where(seen.any(), value, -1.0)
-        at = torch.cat((tokens.row[t], tokens.position[t], channel, tokens.token[t]))
-        better = _better(value, at, s["absmax"], s["absmax_at"])
-        s["absmax"] = torch.where(better, value, s["absmax"])
-        s["absmax_at"] = torch.where(better, at, s["absmax_at"])
+        state = tuple(self.s[f] for f in self._fields)
+        meta = (tokens.keep, tokens.row, tokens.position, tokens.token)
+        if self.compiled(x):  # one fused graph computes its own finite parts
+            new = run_compiled(_step, state, x, None, None, None, None, *meta, True)
+        else:  # eager: the chunk's finite parts are shared with the other statistics
+            p = finite(x, tokens)
+            new = _step(state, x, p.xs, p.fm, p.abs, p.rowmax, *meta)
+        self._state = dict(zip(self._fields, new))
 
     def _merge(self, o: dict[str, Tensor]) -> None:
         s = self.s

@@ -13,9 +13,51 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import StatBase, Tokens, finite
+from ._base import StatBase, Tokens, finite, run_compiled
 
 __all__ = ["Position"]
+
+
+def _merge_position(na: Tensor, ma: Tensor, m2a: Tensor, nb: Tensor, mb: Tensor, m2b: Tensor):
+    n = na + nb
+    delta = mb - ma
+    mean = ma + delta * nb / n.clamp(min=1)
+    m2 = m2a + m2b + delta * delta * na * nb / n.clamp(min=1)
+    return n, mean, m2
+
+
+def _step(state: tuple[Tensor, ...], x: Tensor, xs: Tensor | None, fm: Tensor | None, rowmax: Tensor | None,
+          valid: Tensor, position: Tensor, wide: bool = False) -> tuple[Tensor, ...]:
+    """The state (in ``Position._fields`` order) after folding in the chunk ``x[n, D]``; pure, like
+    the moments' step, so it runs eagerly or compiled (``wide``: deviations in float64)."""
+    tokens0, n0, mean0, m20, absmax0, overflow0 = state
+    if xs is None or fm is None or rowmax is None:
+        xs = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        fm = torch.sub(x, x).add_(1.0).nan_to_num_(nan=0.0)
+        rowmax = xs.abs().amax(1)
+    p = tokens0.shape[0]
+    f64 = torch.float64
+    inside = valid & (position >= 0) & (position < p)
+    overflow = overflow0 + (valid & (position >= p)).sum()
+    index = torch.where(inside, position, 0)
+    inside64 = inside.to(f64)
+    # per token first (row reductions), then per position (index_add over tokens)
+    count = fm.sum(1, dtype=f64) * inside64
+    total = xs.sum(1, dtype=f64) * inside64
+    zeros = torch.zeros(p, dtype=f64, device=x.device)
+    n = zeros.index_add(0, index, count)
+    mean = zeros.index_add(0, index, total) / n.clamp(min=1)
+    if wide:
+        d = (xs.to(f64) - mean[index].unsqueeze(1)) * fm
+    else:
+        d = torch.sub(xs, mean.to(x.dtype)[index].unsqueeze(1)).mul_(fm)
+    m2 = zeros.index_add(0, index, d.mul_(d).sum(1, dtype=f64) * inside64)
+    n1, mean1, m21 = _merge_position(n0, mean0, m20, n, mean, m2)
+    tokens1 = tokens0.index_add(0, index, inside.long())
+    # xs is 0 where x is not finite, so only tokens with no finite value need -inf
+    mag = torch.where(count > 0, rowmax.to(f64), float("-inf")).to(torch.float32)
+    absmax1 = absmax0.scatter_reduce(0, index, mag, reduce="amax")
+    return tokens1, n1, mean1, m21, absmax1, overflow
 
 
 class Position(StatBase):
@@ -43,38 +85,17 @@ class Position(StatBase):
             return
         if self._state is None:
             self._init(x.device)
-        s = self.s
-        p = s["tokens"].shape[0]
-        pos = tokens.position
-        inside = tokens.valid & (pos >= 0) & (pos < p)
-        s["overflow"] += (tokens.valid & (pos >= p)).sum()
-        index = torch.where(inside, pos, 0)
-        f64 = torch.float64
-        parts = finite(x, tokens)
-        xs, fm = parts.xs, parts.fm
-        inside64 = inside.to(f64)
-        # per token first (row reductions), then per position (index_add_ over tokens)
-        count = fm.sum(1, dtype=f64) * inside64
-        total = xs.sum(1, dtype=f64) * inside64
-        n = torch.zeros(p, dtype=f64, device=x.device).index_add_(0, index, count)
-        mean = torch.zeros_like(n).index_add_(0, index, total) / n.clamp(min=1)
-        d = torch.sub(xs, mean.to(x.dtype)[index].unsqueeze(1)).mul_(fm)
-        m2 = torch.zeros_like(n).index_add_(0, index, d.mul_(d).sum(1, dtype=f64) * inside64)
-        self._merge_moments(n, mean, m2)
-
-        s["tokens"].index_add_(0, index, inside.long())
-        # xs is 0 where x is not finite, so only tokens with no finite value need -inf
-        mag = torch.where((count > 0), parts.rowmax.to(f64), float("-inf")).to(torch.float32)
-        s["absmax"].scatter_reduce_(0, index, mag, reduce="amax")
+        state = tuple(self.s[f] for f in self._fields)
+        if self.compiled(x):
+            new = run_compiled(_step, state, x, None, None, None, tokens.valid, tokens.position, True)
+        else:
+            parts = finite(x, tokens)
+            new = _step(state, x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position)
+        self._state = dict(zip(self._fields, new))
 
     def _merge_moments(self, nb: Tensor, mb: Tensor, m2b: Tensor) -> None:
         s = self.s
-        na, ma = s["n"], s["mean"]
-        n = na + nb
-        delta = mb - ma
-        s["mean"] = ma + delta * nb / n.clamp(min=1)
-        s["m2"] = s["m2"] + m2b + delta * delta * na * nb / n.clamp(min=1)
-        s["n"] = n
+        s["n"], s["mean"], s["m2"] = _merge_position(s["n"], s["mean"], s["m2"], nb, mb, m2b)
 
     def _merge(self, o: dict[str, Tensor]) -> None:
         s = self.s
