@@ -9,6 +9,7 @@ GPU is code generation from that same graph.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
@@ -32,8 +33,8 @@ def backend(monkeypatch):
     return use
 
 
-def capture_twice(model, **kw):
-    with probe.capture(model, stats=STATS, skip_first=1, strict=True, **kw) as run:
+def capture_twice(model, stats=STATS, **kw):
+    with probe.capture(model, stats=stats, skip_first=1, strict=True, **kw) as run:
         with torch.no_grad():
             for b, t, pad in ((3, 9, "left"), (2, 13, "right"), (4, 5, None)):  # new shapes: dynamic
                 ids, mask = batch(b, t, pad)
@@ -105,3 +106,82 @@ def test_default_compiles_on_accelerators_only(tiny, backend):
     assert stat.compile is None
     assert not stat.compiled(torch.zeros(1, 1))
     assert stat.compiled(torch.zeros(1, 1, device="meta"))
+
+
+# ---------------------------------------------------------------------------- batched sites
+def capture_grouped(model, group_elements, **kw):
+    """capture_twice with consecutive sites batched as on an accelerator (on CPU, for the test)."""
+    original = probe.capture
+
+    def grouped(*a, **k):
+        c = original(*a, **k)
+        c._group_elements = group_elements
+        return c
+
+    probe.capture = grouped
+    try:
+        return capture_twice(model, **kw)
+    finally:
+        probe.capture = original
+
+
+def all_stats(run):
+    return {(site, kind): {k: np.asarray(v) for k, v in run[site]._state[kind].items()}
+            for site in run.sites for kind in run[site]._state}
+
+
+@pytest.mark.parametrize("group_elements, chunk", [(10**9, None), (2 * 13 * 2 * 32, None), (10**9, 96)])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_batched_sites_equal_site_by_site(tiny, family, group_elements, chunk, monkeypatch):
+    """Sites gathered into one batch (all of them, pairs, or batches cut into token chunks) give
+    what each site gives alone: counts, extremes, histograms and samples exactly, sums to rounding."""
+    model = tiny(family)
+    if chunk:
+        monkeypatch.setattr(sys.modules["probe.capture"], "CHUNK_ELEMENTS", chunk)
+    every = ("moments", "position", "histogram", "sample", "cross")
+    alone = capture_twice(model, stats=every)
+    sizes = []
+    original = probe.stats.Moments.update_group.__func__
+    monkeypatch.setattr(probe.stats.Moments, "update_group",
+                        classmethod(lambda cls, stats, x, tokens: (sizes.append(len(stats)), original(cls, stats, x, tokens))))
+    grouped = capture_grouped(model, group_elements, stats=every)
+    assert max(sizes) == (len(alone.sites) if group_elements > 10**6 else 2), sizes  # batches did form
+    a, b = all_stats(alone), all_stats(grouped)
+    assert a.keys() == b.keys()
+    for key in a:
+        for field, x in a[key].items():
+            y = b[key][field]
+            if x.dtype.kind in "iub" or key[1] in ("histogram", "sample") or field in ("min", "max", "absmax", "n"):
+                np.testing.assert_array_equal(y, x, err_msg=f"{key} {field}")
+            else:
+                np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-6 * np.nanmax(np.abs(x), initial=0),
+                                           err_msg=f"{key} {field}")
+    np.testing.assert_allclose(grouped.cross.r2, alone.cross.r2, rtol=1e-12)
+
+
+def test_batched_failure_disables_the_batch_with_one_warning(tiny):
+    model = tiny("llama")
+    ids, mask = batch(3, 9, "left")
+    with probe.capture(model, stats=("moments",)) as c:
+        c._group_elements = 10**9
+        c._window["hidden_states.1"]["moments"]._init_like = lambda *a: 1 / 0
+        with pytest.warns(UserWarning, match=r"sites \['hidden_states.0', .*'hidden_states.2'.*batched\): division by zero; "
+                                             r"these sites are disabled"):
+            with torch.no_grad():
+                out = model(input_ids=ids, attention_mask=mask)
+    assert out.logits.shape[:2] == (3, 9)
+    assert set(c._disabled) == set(c.sites)
+
+
+def test_batched_sites_compile_into_one_graph(tiny, backend):
+    model = tiny("gpt2")
+    backend(broken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twin = capture_grouped(model, 10**9, compile=True)
+    backend("aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled = capture_grouped(model, 10**9, compile=True)
+    assert not _base._EAGER
+    assert_same_states(twin, compiled)

@@ -39,6 +39,9 @@ __all__ = ["capture", "Capture", "Handle"]
 #: CPU; 256 MiB on accelerators, where fewer, larger kernels matter more than memory)
 CHUNK_ELEMENTS = 1 << 22
 CHUNK_ELEMENTS_ACCELERATOR = 1 << 26
+#: elements of activations that consecutive sites gather (as a float32 copy) before their
+#: statistics run as one batch, on accelerators (see ``Capture._group_limit``)
+GROUP_ELEMENTS_ACCELERATOR = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,8 @@ class Capture:
         self._tokens: dict = {}
         self._disabled: dict[str, str] = {}
         self._dtypes: dict[str, str] = {}
+        self._group: dict[str, Any] | None = None
+        self._group_elements: int | None = None  # None: by device (see _group_limit)
         self._window = self._new_window()
         self._result = None
 
@@ -385,6 +390,7 @@ class Capture:
     def _begin(self, module, args, kwargs) -> None:
         if _in_backward() or self._foreign_thread():
             return
+        self._flush_group()
         self._finish_cross()
         self._forward += 1
         call: dict[str, Any] = dict(kwargs)
@@ -402,6 +408,7 @@ class Capture:
     def _end(self, module, args, output) -> None:
         if _in_backward() or self._foreign_thread():
             return
+        self._flush_group()
         self._finish_cross()
         self._rows_seen += self._batch_rows()
         self._call = None
@@ -516,22 +523,73 @@ class Capture:
         b, t = x.shape[0], x.shape[1]
         x2 = x.reshape(b * t, x.shape[2:].numel())
         tokens = self._tokens_for(b, t, x.device)
-        per = self._window[name]
-        chunked = [s for s in per.values() if s.chunked]
-        if chunked:
-            budget = CHUNK_ELEMENTS if x2.device.type == "cpu" else CHUNK_ELEMENTS_ACCELERATOR
-            step = max(1, budget // max(1, x2.shape[1]))
-            for a in range(0, b * t, step):
-                xc = x2[a:a + step]
-                xc = xc.float() if xc.dtype != torch.float32 else xc
-                tc = tokens.slice(a, a + step)
-                for stat in chunked:
-                    stat.update(xc, tc)
-        for stat in per.values():
-            if not stat.chunked:
-                stat.update(x2, tokens)
         if self._cross is not None and self._phase == "prefill":
             self._cross.hold(i, x2, tokens)
+        limit = self._group_limit(x2.device)
+        if limit and 2 * x2.numel() <= limit:
+            self._group_add(name, x2, tokens, limit)
+        else:
+            self._run_stats([name], x2.unsqueeze(0), tokens)
+
+    def _group_limit(self, device: torch.device) -> int:
+        """Elements of float32 activations gathered from consecutive sites before their statistics
+        run as one batch (0: each site on its own). Accelerators batch, since there kernel launches
+        cost more than the arithmetic; on CPU the arithmetic dominates and batching buys nothing."""
+        if self._group_elements is not None:
+            return self._group_elements
+        return 0 if device.type == "cpu" else GROUP_ELEMENTS_ACCELERATOR
+
+    def _group_add(self, name: str, x2: Tensor, tokens: Any, limit: int) -> None:
+        """Copy ``x2`` (upcast to float32) into the pending group; run the group when it is full.
+        A copy, not a reference: the module may change its output in place after the hook."""
+        key = (id(tokens), tuple(x2.shape), x2.device)
+        if self._group is not None and self._group["key"] != key:
+            self._flush_group()
+        if self._group is None:
+            capacity = max(1, min(len(self._defs), limit // max(1, x2.numel())))
+            buffer = torch.empty((capacity, *x2.shape), dtype=torch.float32, device=x2.device)
+            self._group = {"key": key, "tokens": tokens, "names": [], "buffer": buffer}
+        group = self._group
+        group["buffer"][len(group["names"])].copy_(x2)
+        group["names"].append(name)
+        if len(group["names"]) == group["buffer"].shape[0]:
+            self._flush_group()
+
+    def _flush_group(self) -> None:
+        group, self._group = self._group, None
+        if group is None:
+            return
+        names = group["names"]
+        x = group["buffer"][: len(names)]
+        try:
+            self._run_stats(names, x, group["tokens"])
+        except Exception as err:
+            message = f"sites {names} (shape {tuple(x.shape[1:])}, batched): {err}"
+            if self.strict:
+                raise SiteError(message) from err
+            for name in names:
+                self._disabled[name] = str(err)
+            warnings.warn(f"probe: {message}; these sites are disabled for the rest of the run", stacklevel=2)
+
+    def _run_stats(self, names: list[str], x: Tensor, tokens: Any) -> None:
+        """Fold ``x[G, n, D]``, the activations of the ``G`` sites ``names`` over the same tokens,
+        into their statistics: one batched update per statistic, in chunks of tokens."""
+        pers = [self._window[name] for name in names]
+        kinds = list(pers[0])
+        g, n, d = x.shape
+        chunked = [k for k in kinds if pers[0][k].chunked]
+        if chunked:
+            budget = CHUNK_ELEMENTS if x.device.type == "cpu" else CHUNK_ELEMENTS_ACCELERATOR
+            step = max(1, budget // max(1, g * d))
+            for a in range(0, n, step):
+                xc = x[:, a:a + step]
+                xc = xc.float() if xc.dtype != torch.float32 else xc
+                tc = tokens.slice(a, a + step)
+                for k in chunked:
+                    type(pers[0][k]).update_group([per[k] for per in pers], xc, tc)
+        for k in kinds:
+            if not pers[0][k].chunked:
+                type(pers[0][k]).update_group([per[k] for per in pers], x, tokens)
 
     # ------------------------------------------------------------------------- snapshots
     def snapshot(self, step: int | None = None) -> None:
@@ -543,6 +601,7 @@ class Capture:
         self._commit(step=step)
 
     def _commit(self, step: int | None = None, final: bool = False) -> None:
+        self._flush_group()
         self._finish_cross()
         if final and self._committed and all(not st.state_dict() for per in self._window.values()
                                              for st in per.values()):

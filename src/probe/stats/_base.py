@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Tokens", "Stat", "StatBase", "Finite", "merge_moments", "central_sums", "finite", "run_compiled"]
+__all__ = ["Tokens", "Stat", "StatBase", "BatchedStat", "Finite", "merge_moments", "central_sums", "finite", "run_compiled"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,44 @@ class StatBase:
         assert self._state is not None
         return self._state
 
+    @classmethod
+    def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
+        """Fold ``x[G, n, D]`` into ``stats`` (``G`` statistics of this class, one per site, all
+        over the same tokens). Batched statistics do it in one step; others one site at a time."""
+        for g, stat in enumerate(stats):
+            stat.update(x[g], tokens)
+
+
+class BatchedStat(StatBase):
+    """A statistic whose update is one pure step over a leading site dimension: ``G`` sites'
+    states are stacked, stepped together (eagerly or as one compiled graph) and handed back."""
+
+    def _init_like(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _run(state: tuple[Tensor, ...], x: Tensor, parts: Finite, tokens: Tokens, compiled: bool) -> tuple:
+        raise NotImplementedError
+
+    def update(self, x: Tensor, tokens: Tokens) -> None:
+        type(self).update_group([self], x.unsqueeze(0), tokens)
+
+    @classmethod
+    def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
+        if x.numel() == 0:  # an empty chunk adds nothing (shape check: no sync)
+            return
+        for stat in stats:
+            if stat._state is None:
+                stat._init_like(x)
+        if len(stats) == 1:
+            state = tuple(stats[0].s[f].unsqueeze(0) for f in cls._fields)
+        else:
+            state = tuple(torch.stack([stat.s[f] for stat in stats]) for f in cls._fields)
+        new = cls._run(state, x, finite(x, tokens), tokens, stats[0].compiled(x))
+        per_site = [value.unbind(0) for value in new]
+        for g, stat in enumerate(stats):
+            stat._state = {f: views[g] for f, views in zip(cls._fields, per_site)}
+
 
 #: torch.compile backend of the compiled updates; ``None`` turns compiling off everywhere
 COMPILE_BACKEND: str | None = "inductor"
@@ -200,17 +238,16 @@ def _clamp_one(n):
 
 
 def central_sums(d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Float64 per-column ``(sum d**2, sum d**3, sum d**4)`` of the float32 ``d[n, D]``.
+    """Float64 per-column ``(sum d**2, sum d**3, sum d**4)`` of the float32 ``d[..., n, D]``.
 
     The powers are formed in float32 (one rounding each) and summed by torch's float32 reductions,
     which are blocked (cascade) sums on CPU and tree sums on CUDA: their error grows with the log
-    of ``n``, not with ``n``, so it stays at the level of the powers' own rounding. ``d`` is
-    overwritten.
+    of ``n``, not with ``n``, so it stays at the level of the powers' own rounding.
     """
     d2 = d * d
-    s2 = d2.sum(0)
-    s3 = d2.mul_(d).sum(0)  # d**3 in place of d**2
-    s4 = d2.mul_(d).sum(0)  # d**4
+    s2 = d2.sum(-2)
+    s3 = d2.mul_(d).sum(-2)  # d**3 in place of d**2
+    s4 = d2.mul_(d).sum(-2)  # d**4
     return s2.double(), s3.double(), s4.double()
 
 
@@ -223,7 +260,7 @@ def shift_moments(n: Tensor, delta: Tensor, s2: Tensor, s3: Tensor, s4: Tensor) 
 
 
 class Finite:
-    """What every statistic needs from one chunk ``x[n, D]``, computed once per chunk.
+    """What every statistic needs from one chunk ``x[..., n, D]``, computed once per chunk.
 
     ``xs`` is ``x`` with non-finite values replaced by 0 and ``fm`` the float mask that is 1
     where ``x`` is finite; ``abs`` is ``|xs|`` and ``rowmax`` its per-token maximum. All are built
@@ -232,10 +269,11 @@ class Finite:
     tensors let every statistic mask by multiplication.
     """
 
-    __slots__ = ("x", "_xs", "_fm", "_abs", "_rowmax")
+    __slots__ = ("x", "key", "_xs", "_fm", "_abs", "_rowmax")
 
-    def __init__(self, x: Tensor) -> None:
+    def __init__(self, x: Tensor, key: tuple) -> None:
         self.x = x
+        self.key = key
         self._xs = self._fm = self._abs = self._rowmax = None
 
     @property
@@ -259,14 +297,15 @@ class Finite:
     @property
     def rowmax(self) -> Tensor:
         if self._rowmax is None:
-            self._rowmax = self.abs.amax(1)
+            self._rowmax = self.abs.amax(-1)
         return self._rowmax
 
 
 def finite(x: Tensor, tokens: Tokens) -> Finite:
     """The :class:`Finite` parts of chunk ``x``, shared through ``tokens.local`` by every statistic
-    that reads the same chunk (the capture hands them the same tensor and the same chunk tokens)."""
+    that reads the same chunk (the same memory, shape and version: views made per statistic match)."""
+    key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version)
     parts = tokens.local.get("finite")
-    if parts is None or parts.x is not x:
-        parts = tokens.local["finite"] = Finite(x)
+    if parts is None or parts.key != key:
+        parts = tokens.local["finite"] = Finite(x, key)
     return parts

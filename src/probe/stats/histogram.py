@@ -22,18 +22,6 @@ from ._base import StatBase, Tokens
 __all__ = ["Histogram", "bucket_edges"]
 
 
-_ONES: dict[torch.device, Tensor] = {}
-
-
-def _ones(n: int, device: torch.device) -> Tensor:
-    """int64 ones to add per value, one buffer per device shared by every site (at most one chunk,
-    ``CHUNK_ELEMENTS``), so memory does not grow with the number of sites."""
-    ones = _ONES.get(device)
-    if ones is None or ones.numel() < n:
-        ones = _ONES[device] = torch.ones(n, dtype=torch.int64, device=device)
-    return ones[:n]
-
-
 class Histogram(StatBase):
     name = "histogram"
     chunked = True
@@ -58,20 +46,42 @@ class Histogram(StatBase):
         }
 
     def update(self, x: Tensor, tokens: Tokens) -> None:
+        Histogram.update_group([self], x.unsqueeze(0), tokens)
+
+    @classmethod
+    def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
+        """Fold ``x[G, n, D]`` into ``G`` histograms of equal ``m`` with one ``index_add_``."""
         if x.numel() == 0:  # an empty chunk adds nothing (shape check: no sync)
             return
-        if self._state is None:
-            self._init(x.device)
-        s = self.s
-        size = 2 ** (9 + self.m)
+        for stat in stats:
+            if stat._state is None:
+                stat._init(x.device)
+        m = stats[0].m
+        if any(stat.m != m for stat in stats):  # pragma: no cover - one capture uses one m
+            for g, stat in enumerate(stats):
+                cls.update_group([stat], x[g:g + 1], tokens)
+            return
+        size = 2 ** (9 + m)
+        g = len(stats)
         bits = x.contiguous().view(torch.int32)
         # NaN and +-inf land in exponent-255 buckets, which are dropped when the state is read;
-        # excluded tokens go to the spare bucket at the end
-        index = torch.where(tokens.keep.unsqueeze(1), (bits >> (23 - self.m)) & (size - 1), size)
-        s["counts"].index_add_(0, index.flatten(), _ones(index.numel(), x.device))
-        low = (1 << (23 - self.m)) - 1
+        # excluded tokens go to the spare bucket at the end of each site's block
+        index = torch.where(tokens.keep.unsqueeze(1), (bits >> (23 - m)) & (size - 1), size)
+        if g == 1:
+            counts = stats[0].s["counts"]
+        else:
+            index = index + (torch.arange(g, device=x.device, dtype=index.dtype) * (size + 1)).view(g, 1, 1)
+            counts = torch.cat([stat.s["counts"] for stat in stats])
+        # one shared int64 one, expanded: no activation-sized buffer of ones
+        one = torch.ones((), dtype=torch.int64, device=x.device).expand(index.numel())
+        counts.index_add_(0, index.flatten(), one)
+        low = (1 << (23 - m)) - 1
         # lossless is judged on every value of the chunk (excluded ones too): conservative
-        s["lossless"] &= torch.count_nonzero(bits & low) == 0
+        exact = torch.count_nonzero((bits & low).view(g, -1), dim=1) == 0
+        for i, stat in enumerate(stats):
+            if g > 1:
+                stat.s["counts"] = counts[i * (size + 1):(i + 1) * (size + 1)]
+            stat.s["lossless"] = stat.s["lossless"] & exact[i]
 
     def state_dict(self) -> dict[str, Tensor]:
         if self._state is None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import StatBase, Tokens, central_sums, finite, merge_moments, run_compiled, shift_moments
+from ._base import BatchedStat, Tokens, central_sums, merge_moments, run_compiled, shift_moments
 
 __all__ = ["Moments", "LARGE"]
 
@@ -27,17 +27,18 @@ LARGE = 6.0
 
 def _better(value: Tensor, at: Tensor, old: Tensor, old_at: Tensor) -> Tensor:
     """Larger magnitude wins; a tie goes to the earlier (row, position, channel), so merges
-    commute. Elementwise tensor logic only: no host sync."""
-    earlier = at[2] < old_at[2]
+    commute. Elementwise tensor logic over any leading dims (``at[..., 4]``): no host sync."""
+    earlier = at[..., 2] < old_at[..., 2]
     for i in (1, 0):
-        earlier = (at[i] < old_at[i]) | ((at[i] == old_at[i]) & earlier)
-    return (value > old) | ((value == old) & (old_at[0] >= 0) & earlier)
+        earlier = (at[..., i] < old_at[..., i]) | ((at[..., i] == old_at[..., i]) & earlier)
+    return (value > old) | ((value == old) & (old_at[..., 0] >= 0) & earlier)
 
 
 def _step(state: tuple[Tensor, ...], x: Tensor, xs: Tensor | None, fm: Tensor | None, mag: Tensor | None,
           rowmax: Tensor | None, keep: Tensor, row: Tensor, position: Tensor, token: Tensor,
           wide: bool = False) -> tuple[Tensor, ...]:
-    """The state (in ``Moments._fields`` order) after folding in the chunk ``x[n, D]``.
+    """The states (in ``Moments._fields`` order, each with a leading site dim ``G``) after folding
+    in the chunk ``x[G, n, D]``: ``G`` sites that saw the same ``n`` tokens.
 
     A pure function of tensors (no host reads, no Python branches on values), so it runs eagerly
     or as one ``torch.compile`` graph. ``xs, fm, mag, rowmax`` are :class:`Finite`'s parts of ``x``,
@@ -50,38 +51,39 @@ def _step(state: tuple[Tensor, ...], x: Tensor, xs: Tensor | None, fm: Tensor | 
         xs = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         fm = torch.sub(x, x).add_(1.0).nan_to_num_(nan=0.0)
         mag = xs.abs()
-        rowmax = mag.amax(1)
-    keep1 = keep.to(x.dtype)
-    w = fm * keep1.unsqueeze(1)  # 1 for kept finite values
-    n32 = w.sum(0)  # integer counts below 2**24: exact in float32
+        rowmax = mag.amax(-1)
+    keep1 = keep.to(x.dtype)  # [n]
+    kcol = keep1.unsqueeze(-1)  # [n, 1]: broadcasts over sites and channels
+    w = fm * kcol  # 1 for kept finite values
+    n32 = w.sum(-2)  # integer counts below 2**24: exact in float32
     n = n32.double()
     # the mean from a float64 sum of the float32 values (xs is 0 where x is not finite)
-    mean = (xs * keep1.unsqueeze(1)).sum(0, dtype=f64) / n.clamp(min=1)
+    mean = (xs * kcol).sum(-2, dtype=f64) / n.clamp(min=1)
     center = mean.to(x.dtype)
     if wide:  # deviations from the float64 mean, powers and sums in float64
-        d = (xs.to(f64) - mean) * w
+        d = (xs.to(f64) - mean.unsqueeze(-2)) * w
         d2 = d * d
-        chunk = (n, mean, d2.sum(0), (d2 * d).sum(0), (d2 * d2).sum(0))
+        chunk = (n, mean, d2.sum(-2), (d2 * d).sum(-2), (d2 * d2).sum(-2))
     else:  # powers of the deviation from the float32 center; the float64 mean sits delta above it
-        s2, s3, s4 = central_sums(torch.sub(xs, center).mul_(w))
+        s2, s3, s4 = central_sums(torch.sub(xs, center.unsqueeze(-2)).mul_(w))
         chunk = (n, mean, *shift_moments(n, mean - center.double(), s2, s3, s4))
     n1, mean1, m21, m31, m41 = merge_moments((n0, mean0, m20, m30, m40), chunk)
 
     # non-finite kept values: all of them from the counts, +inf and -inf by clamping the distance
     # past the largest float to 0/1 (NaN stays NaN, which nansum skips)
     kept = keep.sum()
-    bad = kept.double() * x.shape[1] - n.sum()
+    bad = kept.double() * x.shape[-1] - n.sum(-1)
     biggest = torch.finfo(x.dtype).max
-    pos = torch.sub(x, biggest).clamp_(0.0, 1.0).nansum(1) @ keep1
-    neg = torch.add(x, biggest).clamp_(-1.0, 0.0).nansum(1) @ keep1
+    pos = torch.sub(x, biggest).clamp_(0.0, 1.0).nansum(-1) @ keep1
+    neg = torch.add(x, biggest).clamp_(-1.0, 0.0).nansum(-1) @ keep1
     nan1 = nan0 + (bad - pos.double() + neg.double()).round().long()
     pos1 = pos0 + pos.round().long()
     neg1 = neg0 - neg.round().long()
 
     # masked extremes by addition, not where(): +-BIG on excluded values (0 * BIG on kept ones)
     big = torch.mul(w, -3e38).add_(3e38)
-    lo = (xs + big).amin(0)
-    hi = big.neg_().add_(xs).amax(0)
+    lo = (xs + big).amin(-2)
+    hi = big.neg_().add_(xs).amax(-2)
     seen = n32 > 0
     lo1 = torch.minimum(lo0, torch.where(seen, lo, float("inf")))
     hi1 = torch.maximum(hi0, torch.where(seen, hi, float("-inf")))
@@ -90,21 +92,20 @@ def _step(state: tuple[Tensor, ...], x: Tensor, xs: Tensor | None, fm: Tensor | 
     large = torch.clamp(mag, max=LARGE).div_(LARGE).floor_()
     large1 = large0 + (keep1 @ large).round().long()
 
-    # the largest kept |x|: the first token holding it, then the first channel in that token
-    # (the first element in (row, position, channel) order, as a flat argmax would give);
-    # 1-element index tensors, since indexing with a 0-d tensor would read it on the host
-    value, t = (rowmax * keep1).max(0)
-    t = t.view(1)
-    channel = mag.index_select(0, t).argmax(1)
-    value = torch.where(seen.any(), value, -1.0)
-    at = torch.cat((row[t], position[t], channel, token[t]))
+    # the largest kept |x| of each site: the first token holding it, then the first channel in
+    # that token (the first element in (row, position, channel) order, as a flat argmax would
+    # give); t is [G], never 0-d, since indexing with a 0-d tensor would read it on the host
+    value, t = (rowmax * keep1).max(-1)
+    channel = mag.gather(-2, t.view(-1, 1, 1).expand(-1, 1, mag.shape[-1])).argmax(-1).view(-1)
+    value = torch.where(seen.any(-1), value, -1.0)
+    at = torch.stack((row[t], position[t], channel, token[t]), dim=-1)
     better = _better(value, at, absmax0, at0)
     absmax1 = torch.where(better, value, absmax0)
-    at1 = torch.where(better, at, at0)
+    at1 = torch.where(better.unsqueeze(-1), at, at0)
     return (n1, mean1, m21, m31, m41, lo1, hi1, nan1, pos1, neg1, tok0 + kept, absmax1, at1, large1)
 
 
-class Moments(StatBase):
+class Moments(BatchedStat):
     name = "moments"
     chunked = True
     _fields = ("n", "mean", "m2", "m3", "m4", "min", "max", "nan", "posinf", "neginf", "tokens",
@@ -130,19 +131,15 @@ class Moments(StatBase):
             "large": torch.zeros(d, **i64),
         }
 
-    def update(self, x: Tensor, tokens: Tokens) -> None:
-        if x.numel() == 0:  # an empty chunk adds nothing (shape check: no sync)
-            return
-        if self._state is None:
-            self._init(x.shape[1], x.device)
-        state = tuple(self.s[f] for f in self._fields)
+    def _init_like(self, x: Tensor) -> None:
+        self._init(x.shape[-1], x.device)
+
+    @staticmethod
+    def _run(state: tuple[Tensor, ...], x: Tensor, parts, tokens: Tokens, compiled: bool) -> tuple[Tensor, ...]:
         meta = (tokens.keep, tokens.row, tokens.position, tokens.token)
-        if self.compiled(x):  # one fused graph computes its own finite parts
-            new = run_compiled(_step, state, x, None, None, None, None, *meta, True)
-        else:  # eager: the chunk's finite parts are shared with the other statistics
-            p = finite(x, tokens)
-            new = _step(state, x, p.xs, p.fm, p.abs, p.rowmax, *meta)
-        self._state = dict(zip(self._fields, new))
+        if compiled:  # one fused graph computes its own finite parts
+            return run_compiled(_step, state, x, None, None, None, None, *meta, True)
+        return _step(state, x, parts.xs, parts.fm, parts.abs, parts.rowmax, *meta)
 
     def _merge(self, o: dict[str, Tensor]) -> None:
         s = self.s
@@ -156,4 +153,4 @@ class Moments(StatBase):
             s[key] = s[key] + o[key]
         better = _better(o["absmax"], o["absmax_at"], s["absmax"], s["absmax_at"])
         s["absmax"] = torch.where(better, o["absmax"], s["absmax"])
-        s["absmax_at"] = torch.where(better, o["absmax_at"], s["absmax_at"])
+        s["absmax_at"] = torch.where(better.unsqueeze(-1), o["absmax_at"], s["absmax_at"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import StatBase, Tokens, finite, run_compiled
+from ._base import BatchedStat, Tokens, run_compiled
 
 __all__ = ["Position"]
 
@@ -28,39 +28,41 @@ def _merge_position(na: Tensor, ma: Tensor, m2a: Tensor, nb: Tensor, mb: Tensor,
 
 def _step(state: tuple[Tensor, ...], x: Tensor, xs: Tensor | None, fm: Tensor | None, rowmax: Tensor | None,
           valid: Tensor, position: Tensor, wide: bool = False) -> tuple[Tensor, ...]:
-    """The state (in ``Position._fields`` order) after folding in the chunk ``x[n, D]``; pure, like
-    the moments' step, so it runs eagerly or compiled (``wide``: deviations in float64)."""
+    """The states (in ``Position._fields`` order, leading site dim ``G``) after folding in the chunk
+    ``x[G, n, D]``; pure, like the moments' step, so it runs eagerly or compiled (``wide``:
+    deviations in float64)."""
     tokens0, n0, mean0, m20, absmax0, overflow0 = state
     if xs is None or fm is None or rowmax is None:
         xs = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         fm = torch.sub(x, x).add_(1.0).nan_to_num_(nan=0.0)
-        rowmax = xs.abs().amax(1)
-    p = tokens0.shape[0]
+        rowmax = xs.abs().amax(-1)
+    g, p = tokens0.shape
     f64 = torch.float64
     inside = valid & (position >= 0) & (position < p)
     overflow = overflow0 + (valid & (position >= p)).sum()
     index = torch.where(inside, position, 0)
     inside64 = inside.to(f64)
     # per token first (row reductions), then per position (index_add over tokens)
-    count = fm.sum(1, dtype=f64) * inside64
-    total = xs.sum(1, dtype=f64) * inside64
-    zeros = torch.zeros(p, dtype=f64, device=x.device)
-    n = zeros.index_add(0, index, count)
-    mean = zeros.index_add(0, index, total) / n.clamp(min=1)
+    count = fm.sum(-1, dtype=f64) * inside64  # [G, n]
+    total = xs.sum(-1, dtype=f64) * inside64
+    zeros = torch.zeros(g, p, dtype=f64, device=x.device)
+    n = zeros.index_add(1, index, count)
+    mean = zeros.index_add(1, index, total) / n.clamp(min=1)
+    mu = mean.index_select(1, index).unsqueeze(-1)  # each token's position mean, [G, n, 1]
     if wide:
-        d = (xs.to(f64) - mean[index].unsqueeze(1)) * fm
+        d = (xs.to(f64) - mu) * fm
     else:
-        d = torch.sub(xs, mean.to(x.dtype)[index].unsqueeze(1)).mul_(fm)
-    m2 = zeros.index_add(0, index, d.mul_(d).sum(1, dtype=f64) * inside64)
+        d = torch.sub(xs, mu.to(x.dtype)).mul_(fm)
+    m2 = zeros.index_add(1, index, d.mul_(d).sum(-1, dtype=f64) * inside64)
     n1, mean1, m21 = _merge_position(n0, mean0, m20, n, mean, m2)
-    tokens1 = tokens0.index_add(0, index, inside.long())
+    tokens1 = tokens0.index_add(1, index, inside.long().expand(g, -1))
     # xs is 0 where x is not finite, so only tokens with no finite value need -inf
     mag = torch.where(count > 0, rowmax.to(f64), float("-inf")).to(torch.float32)
-    absmax1 = absmax0.scatter_reduce(0, index, mag, reduce="amax")
+    absmax1 = absmax0.scatter_reduce(1, index.expand(g, -1), mag, reduce="amax")
     return tokens1, n1, mean1, m21, absmax1, overflow
 
 
-class Position(StatBase):
+class Position(BatchedStat):
     name = "position"
     chunked = True
     _fields = ("tokens", "n", "mean", "m2", "absmax", "overflow")
@@ -80,18 +82,14 @@ class Position(StatBase):
             "overflow": torch.zeros((), dtype=torch.int64, device=device),
         }
 
-    def update(self, x: Tensor, tokens: Tokens) -> None:
-        if x.numel() == 0:  # an empty chunk adds nothing (shape check: no sync)
-            return
-        if self._state is None:
-            self._init(x.device)
-        state = tuple(self.s[f] for f in self._fields)
-        if self.compiled(x):
-            new = run_compiled(_step, state, x, None, None, None, tokens.valid, tokens.position, True)
-        else:
-            parts = finite(x, tokens)
-            new = _step(state, x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position)
-        self._state = dict(zip(self._fields, new))
+    def _init_like(self, x: Tensor) -> None:
+        self._init(x.device)
+
+    @staticmethod
+    def _run(state: tuple[Tensor, ...], x: Tensor, parts, tokens: Tokens, compiled: bool) -> tuple[Tensor, ...]:
+        if compiled:
+            return run_compiled(_step, state, x, None, None, None, tokens.valid, tokens.position, True)
+        return _step(state, x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position)
 
     def _merge_moments(self, nb: Tensor, mb: Tensor, m2b: Tensor) -> None:
         s = self.s

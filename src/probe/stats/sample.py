@@ -63,24 +63,43 @@ class Sample(StatBase):
         return tokens.cache[memo]
 
     def update(self, x: Tensor, tokens: Tokens) -> None:
-        if x.numel() == 0:  # an empty chunk adds nothing (shape check: no sync)
-            return
-        if self._state is None:
-            self._init(x.device)
-        n, d = x.shape
+        Sample.update_group([self], x.unsqueeze(0), tokens)
+
+    def _shared(self, n: int, d: int, tokens: Tokens) -> tuple:
+        """This forward's merge for every sample with this one's history: the selected flat
+        indices, the merge order, the merged metadata and the empty slots."""
         memo = ("sample-merge", self.history, id(tokens), n, d, self.size)
         shared = tokens.cache.get(memo)
         if shared is None:  # the first site of this forward with this history merges for all
-            keys, index = self._select(n, d, tokens, x.device)
+            keys, index = self._select(n, d, tokens, self.s["key"].device)
             t = index // d
             new = {"key": keys, "row": tokens.row[t], "position": tokens.position[t],
                    "channel": index % d, "token": tokens.token[t]}
-            best, meta, empty = self._best(new)
-            shared = tokens.cache[memo] = (index, best, meta, empty)
-        index, best, meta, empty = shared
-        value = torch.cat((self.s["value"], x.reshape(-1)[index].float()))[best].masked_fill(empty, float("nan"))
-        self._state = {**meta, "value": value}
-        self.history = hash((self.history, memo[2:], tokens.seed, tokens.forward))
+            shared = tokens.cache[memo] = (index, *self._best(new))
+        return shared
+
+    @classmethod
+    def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
+        """Fold ``x[G, n, D]`` into ``G`` samples: one merge per history, one gather of values."""
+        if x.numel() == 0:  # an empty chunk adds nothing (shape check: no sync)
+            return
+        groups: dict[tuple, list[int]] = {}
+        for g, stat in enumerate(stats):
+            if stat._state is None:
+                stat._init(x.device)
+            groups.setdefault((stat.history, stat.size), []).append(g)
+        _, n, d = x.shape
+        for members in groups.values():
+            lead = stats[members[0]]
+            index, best, meta, empty = lead._shared(n, d, tokens)
+            xs = x if len(members) == len(stats) else x[members]
+            new = xs.reshape(len(members), -1)[:, index].float()
+            old = torch.stack([stats[g].s["value"] for g in members])
+            values = torch.cat((old, new), 1)[:, best].masked_fill(empty, float("nan"))
+            history = hash((lead.history, id(tokens), n, d, lead.size, tokens.seed, tokens.forward))
+            for j, g in enumerate(members):
+                stats[g]._state = {**meta, "value": values[j]}
+                stats[g].history = history
 
     def _best(self, o: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """Merge order of this reservoir with ``o``: the ``k`` smallest keys of both, and the
