@@ -789,7 +789,7 @@ def parity_main(args) -> int:
     if b > 1:  # left padding on one row, right padding on another: padding must enter no statistic
         mask[0, : t // 4] = 0
         mask[-1, -(t // 8):] = 0
-    with torch.no_grad(), probe.capture(model, stats=("moments",), skip_first=0) as run:
+    with torch.no_grad(), probe.capture(model, stats=("moments",), skip_first=0, strict=True) as run:
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     hs = out.hidden_states
     if len(run.sites) != len(hs):
@@ -833,7 +833,7 @@ def parity_main(args) -> int:
         m2 = (c**2).mean(0)
         ref.append((np.sqrt(m2), (c**3).mean(0) / m2**1.5, (c**4).mean(0) / m2**2 - 3))
     for flag in (False, True):
-        with torch.no_grad(), probe.capture(model, skip_first=1, compile=flag) as r:
+        with torch.no_grad(), probe.capture(model, skip_first=1, compile=flag, strict=True) as r:
             model(input_ids=ids, attention_mask=mask)
         err = dict(std=0.0, skew=0.0, kurtosis=0.0)
         for name, (std, skew, kurt) in zip(r.sites, ref):
