@@ -2,9 +2,9 @@
 """Overhead of probe against a plain forward, output_hidden_states, TransformerLens and nnsight.
 
 Every (model, shape, method) cell runs in its own fresh subprocess, so each peak-RSS number
-belongs to one method alone. Inside a child every timed method batch follows a timed plain forward
-of the same model on the same batch, and ``x plain`` is the median of these pairs' ratios, so
-load drifts on a shared machine cancel out.
+belongs to one method alone. Inside a child every timed method batch is paired with a timed plain
+forward of the same model on the same batch, in alternating order (ABBA), and ``x plain`` is the
+median of these pairs' ratios, so load drifts and order effects on a shared machine cancel out.
 
     python benchmarks/bench.py                  # the full CPU benchmark (tens of minutes on 2 cores)
     python benchmarks/bench.py --quick          # a smoke run: 4x256 only, fewer pairs
@@ -315,10 +315,8 @@ def child_main(spec: dict) -> dict:
         # pairs: one plain batch, then one method batch, so each ratio compares two neighbouring
         # batches and load drifts on a shared machine cancel out; the peak is read per method batch
         plain_t, meth_t, plain_cpu, meth_cpu = [], [], [], []
-        for _ in range(spec["pairs"]):
-            wall, cpu = timed(runner.plain)
-            plain_t.append(wall)
-            plain_cpu.append(cpu)
+        def method_batch() -> None:
+            nonlocal exact_peak
             exact_peak &= reset_peak()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -328,6 +326,18 @@ def child_main(spec: dict) -> dict:
             peaks.append(peak_mib())
             if cuda:
                 peaks_gpu.append(torch.cuda.max_memory_allocated())
+
+        # ABBA: the method runs second in even pairs and first in odd ones, so whatever favours
+        # the first or the second batch of a pair (caches, clocks: the plain-vs-plain cell shows
+        # ~5 % on a shared VM) cancels in the median instead of inflating every ratio
+        for j in range(spec["pairs"]):
+            if j % 2:
+                method_batch()
+            wall, cpu = timed(runner.plain)
+            plain_t.append(wall)
+            plain_cpu.append(cpu)
+            if not j % 2:
+                method_batch()
         close = timed(runner.close)[0]
         extra = max(peaks) - base
         extra_gpu = (max(peaks_gpu) - base_gpu) / 2**20 if cuda else None
