@@ -2,7 +2,8 @@
 # probe on one CUDA GPU, in one call (about 5-8 minutes on an H100/H200):
 #   1. a venv on top of the machine's own CUDA torch (torch is never pip-installed here),
 #   2. CUDA parity: probe's per-layer mean/std/min/max against output_hidden_states of the same
-#      forward, bf16, small random Llama on cuda; prints the max relative errors, exits 1 if off,
+#      forward, then every statistic, eager and compiled (torch.compile, the default on cuda),
+#      against float64 moments; bf16, small random Llama on cuda; exits 1 if off,
 #   3. bench.py on a ~1B-parameter random-init Llama-shaped model in bf16 on cuda.
 #
 # Usage, from anywhere:   bash benchmarks/gpu.sh [more bench.py options, e.g. --methods plain,probe]
@@ -88,7 +89,7 @@ banner "benchmark: ~1B Llama shape, bf16, cuda (budget ${BENCH_BUDGET}s)"
 # the parent is interrupted at the budget; the JSON is written after every cell, so it survives
 rc=0
 timeout --signal=INT "$BENCH_BUDGET" "$PY" benchmarks/bench.py --arch llama --device cuda --dtype bfloat16 \
-    --threads 8 --shapes "$SHAPES" --depth "$DEPTH" --pairs 15 --timeout 180 \
+    --threads 8 --shapes "$SHAPES" --depth "$DEPTH" --pairs 16 --timeout 180 \
     --json "$OUT/gpu_bench.json" "$@" 2>&1 | tee "$OUT/gpu_bench.txt" || rc=$?
 banner "done (bench exit $rc; results in $OUT/gpu_bench.txt and $OUT/gpu_bench.json)"
 exit "$rc"
