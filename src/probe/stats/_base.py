@@ -146,13 +146,25 @@ class StatBase:
         for g, stat in enumerate(stats):
             stat.update(x[g], tokens)
 
+    def _init_like(self, x: Tensor) -> None:
+        """Allocate the state for activations like ``x[..., n, D]``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _ready(stats: list, x: Tensor) -> bool:
+        """Allocate the states still missing; ``False`` for an empty chunk, which adds nothing
+        (a shape check: no sync)."""
+        if x.numel() == 0:
+            return False
+        for stat in stats:
+            if stat._state is None:
+                stat._init_like(x)
+        return True
+
 
 class BatchedStat(StatBase):
     """A statistic whose update is one pure step over a leading site dimension: ``G`` sites'
     states are stacked, stepped together (eagerly or as one compiled graph) and handed back."""
-
-    def _init_like(self, x: Tensor) -> None:
-        raise NotImplementedError
 
     @staticmethod
     def _run(state: tuple[Tensor, ...], x: Tensor, parts: Finite, tokens: Tokens, compiled: bool) -> tuple:
@@ -163,11 +175,8 @@ class BatchedStat(StatBase):
 
     @classmethod
     def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
-        if x.numel() == 0:  # an empty chunk adds nothing (shape check: no sync)
+        if not cls._ready(stats, x):
             return
-        for stat in stats:
-            if stat._state is None:
-                stat._init_like(x)
         if len(stats) == 1:
             state = tuple(stats[0].s[f].unsqueeze(0) for f in cls._fields)
         else:

@@ -6,7 +6,8 @@ every site of a forward at once: the sites' tensors are held by reference (no co
 autograd holds them anyway) until the forward ends, then folded in token blocks of at most
 ``block_bytes`` of float64 (16 MiB on CPU, where small blocks stay in cache; 256 MiB on an
 accelerator, where each block costs a few kernel launches per site), which bounds the temporaries
-and is exact (blocks merge with the co-moment formula). An element that is non-finite in any site is left out for all sites.
+and is exact (blocks merge with the co-moment formula). An element that is non-finite in any site
+is left out for all sites.
 
 Two views: ``keep`` (the first ``skip_first`` real tokens excluded) and ``all`` (every real
 token). ``all`` is ``keep`` merged with the excluded head, so the big Gram is computed once.

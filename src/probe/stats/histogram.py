@@ -45,17 +45,17 @@ class Histogram(StatBase):
             "lossless": torch.ones((), dtype=torch.bool, device=device),
         }
 
+    def _init_like(self, x: Tensor) -> None:
+        self._init(x.device)
+
     def update(self, x: Tensor, tokens: Tokens) -> None:
         Histogram.update_group([self], x.unsqueeze(0), tokens)
 
     @classmethod
     def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
         """Fold ``x[G, n, D]`` into ``G`` histograms of equal ``m`` with one ``index_add_``."""
-        if x.numel() == 0:  # an empty chunk adds nothing (shape check: no sync)
+        if not cls._ready(stats, x):
             return
-        for stat in stats:
-            if stat._state is None:
-                stat._init(x.device)
         m = stats[0].m
         if any(stat.m != m for stat in stats):  # pragma: no cover - one capture uses one m
             for g, stat in enumerate(stats):

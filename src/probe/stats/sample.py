@@ -62,6 +62,9 @@ class Sample(StatBase):
             tokens.cache[memo] = (keys, index)
         return tokens.cache[memo]
 
+    def _init_like(self, x: Tensor) -> None:
+        self._init(x.device)
+
     def update(self, x: Tensor, tokens: Tokens) -> None:
         Sample.update_group([self], x.unsqueeze(0), tokens)
 
@@ -81,12 +84,10 @@ class Sample(StatBase):
     @classmethod
     def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
         """Fold ``x[G, n, D]`` into ``G`` samples: one merge per history, one gather of values."""
-        if x.numel() == 0:  # an empty chunk adds nothing (shape check: no sync)
+        if not cls._ready(stats, x):
             return
         groups: dict[tuple, list[int]] = {}
         for g, stat in enumerate(stats):
-            if stat._state is None:
-                stat._init(x.device)
             groups.setdefault((stat.history, stat.size), []).append(g)
         _, n, d = x.shape
         for members in groups.values():
