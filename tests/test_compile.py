@@ -142,8 +142,12 @@ def test_batched_sites_equal_site_by_site(tiny, family, group_elements, chunk, m
     alone = capture_twice(model, stats=every)
     sizes = []
     original = probe.stats.Moments.update_group.__func__
-    monkeypatch.setattr(probe.stats.Moments, "update_group",
-                        classmethod(lambda cls, stats, x, tokens: (sizes.append(len(stats)), original(cls, stats, x, tokens))))
+
+    def recorded(cls, stats, x, tokens):
+        sizes.append(len(stats))
+        original(cls, stats, x, tokens)
+
+    monkeypatch.setattr(probe.stats.Moments, "update_group", classmethod(recorded))
     grouped = capture_grouped(model, group_elements, stats=every)
     assert max(sizes) == (len(alone.sites) if group_elements > 10**6 else 2), sizes  # batches did form
     a, b = all_stats(alone), all_stats(grouped)
@@ -165,8 +169,9 @@ def test_batched_failure_disables_the_batch_with_one_warning(tiny):
     with probe.capture(model, stats=("moments",)) as c:
         c._group_elements = 10**9
         c._window["hidden_states.1"]["moments"]._init_like = lambda *a: 1 / 0
-        with pytest.warns(UserWarning, match=r"sites \['hidden_states.0', .*'hidden_states.2'.*batched\): division by zero; "
-                                             r"these sites are disabled"):
+        expected = (r"sites \['hidden_states.0', .*'hidden_states.2'.*batched\): "
+                    r"division by zero; these sites are disabled")
+        with pytest.warns(UserWarning, match=expected):
             with torch.no_grad():
                 out = model(input_ids=ids, attention_mask=mask)
     assert out.logits.shape[:2] == (3, 9)

@@ -15,7 +15,8 @@ from typing import Any, Callable, ClassVar, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Tokens", "Stat", "StatBase", "BatchedStat", "Finite", "merge_moments", "central_sums", "finite", "run_compiled"]
+__all__ = ["Tokens", "Stat", "StatBase", "BatchedStat", "Finite", "merge_moments", "central_sums", "finite",
+           "run_compiled"]
 
 
 @dataclass(frozen=True)
