@@ -666,27 +666,25 @@ def profile_main(args) -> int:
     def fwd():
         model(input_ids=ids, attention_mask=mask)
 
-    n = args.profile_repeats
-    with torch.no_grad():
-        fwd()
-        plain = []
+    def forwards(n: int) -> list[float]:
+        times = []
         for _ in range(n):
             sync()
             s = time.perf_counter()
             fwd()
             sync()
-            plain.append(time.perf_counter() - s)
+            times.append(time.perf_counter() - s)
+        return times
+
+    n = args.profile_repeats
+    with torch.no_grad():
+        fwd()
+        plain = forwards(n)
         with probe.capture(model, stats=stats, skip_first=1):
             fwd()  # warm-up: lazy state allocation
             spent.clear()
             calls.clear()
-            timed = []
-            for _ in range(n):
-                sync()
-                s = time.perf_counter()
-                fwd()
-                sync()
-                timed.append(time.perf_counter() - s)
+            timed = forwards(n)
             per_fwd = {k: v / n for k, v in spent.items()}
             per_call = {k: v // n for k, v in calls.items()}
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import BatchedStat, Tokens, central_sums, merge_moments, run_compiled, shift_moments
+from ._base import BatchedStat, Finite, Tokens, central_sums, merge_moments, run_compiled, shift_moments
 
 __all__ = ["Moments", "LARGE"]
 
@@ -48,10 +48,8 @@ def _step(state: tuple[Tensor, ...], x: Tensor, xs: Tensor | None, fm: Tensor | 
     (n0, mean0, m20, m30, m40, lo0, hi0, nan0, pos0, neg0, tok0, absmax0, at0, large0) = state
     f64 = torch.float64
     if xs is None or fm is None or mag is None or rowmax is None:
-        xs = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-        fm = torch.sub(x, x).add_(1.0).nan_to_num_(nan=0.0)
-        mag = xs.abs()
-        rowmax = mag.amax(-1)
+        parts = Finite(x, ())
+        xs, fm, mag, rowmax = parts.xs, parts.fm, parts.abs, parts.rowmax
     keep1 = keep.to(x.dtype)  # [n]
     kcol = keep1.unsqueeze(-1)  # [n, 1]: broadcasts over sites and channels
     w = fm * kcol  # 1 for kept finite values

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import BatchedStat, Tokens, run_compiled
+from ._base import BatchedStat, Finite, Tokens, run_compiled
 
 __all__ = ["Position"]
 
@@ -33,9 +33,8 @@ def _step(state: tuple[Tensor, ...], x: Tensor, xs: Tensor | None, fm: Tensor | 
     deviations in float64)."""
     tokens0, n0, mean0, m20, absmax0, overflow0 = state
     if xs is None or fm is None or rowmax is None:
-        xs = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-        fm = torch.sub(x, x).add_(1.0).nan_to_num_(nan=0.0)
-        rowmax = xs.abs().amax(-1)
+        parts = Finite(x, ())
+        xs, fm, rowmax = parts.xs, parts.fm, parts.rowmax
     g, p = tokens0.shape
     f64 = torch.float64
     inside = valid & (position >= 0) & (position < p)
