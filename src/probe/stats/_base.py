@@ -15,7 +15,9 @@ from typing import Any, Callable, ClassVar, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Tokens", "Stat", "StatBase", "BatchedStat", "Finite", "merge_moments", "central_sums", "finite",
+from ._state import SPECS, State, merge_moments, merge_states
+
+__all__ = ["Tokens", "Stat", "StatBase", "BatchedStat", "Finite", "merge_moments", "SPECS", "central_sums", "finite",
            "run_compiled"]
 
 
@@ -84,6 +86,8 @@ class StatBase:
 
     name: ClassVar[str] = ""
     chunked: ClassVar[bool] = True
+    #: the declared state (fields, dtypes, shapes, reductions); ``_fields`` is its field order
+    spec: ClassVar[State]
     _fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
@@ -124,16 +128,16 @@ class StatBase:
         return self
 
     def merge(self, other) -> None:
+        """Fold in another instance's state (another window, rank or file), exactly, through the
+        declared reductions of :data:`spec` (:func:`probe.stats._state.merge_states`). The result
+        stays on this statistic's device (or the other's, when this one is empty)."""
         if other._state is None:
             return
-        if self._state is None:
-            self._state = {k: v.clone() for k, v in other._state.items()}
-            return
-        theirs = {k: v.to(self._state[k].device) for k, v in other._state.items()}
-        self._merge(theirs)
-
-    def _merge(self, other: dict[str, Tensor]) -> None:
-        raise NotImplementedError
+        mine = self.state_dict()
+        device = next(iter((mine or other.state_dict()).values())).device
+        parts = [{k: v.detach().cpu().numpy() for k, v in st.state_dict().items()} for st in (self, other)]
+        merged = merge_states(self.name, parts)
+        self.load_state_dict({k: torch.from_numpy(v).to(device) for k, v in merged.items()})
 
     @property
     def s(self) -> dict[str, Tensor]:
@@ -214,37 +218,6 @@ def run_compiled(fn: Callable, *args: Any) -> Any:
                           f"({type(root).__name__}: {why}); running it eagerly "
                           "(pass compile=False to skip compiling)", stacklevel=2)
     return fn(*args)
-
-
-def merge_moments(a: tuple, b: tuple) -> tuple:
-    """Combine central moment sums ``(n, mean, M2, M3, M4)`` of two disjoint sets.
-
-    Pébay (2008), eqs. 3.1 and 3.2: exact algebra, written for tensors or numpy arrays alike.
-    An empty side (``n == 0``) leaves the other untouched.
-    """
-    na, ma, m2a, m3a, m4a = a
-    nb, mb, m2b, m3b, m4b = b
-    n = na + nb
-    safe = _clamp_one(n)
-    delta = mb - ma
-    dn = delta / safe
-    dn2 = dn * dn
-    nab = na * nb
-    mean = ma + nb * dn
-    m2 = m2a + m2b + delta * dn * nab
-    m3 = m3a + m3b + dn2 * delta * nab * (na - nb) + 3 * dn * (na * m2b - nb * m2a)
-    m4 = (
-        m4a
-        + m4b
-        + dn2 * dn2 * nab * (na * na - nab + nb * nb) * safe
-        + 6 * dn2 * (na * na * m2b + nb * nb * m2a)
-        + 4 * dn * (na * m3b - nb * m3a)
-    )
-    return n, mean, m2, m3, m4
-
-
-def _clamp_one(n):
-    return n.clamp(min=1) if isinstance(n, Tensor) else n.clip(min=1)
 
 
 def central_sums(d: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -26,7 +26,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._base import StatBase, Tokens
+from ._base import SPECS, StatBase, Tokens
 
 __all__ = ["Cross"]
 
@@ -53,9 +53,19 @@ def _merge(a: tuple, b: tuple) -> tuple:
 
 
 class Cross(StatBase):
+    """Layer × layer co-moments of ``S`` sites over matching (token, channel) elements.
+
+    Fields (declared in :data:`probe.stats._state.CROSS`; reduction in brackets), for each view
+    ``v`` in (``keep``, ``all``): ``v_n`` f64 observations, ``v_mean`` f64 ``[S]`` (activation
+    units), ``v_c`` f64 ``[S, S]`` co-moment sums Σ(x_i − mean_i)(x_j − mean_j) (units²)
+    [``comoments``, one group per view]; ``skipped_tokens`` i64: tokens of forwards left out
+    [``sum``].
+    """
+
     name = "cross"
     chunked = False
-    _fields = ("keep_n", "keep_mean", "keep_c", "all_n", "all_mean", "all_c", "skipped_tokens")
+    spec = SPECS["cross"]
+    _fields = spec.names
 
     def __init__(self, sites: list[str], budget: int = 2 << 30, block_bytes: int | None = None) -> None:
         super().__init__()
@@ -182,16 +192,3 @@ class Cross(StatBase):
             ok *= torch.sub(src, src).sum(1).add_(1.0).nan_to_num_(nan=0.0).to(device, torch.float64)
             torch.nan_to_num_(out[i].copy_(src), nan=0.0, posinf=0.0, neginf=0.0)
         return out, ok
-
-    def _merge(self, o: dict[str, Tensor]) -> None:
-        s = self.s
-        if o["keep_mean"].shape != s["keep_mean"].shape:
-            from ..errors import ProbeError
-
-            raise ProbeError("cross-layer stats cover different sites; expected the same sites; "
-                             "merge runs captured with the same sites=")
-        for v in ("keep", "all"):
-            n, mean, c = _merge((s[f"{v}_n"], s[f"{v}_mean"], s[f"{v}_c"]),
-                                (o[f"{v}_n"], o[f"{v}_mean"], o[f"{v}_c"]))
-            s[f"{v}_n"], s[f"{v}_mean"], s[f"{v}_c"] = n, mean, c
-        s["skipped_tokens"] = s["skipped_tokens"] + o["skipped_tokens"]

@@ -17,15 +17,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._base import StatBase, Tokens
+from ._base import SPECS, StatBase, Tokens
+from ._buckets import _sorted_buckets, bucket_edges, quantile
 
-__all__ = ["Histogram", "bucket_edges"]
+__all__ = ["Histogram", "bucket_edges", "quantile", "render"]
 
 
 class Histogram(StatBase):
+    """Counts over float-bit buckets (``B = 2**(9 + m)``, ``m = mantissa_bits``).
+
+    Fields (declared in :data:`probe.stats._state.HISTOGRAM`; reduction in brackets): ``counts``
+    i64 ``[B]``: finite kept values per bucket (index = ``bits >> (23 - m)`` of the float32 value;
+    the exponent-255 buckets are always 0) [``sum``]; ``lossless`` bool: no value had mantissa
+    bits below the top ``m``, so bucket lower edges are exact values [``all``].
+    """
+
     name = "histogram"
     chunked = True
-    _fields = ("counts", "lossless")
+    spec = SPECS["histogram"]
+    _fields = spec.names
 
     def __init__(self, mantissa_bits: int = 7) -> None:
         super().__init__()
@@ -98,84 +108,6 @@ class Histogram(StatBase):
             self.m = int(np.log2(counts.numel())) - 9
             self.s["counts"] = torch.cat((counts, counts.new_zeros(1)))
             self.s["lossless"] = self.s["lossless"].bool()
-
-    def _merge(self, o: dict[str, Tensor]) -> None:
-        s = self.s
-        if o["counts"].shape != s["counts"].shape:
-            from ..errors import ProbeError
-
-            raise ProbeError(
-                f"histograms use {o['counts'].numel() - 1} and {s['counts'].numel() - 1} buckets; "
-                "expected equal histogram_bits; capture both with the same histogram_bits"
-            )
-        s["counts"] = s["counts"] + o["counts"]
-        s["lossless"] = s["lossless"] & o["lossless"]
-
-
-def bucket_edges(mantissa_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lower and upper magnitude ``(lo, hi)`` of every bucket, float64, indexed like ``counts``.
-
-    The sign bit is the top bit of the index; for negative buckets the value range is
-    ``(-hi, -lo]``. Exponent 255 (inf/NaN) buckets get ``nan`` edges and are never counted.
-    """
-    m = mantissa_bits
-    mag = np.arange(2 ** (8 + m), dtype=np.int64)
-    exponent = mag >> m
-    top = (mag & (2**m - 1)).astype(np.float64)
-    with np.errstate(over="ignore"):
-        scale = np.ldexp(1.0, (exponent - 127).astype(np.int64))
-        lo = np.where(exponent == 0, np.ldexp(top, -126 - m), scale * (1 + top / 2**m))
-        hi = np.where(exponent == 0, np.ldexp(top + 1, -126 - m), scale * (1 + (top + 1) / 2**m))
-    lo = np.where(exponent == 255, np.nan, lo)
-    hi = np.where(exponent == 255, np.nan, hi)
-    return np.concatenate([lo, lo]), np.concatenate([hi, hi])
-
-
-def _sorted_buckets(counts: np.ndarray, lossless: bool):
-    """Non-empty buckets in increasing value order: (counts, lo, hi, representative value)."""
-    size = counts.shape[0]
-    m = int(np.log2(size)) - 9
-    half = size // 2
-    lo, hi = bucket_edges(m)
-    lo, hi = lo[:half], hi[:half]
-    if lossless:
-        rep = lo
-    else:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rep = np.where(lo > 0, 2 * lo * hi / (lo + hi), lo)
-    neg = counts[half:][::-1]
-    pos = counts[:half]
-    c = np.concatenate([neg, pos]).astype(np.int64)
-    # negative buckets span (-hi, -lo]; as intervals [a, b) for the CDF that is [-hi, -lo)
-    a = np.concatenate([-hi[::-1], lo])
-    b = np.concatenate([-lo[::-1], hi])
-    v = np.concatenate([-rep[::-1], rep])
-    nz = c > 0
-    return c[nz], a[nz], b[nz], v[nz]
-
-
-def quantile(counts: np.ndarray, lossless: bool, q):
-    """Quantiles from bucket counts, with numpy's default (linear) interpolation."""
-    qs = np.atleast_1d(np.asarray(q, dtype=np.float64))
-    if np.any((qs < 0) | (qs > 1)) or np.any(np.isnan(qs)):
-        from ..errors import ProbeError
-
-        raise ProbeError(f"quantile q must lie in [0, 1]; got {q!r}; pass e.g. 0.999")
-    c, _, _, v = _sorted_buckets(np.asarray(counts), lossless)
-    n = int(c.sum())
-    if n == 0:
-        out = np.full(qs.shape, np.nan)
-    else:
-        cum = np.cumsum(c)
-        virtual = (n - 1) * qs
-        prev = np.floor(virtual).astype(np.int64)
-        nxt = np.minimum(prev + 1, n - 1)
-        gamma = virtual - prev
-        a = v[np.searchsorted(cum, prev, side="right")]
-        b = v[np.searchsorted(cum, nxt, side="right")]
-        diff = b - a
-        out = np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
-    return float(out[0]) if np.ndim(q) == 0 else out
 
 
 def render(counts: np.ndarray, lossless: bool, bins: int, range=None) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ State (float64 unless noted), ``D`` channels:
   Dettmers et al., LLM.int8()).
 
 Site-level moments are not stored separately: they are the exact k-way merge of the channels
-(see :func:`probe.run.combine_channels`).
+(see :func:`probe.stats._state.kway_moments`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import BatchedStat, Finite, Tokens, central_sums, merge_moments, run_compiled, shift_moments
+from ._base import SPECS, BatchedStat, Finite, Tokens, central_sums, merge_moments, run_compiled, shift_moments
 
 __all__ = ["Moments", "LARGE"]
 
@@ -104,10 +104,23 @@ def _step(state: tuple[Tensor, ...], x: Tensor, xs: Tensor | None, fm: Tensor | 
 
 
 class Moments(BatchedStat):
+    """Per-channel moments of the finite kept values of one site (``D`` channels).
+
+    Fields (declared in :data:`probe.stats._state.MOMENTS`; reduction in brackets):
+
+    - ``n`` f64 ``[D]``: finite kept values per channel; ``mean`` f64 ``[D]`` (activation units);
+      ``m2, m3, m4`` f64 ``[D]``: central sums Σ(x − mean)^p (units^p) [``moments``: Pébay];
+    - ``min``, ``max`` f32 ``[D]`` (units; ±inf where empty) [``min``, ``max``];
+    - ``nan``, ``posinf``, ``neginf``, ``tokens`` i64 scalars: non-finite kept values and kept
+      tokens [``sum``]; ``large`` i64 ``[D]``: values with ``|x| >= 6`` [``sum``];
+    - ``absmax`` f32 scalar (units, −1 where empty) and ``absmax_at`` i64 ``[4]`` = (row,
+      position, channel, token id) [``argmax``: ties go to the earliest location].
+    """
+
     name = "moments"
     chunked = True
-    _fields = ("n", "mean", "m2", "m3", "m4", "min", "max", "nan", "posinf", "neginf", "tokens",
-               "absmax", "absmax_at", "large")
+    spec = SPECS["moments"]
+    _fields = spec.names
 
     def _init(self, d: int, device: torch.device) -> None:
         f64 = dict(dtype=torch.float64, device=device)
@@ -138,17 +151,3 @@ class Moments(BatchedStat):
         if compiled:  # one fused graph computes its own finite parts
             return run_compiled(_step, state, x, None, None, None, None, *meta, True)
         return _step(state, x, parts.xs, parts.fm, parts.abs, parts.rowmax, *meta)
-
-    def _merge(self, o: dict[str, Tensor]) -> None:
-        s = self.s
-        keys = ("n", "mean", "m2", "m3", "m4")
-        merged = merge_moments(tuple(s[k] for k in keys), tuple(o[k] for k in keys))
-        for key, value in zip(keys, merged):
-            s[key] = value
-        s["min"] = torch.minimum(s["min"], o["min"])
-        s["max"] = torch.maximum(s["max"], o["max"])
-        for key in ("nan", "posinf", "neginf", "tokens", "large"):
-            s[key] = s[key] + o[key]
-        better = _better(o["absmax"], o["absmax_at"], s["absmax"], s["absmax_at"])
-        s["absmax"] = torch.where(better, o["absmax"], s["absmax"])
-        s["absmax_at"] = torch.where(better.unsqueeze(-1), o["absmax_at"], s["absmax_at"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import BatchedStat, Finite, Tokens, run_compiled
+from ._base import SPECS, BatchedStat, Finite, Tokens, run_compiled
 
 __all__ = ["Position"]
 
@@ -62,9 +62,19 @@ def _step(state: tuple[Tensor, ...], x: Tensor, xs: Tensor | None, fm: Tensor | 
 
 
 class Position(BatchedStat):
+    """Per-position statistics over every real token, ``P = max_positions``.
+
+    Fields (declared in :data:`probe.stats._state.POSITION`; reduction in brackets): ``tokens``
+    i64 ``[P]``: real tokens at each absolute position [``sum``]; ``n`` f64 ``[P]`` finite values
+    over all channels, ``mean`` f64 ``[P]`` (activation units), ``m2`` f64 ``[P]`` Σ(x − mean)²
+    (units²) [``moments``: Chan]; ``absmax`` f32 ``[P]`` (units, −inf where empty) [``max``];
+    ``overflow`` i64: real tokens at positions ``>= P`` [``sum``].
+    """
+
     name = "position"
     chunked = True
-    _fields = ("tokens", "n", "mean", "m2", "absmax", "overflow")
+    spec = SPECS["position"]
+    _fields = spec.names
 
     def __init__(self, max_positions: int = 4096) -> None:
         super().__init__()
@@ -89,22 +99,3 @@ class Position(BatchedStat):
         if compiled:
             return run_compiled(_step, state, x, None, None, None, tokens.valid, tokens.position, True)
         return _step(state, x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position)
-
-    def _merge_moments(self, nb: Tensor, mb: Tensor, m2b: Tensor) -> None:
-        s = self.s
-        s["n"], s["mean"], s["m2"] = _merge_position(s["n"], s["mean"], s["m2"], nb, mb, m2b)
-
-    def _merge(self, o: dict[str, Tensor]) -> None:
-        s = self.s
-        if o["tokens"].shape != s["tokens"].shape:
-            from ..errors import ProbeError
-
-            raise ProbeError(
-                f"position stats cover {o['tokens'].shape[0]} positions in one run and "
-                f"{s['tokens'].shape[0]} in the other; expected equal max_positions; "
-                "capture both with the same max_positions"
-            )
-        self._merge_moments(o["n"], o["mean"], o["m2"])
-        s["tokens"] = s["tokens"] + o["tokens"]
-        s["absmax"] = torch.maximum(s["absmax"], o["absmax"])
-        s["overflow"] = s["overflow"] + o["overflow"]

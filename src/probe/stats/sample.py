@@ -21,7 +21,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from ._base import StatBase, Tokens
+from ._base import SPECS, StatBase, Tokens
 
 __all__ = ["Sample"]
 
@@ -31,8 +31,18 @@ _UNIQUE = itertools.count()
 
 
 class Sample(StatBase):
+    """A uniform sample without replacement of ``k = size`` kept (token, channel) elements.
+
+    Fields (declared in :data:`probe.stats._state.SAMPLE`; all merge as one [``bottomk``]: the
+    ``k`` smallest keys win): ``key`` f64 ``[k]`` uniform in [0, 1) (``inf`` = empty slot);
+    ``row``, ``position``, ``channel``, ``token`` i64 ``[k]`` (sequence index on its rank,
+    absolute position, channel, token id; −1 where empty); ``value`` f32 ``[k]`` (activation
+    units, NaN where empty).
+    """
+
     name = "sample"
     chunked = False
+    spec = SPECS["sample"]
     _fields = _FIELDS
 
     def __init__(self, size: int = 20_000) -> None:
@@ -117,11 +127,6 @@ class Sample(StatBase):
         super().merge(other)
         if other._state is not None:
             self.history = hash(("merged", next(_UNIQUE)))
-
-    def _merge(self, o: dict[str, Tensor]) -> None:
-        best, meta, empty = self._best(o)
-        value = torch.cat((self.s["value"], o["value"]))[best].masked_fill(empty, float("nan"))
-        self._state = {**meta, "value": value}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         super().load_state_dict(state)

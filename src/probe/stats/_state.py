@@ -1,0 +1,312 @@
+"""What each statistic's state is, and how two or more states combine: declared once, used everywhere.
+
+Every statistic declares its fields (:class:`Field`: name, dtype, symbolic shape, reduction,
+unit), in the spirit of torchmetrics' ``add_state(..., dist_reduce_fx=...)``. A reduction is
+either elementwise (``sum``, ``min``, ``max``, ``all``) or one named exact merge over a group of
+fields (``moments``: Pébay/Chan central moment sums; ``comoments``: co-moment matrices;
+``argmax``: the largest value and its location; ``bottomk``: the ``k`` smallest random keys and
+what they point to). Merging windows (a run's cumulative state), files (``probe merge``) and, with
+tensor collectives, ranks (:mod:`probe.sync`) all read these declarations, and the moment algebra
+below is the only one.
+
+This module imports numpy only (the read side must not pay for importing torch); its moment
+formulas are written with operators alone, so they accept numpy arrays and torch tensors alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = ["Field", "State", "SPECS", "merge_states", "merge_moments", "kway_moments", "shift_sums",
+           "empty_state", "dims_of"]
+
+Reduce = Literal["sum", "min", "max", "all", "moments", "comoments", "argmax", "bottomk"]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One state tensor: ``shape`` names its dims (``D`` channels, ``P`` positions, ``B`` histogram
+    buckets, ``k`` sample slots, ``S`` cross sites; ``4`` the location tuple)."""
+
+    name: str
+    dtype: str
+    shape: tuple[str, ...]
+    reduce: Reduce
+    #: the value of an empty state (the identity of ``reduce``)
+    fill: Any
+    unit: str
+    #: fields with the same ``(reduce, group)`` merge together (e.g. the ``keep`` co-moments)
+    group: str = ""
+
+
+@dataclass(frozen=True)
+class State:
+    """A statistic's declared state."""
+
+    name: str
+    fields: tuple[Field, ...]
+
+    def __getitem__(self, name: str) -> Field:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+    def groups(self) -> list[tuple[str, list[Field]]]:
+        """``(reduce, fields)`` per merge unit, in declaration order (elementwise fields alone)."""
+        out: dict[tuple[str, str], list[Field]] = {}
+        for f in self.fields:
+            key = (f.reduce, f.group) if f.reduce in _GROUPED else (f.reduce, "=" + f.name)
+            out.setdefault(key, []).append(f)
+        return [(k[0], v) for k, v in out.items()]
+
+
+_GROUPED = ("moments", "comoments", "argmax", "bottomk")
+F64, F32, I64, BOOL = "float64", "float32", "int64", "bool"
+_INF = float("inf")
+
+MOMENTS = State("moments", (
+    Field("n", F64, ("D",), "moments", 0.0, "finite kept values per channel"),
+    Field("mean", F64, ("D",), "moments", 0.0, "activation units"),
+    Field("m2", F64, ("D",), "moments", 0.0, "sum of (x - mean)^2, units^2"),
+    Field("m3", F64, ("D",), "moments", 0.0, "sum of (x - mean)^3, units^3"),
+    Field("m4", F64, ("D",), "moments", 0.0, "sum of (x - mean)^4, units^4"),
+    Field("min", F32, ("D",), "min", _INF, "activation units (+inf where empty)"),
+    Field("max", F32, ("D",), "max", -_INF, "activation units (-inf where empty)"),
+    Field("nan", I64, (), "sum", 0, "NaN kept values"),
+    Field("posinf", I64, (), "sum", 0, "+inf kept values"),
+    Field("neginf", I64, (), "sum", 0, "-inf kept values"),
+    Field("tokens", I64, (), "sum", 0, "kept tokens"),
+    Field("absmax", F32, (), "argmax", -1.0, "largest |x|, activation units (-1 where empty)"),
+    Field("absmax_at", I64, ("4",), "argmax", -1, "(row, position, channel, token id) of absmax"),
+    Field("large", I64, ("D",), "sum", 0, "values with |x| >= 6 per channel"),
+))
+
+POSITION = State("position", (
+    Field("tokens", I64, ("P",), "sum", 0, "real tokens at each absolute position"),
+    Field("n", F64, ("P",), "moments", 0.0, "finite values (all channels) at each position"),
+    Field("mean", F64, ("P",), "moments", 0.0, "activation units"),
+    Field("m2", F64, ("P",), "moments", 0.0, "sum of (x - mean)^2, units^2"),
+    Field("absmax", F32, ("P",), "max", -_INF, "largest |x| at each position (-inf where empty)"),
+    Field("overflow", I64, (), "sum", 0, "real tokens at positions >= P"),
+))
+
+HISTOGRAM = State("histogram", (
+    Field("counts", I64, ("B",), "sum", 0, "finite kept values per float-bit bucket"),
+    Field("lossless", BOOL, (), "all", True, "no value had mantissa bits below the top m"),
+))
+
+SAMPLE = State("sample", (
+    Field("key", F64, ("k",), "bottomk", _INF, "uniform random key in [0, 1) (inf: empty slot)"),
+    Field("row", I64, ("k",), "bottomk", -1, "sequence index on the capturing rank"),
+    Field("position", I64, ("k",), "bottomk", -1, "absolute token position"),
+    Field("channel", I64, ("k",), "bottomk", -1, "channel index"),
+    Field("token", I64, ("k",), "bottomk", -1, "token id (-1 unknown)"),
+    Field("value", F32, ("k",), "bottomk", float("nan"), "activation units"),
+))
+
+CROSS = State("cross", tuple(
+    [f for v in ("keep", "all") for f in (
+        Field(f"{v}_n", F64, (), "comoments", 0.0, "(token, channel) observations", v),
+        Field(f"{v}_mean", F64, ("S",), "comoments", 0.0, "activation units", v),
+        Field(f"{v}_c", F64, ("S", "S"), "comoments", 0.0, "co-moment sums, units^2", v),
+    )] + [Field("skipped_tokens", I64, (), "sum", 0, "tokens of forwards left out (cross_budget)")]
+))
+
+#: declared state of every statistic, by name
+SPECS: dict[str, State] = {s.name: s for s in (MOMENTS, POSITION, HISTOGRAM, SAMPLE, CROSS)}
+
+
+def dims_of(kind: str, state: dict[str, Any]) -> dict[str, int]:
+    """The sizes of the symbolic dims of one (non-empty) ``state``."""
+    dims: dict[str, int] = {}
+    for f in SPECS[kind].fields:
+        shape = np.shape(state[f.name])
+        for d, size in zip(f.shape, shape):
+            if not d.isdigit():
+                dims[d] = int(size)
+    return dims
+
+
+def empty_state(kind: str, dims: dict[str, int]) -> dict[str, np.ndarray]:
+    """The identity state of ``kind`` with the given dims (what a window that saw nothing holds)."""
+    out = {}
+    for f in SPECS[kind].fields:
+        shape = tuple(int(d) if d.isdigit() else dims[d] for d in f.shape)
+        out[f.name] = np.full(shape, f.fill, dtype=f.dtype)
+    return out
+
+
+# ------------------------------------------------------------------------------ the moment algebra
+def _clamp_one(n):
+    return n.clamp(min=1) if hasattr(n, "clamp") else np.clip(n, 1, None)
+
+
+def merge_moments(a: tuple, b: tuple) -> tuple:
+    """Combine central moment sums ``(n, mean, M2[, M3, M4])`` of two disjoint sets.
+
+    Pébay (2008), eqs. 3.1 and 3.2 (Chan et al. 1979 for ``M2``): exact algebra, written with
+    operators only, so it takes tensors or numpy arrays alike. An empty side (``n == 0``) leaves
+    the other untouched. Tuples of length 3 merge to order 2, of length 5 to order 4.
+    """
+    na, ma, m2a = a[:3]
+    nb, mb, m2b = b[:3]
+    n = na + nb
+    safe = _clamp_one(n)
+    delta = mb - ma
+    dn = delta / safe
+    nab = na * nb
+    mean = ma + nb * dn
+    m2 = m2a + m2b + delta * dn * nab
+    if len(a) == 3:
+        return n, mean, m2
+    m3a, m4a = a[3:]
+    m3b, m4b = b[3:]
+    dn2 = dn * dn
+    m3 = m3a + m3b + dn2 * delta * nab * (na - nb) + 3 * dn * (na * m2b - nb * m2a)
+    m4 = (
+        m4a
+        + m4b
+        + dn2 * dn2 * nab * (na * na - nab + nb * nb) * safe
+        + 6 * dn2 * (na * na * m2b + nb * nb * m2a)
+        + 4 * dn * (na * m3b - nb * m3a)
+    )
+    return n, mean, m2, m3, m4
+
+
+def shift_sums(n, delta, sums: tuple) -> tuple:
+    """Central sums ``(M2[, M3, M4])`` of a set with ``n`` values about a point ``delta`` *below*
+    its mean (the same binomial expansion as the k-way merge; works on tensors and arrays)."""
+    m2 = sums[0] + n * delta**2
+    if len(sums) == 1:
+        return (m2,)
+    m3 = sums[1] + 3 * delta * sums[0] + n * delta**3
+    m4 = sums[2] + 4 * delta * sums[1] + 6 * delta**2 * sums[0] + n * delta**4
+    return m2, m3, m4
+
+
+def kway_moments(parts: list[tuple], axis: int = 0) -> tuple:
+    """Exact merge of ``K`` moment states ``(n, mean, M2[, M3, M4])`` stacked along ``axis``:
+    ``mean = Σ n_i mean_i / N`` and each ``M_p`` the sum of the parts' sums shifted to that mean
+    (:func:`shift_sums`). Float64 numpy."""
+    n = np.stack([np.asarray(p[0], np.float64) for p in parts], axis)
+    mean = np.stack([np.asarray(p[1], np.float64) for p in parts], axis)
+    total = n.sum(axis)
+    mu = (n * mean).sum(axis) / np.clip(total, 1, None)
+    delta = np.where(n > 0, mean - np.expand_dims(mu, axis), 0.0)
+    sums = tuple(np.stack([np.asarray(p[j], np.float64) for p in parts], axis) for j in range(2, len(parts[0])))
+    return (total, mu, *(s.sum(axis) for s in shift_sums(n, delta, sums)))
+
+
+def _kway_comoments(parts: list[tuple]) -> tuple:
+    """Exact merge of co-moment states ``(n, mean[S], C[S, S])``: ``C = Σ C_i + n_i δ_i δ_iᵀ``."""
+    n = np.array([float(p[0]) for p in parts])
+    total = n.sum()
+    mu = sum(n_i * np.asarray(p[1], np.float64) for n_i, p in zip(n, parts)) / max(total, 1.0)
+    c = 0.0
+    for n_i, p in zip(n, parts):
+        d = np.asarray(p[1], np.float64) - mu if n_i > 0 else np.zeros_like(mu)
+        c = c + np.asarray(p[2], np.float64) + n_i * np.outer(d, d)
+    return np.float64(total), mu, np.asarray(c, np.float64)
+
+
+def _argmax(values: list, ats: list) -> tuple:
+    """The largest value; ties go to the earliest (row, position, channel) among filled entries,
+    so the merge commutes (as the capture-side update does)."""
+    best_v, best_at = np.asarray(values[0]), np.asarray(ats[0])
+    for v, at in zip(values[1:], ats[1:]):
+        v, at = np.asarray(v), np.asarray(at)
+        earlier = tuple(at[:3]) < tuple(best_at[:3])
+        if v > best_v or (v == best_v and best_at[0] >= 0 and earlier):
+            best_v, best_at = v, at
+    return best_v, best_at
+
+
+def bottomk_order(keys: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` smallest of the concatenated ``keys`` in increasing key order (a stable
+    sort: equal keys keep their input order)."""
+    if keys.shape[0] > 4 * k:
+        part = np.argpartition(keys, k - 1)[:k]
+        return part[np.lexsort((part, keys[part]))]
+    return np.argsort(keys, kind="stable")[:k]
+
+
+def _bottomk(fields: list[Field], states: list[dict], order: np.ndarray | None = None) -> dict:
+    keys = np.concatenate([np.asarray(s["key"], np.float64) for s in states])
+    k = np.shape(states[0]["key"])[0]
+    if order is None:
+        order = bottomk_order(keys, k)
+    empty = np.isinf(keys[order])
+    out = {}
+    for f in fields:
+        v = np.concatenate([np.asarray(s[f.name]) for s in states])[order].astype(f.dtype)
+        if f.name != "key":
+            v[empty] = f.fill
+        out[f.name] = v
+    return out
+
+
+def merge_states(kind: str, states: list[dict[str, Any]], sample_order: np.ndarray | None = None) -> dict:
+    """Exact merge of several states of statistic ``kind`` (numpy; empty dicts are skipped).
+
+    Args:
+        kind: a name in :data:`SPECS`.
+        states: ``{field: array}`` per part.
+        sample_order: for ``sample``, a precomputed :func:`bottomk_order` of the concatenated
+            keys (sites that share keys share it).
+
+    Returns:
+        ``{field: array}``, or ``{}`` when every part is empty.
+
+    Raises:
+        ProbeError: parts whose shapes differ (other ``histogram_bits``, ``max_positions``,
+            ``sample_size`` or sites), named by the first differing field.
+    """
+    states = [s for s in states if s]
+    if not states:
+        return {}
+    spec = SPECS[kind]
+    first = states[0]
+    for s in states[1:]:
+        for f in spec.fields:
+            if np.shape(s[f.name]) != np.shape(first[f.name]):
+                from ..errors import ProbeError
+
+                raise ProbeError(f"{kind}.{f.name} has shape {np.shape(s[f.name])} in one part and "
+                                 f"{np.shape(first[f.name])} in another; expected equal shapes (same "
+                                 "histogram_bits, max_positions, sample_size and sites); merge runs "
+                                 "captured with the same options")
+    if len(states) == 1:
+        return {f.name: np.array(first[f.name], dtype=f.dtype) for f in spec.fields}
+    out: dict[str, np.ndarray] = {}
+    for reduce, fields in spec.groups():
+        names = [f.name for f in fields]
+        cols = [[np.asarray(s[n]) for s in states] for n in names]
+        if reduce == "sum":
+            out[names[0]] = np.sum(np.stack(cols[0]), 0, dtype=fields[0].dtype)
+        elif reduce == "min":
+            out[names[0]] = np.min(np.stack(cols[0]), 0)
+        elif reduce == "max":
+            out[names[0]] = np.max(np.stack(cols[0]), 0)
+        elif reduce == "all":
+            out[names[0]] = np.logical_and.reduce(np.stack(cols[0]), 0)
+        elif reduce == "moments":
+            merged = kway_moments([tuple(c[i] for c in cols) for i in range(len(states))])
+            out.update(zip(names, merged))
+        elif reduce == "comoments":
+            merged = _kway_comoments([tuple(c[i] for c in cols) for i in range(len(states))])
+            out.update(zip(names, merged))
+        elif reduce == "argmax":
+            out.update(zip(names, _argmax(cols[0], cols[1])))
+        elif reduce == "bottomk":
+            out.update(_bottomk(fields, states, sample_order))
+        else:  # pragma: no cover - declarations use the names above
+            raise ValueError(reduce)
+    return {f.name: np.asarray(out[f.name], dtype=f.dtype) for f in spec.fields}
