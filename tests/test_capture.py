@@ -137,10 +137,10 @@ def test_integer_site_output_is_refused_clearly(tiny):
 def test_file_round_trip_equals_memory(tiny, tmp_path):
     model = tiny("llama")
     ids, mask = batch(3, 9, "right")
-    with probe.capture(model, skip_first=1) as mem:
+    with probe.capture(model, skip_first=1, seed=0) as mem:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
-    with probe.capture(model, out=tmp_path / "r.h5", skip_first=1) as disk:
+    with probe.capture(model, out=tmp_path / "r.h5", skip_first=1, seed=0) as disk:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
     loaded = probe.load(tmp_path / "r.h5")
@@ -164,8 +164,9 @@ def test_layout_pinned(tiny, tmp_path):
         with torch.no_grad():
             model(input_ids=batch()[0])
     with h5py.File(tmp_path / "r.h5", "r") as f:
-        assert f.attrs["schema"] == "probe" and f.attrs["schema_version"] == 1
+        assert f.attrs["schema"] == "probe" and f.attrs["schema_version"] == 2
         assert f["steps"][:].tolist() == [10, 2]
+        assert sorted(f) == ["cross", "samples", "sites", "steps", "total"]
         assert sorted(f["sites"]) == ["00", "01", "02"]
         g = f["sites/01"]
         assert dict(g.attrs) == {"name": "hidden_states.1", "module": "transformer.h.0", "read": "output",
@@ -179,9 +180,17 @@ def test_layout_pinned(tiny, tmp_path):
             "posinf": ((2,), "int64"), "neginf": ((2,), "int64"), "tokens": ((2,), "int64"),
             "absmax": ((2,), "float32"), "absmax_at": ((2, 4), "int64"), "large": ((2, 32), "int64"),
         }
-        assert g["histogram/counts"].shape == (2, 65536) and g["histogram/counts"].dtype == np.int64
+        h = g["histogram"]
+        assert sorted(h) == ["_present", "count", "end", "index", "lossless"] and h.attrs["buckets"] == 65536
+        assert h["index"].dtype == np.int32 and h["count"].dtype == np.int64 and h["end"].shape == (2,)
+        assert h["end"][-1] == h["index"].shape[0] == h["count"].shape[0]
         assert g["position/tokens"].shape == (2, 16)
-        assert g["sample/key"].shape == (2, 8) and g["sample/key"].dtype == np.float64
+        assert sorted(g["sample"]) == ["_present", "coords", "value"] and g["sample/value"].shape == (2, 8)
+        assert f["samples/key"].shape == (2, 8) and f["samples/key"].dtype == np.float64  # once per window
+        assert f["total"].attrs["rows"] == 2
+        t = f["total/sites/01"]
+        assert sorted(t) == ["histogram", "moments", "position", "sample"] and t["moments/n"].shape == (32,)
+        assert f["total/samples/key"].shape == (1, 8)
         assert sorted(f["cross"]) == ["_present", "all_c", "all_mean", "all_n", "keep_c", "keep_mean",
                                       "keep_n", "skipped_tokens"]
         assert json.loads(f["cross"].attrs["sites"]) == ["hidden_states.0", "hidden_states.1", "hidden_states.2"]
@@ -207,7 +216,7 @@ def test_user_exception_keeps_collected_data(tiny, tmp_path):
 @pytest.mark.parametrize("content, match", [
     (b"not hdf5 at all", "not a readable HDF5 file"),
     (None, "not a probe run"),
-    ("newer", "schema version 99; this probe reads up to 1"),
+    ("newer", "schema version 99; this probe reads up to 2"),
 ])
 def test_load_refuses_bad_files(tmp_path, content, match):
     path = tmp_path / "bad.h5"
@@ -239,5 +248,5 @@ def test_merge_halves_equals_one_run(tiny, tmp_path):
         np.testing.assert_array_equal(a.histogram_counts, b.histogram_counts)
         np.testing.assert_array_equal(a.position.tokens, b.position.tokens)
     np.testing.assert_allclose(merged.cross.r2, one.cross.r2, atol=1e-12)
-    with pytest.raises(probe.ProbeError, match="same sample seed 1"):
+    with pytest.warns(UserWarning, match="same sample seed 1"):
         probe.merge([tmp_path / "a.h5", tmp_path / "a.h5"], tmp_path / "x.h5")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import secrets
 import threading
 import warnings
 from collections.abc import Sequence
@@ -68,7 +69,7 @@ def capture(
     histogram_bits: int = 7,
     sample_size: int = 20_000,
     cross_budget: int = 2 << 30,
-    seed: int = 0,
+    seed: int | None = None,
     every: int | None = None,
     phases: bool = False,
     distributed: bool | None = None,
@@ -92,14 +93,19 @@ def capture(
         sample_size: ``k`` of the uniform per-site sample for scatter plots.
         cross_budget: bytes of one forward's activations the cross-layer statistic may hold;
             a forward past it is left out of the cross-layer statistic, with a warning.
-        seed: seed of the sample's per-forward keys.
+        seed: seed of the sample's per-forward keys; ``None`` (default) draws a fresh one per
+            capture (recorded in ``meta["sample"]["seed"]``), so independent runs merge into an
+            unbiased sample. Under ``torch.distributed`` rank 0's seed is recorded (each rank
+            keys its forwards by ``(seed, rank, forward)``).
         every: commit a window (:meth:`Capture.snapshot`) after every ``every`` forward passes
             of ``model``; ``None`` commits once, at the end. (The HF Trainer callback counts
             optimizer steps instead.)
         phases: record forwards that extend a KV cache (``generate()`` decode steps) under
             separate sites named ``"<site>@decode"``; prefill forwards keep the plain names.
-        distributed: under ``torch.distributed``, merge every window across ranks at each
-            commit; rank 0 writes ``out`` and every rank gets the merged result. ``None``
+        distributed: under ``torch.distributed``, each rank keeps its windows (labelled by step)
+            and at the end of the block all ranks merge them with tensor collectives, window by
+            window over the union of their steps (ranks may run different numbers of batches);
+            rank 0 then writes ``out`` and every rank gets the same merged result. ``None``
             (default) does so whenever a process group with more than one rank is initialised.
         overwrite: replace ``out`` if it exists.
         strict: re-raise errors inside statistics instead of disabling the site with a warning.
@@ -195,7 +201,9 @@ class Capture:
         self.max_positions = _check_int("max_positions", max_positions, 1, "pass e.g. 4096")
         self.sample_size = _check_int("sample_size", sample_size, 1, "pass e.g. 20000")
         self.cross_budget = _check_int("cross_budget", cross_budget, 0, "pass a byte count such as 2 << 30")
-        self.seed = _check_int("seed", seed, 0, "pass a non-negative int")
+        self.seed = (secrets.randbits(62) if seed is None
+                     else _check_int("seed", seed, 0, "pass a non-negative int, or None to draw one"))
+        self._steps: list[int] = []  # labels of the committed windows
         self.histogram_bits = _check_int("histogram_bits", histogram_bits, 0, "pass 7")
         _stats.Histogram(histogram_bits)  # validates the range
         names = _stats.NAMES if stats is None else (stats,) if isinstance(stats, str) else tuple(stats)
@@ -267,8 +275,10 @@ class Capture:
             self._cross.members = old.members if old is not None else None
         return window
 
+    @property
     def meta(self) -> dict[str, Any]:
-        """The run's description, stored as the file's root attributes."""
+        """The run's description (a dict, like :attr:`probe.run.Run.meta`), stored as the file's
+        root attribute ``meta``."""
         from . import __version__
 
         import transformers
@@ -595,57 +605,94 @@ class Capture:
     def snapshot(self, step: int | None = None) -> None:
         """Commit the current window as one row (flushed to ``out``) and start a new window.
 
+        A step labels one window. Under ``torch.distributed`` each rank keeps its windows and all
+        ranks merge them, window by window (matched by step), when the block ends.
+
         Args:
             step: the row's label (e.g. the optimizer step); defaults to the number of forwards.
+
+        Raises:
+            ProbeError: ``step`` labels a window committed already (the window stays open, so
+                nothing is lost). ``snapshot()`` with no new forward since the last window with
+                the same default label does nothing.
         """
-        self._commit(step=step)
+        if step is not None and (isinstance(step, bool) or not hasattr(step, "__index__")):
+            raise ProbeError(f"snapshot(step=...) must be an int; got {step!r}; pass e.g. the optimizer step")
+        label = self._forward if step is None else int(step)
+        if label in self._steps:
+            if step is None and self._window_empty():
+                return
+            raise ProbeError(f"snapshot(step={label}): a window with step {label} was committed already; expected "
+                             f"a new label (committed: {self._steps[-5:]}); pass another step, or none to commit "
+                             "under the number of forwards")
+        self._commit(step=label)
+
+    def _window_empty(self) -> bool:
+        return all(st.empty for per in self._window.values() for st in per.values()) and (
+            self._cross is None or self._cross.empty)
 
     def _commit(self, step: int | None = None, final: bool = False) -> None:
         self._flush_group()
         self._finish_cross()
-        if final and self._committed and all(not st.state_dict() for per in self._window.values()
-                                             for st in per.values()):
-            self._finish_result()
+        if final and self._window_empty() and (self._committed or self.world > 1):
+            self._finish_result()  # nothing since the last window (a rank with no forward adds none)
             return
+        label = self._forward if step is None else int(step)
+        if final and label in self._steps:  # an explicit label took this number: never lose the window
+            label = max(self._steps) + 1
         row = {
-            "step": self._forward if step is None else int(step),
+            "step": label,
             "sites": {name: {k: {f: v.detach().cpu().numpy() for f, v in st.state_dict().items()}
                              for k, st in per.items()} for name, per in self._window.items()},
             "cross": ({f: v.cpu().numpy() for f, v in self._cross.state_dict().items()}
                       if self._cross is not None else {}),
         }
-        meta = self.meta()
-        if self.world > 1:
-            import torch.distributed as dist
-
-            from .run import merge_rows
-
-            rows: list = [None] * self.world
-            dist.all_gather_object(rows, row)
-            row = merge_rows(rows, meta["cross_sites"])
-            row["step"] = rows[0]["step"]
-        if self._writer is not None:
-            self._writer.append(meta, row)
-        elif self.out is not None:  # another rank's file is written by rank 0: keep a running total
-            from .run import merge_rows
-
-            self._rows = [merge_rows(self._rows + [row], meta["cross_sites"])]
-        else:
+        if self.world > 1 or self._writer is None:  # ranks merge their windows at exit
             self._rows.append(row)
+        else:
+            self._writer.append(self.meta, row)
+        self._steps.append(label)
         self._window = self._new_window()
         self._committed += 1
         if final:
             self._finish_result()
 
+    def _sync(self) -> list:
+        """Merge every rank's windows (see :mod:`probe.sync`): called at exit, which every rank
+        reaches whatever its number of batches."""
+        import torch.distributed as dist
+
+        from . import sync
+
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        # one description on every rank: rank 0's seed, the cross-layer members any rank fixed
+        seed = torch.tensor([self.seed if self.rank == 0 else 0], dtype=torch.int64, device=device)
+        dist.all_reduce(seed)
+        self.seed = int(seed)
+        if self._cross is not None:
+            members = torch.zeros(len(self._cross.candidates), dtype=torch.int64, device=device)
+            members[list(self._cross.members or [])] = 1
+            dist.all_reduce(members, op=dist.ReduceOp.MAX)
+            self._cross.members = [i for i, m in enumerate(members.tolist()) if m]
+        return sync.merge_windows(self._rows, self.sites, [k for k in self.stats if k != "cross"],
+                                  "cross" in self.stats, device)
+
     def _finish_result(self) -> None:
         from .run import Run
 
+        if self.world > 1:
+            self._rows = self._sync()
+            if self._writer is not None:
+                for row in self._rows:
+                    self._writer.append(self.meta, row)
         if self._writer is not None:
             from .store import read
 
             self._result = read(self.out)
         else:
-            self._result = Run(self.meta(), self._rows)
+            self._result = Run(self.meta, self._rows)
 
     # ---------------------------------------------------------------- results after exit
     @property
@@ -672,6 +719,14 @@ class Capture:
 
     def __getitem__(self, name: str):
         return self._need_result()[name]
+
+    def __iter__(self):
+        """The sites' views in capture order, after the block (like iterating a loaded run)."""
+        return iter(self._need_result())
+
+    def __len__(self) -> int:
+        """The number of sites (like ``len(run)`` of a loaded run)."""
+        return len(self.sites)
 
     @property
     def sites(self) -> list[str]:

@@ -1,51 +1,96 @@
 """Exact merge of run files: ranks of one job, or shards of a dataset captured separately.
 
 Files with the same list of steps merge window by window (a time series stays a time series);
-otherwise all windows merge into one. Files must agree on model, sites, statistics and their
-options, and must use different sample seeds (identical seeds would draw correlated samples).
+otherwise all windows merge into one. A merge refuses only what cannot be merged: another model
+(configuration), other sites, other statistics or statistic options; the message names exactly
+the keys that differ. Runs that used the same sample seed merge too, with a warning: their
+samples are then correlated, not independent (``capture`` draws a fresh seed per run unless
+given one).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import ProbeError
 from .run import Run, merge_rows
 
-__all__ = ["merge_runs", "merge_files"]
+__all__ = ["merge_runs", "merge_files", "differences"]
 
 _MUST_MATCH = ("stats", "skip_first", "max_positions", "histogram", "cross_sites")
 
 
+def differences(a: Any, b: Any, prefix: str = "", limit: int = 4) -> list[str]:
+    """``"key: a vs b"`` for each leaf where the JSON-like ``a`` and ``b`` differ (at most ``limit``)."""
+    out: list[str] = []
+
+    def walk(x, y, where):
+        if len(out) >= limit:
+            return
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in list(x) + [k for k in y if k not in x]:
+                walk(x.get(k, "<absent>"), y.get(k, "<absent>"), f"{where}.{k}" if where else str(k))
+        elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            for i, (u, v) in enumerate(zip(x, y)):
+                walk(u, v, f"{where}[{i}]")
+        elif x != y:
+            out.append(f"{where or 'value'}: {x!r} vs {y!r}")
+
+    walk(a, b, prefix)
+    return out
+
+
+def _model(meta: dict) -> dict:
+    m = meta.get("model", {})
+    return {"class": m.get("class"), "config": m.get("config", {})}
+
+
+def _sites(meta: dict) -> list[dict]:
+    return [{"name": s.get("name"), "module": s.get("module"), "read": s.get("read")}
+            for s in meta.get("sites", [])]
+
+
 def merge_runs(runs: Sequence[Run], names: Sequence[str] | None = None) -> Run:
+    """Merge runs exactly (see the module docstring); returns an in-memory :class:`Run`.
+
+    Raises:
+        ProbeError: fewer than two runs, or runs that differ in model, sites, statistics or
+            their options (the message lists the differing keys).
+    """
     if len(runs) < 2:
         raise ProbeError(f"merge needs at least two runs; got {len(runs)}; pass two or more files")
     names = list(names or [r.path or f"run {i}" for i, r in enumerate(runs)])
     first = runs[0]
-    seeds = {}
+    seeds: dict[Any, str] = {}
     for name, run in zip(names, runs):
-        if [s["name"] for s in run.meta.get("sites", [])] != first.sites:
-            raise ProbeError(f"{name} captures other sites than {names[0]}; expected identical sites; "
-                             "merge runs captured with the same sites=")
-        a, b = run.meta.get("model", {}), first.meta.get("model", {})
-        if (a.get("class"), a.get("config")) != (b.get("class"), b.get("config")):
-            raise ProbeError(f"{name} comes from another model than {names[0]} ({a.get('class')} vs {b.get('class')}); "
-                             "expected the same model; compare them with probe diff instead")
+        diff = differences(_sites(run.meta), _sites(first.meta), "sites")
+        if diff:
+            raise ProbeError(f"{name} captures other sites than {names[0]} ({'; '.join(diff)}); expected "
+                             "identical sites; merge runs captured with the same sites=")
+        diff = differences(_model(run.meta), _model(first.meta), "model")
+        if diff:
+            raise ProbeError(f"{name} comes from another model than {names[0]} ({'; '.join(diff)}); "
+                             "expected the same model and configuration; compare them with probe diff instead")
         for key in _MUST_MATCH:
-            if run.meta.get(key) != first.meta.get(key):
-                raise ProbeError(f"{name} differs from {names[0]} in {key} ({run.meta.get(key)!r} vs "
-                                 f"{first.meta.get(key)!r}); expected equal capture options; recapture with matching options")
-        seed = run.meta.get("sample", {}).get("seed")
-        if "sample" in run.meta.get("stats", []) and seed in seeds:
-            raise ProbeError(f"{name} and {seeds[seed]} used the same sample seed {seed}; expected a different "
-                             "seed per file so samples are independent; capture each shard with its own seed=")
-        seeds[seed] = name
+            diff = differences(run.meta.get(key), first.meta.get(key), key)
+            if diff:
+                raise ProbeError(f"{name} differs from {names[0]} in {key} ({'; '.join(diff)}); expected "
+                                 "equal capture options; recapture with matching options")
+        sample = run.meta.get("sample", {})
+        for seed in sample.get("seeds") or [sample.get("seed")]:
+            if "sample" in run.meta.get("stats", []) and seed is not None and seed in seeds:
+                warnings.warn(f"probe: {name} and {seeds[seed]} used the same sample seed {seed}: their "
+                              "samples are correlated, not independent; capture each with its own seed "
+                              "(the default draws one)", stacklevel=2)
+            seeds.setdefault(seed, name)
     cross = first.meta.get("cross_sites", [])
     if all(r.steps == first.steps for r in runs):
-        rows = [merge_rows([r.rows[i] for r in runs], cross) for i in range(len(first.rows))]
+        rows = [merge_rows([r.rows[i] for r in runs], cross) for i in range(len(first.steps))]
     else:
-        rows = [merge_rows([row for r in runs for row in r.rows], cross)]
+        rows = [merge_rows([r.total for r in runs], cross)]  # each run's cumulative state
     meta = dict(first.meta)
     meta["merged_from"] = [os.path.basename(n) for n in names]
     meta["sample"] = dict(meta.get("sample", {}), seeds=sorted(s for s in seeds if s is not None))
@@ -58,7 +103,7 @@ def merge_runs(runs: Sequence[Run], names: Sequence[str] | None = None) -> Run:
 
 
 def merge_files(paths: Sequence[str], out: str, *, overwrite: bool = False) -> Run:
-    """Merge the run files ``paths`` into ``out`` and return the merged run."""
+    """Merge the run files ``paths`` into ``out`` and return the merged run (read from ``out``)."""
     from .store import check_writable, read, write_run
 
     check_writable(out, overwrite)

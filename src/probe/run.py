@@ -1,8 +1,11 @@
-"""Reading results: a :class:`Run` is a list of committed windows plus the run's description.
+"""Reading results: a :class:`Run` is a run's description plus its committed windows.
 
 ``run[name]`` is the cumulative view of one site (all windows merged exactly), ``run.at(step)``
 one window, ``run.cross`` the layer × layer matrices. Every number is derived in float64 numpy
 from the stored raw state, so a file, a live capture and a merge of files all answer alike.
+A run read from a file is lazy: opening it reads the description; ``run[name]`` reads that
+site's cumulative state (kept up to date by the writer at each commit, so this costs the same
+for 1 or 10,000 windows); ``run.at(step)`` reads one window. This module never imports torch.
 """
 
 from __future__ import annotations
@@ -12,68 +15,70 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
-import torch
 
-from . import stats as _stats
 from .errors import ProbeError, closest
+from .stats._state import kway_moments, merge_rows
 
 __all__ = ["Run", "SiteView", "ChannelView", "PositionView", "SampleView", "CrossView",
            "combine_channels", "merge_rows"]
 
-_CLASSES = {"moments": _stats.Moments, "position": _stats.Position, "histogram": _stats.Histogram,
-            "sample": _stats.Sample}
+
+class MemorySource:
+    """Windows held in memory (a capture without ``out=``, a merge, one window of a file)."""
+
+    def __init__(self, rows: list[dict], cross_sites: Sequence[str] = ()) -> None:
+        self.rows = rows
+        self._cross_sites = list(cross_sites)
+
+    @property
+    def steps(self) -> list[int]:
+        return [int(r["step"]) for r in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def window(self, r: int) -> dict:
+        return self.rows[r]
+
+    @cached_property
+    def total(self) -> dict:
+        if len(self.rows) == 1:
+            return self.rows[0]
+        return merge_rows(self.rows, self._cross_sites)
+
+    def site_total(self, name: str) -> dict:
+        return self.total["sites"].get(name, {})
+
+    def cross_total(self) -> dict:
+        return self.total.get("cross", {}) or {}
 
 
-def _stat_from(kind: str, state: dict[str, np.ndarray], cross_sites: Sequence[str] = ()):
-    if kind == "cross":
-        stat = _stats.Cross(list(cross_sites))
-        stat.members = list(range(len(cross_sites)))
-    else:
-        stat = _CLASSES[kind]()
-    stat.load_state_dict({k: torch.from_numpy(np.asarray(v).copy()) for k, v in state.items()})
-    return stat
+class _Windows(Sequence):
+    """``run.rows`` of a file: each window read when indexed."""
 
+    def __init__(self, source) -> None:
+        self._source = source
 
-def merge_rows(rows: Sequence[dict], cross_sites: Sequence[str] = ()) -> dict:
-    """Exact merge of several windows into one (the same structure, ``step`` of the last)."""
-    if not rows:
-        return {"step": 0, "sites": {}, "cross": {}}
-    sites: dict[str, dict[str, Any]] = {}
-    cross = None
-    for row in rows:
-        for name, per in row["sites"].items():
-            into = sites.setdefault(name, {})
-            for kind, state in per.items():
-                stat = _stat_from(kind, state)
-                if kind in into:
-                    into[kind].merge(stat)
-                else:
-                    into[kind] = stat
-        if row.get("cross"):
-            stat = _stat_from("cross", row["cross"], cross_sites)
-            if cross is None:
-                cross = stat
-            else:
-                cross.merge(stat)
-    return {
-        "step": rows[-1]["step"],
-        "sites": {n: {k: {f: v.numpy() for f, v in st.state_dict().items()} for k, st in per.items()}
-                  for n, per in sites.items()},
-        "cross": {} if cross is None else {f: v.numpy() for f, v in cross.state_dict().items()},
-    }
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self._source.window(i % n)
 
 
 def combine_channels(n, mean, m2, m3, m4) -> tuple[float, float, float, float, float]:
-    """Exact k-way merge of per-channel central moment sums into one (float64)."""
-    n, mean, m2, m3, m4 = (np.asarray(a, dtype=np.float64) for a in (n, mean, m2, m3, m4))
-    total = n.sum()
-    if total == 0:
+    """Exact k-way merge of per-channel central moment sums into one (float64), by the same
+    algebra as every other merge (:func:`probe.stats._state.kway_moments`)."""
+    n = np.asarray(n, dtype=np.float64)
+    if n.sum() == 0:
         return 0.0, np.nan, np.nan, np.nan, np.nan
-    mu = (n * mean).sum() / total
-    d = np.where(n > 0, mean - mu, 0.0)
-    M2 = (m2 + n * d**2).sum()
-    M3 = (m3 + 3 * d * m2 + n * d**3).sum()
-    M4 = (m4 + 4 * d * m3 + 6 * d**2 * m2 + n * d**4).sum()
+    parts = np.stack([n, *(np.asarray(a, dtype=np.float64) for a in (mean, m2, m3, m4))], 1)
+    total, mu, M2, M3, M4 = kway_moments(list(parts), axis=0)
     return float(total), float(mu), float(M2), float(M3), float(M4)
 
 
@@ -235,7 +240,7 @@ class SiteView:
         Within ``2**-m / (2 + 2**-m)`` relative error of the exact answer (0.39 % at m=7) for
         normal floats; exact when the data had no mantissa bits below the top ``m`` (bf16).
         """
-        from .stats.histogram import quantile
+        from .stats._buckets import quantile
 
         h = self._need("histogram")
         return quantile(h["counts"], bool(h["lossless"]), q)
@@ -255,17 +260,28 @@ class SiteView:
 
 
 class Run:
-    """Results of a capture: committed windows (rows) and the run's description (``meta``)."""
+    """Results of a capture: the run's description (``meta``, a dict) and its committed windows.
 
-    def __init__(self, meta: dict[str, Any], rows: list[dict], path: str | None = None) -> None:
+    Args:
+        meta: the description (root attribute ``meta`` of the file).
+        rows: windows held in memory, each ``{"step", "sites": {name: {kind: state}}, "cross"}``.
+        path: the file the run was read from, if any.
+        source: where windows and cumulative state are read from (a file reader); ``rows`` is
+            ignored when given.
+    """
+
+    def __init__(self, meta: dict[str, Any], rows: list[dict] | None = None, path: str | None = None,
+                 *, source=None) -> None:
         self.meta = meta
-        self.rows = rows
         self.path = path
+        self._source = source if source is not None else MemorySource(list(rows or []),
+                                                                       meta.get("cross_sites", []))
         self._info = {s["name"]: s for s in meta.get("sites", [])}
+        self._views: dict[str, SiteView] = {}
 
     def __repr__(self) -> str:
         where = f" from {self.path!r}" if self.path else ""
-        return f"Run({len(self.sites)} sites, {len(self.rows)} windows{where})"
+        return f"Run({len(self.sites)} sites, {len(self._source)} windows{where})"
 
     @property
     def sites(self) -> list[str]:
@@ -275,14 +291,21 @@ class Run:
     @property
     def steps(self) -> list[int]:
         """The ``step`` label of each committed window."""
-        return [int(r["step"]) for r in self.rows]
+        return list(self._source.steps)
+
+    @property
+    def rows(self) -> Sequence[dict]:
+        """The committed windows, in commit order (read one at a time from a file)."""
+        return self._source.rows if isinstance(self._source, MemorySource) else _Windows(self._source)
 
     @cached_property
     def total(self) -> dict:
-        """All windows merged exactly (the raw state behind the cumulative views)."""
-        if len(self.rows) == 1:
-            return self.rows[0]
-        return merge_rows(self.rows, self.meta.get("cross_sites", []))
+        """All windows merged exactly (the raw state behind the cumulative views), read from the
+        file's cumulative state: ``{"step", "sites": {name: {kind: state}}, "cross": state}``."""
+        steps = self._source.steps
+        return {"step": steps[-1] if steps else 0,
+                "sites": {name: self._source.site_total(name) for name in self.sites},
+                "cross": self._source.cross_total()}
 
     @property
     def stats(self) -> list[str]:
@@ -292,10 +315,10 @@ class Run:
     def __getitem__(self, name: str) -> SiteView:
         if name not in self._info:
             raise ProbeError(f"unknown site {name!r}; expected one of run.sites{closest(name, self.sites)}")
-        views = self.__dict__.setdefault("_views", {})
-        if name not in views:
-            views[name] = SiteView(name, self._info[name], self.total["sites"].get(name, {}), self.meta)
-        return views[name]
+        if name not in self._views:
+            state = self.total["sites"].get(name, {}) if "total" in self.__dict__ else self._source.site_total(name)
+            self._views[name] = SiteView(name, self._info[name], state, self.meta)
+        return self._views[name]
 
     def __iter__(self):
         return (self[name] for name in self.sites)
@@ -305,11 +328,15 @@ class Run:
 
     @cached_property
     def cross(self) -> CrossView:
-        return CrossView(self.meta.get("cross_sites", []), self.total.get("cross", {}))
+        return CrossView(self.meta.get("cross_sites", []), self._source.cross_total())
 
     def at(self, step: int) -> Run:
-        """The window committed with label ``step``."""
-        for row in self.rows:
-            if int(row["step"]) == step:
-                return Run(self.meta, [row], self.path)
-        raise ProbeError(f"no window with step {step}; expected one of {self.steps}; pass a step from run.steps")
+        """The window committed with label ``step`` (one window read).
+
+        Raises:
+            ProbeError: no window has that label.
+        """
+        steps = self._source.steps
+        if step not in steps:
+            raise ProbeError(f"no window with step {step}; expected one of {steps}; pass a step from run.steps")
+        return Run(self.meta, [self._source.window(steps.index(step))], self.path)

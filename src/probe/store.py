@@ -1,9 +1,13 @@
-"""The HDF5 run file (schema version 1, see ``docs/format.md``); the only module importing h5py.
+"""The HDF5 run file (schema version 2, see ``docs/format.md``); the only module importing h5py.
 
-Each committed window is one row along the leading axis of every dataset. Rows are written
-first and the ``/steps`` entry last, so ``/steps`` is the commit marker: a reader trusts only
+Each committed window is one row along the leading axis of the per-window datasets. Rows are
+written first, then the cumulative state under ``/total`` (all windows merged, rewritten in
+place), and the ``/steps`` entry last, so ``/steps`` is the commit marker: a reader trusts only
 the first ``len(/steps)`` rows, and a process killed mid-write leaves the earlier rows intact.
-Structured attributes are JSON strings; nothing is ever unpickled.
+Opening a file reads its description; ``run[site]`` reads that site's ``/total`` (constant time
+in the number of windows); ``run.at(step)`` reads one row. Histogram buckets are stored sparsely
+and a window's sample coordinates once for all sites that share them. Version-1 files are still
+read (eagerly). Structured attributes are JSON strings; nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from typing import Any
 import numpy as np
 
 from .errors import FileFormatError, ProbeError
+from .stats._state import SPECS, key_groups, merge_rows
 
 __all__ = ["SCHEMA", "VERSION", "Writer", "read", "check_writable", "write_run"]
 
 SCHEMA = "probe"
-VERSION = 1
+VERSION = 2
 #: refuse to read a single dataset larger than this (a hostile file cannot exhaust memory)
 MAX_DATASET_BYTES = 8 << 30
 
@@ -78,12 +83,25 @@ def _open(path: str, mode: str, wait: float = 10.0):
             raise
 
 
+
+#: chunk of the flat (non-row) datasets: sparse histogram buckets
+_CHUNK_1D = 8192
+#: per-window datasets with at least this many elements per row go through h5py's LZF filter
+#: (fast; it pays on the per-position arrays, mostly zeros past the longest sequence)
+_FILTER_MIN = 4096
+
+
+def _site_key(i: int, count: int) -> str:
+    return f"{i:0{max(2, len(str(count - 1)))}d}"
+
+
 class Writer:
-    """Appends windows to a run file.
+    """Appends windows to a run file and keeps its cumulative state (``/total``) up to date.
 
     The file is open only while a window is appended (milliseconds), then flushed and closed, so
     between windows it is always a complete, closed HDF5 file: another process can read it (a
-    live ``probe show``), and a process killed between windows loses nothing committed.
+    live ``probe show``), and a process killed between windows loses nothing committed. The
+    cumulative state is merged here in numpy from the statistics' declared reductions.
     """
 
     def __init__(self, path: str, overwrite: bool = False) -> None:
@@ -93,56 +111,179 @@ class Writer:
             with _open(path, "w") as f:
                 f.attrs["schema"] = SCHEMA
                 f.attrs["schema_version"] = VERSION
-                f.create_dataset("steps", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(64,))
+                f.create_dataset("steps", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
         except OSError as err:
             raise ProbeError(f"cannot create out={path!r}: {err}; choose a writable path") from err
         self.rows = 0
+        self.total: dict | None = None
+        self._meta_json: str | None = None
+        self._site_attrs: dict[str, dict] = {}
 
-    def _put(self, group, name: str, value: np.ndarray) -> None:
+    # ------------------------------------------------------------------ per-window datasets
+    def _row(self, group, name: str, value: np.ndarray) -> None:
+        """Write ``value`` as row ``self.rows`` of ``group/name`` (created resizable on first use)."""
         value = np.asarray(value)
         if name not in group:
-            chunks = (1, *value.shape) if value.ndim else (64,)
-            big = value.size >= 4096
+            chunks = (1, *value.shape) if value.ndim else (1024,)
+            filt = "lzf" if value.size >= _FILTER_MIN else None
             group.create_dataset(name, shape=(self.rows + 1, *value.shape), maxshape=(None, *value.shape),
-                                 dtype=value.dtype, chunks=chunks,
-                                 compression="gzip" if big else None, compression_opts=4 if big else None)
+                                 dtype=value.dtype, chunks=chunks, compression=filt)
         ds = group[name]
         if ds.shape[1:] != value.shape:
             raise ProbeError(f"dataset {group.name}/{name} changed shape from {ds.shape[1:]} to {value.shape}; "
                              "expected fixed shapes within one run; start a new file")
-        ds.resize(self.rows + 1, axis=0)
+        if ds.shape[0] < self.rows + 1:
+            ds.resize(self.rows + 1, axis=0)
         ds[self.rows] = value
 
-    def _fill(self, group, state: dict[str, np.ndarray]) -> None:
-        for field, value in state.items():
-            self._put(group, field, value)
-        for field in group:  # a window where the stat stayed empty: pad, marked absent by _present
-            if group[field].shape[0] < self.rows + 1:
-                group[field].resize(self.rows + 1, axis=0)
+    @staticmethod
+    def _extend(group, name: str, value: np.ndarray) -> int:
+        """Append ``value`` to the 1-D ``group/name``; returns its new length."""
+        if name not in group:
+            group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=value.dtype, chunks=(_CHUNK_1D,))
+        ds = group[name]
+        start = ds.shape[0]
+        if value.size:
+            ds.resize(start + value.size, axis=0)
+            ds[start:] = value
+        return start + value.size
 
+    def _pad(self, group) -> None:
+        """Rows of a window where this statistic saw nothing (marked absent by ``_present``)."""
+        for name, ds in group.items():
+            if name in ("index", "count") or ds.shape[0] >= self.rows + 1:
+                continue
+            ds.resize(self.rows + 1, axis=0)
+
+    def _window(self, f, sg, kind: str, state: dict, coords: list) -> None:
+        self._row(sg, "_present", np.asarray(bool(state)))
+        if kind == "histogram":
+            end = 0 if "count" not in sg else sg["count"].shape[0]
+            if state:
+                counts = np.asarray(state["counts"])
+                nz = np.flatnonzero(counts)
+                self._extend(sg, "index", nz.astype(np.int32))
+                end = self._extend(sg, "count", counts[nz].astype(np.int64))
+                sg.attrs["buckets"] = counts.shape[0]
+                self._row(sg, "lossless", np.asarray(bool(state["lossless"])))
+            self._row(sg, "end", np.asarray(end, dtype=np.int64))
+        elif kind == "sample":
+            index = -1
+            if state:
+                key = np.asarray(state["key"])
+                for c, known in coords:
+                    if known.shape == key.shape and np.array_equal(known, key):
+                        index = c
+                        break
+                else:
+                    samples = f.require_group("samples")
+                    index = samples["key"].shape[0] if "key" in samples else 0
+                    for name in ("key", "row", "position", "channel", "token"):
+                        v = np.asarray(state[name])
+                        if name not in samples:
+                            samples.create_dataset(name, shape=(0, *v.shape), maxshape=(None, *v.shape),
+                                                   dtype=v.dtype, chunks=(1, *v.shape),
+                                                   compression=None if name == "key" else "lzf")
+                        ds = samples[name]
+                        ds.resize(index + 1, axis=0)
+                        ds[index] = v
+                    coords.append((index, key))
+                self._row(sg, "value", np.asarray(state["value"]))
+            self._row(sg, "coords", np.asarray(index, dtype=np.int64))
+        elif state:
+            for name in SPECS[kind].names:
+                self._row(sg, name, np.asarray(state[name]))
+        self._pad(sg)
+
+    # ------------------------------------------------------------------ the cumulative state
+    @staticmethod
+    def _set(group, name: str, value: np.ndarray) -> None:
+        """Overwrite ``group/name`` in place (fixed shape), or resize the 1-D ``group/name``."""
+        value = np.asarray(value)
+        if name in group and group[name].shape == value.shape and group[name].dtype == value.dtype:
+            group[name][...] = value
+            return
+        if name in group and group[name].maxshape == (None,) and value.ndim == 1:
+            group[name].resize(value.shape[0], axis=0)
+            group[name][...] = value
+            return
+        if name in group:
+            del group[name]
+        if value.ndim == 1 and name in ("index", "count"):  # grows with the run: resizable
+            group.create_dataset(name, data=value, maxshape=(None,), chunks=(_CHUNK_1D,))
+        else:
+            group.create_dataset(name, data=value)
+
+    def _total(self, f, meta: dict, total: dict) -> None:
+        t = f.require_group("total")
+        t.attrs["rows"] = -1  # invalid while rewritten: a reader falls back to the windows
+        names = [s["name"] for s in meta["sites"]]
+        samples = [(name, st) for name in names
+                   if (st := total["sites"].get(name, {}).get("sample"))]
+        groups = key_groups([st["key"] for _, st in samples])
+        reps = sorted(set(groups))
+        where = {name: reps.index(g) for (name, _), g in zip(samples, groups)}
+        if reps:
+            ts = t.require_group("samples")
+            for field in ("key", "row", "position", "channel", "token"):
+                self._set(ts, field, np.stack([samples[r][1][field] for r in reps]))
+        for i, name in enumerate(names):
+            tg = t.require_group(f"sites/{_site_key(i, len(names))}")
+            tg.attrs["name"] = name
+            for kind, state in total["sites"].get(name, {}).items():
+                sg = tg.require_group(kind)
+                sg.attrs["present"] = bool(state)
+                if not state:
+                    continue
+                if kind == "histogram":
+                    counts = np.asarray(state["counts"])
+                    nz = np.flatnonzero(counts)
+                    sg.attrs["buckets"] = counts.shape[0]
+                    self._set(sg, "index", nz.astype(np.int32))
+                    self._set(sg, "count", counts[nz].astype(np.int64))
+                    self._set(sg, "lossless", np.asarray(bool(state["lossless"])))
+                elif kind == "sample":
+                    self._set(sg, "coords", np.asarray(where[name], dtype=np.int64))
+                    self._set(sg, "value", np.asarray(state["value"]))
+                else:
+                    for field in SPECS[kind].names:
+                        self._set(sg, field, np.asarray(state[field]))
+        if total.get("cross"):
+            cg = t.require_group("cross")
+            for field in SPECS["cross"].names:
+                self._set(cg, field, np.asarray(total["cross"][field]))
+        t.attrs["rows"] = self.rows + 1
+
+    # ------------------------------------------------------------------------------ a window
     def append(self, meta: dict[str, Any], row: dict[str, Any]) -> None:
+        """Commit one window ``{"step", "sites": {name: {kind: state}}, "cross": state}``."""
+        cross_sites = meta.get("cross_sites", [])
+        total = merge_rows([row] if self.total is None else [self.total, row], cross_sites)
         with _open(self.path, "r+") as f:
-            self._append(f, meta, row)
+            self._append(f, meta, row, total)
+        self.total = total
 
-    def _append(self, f, meta: dict[str, Any], row: dict[str, Any]) -> None:
-        f.attrs["meta"] = json.dumps(_jsonable(meta))
+    def _append(self, f, meta: dict[str, Any], row: dict[str, Any], total: dict) -> None:
+        text = json.dumps(_jsonable(meta))
+        if text != self._meta_json:
+            f.attrs["meta"] = text
+            self._meta_json = text
         sites = f.require_group("sites")
-        width = max(2, len(str(len(meta["sites"]) - 1)))
+        coords: list = []
         for i, info in enumerate(meta["sites"]):
-            g = sites.require_group(f"{i:0{width}d}")
-            for key in ("name", "module", "read", "dtype"):
-                g.attrs[key] = str(info.get(key, ""))
-            g.attrs["hf_index"] = -1 if info.get("hf_index") is None else int(info["hf_index"])
+            g = sites.require_group(_site_key(i, len(meta["sites"])))
+            attrs = {key: str(info.get(key, "")) for key in ("name", "module", "read", "dtype")}
+            attrs["hf_index"] = -1 if info.get("hf_index") is None else int(info["hf_index"])
+            if self._site_attrs.get(g.name) != attrs:
+                g.attrs.update(attrs)
+                self._site_attrs[g.name] = attrs
             for kind, state in row["sites"].get(info["name"], {}).items():
-                sg = g.require_group(kind)
-                present = bool(state)
-                self._put(sg, "_present", np.asarray(present))
-                self._fill(sg, state)
+                self._window(f, g.require_group(kind), kind, state or {}, coords)
         if row.get("cross") or "cross" in f:
             cg = f.require_group("cross")
             cg.attrs["sites"] = json.dumps(meta.get("cross_sites", []))
-            self._put(cg, "_present", np.asarray(bool(row.get("cross"))))
-            self._fill(cg, row.get("cross") or {})
+            self._window(f, cg, "cross", row.get("cross") or {}, coords)
+        self._total(f, meta, total)
         steps = f["steps"]
         steps.resize(self.rows + 1, axis=0)
         steps[self.rows] = int(row["step"])  # written last: the commit marker
@@ -156,7 +297,7 @@ class Writer:
 
 
 def write_run(run, path: str, overwrite: bool = False) -> None:
-    """Write a :class:`probe.run.Run` (all its windows) to ``path``."""
+    """Write a :class:`probe.run.Run` (all its windows, read one at a time) to ``path``."""
     w = Writer(path, overwrite)
     for row in run.rows:
         w.append(run.meta, row)
@@ -175,8 +316,188 @@ def _read_ds(ds, rows: int) -> np.ndarray:
     return ds[:rows]
 
 
+
+def _read_v1(f, path: str, meta: dict):
+    """A schema-1 file, read eagerly into memory (every window)."""
+    from .run import Run
+
+    steps = _read_ds(f["steps"], f["steps"].shape[0])
+    rows = len(steps)
+    data: list[dict] = [{"step": int(s), "sites": {}, "cross": {}} for s in steps]
+    for key in sorted(f.get("sites", {})):
+        g = f["sites"][key]
+        name = str(g.attrs.get("name", key))
+        for kind in g:
+            sg = g[kind]
+            present = _read_ds(sg["_present"], rows) if "_present" in sg else np.ones(rows, bool)
+            fields = {fn: _read_ds(sg[fn], rows) for fn in sg if fn != "_present"}
+            for r in range(rows):
+                data[r]["sites"].setdefault(name, {})[kind] = (
+                    {fn: v[r] for fn, v in fields.items()} if present[r] else {})
+    if "cross" in f:
+        cg = f["cross"]
+        present = _read_ds(cg["_present"], rows) if "_present" in cg else np.ones(rows, bool)
+        fields = {fn: _read_ds(cg[fn], rows) for fn in cg if fn != "_present"}
+        for r in range(rows):
+            if r < len(present) and present[r]:
+                data[r]["cross"] = {fn: v[r] for fn, v in fields.items()}
+    return Run(meta, data, path)
+
+def _check(ds, what: str = "") -> None:
+    if ds.dtype.kind not in "biuf":
+        raise FileFormatError(f"{ds.name} has dtype {ds.dtype}; expected numbers; the file is not a probe run")
+    nbytes = int(np.prod(ds.shape, dtype=np.float64)) * ds.dtype.itemsize
+    if nbytes > MAX_DATASET_BYTES:
+        raise FileFormatError(f"{ds.name} declares {nbytes} bytes; expected under {MAX_DATASET_BYTES}; "
+                              "the file is damaged or hostile")
+
+
+def _at(ds, r: int, rows: int):
+    """Row ``r`` of a per-window dataset that must hold the ``rows`` committed rows."""
+    if ds.shape[0] < rows:
+        raise FileFormatError(f"{ds.name} holds {ds.shape[0]} rows but /steps commits {rows}; "
+                              "the file is damaged; rerun or recover the committed rows with an older copy")
+    _check(ds)
+    return ds[r]
+
+
+def _dense_counts(index: np.ndarray, count: np.ndarray, buckets: int, where: str) -> np.ndarray:
+    if buckets not in [2 ** (9 + m) for m in range(11)] or index.shape != count.shape or (
+            index.size and (index.min() < 0 or index.max() >= buckets)):
+        raise FileFormatError(f"{where}: sparse histogram does not fit {buckets} buckets; the file is damaged")
+    counts = np.zeros(buckets, dtype=np.int64)
+    counts[index] = count
+    return counts
+
+
+class FileSource:
+    """The windows and cumulative state of a schema-2 file, read on demand (one short open per
+    read, so a live writer is never blocked for long)."""
+
+    def __init__(self, path: str, steps: list[int], keys: dict[str, str], total_ok: bool,
+                 cross: bool) -> None:
+        self.path = path
+        self.steps = steps
+        self._keys = keys  # site name -> group name under /sites
+        self._total_ok = total_ok
+        self._cross = cross
+        self._fallback: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def _file(self):
+        try:
+            return _open(self.path, "r")
+        except OSError as err:
+            raise FileFormatError(f"{self.path!r} could not be reopened ({str(err).splitlines()[0]}); "
+                                  "the file was moved or is damaged") from err
+
+    # -------------------------------------------------------------------------- one window
+    @staticmethod
+    def _kind_at(f, sg, kind: str, r: int, rows: int) -> dict:
+        if "_present" in sg and not _at(sg["_present"], r, rows):
+            return {}
+        if kind == "histogram":
+            end = sg["end"]
+            stop = int(_at(end, r, rows))
+            start = int(end[r - 1]) if r else 0
+            if not 0 <= start <= stop <= sg["count"].shape[0]:
+                raise FileFormatError(f"{sg.name}: histogram row {r} spans [{start}, {stop}) outside the "
+                                      "stored buckets; the file is damaged")
+            counts = _dense_counts(sg["index"][start:stop], sg["count"][start:stop],
+                                   int(sg.attrs.get("buckets", 0)), sg.name)
+            return {"counts": counts, "lossless": np.asarray(bool(_at(sg["lossless"], r, rows)))}
+        if kind == "sample":
+            c = int(_at(sg["coords"], r, rows))
+            samples = f["samples"]
+            if not 0 <= c < samples["key"].shape[0]:
+                raise FileFormatError(f"{sg.name}: sample coordinates {c} not stored; the file is damaged")
+            out = {name: samples[name][c] for name in ("key", "row", "position", "channel", "token")}
+            out["value"] = _at(sg["value"], r, rows)
+            return out
+        return {name: _at(sg[name], r, rows) for name in SPECS[kind].names}
+
+    def window(self, r: int) -> dict:
+        rows = len(self.steps)
+        try:
+            with self._file() as f:
+                sites = {}
+                for name, key in self._keys.items():
+                    g = f["sites"][key]
+                    sites[name] = {kind: self._kind_at(f, g[kind], kind, r, rows) for kind in g if kind in SPECS}
+                cross = self._kind_at(f, f["cross"], "cross", r, rows) if "cross" in f else {}
+        except (OSError, KeyError, ValueError) as err:
+            raise FileFormatError(f"{self.path!r} could not be read ({err}); the file is damaged") from err
+        return {"step": self.steps[r], "sites": sites, "cross": cross}
+
+    # ------------------------------------------------------------------- cumulative state
+    def _all_windows(self) -> dict:
+        if self._fallback is None:  # /total is stale (a writer was killed mid-commit): merge the windows
+            self._fallback = merge_rows([self.window(r) for r in range(len(self.steps))])
+        return self._fallback
+
+    def site_total(self, name: str) -> dict:
+        if not self._total_ok:
+            return self._all_windows()["sites"].get(name, {})
+        try:
+            with self._file() as f:
+                t = f["total"]
+                key = self._keys[name]
+                if f"sites/{key}" not in t:
+                    return {}
+                g = t["sites"][key]
+                out = {}
+                for kind in g:
+                    if kind not in SPECS:
+                        continue
+                    sg = g[kind]
+                    if not sg.attrs.get("present", False):
+                        out[kind] = {}
+                        continue
+                    for ds in sg.values():
+                        _check(ds)
+                    if kind == "histogram":
+                        out[kind] = {"counts": _dense_counts(sg["index"][()], sg["count"][()],
+                                                             int(sg.attrs.get("buckets", 0)), sg.name),
+                                     "lossless": np.asarray(bool(sg["lossless"][()]))}
+                    elif kind == "sample":
+                        c = int(sg["coords"][()])
+                        ts = t["samples"]
+                        if not 0 <= c < ts["key"].shape[0]:
+                            raise FileFormatError(f"{sg.name}: sample coordinates {c} not stored; the file is damaged")
+                        out[kind] = {n: ts[n][c] for n in ("key", "row", "position", "channel", "token")}
+                        out[kind]["value"] = sg["value"][()]
+                    else:
+                        out[kind] = {n: sg[n][()] for n in SPECS[kind].names}
+                return out
+        except (OSError, KeyError, ValueError) as err:
+            raise FileFormatError(f"{self.path!r} could not be read ({err}); the file is damaged") from err
+
+    def cross_total(self) -> dict:
+        if not self._cross:
+            return {}
+        if not self._total_ok:
+            return self._all_windows().get("cross", {})
+        try:
+            with self._file() as f:
+                if "total/cross" not in f:
+                    return {}
+                cg = f["total/cross"]
+                for ds in cg.values():
+                    _check(ds)
+                return {n: cg[n][()] for n in SPECS["cross"].names}
+        except (OSError, KeyError, ValueError) as err:
+            raise FileFormatError(f"{self.path!r} could not be read ({err}); the file is damaged") from err
+
+
 def read(path: str | os.PathLike):
-    """Load a run file. Raises :class:`FileFormatError` with one line for anything unreadable."""
+    """Open a run file: reads its description and steps; site states are read on demand.
+
+    Raises:
+        ProbeError: a missing path; FileFormatError (one line) for anything unreadable, not a
+            probe run, damaged, hostile, or of a newer schema version.
+    """
     from .run import Run
 
     path = os.fspath(path)
@@ -206,29 +527,21 @@ def read(path: str | os.PathLike):
                 meta = json.loads(f.attrs.get("meta", "{}"))
             except (TypeError, ValueError) as err:
                 raise FileFormatError(f"{path!r}: the meta attribute is not JSON; the file is damaged") from err
-            steps = _read_ds(f["steps"], f["steps"].shape[0])
-            rows = len(steps)
-            data: list[dict] = [{"step": int(s), "sites": {}, "cross": {}} for s in steps]
+            if version < 2:
+                return _read_v1(f, path, meta)
+            steps = [int(s) for s in _read_ds(f["steps"], f["steps"].shape[0])]
+            keys = {}
             for key in sorted(f.get("sites", {})):
                 g = f["sites"][key]
-                name = str(g.attrs.get("name", key))
+                keys[str(g.attrs.get("name", key))] = key
                 for kind in g:
-                    sg = g[kind]
-                    present = _read_ds(sg["_present"], rows) if "_present" in sg else np.ones(rows, bool)
-                    fields = {fn: _read_ds(sg[fn], rows) for fn in sg if fn != "_present"}
-                    for r in range(rows):
-                        data[r]["sites"].setdefault(name, {})[kind] = (
-                            {fn: v[r] for fn, v in fields.items()} if present[r] else {})
-            if "cross" in f:
-                cg = f["cross"]
-                present = _read_ds(cg["_present"], rows) if "_present" in cg else np.ones(rows, bool)
-                fields = {fn: _read_ds(cg[fn], rows) for fn in cg if fn != "_present"}
-                for r in range(rows):
-                    if r < len(present) and present[r]:
-                        data[r]["cross"] = {fn: v[r] for fn, v in fields.items()}
+                    for ds in g[kind].values():
+                        _check(ds)
+            total_ok = int(f["total"].attrs.get("rows", -1)) == len(steps) if "total" in f else not steps
+            source = FileSource(path, steps, keys, total_ok, "cross" in f)
     except (OSError, KeyError) as err:
         raise FileFormatError(f"{path!r} could not be read ({err}); the file is damaged") from err
-    return Run(meta, data, path)
+    return Run(meta, path=path, source=source)
 
 
 def annotate(path: str, **entries: Any) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Field", "State", "SPECS", "merge_states", "merge_moments", "kway_moments", "shift_sums",
+__all__ = ["Field", "State", "SPECS", "merge_states", "merge_rows", "key_groups", "merge_moments", "kway_moments", "shift_sums",
            "empty_state", "dims_of"]
 
 Reduce = Literal["sum", "min", "max", "all", "moments", "comoments", "argmax", "bottomk"]
@@ -310,3 +310,66 @@ def merge_states(kind: str, states: list[dict[str, Any]], sample_order: np.ndarr
         else:  # pragma: no cover - declarations use the names above
             raise ValueError(reduce)
     return {f.name: np.asarray(out[f.name], dtype=f.dtype) for f in spec.fields}
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a is b or (a.shape == b.shape and np.array_equal(a, b))
+
+
+def key_groups(keys: list[np.ndarray]) -> list[int]:
+    """For each key array, the index of the first equal one: sites whose samples saw the same
+    forwards hold equal keys (and coordinates), which are then stored and merged once."""
+    reps: dict[tuple, list[int]] = {}
+    out = []
+    for i, k in enumerate(keys):
+        k = np.asarray(k)
+        head = (k.shape, k.reshape(-1)[:4].tobytes())  # random keys: the head tells them apart
+        for r in reps.setdefault(head, []):
+            if _same(np.asarray(keys[r]), k):
+                out.append(r)
+                break
+        else:
+            reps[head].append(i)
+            out.append(i)
+    return out
+
+
+def merge_rows(rows: list[dict], cross_sites=()) -> dict:
+    """Exact merge of several windows ``{"step", "sites": {name: {kind: state}}, "cross": state}``
+    into one (``step`` of the last). Sites whose samples hold equal keys share one bottom-k order."""
+    if not rows:
+        return {"step": 0, "sites": {}, "cross": {}}
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row["sites"]))
+    sites: dict[str, dict] = {}
+    reps: list[list[np.ndarray]] = [[] for _ in rows]  # per row: distinct sample key arrays seen
+    orders: dict[tuple, np.ndarray] = {}
+    for name in names:
+        kinds: dict[str, None] = {}
+        for row in rows:
+            kinds.update(dict.fromkeys(row["sites"].get(name, {})))
+        per = sites[name] = {}
+        for kind in kinds:
+            states = [row["sites"].get(name, {}).get(kind) or {} for row in rows]
+            order = None
+            if kind == "sample" and sum(bool(s) for s in states) > 1:
+                sig = []
+                for r, s in enumerate(states):
+                    if not s:
+                        continue
+                    for j, rep in enumerate(reps[r]):
+                        if _same(rep, s["key"]):
+                            sig.append((r, j))
+                            break
+                    else:
+                        reps[r].append(s["key"])
+                        sig.append((r, len(reps[r]) - 1))
+                sig_t = tuple(sig)
+                if sig_t not in orders:
+                    keys = np.concatenate([s["key"] for s in states if s])
+                    orders[sig_t] = bottomk_order(keys, np.shape(next(s for s in states if s)["key"])[0])
+                order = orders[sig_t]
+            per[kind] = merge_states(kind, states, order)
+    cross = merge_states("cross", [row.get("cross") or {} for row in rows])
+    return {"step": rows[-1]["step"], "sites": sites, "cross": cross}
