@@ -3,6 +3,9 @@
     torchrun --nproc-per-node 2 examples/distributed.py -o dist.h5
     python examples/distributed.py -o single.h5      # the same data in one process
 
+Ranks may run different numbers of batches (``--batches 9`` on 2 ranks gives 5 and 4): each
+rank keeps its windows, labelled by step, and at the end of the ``with`` block all ranks merge
+them window by window with tensor collectives, so nothing waits on a rank that has finished.
 Both files hold the same statistics (moments to ~1e-12, counts and histograms exactly); the
 uniform samples differ, since each rank draws its own keys. The model is a small random-init
 Llama so the example runs anywhere; swap in your own model and loader.
