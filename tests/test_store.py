@@ -1,0 +1,190 @@
+"""The run file, schema 2: lazy one-way reading, the cumulative state, sparse storage, version 1,
+and the capture-side seams (seed, meta, snapshot labels, iteration)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import probe
+from conftest import batch
+from probe.stats._state import SPECS, merge_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(tiny, path, n=4, every=1, **options):
+    model = tiny("gpt2")
+    with probe.capture(model, out=path, every=every, max_positions=16, sample_size=32, **options) as run:
+        for i in range(n):
+            ids, mask = batch(2, 8, "right", seed=i)
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+    return run
+
+
+def _same_state(a: dict, b: dict, rtol=1e-12) -> None:
+    assert set(a) == set(b)
+    for kind in a:
+        assert bool(a[kind]) == bool(b[kind]), kind
+        for field, value in a[kind].items():
+            if np.asarray(value).dtype.kind == "f":
+                np.testing.assert_allclose(value, b[kind][field], rtol=rtol, atol=1e-12, err_msg=f"{kind}.{field}")
+            else:
+                np.testing.assert_array_equal(value, b[kind][field], err_msg=f"{kind}.{field}")
+
+
+def test_cumulative_state_equals_merge_of_windows(tiny, tmp_path):
+    _run(tiny, tmp_path / "r.h5", n=5)
+    run = probe.load(tmp_path / "r.h5")
+    assert run.steps == [1, 2, 3, 4, 5] and len(run.rows) == 5
+    merged = merge_rows(list(run.rows))
+    for name in run.sites:
+        _same_state(run.total["sites"][name], merged["sites"][name])
+    for field, value in merged["cross"].items():
+        np.testing.assert_allclose(run.total["cross"][field], value, rtol=1e-12, atol=1e-12)
+    # a stale cumulative state (a writer killed mid-commit) is not trusted: the windows are merged
+    with h5py.File(tmp_path / "r.h5", "r+") as f:
+        f["total"].attrs["rows"] = -1
+    stale = probe.load(tmp_path / "r.h5")
+    for name in run.sites:
+        assert stale[name].tokens == run[name].tokens
+        np.testing.assert_array_equal(stale[name].histogram_counts, run[name].histogram_counts)
+        assert stale[name].std == pytest.approx(run[name].std, rel=1e-12)
+
+
+def test_window_reads_one_row_and_equals_a_capture_of_its_batches(tiny, tmp_path):
+    _run(tiny, tmp_path / "r.h5", n=4, every=2, seed=5)
+    run = probe.load(tmp_path / "r.h5")
+    assert run.steps == [2, 4]
+    model = tiny("gpt2")
+    with probe.capture(model, max_positions=16, sample_size=32, seed=5) as ref:
+        for i in (2, 3):
+            ids, mask = batch(2, 8, "right", seed=i)
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+    window = run.at(4)
+    for name in run.sites:
+        a, b = window[name], ref[name]
+        assert (a.count, a.tokens, a.min, a.max) == (b.count, b.tokens, b.min, b.max)
+        np.testing.assert_allclose([a.mean, a.std, a.kurtosis], [b.mean, b.std, b.kurtosis], rtol=1e-9)
+        np.testing.assert_array_equal(a.histogram_counts, b.histogram_counts)
+        np.testing.assert_array_equal(a.position.tokens, b.position.tokens)
+    with pytest.raises(probe.ProbeError, match=r"no window with step 3; expected one of \[2, 4\]"):
+        run.at(3)
+
+
+def test_sparse_histogram_and_shared_sample_coordinates(tiny, tmp_path):
+    _run(tiny, tmp_path / "r.h5", n=3)
+    run = probe.load(tmp_path / "r.h5")
+    nonzero = [int(np.count_nonzero(w["sites"]["hidden_states.1"]["histogram"]["counts"])) for w in run.rows]
+    with h5py.File(tmp_path / "r.h5", "r") as f:
+        assert f["samples/key"].shape == (3, 32)  # one coordinate set per window, shared by 3 sites
+        assert [f[f"sites/{k}/sample/coords"][:].tolist() for k in f["sites"]] == [[0, 1, 2]] * 3
+        assert np.diff(np.concatenate([[0], f["sites/01/histogram/end"][:]])).tolist() == nonzero
+    for name in run.sites:  # every site's sample points at the same (row, position, channel)
+        np.testing.assert_array_equal(run[name].sample.channel, run[run.sites[0]].sample.channel)
+
+
+def test_read_side_does_not_import_torch(tiny, tmp_path):
+    _run(tiny, tmp_path / "r.h5", n=2)
+    script = f"""
+import sys, types
+sys.modules["torch"] = None  # any import of torch fails
+pkg = types.ModuleType("probe"); pkg.__path__ = [{str(ROOT / "src" / "probe")!r}]; sys.modules["probe"] = pkg
+import probe.store, probe.merging
+run = probe.store.read({str(tmp_path / "r.h5")!r})
+for site in run:
+    print(site.name, site.tokens, round(site.std, 6), round(site.quantile(0.5), 6), len(site.sample))
+print(run.at(1)["hidden_states.1"].tokens, run.cross.r2.shape)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    run = probe.load(tmp_path / "r.h5")
+    lines = out.stdout.splitlines()
+    s = run["hidden_states.1"]
+    assert lines[1] == f"{s.name} {s.tokens} {round(s.std, 6)} {round(s.quantile(0.5), 6)} {len(s.sample)}"
+
+
+def test_version_1_file_still_read(tmp_path):
+    path = tmp_path / "v1.h5"
+    rng = np.random.default_rng(0)
+    d = 4
+    with h5py.File(path, "w") as f:
+        f.attrs["schema"], f.attrs["schema_version"] = "probe", 1
+        f.attrs["meta"] = json.dumps({"sites": [{"name": "x", "module": "m"}], "stats": ["moments"]})
+        f.create_dataset("steps", data=np.array([1, 2]))
+        g = f.create_group("sites/00")
+        g.attrs["name"] = "x"
+        m = g.create_group("moments")
+        m.create_dataset("_present", data=np.array([True, True]))
+        values = [rng.normal(size=(5, d)), rng.normal(size=(3, d)) * 2 + 1]
+        for field in SPECS["moments"].names:
+            rows = []
+            for v in values:
+                mean = v.mean(0)
+                state = {"n": np.full(d, len(v), float), "mean": mean, "m2": ((v - mean) ** 2).sum(0),
+                         "m3": ((v - mean) ** 3).sum(0), "m4": ((v - mean) ** 4).sum(0),
+                         "min": v.min(0).astype(np.float32), "max": v.max(0).astype(np.float32), "nan": 0,
+                         "posinf": 0, "neginf": 0, "tokens": len(v), "absmax": np.float32(np.abs(v).max()),
+                         "absmax_at": np.array([0, 0, 0, 0]), "large": np.zeros(d, np.int64)}
+                rows.append(np.asarray(state[field]))
+            m.create_dataset(field, data=np.stack(rows))
+    run = probe.load(path)
+    both = np.concatenate(values)
+    assert run.steps == [1, 2] and run["x"].tokens == 8
+    assert run["x"].var == pytest.approx(both.var(), rel=1e-12)
+    assert run["x"].kurtosis == pytest.approx(((both - both.mean()) ** 4).mean() / both.var() ** 2 - 3, rel=1e-10)
+
+
+def test_seed_drawn_per_capture_and_recorded(tiny, tmp_path):
+    a = _run(tiny, tmp_path / "a.h5", n=1)
+    b = _run(tiny, tmp_path / "b.h5", n=1)
+    assert isinstance(a.meta, dict) and a.meta["sample"]["seed"] != b.meta["sample"]["seed"]
+    assert probe.load(tmp_path / "a.h5").meta["sample"]["seed"] == a.meta["sample"]["seed"]
+    assert not np.array_equal(a["hidden_states.1"].sample.key, b["hidden_states.1"].sample.key)
+    c = _run(tiny, tmp_path / "c.h5", n=1, seed=7)
+    assert c.meta["sample"]["seed"] == 7
+
+
+def test_snapshot_labels_and_capture_like_a_run(tiny, tmp_path):
+    model = tiny("gpt2")
+    ids, _ = batch()
+    with probe.capture(model, out=tmp_path / "r.h5", stats=("moments",)) as run:
+        with torch.no_grad():
+            model(input_ids=ids)
+        run.snapshot()  # label 1: the number of forwards
+        run.snapshot()  # no forward since the window labelled 1: nothing to commit
+        with torch.no_grad():
+            model(input_ids=ids)
+        with pytest.raises(probe.ProbeError, match=r"snapshot\(step=1\): a window with step 1 was committed already"):
+            run.snapshot(1)
+        run.snapshot(3)
+        with torch.no_grad():
+            model(input_ids=ids)
+    assert run.steps == [1, 3, 4]  # the final window takes the next free label
+    assert sum(run.at(s)["hidden_states.1"].tokens for s in run.steps) == 3 * ids.numel()
+    assert len(run) == 3 and [s.name for s in run] == run.sites
+    assert run.meta == probe.load(tmp_path / "r.h5").meta
+
+
+def test_merge_names_the_differing_key(tiny, tmp_path):
+    model, eps, half = tiny("gpt2"), tiny("gpt2"), tiny("gpt2").to(torch.bfloat16)
+    eps.config.layer_norm_epsilon = 1e-3
+    half.config.dtype = torch.bfloat16  # as from_pretrained(dtype=torch.bfloat16) records it
+    for m, path in ((model, "a.h5"), (eps, "b.h5"), (half, "c.h5")):
+        with probe.capture(m, out=tmp_path / path, stats=("moments",)):
+            with torch.no_grad():
+                m(input_ids=batch()[0])
+    with pytest.raises(probe.ProbeError, match=r"b\.h5 comes from another model than .*a\.h5 "
+                       r"\(model\.config\.layer_norm_epsilon: 0\.001 vs 1e-05\)"):
+        probe.merge([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "m.h5")
+    with pytest.raises(probe.ProbeError, match=r"\(model\.config\.dtype: 'bfloat16' vs '<absent>'\)"):
+        probe.merge([tmp_path / "a.h5", tmp_path / "c.h5"], tmp_path / "m.h5")
