@@ -123,16 +123,17 @@ class Writer:
     def _row(self, group, name: str, value: np.ndarray) -> None:
         """Write ``value`` as row ``self.rows`` of ``group/name`` (created resizable on first use)."""
         value = np.asarray(value)
-        if name not in group:
+        ds = group.get(name)
+        if ds is None:
             chunks = (1, *value.shape) if value.ndim else (1024,)
             filt = "lzf" if value.size >= _FILTER_MIN else None
-            group.create_dataset(name, shape=(self.rows + 1, *value.shape), maxshape=(None, *value.shape),
-                                 dtype=value.dtype, chunks=chunks, compression=filt)
-        ds = group[name]
-        if ds.shape[1:] != value.shape:
-            raise ProbeError(f"dataset {group.name}/{name} changed shape from {ds.shape[1:]} to {value.shape}; "
+            ds = group.create_dataset(name, shape=(self.rows + 1, *value.shape), maxshape=(None, *value.shape),
+                                      dtype=value.dtype, chunks=chunks, compression=filt)
+        shape = ds.shape
+        if shape[1:] != value.shape:
+            raise ProbeError(f"dataset {group.name}/{name} changed shape from {shape[1:]} to {value.shape}; "
                              "expected fixed shapes within one run; start a new file")
-        if ds.shape[0] < self.rows + 1:
+        if shape[0] < self.rows + 1:
             ds.resize(self.rows + 1, axis=0)
         ds[self.rows] = value
 
@@ -193,21 +194,24 @@ class Writer:
         elif state:
             for name in SPECS[kind].names:
                 self._row(sg, name, np.asarray(state[name]))
-        self._pad(sg)
+        if not state:
+            self._pad(sg)
 
     # ------------------------------------------------------------------ the cumulative state
     @staticmethod
     def _set(group, name: str, value: np.ndarray) -> None:
         """Overwrite ``group/name`` in place (fixed shape), or resize the 1-D ``group/name``."""
         value = np.asarray(value)
-        if name in group and group[name].shape == value.shape and group[name].dtype == value.dtype:
-            group[name][...] = value
-            return
-        if name in group and group[name].maxshape == (None,) and value.ndim == 1:
-            group[name].resize(value.shape[0], axis=0)
-            group[name][...] = value
-            return
-        if name in group:
+        ds = group.get(name)
+        if ds is not None:
+            shape = ds.shape
+            if shape == value.shape and ds.dtype == value.dtype:
+                ds[...] = value
+                return
+            if ds.maxshape == (None,) and value.ndim == 1:
+                ds.resize(value.shape[0], axis=0)
+                ds[...] = value
+                return
             del group[name]
         if value.ndim == 1 and name in ("index", "count"):  # grows with the run: resizable
             group.create_dataset(name, data=value, maxshape=(None,), chunks=(_CHUNK_1D,))

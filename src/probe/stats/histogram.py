@@ -97,8 +97,11 @@ class Histogram(StatBase):
         if self._state is None:
             return {}
         counts = self.s["counts"][:-1].clone()
-        exponent = (torch.arange(counts.numel(), device=counts.device) >> self.m) & 255
-        counts[exponent == 255] = 0  # NaN and +-inf: counted by the moments, not here
+        # NaN and +-inf (exponent 255: the top 2**m buckets of each sign) are counted by the
+        # moments, not here
+        half, top = counts.numel() // 2, 255 << self.m
+        counts[top:half] = 0
+        counts[half + top:] = 0
         return {"counts": counts, "lossless": self.s["lossless"]}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
