@@ -172,27 +172,31 @@ def test_layout_pinned(tiny, tmp_path):
         assert dict(g.attrs) == {"name": "hidden_states.1", "module": "transformer.h.0", "read": "output",
                                  "dtype": "float32", "hf_index": 1}
         assert sorted(g) == ["histogram", "moments", "position", "sample"]
-        layout = {k: (g[f"moments/{k}"].shape, str(g[f"moments/{k}"].dtype)) for k in g["moments"]}
+        w = g["moments/window"]  # one record per window: _present and every field
+        assert w.shape == (2,) and sorted(g["moments"]) == ["window"]
+        layout = {k: (w.dtype[k].shape, str(w.dtype[k].base)) for k in w.dtype.names}
         assert layout == {
-            "_present": ((2,), "bool"), "n": ((2, 32), "float64"), "mean": ((2, 32), "float64"),
-            "m2": ((2, 32), "float64"), "m3": ((2, 32), "float64"), "m4": ((2, 32), "float64"),
-            "min": ((2, 32), "float32"), "max": ((2, 32), "float32"), "nan": ((2,), "int64"),
-            "posinf": ((2,), "int64"), "neginf": ((2,), "int64"), "tokens": ((2,), "int64"),
-            "absmax": ((2,), "float32"), "absmax_at": ((2, 4), "int64"), "large": ((2, 32), "int64"),
+            "_present": ((), "bool"), "n": ((32,), "float64"), "mean": ((32,), "float64"),
+            "m2": ((32,), "float64"), "m3": ((32,), "float64"), "m4": ((32,), "float64"),
+            "min": ((32,), "float32"), "max": ((32,), "float32"), "nan": ((), "int64"),
+            "posinf": ((), "int64"), "neginf": ((), "int64"), "tokens": ((), "int64"),
+            "absmax": ((), "float32"), "absmax_at": ((4,), "int64"), "large": ((32,), "int64"),
         }
+        t = f["total/sites/01/moments/total"]  # all windows merged, rewritten at each commit
+        assert t.shape == () and t.dtype == w.dtype
         h = g["histogram"]
-        assert sorted(h) == ["_present", "count", "end", "index", "lossless"] and h.attrs["buckets"] == 65536
-        assert h["index"].dtype == np.int32 and h["count"].dtype == np.int64 and h["end"].shape == (2,)
-        assert h["end"][-1] == h["index"].shape[0] == h["count"].shape[0]
-        assert g["position/tokens"].shape == (2, 16)
-        assert sorted(g["sample"]) == ["_present", "coords", "value"] and g["sample/value"].shape == (2, 8)
+        assert sorted(h) == ["count", "index", "window"] and h.attrs["buckets"] == 65536
+        assert h["window"].dtype.names == ("_present", "start", "end", "lossless")
+        assert h["index"].dtype == np.int32 and h["count"].dtype == np.int64
+        assert h["window"]["end"][-1] == h["index"].shape[0] == h["count"].shape[0]
+        assert g["position/window"].dtype["tokens"].shape == (16,)
+        assert g["sample/window"].dtype.names == ("_present", "coords", "value")
         assert f["samples/key"].shape == (2, 8) and f["samples/key"].dtype == np.float64  # once per window
         assert f["total"].attrs["rows"] == 2
-        t = f["total/sites/01"]
-        assert sorted(t) == ["histogram", "moments", "position", "sample"] and t["moments/n"].shape == (32,)
+        assert sorted(f["total/sites/01"]) == ["histogram", "moments", "position", "sample"]
         assert f["total/samples/key"].shape == (1, 8)
-        assert sorted(f["cross"]) == ["_present", "all_c", "all_mean", "all_n", "keep_c", "keep_mean",
-                                      "keep_n", "skipped_tokens"]
+        assert sorted(f["cross"]) == ["window"] and "keep_c" in f["cross/window"].dtype.names
+        assert f["total/cross/total"].dtype == f["cross/window"].dtype
         assert json.loads(f["cross"].attrs["sites"]) == ["hidden_states.0", "hidden_states.1", "hidden_states.2"]
         meta = json.loads(f.attrs["meta"])
         assert meta["histogram"] == {"encoding": "float32-bits", "mantissa_bits": 7}

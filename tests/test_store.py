@@ -87,8 +87,9 @@ def test_sparse_histogram_and_shared_sample_coordinates(tiny, tmp_path):
     nonzero = [int(np.count_nonzero(w["sites"]["hidden_states.1"]["histogram"]["counts"])) for w in run.rows]
     with h5py.File(tmp_path / "r.h5", "r") as f:
         assert f["samples/key"].shape == (3, 32)  # one coordinate set per window, shared by 3 sites
-        assert [f[f"sites/{k}/sample/coords"][:].tolist() for k in f["sites"]] == [[0, 1, 2]] * 3
-        assert np.diff(np.concatenate([[0], f["sites/01/histogram/end"][:]])).tolist() == nonzero
+        assert [f[f"sites/{k}/sample/window"]["coords"].tolist() for k in f["sites"]] == [[0, 1, 2]] * 3
+        h = f["sites/01/histogram/window"]
+        assert (h["end"] - h["start"]).tolist() == nonzero and h["start"][1:].tolist() == h["end"][:-1].tolist()
     for name in run.sites:  # every site's sample points at the same (row, position, channel)
         np.testing.assert_array_equal(run[name].sample.channel, run[run.sites[0]].sample.channel)
 

@@ -120,23 +120,6 @@ class Writer:
         self._site_attrs: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ per-window datasets
-    def _row(self, group, name: str, value: np.ndarray) -> None:
-        """Write ``value`` as row ``self.rows`` of ``group/name`` (created resizable on first use)."""
-        value = np.asarray(value)
-        ds = group.get(name)
-        if ds is None:
-            chunks = (1, *value.shape) if value.ndim else (1024,)
-            filt = "lzf" if value.size >= _FILTER_MIN else None
-            ds = group.create_dataset(name, shape=(self.rows + 1, *value.shape), maxshape=(None, *value.shape),
-                                      dtype=value.dtype, chunks=chunks, compression=filt)
-        shape = ds.shape
-        if shape[1:] != value.shape:
-            raise ProbeError(f"dataset {group.name}/{name} changed shape from {shape[1:]} to {value.shape}; "
-                             "expected fixed shapes within one run; start a new file")
-        if shape[0] < self.rows + 1:
-            ds.resize(self.rows + 1, axis=0)
-        ds[self.rows] = value
-
     @staticmethod
     def _extend(group, name: str, value: np.ndarray) -> int:
         """Append ``value`` to the 1-D ``group/name``; returns its new length."""
@@ -149,25 +132,51 @@ class Writer:
             ds[start:] = value
         return start + value.size
 
-    def _pad(self, group) -> None:
-        """Rows of a window where this statistic saw nothing (marked absent by ``_present``)."""
-        for name, ds in group.items():
-            if name in ("index", "count") or ds.shape[0] >= self.rows + 1:
-                continue
-            ds.resize(self.rows + 1, axis=0)
+    @staticmethod
+    def _pack(fields: dict[str, np.ndarray], present: bool, dtype: np.dtype | None = None) -> np.ndarray:
+        """One record (a numpy structured scalar) holding ``_present`` and every field."""
+        if dtype is None:
+            dtype = np.dtype([("_present", np.bool_)] + [(k, np.asarray(v).dtype, np.shape(v))
+                                                          for k, v in fields.items()])
+        rec = np.zeros((), dtype=dtype)
+        if present:
+            rec["_present"] = True
+            for k, v in fields.items():
+                rec[k] = v
+        return rec
+
+    def _record(self, sg, fields: dict[str, np.ndarray], present: bool) -> None:
+        """Row ``self.rows`` of the compound dataset ``sg/window`` (rows never written, and rows
+        of windows where the statistic saw nothing, are zeros: ``_present`` false)."""
+        ds = sg.get("window")
+        if ds is None:
+            if not present:
+                return  # created zero-filled (absent) for earlier rows when first present
+            rec = self._pack(fields, True)
+            filt = "lzf" if rec.dtype.itemsize >= (_FILTER_MIN * 8) else None
+            ds = sg.create_dataset("window", shape=(self.rows + 1,), maxshape=(None,), dtype=rec.dtype,
+                                   chunks=(1,), compression=filt)
+        else:
+            if ds.shape[0] < self.rows + 1:
+                ds.resize(self.rows + 1, axis=0)
+            if not present:
+                return
+            rec = self._pack(fields, True, ds.dtype)
+        ds[self.rows] = rec
 
     def _window(self, f, sg, kind: str, state: dict, coords: list) -> None:
-        self._row(sg, "_present", np.asarray(bool(state)))
         if kind == "histogram":
-            end = 0 if "count" not in sg else sg["count"].shape[0]
+            start = sg["count"].shape[0] if "count" in sg else 0
+            end = start
             if state:
                 counts = np.asarray(state["counts"])
                 nz = np.flatnonzero(counts)
+                if "index" not in sg:
+                    sg.attrs["buckets"] = counts.shape[0]
                 self._extend(sg, "index", nz.astype(np.int32))
                 end = self._extend(sg, "count", counts[nz].astype(np.int64))
-                sg.attrs["buckets"] = counts.shape[0]
-                self._row(sg, "lossless", np.asarray(bool(state["lossless"])))
-            self._row(sg, "end", np.asarray(end, dtype=np.int64))
+            fields = {"start": np.int64(start), "end": np.int64(end),
+                      "lossless": np.bool_(bool(state["lossless"])) if state else np.bool_(True)}
         elif kind == "sample":
             index = -1
             if state:
@@ -189,13 +198,10 @@ class Writer:
                         ds.resize(index + 1, axis=0)
                         ds[index] = v
                     coords.append((index, key))
-                self._row(sg, "value", np.asarray(state["value"]))
-            self._row(sg, "coords", np.asarray(index, dtype=np.int64))
-        elif state:
-            for name in SPECS[kind].names:
-                self._row(sg, name, np.asarray(state[name]))
-        if not state:
-            self._pad(sg)
+            fields = {"coords": np.int64(index), "value": np.asarray(state["value"])} if state else {}
+        else:
+            fields = {name: np.asarray(state[name]) for name in SPECS[kind].names} if state else {}
+        self._record(sg, fields, bool(state))
 
     # ------------------------------------------------------------------ the cumulative state
     @staticmethod
@@ -218,6 +224,16 @@ class Writer:
         else:
             group.create_dataset(name, data=value)
 
+    def _put_total(self, sg, fields: dict[str, np.ndarray], present: bool) -> None:
+        """The compound scalar ``sg/total``, overwritten in place (its shape and dtype are fixed)."""
+        ds = sg.get("total")
+        if ds is None:
+            if not present:
+                return
+            sg.create_dataset("total", data=self._pack(fields, True))
+            return
+        ds[()] = self._pack(fields, present, ds.dtype)
+
     def _total(self, f, meta: dict, total: dict) -> None:
         t = f.require_group("total")
         t.attrs["rows"] = -1  # invalid while rewritten: a reader falls back to the windows
@@ -232,30 +248,31 @@ class Writer:
             for field in ("key", "row", "position", "channel", "token"):
                 self._set(ts, field, np.stack([samples[r][1][field] for r in reps]))
         for i, name in enumerate(names):
-            tg = t.require_group(f"sites/{_site_key(i, len(names))}")
-            tg.attrs["name"] = name
+            key = f"sites/{_site_key(i, len(names))}"
+            if key not in t:
+                t.require_group(key).attrs["name"] = name
+            tg = t[key]
             for kind, state in total["sites"].get(name, {}).items():
                 sg = tg.require_group(kind)
-                sg.attrs["present"] = bool(state)
-                if not state:
-                    continue
                 if kind == "histogram":
-                    counts = np.asarray(state["counts"])
-                    nz = np.flatnonzero(counts)
-                    sg.attrs["buckets"] = counts.shape[0]
-                    self._set(sg, "index", nz.astype(np.int32))
-                    self._set(sg, "count", counts[nz].astype(np.int64))
-                    self._set(sg, "lossless", np.asarray(bool(state["lossless"])))
+                    fields = {}
+                    if state:
+                        counts = np.asarray(state["counts"])
+                        nz = np.flatnonzero(counts)
+                        if "index" not in sg:
+                            sg.attrs["buckets"] = counts.shape[0]
+                        self._set(sg, "index", nz.astype(np.int32))
+                        self._set(sg, "count", counts[nz].astype(np.int64))
+                        fields = {"lossless": np.bool_(bool(state["lossless"]))}
                 elif kind == "sample":
-                    self._set(sg, "coords", np.asarray(where[name], dtype=np.int64))
-                    self._set(sg, "value", np.asarray(state["value"]))
+                    fields = {"coords": np.int64(where[name]), "value": np.asarray(state["value"])} if state else {}
                 else:
-                    for field in SPECS[kind].names:
-                        self._set(sg, field, np.asarray(state[field]))
-        if total.get("cross"):
-            cg = t.require_group("cross")
-            for field in SPECS["cross"].names:
-                self._set(cg, field, np.asarray(total["cross"][field]))
+                    fields = {n: np.asarray(state[n]) for n in SPECS[kind].names} if state else {}
+                self._put_total(sg, fields, bool(state))
+        if total.get("cross") or "cross" in t:
+            state = total.get("cross") or {}
+            self._put_total(t.require_group("cross"), {n: np.asarray(state[n]) for n in SPECS["cross"].names}
+                            if state else {}, bool(state))
         t.attrs["rows"] = self.rows + 1
 
     # ------------------------------------------------------------------------------ a window
@@ -347,8 +364,10 @@ def _read_v1(f, path: str, meta: dict):
                 data[r]["cross"] = {fn: v[r] for fn, v in fields.items()}
     return Run(meta, data, path)
 
-def _check(ds, what: str = "") -> None:
-    if ds.dtype.kind not in "biuf":
+def _check(ds) -> None:
+    """Refuse datasets that are not numbers (or records of numbers) or declare over 8 GiB."""
+    kinds = [ds.dtype[n].base.kind for n in ds.dtype.names] if ds.dtype.names else [ds.dtype.kind]
+    if any(k not in "biuf" for k in kinds):
         raise FileFormatError(f"{ds.name} has dtype {ds.dtype}; expected numbers; the file is not a probe run")
     nbytes = int(np.prod(ds.shape, dtype=np.float64)) * ds.dtype.itemsize
     if nbytes > MAX_DATASET_BYTES:
@@ -356,13 +375,11 @@ def _check(ds, what: str = "") -> None:
                               "the file is damaged or hostile")
 
 
-def _at(ds, r: int, rows: int):
-    """Row ``r`` of a per-window dataset that must hold the ``rows`` committed rows."""
-    if ds.shape[0] < rows:
-        raise FileFormatError(f"{ds.name} holds {ds.shape[0]} rows but /steps commits {rows}; "
-                              "the file is damaged; rerun or recover the committed rows with an older copy")
-    _check(ds)
-    return ds[r]
+def _fields(rec, names, where: str) -> dict:
+    missing = [n for n in names if n not in (rec.dtype.names or ())]
+    if missing:
+        raise FileFormatError(f"{where} lacks fields {missing}; the file is damaged or not a probe run")
+    return {n: np.asarray(rec[n]) for n in names}
 
 
 def _dense_counts(index: np.ndarray, count: np.ndarray, buckets: int, where: str) -> np.ndarray:
@@ -400,27 +417,33 @@ class FileSource:
     # -------------------------------------------------------------------------- one window
     @staticmethod
     def _kind_at(f, sg, kind: str, r: int, rows: int) -> dict:
-        if "_present" in sg and not _at(sg["_present"], r, rows):
+        ds = sg.get("window")
+        if ds is None or r >= ds.shape[0]:
+            if ds is not None and ds.shape[0] < rows:
+                raise FileFormatError(f"{ds.name} holds {ds.shape[0]} rows but /steps commits {rows}; "
+                                      "the file is damaged; rerun or recover the committed rows with an older copy")
+            return {}
+        _check(ds)
+        rec = ds[r]
+        if not bool(rec["_present"]):
             return {}
         if kind == "histogram":
-            end = sg["end"]
-            stop = int(_at(end, r, rows))
-            start = int(end[r - 1]) if r else 0
+            start, stop = int(rec["start"]), int(rec["end"])
             if not 0 <= start <= stop <= sg["count"].shape[0]:
                 raise FileFormatError(f"{sg.name}: histogram row {r} spans [{start}, {stop}) outside the "
                                       "stored buckets; the file is damaged")
             counts = _dense_counts(sg["index"][start:stop], sg["count"][start:stop],
                                    int(sg.attrs.get("buckets", 0)), sg.name)
-            return {"counts": counts, "lossless": np.asarray(bool(_at(sg["lossless"], r, rows)))}
+            return {"counts": counts, "lossless": np.asarray(bool(rec["lossless"]))}
         if kind == "sample":
-            c = int(_at(sg["coords"], r, rows))
+            c = int(rec["coords"])
             samples = f["samples"]
             if not 0 <= c < samples["key"].shape[0]:
                 raise FileFormatError(f"{sg.name}: sample coordinates {c} not stored; the file is damaged")
             out = {name: samples[name][c] for name in ("key", "row", "position", "channel", "token")}
-            out["value"] = _at(sg["value"], r, rows)
+            out["value"] = np.asarray(rec["value"])
             return out
-        return {name: _at(sg[name], r, rows) for name in SPECS[kind].names}
+        return _fields(rec, SPECS[kind].names, ds.name)
 
     def window(self, r: int) -> dict:
         rows = len(self.steps)
@@ -441,6 +464,31 @@ class FileSource:
             self._fallback = merge_rows([self.window(r) for r in range(len(self.steps))])
         return self._fallback
 
+    @staticmethod
+    def _total_of(t, sg, kind: str) -> dict:
+        ds = sg.get("total")
+        if ds is None:
+            return {}
+        _check(ds)
+        rec = ds[()]
+        if not bool(rec["_present"]):
+            return {}
+        if kind == "histogram":
+            for name in ("index", "count"):
+                _check(sg[name])
+            return {"counts": _dense_counts(sg["index"][()], sg["count"][()], int(sg.attrs.get("buckets", 0)),
+                                            sg.name),
+                    "lossless": np.asarray(bool(rec["lossless"]))}
+        if kind == "sample":
+            c = int(rec["coords"])
+            ts = t["samples"]
+            if not 0 <= c < ts["key"].shape[0]:
+                raise FileFormatError(f"{sg.name}: sample coordinates {c} not stored; the file is damaged")
+            out = {n: ts[n][c] for n in ("key", "row", "position", "channel", "token")}
+            out["value"] = np.asarray(rec["value"])
+            return out
+        return _fields(rec, SPECS[kind].names, ds.name)
+
     def site_total(self, name: str) -> dict:
         if not self._total_ok:
             return self._all_windows()["sites"].get(name, {})
@@ -451,30 +499,7 @@ class FileSource:
                 if f"sites/{key}" not in t:
                     return {}
                 g = t["sites"][key]
-                out = {}
-                for kind in g:
-                    if kind not in SPECS:
-                        continue
-                    sg = g[kind]
-                    if not sg.attrs.get("present", False):
-                        out[kind] = {}
-                        continue
-                    for ds in sg.values():
-                        _check(ds)
-                    if kind == "histogram":
-                        out[kind] = {"counts": _dense_counts(sg["index"][()], sg["count"][()],
-                                                             int(sg.attrs.get("buckets", 0)), sg.name),
-                                     "lossless": np.asarray(bool(sg["lossless"][()]))}
-                    elif kind == "sample":
-                        c = int(sg["coords"][()])
-                        ts = t["samples"]
-                        if not 0 <= c < ts["key"].shape[0]:
-                            raise FileFormatError(f"{sg.name}: sample coordinates {c} not stored; the file is damaged")
-                        out[kind] = {n: ts[n][c] for n in ("key", "row", "position", "channel", "token")}
-                        out[kind]["value"] = sg["value"][()]
-                    else:
-                        out[kind] = {n: sg[n][()] for n in SPECS[kind].names}
-                return out
+                return {kind: self._total_of(t, g[kind], kind) for kind in g if kind in SPECS}
         except (OSError, KeyError, ValueError) as err:
             raise FileFormatError(f"{self.path!r} could not be read ({err}); the file is damaged") from err
 
@@ -485,12 +510,7 @@ class FileSource:
             return self._all_windows().get("cross", {})
         try:
             with self._file() as f:
-                if "total/cross" not in f:
-                    return {}
-                cg = f["total/cross"]
-                for ds in cg.values():
-                    _check(ds)
-                return {n: cg[n][()] for n in SPECS["cross"].names}
+                return self._total_of(f["total"], f["total/cross"], "cross") if "total/cross" in f else {}
         except (OSError, KeyError, ValueError) as err:
             raise FileFormatError(f"{self.path!r} could not be read ({err}); the file is damaged") from err
 
@@ -539,8 +559,8 @@ def read(path: str | os.PathLike):
                 g = f["sites"][key]
                 keys[str(g.attrs.get("name", key))] = key
                 for kind in g:
-                    for ds in g[kind].values():
-                        _check(ds)
+                    if "window" in g[kind]:
+                        _check(g[kind]["window"])
             total_ok = int(f["total"].attrs.get("rows", -1)) == len(steps) if "total" in f else not steps
             source = FileSource(path, steps, keys, total_ok, "cross" in f)
     except (OSError, KeyError) as err:
