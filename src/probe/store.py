@@ -86,9 +86,9 @@ def _open(path: str, mode: str, wait: float = 10.0):
 
 #: chunk of the flat (non-row) datasets: sparse histogram buckets
 _CHUNK_1D = 8192
-#: per-window datasets with at least this many elements per row go through h5py's LZF filter
-#: (fast; it pays on the per-position arrays, mostly zeros past the longest sequence)
-_FILTER_MIN = 4096
+#: per-window records of the per-position statistic, and the sample coordinates but the keys, go
+#: through h5py's LZF filter (fast): positions past the longest sequence are zeros and coordinates
+#: are small integers; moments, keys and values are dense floats, which LZF barely shrinks
 
 
 def _site_key(i: int, count: int) -> str:
@@ -153,7 +153,7 @@ class Writer:
             if not present:
                 return  # created zero-filled (absent) for earlier rows when first present
             rec = self._pack(fields, True)
-            filt = "lzf" if rec.dtype.itemsize >= (_FILTER_MIN * 8) else None
+            filt = "lzf" if sg.name.endswith("/position") else None
             ds = sg.create_dataset("window", shape=(self.rows + 1,), maxshape=(None,), dtype=rec.dtype,
                                    chunks=(1,), compression=filt)
         else:

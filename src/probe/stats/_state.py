@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Field", "State", "SPECS", "merge_states", "merge_rows", "key_groups", "merge_moments", "kway_moments", "shift_sums",
+__all__ = ["Field", "State", "SPECS", "merge_states", "merge_rows", "key_groups", "merge_moments", "kway_moments",
+           "shift_sums",
            "empty_state", "dims_of"]
 
 Reduce = Literal["sum", "min", "max", "all", "moments", "comoments", "argmax", "bottomk"]
