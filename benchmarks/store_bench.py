@@ -12,11 +12,11 @@ statistic at its default options (histogram m=7, 20,000-element sample, 4,096 po
 ``probe.capture(out=...)`` and, after each, ``run.snapshot()``: one committed window, as
 ``every=1`` does after every forward (medians of the repeats).
 
-``load`` writes a run of N windows (one small forward each, ``every=1``), then, in a fresh
-process, measures ``probe.load`` plus ``std`` and ``quantile(0.999)`` of every site: wall time
+``load`` writes a run of N windows (four real windows of one small forward each, appended in
+turn through the file writer, as ``every=1`` would), then, in a fresh process, measures ``probe.load`` plus ``std`` and ``quantile(0.999)`` of every site: wall time
 and the growth of the process's resident memory (``ru_maxrss`` after the imports vs. after the
-reads). Runs on any probe version (it uses only ``capture``, ``snapshot`` and ``load``), so point
-``PYTHONPATH`` at an older checkout to compare.
+reads). Runs on schema-1 and schema-2 versions of probe (it uses ``capture``, ``snapshot``,
+``load`` and ``store.Writer.append``), so point ``PYTHONPATH`` at an older checkout to compare.
 """
 
 from __future__ import annotations
@@ -84,19 +84,39 @@ def bench_commit(batch: int, seq: int, repeats: int, threads: int) -> dict:
     }
 
 
-def write_run(path: str, windows: int) -> float:
+def write_run(path: str, windows: int, distinct: int = 4) -> float:
+    """A run of ``windows`` windows: ``distinct`` real windows (one forward of 1x16 tokens each),
+    appended in turn under labels 1..windows through the file writer (so the file is what
+    ``every=1`` writes, without paying for the forwards)."""
     import torch
 
     import probe
+    from probe import store
 
     torch.set_num_threads(2)
     model = _model()
     g = torch.Generator().manual_seed(2)
-    t = time.perf_counter()
-    with torch.no_grad(), probe.capture(model, path, every=1, seed=0, overwrite=True):
-        for _ in range(windows):
+    with torch.no_grad(), probe.capture(model, every=1, seed=0) as c:
+        for _ in range(distinct):
             model(input_ids=torch.randint(0, 50257, (1, 16), generator=g))
+    meta = c.meta() if callable(c.meta) else c.meta  # a method before schema 2
+    rows = list(c._rows)
+    t = time.perf_counter()
+    writer = store.Writer(path, overwrite=True)
+    for i in range(windows):
+        writer.append(meta, dict(rows[i % distinct], step=i + 1))
     return time.perf_counter() - t
+
+
+def _rss_mb() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in MB (Linux /proc; else ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak, peak
 
 
 def read_run(path: str) -> dict:
@@ -105,14 +125,19 @@ def read_run(path: str) -> dict:
 
     import probe
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:  # reset the peak RSS so it measures the reads alone (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    rss0, _ = _rss_mb()
     t = time.perf_counter()
     run = probe.load(path)
     values = [(run[name].std, run[name].quantile(0.999)) for name in run.sites]
     wall = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"load_std_quantile_s": wall, "extra_rss_mb": (after - before) / 1024, "sites": len(values),
-            "windows": len(run.steps)}
+    rss1, peak = _rss_mb()
+    return {"load_std_quantile_s": wall, "extra_rss_mb": rss1 - rss0, "extra_peak_rss_mb": peak - rss0,
+            "sites": len(values), "windows": len(run.steps)}
 
 
 def bench_load(windows: int, folder: str | None) -> dict:
@@ -152,8 +177,9 @@ def main() -> None:
     if args.what in ("load", "all"):
         results["load"] = r = bench_load(args.windows, args.folder)
         print(f"{r['windows']} windows: file {r['file_bytes'] / 1e6:.1f} MB ({r['bytes_per_window'] / 1e3:.0f} kB "
-              f"per window), written in {r['write_s']:.1f} s; load + std + quantile of {r['sites']} sites: "
-              f"{r['load_std_quantile_s']:.3f} s, {r['extra_rss_mb']:.1f} MB extra RSS")
+              f"per window), appended in {r['write_s']:.1f} s; load + std + quantile of {r['sites']} sites: "
+              f"{r['load_std_quantile_s']:.3f} s, {r['extra_rss_mb']:.1f} MB extra RSS "
+              f"({r['extra_peak_rss_mb']:.1f} MB at the peak)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
