@@ -368,3 +368,34 @@ def test_no_per_site_buffer_scales_with_the_activations():
         stat.update(x, tokens(8192))
         held = [v for v in list(vars(stat).values()) + list(stat.state_dict().values()) if isinstance(v, torch.Tensor)]
         assert all(t.numel() < x.numel() / 2 for t in held), type(stat).__name__
+
+
+def test_statistics_declare_and_document_their_state():
+    from probe.stats._state import SPECS
+
+    for cls in (Moments, Position, Histogram, Sample, Cross):
+        spec = SPECS[cls.name]
+        assert cls.spec is spec and tuple(cls._fields) == spec.names
+        doc = cls.__doc__.replace("``keep_", "``v_").replace("``all_", "``v_")
+        for f in spec.fields:
+            name = f.name.replace("keep_", "v_").replace("all_", "v_")
+            assert f"``{name}``" in doc, (cls.name, f.name)
+            assert f.reduce in doc, (cls.name, f.reduce)
+
+
+def test_identity_state_and_kway_merge_against_numpy():
+    from probe.stats._state import dims_of, empty_state, merge_states
+
+    x = heavy(900, 8)
+    parts = [moments_of(p) for p in np.array_split(x, 3)]
+    one = merge_states("moments", parts)
+    with_empty = merge_states("moments", [parts[0], empty_state("moments", dims_of("moments", parts[0])), *parts[1:]])
+    for field in one:
+        np.testing.assert_array_equal(one[field], with_empty[field], err_msg=field)
+    xd = x.astype(np.float64)
+    np.testing.assert_array_equal(one["n"], np.full(8, 900.0))
+    np.testing.assert_allclose(one["mean"], xd.mean(0), rtol=1e-12)
+    for p in (2, 3, 4):
+        ref = ((xd - xd.mean(0)) ** p).sum(0)
+        np.testing.assert_allclose(one[f"m{p}"], ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    assert one["absmax"] == np.float32(2500.0) and one["min"].min() == x.min()

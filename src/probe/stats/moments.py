@@ -109,7 +109,7 @@ class Moments(BatchedStat):
     Fields (declared in :data:`probe.stats._state.MOMENTS`; reduction in brackets):
 
     - ``n`` f64 ``[D]``: finite kept values per channel; ``mean`` f64 ``[D]`` (activation units);
-      ``m2, m3, m4`` f64 ``[D]``: central sums Σ(x − mean)^p (units^p) [``moments``: Pébay];
+      ``m2``, ``m3``, ``m4`` f64 ``[D]``: central sums Σ(x − mean)^p (units^p) [``moments``: Pébay];
     - ``min``, ``max`` f32 ``[D]`` (units; ±inf where empty) [``min``, ``max``];
     - ``nan``, ``posinf``, ``neginf``, ``tokens`` i64 scalars: non-finite kept values and kept
       tokens [``sum``]; ``large`` i64 ``[D]``: values with ``|x| >= 6`` [``sum``];
