@@ -189,3 +189,24 @@ def test_merge_names_the_differing_key(tiny, tmp_path):
         probe.merge([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "m.h5")
     with pytest.raises(probe.ProbeError, match=r"\(model\.config\.dtype: 'bfloat16' vs '<absent>'\)"):
         probe.merge([tmp_path / "a.h5", tmp_path / "c.h5"], tmp_path / "m.h5")
+
+
+def test_default_runs_merge_into_one_run_over_both_inputs(tiny, tmp_path):
+    model = tiny("llama")
+    data = [batch(2, 8, "right", seed=i) for i in range(3)]
+    for path, part in (("a.h5", data[:2]), ("b.h5", data[2:]), ("ab.h5", data)):
+        with probe.capture(model, out=tmp_path / path, skip_first=1):  # default options: a fresh seed each
+            for ids, mask in part:
+                with torch.no_grad():
+                    model(input_ids=ids, attention_mask=mask)
+    merged = probe.merge([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "m.h5")
+    one = probe.load(tmp_path / "ab.h5")
+    assert len(merged.meta["sample"]["seeds"]) == 2
+    for name in one.sites:
+        a, b = merged[name], one[name]
+        assert (a.count, a.tokens, a.min, a.max, a.absmax) == (b.count, b.tokens, b.min, b.max, b.absmax)
+        np.testing.assert_allclose([a.mean, a.var, a.skew, a.kurtosis], [b.mean, b.var, b.skew, b.kurtosis], rtol=1e-9)
+        np.testing.assert_array_equal(a.histogram_counts, b.histogram_counts)
+        np.testing.assert_array_equal(a.position.tokens, b.position.tokens)
+        assert len(a.sample) == len(b.sample)
+    np.testing.assert_allclose(merged.cross.cov, one.cross.cov, rtol=1e-9, atol=1e-12)
