@@ -620,6 +620,8 @@ class Capture:
             raise ProbeError(f"snapshot(step=...) must be an int; got {step!r}; pass e.g. the optimizer step")
         label = self._forward if step is None else int(step)
         if label in self._steps:
+            self._flush_group()
+            self._finish_cross()
             if step is None and self._window_empty():
                 return
             raise ProbeError(f"snapshot(step={label}): a window with step {label} was committed already; expected "

@@ -71,8 +71,11 @@ def agree_steps(steps: Sequence[int], device: torch.device, group=None) -> list[
     world = dist.get_world_size(group)
     count = torch.tensor([len(steps)], dtype=torch.int64, device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+    if int(count) == 0:  # no rank committed a window (the same answer on every rank)
+        return []
     mine = torch.full((int(count),), _NONE, dtype=torch.int64, device=device)
-    mine[:len(steps)] = torch.tensor(list(steps), dtype=torch.int64)
+    if steps:
+        mine[:len(steps)] = torch.tensor(list(steps), dtype=torch.int64)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
     union = torch.cat(every).cpu().numpy()
