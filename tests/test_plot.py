@@ -20,6 +20,7 @@ from probe.plot import KINDS, plot_diff, plot_run  # noqa: E402
 
 FILES = {
     "histograms": ["hist_grid.png", "hist_overlay.png"],
+    "depth": ["depth.png"],
     "cross": ["cross_cov.png", "cross_r2.png"],
     "scatter": ["scatter_position.png", "scatter_channel.png"],
     "channels": ["channels_absmax.png"],
@@ -110,7 +111,7 @@ def test_steps_asked_for_on_one_window_is_refused(one, tmp_path):
 
 
 def test_unknown_kind_names_the_valid_ones(one, tmp_path):
-    with pytest.raises(ProbeError, match=r"unknown plot kind 'bogus'; expected one of histograms, cross, "
+    with pytest.raises(ProbeError, match=r"unknown plot kind 'bogus'; expected one of histograms, depth, cross, "
                                          r"scatter, channels, positions, steps"):
         plot_run(one, tmp_path, kinds=["histograms", "bogus"])
     assert not list(tmp_path.iterdir())  # refused before drawing anything

@@ -9,8 +9,21 @@
 """
 
 from ._version import __version__
-from .capture import capture
 from .errors import ProbeError
+
+
+def __getattr__(name: str):
+    # capture (and with it torch) loads on first use, so reading a file (probe show) needs neither
+    if name == "capture":
+        from .capture import capture
+
+        globals()["capture"] = capture  # replaces the submodule the import bound under this name
+        return capture
+    raise AttributeError(f"module 'probe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"capture"})
 
 
 def load(path):
