@@ -174,7 +174,7 @@ def cmd_run(args) -> int:
             raise ProbeError(f"the first batch failed ({stopped[len('failed: '):]}); no file written; "
                              "check the model and text (--debug shows the traceback)") from failure
         console.print(f"[yellow]{stopped or 'stopped'}[/] before any batch finished: nothing collected, "
-                      f"no file written")
+                      f"no file written", soft_wrap=True)
         return 130 if failure is None else 2
     result = run.result
     ids = {result[n].absmax_at["token"] for n in result.sites} - {-1}
@@ -184,7 +184,7 @@ def cmd_run(args) -> int:
     annotate(args.out, token_text={str(i): tokenizer.decode([i]) for i in sorted(ids)}, texts=len(docs), **extra)
     if stopped:
         console.print(f"[yellow]{stopped}[/] after {complete} batch(es): {args.out} holds {done} documents, "
-                      f"{tokens} tokens and is marked partial (probe show says so)")
+                      f"{tokens} tokens and is marked partial (probe show says so)", soft_wrap=True)
         if failure is not None:
             raise ProbeError(f"{stopped[len('failed: '):]}; what ran before is saved in {args.out}, marked partial; "
                              "--debug shows the traceback") from failure
@@ -218,13 +218,17 @@ def cmd_show(args) -> int:
     if args.json:
         print(json.dumps(summary(run, sites=None if site is None else [site]), indent=1))
         return 0
+    print_summary(run, console=_stdout(), site=site)
+    return 0
+
+
+def _stdout():
+    """A rich console on stdout; for a pipe or a file, wide enough for every column (no terminal
+    width to respect there, and a script should not get fewer columns than a person)."""
     from rich.console import Console
 
     console = Console()
-    if not console.is_terminal:  # a pipe or a file: no terminal width to respect, show every column
-        console = Console(width=max(console.width, 160))
-    print_summary(run, console=console, site=site)
-    return 0
+    return console if console.is_terminal else Console(width=max(console.width, 160))
 
 
 # -------------------------------------------------------------------------------------- plot
@@ -284,7 +288,7 @@ def cmd_diff(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print_diff(rows)
+        print_diff(rows, console=_stdout())
     if args.plot:
         from .plot import plot_diff
 
