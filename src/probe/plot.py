@@ -365,12 +365,12 @@ def _depth(run: Run, out: _Out, opts: dict) -> list[str]:
     pad = 0.08 * (np.arcsinh(hi / width) - np.arcsinh(lo / width))
     top.set_yscale("asinh", linear_width=width)
     top.set_ylim(np.sinh(np.arcsinh(lo / width) - pad) * width, np.sinh(np.arcsinh(hi / width) + pad) * width)
-    top.yaxis.set_major_locator(_asinh_locator(lo, hi, width))
+    top.yaxis.set_major_locator(_asinh_locator(lo, hi, width, most=13))
     from matplotlib.ticker import FuncFormatter
 
     top.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
     top.set_ylabel(f"activation value\n(asinh: linear within ±{width:.2g})", fontsize=8)
-    top.legend(fontsize=7, ncol=5, loc="upper left")
+    top.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     top.set_title("quantile bands of the kept values per site", fontsize=9)
     mid.plot(x, [v.std for v in views], color="#3b6ea5", marker="o", ms=3, lw=1)
     mid.set_yscale("log")
