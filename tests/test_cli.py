@@ -159,18 +159,21 @@ def _interrupting(monkeypatch, on_forward: int, error: type[BaseException] = Key
     monkeypatch.setattr(probe.models, "load_model", load)
 
 
-def test_interrupted_run_is_kept_and_marked_partial(tiny_dir, capsys, monkeypatch, recwarn):
-    _interrupting(monkeypatch, on_forward=2)
+@pytest.mark.parametrize("error, rc, reason", [(KeyboardInterrupt, 130, "interrupted (Ctrl-C)"),
+                                               (RuntimeError, 2, "failed: RuntimeError: stop")])
+def test_stopped_run_is_kept_and_marked_partial(tiny_dir, capsys, monkeypatch, recwarn, error, rc, reason):
+    _interrupting(monkeypatch, on_forward=2, error=error)
     texts = sum((["--text", f"document number {i} with a few words"] for i in range(4)), [])
-    assert main(["run", tiny_dir, *texts, "--batch-size", "2", "-o", "r.h5"]) == 130
+    assert main(["run", tiny_dir, *texts, "--batch-size", "2", "-o", "r.h5"]) == rc
     err = " ".join(capsys.readouterr().err.split())
-    assert "interrupted" in err and "marked partial" in err
+    assert reason in err and "marked partial" in err
     assert not [w for w in recwarn if "did not fire" in str(w.message)]  # no misleading warning
     run = probe.load("r.h5")
-    assert run.meta["partial"]["batches"] == 1 and "interrupted" in run.meta["partial"]["reason"]
+    assert run.meta["partial"]["batches"] == 1 and run.meta["partial"]["reason"] == reason
+    assert run["hidden_states.0"].tokens > 0
     assert main(["show", "r.h5"]) == 0
     out = capsys.readouterr().out
-    assert "PARTIAL" in out and "partial run: interrupted (Ctrl-C) after 1 complete batch" in out
+    assert "PARTIAL" in out and f"partial run: {reason} after 1 complete batch" in " ".join(out.split())
     assert main(["show", "r.h5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["partial"]["batches"] == 1
 

@@ -139,8 +139,9 @@ def cmd_run(args) -> int:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     options = {"seed": args.seed} if args.seed is not None else {}
     tokens = done = complete = 0
-    stopped: str | None = None
+    stopped: str | None = None  # why the run ended early, as stored in the file
     failure: BaseException | None = None
+    what = ""
     started = time.perf_counter()
     with warnings.catch_warnings():
         with capture(model, args.out, sites=args.sites or "hidden_states", stats=stats,
@@ -161,7 +162,8 @@ def cmd_run(args) -> int:
             except KeyboardInterrupt:
                 stopped = "interrupted (Ctrl-C)"
             except Exception as err:  # saved as partial below, then reported
-                stopped, failure = f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", err
+                what = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
+                stopped, failure = f"failed: {what}", err
             if stopped:
                 # the forward in flight stopped half-way: its sites did not all fire, which is
                 # expected here and said once below, not as a cross-layer warning
@@ -171,7 +173,7 @@ def cmd_run(args) -> int:
         if os.path.exists(args.out):
             os.remove(args.out)
         if failure is not None:
-            raise ProbeError(f"the first batch failed ({stopped[len('failed: '):]}); no file written; "
+            raise ProbeError(f"the first batch failed ({what}); no file written; "
                              "check the model and text (--debug shows the traceback)") from failure
         console.print(f"[yellow]{stopped or 'stopped'}[/] before any batch finished: nothing collected, "
                       f"no file written", soft_wrap=True)
@@ -186,7 +188,7 @@ def cmd_run(args) -> int:
         console.print(f"[yellow]{stopped}[/] after {complete} batch(es): {args.out} holds {done} documents, "
                       f"{tokens} tokens and is marked partial (probe show says so)", soft_wrap=True)
         if failure is not None:
-            raise ProbeError(f"{stopped[len('failed: '):]}; what ran before is saved in {args.out}, marked partial; "
+            raise ProbeError(f"{what}; what ran before is saved in {args.out}, marked partial; "
                              "--debug shows the traceback") from failure
         return 130
     console.print(f"[green]wrote[/] {args.out}: {len(result.sites)} sites, {done} documents, {tokens} tokens "
