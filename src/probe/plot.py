@@ -387,8 +387,6 @@ def _depth(run: Run, out: _Out, opts: dict) -> list[str]:
         ax.grid(alpha=0.25, lw=0.5)
         ax.tick_params(labelsize=7)
     _index_ticks(low.xaxis, labels, most=40)
-    low.set_xticks(x if len(x) <= 40 else low.get_xticks())
-    low.set_xticklabels([labels[i] for i in (x if len(x) <= 40 else low.get_xticks().astype(int))], fontsize=7)
     low.set_xlabel(axis_label, fontsize=8)
     fig.suptitle(f"Width by depth — {_title(run)}", fontsize=10)
     return [out.save(fig, "depth.png")]
@@ -461,6 +459,8 @@ def _pick(names: Sequence[str], k: int = 3) -> list[str]:
 
 def _scatter(run: Run, out: _Out, opts: dict) -> list[str]:
     _, Figure, colors, cm = _mpl()
+    from matplotlib.ticker import FuncFormatter
+
     found = {}
     for name in _sites_with(run, "sample"):
         sm = run[name].sample
@@ -503,8 +503,6 @@ def _scatter(run: Run, out: _Out, opts: dict) -> list[str]:
             pad = 0.04 * (np.arcsinh(hi / width) - np.arcsinh(lo / width)) or 0.1
             ax.set_ylim(np.sinh(np.arcsinh(lo / width) - pad) * width, np.sinh(np.arcsinh(hi / width) + pad) * width)
             ax.yaxis.set_major_locator(_asinh_locator(lo, hi, width))
-            from matplotlib.ticker import FuncFormatter
-
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
             tag = " (heaviest tail)" if name == heavy and name not in _pick(list(found)) else ""
             ax.set_title(f"{what} {labels[index[name]]}{tag}: {len(values):,} values", fontsize=9)
