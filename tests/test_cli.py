@@ -337,3 +337,12 @@ def test_default_run_on_bundled_model(tmp_path, capsys, smollm):
         data = open(path, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
         assert np.ptp(matplotlib.image.imread(path)[..., :3]) > 0.2  # not one flat colour
+
+
+def test_import_probe_loads_capture_and_torch_only_on_use():
+    code = ("import sys, types, probe; assert 'torch' not in sys.modules, 'import probe imported torch'; "
+            "from probe.capture import Capture; import probe.capture as m; "
+            "assert not isinstance(probe.capture, types.ModuleType) and probe.capture is m; "
+            "assert probe.capture.__name__ == 'capture' and 'capture' in dir(probe)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
