@@ -2,14 +2,17 @@
 
 What it does:
 
-1. loads the model with :func:`probe.models.load_model` (default: the bundled SmolLM2-135M; any
-   local folder or cached Hugging Face id works, nothing is downloaded);
+1. loads the model with :func:`probe.models.load_model` (default: the bundled SmolLM2-135M-Instruct,
+   a Q4_1 GGUF de-quantised to float32; any local folder or cached Hugging Face id works, nothing
+   is downloaded);
 2. runs it over the sample corpus (or ``--text`` / ``--file``) with ``skip_first=1``: the first
    token of every document is dropped from every statistic except the per-position ones, because
    its activations are orders of magnitude larger (the attention sink) and would hide the rest;
-3. writes ``OUT/run.h5`` and the four seed figures via :func:`probe.plot.plot_run`:
+3. writes ``OUT/run.h5`` and the seed figures via :func:`probe.plot.plot_run`:
 
-   - histograms of every layer, log-y (``hist_grid.png``, ``hist_overlay.png``);
+   - histograms of every layer (``hist_grid.png``) and of six chosen ones (``hist_overlay.png``),
+     on asinh axes that reach each layer's exact min and max, log-y;
+   - width by depth: quantile bands, std and excess kurtosis per layer (``depth.png``);
    - layer × layer covariance and R² (``cross_cov.png``, ``cross_r2.png``);
    - a uniform sample of values against token position (``scatter_position.png``);
    - the same sample against channel (``scatter_channel.png``): outlier channels are the columns.
@@ -18,6 +21,7 @@ Run::
 
     python examples/seed_analysis.py                       # bundled model, sample corpus
     python examples/seed_analysis.py ./my-model --file corpus.txt -o figures --dtype bfloat16
+    python examples/seed_analysis.py --layers 0,6,12,18,24,30     # the overlay's and scatter's layers
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import probe
 from probe.models import BUNDLED, batches, load_model, read_texts, sample_texts
 from probe.plot import plot_run
 
-FIGURES = ["histograms", "cross", "scatter"]
+FIGURES = ["histograms", "depth", "cross", "scatter"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=None, help="stop after about this many real tokens")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layers", default=None, help="layers of the overlay and scatter figures: e.g. 0,5,10-12 or all")
     args = parser.parse_args(argv)
 
     try:
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 tokens += int(batch["attention_mask"].sum())
         print(f"captured {len(run.sites)} sites over {tokens} tokens in {time.perf_counter() - started:.1f}s "
               f"-> {h5}", file=sys.stderr)
-        for path in plot_run(probe.load(h5), args.out, kinds=FIGURES):
+        for path in plot_run(probe.load(h5), args.out, kinds=FIGURES, layers=args.layers):
             print(path)
     except probe.ProbeError as err:
         print(f"seed_analysis: error: {err}", file=sys.stderr)

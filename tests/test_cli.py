@@ -1,9 +1,13 @@
-"""The terminal workflow: probe run / show / diff / merge / plot, on a tiny model saved to disk and
-on the bundled model. User errors are one line on stderr with a non-zero exit."""
+"""The terminal workflow: probe run / show / diff / merge / plot / cache, on a tiny model saved to
+disk and on the bundled model. User errors are one line on stderr with a non-zero exit, found
+before the model loads. Every test runs in its own empty working directory (tmp_path)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +15,14 @@ import torch
 import transformers
 
 import probe
+import probe.models
 from probe.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _own_cwd(tmp_path, monkeypatch):
+    """Nothing a test does may read or write the repository: a fresh empty working directory."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +65,7 @@ def test_diff_self_is_zero_and_merge(tiny_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["diff", a, a, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
+    assert {r["site"] for r in rows} == set(probe.load(a).sites)
     assert rows and all(r["js"] == 0.0 and r["std_ratio"] == 1.0 for r in rows)
     assert all(v == 0.0 for r in rows for v in r["quantile_shift"].values())
     # default options draw a seed per run: the two files merge
@@ -65,14 +77,244 @@ def test_diff_self_is_zero_and_merge(tiny_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, match", [
     (["show", "/nonexistent.h5"], "no such file"),
-    (["run", "/nonexistent-model-dir", "--text", "x", "-o", "/tmp/never.h5", "--overwrite"],
-     "cannot load model"),
-    (["run", "--file", "/nonexistent.txt"], "does not exist"),
+    (["run", "/nonexistent-model-dir", "--text", "x", "-o", "never.h5"], "the folder does not exist"),
+    (["run", "./no-such-dir", "--text", "x"], "'./no-such-dir': the folder does not exist"),
+    (["run", "no-such-model-anywhere", "--text", "x"], "neither a local folder nor a Hugging Face id"),
+    (["run", "--file", "/nonexistent.txt"], "--file /nonexistent.txt: the file does not exist"),
+    (["run", "--batch-size", "0"], "--batch-size: expected an integer >= 1, got 0"),
+    (["run", "--max-length", "0"], "--max-length: expected an integer >= 1, got 0"),
+    (["run", "--max-tokens", "0"], "--max-tokens: expected an integer >= 1"),
+    (["run", "--skip-first", "-1"], "--skip-first: expected an integer >= 0"),
+    (["run", "--skip-first", "8", "--max-length", "8"], "--skip-first 8 drops every token"),
+    (["run", "--seed", "-3"], "--seed: expected an integer >= 0"),
+    (["run", "--dtype", "float8"], "--dtype: expected one of float32, bfloat16, float16, got 'float8'"),
+    (["run", "--stats", "moments,bogus"], "--stats: expected a comma-separated subset"),
+    (["run", "--device", "nonsense"], "--device: expected a torch device"),
+    (["run", "--batch-size", "x"], "argument --batch-size: invalid int value"),
+    (["run", "-o", "/nonexistent-folder/r.h5"], "does not exist"),
 ])
-def test_user_errors_are_one_line(argv, match, capsys):
-    assert main(argv) == 2
+def test_user_errors_are_one_line_before_the_model_loads(argv, match, capsys, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(probe.models, "load_model", no_load)
+    with pytest.raises(SystemExit) if "invalid int" in match else _nothing() as ctx:
+        rc = main(argv)
+    rc = ctx.value.code if ctx is not None and hasattr(ctx, "value") else rc
+    assert rc == 2
     err = capsys.readouterr().err
-    assert match in err and err.count("\n") == 1 and "Traceback" not in err
+    assert match in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert os.listdir(".") == []  # nothing written to the working directory
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_existing_output_is_refused_in_flag_words(capsys, monkeypatch):
+    open("run.h5", "wb").close()
+    monkeypatch.setattr(probe.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert main(["run", "--text", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "-o run.h5: the file already exists" in err and "--overwrite" in err and "overwrite=True" not in err
+
+
+def test_text_files_json_arrays_and_upper_case_suffixes(tmp_path):
+    (tmp_path / "a.JSONL").write_text('{"text": "first"}\n\n{"text": "second"}\n')
+    (tmp_path / "b.json").write_text(json.dumps(["third", {"text": "fourth"}, " "]))
+    (tmp_path / "c.TXT").write_text("fifth\n\nsixth\n")
+    docs = probe.models.read_texts([str(tmp_path / n) for n in ("a.JSONL", "b.json", "c.TXT")])
+    assert docs == ["first", "second", "third", "fourth", "fifth", "sixth"]
+    (tmp_path / "d.csv").write_text("x,y\n")
+    with pytest.raises(probe.ProbeError, match=r"--file .*d.csv: unsupported suffix '.csv'"):
+        probe.models.read_texts([str(tmp_path / "d.csv")])
+    (tmp_path / "e.json").write_text(json.dumps([{"body": "no text field"}]))
+    with pytest.raises(probe.ProbeError, match=r"item 0 is dict; expected a string or an object with a \"text\""):
+        probe.models.read_texts([str(tmp_path / "e.json")])
+    (tmp_path / "f.jsonl").write_text('{"text": 3}\n')
+    with pytest.raises(probe.ProbeError, match=r"f.jsonl:1: expected a JSON object with a 'text' string"):
+        probe.models.read_texts([str(tmp_path / "f.jsonl")])
+
+
+def _interrupting(monkeypatch, on_forward: int, error: type[BaseException] = KeyboardInterrupt):
+    """load_model whose model raises ``error`` inside its second layer on forward ``on_forward``:
+    the forward stops half-way, as Ctrl-C does."""
+    real = probe.models.load_model
+    calls = {"n": 0}
+
+    def load(*a, **k):
+        model, tok = real(*a, **k)
+
+        def hook(module, args, output):
+            calls["n"] += 1
+            if calls["n"] == on_forward:
+                raise error("stop")
+
+        model.model.layers[1].register_forward_hook(hook)
+        return model, tok
+
+    monkeypatch.setattr(probe.models, "load_model", load)
+
+
+@pytest.mark.parametrize("error, rc, reason", [(KeyboardInterrupt, 130, "interrupted (Ctrl-C)"),
+                                               (RuntimeError, 2, "failed: RuntimeError: stop")])
+def test_stopped_run_is_kept_and_marked_partial(tiny_dir, capsys, monkeypatch, recwarn, error, rc, reason):
+    _interrupting(monkeypatch, on_forward=2, error=error)
+    texts = sum((["--text", f"document number {i} with a few words"] for i in range(4)), [])
+    assert main(["run", tiny_dir, *texts, "--batch-size", "2", "-o", "r.h5"]) == rc
+    err = " ".join(capsys.readouterr().err.split())
+    assert reason in err and "marked partial" in err
+    assert not [w for w in recwarn if "did not fire" in str(w.message)]  # no misleading warning
+    run = probe.load("r.h5")
+    assert run.meta["partial"]["batches"] == 1 and run.meta["partial"]["reason"] == reason
+    assert run["hidden_states.0"].tokens > 0
+    assert main(["show", "r.h5"]) == 0
+    out = capsys.readouterr().out
+    assert "PARTIAL" in out and f"partial run: {reason} after 1 complete batch" in " ".join(out.split())
+    assert main(["show", "r.h5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["partial"]["batches"] == 1
+
+
+@pytest.mark.parametrize("error, rc", [(KeyboardInterrupt, 130), (RuntimeError, 2)])
+def test_run_that_collected_nothing_leaves_no_file(tiny_dir, capsys, monkeypatch, error, rc):
+    _interrupting(monkeypatch, on_forward=1, error=error)
+    assert main(["run", tiny_dir, "--text", "hello there", "-o", "r.h5"]) == rc
+    err = capsys.readouterr().err
+    assert not os.path.exists("r.h5")
+    assert "no file written" in " ".join(err.split())
+    if error is RuntimeError:
+        assert err.strip().splitlines()[-1].startswith("probe run: error: the first batch failed")
+
+
+def test_seed_is_passed_through(tiny_dir):
+    assert main(["run", tiny_dir, "--text", "hello world again", "-o", "s.h5", "--seed", "7"]) == 0
+    assert probe.load("s.h5").meta["sample"]["seed"] == 7
+
+
+def test_show_site_by_name_or_layer_number_and_json_honours_it(tiny_dir, capsys):
+    assert main(["run", tiny_dir, "--text", "hello world, this is a test", "-o", "r.h5"]) == 0
+    capsys.readouterr()
+    assert main(["show", "r.h5", "--site", "1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [s["site"] for s in data["sites"]] == ["hidden_states.1"]
+    assert main(["show", "r.h5", "--site", "hidden_states.1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sites"] == data["sites"]
+    assert main(["show", "r.h5", "--site", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "quantiles:" in out and "largest channels" in out
+    assert main(["show", "r.h5", "--site", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "--site 9: no such site" in err and "layer number 0..2" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("width", [80, 119, 160])
+def test_table_caption_describes_only_the_columns_shown(tiny_dir, width):
+    from rich.console import Console
+
+    from probe.report import print_summary
+
+    assert main(["run", tiny_dir, "--text", "hello world, this is a test", "-o", "r.h5"]) == 0
+    console = Console(width=width, record=True, color_system=None)
+    print_summary(probe.load("r.h5"), console=console)
+    text = console.export_text()
+    header = next(line for line in text.splitlines() if "layer" in line and "tokens" in line)
+    rows = [line for line in text.splitlines() if line.startswith("│") and "tokens" not in line]
+    wide = width >= 120
+    assert ("min" in header.split()) == wide or ("│ min" in header) == wide
+    caption = " ".join(line.strip() for line in text.splitlines() if "at:" in line or "120+" in line)
+    if wide:
+        assert "row, position, channel and token" in caption
+        assert all(" r" in r.split("│")[-2] for r in rows)
+    else:
+        assert "position and channel of the largest |x|" in caption and "row and token: 120+" in caption
+        assert all(r.split("│")[-2].strip().startswith("p") for r in rows)
+
+
+def test_piped_show_prints_every_column(tiny_dir, capsys):
+    assert main(["run", tiny_dir, "--text", "hello world, this is a test", "-o", "r.h5"]) == 0
+    capsys.readouterr()
+    assert main(["show", "r.h5"]) == 0  # capsys is not a terminal
+    out = capsys.readouterr().out
+    assert "min" in out and "max" in out and "row, position, channel and token" in out
+
+
+def test_diff_refuses_runs_without_a_common_site(tiny_dir, capsys):
+    assert main(["run", tiny_dir, "--text", "hello world", "-o", "a.h5"]) == 0
+    assert main(["run", tiny_dir, "--text", "hello world", "-o", "b.h5", "--sites", "model.layers.0"]) == 0
+    capsys.readouterr()
+    for extra in ([], ["--plot", "d.png"], ["--json"]):
+        assert main(["diff", "a.h5", "b.h5", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "the runs share no site" in err and err.count("\n") == 1
+    assert not os.path.exists("d.png")
+
+
+def test_diff_warns_when_runs_differ_and_table_matches_plot(tiny_dir, capsys):
+    from probe.plot import _diff_figure
+    from probe.report import DIFF_QUANTILES
+
+    assert main(["run", tiny_dir, "--text", "hello world", "-o", "a.h5"]) == 0
+    assert main(["run", tiny_dir, "--text", "a longer text with more tokens in it", "-o", "b.h5",
+                 "--dtype", "bfloat16"]) == 0
+    capsys.readouterr()
+    assert main(["diff", "a.h5", "b.h5"]) == 0
+    cap = capsys.readouterr()
+    assert "warning: the runs saw different numbers of tokens" in cap.err
+    assert "warning: the runs differ in dtype (float32 vs bfloat16)" in cap.err
+    for q in DIFF_QUANTILES:
+        assert f"Δq{q:g}" in cap.out
+    pytest.importorskip("matplotlib")
+    fig = _diff_figure(probe.load("a.h5"), probe.load("b.h5"))
+    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert labels == [f"q{q:g}" for q in DIFF_QUANTILES]
+    assert main(["diff", "a.h5", "a.h5"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_cache_command_lists_and_clears_only_probe_copies(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("PROBE_CACHE", str(root))
+    (root / "smollm2-135m-0123456789abcdef").mkdir(parents=True)
+    (root / "smollm2-135m-0123456789abcdef" / "model.safetensors").write_bytes(b"x" * 4096)
+    (root / "other-tool").mkdir()
+    assert main(["cache"]) == 0
+    assert "smollm2-135m-0123456789abcdef" in capsys.readouterr().out
+    assert main(["cache", "clear"]) == 0
+    assert "removed 1 cached model copy" in capsys.readouterr().out
+    assert sorted(p.name for p in root.iterdir()) == ["other-tool"]
+
+
+def test_cache_key_is_the_content_not_the_mtime(tmp_path, monkeypatch):
+    from probe.models import _cache_dir
+
+    monkeypatch.setenv("PROBE_CACHE", str(tmp_path / "cache"))
+    a, b, c = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "c.gguf"
+    a.write_bytes(b"same bytes")
+    b.write_bytes(b"same bytes")
+    c.write_bytes(b"other bytes")
+    os.utime(b, (1, 1))
+    assert _cache_dir(a) == _cache_dir(b) != _cache_dir(c)
+    assert _cache_dir(a).parent == tmp_path / "cache"
+
+
+def test_show_does_not_import_torch(tiny_dir, tmp_path):
+    assert main(["run", tiny_dir, "--text", "hello world", "-o", "r.h5"]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    probe_run = subprocess.run([sys.executable, "-c", "import sys, probe.run; print('torch' in sys.modules)"],
+                               capture_output=True, text=True, env=env, check=True)
+    code = ("import sys; from probe.cli import main; main(['show', 'r.h5']); "
+            "main(['show', 'r.h5', '--json']); print('torch' in sys.modules)")
+    show = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    cli = subprocess.run([sys.executable, "-c", "import sys, probe.cli, probe.report, probe.plot; "
+                          "print('torch' in sys.modules)"], capture_output=True, text=True, env=env, check=True)
+    assert cli.stdout.split()[-1] == "False"  # cli, report and plot import no torch themselves
+    if probe_run.stdout.strip() == "True":
+        pytest.skip("probe.run (the read side) still imports torch")
+    assert show.stdout.split()[-1] == "False"
 
 
 def test_default_run_on_bundled_model(tmp_path, capsys, smollm):
@@ -96,3 +338,12 @@ def test_default_run_on_bundled_model(tmp_path, capsys, smollm):
         data = open(path, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
         assert np.ptp(matplotlib.image.imread(path)[..., :3]) > 0.2  # not one flat colour
+
+
+def test_import_probe_loads_capture_and_torch_only_on_use():
+    code = ("import sys, types, probe; assert 'torch' not in sys.modules, 'import probe imported torch'; "
+            "from probe.capture import Capture; import probe.capture as m; "
+            "assert not isinstance(probe.capture, types.ModuleType) and probe.capture is m; "
+            "assert probe.capture.__name__ == 'capture' and 'capture' in dir(probe)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -20,6 +20,7 @@ from probe.plot import KINDS, plot_diff, plot_run  # noqa: E402
 
 FILES = {
     "histograms": ["hist_grid.png", "hist_overlay.png"],
+    "depth": ["depth.png"],
     "cross": ["cross_cov.png", "cross_r2.png"],
     "scatter": ["scatter_position.png", "scatter_channel.png"],
     "channels": ["channels_absmax.png"],
@@ -110,7 +111,7 @@ def test_steps_asked_for_on_one_window_is_refused(one, tmp_path):
 
 
 def test_unknown_kind_names_the_valid_ones(one, tmp_path):
-    with pytest.raises(ProbeError, match=r"unknown plot kind 'bogus'; expected one of histograms, cross, "
+    with pytest.raises(ProbeError, match=r"unknown plot kind 'bogus'; expected one of histograms, depth, cross, "
                                          r"scatter, channels, positions, steps"):
         plot_run(one, tmp_path, kinds=["histograms", "bogus"])
     assert not list(tmp_path.iterdir())  # refused before drawing anything
@@ -149,3 +150,139 @@ def test_missing_matplotlib_says_how_to_install(one, tmp_path, monkeypatch):
 def test_import_probe_does_not_import_matplotlib():
     code = "import sys, probe, probe.plot; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------- what is drawn, not just that it is
+from probe.plot import figures, parse_layers  # noqa: E402
+
+
+def _stairs(ax):
+    from matplotlib.patches import StepPatch
+
+    return [p for p in ax.patches if isinstance(p, StepPatch)]
+
+
+def test_site_histogram_totals_the_count_and_matches_numpy(tmp_path):
+    """Edges spanning [min, max] total the count; the CDF at every edge is off by at most the
+    values sharing a float bucket with that edge (the rendering spreads a bucket's mass)."""
+    model = _model()
+    batch = next(_batches(1))
+    with torch.no_grad():
+        hs = model(**batch, output_hidden_states=True).hidden_states
+    with probe.capture(model, skip_first=1, stats=("moments", "histogram")) as run:
+        with torch.no_grad():
+            model(**batch)
+    mask = batch["attention_mask"].bool()
+    keep = mask & ((mask.long().cumsum(-1) - 1) >= 1)
+    for name, h in zip(run.sites, hs):
+        x = h[keep].double().numpy().ravel()
+        s = run[name]
+        curved = np.sinh(np.linspace(np.arcsinh(s.min), np.arcsinh(s.max), 40))
+        curved[0], curved[-1] = s.min, s.max
+        for bins in (57, np.linspace(s.min, s.max, 31), curved):
+            counts, edges = s.histogram(bins=bins) if np.ndim(bins) else s.histogram(bins, (s.min, s.max))
+            assert edges[0] == s.min == x.min() and edges[-1] == s.max == x.max()
+            assert abs(counts.sum() - x.size) <= 1e-9 * x.size, (name, counts.sum(), x.size)
+            ours = np.concatenate([[0.0], np.cumsum(counts)])
+            ref = np.array([np.sum(x < e) for e in edges], dtype=np.float64)
+            ref[-1] = x.size
+            near = np.array([np.sum(np.abs(x - e) <= 2.0**-7 * abs(e) + 1e-30) for e in edges])
+            assert np.all(np.abs(ours - ref) <= near + 1e-6), name
+
+
+def test_every_histogram_value_lies_on_the_axis(one):
+    figs = figures(one, "histograms")
+    grid, overlay = figs["hist_grid.png"], figs["hist_overlay.png"]
+    panels = [ax for ax in grid.axes if ax.get_visible()]
+    assert len(panels) == len(one.sites)
+    for ax, name in zip(panels, one.sites):
+        s = one[name]
+        (patch,) = _stairs(ax)
+        share, edges, _ = patch.get_data()
+        lo, hi = ax.get_xlim()
+        assert edges[0] == s.min and edges[-1] == s.max and lo <= s.min and hi >= s.max
+        assert ax.get_xscale() == "asinh"
+        assert abs(share.sum() * s.count - s.count) <= 1e-9 * s.count  # every value is in a bin
+    # overlay: one curve per chosen site, all on one axis reaching every site's min and max
+    (ax,) = [a for a in overlay.axes if _stairs(a)]
+    patches = _stairs(ax)
+    assert len(patches) == len(one.sites)  # 3 sites <= the default six
+    lo, hi = ax.get_xlim()
+    for patch, name in zip(patches, one.sites):
+        s = one[name]
+        share, edges, _ = patch.get_data()
+        assert lo <= s.min and hi >= s.max and edges[0] <= s.min and edges[-1] >= s.max
+        assert abs(np.nansum(share) - 1.0) <= 1e-9
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(set(p.get_edgecolor() for p in patches)) == len(patches)  # distinct colours
+    assert all(f"σ={one[n].std:.3g}" in t for t, n in zip(labels, one.sites))
+
+
+def test_shared_axes_mode(one):
+    grid = figures(one, "histograms", shared=True)["hist_grid.png"]
+    panels = [ax for ax in grid.axes if ax.get_visible()]
+    lo = min(one[n].min for n in one.sites)
+    hi = max(one[n].max for n in one.sites)
+    assert {ax.get_xlim() for ax in panels} == {(lo, hi)}
+    assert len({ax.get_ylim() for ax in panels}) == 1
+    for ax, name in zip(panels, one.sites):
+        share, edges, _ = _stairs(ax)[0].get_data()
+        assert edges[0] == lo and edges[-1] == hi and abs(share.sum() - 1.0) <= 1e-9
+
+
+def test_depth_figure_draws_bands_std_and_kurtosis(one):
+    fig = figures(one, "depth")["depth.png"]
+    top, mid, low = fig.axes
+    views = [one[n] for n in one.sites]
+    assert len(top.collections) == 3  # q0.001..q0.999, q0.01..q0.99, q0.25..q0.75
+    band = top.collections[0].get_paths()[0].vertices[:, 1]
+    q = np.array([v.quantile([0.001, 0.999]) for v in views])
+    assert np.isin(q.ravel(), band).all()  # the outer band is drawn from q0.001 to q0.999 of each site
+    lines = {tuple(np.round(line.get_ydata(), 12)) for line in top.lines}
+    assert tuple(np.round([v.min for v in views], 12)) in lines and tuple(np.round([v.max for v in views], 12)) in lines
+    lo, hi = top.get_ylim()
+    assert lo <= min(v.min for v in views) and hi >= max(v.max for v in views)
+    np.testing.assert_array_equal(mid.lines[0].get_ydata(), [v.std for v in views])
+    np.testing.assert_array_equal(low.lines[0].get_ydata(), [v.kurtosis for v in views])
+
+
+def test_scatter_draws_every_sampled_value_without_a_kinked_scale(one):
+    figs = figures(one, "scatter", layers="all")
+    for file in ("scatter_position.png", "scatter_channel.png"):
+        axes = [ax for ax in figs[file].axes if ax.get_visible()]
+        assert len(axes) == len(one.sites)  # every layer available
+        for ax, name in zip(axes, one.sites):
+            values = one[name].sample.value
+            (dots,) = ax.collections
+            y = dots.get_offsets()[:, 1]
+            assert len(y) == len(values)
+            lo, hi = ax.get_ylim()
+            assert lo <= y.min() and hi >= y.max()
+            assert ax.get_yscale() == "asinh"  # smooth: no density jump where symlog switches
+    chosen = figures(one, "scatter", layers="0,2")["scatter_position.png"]
+    assert [ax.get_title().split(":")[0] for ax in chosen.axes if ax.get_visible()] == ["layer 0", "layer 2"]
+
+
+def test_parse_layers(one):
+    assert parse_layers(one, "all") == one.sites
+    assert parse_layers(one, "2,0") == ["hidden_states.0", "hidden_states.2"]
+    assert parse_layers(one, "0-1") == ["hidden_states.0", "hidden_states.1"]
+    assert parse_layers(one, ["hidden_states.1"]) == ["hidden_states.1"]
+    with pytest.raises(ProbeError, match=r"--site 7: no such site"):
+        parse_layers(one, "7")
+    with pytest.raises(ProbeError, match=r"--layers: expected layer numbers"):
+        parse_layers(one, " , ")
+
+
+def test_progress_is_reported_per_kind(one, tmp_path):
+    seen = []
+    plot_run(one, tmp_path, kinds=["histograms", "depth"], progress=lambda k, i, n: seen.append((k, i, n)))
+    assert seen == [("histograms", 1, 2), ("depth", 2, 2)]
+
+
+def test_plot_cli_prints_progress(one, tmp_path, capsys):
+    from probe.cli import main
+
+    assert main(["plot", one.path, "-o", str(tmp_path / "f"), "--kind", "depth", "--layers", "0,1"]) == 0
+    cap = capsys.readouterr()
+    assert "drawing depth (1/1)" in cap.err and cap.out.strip().endswith("depth.png")

@@ -69,6 +69,23 @@ def state(stat):
     return {k: v.numpy() for k, v in stat.state_dict().items()}
 
 
+def assert_close(actual, desired, rtol: float, floor: float = 0.0, err_msg: str = "") -> None:
+    """Equal non-finite entries exactly (NaN where NaN, the same signed infinity), finite entries
+    within ``rtol`` relative plus ``rtol * max|finite desired| + floor`` absolute. The absolute
+    tolerance is computed from finite values only, so it is itself always finite."""
+    a = np.asarray(actual, dtype=np.float64)
+    d = np.asarray(desired, dtype=np.float64)
+    assert a.shape == d.shape, (err_msg, a.shape, d.shape)
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(d), err_msg=f"{err_msg}: NaN positions")
+    inf = np.isinf(d)
+    np.testing.assert_array_equal(np.isinf(a), inf, err_msg=f"{err_msg}: infinity positions")
+    np.testing.assert_array_equal(a[inf], d[inf], err_msg=f"{err_msg}: infinities")
+    finite = np.isfinite(d)
+    atol = rtol * (float(np.abs(d[finite]).max()) if finite.any() else 0.0) + floor
+    assert np.isfinite(atol), err_msg
+    np.testing.assert_allclose(a[finite], d[finite], rtol=rtol, atol=atol, err_msg=err_msg)
+
+
 def moment_scale(x, keep, p):
     v = x[keep].double().numpy()
     if v.size == 0:
@@ -88,7 +105,7 @@ def test_moments_split_merge_equals_one_pass(stream):
         return
     for k in ("n", "min", "max", "nan", "tokens", "absmax", "large"):
         np.testing.assert_array_equal(split[k], one[k], err_msg=k)
-    np.testing.assert_allclose(split["mean"], one["mean"], rtol=1e-12, atol=1e-12 * np.abs(one["mean"]).max())
+    assert_close(split["mean"], one["mean"], rtol=1e-12, err_msg="mean")
     for p, k in ((2, "m2"), (3, "m3"), (4, "m4")):
         # each chunk squares in float32 (6e-8 per term): bound by the sum of |x - mean|^p
         assert np.all(np.abs(split[k] - one[k]) <= 1e-6 * moment_scale(x, keep, p)), k
@@ -107,8 +124,8 @@ def test_histogram_and_position_exact_merge(stream):
     split = state(merged(lambda: Position(16), pieces(stream)))
     np.testing.assert_array_equal(split["tokens"], one["tokens"])
     np.testing.assert_array_equal(split["absmax"], one["absmax"])
-    np.testing.assert_allclose(split["mean"], one["mean"], rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(split["m2"], one["m2"], rtol=1e-6, atol=1e-9)
+    assert_close(split["mean"], one["mean"], rtol=1e-12, floor=1e-12, err_msg="mean")
+    assert_close(split["m2"], one["m2"], rtol=1e-6, floor=1e-9, err_msg="m2")
 
 
 @SETTINGS
@@ -153,8 +170,7 @@ def test_merge_commutative_and_associative(stream, kind):
     for x, y in ((ab, ba), (left, right)):
         sx, sy = state(x), state(y)
         for f in sx:
-            np.testing.assert_allclose(sx[f].astype(np.float64), sy[f].astype(np.float64), rtol=1e-9,
-                                       atol=1e-9 * (np.abs(sx[f]).max() if sx[f].size else 0), err_msg=f)
+            assert_close(sx[f], sy[f], rtol=1e-9, err_msg=f)
 
 
 @SETTINGS
@@ -177,5 +193,4 @@ def test_cross_split_equals_one_pass(stream):
     bounds = [0, *stream[4], n]
     split = run(list(zip(bounds, bounds[1:])))
     for f in one:
-        scale = np.abs(one[f]).max() if one[f].size else 0
-        np.testing.assert_allclose(split[f], one[f], rtol=1e-9, atol=1e-9 * scale + 1e-12, err_msg=f)
+        assert_close(split[f], one[f], rtol=1e-9, floor=1e-12, err_msg=f)

@@ -8,9 +8,36 @@
     r["hidden_states.5"].kurtosis, r["hidden_states.5"].quantile(0.999), r.cross.r2
 """
 
+import sys
+import types
+
 from ._version import __version__
-from .capture import capture
 from .errors import ProbeError
+
+
+class _Probe(types.ModuleType):
+    """``probe.capture`` is the function, loaded (with torch) on first use, so that reading a file
+    (``probe show``) needs neither. Importing the submodule ``probe.capture`` binds the module
+    under that name: the setter keeps the function instead (any other value replaces it)."""
+
+    @property
+    def capture(self):
+        if "_capture" not in self.__dict__:
+            from .capture import capture
+
+            self.__dict__["_capture"] = capture
+        return self.__dict__["_capture"]
+
+    @capture.setter
+    def capture(self, value) -> None:
+        if not isinstance(value, types.ModuleType):
+            self.__dict__["_capture"] = value
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | {"capture"})
+
+
+sys.modules[__name__].__class__ = _Probe
 
 
 def load(path):

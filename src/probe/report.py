@@ -6,24 +6,35 @@ Flags, with their rules spelled out:
   least 6 in at least 6 % of the kept tokens, at at least 25 % of the sites. On a residual stream
   whose typical scale is itself above 6 that alone would flag every channel, so a site only counts
   when the channel's RMS is also at least 4 × the median channel RMS of that site.
-- **massive activation** (Sun et al. 2024): a site whose largest magnitude is at least 100 and at
-  least 1000 × the median magnitude of that site.
+- **massive activation** (Sun et al. 2024): a value whose magnitude is at least 100 and at least
+  1000 × the median magnitude of its site (the median over the kept tokens). Looked for over
+  every real token, ``skip_first`` or not: the first positions (``max(skip_first, 1)`` of them)
+  from the per-position absmax, listed apart as the **attention sink**, and the other tokens
+  from the site's absmax (or the per-position absmax past the first positions).
+
+Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .run import Run
+from .errors import ProbeError, closest
 
-__all__ = ["summary", "outlier_channels", "massive", "diff", "print_summary", "print_diff"]
+if TYPE_CHECKING:
+    from .run import Run
+
+__all__ = ["summary", "outlier_channels", "massive", "diff", "diff_warnings", "resolve_site", "print_summary",
+           "print_diff", "DIFF_QUANTILES"]
 
 OUTLIER_VALUE, OUTLIER_TOKENS, OUTLIER_SITES, OUTLIER_RMS = 6.0, 0.06, 0.25, 4.0
 MASSIVE_VALUE, MASSIVE_RATIO = 100.0, 1000.0
 QUANTILES = (0.001, 0.01, 0.5, 0.99, 0.999)
+#: the quantiles whose shift ``probe diff`` reports, in its table, its JSON and its plot
+DIFF_QUANTILES = (0.001, 0.5, 0.999)
 
 
 def _median_abs(run: Run, name: str) -> float:
@@ -44,11 +55,34 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def summary(run: Run) -> dict[str, Any]:
-    """Every site's headline numbers, the flags, and the run's description, JSON-ready."""
+def resolve_site(run: Run, name: str) -> str:
+    """The site ``name`` means: a site name, or the layer number the tables show (``"5"`` is
+    ``"hidden_states.5"``; for other sites, the index in ``run.sites``).
+
+    Raises:
+        ProbeError: no such site.
+    """
+    if name in run.sites:
+        return name
+    text = name.strip()
+    if text.lstrip("-").isdigit():
+        k = int(text)
+        if f"hidden_states.{k}" in run.sites:
+            return f"hidden_states.{k}"
+        if not all(n.startswith("hidden_states.") for n in run.sites) and 0 <= k < len(run.sites):
+            return run.sites[k]
+    layers = [n[len("hidden_states."):] for n in run.sites if n.startswith("hidden_states.")]
+    span = f" or a layer number {layers[0]}..{layers[-1]}" if layers else ""
+    raise ProbeError(f"--site {name}: no such site; expected one of run.sites{span}"
+                     f"{closest(name, run.sites)}; see the names in `probe show`")
+
+
+def summary(run: Run, sites: list[str] | None = None) -> dict[str, Any]:
+    """Every site's headline numbers (or only ``sites``'), the flags, and the run's description,
+    JSON-ready. ``partial`` is set when the run was interrupted or failed before its end."""
     token_text = run.meta.get("token_text", {})
-    sites = []
-    for name in run.sites:
+    rows = []
+    for name in run.sites if sites is None else sites:
         s = run[name]
         entry = {
             "site": name, "module": s.module, "hf_index": s.hf_index, "dtype": s.dtype,
@@ -59,17 +93,17 @@ def summary(run: Run) -> dict[str, Any]:
         tok = s.absmax_at["token"]
         if str(tok) in token_text:
             entry["absmax_at"]["text"] = token_text[str(tok)]
-        try:
+        if run.total["sites"].get(name, {}).get("histogram"):
             entry["quantiles"] = {str(q): v for q, v in zip(QUANTILES, s.quantile(QUANTILES).tolist())}
             entry["median_abs"] = _median_abs(run, name)
-        except Exception:  # no histogram captured
-            pass
-        sites.append({k: _clean(v) for k, v in entry.items()})
+        rows.append({k: _clean(v) for k, v in entry.items()})
+    chosen = set(run.sites if sites is None else sites)
     return {
         "file": run.path, "model": run.meta.get("model", {}).get("name_or_path") or
         run.meta.get("model", {}).get("class"), "windows": len(run.rows), "steps": run.steps,
-        "skip_first": run.meta.get("skip_first"), "sites": sites,
-        "outlier_channels": outlier_channels(run), "massive": massive(run),
+        "skip_first": run.meta.get("skip_first"), "partial": run.meta.get("partial"), "sites": rows,
+        "outlier_channels": outlier_channels(run),
+        "massive": [m for m in massive(run) if m["site"] in chosen],
     }
 
 
@@ -92,14 +126,43 @@ def outlier_channels(run: Run) -> list[dict[str, Any]]:
 
 
 def massive(run: Run) -> list[dict[str, Any]]:
-    """Sites whose largest magnitude meets the massive-activation rule (see module docstring)."""
+    """Massive activations over every real token (see module docstring), JSON-ready.
+
+    One entry per site and kind: ``kind="sink"`` for the first positions (``position`` is the
+    one holding the largest value; ``channel`` is None, the per-position statistic does not keep
+    it), ``kind="token"`` for the rest (with ``row``, ``channel``, ``token`` when the site's
+    absmax is that value). ``ratio`` is ``absmax / median_abs``.
+    """
     out = []
+    head = max(int(run.meta.get("skip_first") or 0), 1)
     for name in run.sites:
         s = run[name]
         med = _median_abs(run, name)
-        if s.count and s.absmax >= MASSIVE_VALUE and med > 0 and s.absmax >= MASSIVE_RATIO * med:
-            out.append({"site": name, "absmax": s.absmax, "median_abs": med, "ratio": s.absmax / med,
-                        **s.absmax_at})
+        if not s.count or not med > 0:
+            continue
+
+        def hit(value: float) -> bool:
+            return value >= MASSIVE_VALUE and value >= MASSIVE_RATIO * med
+
+        per_pos = None
+        if run.total["sites"].get(name, {}).get("position"):
+            per_pos = np.nan_to_num(s.position.absmax, nan=-1.0)
+        if per_pos is not None and len(per_pos):
+            first = per_pos[:head]
+            p = int(np.argmax(first))
+            if hit(float(first[p])):
+                out.append({"site": name, "kind": "sink", "absmax": float(first[p]), "median_abs": med,
+                            "ratio": float(first[p]) / med, "position": p, "channel": None})
+        if s.absmax_at["position"] >= head or per_pos is None:
+            value, where = s.absmax, dict(s.absmax_at)
+        elif len(per_pos) > head:  # the site's absmax is in the sink: the largest elsewhere
+            p = head + int(np.argmax(per_pos[head:]))
+            value, where = float(per_pos[p]), {"row": None, "position": p, "channel": None, "token": None}
+        else:
+            continue
+        if hit(value):
+            out.append({"site": name, "kind": "token", "absmax": value, "median_abs": med, "ratio": value / med,
+                        **where})
     return out
 
 
@@ -116,24 +179,61 @@ def _js(p: np.ndarray, q: np.ndarray) -> float:
 
 
 def diff(a: Run, b: Run) -> list[dict[str, Any]]:
-    """Per-site shift from run ``a`` to run ``b``: mean and std ratios, quantile shifts and the
-    Jensen–Shannon divergence (bits, 0..1) between the two bucket histograms."""
+    """Per-site shift from run ``a`` to run ``b``: mean and std ratios, the shift of the
+    :data:`DIFF_QUANTILES` and the Jensen–Shannon divergence (bits, 0..1) between the two bucket
+    histograms. One row per site present in both runs, in ``a``'s order.
+
+    Raises:
+        ProbeError: the runs share no site.
+    """
+    common = [n for n in a.sites if n in set(b.sites)]
+    if not common:
+        raise ProbeError(f"the runs share no site; expected common site names; got {a.sites[:3]} in "
+                         f"{a.path or 'run a'} and {b.sites[:3]} in {b.path or 'run b'}; compare runs captured "
+                         "with the same sites=")
     rows = []
-    for name in a.sites:
-        if name not in b.sites:
-            continue
+    for name in common:
         sa, sb = a[name], b[name]
         row = {"site": name, "mean_a": sa.mean, "mean_b": sb.mean, "std_a": sa.std, "std_b": sb.std,
                "std_ratio": sb.std / sa.std if sa.std else float("nan"),
-               "mean_shift": sb.mean - sa.mean}
+               "mean_shift": sb.mean - sa.mean, "tokens_a": sa.tokens, "tokens_b": sb.tokens}
         ha = a.total["sites"].get(name, {}).get("histogram")
         hb = b.total["sites"].get(name, {}).get("histogram")
         if ha and hb and ha["counts"].shape == hb["counts"].shape:
-            row["js"] = _js(ha["counts"].astype(np.float64), hb["counts"].astype(np.float64))
-            qa, qb = sa.quantile(QUANTILES), sb.quantile(QUANTILES)
-            row["quantile_shift"] = {str(q): float(y - x) for q, x, y in zip(QUANTILES, qa, qb)}
+            with np.errstate(all="ignore"):
+                row["js"] = _js(ha["counts"].astype(np.float64), hb["counts"].astype(np.float64))
+            qa, qb = sa.quantile(DIFF_QUANTILES), sb.quantile(DIFF_QUANTILES)
+            row["quantile_shift"] = {str(q): float(y - x) for q, x, y in zip(DIFF_QUANTILES, qa, qb)}
         rows.append({k: _clean(v) for k, v in row.items()})
     return rows
+
+
+def diff_warnings(a: Run, b: Run) -> list[str]:
+    """What makes runs ``a`` and ``b`` hard to compare: another model, dtype, token count,
+    ``skip_first``, or a partial run. One line each; empty when they match."""
+    out = []
+
+    def model(r: Run) -> str:
+        m = r.meta.get("model", {})
+        return str(m.get("name_or_path") or m.get("class") or "?")
+
+    if model(a) != model(b):
+        out.append(f"the runs come from different models ({model(a)} vs {model(b)})")
+    common = [n for n in a.sites if n in set(b.sites)]
+    da = sorted({a[n].dtype for n in common} - {""})
+    db = sorted({b[n].dtype for n in common} - {""})
+    if da != db:
+        out.append(f"the runs differ in dtype ({', '.join(da) or '?'} vs {', '.join(db) or '?'})")
+    if common:
+        ta, tb = a[common[0]].tokens, b[common[0]].tokens
+        if ta != tb:
+            out.append(f"the runs saw different numbers of tokens ({ta} vs {tb}): shifts mix data and model")
+    if a.meta.get("skip_first") != b.meta.get("skip_first"):
+        out.append(f"the runs differ in skip_first ({a.meta.get('skip_first')} vs {b.meta.get('skip_first')})")
+    for r, tag in ((a, "a"), (b, "b")):
+        if r.meta.get("partial"):
+            out.append(f"run {tag} ({r.path}) is partial: {r.meta['partial'].get('reason', 'interrupted')}")
+    return out
 
 
 def _fmt(v: Any) -> str:
@@ -146,18 +246,61 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _where(at: dict, wide: bool) -> str:
+    where = f"p{at['position']} c{at['channel']}"
+    if not wide:
+        return where
+    where = f"r{at['row']} " + where
+    if "text" in at:
+        where += f" {at['text']!r}"
+    elif at["token"] is not None and at["token"] >= 0:
+        where += f" #{at['token']}"
+    return where
+
+
+def _compact(names: list[str]) -> str:
+    """``["1", "2", "3", "7"]`` -> ``"1–3, 7"``; other names joined with commas (at most 8)."""
+    if not all(n.isdigit() for n in names):
+        return ", ".join(names[:8]) + (" …" if len(names) > 8 else "")
+    nums, parts = sorted(int(n) for n in names), []
+    start = prev = nums[0]
+    for k in nums[1:] + [None]:
+        if k is not None and k == prev + 1:
+            prev = k
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}–{prev}")
+        if k is not None:
+            start = prev = k
+    return ", ".join(parts)
+
+
+def _partial_line(partial: dict[str, Any]) -> str:
+    done = partial.get("batches")
+    return (f"[bold yellow]partial run[/]: {partial.get('reason', 'interrupted')}"
+            + (f" after {done} complete batch(es)" if done is not None else "")
+            + "; the numbers cover only what ran")
+
+
 def print_summary(run: Run, console=None, site: str | None = None) -> None:
+    """The ``probe show`` table: one row per site (or only ``site``), then the flags.
+
+    Columns shown depend on the console width (``min``/``max`` and the row and token of the
+    absmax need 120 columns); the caption describes the columns actually shown.
+    """
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
     data = summary(run)
     title = f"{data['file'] or 'run'} · {data['model']} · {data['windows']} window(s) · skip_first={data['skip_first']}"
-    table = Table(title=title, header_style="bold", caption="at: (row,) position, channel (and token) of absmax",
-                  pad_edge=False)
+    if data["partial"]:
+        title += " · PARTIAL"
+    wide = console.width >= 120
+    at_doc = ("row, position, channel and token of the largest |x|" if wide
+              else "position and channel of the largest |x| (row and token: 120+ columns or --json)")
+    table = Table(title=title, header_style="bold", caption=f"at: {at_doc}", pad_edge=False)
     prefix = "hidden_states."
     short = all(e["site"].startswith(prefix) for e in data["sites"])
-    wide = console.width >= 120
     cols = ["layer" if short else "site", "tokens", "mean", "std", "skew", "kurt"]
     cols += ["min", "max", "absmax", "at"] if wide else ["absmax", "at"]
     for col in cols:
@@ -167,20 +310,14 @@ def print_summary(run: Run, console=None, site: str | None = None) -> None:
     for e in data["sites"]:
         if site is not None and e["site"] != site:
             continue
-        at = e["absmax_at"]
-        where = f"r{at['row']} p{at['position']} c{at['channel']}"
-        if "text" in at:
-            where += f" {at['text']!r}"
-        elif at["token"] >= 0:
-            where += f" #{at['token']}"
         name = e["site"][len(prefix):] if short else e["site"]
         name = f"[bold red]{name}[/]" if e["site"] in flagged else name
-        if not wide:
-            where = f"p{at['position']} c{at['channel']}"
         cells = [name, _fmt(e["tokens"]), _fmt(e["mean"]), _fmt(e["std"]), _fmt(e["skew"]), _fmt(e["kurtosis"])]
         cells += [_fmt(e["min"]), _fmt(e["max"])] if wide else []
-        table.add_row(*cells, _fmt(e["absmax"]), where)
+        table.add_row(*cells, _fmt(e["absmax"]), _where(e["absmax_at"], wide))
     console.print(table)
+    if data["partial"]:
+        console.print(_partial_line(data["partial"]))
     if site is not None:
         e = next(x for x in data["sites"] if x["site"] == site)
         if "quantiles" in e:
@@ -191,10 +328,21 @@ def print_summary(run: Run, console=None, site: str | None = None) -> None:
             console.print("largest channels: " + ", ".join(f"{c} ({s.channel.absmax[c]:.4g})" for c in top))
         if s.nan or s.posinf or s.neginf:
             console.print(f"[yellow]non-finite: nan={s.nan} +inf={s.posinf} -inf={s.neginf}[/]")
-    if data["massive"]:
-        console.print(f"[bold red]massive activations[/] (|x| ≥ {MASSIVE_VALUE:g} and ≥ {MASSIVE_RATIO:g}× median |x|): "
-                      + ", ".join(f"{m['site']} {m['absmax']:.4g} at pos {m['position']} ch {m['channel']}"
-                                  for m in data["massive"][:6]) + (" …" if len(data["massive"]) > 6 else ""))
+    found = [m for m in data["massive"] if site is None or m["site"] == site]
+    if found:
+        console.print(f"[bold red]massive activations[/] (|x| ≥ {MASSIVE_VALUE:g} and ≥ {MASSIVE_RATIO:g}× the "
+                      "site's median |x|, over every real token):")
+        for kind, label in (("sink", f"attention sink (first {max(int(data['skip_first'] or 0), 1)} position(s))"),
+                            ("token", "other tokens")):
+            hits = [m for m in found if m["kind"] == kind]
+            if not hits:
+                continue
+            top = max(hits, key=lambda m: m["absmax"])
+            names = _compact([m["site"][len(prefix):] if short else m["site"] for m in hits])
+            where = f"p{top['position']}" + (f" c{top['channel']}" if top["channel"] is not None else "")
+            console.print(f"  {label}: {len(hits)} {'layer' if short else 'site'}(s) {names}; largest "
+                          f"{top['absmax']:.4g} = ×{top['ratio']:.3g} the median |x| "
+                          f"({'layer ' + top['site'][len(prefix):] if short else top['site']}, {where})")
     if data["outlier_channels"]:
         console.print(f"[bold yellow]outlier channels[/] (|x| ≥ {OUTLIER_VALUE:g} in ≥ {OUTLIER_TOKENS:.0%} of tokens "
                       f"at ≥ {OUTLIER_SITES:.0%} of sites, RMS ≥ {OUTLIER_RMS:g}× the median channel's): "
@@ -203,15 +351,18 @@ def print_summary(run: Run, console=None, site: str | None = None) -> None:
 
 
 def print_diff(rows: list[dict[str, Any]], console=None) -> None:
+    """The ``probe diff`` table: one row per common site; quantile shifts of :data:`DIFF_QUANTILES`."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title="distribution shift (A → B)", header_style="bold")
-    for col in ("site", "mean A", "mean B", "std B/A", "JS (bits)", "Δq0.01", "Δq0.5", "Δq0.99"):
+    table = Table(title="distribution shift (A → B)", header_style="bold",
+                  caption="Δq: quantile of B minus quantile of A; JS: Jensen–Shannon divergence of the histograms")
+    qcols = [f"Δq{q:g}" for q in DIFF_QUANTILES]
+    for col in ("site", "mean A", "mean B", "std B/A", "JS (bits)", *qcols):
         table.add_column(col, justify="left" if col == "site" else "right")
     for r in rows:
         qs = r.get("quantile_shift", {})
         table.add_row(r["site"], _fmt(r["mean_a"]), _fmt(r["mean_b"]), _fmt(r["std_ratio"]), _fmt(r.get("js")),
-                      _fmt(qs.get("0.01")), _fmt(qs.get("0.5")), _fmt(qs.get("0.99")))
+                      *(_fmt(qs.get(str(q))) for q in DIFF_QUANTILES))
     console.print(table)

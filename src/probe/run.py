@@ -245,18 +245,22 @@ class SiteView:
         h = self._need("histogram")
         return quantile(h["counts"], bool(h["lossless"]), q)
 
-    def histogram(self, bins: int = 100, range: tuple[float, float] | None = None):
-        """Linear-bin histogram ``(counts, edges)`` rendered from the bucket CDF.
+    def histogram(self, bins: int | Sequence[float] = 100, range: tuple[float, float] | None = None):
+        """Histogram ``(counts, edges)`` rendered from the bucket CDF: ``bins`` linear bins over
+        ``range``, or ``bins`` given as increasing edges (``numpy.histogram``'s convention).
 
-        Exact for bf16 data; otherwise values are spread uniformly within each bucket. With no
-        ``range``, the site's own min and max are used.
+        Exact for bf16 data; otherwise values are spread uniformly within each bucket, cut to the
+        site's exact ``[min, max]``, so edges spanning ``[min, max]`` total :attr:`count`
+        exactly. With no ``range``, the site's own min and max are used.
         """
         from .stats.histogram import render
 
         h = self._need("histogram")
-        if range is None:
-            range = (self.min, self.max) if self._state.get("moments") and self.count else None
-        return render(h["counts"], bool(h["lossless"]), bins, range)
+        known = bool(self._state.get("moments")) and self.count > 0
+        if range is None and known:
+            range = (self.min, self.max)
+        return render(h["counts"], bool(h["lossless"]), bins, range,
+                      limits=(self.min, self.max) if known else None)
 
 
 class Run:
