@@ -11,6 +11,9 @@
 from ._version import __version__
 from .capture import capture
 from .errors import ProbeError
+# the function shadows its subpackage as ``probe.export``; modules stay reachable as
+# ``probe.export.imatrix`` etc. through ``sys.modules`` / ``from probe.export import imatrix``
+from .export import export
 
 
 def load(path):
@@ -31,4 +34,4 @@ def merge(paths, out, *, overwrite: bool = False):
     return merge_files(paths, out, overwrite=overwrite)
 
 
-__all__ = ["capture", "load", "merge", "ProbeError", "__version__"]
+__all__ = ["capture", "load", "merge", "export", "ProbeError", "__version__"]
