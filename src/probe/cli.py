@@ -1,4 +1,4 @@
-"""``probe run · show · plot · diff · merge``: each subcommand is a parser plus a command.
+"""``probe run · show · plot · diff · merge · export``: each subcommand is a parser plus a command.
 
 User errors print one line on stderr and exit with status 2; ``--debug`` shows the traceback.
 """
@@ -86,6 +86,9 @@ def _add_show(sub) -> None:
     p.add_argument("file")
     p.add_argument("--site", default=None, help="show one site in detail")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    from .export.cli import add_quant_options
+
+    add_quant_options(p)
     p.set_defaults(func=cmd_show)
 
 
@@ -93,6 +96,10 @@ def cmd_show(args) -> int:
     from . import load
     from .report import print_summary, summary
 
+    if getattr(args, "quant", None):
+        from .export.cli import cmd_show_quant
+
+        return cmd_show_quant(args)
     run = load(args.file)
     if args.site is not None:
         run[args.site]  # validates the name
@@ -172,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"probe {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_run, _add_show, _add_plot, _add_diff, _add_merge):
+    from .export.cli import add_export
+
+    for add in (_add_run, _add_show, _add_plot, _add_diff, _add_merge, add_export):
         add(sub)
     return parser
 
