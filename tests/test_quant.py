@@ -40,6 +40,7 @@ def test_bounds_hold_and_are_one_bucket_wide(seed):
     x = data(seed)
     counts = buckets(x)
     g = np.random.default_rng(100 + seed)
+    widths = []
     for _ in range(20):
         clip, flush = g.uniform(0.5, 8.0), g.uniform(1e-4, 0.3)
         f = fractions(counts, False, clip_above=clip, flush_at_or_below=flush)
@@ -48,13 +49,17 @@ def test_bounds_hold_and_are_one_bucket_wide(seed):
         for key in ("clip", "flush", "large"):
             assert f[key].low <= ref[key] <= f[key].high, (key, clip, flush)
         assert f["large"].exact  # 6 is a bucket edge
-        # the bound is exactly the count of the one bucket holding the float32 boundary above clip
-        u = np.nextafter(np.float32(clip), np.float32(np.inf))
-        bits = np.array([u], dtype=np.float32).view(np.uint32)[0]
-        lo, hi = (np.array([bits >> 16 << 16, (bits >> 16 << 16) + (1 << 16)], dtype=np.uint32).view(np.float32))
+        # the bound is exactly the count of the one bucket holding U, the smallest float32 > clip
+        u = np.float32(clip)
+        u = u if float(u) > clip else np.nextafter(u, np.float32(np.inf))
+        bits = int(np.array([u], dtype=np.float32).view(np.uint32)[0]) >> 16 << 16  # m = 7: 16 low bits
+        lo, hi = np.array([bits, bits + (1 << 16)], dtype=np.uint32).view(np.float32)
         a = np.abs(x)
         inside = int(((a >= lo) & (a < hi)).sum()) if lo < u else 0
         assert f["clip"].high - f["clip"].low == inside
+        widths.append(inside)
+    assert max(widths) > 0  # the inexact case occurs, so the bound is really tested
+
 
 def test_exact_when_the_threshold_boundary_is_a_bucket_edge():
     x = data(7)

@@ -2,9 +2,10 @@
 
 Recipe::
 
+    from probe.quant import report
     r = probe.load("linear.h5")
-    rows = probe.quant.report(r, "fp8")            # at each site's per-tensor amax scale
-    rows = probe.quant.report(r, "int8", scale=0.05)
+    rows = report(r, "fp8")                        # at each site's per-tensor amax scale
+    rows = report(r, "int8", scale=0.05)
     rows[0]["clip"], rows[0]["flush"], rows[0]["large"]
 
 Symmetric per-tensor quantization with scale ``s`` maps ``x`` to ``round(x / s)`` on the format's
@@ -204,7 +205,7 @@ def report(run, fmt: Literal["fp8", "int8"] = "fp8", *, scale: float | dict[str,
     if fmt not in FORMATS:
         raise ProbeError(f"quantization format must be one of {sorted(FORMATS)}; got {fmt!r}; pass 'fp8' or 'int8'")
     q = FORMATS[fmt]
-    run = getattr(run, "result", None) or run
+    run = run.result if getattr(run, "result", None) is not None else run
     names = list(sites) if sites is not None else [n for n in run.sites if "histogram" in run.stats]
     rows = []
     for name in names:

@@ -49,7 +49,7 @@ def as_runs(runs) -> list:
     for r in runs:
         if isinstance(r, (str, os.PathLike)):
             r = load(r)
-        r = getattr(r, "result", None) or r
+        r = r.result if getattr(r, "result", None) is not None else r
         if not hasattr(r, "sites") or not hasattr(r, "meta"):
             raise ProbeError(f"runs must be run files or probe.load() results; got {type(r).__name__}; "
                              "pass paths or Run objects")
