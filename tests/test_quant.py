@@ -112,7 +112,8 @@ def bf16_run(smollm):
         ref: dict[str, list] = {}
         handles = [m.register_forward_pre_hook(
             lambda mod, args, name=n: ref.setdefault(name, []).append(args[0][mask].float().numpy()))
-            for n, m in model.named_modules() if n in ("model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj")]
+            for n, m in model.named_modules()
+            if n in ("model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj")]
         try:
             with torch.no_grad():
                 model(**batch)

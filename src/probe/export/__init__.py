@@ -81,7 +81,8 @@ def export(fmt: Literal["smoothquant", "imatrix", "amax"], runs, path: str | os.
         raise ProbeError(f"export format must be one of {list(FORMATS)}; got {fmt!r}; pass e.g. 'smoothquant'")
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
-        raise ProbeError(f"output {path!r} exists; expected a new file; pass overwrite=True (--overwrite) to replace it")
+        raise ProbeError(f"output {path!r} exists; expected a new file; "
+                         "pass overwrite=True (--overwrite) to replace it")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ProbeError(f"output folder {folder!r} does not exist; expected an existing folder; create it first")
