@@ -262,3 +262,23 @@ def test_export_refuses_bad_input(tiny, tmp_path):
         model(ids)
     with pytest.warns(UserWarning, match="skip_first"):
         probe.export("amax", skipped, tmp_path / "z.json")
+
+
+def test_quant_report_bounds_hold_on_float32_activations(calib):
+    from probe.quant import FORMATS, report
+
+    _, ref, runs, _, _ = calib
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.5.mlp.down_proj", "model.layers.20.mlp.up_proj"]
+    for fmt, q in FORMATS.items():
+        for name in names:
+            a = np.abs(ref[name])
+            for scale in (None, a.max() / q.qmax / 8):
+                row = report(runs["ab"], fmt, scale=scale, sites=[name])[0]
+                s = row["scale"]
+                assert s == (a.max() / q.qmax if scale is None else scale)
+                want = {"clip": (a > q.qmax * s).mean(), "flush": ((a > 0) & (a <= q.flush * s)).mean(),
+                        "large": (a >= 6).mean()}
+                for key, value in want.items():
+                    low, high = row[key]
+                    assert low <= value <= high, (fmt, name, key)
+                assert row["large_exact"] and (scale is not None or row["clip"] == [0.0, 0.0])
