@@ -11,8 +11,8 @@
 from ._version import __version__
 from .capture import capture
 from .errors import ProbeError
-# the function shadows its subpackage as ``probe.export``; modules stay reachable as
-# ``probe.export.imatrix`` etc. through ``sys.modules`` / ``from probe.export import imatrix``
+# the function shadows its subpackage's name on ``probe``; import the writers themselves with
+# ``from probe.export import imatrix``
 from .export import export
 
 
