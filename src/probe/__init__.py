@@ -13,6 +13,9 @@ import types
 
 from ._version import __version__
 from .errors import ProbeError
+# the function shadows its subpackage's name on ``probe``; import the writers themselves with
+# ``from probe.export import imatrix``
+from .export import export
 
 
 class _Probe(types.ModuleType):
@@ -58,4 +61,4 @@ def merge(paths, out, *, overwrite: bool = False):
     return merge_files(paths, out, overwrite=overwrite)
 
 
-__all__ = ["capture", "load", "merge", "ProbeError", "__version__"]
+__all__ = ["capture", "load", "merge", "export", "ProbeError", "__version__"]

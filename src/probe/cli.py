@@ -1,4 +1,4 @@
-"""``probe run · show · plot · diff · merge · cache``: each subcommand is a parser plus a command.
+"""``probe run · show · plot · diff · merge · export · cache``: each subcommand is a parser plus a command.
 
 To add a subcommand, write ``_add_x(sub)`` (its parser, ending in ``set_defaults(func=cmd_x)``)
 and ``cmd_x(args) -> int``, and list ``_add_x`` in :data:`COMMANDS`.
@@ -203,6 +203,9 @@ def _add_show(sub) -> None:
     p.add_argument("--site", default=None,
                    help="one site in detail: its name, or the layer number the table shows (e.g. 5)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts (honours --site)")
+    from .export.cli import add_quant_options
+
+    add_quant_options(p)
     p.set_defaults(func=cmd_show)
 
 
@@ -213,6 +216,10 @@ def _load(path: str):
 
 
 def cmd_show(args) -> int:
+    if getattr(args, "quant", None):
+        from .export.cli import cmd_show_quant
+
+        return cmd_show_quant(args)
     from .report import print_summary, resolve_site, summary
 
     run = _load(args.file)
@@ -339,8 +346,14 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    from .export.cli import add_export
+
+    add_export(sub)
+
+
 #: every subcommand, in ``probe -h`` order: each adds its parser (and its command via set_defaults)
-COMMANDS = (_add_run, _add_show, _add_plot, _add_diff, _add_merge, _add_cache)
+COMMANDS = (_add_run, _add_show, _add_plot, _add_diff, _add_merge, _add_export, _add_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .run import Run
 
 __all__ = ["summary", "outlier_channels", "massive", "diff", "diff_warnings", "resolve_site", "print_summary",
-           "print_diff", "DIFF_QUANTILES"]
+           "print_diff", "DIFF_QUANTILES", "print_quant"]
 
 OUTLIER_VALUE, OUTLIER_TOKENS, OUTLIER_SITES, OUTLIER_RMS = 6.0, 0.06, 0.25, 4.0
 MASSIVE_VALUE, MASSIVE_RATIO = 100.0, 1000.0
@@ -366,3 +366,43 @@ def print_diff(rows: list[dict[str, Any]], console=None) -> None:
         table.add_row(r["site"], _fmt(r["mean_a"]), _fmt(r["mean_b"]), _fmt(r["std_ratio"]), _fmt(r.get("js")),
                       *(_fmt(qs.get(str(q))) for q in DIFF_QUANTILES))
     console.print(table)
+
+
+def _pct(pair: list[float] | None, exact: bool | None) -> str:
+    if pair is None:
+        return "–"
+    lo, hi = pair
+    if exact or lo == hi:
+        return f"{100 * lo:.3g}%"
+    return f"{100 * lo:.3g}–{100 * hi:.3g}%"
+
+
+def print_quant(rows: list[dict[str, Any]], console=None) -> None:
+    """The table of :func:`probe.quant.report`: per site, the share of values that would clip and
+    flush to zero at the given per-tensor scale, and of ``|x| >= 6``; a range ``a–b`` is a bound
+    (the threshold fell inside one histogram bucket), a single number is exact."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    fmt = rows[0]["format"] if rows else ""
+    table = Table(title=f"per-tensor {fmt} quantization", header_style="bold", pad_edge=False,
+                  caption="a–b: bound (threshold inside one histogram bucket); single value: exact; "
+                          "max at p0: the first token holds the largest |x| (× its lead over later tokens)")
+    for col in ("site", "values", "amax", "scale", "clip", "flush", "|x|≥6", "max at"):
+        table.add_column(col, justify="left" if col in ("site", "max at") else "right", no_wrap=col != "site")
+    first = []
+    for r in rows:
+        ft = r.get("first_token")
+        where = "–"
+        if ft is not None:
+            where = f"p0 c{ft['channel']}" + (f" {ft['ratio']:.3g}×" if ft.get("ratio") else "")
+            first.append(r["site"])
+        table.add_row(r["site"], _fmt(r["count"]), _fmt(r["amax"]), _fmt(r["scale"]),
+                      _pct(r["clip"], r["clip_exact"]), _pct(r["flush"], r["flush_exact"]),
+                      _pct(r["large"], r["large_exact"]), where)
+    console.print(table)
+    if first:
+        console.print(f"[bold yellow]first token holds the largest |x|[/] at {len(first)} of {len(rows)} sites "
+                      "(its channel sets the per-tensor amax; consider skip_first or per-channel scales): "
+                      + ", ".join(first[:6]) + (" …" if len(first) > 6 else ""))

@@ -7,7 +7,11 @@ it. The layers are found through transformers' own ``_can_record_outputs`` regis
 without it fall back to the longest ``ModuleList`` of identical blocks (no tie).
 
 Anything else names modules whose output is captured: exact module paths, glob patterns
-(``"model.layers.*.mlp"``), or a callable ``(name, module) -> bool``.
+(``"model.layers.*.mlp"``), or a callable ``(name, module) -> bool``. A name or glob ending in
+``:input`` captures the module's input (its first positional argument) instead, as site
+``"<module>:input"``. ``"linear_inputs"`` is the input of every ``nn.Linear`` and transformers
+``Conv1D`` except the output head, one site per module named by its module path: what
+quantization calibration reads (see ``docs/calibration.md``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from torch import nn
 
 from .errors import SiteError, closest
 
-__all__ = ["Site", "SiteSpec", "resolve"]
+__all__ = ["Site", "SiteSpec", "resolve", "linear_input_sites"]
+
+INPUT_SUFFIX = ":input"
 
 SiteSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
 
@@ -64,6 +70,10 @@ def resolve(model: nn.Module, sites: SiteSpec = "hidden_states") -> list[Site]:
                             "pass module names, glob patterns or 'hidden_states'")
         if spec == "hidden_states":
             found += hidden_state_sites(model)
+        elif spec == "linear_inputs":
+            found += linear_input_sites(model)
+        elif spec.endswith(INPUT_SUFFIX):
+            found += _input_sites(spec, modules)
         elif any(c in spec for c in "*?["):
             hits = [name for name in modules if name and fnmatch.fnmatchcase(name, spec)]
             if not hits:
@@ -73,7 +83,7 @@ def resolve(model: nn.Module, sites: SiteSpec = "hidden_states") -> list[Site]:
         elif spec in modules and spec:
             found.append(Site(spec, spec))
         else:
-            raise SiteError(f"unknown site {spec!r}; expected 'hidden_states' or a module name"
+            raise SiteError(f"unknown site {spec!r}; expected 'hidden_states', 'linear_inputs' or a module name"
                             f"{closest(spec, [m for m in modules if m])}")
     seen: set[str] = set()
     for site in found:
@@ -81,6 +91,67 @@ def resolve(model: nn.Module, sites: SiteSpec = "hidden_states") -> list[Site]:
             raise SiteError(f"site {site.name!r} is listed twice; expected each site once; "
                             "remove the duplicate from sites=")
         seen.add(site.name)
+    return found
+
+
+def _input_sites(spec: str, modules: dict[str, nn.Module]) -> list[Site]:
+    pattern = spec[: -len(INPUT_SUFFIX)]
+    if any(c in pattern for c in "*?["):
+        hits = [name for name in modules if name and fnmatch.fnmatchcase(name, pattern)]
+        if not hits:
+            raise SiteError(f"site pattern {spec!r} matches no module; expected a glob over "
+                            f"model.named_modules() before ':input'{closest(pattern, modules)}")
+    elif pattern in modules and pattern:
+        hits = [pattern]
+    else:
+        raise SiteError(f"unknown site {spec!r}; expected a module name or glob before ':input'"
+                        f"{closest(pattern, [m for m in modules if m])}")
+    return [Site(name + INPUT_SUFFIX, name, "input") for name in hits]
+
+
+def _output_head(model: nn.Module) -> set[int]:
+    """ids of the modules that are the output head: ``get_output_embeddings()`` and any linear
+    layer whose weight is the input embedding's (tied)."""
+    heads: set[int] = set()
+    embed = None
+    for getter in ("get_output_embeddings", "get_input_embeddings"):
+        fn = getattr(model, getter, None)
+        try:
+            found = fn() if callable(fn) else None
+        except (NotImplementedError, AttributeError, TypeError):
+            found = None
+        if getter == "get_output_embeddings" and isinstance(found, nn.Module):
+            heads.add(id(found))
+        elif isinstance(found, nn.Module):
+            embed = getattr(found, "weight", None)
+    if embed is not None:
+        for module in model.modules():
+            if getattr(module, "weight", None) is embed:
+                heads.add(id(module))
+    return heads
+
+
+def linear_input_sites(model: nn.Module) -> list[Site]:
+    """The input of every ``nn.Linear`` and transformers ``Conv1D`` in ``model``, in module order,
+    except the output head (``get_output_embeddings()`` or a layer tied to the input embedding);
+    each site is named by its module path.
+
+    Raises:
+        SiteError: the model has no such layer.
+    """
+    kinds: tuple[type, ...] = (nn.Linear,)
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        kinds += (Conv1D,)
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    heads = _output_head(model)
+    found = [Site(name, name, "input") for name, module in model.named_modules()
+             if name and isinstance(module, kinds) and id(module) not in heads]
+    if not found:
+        raise SiteError(f"sites='linear_inputs' found no nn.Linear or Conv1D in {type(model).__name__} "
+                        "besides the output head; expected at least one; pass module names with ':input'")
     return found
 
 

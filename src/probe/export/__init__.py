@@ -1,0 +1,105 @@
+"""Files other tools read, computed from probe runs: quantization calibration.
+
+Recipe::
+
+    with probe.capture(model, "calib.h5", sites="linear_inputs", stats=("moments", "histogram")) as run:
+        for batch in loader:
+            model(**batch)
+    probe.export("smoothquant", "calib.h5", "act_scales.pt")   # SmoothQuant smooth_lm(model, scales, alpha)
+    probe.export("imatrix", "calib.h5", "imatrix.gguf")        # llama-quantize --imatrix imatrix.gguf
+    probe.export("amax", ["shard0.h5", "shard1.h5"], "amax.json")  # per-tensor / per-channel amax, ModelOpt
+
+Every format reads the input sites of a run (``sites="linear_inputs"`` or ``"<module>:input"``)
+and keys them by module path. Several runs are merged exactly first. See ``docs/calibration.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from ..errors import ProbeError
+from ._collect import ModuleStats, as_runs, collect
+
+__all__ = ["export", "FORMATS", "collect", "ModuleStats"]
+
+FORMATS = ("smoothquant", "imatrix", "amax")
+
+
+def _meta(runs) -> dict[str, Any]:
+    first = runs[0].meta
+    model = first.get("model", {})
+    return {
+        "model": model.get("name_or_path") or model.get("class"),
+        "runs": [os.path.basename(r.path) if getattr(r, "path", None) else f"run {i}" for i, r in enumerate(runs)],
+        "skip_first": max(int(r.meta.get("skip_first") or 0) for r in runs),
+        "model_meta": model,
+    }
+
+
+def export(fmt: Literal["smoothquant", "imatrix", "amax"], runs, path: str | os.PathLike, *,
+           overwrite: bool = False, arch: str | None = None, datasets: Sequence[str] | None = None,
+           chunk_size: int = 512) -> dict[str, Any]:
+    """Write the calibration file ``fmt`` for the linear-layer inputs captured in ``runs``.
+
+    Args:
+        fmt: ``"smoothquant"`` (``torch.save`` of ``{module: float32 [in_features]}`` per-channel
+            max |x|), ``"imatrix"`` (llama.cpp GGUF: ``Σ x²`` per channel and token counts) or
+            ``"amax"`` (JSON: per-tensor and per-channel amax, FP8/INT8 scales, ModelOpt
+            ``quant_cfg`` entries).
+        runs: a run file, a :class:`probe.run.Run`, a finished capture, or a sequence of them
+            (merged exactly: counts and sums add, maxima take the maximum).
+        path: the file to write.
+        overwrite: replace ``path`` if it exists.
+        arch: ``imatrix`` only: the llama.cpp architecture (default: from the model's
+            ``model_type``), used to map module paths to GGUF tensor names.
+        datasets: ``imatrix`` only: ``imatrix.datasets`` (default: the run file names).
+        chunk_size: ``imatrix`` only: ``imatrix.chunk_size`` (llama.cpp's default 512).
+
+    Returns:
+        What was written: ``{module: tensor}`` (smoothquant), ``{module: gguf name}``
+        (imatrix) or the JSON document (amax).
+
+    Raises:
+        ProbeError: an unknown format, an existing ``path`` without ``overwrite``, runs without
+            input sites or moments, runs of different models.
+
+    Example:
+        >>> import probe, torch, transformers
+        >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        ...     hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...     vocab_size=50))
+        >>> with probe.capture(model, sites="linear_inputs", stats=("moments", "histogram")) as run:
+        ...     _ = model(torch.tensor([[1, 2, 3]]))
+        >>> import tempfile, os
+        >>> out = os.path.join(tempfile.mkdtemp(), "act_scales.pt")
+        >>> sorted(probe.export("smoothquant", run, out))[0]
+        'model.layers.0.mlp.down_proj'
+    """
+    if fmt not in FORMATS:
+        raise ProbeError(f"export format must be one of {list(FORMATS)}; got {fmt!r}; pass e.g. 'smoothquant'")
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise ProbeError(f"output {path!r} exists; expected a new file; "
+                         "pass overwrite=True (--overwrite) to replace it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ProbeError(f"output folder {folder!r} does not exist; expected an existing folder; create it first")
+    runs = as_runs(runs)
+    stats = collect(runs)
+    meta = _meta(runs)
+    if fmt == "smoothquant":
+        from .smoothquant import write
+
+        return write(stats, path)
+    if fmt == "imatrix":
+        from .imatrix import write as write_imatrix
+
+        return write_imatrix(stats, path, {"model": meta["model_meta"], "runs": meta["runs"]}, arch=arch,
+                             datasets=list(datasets) if datasets is not None else None, chunk_size=chunk_size)
+    from .amax import write as write_amax
+
+    info = {k: meta[k] for k in ("model", "runs", "skip_first")}
+    return write_amax(stats, path, info)
+

@@ -1,0 +1,144 @@
+"""Per-module calibration statistics of a linear layer's input, gathered from one or more runs.
+
+Everything is read through the public Run API (``run.sites``, ``run.meta``, ``run[site]``): the
+per-channel ``count``, ``mean``, ``var``, ``min`` and ``max`` and the site's ``tokens``. The sums
+the consumers want are rebuilt from the channel moments in float64:
+
+- ``sum_x2[d] = count[d] · (var[d] + mean[d]²)`` (``var`` is the population variance ``M2 / n``,
+  so this is ``M2 + n · mean²``, the raw second moment sum);
+- ``sum_x[d] = count[d] · mean[d]``;
+- ``absmax[d] = max(|min[d]|, |max[d]|)``, exact (float32 extremes).
+
+Several runs are combined exactly as ``probe.merge`` would: sums and counts add, maxima take the
+maximum, histogram counts add.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ProbeError
+
+__all__ = ["ModuleStats", "collect", "as_runs"]
+
+
+@dataclass
+class ModuleStats:
+    """Input statistics of one module over every kept token of every run (``D`` channels)."""
+
+    module: str
+    tokens: int  #: kept tokens (rows of the input) seen by the module
+    count: np.ndarray  #: int64 [D] finite values per channel
+    sum_x: np.ndarray  #: float64 [D]
+    sum_x2: np.ndarray  #: float64 [D]
+    absmax: np.ndarray  #: float64 [D] (float32-exact); 0 where a channel saw nothing
+    sites: list[str] = field(default_factory=list)
+
+
+def as_runs(runs) -> list:
+    """Runs from a Run, a finished capture, a path, or a sequence of them."""
+    from .. import load
+
+    if isinstance(runs, (str, os.PathLike)) or hasattr(runs, "sites"):
+        runs = [runs]
+    out = []
+    for r in runs:
+        if isinstance(r, (str, os.PathLike)):
+            r = load(r)
+        r = r.result if getattr(r, "result", None) is not None else r
+        if not hasattr(r, "sites") or not hasattr(r, "meta"):
+            raise ProbeError(f"runs must be run files or probe.load() results; got {type(r).__name__}; "
+                             "pass paths or Run objects")
+        out.append(r)
+    if not out:
+        raise ProbeError("runs is empty; expected at least one run; pass a run file")
+    return out
+
+
+def _input_sites(run) -> dict[str, list[str]]:
+    """module -> its input sites (a ``phases=True`` run has a separate decode site)."""
+    by_module: dict[str, list[str]] = {}
+    for info in run.meta.get("sites", []):
+        if info.get("read") == "input" and not str(info.get("name", "")).startswith("hidden_states"):
+            by_module.setdefault(info["module"], []).append(info["name"])
+    return by_module
+
+
+def _check_same(runs) -> None:
+    first = runs[0]
+    model = first.meta.get("model", {})
+    for i, r in enumerate(runs[1:], 1):
+        other = r.meta.get("model", {})
+        if (other.get("class"), other.get("config")) != (model.get("class"), model.get("config")):
+            raise ProbeError(f"run {i} comes from another model than run 0 ({other.get('class')} vs "
+                             f"{model.get('class')}); expected runs of the same model; export them separately")
+        if list(r.sites) != list(first.sites):
+            raise ProbeError(f"run {i} captures other sites than run 0; expected identical sites; "
+                             "capture every shard with the same sites=")
+
+
+def collect(runs) -> list[ModuleStats]:
+    """The input statistics of every module with an input site, merged over ``runs``.
+
+    Raises:
+        ProbeError: no input sites, runs of different models or sites, no moments captured.
+    """
+    runs = as_runs(runs)
+    _check_same(runs)
+    by_module = _input_sites(runs[0])
+    if not by_module:
+        raise ProbeError("the run has no input sites; expected a capture with sites='linear_inputs' or "
+                         "'<module>:input'; recapture with probe.capture(model, sites='linear_inputs', "
+                         "stats=('moments', 'histogram'))")
+    for r in runs:
+        if "moments" not in r.stats:
+            raise ProbeError("the run has no moments; expected stats including 'moments'; "
+                             "recapture with stats=('moments', 'histogram')")
+        if r.meta.get("skip_first"):
+            warnings.warn(f"probe: the run dropped the first {r.meta['skip_first']} token(s) of each sequence "
+                          "(skip_first); quantizers calibrate on every token; capture with skip_first=0",
+                          stacklevel=3)
+    out = []
+    empty = []
+    for module, names in by_module.items():
+        acc = None
+        for r in runs:
+            for name in names:
+                s = r[name]
+                ch = s.channel
+                if ch is None or not s.tokens:
+                    continue
+                n = ch.count.astype(np.int64)
+                nf = n.astype(np.float64)
+                mean = np.where(n > 0, np.nan_to_num(ch.mean), 0.0)
+                var = np.where(n > 0, np.nan_to_num(ch.var), 0.0)
+                part = ModuleStats(module, int(s.tokens), n, nf * mean, nf * (var + mean * mean),
+                                   np.where(n > 0, np.nan_to_num(ch.absmax), 0.0), [name])
+                if acc is None:
+                    acc = part
+                elif len(part.count) != len(acc.count):
+                    raise ProbeError(f"site {name!r} has {len(part.count)} channels in one run and "
+                                     f"{len(acc.count)} in another; expected the same model; export them separately")
+                else:
+                    acc.tokens += part.tokens
+                    acc.count = acc.count + part.count
+                    acc.sum_x = acc.sum_x + part.sum_x
+                    acc.sum_x2 = acc.sum_x2 + part.sum_x2
+                    acc.absmax = np.maximum(acc.absmax, part.absmax)
+                    if name not in acc.sites:
+                        acc.sites.append(name)
+        if acc is None:
+            empty.append(module)
+        else:
+            out.append(acc)
+    if empty:
+        warnings.warn(f"probe: {len(empty)} module(s) saw no tokens and are left out: "
+                      + ", ".join(empty[:5]) + (" …" if len(empty) > 5 else ""), stacklevel=3)
+    if not out:
+        raise ProbeError("no input site saw any token; expected a capture that ran forwards; "
+                         "run the model inside the with-block")
+    return out

@@ -1,0 +1,54 @@
+"""``probe export FORMAT RUN [RUN ...] -o PATH`` and ``probe show --quant FORMAT``: parsers and
+commands, registered by :mod:`probe.cli`."""
+
+from __future__ import annotations
+
+import json
+
+__all__ = ["add_export", "cmd_export", "add_quant_options", "cmd_show_quant"]
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a quantization calibration file from input-site runs",
+                       description="Write SmoothQuant act scales, a llama.cpp imatrix or an amax JSON from runs "
+                                   "captured with --sites linear_inputs (several runs are merged exactly).")
+    p.add_argument("format", choices=("smoothquant", "imatrix", "amax"))
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run files (merged exactly)")
+    p.add_argument("-o", "--out", required=True, help="output file (.pt, .gguf, .json)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--arch", default=None, help="imatrix: llama.cpp architecture (default: from model_type)")
+    p.add_argument("--dataset", action="append", default=None, help="imatrix: imatrix.datasets entry (repeatable)")
+    p.add_argument("--chunk-size", type=int, default=512, help="imatrix: imatrix.chunk_size (default 512)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from . import export
+
+    done = export(args.format, args.runs, args.out, overwrite=args.overwrite, arch=args.arch,
+                  datasets=args.dataset, chunk_size=args.chunk_size)
+    count = len(done["modules"]) if args.format == "amax" else len(done)
+    print(f"wrote {args.out}: {args.format}, {count} modules from {len(args.runs)} run(s)")
+    return 0
+
+
+def add_quant_options(p) -> None:
+    p.add_argument("--quant", choices=("fp8", "int8"), default=None,
+                   help="per site: share of values that would clip / flush to zero at per-tensor scale")
+    p.add_argument("--scale", type=float, default=None,
+                   help="with --quant: one scale for every site (default: each site's amax / qmax)")
+
+
+def cmd_show_quant(args) -> int:
+    from .. import load
+    from ..quant import report
+    from ..report import print_quant
+
+    run = load(args.file)
+    sites = [args.site] if getattr(args, "site", None) else None
+    rows = report(run, args.quant, scale=args.scale, sites=sites)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print_quant(rows)
+    return 0

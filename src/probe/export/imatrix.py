@@ -1,0 +1,113 @@
+"""llama.cpp importance matrix (GGUF), as ``llama-imatrix`` writes it and
+``llama-quantize --imatrix`` reads it (``tools/imatrix/imatrix.cpp``).
+
+Contents:
+
+- key-values ``general.type = "imatrix"``, ``imatrix.datasets`` (string array),
+  ``imatrix.chunk_count`` and ``imatrix.chunk_size`` (uint32);
+- per weight, named as in a llama.cpp model GGUF (``blk.0.attn_q.weight``):
+  ``<name>.in_sum2`` F32 ``[1, in_features]`` (numpy order; ggml ``ne = [in_features, 1]``,
+  one row per expert, here one) holding ``Σ x²`` per input channel over every kept token,
+  ``<name>.counts`` F32 ``[1, 1]`` holding the number of tokens, and ``<name>.in_sum`` F32
+  ``[1, in_features]`` holding ``Σ x`` (what current ``llama-imatrix`` also writes; older
+  readers ignore it).
+
+``llama-quantize`` uses ``in_sum2 / counts``, the mean of ``x²`` per input channel, as the weight
+of each column. Names come from gguf-py's own map (``gguf.get_tensor_name_map(arch, n_blocks)``),
+so they match what ``convert_hf_to_gguf.py`` names the weights; the output head and the token
+embedding are never input sites, as ``llama-imatrix`` leaves them out by default. A layer the map
+does not know is left out with a warning. ``chunk_count`` is ``ceil(max tokens / chunk_size)``:
+probe has no chunks, and the number is only reported by llama.cpp.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import numpy as np
+
+from ..errors import ProbeError
+from ._collect import ModuleStats
+
+__all__ = ["arch_for", "tensor_names", "write"]
+
+#: transformers model_type -> llama.cpp architecture, where the names differ
+_ALIASES = {"mistral": "llama", "mixtral": "llama", "gpt_neox": "gptneox", "gpt_bigcode": "starcoder"}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ProbeError('the imatrix format needs the gguf package; expected it installed; '
+                         'run: pip install "probe[gguf]"') from None
+    return gguf
+
+
+def arch_for(model_type: str | None, arch: str | None = None):
+    """The ``gguf.MODEL_ARCH`` for a transformers ``model_type`` (or an explicit llama.cpp ``arch``)."""
+    gguf = _gguf()
+    names = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    want = arch or _ALIASES.get(model_type or "", model_type or "")
+    if want not in names:
+        raise ProbeError(f"no llama.cpp architecture for model_type {model_type!r}"
+                         f"{'' if arch is None else f' (arch={arch!r})'}; expected one of gguf.MODEL_ARCH_NAMES; "
+                         "pass arch= with the llama.cpp name, e.g. arch='llama'")
+    return names[want]
+
+
+def tensor_names(modules: list[str], model_type: str | None, arch: str | None = None) -> dict[str, str]:
+    """``{module: gguf weight name}`` for the modules gguf-py's map knows (others are absent)."""
+    gguf = _gguf()
+    blocks = 1 + max([int(n) for m in modules for n in re.findall(r"(?:^|\.)(\d+)(?=\.|$)", m)] or [0])
+    name_map = gguf.get_tensor_name_map(arch_for(model_type, arch), blocks)
+    out = {}
+    for module in modules:
+        name = name_map.get_name(module + ".weight", try_suffixes=(".weight", ".bias"))
+        if name is not None:
+            out[module] = name
+    return out
+
+
+def write(stats: list[ModuleStats], path: str, meta: dict, *, arch: str | None = None,
+          datasets: list[str] | None = None, chunk_size: int = 512) -> dict[str, str]:
+    """Write the imatrix GGUF; returns ``{module: gguf weight name}`` of what was written."""
+    gguf = _gguf()
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ProbeError(f"chunk_size must be an int >= 1; got {chunk_size!r}; pass 512 (llama-imatrix's default)")
+    config = meta.get("model", {}).get("config", {}) or {}
+    names = tensor_names([s.module for s in stats], config.get("model_type"), arch)
+    missing = [s.module for s in stats if s.module not in names]
+    if not names:
+        raise ProbeError(f"none of the {len(stats)} modules has a llama.cpp tensor name for model_type "
+                         f"{config.get('model_type')!r}; expected module paths of a transformers model; "
+                         "pass arch= with the llama.cpp architecture")
+    if missing:
+        warnings.warn(f"probe: {len(missing)} module(s) have no llama.cpp tensor name and are left out of the "
+                      "imatrix: " + ", ".join(missing[:5]) + (" …" if len(missing) > 5 else ""), stacklevel=3)
+    seen: dict[str, str] = {}
+    writer = gguf.GGUFWriter(path, arch=gguf.MODEL_ARCH_NAMES[arch_for(config.get("model_type"), arch)])
+    # llama-imatrix writes no general.architecture: drop the key the writer adds by itself
+    for kv in getattr(writer, "kv_data", []):
+        kv.pop(gguf.Keys.General.ARCHITECTURE, None)
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", list(datasets or meta.get("runs") or []))
+    tokens = max((s.tokens for s in stats if s.module in names), default=0)
+    writer.add_uint32("imatrix.chunk_count", math.ceil(tokens / chunk_size))
+    writer.add_uint32("imatrix.chunk_size", chunk_size)
+    for s in sorted((s for s in stats if s.module in names), key=lambda s: names[s.module]):
+        name = names[s.module]
+        if name in seen:
+            raise ProbeError(f"modules {seen[name]!r} and {s.module!r} both map to {name!r}; expected one "
+                             "module per llama.cpp tensor; pass arch= with the right architecture")
+        seen[name] = s.module
+        writer.add_tensor(f"{name}.in_sum", s.sum_x.astype(np.float32).reshape(1, -1))
+        writer.add_tensor(f"{name}.in_sum2", s.sum_x2.astype(np.float32).reshape(1, -1))
+        writer.add_tensor(f"{name}.counts", np.array([[s.tokens]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {m: names[m] for m in seen.values()}
