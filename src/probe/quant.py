@@ -92,7 +92,7 @@ def _f32_above(t: float) -> np.float32:
 
 def _magnitudes(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Magnitude buckets: counts folded over the sign, their float64 edges ``lo, hi`` and ``m``."""
-    from .stats.histogram import bucket_edges
+    from .stats._buckets import bucket_edges
 
     counts = np.asarray(counts, dtype=np.int64)
     size = counts.shape[0]

@@ -41,7 +41,7 @@ def _median_abs(run: Run, name: str) -> float:
     state = run.total["sites"].get(name, {}).get("histogram")
     if not state:
         return float("nan")
-    from .stats.histogram import quantile
+    from .stats._buckets import quantile
 
     counts = state["counts"]
     half = counts.shape[0] // 2

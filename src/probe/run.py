@@ -253,7 +253,7 @@ class SiteView:
         site's exact ``[min, max]``, so edges spanning ``[min, max]`` total :attr:`count`
         exactly. With no ``range``, the site's own min and max are used.
         """
-        from .stats.histogram import render
+        from .stats._buckets import render
 
         h = self._need("histogram")
         known = bool(self._state.get("moments")) and self.count > 0

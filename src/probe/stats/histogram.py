@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._base import SPECS, StatBase, Tokens
-from ._buckets import _sorted_buckets, bucket_edges, quantile
+from ._buckets import bucket_edges, quantile, render  # noqa: F401 (re-exported)
 
 __all__ = ["Histogram", "bucket_edges", "quantile", "render"]
 
@@ -111,51 +111,3 @@ class Histogram(StatBase):
             self.m = int(np.log2(counts.numel())) - 9
             self.s["counts"] = torch.cat((counts, counts.new_zeros(1)))
             self.s["lossless"] = self.s["lossless"].bool()
-
-
-def render(counts: np.ndarray, lossless: bool, bins, range=None,
-           limits: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Histogram ``(counts float64 [B], edges [B + 1])`` from the bucket CDF.
-
-    ``bins`` is a number of linear bins over ``range`` or, like ``numpy.histogram``, an increasing
-    array of edges (then ``range`` is ignored). Values are spread uniformly within a bucket, or sit
-    at the bucket's exact value when ``lossless``. ``limits``, the exact ``(min, max)`` of the
-    data when known, cuts the first and last buckets to where values can lie, so that edges
-    spanning ``[min, max]`` total the count exactly. Like ``numpy.histogram``, the last bin
-    includes its right edge.
-    """
-    c, a, b, v = _sorted_buckets(np.asarray(counts), lossless)
-    if limits is not None and len(c) and np.isfinite(limits[0]) and np.isfinite(limits[1]):
-        # every value lies in [min, max]: a bucket reaching past them holds its mass inside
-        lo_x, hi_x = float(limits[0]), float(limits[1])
-        a, b = np.clip(a, lo_x, hi_x), np.clip(b, lo_x, hi_x)
-        v = np.clip(v, lo_x, hi_x)
-    if np.ndim(bins) == 1:
-        edges = np.asarray(bins, dtype=np.float64)
-        if edges.size < 2 or not np.all(np.isfinite(edges)) or np.any(np.diff(edges) <= 0):
-            from ..errors import ProbeError
-
-            raise ProbeError(f"histogram bins must be an int or 2+ finite increasing edges; got {bins!r}; "
-                             "pass e.g. bins=100 or bins=numpy.linspace(-10, 10, 101)")
-    else:
-        if range is None:
-            range = (float(a[0]), float(b[-1])) if len(c) else (0.0, 1.0)
-        lo, hi = float(range[0]), float(range[1])
-        if not (np.isfinite(lo) and np.isfinite(hi)) or hi < lo:
-            from ..errors import ProbeError
-
-            raise ProbeError(f"histogram range must be finite with low <= high; got {range!r}; pass e.g. (-10, 10)")
-        if hi == lo:
-            lo, hi = lo - 0.5, hi + 0.5
-        edges = np.linspace(lo, hi, int(bins) + 1)
-    if lossless:
-        below = np.array([c[v < e].sum() for e in edges], dtype=np.float64)
-        below[-1] = c[v <= edges[-1]].sum()
-    else:
-        point = b <= a  # a bucket cut to one value (or a zero-width bucket): all its mass sits at a
-        width = np.where(point, 1.0, b - a)
-        frac = np.clip((edges[:, None] - a[None, :]) / width[None, :], 0.0, 1.0)
-        frac = np.where(point[None, :], (edges[:, None] > a[None, :]).astype(np.float64), frac)
-        below = (frac * c[None, :]).sum(1)
-        below[-1] += c[point & (a == edges[-1])].sum()
-    return np.diff(below), edges
