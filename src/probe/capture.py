@@ -265,6 +265,10 @@ class Capture:
                 per["histogram"] = _stats.Histogram(self.histogram_bits)
             if "sample" in self.stats:
                 per["sample"] = _stats.Sample(self.sample_size)
+            if "topk" in self.stats:
+                per["topk"] = _stats.TopK()
+            if "norm" in self.stats:
+                per["norm"] = _stats.Norm(self.histogram_bits, self.max_positions)
             for stat in per.values():
                 stat.compile = self.compile
             window[name] = per

@@ -11,12 +11,12 @@ from importlib import import_module
 from typing import Any
 
 #: statistic names accepted by ``capture(stats=...)``, in the order they run
-NAMES = ("moments", "position", "histogram", "sample", "cross")
+NAMES = ("moments", "position", "histogram", "sample", "cross", "topk", "norm")
 
 _LAZY = {"Tokens": "._base", "Cross": ".cross", "Histogram": ".histogram", "Moments": ".moments",
-         "Position": ".position", "Sample": ".sample"}
+         "Position": ".position", "Sample": ".sample", "TopK": ".topk", "Norm": ".norm"}
 
-__all__ = ["NAMES", "Cross", "Histogram", "Moments", "Position", "Sample", "Tokens"]
+__all__ = ["NAMES", "Cross", "Histogram", "Moments", "Norm", "Position", "Sample", "Tokens", "TopK"]
 
 
 def __getattr__(name: str) -> Any:

@@ -21,9 +21,9 @@ from typing import Any, Literal
 import numpy as np
 
 __all__ = ["Field", "State", "SPECS", "merge_states", "merge_rows", "key_groups", "merge_moments", "kway_moments", "shift_sums",
-           "empty_state", "dims_of"]
+           "empty_state", "dims_of", "topk_order"]
 
-Reduce = Literal["sum", "min", "max", "all", "moments", "comoments", "argmax", "bottomk"]
+Reduce = Literal["sum", "min", "max", "all", "moments", "comoments", "argmax", "bottomk", "topk"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class State:
         return [(k[0], v) for k, v in out.items()]
 
 
-_GROUPED = ("moments", "comoments", "argmax", "bottomk")
+_GROUPED = ("moments", "comoments", "argmax", "bottomk", "topk")
 F64, F32, I64, BOOL = "float64", "float32", "int64", "bool"
 _INF = float("inf")
 
@@ -118,10 +118,39 @@ CROSS = State("cross", tuple(
         Field(f"{v}_mean", F64, ("S",), "comoments", 0.0, "activation units", v),
         Field(f"{v}_c", F64, ("S", "S"), "comoments", 0.0, "co-moment sums, units^2", v),
     )] + [Field("skipped_tokens", I64, (), "sum", 0, "tokens of forwards left out (cross_budget)")]
+    + [f for v in ("keep", "all") for f in (
+        Field(f"{v}_cos_n", F64, (), "sum", 0.0, "tokens finite with a non-zero norm at every site"),
+        Field(f"{v}_cos", F64, ("S", "S"), "sum", 0.0, "sum over tokens of cos(h_i, h_j)"),
+    )]
+))
+
+TOPK = State("topk", (
+    Field("value", F32, ("k",), "topk", float("nan"), "activation units, largest |value| first (NaN: empty slot)"),
+    Field("row", I64, ("k",), "topk", -1, "sequence index on the capturing rank"),
+    Field("position", I64, ("k",), "topk", -1, "absolute token position"),
+    Field("channel", I64, ("k",), "topk", -1, "channel index"),
+    Field("token", I64, ("k",), "topk", -1, "token id (-1 unknown)"),
+))
+
+NORM = State("norm", (
+    Field("n", F64, (), "moments", 0.0, "kept tokens with a finite norm"),
+    Field("mean", F64, (), "moments", 0.0, "L2 norm, activation units"),
+    Field("m2", F64, (), "moments", 0.0, "sum of (norm - mean)^2, units^2"),
+    Field("m3", F64, (), "moments", 0.0, "sum of (norm - mean)^3, units^3"),
+    Field("m4", F64, (), "moments", 0.0, "sum of (norm - mean)^4, units^4"),
+    Field("min", F32, (), "min", _INF, "smallest norm (+inf where empty)"),
+    Field("max", F32, (), "max", -_INF, "largest norm (-inf where empty)"),
+    Field("nonfinite", I64, (), "sum", 0, "kept tokens whose norm is not finite"),
+    Field("counts", I64, ("H",), "sum", 0, "norms per float-bit bucket (the positive half, H = 2**(8+m))"),
+    Field("pos_n", F64, ("P",), "moments", 0.0, "real tokens with a finite norm at each position", "pos"),
+    Field("pos_mean", F64, ("P",), "moments", 0.0, "mean L2 norm at each position", "pos"),
+    Field("pos_m2", F64, ("P",), "moments", 0.0, "sum of (norm - mean)^2 at each position", "pos"),
+    Field("unit_n", F64, (), "sum", 0.0, "kept tokens with a finite, non-zero norm"),
+    Field("unit_sum", F64, ("D",), "sum", 0.0, "sum of the unit vectors h / ||h||"),
 ))
 
 #: declared state of every statistic, by name
-SPECS: dict[str, State] = {s.name: s for s in (MOMENTS, POSITION, HISTOGRAM, SAMPLE, CROSS)}
+SPECS: dict[str, State] = {s.name: s for s in (MOMENTS, POSITION, HISTOGRAM, SAMPLE, CROSS, TOPK, NORM)}
 
 
 def dims_of(kind: str, state: dict[str, Any]) -> dict[str, int]:
@@ -253,6 +282,28 @@ def _bottomk(fields: list[Field], states: list[dict], order: np.ndarray | None =
     return out
 
 
+def topk_order(value: np.ndarray, row: np.ndarray, position: np.ndarray, channel: np.ndarray) -> np.ndarray:
+    """Indices of the entries in top-k order: largest ``|value|`` first, ties to the earliest
+    ``(row, position, channel)``, empty slots (NaN value) last."""
+    value = np.asarray(value, np.float64)
+    empty = np.isnan(value)
+    mag = np.where(empty, 0.0, np.abs(value))
+    return np.lexsort((channel, position, row, -mag, empty))
+
+
+def _topk(fields: list[Field], states: list[dict]) -> dict:
+    cols = {f.name: np.concatenate([np.asarray(s[f.name]) for s in states]) for f in fields}
+    k = np.shape(states[0]["value"])[0]
+    order = topk_order(cols["value"], cols["row"], cols["position"], cols["channel"])[:k]
+    empty = np.isnan(cols["value"][order])
+    out = {}
+    for f in fields:
+        v = cols[f.name][order].astype(f.dtype)
+        v[empty] = f.fill
+        out[f.name] = v
+    return out
+
+
 def merge_states(kind: str, states: list[dict[str, Any]], sample_order: np.ndarray | None = None) -> dict:
     """Exact merge of several states of statistic ``kind`` (numpy; empty dicts are skipped).
 
@@ -307,6 +358,8 @@ def merge_states(kind: str, states: list[dict[str, Any]], sample_order: np.ndarr
             out.update(zip(names, _argmax(cols[0], cols[1])))
         elif reduce == "bottomk":
             out.update(_bottomk(fields, states, sample_order))
+        elif reduce == "topk":
+            out.update(_topk(fields, states))
         else:  # pragma: no cover - declarations use the names above
             raise ValueError(reduce)
     return {f.name: np.asarray(out[f.name], dtype=f.dtype) for f in spec.fields}

@@ -42,6 +42,18 @@ def _comoments(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return n, mean, xc @ xc.T
 
 
+def _cosines(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """``(n, Σ_t cos(x_i[t], x_j[t]) [S, S])`` over the tokens of float64 ``x[S, t, D]`` where
+    ``w[t]`` is 1 and every site's vector is non-zero: the Gram matrix of the flattened unit
+    vectors, since ``Σ_t Σ_d u_i[t, d] u_j[t, d] = Σ_t cos(x_i[t], x_j[t])``."""
+    s = x.shape[0]
+    norm = torch.linalg.vector_norm(x, dim=-1)  # [S, t]
+    good = w * (norm > 0).all(0).to(w.dtype)
+    u = (x / norm.clamp(min=1e-300).unsqueeze(-1)) * good.view(1, -1, 1)
+    u = u.view(s, -1)
+    return good.sum(), u @ u.T
+
+
 def _merge(a: tuple, b: tuple) -> tuple:
     na, ma, ca = a
     nb, mb, cb = b
@@ -50,6 +62,10 @@ def _merge(a: tuple, b: tuple) -> tuple:
     mean = ma + delta * nb / n.clamp(min=1)
     c = ca + cb + torch.outer(delta, delta) * (na * nb / n.clamp(min=1))
     return n, mean, c
+
+
+def _add(a: tuple, b: tuple) -> tuple:
+    return a[0] + b[0], a[1] + b[1]
 
 
 class Cross(StatBase):
@@ -96,6 +112,9 @@ class Cross(StatBase):
             self._state[f"{v}_mean"] = torch.zeros(s, **f64)
             self._state[f"{v}_c"] = torch.zeros(s, s, **f64)
         self._state["skipped_tokens"] = torch.zeros((), dtype=torch.int64, device=device)
+        for v in ("keep", "all"):
+            self._state[f"{v}_cos_n"] = torch.zeros((), **f64)
+            self._state[f"{v}_cos"] = torch.zeros(s, s, **f64)
 
     def hold(self, index: int, x: Tensor, tokens: Tokens) -> None:
         """Keep a reference to site ``index``'s ``[n, D]`` tensor until :meth:`finish`."""
@@ -159,14 +178,18 @@ class Cross(StatBase):
         bound = tokens.head_bound
         keep_acc = head_acc = None
         f64 = torch.float64
+        cos = {"keep": (0.0, 0.0), "head": (0.0, 0.0)}
         for a in range(0, n_tok, block):
             b = min(n_tok, a + block)
             x, ok = self._stack(xs, slice(a, b), device)
             part = _comoments(x, tokens.keep[a:b].to(f64) * ok)
             keep_acc = part if keep_acc is None else _merge(keep_acc, part)
+            cos["keep"] = _add(cos["keep"], _cosines(x, tokens.keep[a:b].to(f64) * ok))
             if bound < 0:  # head tokens anywhere: a masked pass over the block
-                part = _comoments(x, (tokens.valid[a:b] & ~tokens.keep[a:b]).to(f64) * ok)
+                head_w = (tokens.valid[a:b] & ~tokens.keep[a:b]).to(f64) * ok
+                part = _comoments(x, head_w)
                 head_acc = part if head_acc is None else _merge(head_acc, part)
+                cos["head"] = _add(cos["head"], _cosines(x, head_w))
         if bound >= 0:  # at most `bound` head tokens: gather them (topk, no host sync) and fold them alone
             head = tokens.valid & ~tokens.keep
             bound = min(bound, n_tok)
@@ -174,10 +197,15 @@ class Cross(StatBase):
             _, index = torch.topk(torch.where(head, order, order + n_tok), bound, largest=False)
             x, ok = self._stack(xs, index, device)
             head_acc = _comoments(x, head[index].to(f64) * ok)
+            cos["head"] = _cosines(x, head[index].to(f64) * ok)
         all_acc = _merge(keep_acc, head_acc)
         for v, acc in (("keep", keep_acc), ("all", all_acc)):
             n, mean, c = _merge((s[f"{v}_n"], s[f"{v}_mean"], s[f"{v}_c"]), acc)
             s[f"{v}_n"], s[f"{v}_mean"], s[f"{v}_c"] = n, mean, c
+        cos["all"] = _add(cos["keep"], cos["head"])
+        for v in ("keep", "all"):
+            s[f"{v}_cos_n"] = s[f"{v}_cos_n"] + cos[v][0]
+            s[f"{v}_cos"] = s[f"{v}_cos"] + cos[v][1]
 
     @staticmethod
     def _stack(xs: list[Tensor], rows, device) -> tuple[Tensor, Tensor]:

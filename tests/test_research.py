@@ -1,0 +1,212 @@
+"""Top-k magnitudes, per-token norms, layer-to-layer cosines and anisotropy against float64 numpy
+on the materialised hidden states; merges equal one pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import probe
+from probe.run import TOPK_DTYPE, topk_array
+from probe.stats import Norm, Tokens, TopK
+from probe.stats._state import merge_states
+
+GUARANTEE = lambda m: 2.0**-m / (2 + 2.0**-m)  # noqa: E731
+
+
+def _tokens(n, valid=None, keep=None, position=None, row=None):
+    valid = torch.ones(n, dtype=torch.bool) if valid is None else valid
+    keep = valid.clone() if keep is None else keep
+    position = torch.arange(n) if position is None else position
+    row = torch.zeros(n, dtype=torch.long) if row is None else row
+    return Tokens(valid, keep, position, row, torch.arange(n) % 50, 1, 0)
+
+
+def ref_topk(x, valid, row, position, token, k):
+    """float64 numpy: the k largest finite |x| over valid tokens, ties to the earliest
+    (row, position, channel)."""
+    n, d = x.shape
+    r = np.repeat(row, d)
+    p = np.repeat(position, d)
+    c = np.tile(np.arange(d), n)
+    t = np.repeat(token, d)
+    v = x.reshape(-1).astype(np.float64)
+    ok = np.repeat(valid, d) & np.isfinite(v)
+    order = np.lexsort((c[ok], p[ok], r[ok], -np.abs(v[ok])))[:k]
+    out = np.empty(len(order), dtype=TOPK_DTYPE)
+    for name, a in (("value", v[ok]), ("row", r[ok]), ("position", p[ok]), ("channel", c[ok]), ("token", t[ok])):
+        out[name] = a[order]
+    return out
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 7])
+def test_topk_stat_exact_with_ties_and_nonfinite(chunks):
+    rng = np.random.default_rng(0)
+    n, d, k = 90, 12, 40
+    x = np.round(rng.standard_t(3, size=(n, d)), 0).astype(np.float32)  # many exact ties
+    x[5, 3] = np.nan
+    x[6, 1] = np.inf
+    x[7, :] = -np.inf
+    x[8, 2] = 2500.0
+    valid = rng.random(n) > 0.2
+    valid[8] = False  # the largest value is padding: never in the top k
+    row = np.repeat(np.arange(9), 10)
+    position = np.tile(np.arange(10), 9)
+    st = TopK(k)
+    for idx in np.array_split(np.arange(n), chunks):
+        t = _tokens(len(idx), torch.from_numpy(valid[idx]), None, torch.from_numpy(position[idx]),
+                    torch.from_numpy(row[idx]))
+        t = Tokens(t.valid, t.keep, t.position, t.row, torch.from_numpy(idx % 50), 1, 0)
+        st.update(torch.from_numpy(x[idx]), t)
+    got = topk_array({f: v.numpy() for f, v in st.state_dict().items()})
+    want = ref_topk(x, valid, row, position, np.arange(n) % 50, k)
+    assert got.dtype == TOPK_DTYPE
+    np.testing.assert_array_equal(got, want)
+
+
+def test_topk_fewer_elements_than_k_and_merge_commutes():
+    x = np.arange(12, dtype=np.float32).reshape(3, 4) - 6
+    a, b = TopK(20), TopK(20)
+    a.update(torch.from_numpy(x[:2]), _tokens(2, row=torch.tensor([0, 0])))
+    b.update(torch.from_numpy(x[2:]), _tokens(1, position=torch.tensor([2]), row=torch.tensor([0])))
+    parts = [{f: v.numpy() for f, v in s.state_dict().items()} for s in (a, b)]
+    ab, ba = merge_states("topk", parts), merge_states("topk", parts[::-1])
+    for f in ab:
+        np.testing.assert_array_equal(ab[f], ba[f])
+    got = topk_array(ab)
+    want = ref_topk(x, np.ones(3, bool), np.zeros(3, np.int64), np.arange(3), np.array([0, 1, 0]), 20)
+    np.testing.assert_array_equal(got, want)
+    assert len(got) == 12
+
+
+def _batch(seed=0, b=3, t=11, pad=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    if pad:
+        mask[1, :4] = 0  # left padding
+        mask[-1, :1] = 0
+    return ids, mask
+
+
+def _reference(model, batches, skip_first=0):
+    """Materialised hidden states of every batch: per site the stacked real tokens, with their
+    rows, positions, token ids and keep flags (float64)."""
+    per: dict[int, list] = {}
+    meta = {"row": [], "position": [], "token": [], "keep": []}
+    rows = 0
+    for ids, mask in batches:
+        with torch.no_grad():
+            hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        valid = mask.bool().numpy()
+        pos = (mask.cumsum(-1) - 1).numpy()
+        meta["row"].append((rows + np.arange(ids.shape[0]))[:, None].repeat(ids.shape[1], 1)[valid])
+        meta["position"].append(pos[valid])
+        meta["token"].append(ids.numpy()[valid])
+        meta["keep"].append(pos[valid] >= skip_first)
+        for i, h in enumerate(hs):
+            per.setdefault(i, []).append(h.float().numpy()[valid].astype(np.float64))
+        rows += ids.shape[0]
+    return [np.concatenate(v) for _, v in sorted(per.items())], {k: np.concatenate(v) for k, v in meta.items()}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_capture_topk_norm_cos_against_numpy(tiny, kind, tmp_path):
+    model = tiny(kind)
+    with torch.no_grad():  # give the first token a massive value, as real models have
+        emb = model.get_input_embeddings().weight
+        emb[7] *= 400
+    batches = [_batch(0), _batch(1, b=2, t=9)]
+    batches[0][0][0, 0] = 7
+    skip = 1
+    with probe.capture(model, out=tmp_path / "r.h5", skip_first=skip, every=1) as run:
+        for ids, mask in batches:
+            model(input_ids=ids, attention_mask=mask)
+    run = probe.load(tmp_path / "r.h5")
+    hs, meta = _reference(model, batches, skip)
+    keep = meta["keep"]
+    for i, name in enumerate(run.sites):
+        h = hs[i]
+        s = run[name]
+        # top k over every real token, first positions included
+        want = ref_topk(h.astype(np.float32), np.ones(len(h), bool), meta["row"], meta["position"], meta["token"], 64)
+        got = s.topk
+        np.testing.assert_array_equal(got["value"], want["value"])
+        for f in ("row", "position", "channel", "token"):
+            np.testing.assert_array_equal(got[f], want[f], err_msg=f)
+        # norms over kept tokens
+        norms = np.linalg.norm(h[keep], axis=1)
+        nv = s.norm
+        assert nv.count == len(norms)
+        np.testing.assert_allclose(nv.mean, norms.mean(), rtol=1e-6)
+        # the norms are float32 (relative error ~1e-7 each): the error of their spread grows as
+        # mean / std, which is large where a norm layer makes every norm nearly equal
+        cond = norms.mean() / norms.std()
+        np.testing.assert_allclose(nv.std, norms.std(), rtol=1e-6 * cond)
+        kurt = ((norms - norms.mean()) ** 4).mean() / norms.var() ** 2 - 3
+        np.testing.assert_allclose(nv.kurtosis, kurt, rtol=0, atol=4e-6 * cond * (kurt + 3))
+        np.testing.assert_allclose([nv.min, nv.max], [norms.min(), norms.max()], rtol=1e-6)
+        np.testing.assert_allclose(nv.scale, np.sqrt(h.shape[1]) / norms.mean(), rtol=1e-6)
+        for q in (0.0, 0.1, 0.5, 0.9, 1.0):
+            exact = np.quantile(norms, q)
+            assert abs(nv.quantile(q) - exact) <= (GUARANTEE(7) + 1e-6) * exact
+        # per position over every real token
+        allnorm = np.linalg.norm(h, axis=1)
+        p = meta["position"]
+        for pos in range(int(p.max()) + 1):
+            np.testing.assert_allclose(nv.position_mean[pos], allnorm[p == pos].mean(), rtol=1e-6)
+            here = allnorm[p == pos]
+            np.testing.assert_allclose(nv.position_std[pos], here.std(), rtol=0, atol=1e-6 * here.mean())
+        # anisotropy: mean cosine over distinct kept tokens
+        u = h[keep] / norms[:, None]
+        cos = u @ u.T
+        m = len(u)
+        aniso = (cos.sum() - np.trace(cos)) / (m * (m - 1))
+        np.testing.assert_allclose(s.anisotropy, aniso, rtol=1e-5, atol=1e-7)
+    # layer-to-layer cosine, kept tokens and every real token
+    units = [h / np.linalg.norm(h, axis=1, keepdims=True) for h in hs]
+    for view, mask in (("cos", keep), ("cos_all", np.ones(len(keep), bool))):
+        want = np.array([[np.mean((a[mask] * b[mask]).sum(1)) for b in units] for a in units])
+        np.testing.assert_allclose(getattr(run.cross, view), want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(run.cross.block_influence,
+                               1 - np.array([np.mean((units[j][keep] * units[j + 1][keep]).sum(1))
+                                             for j in range(len(units) - 1)]), rtol=1e-9, atol=1e-12)
+    assert run.cross.cos_n == keep.sum()
+    # the massive value at the first token is found, with its token
+    assert run[run.sites[0]].topk[0]["position"] == 0 and run[run.sites[0]].topk[0]["token"] == 7
+
+
+def test_windows_and_files_merge_like_one_pass(tiny, tmp_path):
+    model = tiny("gpt2")
+    ids, mask = _batch(3, b=4, t=12)
+    with probe.capture(model, seed=1) as one:
+        model(input_ids=ids, attention_mask=mask)
+    with probe.capture(model, out=tmp_path / "w.h5", every=1, seed=1) as _:
+        model(input_ids=ids[:2], attention_mask=mask[:2])
+        model(input_ids=ids[2:], attention_mask=mask[2:])
+    split = probe.load(tmp_path / "w.h5")
+    assert len(split.steps) == 2
+    for name in one.sites:
+        a, b = one[name], split[name]
+        np.testing.assert_array_equal(a.topk, b.topk)
+        for f in ("count", "mean", "std", "kurtosis", "min", "max", "scale"):
+            np.testing.assert_allclose(getattr(b.norm, f), getattr(a.norm, f), rtol=1e-9, err_msg=f)
+        # sum of unit vectors: float32 per forward, so another split rounds differently (cos units)
+        np.testing.assert_allclose(b.anisotropy, a.anisotropy, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(a.norm.counts, b.norm.counts)
+        np.testing.assert_allclose(b.norm.position_mean, a.norm.position_mean, rtol=1e-12)
+    np.testing.assert_allclose(split.cross.cos, one.cross.cos, rtol=1e-12)
+
+
+def test_norm_nonfinite_tokens_left_out():
+    x = torch.randn(6, 8)
+    x[1, 2] = float("nan")
+    x[4, 0] = float("inf")
+    st = Norm(7, 16)
+    st.update(x, _tokens(6))
+    s = {k: v.numpy() for k, v in st.state_dict().items()}
+    assert int(s["nonfinite"]) == 2 and float(s["n"]) == 4 and float(s["unit_n"]) == 4
+    ok = np.array([0, 2, 3, 5])
+    np.testing.assert_allclose(float(s["mean"]), np.linalg.norm(x.double().numpy()[ok], axis=1).mean(), rtol=1e-6)
+    assert s["counts"].sum() == 4 and np.isfinite(s["unit_sum"]).all()
