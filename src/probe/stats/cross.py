@@ -80,6 +80,9 @@ class Cross(StatBase):
 
     name = "cross"
     chunked = False
+    #: also accumulate the per-token cosine similarities (``keep_cos``/``all_cos``); benchmarks
+    #: turn it off to measure its cost
+    cosines: bool = True
     spec = SPECS["cross"]
     _fields = spec.names
 
@@ -184,12 +187,14 @@ class Cross(StatBase):
             x, ok = self._stack(xs, slice(a, b), device)
             part = _comoments(x, tokens.keep[a:b].to(f64) * ok)
             keep_acc = part if keep_acc is None else _merge(keep_acc, part)
-            cos["keep"] = _add(cos["keep"], _cosines(x, tokens.keep[a:b].to(f64) * ok))
+            if self.cosines:
+                cos["keep"] = _add(cos["keep"], _cosines(x, tokens.keep[a:b].to(f64) * ok))
             if bound < 0:  # head tokens anywhere: a masked pass over the block
                 head_w = (tokens.valid[a:b] & ~tokens.keep[a:b]).to(f64) * ok
                 part = _comoments(x, head_w)
                 head_acc = part if head_acc is None else _merge(head_acc, part)
-                cos["head"] = _add(cos["head"], _cosines(x, head_w))
+                if self.cosines:
+                    cos["head"] = _add(cos["head"], _cosines(x, head_w))
         if bound >= 0:  # at most `bound` head tokens: gather them (topk, no host sync) and fold them alone
             head = tokens.valid & ~tokens.keep
             bound = min(bound, n_tok)
@@ -197,7 +202,8 @@ class Cross(StatBase):
             _, index = torch.topk(torch.where(head, order, order + n_tok), bound, largest=False)
             x, ok = self._stack(xs, index, device)
             head_acc = _comoments(x, head[index].to(f64) * ok)
-            cos["head"] = _cosines(x, head[index].to(f64) * ok)
+            if self.cosines:
+                cos["head"] = _cosines(x, head[index].to(f64) * ok)
         all_acc = _merge(keep_acc, head_acc)
         for v, acc in (("keep", keep_acc), ("all", all_acc)):
             n, mean, c = _merge((s[f"{v}_n"], s[f"{v}_mean"], s[f"{v}_c"]), acc)

@@ -1,0 +1,1 @@
+"""Files other tools read, one module per format (:mod:`probe.export.tensorboard`)."""
