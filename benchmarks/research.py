@@ -70,6 +70,7 @@ def main() -> None:
         for n in order:
             base = plain()
             ratios[n].append(probed(*configs[n]) / base)
+        print(f"round {r + 1}/{args.rounds}: plain {base:.2f} s", flush=True)
     Cross.cosines = True
     med = {n: statistics.median(v) for n, v in ratios.items()}
     print(f"GPT-2 small, {args.batch}x{args.seq}, CPU, {torch.get_num_threads()} threads, {args.rounds} rounds")

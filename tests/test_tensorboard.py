@@ -81,3 +81,30 @@ def test_every_window_at_its_step_exactly(tiny, tmp_path):
 def test_missing_run_refused(tmp_path):
     with pytest.raises(probe.ProbeError, match="must be a probe Run"):
         write_tensorboard("nope.h5", tmp_path / "tb")
+
+
+def test_trainer_callback_logs_live(tiny, tmp_path):
+    import transformers
+
+    from probe.integrations import ProbeCallback
+
+    model = tiny("gpt2")
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, 97, (8,), generator=g)} for _ in range(10)]
+    data = [dict(r, labels=r["input_ids"], attention_mask=torch.ones(8, dtype=torch.long)) for r in rows]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "t"), per_device_train_batch_size=2,
+                                          max_steps=3, report_to=[], logging_steps=100, save_strategy="no",
+                                          use_cpu=True, disable_tqdm=True)
+    cb = ProbeCallback(out=tmp_path / "train.h5", every=2, tensorboard=tmp_path / "tb", stats=("moments", "histogram"))
+    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
+    run = probe.load(tmp_path / "train.h5")
+    assert run.steps == [2, 3]
+    acc = _read(tmp_path / "tb")
+    name = run.sites[1]
+    events = acc.Histograms(f"probe/values/{name}")
+    assert [e.step for e in events] == [2, 3]
+    for e in events:
+        w = run.at(e.step)[name]
+        assert e.histogram_value.num == w.count and e.histogram_value.max == np.float32(w.max)
+    assert [e.value for e in acc.Scalars(f"probe/std/{name}")] == [float(np.float32(run.at(s)[name].std))
+                                                                  for s in (2, 3)]

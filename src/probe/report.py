@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from . import research
 from .run import Run
 
 __all__ = ["summary", "outlier_channels", "massive", "diff", "print_summary", "print_diff"]
@@ -70,6 +71,7 @@ def summary(run: Run) -> dict[str, Any]:
         run.meta.get("model", {}).get("class"), "windows": len(run.rows), "steps": run.steps,
         "skip_first": run.meta.get("skip_first"), "sites": sites,
         "outlier_channels": outlier_channels(run), "massive": massive(run),
+        "research": research.summary(run),
     }
 
 
@@ -181,6 +183,7 @@ def print_summary(run: Run, console=None, site: str | None = None) -> None:
         cells += [_fmt(e["min"]), _fmt(e["max"])] if wide else []
         table.add_row(*cells, _fmt(e["absmax"]), where)
     console.print(table)
+    research.print_research(run, console, site)
     if site is not None:
         e = next(x for x in data["sites"] if x["site"] == site)
         if "quantiles" in e:
