@@ -171,7 +171,7 @@ def test_layout_pinned(tiny, tmp_path):
         g = f["sites/01"]
         assert dict(g.attrs) == {"name": "hidden_states.1", "module": "transformer.h.0", "read": "output",
                                  "dtype": "float32", "hf_index": 1}
-        assert sorted(g) == ["histogram", "moments", "position", "sample"]
+        assert sorted(g) == ["histogram", "moments", "norm", "position", "sample", "topk"]
         layout = {k: (g[f"moments/{k}"].shape, str(g[f"moments/{k}"].dtype)) for k in g["moments"]}
         assert layout == {
             "_present": ((2,), "bool"), "n": ((2, 32), "float64"), "mean": ((2, 32), "float64"),
@@ -189,10 +189,12 @@ def test_layout_pinned(tiny, tmp_path):
         assert f["samples/key"].shape == (2, 8) and f["samples/key"].dtype == np.float64  # once per window
         assert f["total"].attrs["rows"] == 2
         t = f["total/sites/01"]
-        assert sorted(t) == ["histogram", "moments", "position", "sample"] and t["moments/n"].shape == (32,)
+        assert sorted(t) == ["histogram", "moments", "norm", "position", "sample", "topk"]
+        assert t["moments/n"].shape == (32,)
+        assert g["topk/value"].shape == (2, 64) and g["norm/counts"].shape == (2, 32768)
         assert f["total/samples/key"].shape == (1, 8)
-        assert sorted(f["cross"]) == ["_present", "all_c", "all_mean", "all_n", "keep_c", "keep_mean",
-                                      "keep_n", "skipped_tokens"]
+        assert sorted(f["cross"]) == ["_present", "all_c", "all_cos", "all_cos_n", "all_mean", "all_n", "keep_c",
+                                      "keep_cos", "keep_cos_n", "keep_mean", "keep_n", "skipped_tokens"]
         assert json.loads(f["cross"].attrs["sites"]) == ["hidden_states.0", "hidden_states.1", "hidden_states.2"]
         meta = json.loads(f.attrs["meta"])
         assert meta["histogram"] == {"encoding": "float32-bits", "mantissa_bits": 7}

@@ -84,7 +84,8 @@ def capture(
         out: HDF5 file to write (schema in ``docs/format.md``); ``None`` keeps results in memory.
         sites: ``"hidden_states"`` (default), module names, glob patterns, or a callable
             ``(name, module) -> bool``.
-        stats: names from ``("moments", "position", "histogram", "sample", "cross")``; all by default.
+        stats: names from ``("moments", "position", "histogram", "sample", "cross", "topk", "norm")``;
+            all by default.
         skip_first: drop the first ``k`` real tokens of each sequence from every statistic except
             the per-position ones (which keep all real tokens so the first-token effect shows).
         max_positions: per-position statistics cover positions ``0 .. max_positions - 1``.
