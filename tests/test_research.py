@@ -210,3 +210,72 @@ def test_norm_nonfinite_tokens_left_out():
     ok = np.array([0, 2, 3, 5])
     np.testing.assert_allclose(float(s["mean"]), np.linalg.norm(x.double().numpy()[ok], axis=1).mean(), rtol=1e-6)
     assert s["counts"].sum() == 4 and np.isfinite(s["unit_sum"]).all()
+
+
+@pytest.mark.slow
+def test_two_ranks_merge_like_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root / "src"))
+    script = str(root / "examples" / "distributed.py")
+    two, one = tmp_path / "two.h5", tmp_path / "one.h5"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    script, "-o", str(two), "--every", "2"], check=True, env=env, cwd=tmp_path,
+                   capture_output=True, timeout=300)
+    subprocess.run([sys.executable, script, "-o", str(one)], check=True, env=env, cwd=tmp_path,
+                   capture_output=True, timeout=300)
+    a, b = probe.load(two), probe.load(one)
+    for name in a.sites:
+        x, y = a[name], b[name]
+        # rows are numbered per rank, so ties (equal embeddings of equal tokens) may resolve to
+        # other elements; the values are the same, and so is every entry above the last value
+        np.testing.assert_array_equal(x.topk["value"], y.topk["value"])
+        inner = np.abs(x.topk["value"]) > np.abs(x.topk["value"][-1])
+        key = lambda t: sorted(zip(t["value"][inner], t["position"][inner], t["channel"][inner],  # noqa: E731
+                                   t["token"][inner]))
+        assert inner.sum() > 0 and key(x.topk) == key(y.topk)
+        assert x.norm.count == y.norm.count
+        np.testing.assert_array_equal(x.norm.counts, y.norm.counts)
+        for f in ("mean", "std", "kurtosis", "min", "max", "scale"):
+            np.testing.assert_allclose(getattr(x.norm, f), getattr(y.norm, f), rtol=1e-9, err_msg=f)
+        np.testing.assert_allclose(x.norm.position_mean, y.norm.position_mean, rtol=1e-12)
+        np.testing.assert_allclose(x.anisotropy, y.anisotropy, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(a.cross.cos, b.cross.cos, rtol=1e-12)
+    np.testing.assert_allclose(a.cross.cos_all, b.cross.cos_all, rtol=1e-12)
+
+
+def test_show_massive_rule_and_block_influence(tiny, capsys):
+    from rich.console import Console
+
+    from probe import research
+    from probe.report import print_summary, summary
+
+    model = tiny("gpt2")
+    with torch.no_grad():
+        model.get_input_embeddings().weight[7] *= 5000  # first-token massive values
+    ids, mask = _batch(4)
+    ids[:, 0] = 7
+    ids[2, :5] = 7  # padding of row 2 hides these: only its real tokens count
+    with probe.capture(model) as run:
+        model(input_ids=ids, attention_mask=mask)
+    r = run.result
+    r.meta["token_text"] = {"7": "<s>"}
+    hs, meta = _reference(model, [(ids, mask)])
+    hits = research.massive_topk(r)
+    for i, name in enumerate(r.sites):
+        x = np.abs(hs[i])
+        med = np.median(x)
+        top = np.sort(x.reshape(-1))[::-1][:64]
+        want = top[(top > 100) & (top > 1000 * med)]
+        got = [abs(h["value"]) for h in hits if h["site"] == name]
+        np.testing.assert_array_equal(np.sort(got)[::-1], want.astype(np.float32))
+    assert hits and all(h["text"] == "<s>" and h["token"] == 7 for h in hits)
+    data = summary(r)["research"]
+    np.testing.assert_allclose([b["value"] for b in data["block_influence"]], r.cross.block_influence)
+    print_summary(r, Console(width=160, record=True))
+    out = capsys.readouterr().out
+    assert "hidden-state geometry" in out and "massive activations" in out and "'<s>'" in out
