@@ -1,37 +1,42 @@
 #!/usr/bin/env python
 """Cost of the research statistics (top-k, per-token norms, layer-to-layer cosines) on CPU.
 
-GPT-2 small (random init from its config: 12 layers, 768 channels) on a 4 x 256 batch. Each round
-times a plain forward and a forward inside ``probe.capture`` for every configuration, in an order
-that rotates each round; a configuration's cost is the median over rounds of its time divided by
-the same round's plain forward. The cost of one statistic is its configuration's ratio minus the
-baseline's (the five classic statistics), in percent of a plain forward.
+GPT-2 small (random init from its config: 12 layers, 768 channels, 13 hidden states) on a
+4 x 256 batch, against a plain forward timed in the same process.
 
-    python benchmarks/research.py              # 7 rounds
+1. **Per statistic**: the update of every site on the materialised hidden states
+   (``output_hidden_states``), timed alone, for ``topk``, ``norm``, the cosines inside ``cross``
+   (``finish()`` with and without them) and, for scale, ``moments``.
+2. **End to end**: ``with probe.capture(model, stats=...)`` around one forward, per configuration.
+
+Every time is the minimum over ``--rounds`` repetitions (configurations interleaved): on a shared
+machine other processes only ever add time, so the minimum is the best estimate of the cost.
+
+    python benchmarks/research.py              # 5 rounds
     python benchmarks/research.py --rounds 3 --batch 2 --seq 128 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 import transformers
 
 import probe
-from probe.stats import Cross
+from probe.stats import Cross, Moments, Norm, TopK, Tokens
 
 BASE = ("moments", "position", "histogram", "sample", "cross")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end part")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -39,48 +44,75 @@ def main() -> None:
     torch.manual_seed(0)
     model = transformers.GPT2Model(transformers.GPT2Config()).eval()
     ids = torch.randint(0, 50257, (args.batch, args.seq))
-    configs = {  # name: (stats, cosines)
-        "base (5 classic stats, no cos)": (BASE, False),
-        "+ topk": (BASE + ("topk",), False),
-        "+ norm": (BASE + ("norm",), False),
-        "+ cos (in cross)": (BASE, True),
-        "all (default)": (None, True),
-        "topk alone": (("topk",), False),
-        "norm alone": (("norm",), False),
-    }
+    with torch.no_grad():
+        hs = [h.reshape(-1, h.shape[-1]).contiguous() for h in model(input_ids=ids, output_hidden_states=True).hidden_states]
+    n = hs[0].shape[0]
+    tok = Tokens(torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool),
+                 torch.arange(args.seq).repeat(args.batch), torch.arange(args.batch).repeat_interleave(args.seq),
+                 ids.reshape(-1), 1, 0)
 
-    def plain() -> float:
-        t = time.perf_counter()
+    def plain() -> None:
         with torch.no_grad():
             model(input_ids=ids)
-        return time.perf_counter() - t
 
-    def probed(stats, cosines) -> float:
-        Cross.cosines = cosines
-        t = time.perf_counter()
-        with torch.no_grad(), probe.capture(model, stats=stats, seed=0):
-            model(input_ids=ids)
-        return time.perf_counter() - t
+    def per_site(make):
+        def run() -> None:
+            for h in hs:
+                t = Tokens(tok.valid, tok.keep, tok.position, tok.row, tok.token, 1, 0)  # fresh per-chunk memo
+                make().update(h, t)
+        return run
 
-    names = list(configs)
-    plain(), probed(None, True)  # warm-up
-    ratios: dict[str, list[float]] = {n: [] for n in names}
+    def cross(cosines: bool):
+        def run() -> None:
+            Cross.cosines = cosines
+            c = Cross([str(i) for i in range(len(hs))])
+            for i, h in enumerate(hs):
+                c.hold(i, h, tok)
+            c.finish()
+        return run
+
+    parts = {
+        "plain forward": plain,
+        "moments (for scale)": per_site(Moments),
+        "topk": per_site(TopK),
+        "norm": per_site(lambda: Norm(7, 4096)),
+        "cross without cosines": cross(False),
+        "cross with cosines": cross(True),
+    }
+
+    def capture(stats, cosines):
+        def run() -> None:
+            Cross.cosines = cosines
+            with torch.no_grad(), probe.capture(model, stats=stats, seed=0):
+                model(input_ids=ids)
+        return run
+
+    if not args.no_e2e:
+        parts.update({
+            "capture: 5 classic stats, no cosines": capture(BASE, False),
+            "capture: + topk": capture(BASE + ("topk",), False),
+            "capture: + norm": capture(BASE + ("norm",), False),
+            "capture: + cosines": capture(BASE, True),
+            "capture: all 7 (default)": capture(None, True),
+        })
+    for fn in parts.values():  # warm-up
+        fn()
+    best = {k: float("inf") for k in parts}
+    names = list(parts)
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for n in order:
-            base = plain()
-            ratios[n].append(probed(*configs[n]) / base)
-        print(f"round {r + 1}/{args.rounds}: plain {base:.2f} s", flush=True)
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            parts[k]()
+            best[k] = min(best[k], time.perf_counter() - t)
+        print(f"round {r + 1}/{args.rounds}", flush=True)
     Cross.cosines = True
-    med = {n: statistics.median(v) for n, v in ratios.items()}
-    print(f"GPT-2 small, {args.batch}x{args.seq}, CPU, {torch.get_num_threads()} threads, {args.rounds} rounds")
-    print(f"{'configuration':34} {'x plain':>8} {'added (% of plain)':>20}")
-    ref = med[names[0]]
-    for n in names:
-        added = "" if n == names[0] or "alone" in n else f"{100 * (med[n] - ref):+.1f}"
-        if "alone" in n:
-            added = f"{100 * (med[n] - 1):+.1f} over plain"
-        print(f"{n:34} {med[n]:8.3f} {added:>20}")
+    p = best["plain forward"]
+    print(f"GPT-2 small, {args.batch}x{args.seq}, CPU, {torch.get_num_threads()} threads, min of {args.rounds} rounds")
+    print(f"{'':40} {'seconds':>8} {'% of plain':>11}")
+    for k in names:
+        print(f"{k:40} {best[k]:8.3f} {100 * best[k] / p:10.1f}%")
+    print(f"{'cosines alone (with - without)':40} {best['cross with cosines'] - best['cross without cosines']:8.3f} "
+          f"{100 * (best['cross with cosines'] - best['cross without cosines']) / p:10.1f}%")
 
 
 if __name__ == "__main__":

@@ -279,3 +279,36 @@ def test_show_massive_rule_and_block_influence(tiny, capsys):
     print_summary(r, Console(width=160, record=True))
     out = capsys.readouterr().out
     assert "hidden-state geometry" in out and "massive activations" in out and "'<s>'" in out
+
+
+@pytest.mark.parametrize("group_elements, size", [(10**9, 3), (2 * 3 * 11 * 32, 2)])
+def test_batched_sites_equal_site_by_site(tiny, group_elements, size, monkeypatch):
+    """Sites batched into one update (as on an accelerator; all of them, or pairs) give what each
+    site gives alone: top-k and norm counts exactly, float sums to rounding."""
+    model = tiny("llama")
+    ids, mask = _batch(5)  # 3 x 11 tokens of 32 channels
+    sizes = []
+    original = TopK.update_group.__func__
+
+    def recorded(cls, stats, x, tokens):
+        sizes.append(len(stats))
+        original(cls, stats, x, tokens)
+
+    monkeypatch.setattr(TopK, "update_group", classmethod(recorded))
+    runs = []
+    for limit in (0, group_elements):
+        c = probe.capture(model, stats=("topk", "norm"), seed=0)
+        c._group_elements = limit
+        with c:
+            model(input_ids=ids, attention_mask=mask)
+        runs.append(c.result)
+    a, b = runs
+    assert max(sizes) == size  # batches did form
+    for name in a.sites:
+        for kind in ("topk", "norm"):
+            for field, x in a.total["sites"][name][kind].items():
+                y = b.total["sites"][name][kind][field]
+                if x.dtype.kind in "iub" or kind == "topk" or field in ("min", "max", "n", "pos_n"):
+                    np.testing.assert_array_equal(y, x, err_msg=f"{name} {kind} {field}")
+                else:
+                    np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-6 * np.abs(x).max(), err_msg=field)

@@ -49,8 +49,9 @@ def _cosines(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     s = x.shape[0]
     norm = torch.linalg.vector_norm(x, dim=-1)  # [S, t]
     good = w * (norm > 0).all(0).to(w.dtype)
-    u = (x / norm.clamp(min=1e-300).unsqueeze(-1)) * good.view(1, -1, 1)
-    u = u.view(s, -1)
+    # 1 / norm where the token counts, 0 elsewhere: one scaled copy of the block
+    scale = good / torch.where(good > 0, norm, 1.0)
+    u = torch.mul(x, scale.unsqueeze(-1)).view(s, -1)
     return good.sum(), u @ u.T
 
 
