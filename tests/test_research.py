@@ -312,3 +312,17 @@ def test_batched_sites_equal_site_by_site(tiny, group_elements, size, monkeypatc
                     np.testing.assert_array_equal(y, x, err_msg=f"{name} {kind} {field}")
                 else:
                     np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-6 * np.abs(x).max(), err_msg=field)
+
+
+def test_states_without_the_cosine_fields_still_merge():
+    """Windows written before the cosines existed (schema-1 files) merge; the cosines read as empty."""
+    from probe.run import CrossView
+    from probe.stats._state import empty_state
+
+    old = empty_state("cross", {"S": 3})
+    for f in ("keep_cos", "keep_cos_n", "all_cos", "all_cos_n"):
+        del old[f]
+    old["keep_n"] = np.float64(4.0)
+    merged = merge_states("cross", [old, dict(old)])
+    assert merged["keep_n"] == 8 and merged["keep_cos"].shape == (3, 3) and merged["keep_cos_n"] == 0
+    assert np.isnan(CrossView(["a", "b", "c"], merged).cos).all()

@@ -304,6 +304,24 @@ def _topk(fields: list[Field], states: list[dict]) -> dict:
     return out
 
 
+def _complete(spec: State, state: dict) -> dict:
+    """``state`` with the fields it lacks (declared after the file was written, e.g. the cross
+    cosines in a schema-1 file) as their identity, sized from the fields it has."""
+    missing = [f for f in spec.fields if f.name not in state]
+    if not missing:
+        return state
+    dims: dict[str, int] = {}
+    for f in spec.fields:
+        if f.name in state:
+            for d, size in zip(f.shape, np.shape(state[f.name])):
+                dims.setdefault(d, int(size))
+    out = dict(state)
+    for f in missing:
+        shape = tuple(int(d) if d.isdigit() else dims.get(d, 0) for d in f.shape)
+        out[f.name] = np.full(shape, f.fill, dtype=f.dtype)
+    return out
+
+
 def merge_states(kind: str, states: list[dict[str, Any]], sample_order: np.ndarray | None = None) -> dict:
     """Exact merge of several states of statistic ``kind`` (numpy; empty dicts are skipped).
 
@@ -324,6 +342,7 @@ def merge_states(kind: str, states: list[dict[str, Any]], sample_order: np.ndarr
     if not states:
         return {}
     spec = SPECS[kind]
+    states = [_complete(spec, s) for s in states]
     first = states[0]
     for s in states[1:]:
         for f in spec.fields:
