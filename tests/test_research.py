@@ -326,3 +326,28 @@ def test_states_without_the_cosine_fields_still_merge():
     merged = merge_states("cross", [old, dict(old)])
     assert merged["keep_n"] == 8 and merged["keep_cos"].shape == (3, 3) and merged["keep_cos_n"] == 0
     assert np.isnan(CrossView(["a", "b", "c"], merged).cos).all()
+
+
+def test_cli_run_decodes_topk_tokens(smollm, tmp_path, capsys):
+    import json
+
+    import transformers
+
+    from probe.cli import main
+
+    _, tok = smollm
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok))
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    out = str(tmp_path / "r.h5")
+    assert main(["run", str(tmp_path / "m"), "--text", "hello world, this is a test", "-o", out]) == 0
+    capsys.readouterr()
+    assert main(["show", out, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)["research"]
+    run = probe.load(out)
+    for entry in data["sites"]:
+        top = run[entry["site"]].topk
+        assert [t["value"] for t in entry["topk"]] == top["value"][:5].tolist()
+        assert [t["text"] for t in entry["topk"]] == [tok.decode([int(i)]) for i in top["token"][:5]]

@@ -75,6 +75,7 @@ def cmd_run(args) -> int:
     elapsed = time.perf_counter() - started
     result = run.result
     ids = {result[n].absmax_at["token"] for n in result.sites} - {-1}
+    ids |= {int(t) for n in result.sites for t in (result.total["sites"][n].get("topk") or {}).get("token", [])} - {-1}
     annotate(args.out, token_text={str(i): tokenizer.decode([i]) for i in sorted(ids)}, texts=len(docs))
     console.print(f"[green]wrote[/] {args.out}: {len(result.sites)} sites, {done} documents, {tokens} tokens "
                   f"in {elapsed:.1f}s ({tokens / max(elapsed, 1e-9):,.0f} tok/s)")
