@@ -194,7 +194,8 @@ def test_layout_pinned(tiny, tmp_path):
         assert g["topk/value"].shape == (2, 64) and g["norm/counts"].shape == (2, 32768)
         assert f["total/samples/key"].shape == (1, 8)
         assert sorted(f["cross"]) == ["_present", "all_c", "all_cos", "all_cos_n", "all_mean", "all_n", "keep_c",
-                                      "keep_cos", "keep_cos_n", "keep_mean", "keep_n", "skipped_tokens"]
+                                      "keep_cos", "keep_cos_hist", "keep_cos_n", "keep_mean", "keep_n",
+                                      "skipped_tokens"]
         assert json.loads(f["cross"].attrs["sites"]) == ["hidden_states.0", "hidden_states.1", "hidden_states.2"]
         meta = json.loads(f.attrs["meta"])
         assert meta["histogram"] == {"encoding": "float32-bits", "mantissa_bits": 7}

@@ -197,6 +197,7 @@ def test_windows_and_files_merge_like_one_pass(tiny, tmp_path):
         np.testing.assert_array_equal(a.norm.counts, b.norm.counts)
         np.testing.assert_allclose(b.norm.position_mean, a.norm.position_mean, rtol=1e-12)
     np.testing.assert_allclose(split.cross.cos, one.cross.cos, rtol=1e-12)
+    np.testing.assert_array_equal(split.cross.cos_hist, one.cross.cos_hist)
 
 
 def test_norm_nonfinite_tokens_left_out():
@@ -246,6 +247,7 @@ def test_two_ranks_merge_like_one_process(tmp_path):
         np.testing.assert_allclose(x.anisotropy, y.anisotropy, rtol=0, atol=1e-6)
     np.testing.assert_allclose(a.cross.cos, b.cross.cos, rtol=1e-12)
     np.testing.assert_allclose(a.cross.cos_all, b.cross.cos_all, rtol=1e-12)
+    np.testing.assert_array_equal(a.cross.cos_hist, b.cross.cos_hist)
 
 
 def test_show_massive_rule_and_block_influence(tiny, capsys):
@@ -319,8 +321,8 @@ def test_states_without_the_cosine_fields_still_merge():
     from probe.run import CrossView
     from probe.stats._state import empty_state
 
-    old = empty_state("cross", {"S": 3})
-    for f in ("keep_cos", "keep_cos_n", "all_cos", "all_cos_n"):
+    old = empty_state("cross", {"S": 3, "L": 2, "C": 4096})
+    for f in ("keep_cos", "keep_cos_n", "all_cos", "all_cos_n", "keep_cos_hist"):
         del old[f]
     old["keep_n"] = np.float64(4.0)
     merged = merge_states("cross", [old, dict(old)])
@@ -351,3 +353,24 @@ def test_cli_run_decodes_topk_tokens(smollm, tmp_path, capsys):
         top = run[entry["site"]].topk
         assert [t["value"] for t in entry["topk"]] == top["value"][:5].tolist()
         assert [t["text"] for t in entry["topk"]] == [tok.decode([int(i)]) for i in top["token"][:5]]
+
+
+def test_cosine_histogram_of_consecutive_sites(tiny):
+    model = tiny("llama")
+    batches = [_batch(6), _batch(7, b=2, t=9)]
+    with probe.capture(model, skip_first=1) as run:
+        for ids, mask in batches:
+            model(input_ids=ids, attention_mask=mask)
+    hs, meta = _reference(model, batches, 1)
+    keep = meta["keep"]
+    hist = run.cross.cos_hist
+    assert hist.shape == (len(hs) - 1, 2 ** 12)
+    bound = 2.0**-4 / (2 + 2.0**-4)
+    for j in range(len(hs) - 1):
+        a, b = hs[j][keep], hs[j + 1][keep]
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert hist[j].sum() == keep.sum()
+        for q in (0.0, 0.25, 0.5, 0.9, 1.0):
+            exact = 1 - np.quantile(cos, q)
+            got = 1 - run.cross.cos_quantile(q)[j]
+            assert abs(got - exact) <= bound * exact + 1e-6, (j, q)

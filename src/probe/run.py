@@ -240,6 +240,7 @@ class CrossView:
         self.mean = c["keep_mean"] if c else np.zeros(0)
         self.mean_all = c["all_mean"] if c else np.zeros(0)
         #: mean per-token cosine similarity cos(h_i, h_j) ``[S, S]`` (``cos_all``: every real token)
+        self._c = c
         self.cos, self.cos_n = self._cos(c, "keep")
         self.cos_all, self.cos_n_all = self._cos(c, "all")
 
@@ -249,6 +250,27 @@ class CrossView:
             return np.zeros((0, 0)), 0.0
         n = float(c[f"{v}_cos_n"])
         return (c[f"{v}_cos"] / n if n > 0 else np.full_like(c[f"{v}_cos"], np.nan)), n
+
+    @property
+    def cos_hist(self) -> np.ndarray:
+        """Raw int64 counts ``[S - 1, 2**(8 + m)]`` of ``1 - cos(h_l, h_{l+1})`` per kept token over
+        float-bit buckets (the positive half of the histogram's layout, ``m = 4`` mantissa bits)."""
+        h = self._c.get("keep_cos_hist") if self._c else None
+        return np.zeros((0, 0), dtype=np.int64) if h is None else np.asarray(h, dtype=np.int64)
+
+    def cos_quantile(self, q: float | Sequence[float]) -> np.ndarray:
+        """Quantile(s) of the per-token ``cos(h_l, h_{l+1})`` for each consecutive pair, ``[S - 1]``
+        (or ``[S - 1, len(q)]``), from :attr:`cos_hist`: within ``2**-4 / (2 + 2**-4)`` (3 %) of
+        the exact value of ``1 - cos``."""
+        from .stats._buckets import quantile
+
+        qs = np.atleast_1d(np.asarray(q, dtype=np.float64))
+        rows = []
+        for counts in self.cos_hist:
+            full = np.concatenate([counts, np.zeros_like(counts)])
+            rows.append(1.0 - np.atleast_1d(quantile(full, False, 1.0 - qs)))
+        out = np.array(rows).reshape(len(rows), len(qs))
+        return out[:, 0] if np.ndim(q) == 0 else out
 
     @property
     def block_influence(self) -> np.ndarray:

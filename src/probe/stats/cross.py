@@ -42,16 +42,30 @@ def _comoments(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return n, mean, xc @ xc.T
 
 
-def _cosines(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+#: mantissa bits of the float-bit buckets of ``1 - cos`` between consecutive sites
+COS_BITS = 4
+
+
+def _cosines(x: Tensor, w: Tensor, hist: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(n, Σ_t cos(x_i[t], x_j[t]) [S, S])`` over the tokens of float64 ``x[S, t, D]`` where
     ``w[t]`` is 1 and every site's vector is non-zero: the Gram matrix of the flattened unit
-    vectors, since ``Σ_t Σ_d u_i[t, d] u_j[t, d] = Σ_t cos(x_i[t], x_j[t])``."""
-    s = x.shape[0]
+    vectors, since ``Σ_t Σ_d u_i[t, d] u_j[t, d] = Σ_t cos(x_i[t], x_j[t])``. With ``hist``
+    (int64 ``[S - 1, 2**(8 + COS_BITS) + 1]``), each counted token's ``1 - cos`` between
+    consecutive sites is added to its float-bit bucket (in place; the last column is a spare)."""
+    s, t, d = x.shape
     norm = torch.linalg.vector_norm(x, dim=-1)  # [S, t]
     good = w * (norm > 0).all(0).to(w.dtype)
     # 1 / norm where the token counts, 0 elsewhere: one scaled copy of the block
     scale = good / torch.where(good > 0, norm, 1.0)
-    u = torch.mul(x, scale.unsqueeze(-1)).view(s, -1)
+    u = torch.mul(x, scale.unsqueeze(-1))
+    if hist is not None and s > 1 and t > 0:
+        dist = (1.0 - (u[:-1] * u[1:]).sum(-1)).clamp(min=0.0).float()  # [S - 1, t], in [0, 2]
+        size = hist.shape[1] - 1
+        index = torch.where(good > 0, dist.view(torch.int32) >> (23 - COS_BITS), size).long()
+        index = index + (torch.arange(s - 1, device=x.device) * (size + 1)).unsqueeze(-1)
+        one = torch.ones((), dtype=torch.int64, device=x.device).expand(index.numel())
+        hist.view(-1).index_add_(0, index.view(-1), one)
+    u = u.view(s, -1)
     return good.sum(), u @ u.T
 
 
@@ -119,6 +133,8 @@ class Cross(StatBase):
         for v in ("keep", "all"):
             self._state[f"{v}_cos_n"] = torch.zeros((), **f64)
             self._state[f"{v}_cos"] = torch.zeros(s, s, **f64)
+        self._state["keep_cos_hist"] = torch.zeros(max(s - 1, 0), 2 ** (8 + COS_BITS) + 1, dtype=torch.int64,
+                                                   device=device)
 
     def hold(self, index: int, x: Tensor, tokens: Tokens) -> None:
         """Keep a reference to site ``index``'s ``[n, D]`` tensor until :meth:`finish`."""
@@ -136,6 +152,18 @@ class Cross(StatBase):
             return
         self._held[index] = (x, x._version)
         self._held_bytes += size
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out = super().state_dict()
+        if out:
+            out["keep_cos_hist"] = out["keep_cos_hist"][:, :-1].clone()  # without the spare bucket
+        return out
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        super().load_state_dict(state)
+        if self._state is not None:
+            h = self.s["keep_cos_hist"].long()
+            self.s["keep_cos_hist"] = torch.cat((h, h.new_zeros(h.shape[0], 1)), 1)
 
     def update(self, x: Tensor, tokens: Tokens) -> None:  # pragma: no cover - protocol only
         raise TypeError("Cross is fed through hold()/finish(), not update()")
@@ -189,7 +217,7 @@ class Cross(StatBase):
             part = _comoments(x, tokens.keep[a:b].to(f64) * ok)
             keep_acc = part if keep_acc is None else _merge(keep_acc, part)
             if self.cosines:
-                cos["keep"] = _add(cos["keep"], _cosines(x, tokens.keep[a:b].to(f64) * ok))
+                cos["keep"] = _add(cos["keep"], _cosines(x, tokens.keep[a:b].to(f64) * ok, s["keep_cos_hist"]))
             if bound < 0:  # head tokens anywhere: a masked pass over the block
                 head_w = (tokens.valid[a:b] & ~tokens.keep[a:b]).to(f64) * ok
                 part = _comoments(x, head_w)
