@@ -15,8 +15,15 @@ token). ``all`` is ``keep`` merged with the excluded head, so the big Gram is co
 If holding one forward's sites would pass ``budget`` bytes, that forward is left out of these
 statistics (only these), ``skipped_tokens`` counts its tokens and a warning says how to fix it.
 
+The same blocks give the per-token cosine similarity between sites: the Gram matrix of the
+tokens' unit vectors ``h / ||h||`` sums ``cos(h_i[t], h_j[t])`` over tokens (one more ``[S, t·D]``
+product per block), and ``1 - cos`` between consecutive sites is counted over float-bit buckets.
+A token enters these only when it has a non-zero norm at every site.
+
 State: for each view ``v`` in (``keep``, ``all``): ``v_n`` float64 scalar, ``v_mean`` ``[S]``,
-``v_c`` ``[S, S]`` (co-moment sums); ``skipped_tokens`` int64 scalar.
+``v_c`` ``[S, S]`` (co-moment sums), ``v_cos_n`` float64 scalar and ``v_cos`` ``[S, S]`` (sums
+of cosines); ``keep_cos_hist`` int64 ``[S - 1, 2**(8 + COS_BITS)]``; ``skipped_tokens`` int64
+scalar.
 """
 
 from __future__ import annotations
@@ -89,8 +96,10 @@ class Cross(StatBase):
     Fields (declared in :data:`probe.stats._state.CROSS`; reduction in brackets), for each view
     ``v`` in (``keep``, ``all``): ``v_n`` f64 observations, ``v_mean`` f64 ``[S]`` (activation
     units), ``v_c`` f64 ``[S, S]`` co-moment sums Σ(x_i − mean_i)(x_j − mean_j) (units²)
-    [``comoments``, one group per view]; ``skipped_tokens`` i64: tokens of forwards left out
-    [``sum``].
+    [``comoments``, one group per view]; ``v_cos_n`` f64 tokens and ``v_cos`` f64 ``[S, S]``
+    Σ_t cos(h_i[t], h_j[t]) [``sum``]; ``keep_cos_hist`` i64 ``[S - 1, 2**(8 + COS_BITS)]``: kept
+    tokens per float-bit bucket of ``1 - cos(h_l, h_l+1)`` [``sum``]; ``skipped_tokens`` i64:
+    tokens of forwards left out [``sum``].
     """
 
     name = "cross"
