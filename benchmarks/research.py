@@ -6,7 +6,7 @@ GPT-2 small (random init from its config: 12 layers, 768 channels, 13 hidden sta
 
 1. **Per statistic**: the update of every site on the materialised hidden states
    (``output_hidden_states``), timed alone, for ``topk``, ``norm``, the cosines inside ``cross``
-   (``finish()`` with and without them) and, for scale, ``moments``.
+   (``finish()`` with and without them, i.e. ``stats=(..., "cos")``) and, for scale, ``moments``.
 2. **End to end**: ``with probe.capture(model, stats=...)`` around one forward, per configuration.
 
 Every time is the minimum over ``--rounds`` repetitions (configurations interleaved): on a shared
@@ -45,7 +45,8 @@ def main() -> None:
     model = transformers.GPT2Model(transformers.GPT2Config()).eval()
     ids = torch.randint(0, 50257, (args.batch, args.seq))
     with torch.no_grad():
-        hs = [h.reshape(-1, h.shape[-1]).contiguous() for h in model(input_ids=ids, output_hidden_states=True).hidden_states]
+        out = model(input_ids=ids, output_hidden_states=True).hidden_states
+    hs = [h.reshape(-1, h.shape[-1]).contiguous() for h in out]
     n = hs[0].shape[0]
     tok = Tokens(torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool),
                  torch.arange(args.seq).repeat(args.batch), torch.arange(args.batch).repeat_interleave(args.seq),
@@ -64,8 +65,7 @@ def main() -> None:
 
     def cross(cosines: bool):
         def run() -> None:
-            Cross.cosines = cosines
-            c = Cross([str(i) for i in range(len(hs))])
+            c = Cross([str(i) for i in range(len(hs))], cosines=cosines)
             for i, h in enumerate(hs):
                 c.hold(i, h, tok)
             c.finish()
@@ -80,20 +80,19 @@ def main() -> None:
         "cross with cosines": cross(True),
     }
 
-    def capture(stats, cosines):
+    def capture(stats):
         def run() -> None:
-            Cross.cosines = cosines
             with torch.no_grad(), probe.capture(model, stats=stats, seed=0):
                 model(input_ids=ids)
         return run
 
     if not args.no_e2e:
         parts.update({
-            "capture: 5 classic stats, no cosines": capture(BASE, False),
-            "capture: + topk": capture(BASE + ("topk",), False),
-            "capture: + norm": capture(BASE + ("norm",), False),
-            "capture: + cosines": capture(BASE, True),
-            "capture: all 7 (default)": capture(None, True),
+            "capture: 5 classic stats": capture(BASE),
+            "capture: + topk": capture(BASE + ("topk",)),
+            "capture: + norm": capture(BASE + ("norm",)),
+            "capture: + cos": capture(BASE + ("cos",)),
+            "capture: default (+ topk, norm)": capture(None),
         })
     for fn in parts.values():  # warm-up
         fn()
@@ -105,7 +104,6 @@ def main() -> None:
             parts[k]()
             best[k] = min(best[k], time.perf_counter() - t)
         print(f"round {r + 1}/{args.rounds}", flush=True)
-    Cross.cosines = True
     p = best["plain forward"]
     print(f"GPT-2 small, {args.batch}x{args.seq}, CPU, {torch.get_num_threads()} threads, min of {args.rounds} rounds")
     print(f"{'':40} {'seconds':>8} {'% of plain':>11}")

@@ -9,7 +9,7 @@ import torch
 
 import probe
 from probe.run import TOPK_DTYPE, topk_array
-from probe.stats import Norm, Tokens, TopK
+from probe.stats import NAMES, Norm, Tokens, TopK
 from probe.stats._state import merge_states
 
 GUARANTEE = lambda m: 2.0**-m / (2 + 2.0**-m)  # noqa: E731
@@ -120,7 +120,7 @@ def test_capture_topk_norm_cos_against_numpy(tiny, kind, tmp_path):
     batches = [_batch(0), _batch(1, b=2, t=9)]
     batches[0][0][0, 0] = 7
     skip = 1
-    with probe.capture(model, out=tmp_path / "r.h5", skip_first=skip, every=1) as run:
+    with probe.capture(model, out=tmp_path / "r.h5", skip_first=skip, every=1, stats=NAMES) as run:
         for ids, mask in batches:
             model(input_ids=ids, attention_mask=mask)
     run = probe.load(tmp_path / "r.h5")
@@ -180,9 +180,9 @@ def test_capture_topk_norm_cos_against_numpy(tiny, kind, tmp_path):
 def test_windows_and_files_merge_like_one_pass(tiny, tmp_path):
     model = tiny("gpt2")
     ids, mask = _batch(3, b=4, t=12)
-    with probe.capture(model, seed=1) as one:
+    with probe.capture(model, seed=1, stats=NAMES) as one:
         model(input_ids=ids, attention_mask=mask)
-    with probe.capture(model, out=tmp_path / "w.h5", every=1, seed=1) as _:
+    with probe.capture(model, out=tmp_path / "w.h5", every=1, seed=1, stats=NAMES) as _:
         model(input_ids=ids[:2], attention_mask=mask[:2])
         model(input_ids=ids[2:], attention_mask=mask[2:])
     split = probe.load(tmp_path / "w.h5")
@@ -222,7 +222,11 @@ def test_two_ranks_merge_like_one_process(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root / "src"))
-    script = str(root / "examples" / "distributed.py")
+    example = str(root / "examples" / "distributed.py")
+    script = tmp_path / "every_stat.py"  # the example, capturing every statistic (cosines too)
+    script.write_text("import runpy, sys\nimport probe.stats\nprobe.stats.DEFAULT = probe.stats.NAMES\n"
+                      f"sys.argv[0] = {example!r}\nrunpy.run_path({example!r}, run_name='__main__')\n")
+    script = str(script)
     two, one = tmp_path / "two.h5", tmp_path / "one.h5"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     script, "-o", str(two), "--every", "2"], check=True, env=env, cwd=tmp_path,
@@ -230,6 +234,7 @@ def test_two_ranks_merge_like_one_process(tmp_path):
     subprocess.run([sys.executable, script, "-o", str(one)], check=True, env=env, cwd=tmp_path,
                    capture_output=True, timeout=300)
     a, b = probe.load(two), probe.load(one)
+    assert "cos" in a.stats and a.cross.cos_n > 0
     for name in a.sites:
         x, y = a[name], b[name]
         # rows are numbered per rank, so ties (equal embeddings of equal tokens) may resolve to
@@ -262,7 +267,7 @@ def test_show_massive_rule_and_block_influence(tiny, capsys):
     ids, mask = _batch(4)
     ids[:, 0] = 7
     ids[2, :5] = 7  # padding of row 2 hides these: only its real tokens count
-    with probe.capture(model) as run:
+    with probe.capture(model, stats=NAMES) as run:
         model(input_ids=ids, attention_mask=mask)
     r = run.result
     r.meta["token_text"] = {"7": "<s>"}
@@ -358,7 +363,7 @@ def test_cli_run_decodes_topk_tokens(smollm, tmp_path, capsys):
 def test_cosine_histogram_of_consecutive_sites(tiny):
     model = tiny("llama")
     batches = [_batch(6), _batch(7, b=2, t=9)]
-    with probe.capture(model, skip_first=1) as run:
+    with probe.capture(model, skip_first=1, stats=NAMES) as run:
         for ids, mask in batches:
             model(input_ids=ids, attention_mask=mask)
     hs, meta = _reference(model, batches, 1)
@@ -374,3 +379,14 @@ def test_cosine_histogram_of_consecutive_sites(tiny):
             exact = 1 - np.quantile(cos, q)
             got = 1 - run.cross.cos_quantile(q)[j]
             assert abs(got - exact) <= bound * exact + 1e-6, (j, q)
+
+
+def test_cosines_are_opt_in(tiny):
+    model = tiny("gpt2")
+    ids, mask = _batch(8)
+    with probe.capture(model) as run:
+        model(input_ids=ids, attention_mask=mask)
+    assert "cos" not in run.result.stats and run.cross.cos_n == 0 and np.isnan(run.cross.cos).all()
+    assert run.cross.cos_hist.sum() == 0 and run.cross.r2.shape == (3, 3)
+    with pytest.raises(probe.ProbeError, match="'cos' is computed by the cross-layer statistic"):
+        probe.capture(model, stats=("moments", "cos"))

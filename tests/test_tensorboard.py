@@ -30,7 +30,7 @@ def test_every_window_at_its_step_exactly(tiny, tmp_path):
         mask = torch.ones(b, 9, dtype=torch.long)
         mask[0, :3] = 0
         batches.append((ids, mask))
-    with probe.capture(model, out=tmp_path / "r.h5") as cap:
+    with probe.capture(model, out=tmp_path / "r.h5", stats=probe.stats.NAMES) as cap:
         for step, (ids, mask) in zip((5, 12), batches):
             model(input_ids=ids, attention_mask=mask)
             cap.snapshot(step=step)

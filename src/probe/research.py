@@ -125,7 +125,8 @@ def print_research(run: Run, console=None, site: str | None = None) -> None:
     table = Table(title="hidden-state geometry", header_style="bold", pad_edge=False,
                   caption="scale = √d / E‖h‖ · anisotropy = mean cos between tokens · "
                           "block influence = 1 − E\\[cos(h_l, h_l+1)] · top |x| over every real token")
-    for col in ("site", "E‖h‖", "std ‖h‖", "‖h‖ at p0", "scale", "anisotropy", "block infl.", "top |x|", "at"):
+    columns = ("site", "E‖h‖", "std ‖h‖", "‖h‖ at p0", "scale", "anisotropy", "block infl.", "top |x|", "at")
+    for col in columns:
         table.add_column(col, justify="left" if col in ("site", "at") else "right")
     for e in data["sites"]:
         if site is not None and e["site"] != site:

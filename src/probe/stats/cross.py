@@ -104,14 +104,15 @@ class Cross(StatBase):
 
     name = "cross"
     chunked = False
-    #: also accumulate the per-token cosine similarities (``keep_cos``/``all_cos``); benchmarks
-    #: turn it off to measure its cost
-    cosines: bool = True
     spec = SPECS["cross"]
     _fields = spec.names
 
-    def __init__(self, sites: list[str], budget: int = 2 << 30, block_bytes: int | None = None) -> None:
+    def __init__(self, sites: list[str], budget: int = 2 << 30, block_bytes: int | None = None,
+                 cosines: bool = True) -> None:
         super().__init__()
+        #: also accumulate the per-token cosines (``capture(stats=(..., "cross", "cos"))``); off,
+        #: their fields stay empty (about doubles this statistic's cost)
+        self.cosines = cosines
         self.candidates = list(sites)
         #: indices (into ``candidates``) of the sites in the matrices: those as wide as the first
         #: site that fires; fixed by the first forward
