@@ -13,7 +13,8 @@ batch count (the end of the ``with`` block), :func:`merge_windows` runs:
    the common mean, :func:`probe.stats._state.shift_sums`); ``argmax`` as a MAX of the value then
    MINs of the location among the ranks that hold it; ``bottomk`` by an ``all_gather`` of the
    ``k`` keys (once per set of sites sharing keys: the only gather), after which each rank places
-   its winning entries and one SUM assembles the merged sample.
+   its winning entries and one SUM assembles the merged sample; ``topk`` by an ``all_gather`` of
+   every rank's ``k`` entries (one per dtype for all of them), merged on each rank like files.
 
 No Python object is pickled; the number of collectives does not depend on the number of windows
 (windows are packed in batches of at most ``batch_bytes``) and, but for the keys' gather, what

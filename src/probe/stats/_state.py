@@ -5,7 +5,7 @@ unit), in the spirit of torchmetrics' ``add_state(..., dist_reduce_fx=...)``. A 
 either elementwise (``sum``, ``min``, ``max``, ``all``) or one named exact merge over a group of
 fields (``moments``: Pébay/Chan central moment sums; ``comoments``: co-moment matrices;
 ``argmax``: the largest value and its location; ``bottomk``: the ``k`` smallest random keys and
-what they point to). Merging windows (a run's cumulative state), files (``probe merge``) and, with
+what they point to; ``topk``: the ``k`` largest ``|value|`` and where they sit). Merging windows (a run's cumulative state), files (``probe merge``) and, with
 tensor collectives, ranks (:mod:`probe.sync`) all read these declarations, and the moment algebra
 below is the only one.
 
