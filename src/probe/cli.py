@@ -33,7 +33,8 @@ def _add_run(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--sites", action="append", default=None,
                    help="'hidden_states' (default), module names or globs (repeatable)")
-    p.add_argument("--stats", default=None, help="comma-separated subset of moments,position,histogram,sample,cross")
+    p.add_argument("--stats", default=None, help="comma-separated subset of moments,position,histogram,sample,"
+                   "cross,topk,norm,cos (default: all but cos)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_run)
 
