@@ -326,7 +326,7 @@ def test_states_without_the_cosine_fields_still_merge():
     from probe.run import CrossView
     from probe.stats._state import empty_state
 
-    old = empty_state("cross", {"S": 3, "L": 2, "C": 4096})
+    old = empty_state("cross", {"S": 3, "C": 4096})
     for f in ("keep_cos", "keep_cos_n", "all_cos", "all_cos_n", "keep_cos_hist"):
         del old[f]
     old["keep_n"] = np.float64(4.0)
@@ -390,3 +390,17 @@ def test_cosines_are_opt_in(tiny):
     assert run.cross.cos_hist.sum() == 0 and run.cross.r2.shape == (3, 3)
     with pytest.raises(probe.ProbeError, match="'cos' is computed by the cross-layer statistic"):
         probe.capture(model, stats=("moments", "cos"))
+
+
+def test_one_cross_site_stores_and_merges(tiny, tmp_path):
+    model = tiny("gpt2")
+    ids, mask = _batch(9)
+    paths = []
+    for seed in (1, 2):
+        path = tmp_path / f"{seed}.h5"
+        with probe.capture(model, out=path, sites=["transformer.h.0"], seed=seed, stats=NAMES):
+            model(input_ids=ids, attention_mask=mask)
+        paths.append(path)
+    merged = probe.merge(paths, tmp_path / "m.h5")
+    assert merged.cross.cos_hist.shape == (0, 2 ** 12) and merged.cross.cos_n == 2 * mask.sum()
+    np.testing.assert_allclose(merged.cross.cos, [[1.0]], rtol=1e-12)

@@ -256,7 +256,7 @@ class CrossView:
         """Raw int64 counts ``[S - 1, 2**(8 + m)]`` of ``1 - cos(h_l, h_{l+1})`` per kept token over
         float-bit buckets (the positive half of the histogram's layout, ``m = 4`` mantissa bits)."""
         h = self._c.get("keep_cos_hist") if self._c else None
-        return np.zeros((0, 0), dtype=np.int64) if h is None else np.asarray(h, dtype=np.int64)
+        return np.zeros((0, 0), dtype=np.int64) if h is None else np.asarray(h, dtype=np.int64)[:-1]
 
     def cos_quantile(self, q: float | Sequence[float]) -> np.ndarray:
         """Quantile(s) of the per-token ``cos(h_l, h_{l+1})`` for each consecutive pair, ``[S - 1]``

@@ -122,8 +122,8 @@ CROSS = State("cross", tuple(
         Field(f"{v}_cos_n", F64, (), "sum", 0.0, "tokens finite with a non-zero norm at every site"),
         Field(f"{v}_cos", F64, ("S", "S"), "sum", 0.0, "sum over tokens of cos(h_i, h_j)"),
     )]
-    + [Field("keep_cos_hist", I64, ("L", "C"), "sum", 0,
-             "kept tokens per float-bit bucket of 1 - cos(h_l, h_l+1), consecutive sites (C = 2**12)")]
+    + [Field("keep_cos_hist", I64, ("S", "C"), "sum", 0,
+             "kept tokens per float-bit bucket of 1 - cos(h_l, h_l+1), row l (C = 2**12; last row 0)")]
 ))
 
 TOPK = State("topk", (

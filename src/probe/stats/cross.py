@@ -22,7 +22,8 @@ A token enters these only when it has a non-zero norm at every site.
 
 State: for each view ``v`` in (``keep``, ``all``): ``v_n`` float64 scalar, ``v_mean`` ``[S]``,
 ``v_c`` ``[S, S]`` (co-moment sums), ``v_cos_n`` float64 scalar and ``v_cos`` ``[S, S]`` (sums
-of cosines); ``keep_cos_hist`` int64 ``[S - 1, 2**(8 + COS_BITS)]``; ``skipped_tokens`` int64
+of cosines); ``keep_cos_hist`` int64 ``[S, 2**(8 + COS_BITS)]`` (row ``l``: sites ``l, l + 1``;
+the last row stays 0); ``skipped_tokens`` int64
 scalar.
 """
 
@@ -57,8 +58,9 @@ def _cosines(x: Tensor, w: Tensor, hist: Tensor | None = None) -> tuple[Tensor, 
     """``(n, Σ_t cos(x_i[t], x_j[t]) [S, S])`` over the tokens of float64 ``x[S, t, D]`` where
     ``w[t]`` is 1 and every site's vector is non-zero: the Gram matrix of the flattened unit
     vectors, since ``Σ_t Σ_d u_i[t, d] u_j[t, d] = Σ_t cos(x_i[t], x_j[t])``. With ``hist``
-    (int64 ``[S - 1, 2**(8 + COS_BITS) + 1]``), each counted token's ``1 - cos`` between
-    consecutive sites is added to its float-bit bucket (in place; the last column is a spare)."""
+    (int64 ``[S, 2**(8 + COS_BITS) + 1]``), each counted token's ``1 - cos`` between sites ``l``
+    and ``l + 1`` is added to its float-bit bucket in row ``l`` (in place; the last column is a
+    spare)."""
     s, t, d = x.shape
     norm = torch.linalg.vector_norm(x, dim=-1)  # [S, t]
     good = w * (norm > 0).all(0).to(w.dtype)
@@ -97,8 +99,8 @@ class Cross(StatBase):
     ``v`` in (``keep``, ``all``): ``v_n`` f64 observations, ``v_mean`` f64 ``[S]`` (activation
     units), ``v_c`` f64 ``[S, S]`` co-moment sums Σ(x_i − mean_i)(x_j − mean_j) (units²)
     [``comoments``, one group per view]; ``v_cos_n`` f64 tokens and ``v_cos`` f64 ``[S, S]``
-    Σ_t cos(h_i[t], h_j[t]) [``sum``]; ``keep_cos_hist`` i64 ``[S - 1, 2**(8 + COS_BITS)]``: kept
-    tokens per float-bit bucket of ``1 - cos(h_l, h_l+1)`` [``sum``]; ``skipped_tokens`` i64:
+    Σ_t cos(h_i[t], h_j[t]) [``sum``]; ``keep_cos_hist`` i64 ``[S, 2**(8 + COS_BITS)]``: kept
+    tokens per float-bit bucket of ``1 - cos(h_l, h_l+1)`` in row ``l`` (the last row stays 0) [``sum``]; ``skipped_tokens`` i64:
     tokens of forwards left out [``sum``].
     """
 
@@ -143,8 +145,8 @@ class Cross(StatBase):
         for v in ("keep", "all"):
             self._state[f"{v}_cos_n"] = torch.zeros((), **f64)
             self._state[f"{v}_cos"] = torch.zeros(s, s, **f64)
-        self._state["keep_cos_hist"] = torch.zeros(max(s - 1, 0), 2 ** (8 + COS_BITS) + 1, dtype=torch.int64,
-                                                   device=device)
+        # row l: the pair (l, l + 1); S rows (the last stays 0) so that one site gives no empty dim
+        self._state["keep_cos_hist"] = torch.zeros(s, 2 ** (8 + COS_BITS) + 1, dtype=torch.int64, device=device)
 
     def hold(self, index: int, x: Tensor, tokens: Tokens) -> None:
         """Keep a reference to site ``index``'s ``[n, D]`` tensor until :meth:`finish`."""
