@@ -171,7 +171,7 @@ def test_layout_pinned(tiny, tmp_path):
         g = f["sites/01"]
         assert dict(g.attrs) == {"name": "hidden_states.1", "module": "transformer.h.0", "read": "output",
                                  "dtype": "float32", "hf_index": 1}
-        assert sorted(g) == ["histogram", "moments", "position", "sample"]
+        assert sorted(g) == ["histogram", "moments", "norm", "position", "sample", "topk"]
         w = g["moments/window"]  # one record per window: _present and every field
         assert w.shape == (2,) and sorted(g["moments"]) == ["window"]
         layout = {k: (w.dtype[k].shape, str(w.dtype[k].base)) for k in w.dtype.names}
@@ -193,10 +193,12 @@ def test_layout_pinned(tiny, tmp_path):
         assert g["sample/window"].dtype.names == ("_present", "coords", "value")
         assert f["samples/key"].shape == (2, 8) and f["samples/key"].dtype == np.float64  # once per window
         assert f["total"].attrs["rows"] == 2
-        assert sorted(f["total/sites/01"]) == ["histogram", "moments", "position", "sample"]
+        assert sorted(f["total/sites/01"]) == ["histogram", "moments", "norm", "position", "sample", "topk"]
         assert f["total/samples/key"].shape == (1, 8)
         assert sorted(f["cross"]) == ["window"] and "keep_c" in f["cross/window"].dtype.names
         assert f["total/cross/total"].dtype == f["cross/window"].dtype
+        assert g["topk/window"].dtype["value"].shape == (64,) and g["norm/window"].dtype["counts"].shape == (32768,)
+        assert {"keep_cos", "all_cos", "keep_cos_n", "all_cos_n", "keep_cos_hist"} <= set(f["cross/window"].dtype.names)
         assert json.loads(f["cross"].attrs["sites"]) == ["hidden_states.0", "hidden_states.1", "hidden_states.2"]
         meta = json.loads(f.attrs["meta"])
         assert meta["histogram"] == {"encoding": "float32-bits", "mantissa_bits": 7}

@@ -84,7 +84,8 @@ def capture(
         out: HDF5 file to write (schema in ``docs/format.md``); ``None`` keeps results in memory.
         sites: ``"hidden_states"`` (default), module names, glob patterns, or a callable
             ``(name, module) -> bool``.
-        stats: names from ``("moments", "position", "histogram", "sample", "cross")``; all by default.
+        stats: names from ``("moments", "position", "histogram", "sample", "cross", "topk", "norm",
+            "cos")``; all but ``"cos"`` (per-token cosines between sites, inside ``"cross"``) by default.
         skip_first: drop the first ``k`` real tokens of each sequence from every statistic except
             the per-position ones (which keep all real tokens so the first-token effect shows).
         max_positions: per-position statistics cover positions ``0 .. max_positions - 1``.
@@ -206,12 +207,15 @@ class Capture:
         self._steps: list[int] = []  # labels of the committed windows
         self.histogram_bits = _check_int("histogram_bits", histogram_bits, 0, "pass 7")
         _stats.Histogram(histogram_bits)  # validates the range
-        names = _stats.NAMES if stats is None else (stats,) if isinstance(stats, str) else tuple(stats)
+        names = _stats.DEFAULT if stats is None else (stats,) if isinstance(stats, str) else tuple(stats)
         unknown = [s for s in names if s not in _stats.NAMES]
         if unknown or not names:
             raise ProbeError(f"unknown stats {unknown or names!r}; expected a subset of {list(_stats.NAMES)}; "
                              "pass e.g. stats=('moments', 'histogram')")
         self.stats = tuple(s for s in _stats.NAMES if s in names)
+        if "cos" in self.stats and "cross" not in self.stats:
+            raise ProbeError("stats: 'cos' is computed by the cross-layer statistic; expected 'cross' with it; "
+                             "pass stats=(..., 'cross', 'cos')")
         self.strict = bool(strict)
         if compile not in (None, True, False):
             raise ProbeError(f"compile must be None, True or False; got {compile!r}; "
@@ -265,13 +269,18 @@ class Capture:
                 per["histogram"] = _stats.Histogram(self.histogram_bits)
             if "sample" in self.stats:
                 per["sample"] = _stats.Sample(self.sample_size)
+            if "topk" in self.stats:
+                per["topk"] = _stats.TopK()
+            if "norm" in self.stats:
+                per["norm"] = _stats.Norm(self.histogram_bits, self.max_positions)
             for stat in per.values():
                 stat.compile = self.compile
             window[name] = per
         old = getattr(self, "_cross", None)
         self._cross = None
         if "cross" in self.stats:
-            self._cross = _stats.Cross([s.name for s in self._defs], budget=self.cross_budget)
+            self._cross = _stats.Cross([s.name for s in self._defs], budget=self.cross_budget,
+                                       cosines="cos" in self.stats)
             self._cross.members = old.members if old is not None else None
         return window
 
@@ -678,7 +687,7 @@ class Capture:
             members[list(self._cross.members or [])] = 1
             dist.all_reduce(members, op=dist.ReduceOp.MAX)
             self._cross.members = [i for i, m in enumerate(members.tolist()) if m]
-        return sync.merge_windows(self._rows, self.sites, [k for k in self.stats if k != "cross"],
+        return sync.merge_windows(self._rows, self.sites, [k for k in self.stats if k not in ("cross", "cos")],
                                   "cross" in self.stats, device)
 
     def _finish_result(self) -> None:

@@ -21,7 +21,7 @@ from .errors import ProbeError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-STATS = ("moments", "position", "histogram", "sample", "cross")
+STATS = ("moments", "position", "histogram", "sample", "cross", "topk", "norm", "cos")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +51,7 @@ def _add_run(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--sites", action="append", default=None,
                    help="'hidden_states' (default), module names or globs (repeatable)")
-    p.add_argument("--stats", default=None, help="comma-separated subset of " + ",".join(STATS))
+    p.add_argument("--stats", default=None, help="comma-separated subset of " + ",".join(STATS) + " (default: all but cos)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the uniform sample (default: probe.capture's default)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -180,6 +180,8 @@ def cmd_run(args) -> int:
         return 130 if failure is None else 2
     result = run.result
     ids = {result[n].absmax_at["token"] for n in result.sites} - {-1}
+    if "topk" in result.stats:
+        ids |= {int(t) for n in result.sites for t in result[n].topk["token"]} - {-1}
     extra = {}
     if stopped:
         extra["partial"] = {"reason": stopped, "batches": complete, "documents": done, "tokens": tokens}

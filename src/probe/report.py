@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ProbeError, closest
+from . import research
 
 if TYPE_CHECKING:
     from .run import Run
@@ -102,7 +103,7 @@ def summary(run: Run, sites: list[str] | None = None) -> dict[str, Any]:
         "file": run.path, "model": run.meta.get("model", {}).get("name_or_path") or
         run.meta.get("model", {}).get("class"), "windows": len(run.rows), "steps": run.steps,
         "skip_first": run.meta.get("skip_first"), "partial": run.meta.get("partial"), "sites": rows,
-        "outlier_channels": outlier_channels(run),
+        "outlier_channels": outlier_channels(run), "research": research.summary(run),
         "massive": [m for m in massive(run) if m["site"] in chosen],
     }
 
@@ -316,6 +317,7 @@ def print_summary(run: Run, console=None, site: str | None = None) -> None:
         cells += [_fmt(e["min"]), _fmt(e["max"])] if wide else []
         table.add_row(*cells, _fmt(e["absmax"]), _where(e["absmax_at"], wide))
     console.print(table)
+    research.print_research(run, console, site)
     if data["partial"]:
         console.print(_partial_line(data["partial"]))
     if site is not None:

@@ -19,7 +19,7 @@ import numpy as np
 from .errors import ProbeError, closest
 from .stats._state import kway_moments, merge_rows
 
-__all__ = ["Run", "SiteView", "ChannelView", "PositionView", "SampleView", "CrossView",
+__all__ = ["Run", "SiteView", "ChannelView", "PositionView", "SampleView", "CrossView", "NormView", "TOPK_DTYPE",
            "combine_channels", "merge_rows"]
 
 
@@ -147,6 +147,81 @@ class SampleView:
         return len(self.key)
 
 
+#: dtype of ``run[site].topk``
+TOPK_DTYPE = np.dtype([("value", np.float64), ("row", np.int64), ("position", np.int64),
+                       ("channel", np.int64), ("token", np.int64)])
+
+
+def topk_array(t: dict[str, np.ndarray]) -> np.ndarray:
+    """The filled slots of a ``topk`` state as a structured array (:data:`TOPK_DTYPE`), largest
+    ``|value|`` first."""
+    filled = ~np.isnan(t["value"])
+    out = np.empty(int(filled.sum()), dtype=TOPK_DTYPE)
+    out["value"] = t["value"][filled].astype(np.float64)
+    for f in ("row", "position", "channel", "token"):
+        out[f] = t[f][filled]
+    return out
+
+
+class NormView:
+    """The per-token L2 norm ``||h||`` of one site (see :mod:`probe.stats.norm`).
+
+    Over kept tokens with a finite norm (``skip_first`` applies): ``count``, ``mean``, ``var``,
+    ``std``, ``skew``, ``kurtosis``, ``min``, ``max`` (Python floats, activation units),
+    :meth:`quantile`, :meth:`histogram`; ``nonfinite``: kept tokens without a finite norm.
+    ``scale = sqrt(D) / mean``: the factor that brings the mean norm to ``sqrt(D)`` (the
+    sparse-autoencoder input normalisation). ``anisotropy``: mean cosine between two distinct
+    kept tokens, ``(||Σ u||² - n) / (n (n - 1))``. ``position_mean``, ``position_std`` (``[P]``,
+    NaN where no real token) cover every real token.
+    """
+
+    def __init__(self, s: dict[str, np.ndarray]) -> None:
+        self._s = s
+        n = float(s["n"])
+        self.count = int(n)
+        self.mean = float(s["mean"]) if n else float("nan")
+        var, skew, kurt = (float(v) for v in _shape(n, s["m2"], s["m3"], s["m4"]))
+        self.var, self.skew, self.kurtosis = var, skew, kurt
+        self.std = float(np.sqrt(var))
+        self.min = float(s["min"]) if n else float("nan")
+        self.max = float(s["max"]) if n else float("nan")
+        self.nonfinite = int(s["nonfinite"])
+        self.dim = int(np.shape(s["unit_sum"])[0])
+        self.scale = float(np.sqrt(self.dim) / self.mean) if n and self.mean > 0 else float("nan")
+        un = float(s["unit_n"])
+        total = float(np.dot(s["unit_sum"], s["unit_sum"]))
+        self.anisotropy = (total - un) / (un * (un - 1)) if un > 1 else float("nan")
+        pn = s["pos_n"]
+        last = int(np.flatnonzero(pn).max()) + 1 if pn.any() else 0
+        empty = pn[:last] == 0
+        self.position_count = pn[:last].astype(np.int64)
+        self.position_mean = np.where(empty, np.nan, s["pos_mean"][:last])
+        self.position_std = np.sqrt(np.where(empty, np.nan, s["pos_m2"][:last] / np.where(empty, 1, pn[:last])))
+
+    @property
+    def counts(self) -> np.ndarray:
+        """The norms' float-bit bucket counts, full ``2**(9+m)`` layout (negative half empty)."""
+        c = np.asarray(self._s["counts"], dtype=np.int64)
+        return np.concatenate([c, np.zeros_like(c)])
+
+    def quantile(self, q: float | Sequence[float]) -> float | np.ndarray:
+        """Quantile(s) of the norms, within ``2**-m / (2 + 2**-m)`` relative error."""
+        from .stats._buckets import quantile
+
+        return quantile(self.counts, False, q)
+
+    def histogram(self, bins: int = 100, range: tuple[float, float] | None = None):
+        """Linear-bin histogram ``(counts, edges)`` of the norms, rendered from the buckets."""
+        from .stats.histogram import render
+
+        if range is None and self.count:
+            range = (self.min, self.max)
+        return render(self.counts, False, bins, range)
+
+    def __repr__(self) -> str:
+        return f"NormView(count={self.count}, mean={self.mean:.4g}, std={self.std:.4g}, scale={self.scale:.4g})"
+
+
 class CrossView:
     """Layer × layer covariance and R² (float64 ``[S, S]``) in the order of ``sites``.
 
@@ -164,6 +239,44 @@ class CrossView:
         self.cov_all, self.r2_all = self._derive(c, "all")
         self.mean = c["keep_mean"] if c else np.zeros(0)
         self.mean_all = c["all_mean"] if c else np.zeros(0)
+        #: mean per-token cosine similarity cos(h_i, h_j) ``[S, S]`` (``cos_all``: every real token)
+        self._c = c
+        self.cos, self.cos_n = self._cos(c, "keep")
+        self.cos_all, self.cos_n_all = self._cos(c, "all")
+
+    @staticmethod
+    def _cos(c, v):
+        if not c or f"{v}_cos" not in c:
+            return np.zeros((0, 0)), 0.0
+        n = float(c[f"{v}_cos_n"])
+        return (c[f"{v}_cos"] / n if n > 0 else np.full_like(c[f"{v}_cos"], np.nan)), n
+
+    @property
+    def cos_hist(self) -> np.ndarray:
+        """Raw int64 counts ``[S - 1, 2**(8 + m)]`` of ``1 - cos(h_l, h_{l+1})`` per kept token over
+        float-bit buckets (the positive half of the histogram's layout, ``m = 4`` mantissa bits)."""
+        h = self._c.get("keep_cos_hist") if self._c else None
+        return np.zeros((0, 0), dtype=np.int64) if h is None else np.asarray(h, dtype=np.int64)[:-1]
+
+    def cos_quantile(self, q: float | Sequence[float]) -> np.ndarray:
+        """Quantile(s) of the per-token ``cos(h_l, h_{l+1})`` for each consecutive pair, ``[S - 1]``
+        (or ``[S - 1, len(q)]``), from :attr:`cos_hist`: within ``2**-4 / (2 + 2**-4)`` (3 %) of
+        the exact value of ``1 - cos``."""
+        from .stats._buckets import quantile
+
+        qs = np.atleast_1d(np.asarray(q, dtype=np.float64))
+        rows = []
+        for counts in self.cos_hist:
+            full = np.concatenate([counts, np.zeros_like(counts)])
+            rows.append(1.0 - np.atleast_1d(quantile(full, False, 1.0 - qs)))
+        out = np.array(rows).reshape(len(rows), len(qs))
+        return out[:, 0] if np.ndim(q) == 0 else out
+
+    @property
+    def block_influence(self) -> np.ndarray:
+        """``1 - E[cos(h_l, h_{l+1})]`` for consecutive sites ``[S - 1]`` (Men et al. 2024,
+        ShortGPT): how much each block changes the direction of a token's hidden state."""
+        return 1.0 - np.diagonal(self.cos, 1) if self.cos.size else np.zeros(0)
 
     @staticmethod
     def _derive(c, v):
@@ -228,6 +341,24 @@ class SiteView:
     @cached_property
     def sample(self) -> SampleView:
         return SampleView(self._need("sample"))
+
+    @cached_property
+    def topk(self) -> np.ndarray:
+        """The largest finite ``|x|`` over every real token (first positions included), a
+        structured array with fields ``value, row, position, channel, token``
+        (:data:`TOPK_DTYPE`), largest ``|value|`` first; ties go to the earliest (row, position,
+        channel)."""
+        return topk_array(self._need("topk"))
+
+    @cached_property
+    def norm(self) -> NormView:
+        """The per-token L2 norm distribution (:class:`NormView`)."""
+        return NormView(self._need("norm"))
+
+    @property
+    def anisotropy(self) -> float:
+        """Mean cosine similarity between two distinct kept tokens (``norm.anisotropy``)."""
+        return self.norm.anisotropy
 
     @property
     def histogram_counts(self) -> np.ndarray:

@@ -13,7 +13,8 @@ batch count (the end of the ``with`` block), :func:`merge_windows` runs:
    the common mean, :func:`probe.stats._state.shift_sums`); ``argmax`` as a MAX of the value then
    MINs of the location among the ranks that hold it; ``bottomk`` by an ``all_gather`` of the
    ``k`` keys (once per set of sites sharing keys: the only gather), after which each rank places
-   its winning entries and one SUM assembles the merged sample.
+   its winning entries and one SUM assembles the merged sample; ``topk`` by an ``all_gather`` of
+   every rank's ``k`` entries (one per dtype for all of them), merged on each rank like files.
 
 No Python object is pickled; the number of collectives does not depend on the number of windows
 (windows are packed in batches of at most ``batch_bytes``) and, but for the keys' gather, what
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .stats._state import SPECS, dims_of, empty_state, key_groups, merge_rows, shift_sums
+from .stats._state import SPECS, dims_of, empty_state, key_groups, merge_rows, merge_states, shift_sums
 
 __all__ = ["merge_windows", "agree_steps"]
 
@@ -251,10 +252,41 @@ def _reduce(items: list[tuple[tuple, str, dict]], device, group) -> list[dict]:
             alive[j] = alive[j] & (tensors[i][names[1]][c] == got[idx[j]])
     for j, (i, names, _) in enumerate(argmaxes):
         results[i][names[1]] = torch.stack(chosen[j])
+    _gather_topk(items, tensors, results, group)
     out = []
     for (_, kind, _), res in zip(items, results):
         out.append({f.name: res[f.name].to(getattr(torch, f.dtype)).cpu().numpy() for f in SPECS[kind].fields})
     return out
+
+
+def _gather_topk(items: list, tensors: list[dict], results: list[dict], group) -> None:
+    """``topk`` states: every rank gathers every rank's ``k`` entries (one ``all_gather`` per
+    dtype for all items) and merges them as the file merge does (:func:`merge_states`)."""
+    todo = [(i, [f.name for f in fields]) for i, (_, kind, _) in enumerate(items)
+            for reduce, fields in SPECS[kind].groups() if reduce == "topk"]
+    if not todo:
+        return
+    world = dist.get_world_size(group)
+    by_dtype: dict[torch.dtype, list[tuple[int, str]]] = {}
+    for i, names in todo:
+        for name in names:
+            by_dtype.setdefault(tensors[i][name].dtype, []).append((i, name))
+    gathered: dict[tuple[int, str], list[np.ndarray]] = {}
+    for dtype, keys in by_dtype.items():
+        flat = torch.cat([tensors[i][name].reshape(-1) for i, name in keys])
+        every = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(every, flat, group=group)
+        start = 0
+        for i, name in keys:
+            size = tensors[i][name].numel()
+            gathered[(i, name)] = [e[start:start + size].cpu().numpy() for e in every]
+            start += size
+    for i, names in todo:
+        kind = items[i][1]
+        parts = [{name: gathered[(i, name)][r] for name in names} for r in range(world)]
+        merged = merge_states(kind, parts)
+        for name in names:
+            results[i][name] = torch.from_numpy(merged[name])
 
 
 def merge_windows(rows: list[dict], sites: Sequence[str], kinds: Sequence[str], cross: bool,

@@ -1,4 +1,4 @@
-"""Files other tools read, computed from probe runs: quantization calibration.
+"""Files other tools read, computed from probe runs: quantization calibration and TensorBoard.
 
 Recipe::
 
@@ -8,6 +8,7 @@ Recipe::
     probe.export("smoothquant", "calib.h5", "act_scales.pt")   # SmoothQuant smooth_lm(model, scales, alpha)
     probe.export("imatrix", "calib.h5", "imatrix.gguf")        # llama-quantize --imatrix imatrix.gguf
     probe.export("amax", ["shard0.h5", "shard1.h5"], "amax.json")  # per-tensor / per-channel amax, ModelOpt
+    probe.export("tensorboard", "train.h5", "logs/")         # every window at its step (any sites)
 
 Every format reads the input sites of a run (``sites="linear_inputs"`` or ``"<module>:input"``)
 and keys them by module path. Several runs are merged exactly first. See ``docs/calibration.md``.
@@ -24,7 +25,7 @@ from ._collect import ModuleStats, as_runs, collect
 
 __all__ = ["export", "FORMATS", "collect", "ModuleStats"]
 
-FORMATS = ("smoothquant", "imatrix", "amax")
+FORMATS = ("smoothquant", "imatrix", "amax", "tensorboard")
 
 
 def _meta(runs) -> dict[str, Any]:
@@ -38,7 +39,7 @@ def _meta(runs) -> dict[str, Any]:
     }
 
 
-def export(fmt: Literal["smoothquant", "imatrix", "amax"], runs, path: str | os.PathLike, *,
+def export(fmt: Literal["smoothquant", "imatrix", "amax", "tensorboard"], runs, path: str | os.PathLike, *,
            overwrite: bool = False, arch: str | None = None, datasets: Sequence[str] | None = None,
            chunk_size: int = 512) -> dict[str, Any]:
     """Write the calibration file ``fmt`` for the linear-layer inputs captured in ``runs``.
@@ -47,7 +48,8 @@ def export(fmt: Literal["smoothquant", "imatrix", "amax"], runs, path: str | os.
         fmt: ``"smoothquant"`` (``torch.save`` of ``{module: float32 [in_features]}`` per-channel
             max |x|), ``"imatrix"`` (llama.cpp GGUF: ``Σ x²`` per channel and token counts) or
             ``"amax"`` (JSON: per-tensor and per-channel amax, FP8/INT8 scales, ModelOpt
-            ``quant_cfg`` entries).
+            ``quant_cfg`` entries) from input sites; ``"tensorboard"`` (event files in the folder
+            ``path``: each window's histograms and scalars at its step, for any sites; one run).
         runs: a run file, a :class:`probe.run.Run`, a finished capture, or a sequence of them
             (merged exactly: counts and sums add, maxima take the maximum).
         path: the file to write.
@@ -80,6 +82,14 @@ def export(fmt: Literal["smoothquant", "imatrix", "amax"], runs, path: str | os.
     if fmt not in FORMATS:
         raise ProbeError(f"export format must be one of {list(FORMATS)}; got {fmt!r}; pass e.g. 'smoothquant'")
     path = os.fspath(path)
+    if fmt == "tensorboard":
+        from .tensorboard import write_tensorboard
+
+        runs = as_runs(runs)
+        if len(runs) != 1:
+            raise ProbeError(f"tensorboard export takes one run; got {len(runs)}; "
+                             "merge them first with probe merge, or export each to its own folder")
+        return {"logdir": write_tensorboard(runs[0], path)}
     if os.path.exists(path) and not overwrite:
         raise ProbeError(f"output {path!r} exists; expected a new file; "
                          "pass overwrite=True (--overwrite) to replace it")

@@ -9,12 +9,13 @@ __all__ = ["add_export", "cmd_export", "add_quant_options", "cmd_show_quant"]
 
 
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a quantization calibration file from input-site runs",
+    p = sub.add_parser("export", help="write calibration files (smoothquant, imatrix, amax) or TensorBoard events",
                        description="Write SmoothQuant act scales, a llama.cpp imatrix or an amax JSON from runs "
-                                   "captured with --sites linear_inputs (several runs are merged exactly).")
-    p.add_argument("format", choices=("smoothquant", "imatrix", "amax"))
+                                   "captured with --sites linear_inputs (several runs are merged exactly), "
+                                   "or TensorBoard events (every window at its step) into the folder -o.")
+    p.add_argument("format", choices=("smoothquant", "imatrix", "amax", "tensorboard"))
     p.add_argument("runs", nargs="+", metavar="RUN", help="run files (merged exactly)")
-    p.add_argument("-o", "--out", required=True, help="output file (.pt, .gguf, .json)")
+    p.add_argument("-o", "--out", required=True, help="output file (.pt, .gguf, .json), or a log folder for tensorboard")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--arch", default=None, help="imatrix: llama.cpp architecture (default: from model_type)")
     p.add_argument("--dataset", action="append", default=None, help="imatrix: imatrix.datasets entry (repeatable)")
@@ -27,6 +28,9 @@ def cmd_export(args) -> int:
 
     done = export(args.format, args.runs, args.out, overwrite=args.overwrite, arch=args.arch,
                   datasets=args.dataset, chunk_size=args.chunk_size)
+    if args.format == "tensorboard":
+        print(f"wrote TensorBoard events to {done['logdir']}: tensorboard --logdir {done['logdir']}")
+        return 0
     count = len(done["modules"]) if args.format == "amax" else len(done)
     print(f"wrote {args.out}: {args.format}, {count} modules from {len(args.runs)} run(s)")
     return 0

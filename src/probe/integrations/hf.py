@@ -26,6 +26,14 @@ class ProbeCallback(TrainerCallback):
     Args:
         out: the HDF5 file to write.
         every: commit a window every this many optimizer steps.
+        tensorboard: also log each window to TensorBoard as it is committed
+            (:func:`probe.export.tensorboard.log_window`: histograms and scalars at the window's
+            step): ``True`` logs to ``$TENSORBOARD_LOGGING_DIR`` if set, else to
+            ``<output_dir>/runs/probe`` (beside the Trainer's own runs); a path logs there.
+            ``None`` (default): ``True`` when the Trainer reports to TensorBoard
+            (``"tensorboard"`` in ``args.report_to``).
+            Under ``torch.distributed`` the windows are merged at the end of training, so they
+            are logged then (rank 0).
         **options: any other :func:`probe.capture` argument (``sites``, ``stats``, ``skip_first``, ...).
 
     Example:
@@ -33,13 +41,16 @@ class ProbeCallback(TrainerCallback):
         >>> Trainer(model, args, train_dataset=ds, callbacks=[cb]).train()  # doctest: +SKIP
     """
 
-    def __init__(self, out: str | os.PathLike, every: int = 100, **options: Any) -> None:
+    def __init__(self, out: str | os.PathLike, every: int = 100, tensorboard: bool | str | os.PathLike | None = None,
+                 **options: Any) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ProbeError(f"every must be an int >= 1 (optimizer steps); got {every!r}; pass e.g. every=100")
         if "every" in options:
             raise ProbeError("pass every= to ProbeCallback only (it counts optimizer steps); remove it from options")
         self.out, self.every, self.options = out, every, options
         self.capture: Capture | None = None
+        self.tensorboard = tensorboard
+        self._tb = None  # the SummaryWriter, while training
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
@@ -47,15 +58,43 @@ class ProbeCallback(TrainerCallback):
                              "pass the model to the Trainer")
         self.capture = capture(model, self.out, **self.options)
         self.capture.__enter__()
+        wanted = self.tensorboard
+        if wanted is None:
+            wanted = "tensorboard" in (getattr(args, "report_to", None) or [])
+        if wanted and self.capture.rank == 0:
+            from ..export.tensorboard import _writer
+
+            logdir = wanted if not isinstance(wanted, bool) else (
+                os.getenv("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs", "probe"))
+            self._tb = _writer(logdir)
+
+    def _log(self, step: int, c: Capture | None) -> None:
+        if self._tb is not None and c is not None and c.world == 1:
+            from .. import load
+            from ..export.tensorboard import log_window
+
+            log_window(self._tb, load(self.out).at(step), step)
+            self._tb.flush()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.capture is not None and state.global_step % self.every == 0:
             self.capture.snapshot(step=state.global_step)
+            self._log(state.global_step, self.capture)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.capture is not None:
             c, self.capture = self.capture, None
             if state.global_step % self.every:  # the steps after the last window
                 c.snapshot(step=state.global_step)
+                self._log(state.global_step, c)
             c.__exit__(None, None, None)
             self.result = c.result
+            if self._tb is not None:
+                if c.world > 1:  # merged only now
+                    from ..export.tensorboard import log_window
+                    from ..run import Run
+
+                    for step, row in zip(c.result.steps, c.result.rows):
+                        log_window(self._tb, Run(c.result.meta, [row]), int(step))
+                self._tb.close()
+                self._tb = None

@@ -11,12 +11,15 @@ from importlib import import_module
 from typing import Any
 
 #: statistic names accepted by ``capture(stats=...)``, in the order they run
-NAMES = ("moments", "position", "histogram", "sample", "cross")
+NAMES = ("moments", "position", "histogram", "sample", "cross", "topk", "norm", "cos")
+#: what ``capture(stats=None)`` runs: all but ``cos`` (the per-token cosines inside ``cross``,
+#: which about double its cost; see benchmarks/research.py)
+DEFAULT = ("moments", "position", "histogram", "sample", "cross", "topk", "norm")
 
 _LAZY = {"Tokens": "._base", "Cross": ".cross", "Histogram": ".histogram", "Moments": ".moments",
-         "Position": ".position", "Sample": ".sample"}
+         "Position": ".position", "Sample": ".sample", "TopK": ".topk", "Norm": ".norm"}
 
-__all__ = ["NAMES", "Cross", "Histogram", "Moments", "Position", "Sample", "Tokens"]
+__all__ = ["NAMES", "DEFAULT", "Cross", "Histogram", "Moments", "Norm", "Position", "Sample", "Tokens", "TopK"]
 
 
 def __getattr__(name: str) -> Any:

@@ -5,7 +5,7 @@ unit), in the spirit of torchmetrics' ``add_state(..., dist_reduce_fx=...)``. A 
 either elementwise (``sum``, ``min``, ``max``, ``all``) or one named exact merge over a group of
 fields (``moments``: Pébay/Chan central moment sums; ``comoments``: co-moment matrices;
 ``argmax``: the largest value and its location; ``bottomk``: the ``k`` smallest random keys and
-what they point to). Merging windows (a run's cumulative state), files (``probe merge``) and, with
+what they point to; ``topk``: the ``k`` largest ``|value|`` and where they sit). Merging windows (a run's cumulative state), files (``probe merge``) and, with
 tensor collectives, ranks (:mod:`probe.sync`) all read these declarations, and the moment algebra
 below is the only one.
 
@@ -20,11 +20,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Field", "State", "SPECS", "merge_states", "merge_rows", "key_groups", "merge_moments", "kway_moments",
-           "shift_sums",
-           "empty_state", "dims_of"]
+__all__ = ["Field", "State", "SPECS", "merge_states", "merge_rows", "key_groups", "merge_moments", "kway_moments", "shift_sums",
+           "empty_state", "dims_of", "topk_order"]
 
-Reduce = Literal["sum", "min", "max", "all", "moments", "comoments", "argmax", "bottomk"]
+Reduce = Literal["sum", "min", "max", "all", "moments", "comoments", "argmax", "bottomk", "topk"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ class State:
         return [(k[0], v) for k, v in out.items()]
 
 
-_GROUPED = ("moments", "comoments", "argmax", "bottomk")
+_GROUPED = ("moments", "comoments", "argmax", "bottomk", "topk")
 F64, F32, I64, BOOL = "float64", "float32", "int64", "bool"
 _INF = float("inf")
 
@@ -119,10 +118,41 @@ CROSS = State("cross", tuple(
         Field(f"{v}_mean", F64, ("S",), "comoments", 0.0, "activation units", v),
         Field(f"{v}_c", F64, ("S", "S"), "comoments", 0.0, "co-moment sums, units^2", v),
     )] + [Field("skipped_tokens", I64, (), "sum", 0, "tokens of forwards left out (cross_budget)")]
+    + [f for v in ("keep", "all") for f in (
+        Field(f"{v}_cos_n", F64, (), "sum", 0.0, "tokens finite with a non-zero norm at every site"),
+        Field(f"{v}_cos", F64, ("S", "S"), "sum", 0.0, "sum over tokens of cos(h_i, h_j)"),
+    )]
+    + [Field("keep_cos_hist", I64, ("S", "C"), "sum", 0,
+             "kept tokens per float-bit bucket of 1 - cos(h_l, h_l+1), row l (C = 2**12; last row 0)")]
+))
+
+TOPK = State("topk", (
+    Field("value", F32, ("k",), "topk", float("nan"), "activation units, largest |value| first (NaN: empty slot)"),
+    Field("row", I64, ("k",), "topk", -1, "sequence index on the capturing rank"),
+    Field("position", I64, ("k",), "topk", -1, "absolute token position"),
+    Field("channel", I64, ("k",), "topk", -1, "channel index"),
+    Field("token", I64, ("k",), "topk", -1, "token id (-1 unknown)"),
+))
+
+NORM = State("norm", (
+    Field("n", F64, (), "moments", 0.0, "kept tokens with a finite norm"),
+    Field("mean", F64, (), "moments", 0.0, "L2 norm, activation units"),
+    Field("m2", F64, (), "moments", 0.0, "sum of (norm - mean)^2, units^2"),
+    Field("m3", F64, (), "moments", 0.0, "sum of (norm - mean)^3, units^3"),
+    Field("m4", F64, (), "moments", 0.0, "sum of (norm - mean)^4, units^4"),
+    Field("min", F32, (), "min", _INF, "smallest norm (+inf where empty)"),
+    Field("max", F32, (), "max", -_INF, "largest norm (-inf where empty)"),
+    Field("nonfinite", I64, (), "sum", 0, "kept tokens whose norm is not finite"),
+    Field("counts", I64, ("H",), "sum", 0, "norms per float-bit bucket (the positive half, H = 2**(8+m))"),
+    Field("pos_n", F64, ("P",), "moments", 0.0, "real tokens with a finite norm at each position", "pos"),
+    Field("pos_mean", F64, ("P",), "moments", 0.0, "mean L2 norm at each position", "pos"),
+    Field("pos_m2", F64, ("P",), "moments", 0.0, "sum of (norm - mean)^2 at each position", "pos"),
+    Field("unit_n", F64, (), "sum", 0.0, "kept tokens with a finite, non-zero norm"),
+    Field("unit_sum", F64, ("D",), "sum", 0.0, "sum of the unit vectors h / ||h||"),
 ))
 
 #: declared state of every statistic, by name
-SPECS: dict[str, State] = {s.name: s for s in (MOMENTS, POSITION, HISTOGRAM, SAMPLE, CROSS)}
+SPECS: dict[str, State] = {s.name: s for s in (MOMENTS, POSITION, HISTOGRAM, SAMPLE, CROSS, TOPK, NORM)}
 
 
 def dims_of(kind: str, state: dict[str, Any]) -> dict[str, int]:
@@ -254,6 +284,46 @@ def _bottomk(fields: list[Field], states: list[dict], order: np.ndarray | None =
     return out
 
 
+def topk_order(value: np.ndarray, row: np.ndarray, position: np.ndarray, channel: np.ndarray) -> np.ndarray:
+    """Indices of the entries in top-k order: largest ``|value|`` first, ties to the earliest
+    ``(row, position, channel)``, empty slots (NaN value) last."""
+    value = np.asarray(value, np.float64)
+    empty = np.isnan(value)
+    mag = np.where(empty, 0.0, np.abs(value))
+    return np.lexsort((channel, position, row, -mag, empty))
+
+
+def _topk(fields: list[Field], states: list[dict]) -> dict:
+    cols = {f.name: np.concatenate([np.asarray(s[f.name]) for s in states]) for f in fields}
+    k = np.shape(states[0]["value"])[0]
+    order = topk_order(cols["value"], cols["row"], cols["position"], cols["channel"])[:k]
+    empty = np.isnan(cols["value"][order])
+    out = {}
+    for f in fields:
+        v = cols[f.name][order].astype(f.dtype)
+        v[empty] = f.fill
+        out[f.name] = v
+    return out
+
+
+def _complete(spec: State, state: dict) -> dict:
+    """``state`` with the fields it lacks (declared after the file was written, e.g. the cross
+    cosines in a schema-1 file) as their identity, sized from the fields it has."""
+    missing = [f for f in spec.fields if f.name not in state]
+    if not missing:
+        return state
+    dims: dict[str, int] = {}
+    for f in spec.fields:
+        if f.name in state:
+            for d, size in zip(f.shape, np.shape(state[f.name])):
+                dims.setdefault(d, int(size))
+    out = dict(state)
+    for f in missing:
+        shape = tuple(int(d) if d.isdigit() else dims.get(d, 0) for d in f.shape)
+        out[f.name] = np.full(shape, f.fill, dtype=f.dtype)
+    return out
+
+
 def merge_states(kind: str, states: list[dict[str, Any]], sample_order: np.ndarray | None = None) -> dict:
     """Exact merge of several states of statistic ``kind`` (numpy; empty dicts are skipped).
 
@@ -274,6 +344,7 @@ def merge_states(kind: str, states: list[dict[str, Any]], sample_order: np.ndarr
     if not states:
         return {}
     spec = SPECS[kind]
+    states = [_complete(spec, s) for s in states]
     first = states[0]
     for s in states[1:]:
         for f in spec.fields:
@@ -308,6 +379,8 @@ def merge_states(kind: str, states: list[dict[str, Any]], sample_order: np.ndarr
             out.update(zip(names, _argmax(cols[0], cols[1])))
         elif reduce == "bottomk":
             out.update(_bottomk(fields, states, sample_order))
+        elif reduce == "topk":
+            out.update(_topk(fields, states))
         else:  # pragma: no cover - declarations use the names above
             raise ValueError(reduce)
     return {f.name: np.asarray(out[f.name], dtype=f.dtype) for f in spec.fields}

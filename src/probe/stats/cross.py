@@ -15,8 +15,16 @@ token). ``all`` is ``keep`` merged with the excluded head, so the big Gram is co
 If holding one forward's sites would pass ``budget`` bytes, that forward is left out of these
 statistics (only these), ``skipped_tokens`` counts its tokens and a warning says how to fix it.
 
+The same blocks give the per-token cosine similarity between sites: the Gram matrix of the
+tokens' unit vectors ``h / ||h||`` sums ``cos(h_i[t], h_j[t])`` over tokens (one more ``[S, t·D]``
+product per block), and ``1 - cos`` between consecutive sites is counted over float-bit buckets.
+A token enters these only when it has a non-zero norm at every site.
+
 State: for each view ``v`` in (``keep``, ``all``): ``v_n`` float64 scalar, ``v_mean`` ``[S]``,
-``v_c`` ``[S, S]`` (co-moment sums); ``skipped_tokens`` int64 scalar.
+``v_c`` ``[S, S]`` (co-moment sums), ``v_cos_n`` float64 scalar and ``v_cos`` ``[S, S]`` (sums
+of cosines); ``keep_cos_hist`` int64 ``[S, 2**(8 + COS_BITS)]`` (row ``l``: sites ``l, l + 1``;
+the last row stays 0); ``skipped_tokens`` int64
+scalar.
 """
 
 from __future__ import annotations
@@ -42,6 +50,34 @@ def _comoments(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return n, mean, xc @ xc.T
 
 
+#: mantissa bits of the float-bit buckets of ``1 - cos`` between consecutive sites
+COS_BITS = 4
+
+
+def _cosines(x: Tensor, w: Tensor, hist: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(n, Σ_t cos(x_i[t], x_j[t]) [S, S])`` over the tokens of float64 ``x[S, t, D]`` where
+    ``w[t]`` is 1 and every site's vector is non-zero: the Gram matrix of the flattened unit
+    vectors, since ``Σ_t Σ_d u_i[t, d] u_j[t, d] = Σ_t cos(x_i[t], x_j[t])``. With ``hist``
+    (int64 ``[S, 2**(8 + COS_BITS) + 1]``), each counted token's ``1 - cos`` between sites ``l``
+    and ``l + 1`` is added to its float-bit bucket in row ``l`` (in place; the last column is a
+    spare)."""
+    s, t, d = x.shape
+    norm = torch.linalg.vector_norm(x, dim=-1)  # [S, t]
+    good = w * (norm > 0).all(0).to(w.dtype)
+    # 1 / norm where the token counts, 0 elsewhere: one scaled copy of the block
+    scale = good / torch.where(good > 0, norm, 1.0)
+    u = torch.mul(x, scale.unsqueeze(-1))
+    if hist is not None and s > 1 and t > 0:
+        dist = (1.0 - (u[:-1] * u[1:]).sum(-1)).clamp(min=0.0).float()  # [S - 1, t], in [0, 2]
+        size = hist.shape[1] - 1
+        index = torch.where(good > 0, dist.view(torch.int32) >> (23 - COS_BITS), size).long()
+        index = index + (torch.arange(s - 1, device=x.device) * (size + 1)).unsqueeze(-1)
+        one = torch.ones((), dtype=torch.int64, device=x.device).expand(index.numel())
+        hist.view(-1).index_add_(0, index.view(-1), one)
+    u = u.view(s, -1)
+    return good.sum(), u @ u.T
+
+
 def _merge(a: tuple, b: tuple) -> tuple:
     na, ma, ca = a
     nb, mb, cb = b
@@ -52,14 +88,20 @@ def _merge(a: tuple, b: tuple) -> tuple:
     return n, mean, c
 
 
+def _add(a: tuple, b: tuple) -> tuple:
+    return a[0] + b[0], a[1] + b[1]
+
+
 class Cross(StatBase):
     """Layer × layer co-moments of ``S`` sites over matching (token, channel) elements.
 
     Fields (declared in :data:`probe.stats._state.CROSS`; reduction in brackets), for each view
     ``v`` in (``keep``, ``all``): ``v_n`` f64 observations, ``v_mean`` f64 ``[S]`` (activation
     units), ``v_c`` f64 ``[S, S]`` co-moment sums Σ(x_i − mean_i)(x_j − mean_j) (units²)
-    [``comoments``, one group per view]; ``skipped_tokens`` i64: tokens of forwards left out
-    [``sum``].
+    [``comoments``, one group per view]; ``v_cos_n`` f64 tokens and ``v_cos`` f64 ``[S, S]``
+    Σ_t cos(h_i[t], h_j[t]) [``sum``]; ``keep_cos_hist`` i64 ``[S, 2**(8 + COS_BITS)]``: kept
+    tokens per float-bit bucket of ``1 - cos(h_l, h_l+1)`` in row ``l`` (the last row stays 0) [``sum``]; ``skipped_tokens`` i64:
+    tokens of forwards left out [``sum``].
     """
 
     name = "cross"
@@ -67,8 +109,12 @@ class Cross(StatBase):
     spec = SPECS["cross"]
     _fields = spec.names
 
-    def __init__(self, sites: list[str], budget: int = 2 << 30, block_bytes: int | None = None) -> None:
+    def __init__(self, sites: list[str], budget: int = 2 << 30, block_bytes: int | None = None,
+                 cosines: bool = True) -> None:
         super().__init__()
+        #: also accumulate the per-token cosines (``capture(stats=(..., "cross", "cos"))``); off,
+        #: their fields stay empty (about doubles this statistic's cost)
+        self.cosines = cosines
         self.candidates = list(sites)
         #: indices (into ``candidates``) of the sites in the matrices: those as wide as the first
         #: site that fires; fixed by the first forward
@@ -96,6 +142,11 @@ class Cross(StatBase):
             self._state[f"{v}_mean"] = torch.zeros(s, **f64)
             self._state[f"{v}_c"] = torch.zeros(s, s, **f64)
         self._state["skipped_tokens"] = torch.zeros((), dtype=torch.int64, device=device)
+        for v in ("keep", "all"):
+            self._state[f"{v}_cos_n"] = torch.zeros((), **f64)
+            self._state[f"{v}_cos"] = torch.zeros(s, s, **f64)
+        # row l: the pair (l, l + 1); S rows (the last stays 0) so that one site gives no empty dim
+        self._state["keep_cos_hist"] = torch.zeros(s, 2 ** (8 + COS_BITS) + 1, dtype=torch.int64, device=device)
 
     def hold(self, index: int, x: Tensor, tokens: Tokens) -> None:
         """Keep a reference to site ``index``'s ``[n, D]`` tensor until :meth:`finish`."""
@@ -113,6 +164,18 @@ class Cross(StatBase):
             return
         self._held[index] = (x, x._version)
         self._held_bytes += size
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out = super().state_dict()
+        if out:
+            out["keep_cos_hist"] = out["keep_cos_hist"][:, :-1].clone()  # without the spare bucket
+        return out
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        super().load_state_dict(state)
+        if self._state is not None:
+            h = self.s["keep_cos_hist"].long()
+            self.s["keep_cos_hist"] = torch.cat((h, h.new_zeros(h.shape[0], 1)), 1)
 
     def update(self, x: Tensor, tokens: Tokens) -> None:  # pragma: no cover - protocol only
         raise TypeError("Cross is fed through hold()/finish(), not update()")
@@ -159,14 +222,20 @@ class Cross(StatBase):
         bound = tokens.head_bound
         keep_acc = head_acc = None
         f64 = torch.float64
+        cos = {"keep": (0.0, 0.0), "head": (0.0, 0.0)}
         for a in range(0, n_tok, block):
             b = min(n_tok, a + block)
             x, ok = self._stack(xs, slice(a, b), device)
             part = _comoments(x, tokens.keep[a:b].to(f64) * ok)
             keep_acc = part if keep_acc is None else _merge(keep_acc, part)
+            if self.cosines:
+                cos["keep"] = _add(cos["keep"], _cosines(x, tokens.keep[a:b].to(f64) * ok, s["keep_cos_hist"]))
             if bound < 0:  # head tokens anywhere: a masked pass over the block
-                part = _comoments(x, (tokens.valid[a:b] & ~tokens.keep[a:b]).to(f64) * ok)
+                head_w = (tokens.valid[a:b] & ~tokens.keep[a:b]).to(f64) * ok
+                part = _comoments(x, head_w)
                 head_acc = part if head_acc is None else _merge(head_acc, part)
+                if self.cosines:
+                    cos["head"] = _add(cos["head"], _cosines(x, head_w))
         if bound >= 0:  # at most `bound` head tokens: gather them (topk, no host sync) and fold them alone
             head = tokens.valid & ~tokens.keep
             bound = min(bound, n_tok)
@@ -174,10 +243,16 @@ class Cross(StatBase):
             _, index = torch.topk(torch.where(head, order, order + n_tok), bound, largest=False)
             x, ok = self._stack(xs, index, device)
             head_acc = _comoments(x, head[index].to(f64) * ok)
+            if self.cosines:
+                cos["head"] = _cosines(x, head[index].to(f64) * ok)
         all_acc = _merge(keep_acc, head_acc)
         for v, acc in (("keep", keep_acc), ("all", all_acc)):
             n, mean, c = _merge((s[f"{v}_n"], s[f"{v}_mean"], s[f"{v}_c"]), acc)
             s[f"{v}_n"], s[f"{v}_mean"], s[f"{v}_c"] = n, mean, c
+        cos["all"] = _add(cos["keep"], cos["head"])
+        for v in ("keep", "all"):
+            s[f"{v}_cos_n"] = s[f"{v}_cos_n"] + cos[v][0]
+            s[f"{v}_cos"] = s[f"{v}_cos"] + cos[v][1]
 
     @staticmethod
     def _stack(xs: list[Tensor], rows, device) -> tuple[Tensor, Tensor]:

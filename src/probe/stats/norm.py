@@ -1,0 +1,145 @@
+"""Per-token L2 norms ``||h||`` of a site: their distribution, per position, and token anisotropy.
+
+- **Norm distribution** over the kept tokens (``skip_first`` applies, as for the site's own
+  moments): moments (``n``, mean, central sums to order 4, Pébay), min, max, and a float-bit
+  histogram of the float32 norms (the buckets of :mod:`probe.stats.histogram`, positive half
+  only: norms are >= 0), so quantiles carry the same ``2**-m / (2 + 2**-m)`` relative-error bound.
+  The norm-scaling factor ``sqrt(D) / E||h||`` that sparse-autoencoder training divides
+  activations by (Bricken et al. 2023; Gao et al. 2024) is derived from the mean.
+- **Per position**: mean and variance of the norm at each absolute position over every real token
+  (``skip_first`` does not apply, so the first-token norm stays visible), like
+  :mod:`probe.stats.position`.
+- **Anisotropy** (Ethayarajh 2019): the mean cosine similarity between two distinct kept tokens,
+  ``(||Σ u||² - n) / (n (n - 1))`` with ``u = h / ||h||`` over the ``n`` tokens with a finite,
+  non-zero norm, since ``||Σ u||² = n + Σ_{i≠j} cos(h_i, h_j)``. The state is ``Σ u`` and ``n``:
+  sums, so windows, files and ranks merge exactly.
+
+A token with any non-finite value has no norm: it is counted in ``nonfinite`` (kept tokens) and
+enters none of these numbers. The norms are float32 (``torch.linalg.vector_norm``, ~1e-7 relative
+error); everything accumulated from them is float64. ``Σ u`` is one float32 matrix-vector
+product per chunk, accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._base import SPECS, StatBase, Tokens, finite, merge_moments
+
+__all__ = ["Norm"]
+
+
+class Norm(StatBase):
+    """Per-token L2 norm statistics of one site (``D`` channels, ``P`` positions, ``H = 2**(8+m)``
+    norm buckets).
+
+    Fields (declared in :data:`probe.stats._state.NORM`; reduction in brackets): ``n, mean, m2,
+    m3, m4`` f64 scalars: moments of the norms of kept tokens (units^p) [``moments``]; ``min``,
+    ``max`` f32 [``min``, ``max``]; ``nonfinite`` i64: kept tokens without a finite norm
+    [``sum``]; ``counts`` i64 ``[H]``: norms per float-bit bucket [``sum``]; ``pos_n, pos_mean,
+    pos_m2`` f64 ``[P]``: norm moments per position over real tokens [``moments``]; ``unit_n`` f64
+    and ``unit_sum`` f64 ``[D]``: count and sum of the unit vectors ``h / ||h||`` [``sum``].
+    """
+
+    name = "norm"
+    chunked = True
+    spec = SPECS["norm"]
+    _fields = spec.names
+
+    def __init__(self, mantissa_bits: int = 7, max_positions: int = 4096) -> None:
+        super().__init__()
+        self.m = mantissa_bits
+        self.max_positions = max_positions
+
+    def _init(self, d: int, device: torch.device) -> None:
+        f64 = dict(dtype=torch.float64, device=device)
+        p = self.max_positions
+        self._state = {
+            **{f: torch.zeros((), **f64) for f in ("n", "mean", "m2", "m3", "m4")},
+            "min": torch.full((), float("inf"), dtype=torch.float32, device=device),
+            "max": torch.full((), float("-inf"), dtype=torch.float32, device=device),
+            "nonfinite": torch.zeros((), dtype=torch.int64, device=device),
+            # one spare bucket at the end swallows excluded tokens
+            "counts": torch.zeros(2 ** (8 + self.m) + 1, dtype=torch.int64, device=device),
+            **{f: torch.zeros(p, **f64) for f in ("pos_n", "pos_mean", "pos_m2")},
+            "unit_n": torch.zeros((), **f64),
+            "unit_sum": torch.zeros(d, **f64),
+        }
+
+    def _init_like(self, x: Tensor) -> None:
+        self._init(x.shape[-1], x.device)
+
+    def update(self, x: Tensor, tokens: Tokens) -> None:
+        Norm.update_group([self], x.unsqueeze(0), tokens)
+
+    @classmethod
+    def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
+        """Fold ``x[G, n, D]`` (float32) into ``G`` norm states at once (no host sync)."""
+        if not cls._ready(stats, x):
+            return
+        g, n, d = x.shape
+        f64 = torch.float64
+        s = {f: torch.stack([st.s[f] for st in stats]) for f in cls._fields}
+        norm = torch.linalg.vector_norm(x, dim=-1)  # [G, n]; NaN or inf where any value is not finite
+        fin = torch.isfinite(norm)
+        zero = torch.zeros((), dtype=norm.dtype, device=x.device)
+        norm0 = torch.where(fin, norm, zero)
+        kept = fin & tokens.keep
+        w = kept.to(f64)
+        v = norm0.to(f64)
+        # moments of the kept norms: a two-pass chunk in float64 (n values per site, not n * D)
+        cn = w.sum(-1)
+        mean = (v * w).sum(-1) / cn.clamp(min=1)
+        dev = (v - mean.unsqueeze(-1)) * w
+        d2 = dev * dev
+        chunk = (cn, mean, d2.sum(-1), (d2 * dev).sum(-1), (d2 * d2).sum(-1))
+        n1, mean1, m21, m31, m41 = merge_moments(tuple(s[f] for f in ("n", "mean", "m2", "m3", "m4")), chunk)
+        lo = torch.where(kept, norm0, float("inf")).amin(-1)
+        hi = torch.where(kept, norm0, float("-inf")).amax(-1)
+        nonfinite = s["nonfinite"] + (~fin & tokens.keep).sum(-1)
+        # float-bit buckets of the (non-negative) float32 norms; excluded tokens to the spare bucket
+        size = 2 ** (8 + stats[0].m)
+        bits = norm0.contiguous().view(torch.int32)
+        index = torch.where(kept, bits >> (23 - stats[0].m), size).to(torch.int64)
+        index = index + (torch.arange(g, device=x.device) * (size + 1)).unsqueeze(-1)
+        one = torch.ones((), dtype=torch.int64, device=x.device).expand(index.numel())
+        counts = s["counts"].reshape(-1).index_add(0, index.reshape(-1), one).view(g, size + 1)
+        # per position, over every real token with a finite norm
+        p = s["pos_n"].shape[-1]
+        inside = fin & tokens.valid & (tokens.position >= 0) & (tokens.position < p)
+        where = torch.where(inside, tokens.position, 0).expand(g, n)
+        wi = inside.to(f64)
+        zeros = torch.zeros(g, p, dtype=f64, device=x.device)
+        pn = zeros.scatter_add(1, where, wi)
+        pmean = zeros.scatter_add(1, where, v * wi) / pn.clamp(min=1)
+        pdev = (v - pmean.gather(1, where)) * wi
+        pm2 = zeros.scatter_add(1, where, pdev * pdev)
+        pos = merge_moments((s["pos_n"], s["pos_mean"], s["pos_m2"]), (pn, pmean, pm2))
+        # the sum of unit vectors h / ||h|| over kept tokens with a non-zero norm
+        unit = kept & (norm0 > 0)
+        coef = torch.where(unit, 1.0 / torch.where(unit, norm0, 1.0), zero)  # [G, n]
+        usum = torch.bmm(coef.unsqueeze(1), finite(x, tokens).xs).squeeze(1)
+        new = {"n": n1, "mean": mean1, "m2": m21, "m3": m31, "m4": m41,
+               "min": torch.minimum(s["min"], lo), "max": torch.maximum(s["max"], hi),
+               "nonfinite": nonfinite, "counts": counts,
+               "pos_n": pos[0], "pos_mean": pos[1], "pos_m2": pos[2],
+               "unit_n": s["unit_n"] + unit.to(f64).sum(-1), "unit_sum": s["unit_sum"] + usum.to(f64)}
+        for i, st in enumerate(stats):
+            st._state = {f: new[f][i] for f in cls._fields}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        if self._state is None:
+            return {}
+        out = dict(self._state)
+        out["counts"] = out["counts"][:-1].clone()
+        return out
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        super().load_state_dict(state)
+        if self._state is not None:
+            counts = self.s["counts"].long()
+            self.m = int(np.log2(counts.numel())) - 8
+            self.max_positions = int(self.s["pos_n"].shape[0])
+            self.s["counts"] = torch.cat((counts, counts.new_zeros(1)))

@@ -1,0 +1,115 @@
+"""The ``k`` largest magnitudes of a site, each with its value and location: exact and mergeable.
+
+Massive activations (Sun et al. 2024, "Massive Activations in Large Language Models") are a
+handful of values, often at the first token and a few fixed channels, thousands of times larger
+than the median. Finding them needs the largest ``|x|`` *with where they sit*; this keeps the
+``k`` largest finite ``|x|`` over every real token (padding never enters; ``skip_first`` does
+not apply, since the first positions are where these values live) with their (row, position,
+channel, token id).
+
+Per chunk ``x[n, D]`` the update needs no host sync and no activation-sized temporary beyond the
+magnitudes the other statistics share (:class:`~probe.stats._base.Finite`):
+
+1. the ``min(k, n)`` tokens whose largest ``|x|`` rank first (one ``topk`` over ``n`` int64 keys):
+   every element of the chunk's top ``k`` lies in one of them, since a token outside them has
+   ``k`` tokens whose largest element beats all of its own;
+2. the top ``k`` of those tokens' ``k × D`` elements (one ``topk`` over int64 keys);
+3. merged with the state (one ``topk`` over ``2k`` keys).
+
+Keys are the float32 bits of ``|x|`` (monotone for non-negative floats) above the complement of
+the element's index, so ties go to the earlier element in stream order, which is (row, position,
+channel) order: the same rule the merge of windows, files and ranks applies
+(:func:`probe.stats._state.topk_order`), so the result is exactly the top ``k`` of the whole stream.
+
+State, ``k`` slots: ``value`` float32 (signed; NaN = empty), ``row, position, channel, token``
+int64 (-1 = empty), largest ``|value|`` first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._base import SPECS, StatBase, Tokens, finite
+
+__all__ = ["TopK", "K"]
+
+#: slots kept per site by default
+K = 64
+_LOW = (1 << 32) - 1
+
+
+def _keys(mag: Tensor, ok: Tensor) -> Tensor:
+    """int64 ``(bits(|x|) << 32) | (2**32 - 1 - index)`` along the last dim (``-1`` where not
+    ``ok``): the larger magnitude first, then the smaller index. ``mag`` is float32 and >= 0."""
+    index = torch.arange(mag.shape[-1], device=mag.device, dtype=torch.int64)
+    key = (mag.contiguous().view(torch.int32).to(torch.int64) << 32) | (_LOW - index)
+    return torch.where(ok, key, -1)
+
+
+class TopK(StatBase):
+    """The ``k`` largest finite ``|x|`` over the real tokens of one site.
+
+    Fields (declared in :data:`probe.stats._state.TOPK`; all merge as one [``topk``]: largest
+    ``|value|`` first, ties to the earliest (row, position, channel)): ``value`` f32 ``[k]``
+    (activation units, signed; NaN where empty); ``row``, ``position``, ``channel``, ``token``
+    i64 ``[k]`` (sequence index on its rank, absolute position, channel, token id; -1 where
+    empty).
+    """
+
+    name = "topk"
+    chunked = True
+    spec = SPECS["topk"]
+    _fields = spec.names
+
+    def __init__(self, k: int = K) -> None:
+        super().__init__()
+        self.k = k
+
+    def _init(self, device: torch.device) -> None:
+        k = self.k
+        self._state = {"value": torch.full((k,), float("nan"), dtype=torch.float32, device=device),
+                       **{f: torch.full((k,), -1, dtype=torch.int64, device=device) for f in self._fields[1:]}}
+
+    def _init_like(self, x: Tensor) -> None:
+        self._init(x.device)
+
+    def update(self, x: Tensor, tokens: Tokens) -> None:
+        TopK.update_group([self], x.unsqueeze(0), tokens)
+
+    @classmethod
+    def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
+        """Fold ``x[G, n, D]`` (float32) into ``G`` top-k states at once."""
+        if not cls._ready(stats, x):
+            return
+        g, n, d = x.shape
+        k = stats[0].k
+        rowmax = finite(x, tokens).rowmax  # per-token largest |x| (non-finite values as 0), shared
+        valid = tokens.valid
+        # 1. the tokens that can hold the chunk's top k
+        kt = min(k, n)
+        _, tok = torch.topk(_keys(rowmax, valid.expand(g, n)), kt, dim=-1)  # [G, kt]
+        tok, _ = torch.sort(tok, dim=-1)  # index order = stream order, so element keys keep it
+        cx = x.gather(1, tok.unsqueeze(-1).expand(g, kt, d)).reshape(g, kt * d)
+        ok = torch.isfinite(cx) & valid[tok].unsqueeze(-1).expand(g, kt, d).reshape(g, kt * d)
+        # 2. the top k of their elements (ties: earlier token, then earlier channel)
+        ke = min(k, kt * d)
+        ckey, flat = torch.topk(_keys(torch.nan_to_num(cx, nan=0.0, posinf=0.0, neginf=0.0).abs(), ok), ke, dim=-1)
+        t = tok.gather(1, flat // d)
+        channel = flat % d
+        value = cx.gather(1, flat)
+        empty = ckey < 0
+        new = {"value": torch.where(empty, float("nan"), value),
+               "row": torch.where(empty, -1, tokens.row[t]),
+               "position": torch.where(empty, -1, tokens.position[t]),
+               "channel": torch.where(empty, -1, channel),
+               "token": torch.where(empty, -1, tokens.token[t])}
+        # 3. merge with the state: state entries come earlier in the stream, so they go first
+        old = {f: torch.stack([st.s[f] for st in stats]) for f in cls._fields}
+        both = {f: torch.cat((old[f], new[f]), dim=1) for f in cls._fields}
+        v = both["value"]
+        filled = ~torch.isnan(v)
+        bmag = torch.where(filled, v.abs(), 0.0)
+        _, pick = torch.topk(_keys(bmag, filled), k, dim=-1)
+        for i, st in enumerate(stats):
+            st._state = {f: both[f][i].index_select(0, pick[i]) for f in cls._fields}
