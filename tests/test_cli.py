@@ -221,8 +221,11 @@ def test_table_caption_describes_only_the_columns_shown(tiny_dir, width):
     console = Console(width=width, record=True, color_system=None)
     print_summary(probe.load("r.h5"), console=console)
     text = console.export_text()
-    header = next(line for line in text.splitlines() if "layer" in line and "tokens" in line)
-    rows = [line for line in text.splitlines() if line.startswith("│") and "tokens" not in line]
+    lines = text.splitlines()
+    top = next(i for i, line in enumerate(lines) if "layer" in line and "tokens" in line)
+    header = lines[top]
+    end = next(i for i in range(top, len(lines)) if lines[i].startswith("└"))  # the per-layer table only
+    rows = [line for line in lines[top + 1:end] if line.startswith("│")]
     wide = width >= 120
     assert ("min" in header.split()) == wide or ("│ min" in header) == wide
     caption = " ".join(line.strip() for line in text.splitlines() if "at:" in line or "120+" in line)
