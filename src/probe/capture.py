@@ -23,7 +23,6 @@ import os
 import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +30,9 @@ from torch import Tensor, nn
 
 from . import stats as _stats
 from .errors import ProbeError, SiteError
-from .sites import Site, SiteSpec, resolve
+from .hooks import Handle, HookSet, site_tensor, token_source
+from .sites import Site, SiteSpec, discovering, resolve
+from .tokens import TokenContext, read_call
 
 __all__ = ["capture", "Capture", "Handle"]
 
@@ -42,19 +43,6 @@ CHUNK_ELEMENTS_ACCELERATOR = 1 << 26
 #: elements of activations that consecutive sites gather (as a float32 copy) before their
 #: statistics run as one batch, on accelerators (see ``Capture._group_limit``)
 GROUP_ELEMENTS_ACCELERATOR = 1 << 26
-
-
-@dataclass(frozen=True)
-class Handle:
-    """One registered hook: which site it serves, where it hangs, and the torch handle."""
-
-    site: str
-    module: str
-    kind: str
-    handle: Any
-
-    def remove(self) -> None:
-        self.handle.remove()
 
 
 def capture(
@@ -143,18 +131,20 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def _extends_cache(call: dict[str, Any]) -> bool:
-    """True when this forward appends to a non-empty KV cache (read from shapes: no host sync)."""
-    cache = call.get("past_key_values")
-    if cache is None:
-        cache = call.get("cache")
-    length = getattr(cache, "get_seq_length", None)
-    if callable(length):
+def _version(x: Tensor) -> int:
+    # inference tensors (torch.inference_mode) carry no version counter and cannot change later
+    return -1 if x.is_inference() else x._version
+
+
+def _describe(x: Any) -> str:
+    """``shape (..), dtype ..`` of whatever a hook received, without failing on odd tensors."""
+    if isinstance(x, Tensor):
         try:
-            return int(length()) > 0
-        except (TypeError, ValueError, IndexError, AttributeError):
-            return False
-    return False
+            shape = tuple(x.shape)
+        except RuntimeError:
+            shape = "nested"
+        return f"shape {shape}, dtype {str(x.dtype).replace('torch.', '')}"
+    return f"shape {type(x).__name__}, dtype -"
 
 
 def _dist_info(distributed: bool | None) -> tuple[int, int]:
@@ -211,8 +201,8 @@ class Capture:
         self.compile = compile
         self.model = model
         self._defs: list[Site] = resolve(model, sites)
-        modules = dict(model.named_modules())
-        self._modules = [modules[s.module] for s in self._defs]
+        self._hooks = HookSet(model, self._defs)
+        self._sources = [token_source(s) for s in self._defs]
         self._names = {"prefill": [s.name for s in self._defs],
                        "decode": [f"{s.name}@decode" for s in self._defs] if self.phases else []}
         self.out = None if out is None else os.fspath(out)
@@ -225,7 +215,6 @@ class Capture:
             self._signature = inspect.signature(model.forward)
         except (TypeError, ValueError):  # pragma: no cover - builtins without signature
             self._signature = None
-        self._handles: list[Handle] = []
         self._writer = None
         self._rows: list = []
         self._committed = 0
@@ -234,9 +223,16 @@ class Capture:
         self._active = False
         self._forward = 0
         self._rows_seen = 0
-        self._call: dict[str, Any] | None = None
+        self._call: dict[str, Any] | None = None  # the model's token inputs while a forward runs
         self._phase = "prefill"
-        self._tokens: dict = {}
+        self._context: TokenContext | None = None
+        self._owner: str | None = None  # who ends the forward: "" the model, a stack's path, None nobody
+        self._pending: list = []  # this forward's site tensors, folded in when it ends (all or nothing)
+        self._pending_bytes = 0
+        self._dropped = 0
+        self._copy: set[int] = set()  # sites whose tensor the model modifies in place: copied at the hook
+        self._fired: set[int] = set()
+        self._real: dict[int, Tensor] = {}  # real tokens seen per site (device counters, read at exit)
         self._disabled: dict[str, str] = {}
         self._dtypes: dict[str, str] = {}
         self._group: dict[str, Any] | None = None
@@ -305,7 +301,7 @@ class Capture:
         state = "attached" if self._active else "detached"
         lines = [f"Capture({type(self.model).__name__}, {len(self._defs)} sites, {state}, "
                  f"stats={list(self.stats)}, out={self.out!r})"]
-        lines += [f"  {h.site:<24} {h.kind:<12} {h.module or '<root>'}" for h in self._handles]
+        lines += [f"  {h.site:<24} {h.kind:<12} {h.module or '<root>'}" for h in self._hooks.handles]
         return "\n".join(lines)
 
     def __enter__(self) -> Capture:
@@ -328,23 +324,13 @@ class Capture:
         return self
 
     def _register(self) -> None:
-        root = self.model
-        h = root.register_forward_pre_hook(self._begin, with_kwargs=True, prepend=True)
-        self._handles.append(Handle("<forward>", "", "pre-root", h))
-        for i, (site, module) in enumerate(zip(self._defs, self._modules)):
-            if site.read == "input":
-                h = module.register_forward_pre_hook(self._make_pre(i), with_kwargs=True)
-                kind = "pre"
-            else:
-                h = module.register_forward_hook(self._make_post(i))
-                kind = "post"
-            self._handles.append(Handle(site.name, site.module, kind, h))
-        h = root.register_forward_hook(self._end)
-        self._handles.append(Handle("<forward>", "", "post-root", h))
+        self._hooks.attach(self._begin, self._end, self._enter, self._leave, self._observe)
 
     def _remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+        attached = bool(self._hooks.handles)
+        self._hooks.remove()
+        if attached:
+            self._report_silent()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
@@ -386,143 +372,192 @@ class Capture:
                           stacklevel=3)
         return True
 
-    @_eager
-    def _begin(self, module, args, kwargs) -> None:
-        if _in_backward() or self._foreign_thread():
-            return
+    def _skip(self) -> bool:
+        # a gradient-checkpointing recompute (in backward) re-runs tokens that were counted already;
+        # probe's own discovery forward (another capture being set up) is not the user's data
+        return _in_backward() or discovering() or self._foreign_thread()
+
+    def _bind(self, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+        call: dict[str, Any] = dict(kwargs)
+        if args:
+            try:
+                signature = self._signature if module is self.model else inspect.signature(module.forward)
+                if signature is not None:
+                    call.update(signature.bind_partial(*args, **kwargs).arguments)
+            except (TypeError, ValueError):
+                pass
+        return call
+
+    def _start(self, owner: str | None) -> None:
+        """A forward begins: drop what an unfinished one left, open a token context."""
         self._flush_group()
         self._finish_cross()
+        if self._pending:
+            self._drop_pending()
         self._forward += 1
-        call: dict[str, Any] = dict(kwargs)
-        if args and self._signature is not None:
-            try:
-                call.update(self._signature.bind_partial(*args, **kwargs).arguments)
-            except TypeError:
-                pass
+        self._owner = owner
+        self._phase = "prefill"
+        seed = hash((self.seed, self.rank, self._forward)) & ((1 << 62) - 1)
+        self._context = TokenContext(self._forward, self._rows_seen, self.skip_first, seed)
+        self._hooks.active.clear()
+
+    def _drop_pending(self) -> None:
+        self._pending, self._pending_bytes = [], 0
+        self._dropped += 1
+        if self._dropped == 1:
+            warnings.warn("probe: a forward stopped before it finished (it raised); none of its tokens enter "
+                          "any statistic (each forward counts whole or not at all)", stacklevel=4)
+
+    @_eager
+    def _begin(self, module, args, kwargs) -> None:
+        if self._skip():
+            return
+        self._start("")
+        call = self._bind(module, args, kwargs)
+        inputs = read_call(call)
+        self._context.calls[""] = inputs
+        if "decoder_" in self._sources:
+            self._context.calls["decoder_"] = read_call(call, "decoder_")
         self._call = {k: call.get(k) for k in ("attention_mask", "position_ids", "cache_position",
                                               "input_ids", "inputs_embeds")}
-        self._phase = "decode" if self.phases and _extends_cache(call) else "prefill"
-        self._tokens = {}
+        self._phase = "decode" if self.phases and inputs.past else "prefill"
+        self._hooks.reset("")
+        self._hooks.active.append("")
 
     @_eager
     def _end(self, module, args, output) -> None:
-        if _in_backward() or self._foreign_thread():
+        if self._skip() or self._owner != "":
             return
-        self._flush_group()
-        self._finish_cross()
-        self._rows_seen += self._batch_rows()
-        self._call = None
+        self._finish()
+
+    def _enter(self, name: str, module, args, kwargs) -> None:
+        """A stack (encoder, decoder) begins: its own mask describes its tensors."""
+        if self._skip():
+            return
+        if self._context is None or self._owner is None:  # the stack called on its own: a forward
+            self._start(name)
+        call = self._bind(module, args, kwargs)
+        self._context.calls[name] = read_call(call)
+        self._hooks.reset(name)
+        self._hooks.active.append(name)
+
+    def _leave(self, name: str) -> None:
+        if self._skip():
+            return
+        if name in self._hooks.active:
+            self._hooks.active.remove(name)
+        if self._owner == name:
+            self._finish()
+
+    def _finish(self) -> None:
+        """The forward ended: fold in every site it produced, then close it."""
+        try:
+            self._fold_pending()
+        finally:
+            self._flush_group()
+            self._finish_cross()
+            if self._context is not None:
+                self._rows_seen += self._context.rows()
+            self._call = None
+            self._context = None
+            self._owner = None
+            self._hooks.active.clear()
         if self.every is not None and self._forward % self.every == 0:
             self._commit()
 
-    def _batch_rows(self) -> int:
-        """Sequences in this forward: from the inputs, else from the first site's shape."""
-        for key in ("input_ids", "inputs_embeds"):
-            t = (self._call or {}).get(key)
-            if isinstance(t, Tensor) and t.dim() >= 2:
-                return t.shape[0]
-        return next(iter(self._tokens))[0] if self._tokens else 0
-
-    def _make_pre(self, i: int):
-        def hook(module, args, kwargs):
-            x = args[0] if args else kwargs.get("hidden_states")
-            self._observe(i, x)
-
-        return hook
-
-    def _make_post(self, i: int):
-        site = self._defs[i]
-
-        def hook(module, args, output):
-            if site.read == "last_hidden_state":
-                x = getattr(output, "last_hidden_state", None)
-                if x is None and isinstance(output, (tuple, list)) and output:
-                    x = output[0]
-            elif isinstance(output, (tuple, list)):
-                x = output[site.index] if len(output) > site.index else None
-            elif isinstance(output, Tensor):
-                x = output
-            else:  # a ModelOutput or other mapping: its first tensor, as transformers' to_tuple() would
-                x = next((v for v in getattr(output, "values", lambda: [])() if isinstance(v, Tensor)), None)
-            self._observe(i, x)
-
-        return hook
-
-    def _tokens_for(self, b: int, t: int, device: torch.device):
-        memo = (b, t, device)
-        if memo in self._tokens:
-            return self._tokens[memo]
-        call = self._call or {}
-        mask = call.get("attention_mask")
-        if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] == b and mask.shape[1] >= t:
-            full = mask.to(device)
-            valid = full[:, -t:].bool()
-        else:
-            full, valid = None, torch.ones(b, t, dtype=torch.bool, device=device)
-        pos_ids, cache_pos = call.get("position_ids"), call.get("cache_position")
-        head_bound = b * min(self.skip_first, t)  # at most skip_first head tokens per sequence...
-        if (isinstance(pos_ids, Tensor) and pos_ids.dim() == 2 and pos_ids.shape[-1] == t
-                and pos_ids.shape[0] in (1, b)):
-            position = pos_ids.to(device).long().expand(b, t)
-            head_bound = -1  # ...unless the caller's position_ids restart inside a sequence
-        elif full is not None:
-            position = (full.long().cumsum(-1) - 1)[:, -t:]
-        elif isinstance(cache_pos, Tensor) and cache_pos.dim() == 1 and cache_pos.shape[0] == t:
-            position = cache_pos.to(device).long().expand(b, t)
-        else:
-            position = torch.arange(t, device=device).expand(b, t)
-        ids = call.get("input_ids")
-        if isinstance(ids, Tensor) and ids.dim() == 2 and ids.shape[0] == b and ids.shape[1] >= t:
-            token = ids[:, -t:].to(device).long()
-        else:
-            token = torch.full((b, t), -1, dtype=torch.int64, device=device)
-        row = (self._rows_seen + torch.arange(b, device=device)).unsqueeze(1).expand(b, t)
-        keep = valid & (position >= self.skip_first)
-        cache = next(iter(self._tokens.values())).cache if self._tokens else {}
-        tokens = _stats.Tokens(valid.reshape(-1), keep.reshape(-1), position.reshape(-1),
-                               row.reshape(-1), token.reshape(-1), self._forward,
-                               hash((self.seed, self.rank, self._forward)) & ((1 << 62) - 1), 0,
-                               head_bound, cache)
-        self._tokens[memo] = tokens
-        return tokens
-
-    @_eager
-    def _observe(self, i: int, x: Any) -> None:
-        # a gradient-checkpointing recompute (in backward) re-runs tokens that were counted already
-        if _in_backward() or self._foreign_thread():
+    def _fold_pending(self) -> None:
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        stale = [self._defs[i].name for i, _, x, version, _, _ in pending if _version(x) != version]
+        if stale:
+            # the model changed these tensors in place after the hook: this forward cannot be
+            # counted exactly; from now on these sites are copied at the hook
+            self._copy.update(i for i, _, x, version, _, _ in pending if _version(x) != version)
+            self._dropped += 1
+            warnings.warn(f"probe: sites {stale} were modified in place after their hook; this forward is left "
+                          "out of every statistic, and these sites are copied at the hook from now on",
+                          stacklevel=3)
             return
-        name = self._names[self._phase][i]
+        with torch.inference_mode(False), torch.no_grad():
+            while pending:
+                i, name, x2, _, tokens, x = pending.pop(0)
+                self._guarded(i, name, x, lambda: self._fold(i, name, x2, tokens))
+
+    def _guarded(self, i: int, name: str, x: Any, fn) -> None:
+        """Run ``fn``; an error disables site ``name`` with one warning (``strict``: raises)."""
         if name in self._disabled:
             return
         try:
-            if self._call is None:  # a submodule called on its own: treat it as one forward
-                self._begin(self.model, (), {})
-            self._update(i, name, x)
+            fn()
         except Exception as err:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            dtype = str(x.dtype).replace("torch.", "") if isinstance(x, Tensor) else "-"
-            message = f"site {name!r} (shape {shape}, dtype {dtype}): {err}"
+            message = f"site {name!r} ({_describe(x)}): {err}"
             if self.strict:
                 raise SiteError(message) from err
             self._disabled[name] = str(err)
-            warnings.warn(f"probe: {message}; this site is disabled for the rest of the run", stacklevel=2)
+            warnings.warn(f"probe: {message}; this site is disabled for the rest of the run", stacklevel=3)
 
-    @torch.no_grad()
-    def _update(self, i: int, name: str, x: Any) -> None:
+    @_eager
+    def _observe(self, i: int, x: Any) -> None:
+        if self._skip():
+            return
+        name = self._names[self._phase][i]
+        if self._context is None:  # a submodule called on its own: one forward, nobody ends it
+            self._start(None)
+        self._fired.add(i)
+        self._guarded(i, name, x, lambda: self._stage(i, name, x))
+
+    def _stage(self, i: int, name: str, x: Any) -> None:
+        """Check and lay out the site's tensor, find its tokens; keep it until the forward ends."""
+        site = self._defs[i]
+        if isinstance(x, Tensor) and x.is_nested:
+            x = self._unnest(i, x)
         if not isinstance(x, Tensor):
             raise SiteError(f"the module produced {type(x).__name__}, not a tensor; "
                             "choose a module whose output (or output[0]) is a tensor")
-        if not (x.is_floating_point()):
+        if not x.is_floating_point():
             raise SiteError(f"expected a floating-point tensor, got {x.dtype}; "
                             "capture a module that outputs activations")
         if x.dim() < 3:
             raise SiteError("expected [batch, sequence, ...] activations; "
                             "capture a module whose output keeps the batch and sequence dims")
         x = x.detach()
-        self._dtypes.setdefault(self._defs[i].name, str(x.dtype).replace("torch.", ""))
+        if site.layout is not None:
+            x = x.permute(site.layout)
+        self._dtypes.setdefault(site.name, str(x.dtype).replace("torch.", ""))
         b, t = x.shape[0], x.shape[1]
+        tokens = self._context.tokens(self._sources[i], b, t, x.device)
         x2 = x.reshape(b * t, x.shape[2:].numel())
-        tokens = self._tokens_for(b, t, x.device)
+        if i in self._copy:
+            x2 = x2.clone()
+        real = self._real.get(i)
+        count = tokens.cache.get("real")
+        if count is None:
+            count = tokens.cache["real"] = tokens.valid.sum()
+        self._real[i] = count if real is None else real + count
+        if self._owner is None or self._pending_bytes + x2.numel() * x2.element_size() > self.cross_budget:
+            # nobody ends this forward, or holding it passes the budget: fold in now
+            with torch.inference_mode(False), torch.no_grad():
+                self._fold(i, name, x2, tokens)
+            return
+        self._pending.append((i, name, x2, _version(x2), tokens, x))
+        self._pending_bytes += x2.numel() * x2.element_size()
+
+    def _unnest(self, i: int, x: Tensor) -> Tensor:
+        """A NestedTensor (``nn.TransformerEncoder``'s fast path keeps only real tokens): padded back
+        to the mask's ``[batch, sequence]`` grid, where padding is left out anyway."""
+        mask = self._context.calls.get(self._sources[i])
+        mask = None if mask is None else mask.mask
+        if mask is None or mask.dim() != 2 or x.dim() != 3:
+            raise SiteError("received a NestedTensor without a [batch, sequence] padding mask to place its "
+                            "tokens; expected a dense tensor; build the encoder with enable_nested_tensor=False")
+        return torch.nested.to_padded_tensor(x, 0.0, output_size=(mask.shape[0], mask.shape[1], x.size(-1)))
+
+    def _fold(self, i: int, name: str, x2: Tensor, tokens: Any) -> None:
+        """Feed one site's ``[n, D]`` tensor to the cross-layer statistic and the per-site ones.
+        Runs outside inference mode (``_fold_pending``), so that states stay ordinary tensors that
+        later forwards may update; an inference tensor is copied once, as the statistics read
+        version counters, which inference tensors lack."""
+        if x2.is_inference():
+            x2 = x2.clone()
         if self._cross is not None and self._phase == "prefill":
             self._cross.hold(i, x2, tokens)
         limit = self._group_limit(x2.device)
@@ -530,6 +565,28 @@ class Capture:
             self._group_add(name, x2, tokens, limit)
         else:
             self._run_stats([name], x2.unsqueeze(0), tokens)
+
+    def _report_silent(self) -> None:
+        """At exit: one warning naming the sites that never fired or saw no real token (the model
+        bypasses their modules, e.g. calls ``layer.forward`` directly); recorded as disabled."""
+        if self._pending:
+            self._drop_pending()
+        if not self._forward:
+            return
+        silent = {}
+        for i, site in enumerate(self._defs):
+            if site.name in self._disabled:
+                continue
+            if i not in self._fired:
+                silent[site.name] = "never fired"
+            elif i in self._real and int(self._real[i]) == 0:
+                silent[site.name] = "saw no real token"
+        if silent:
+            self._disabled.update(silent)
+            names = ", ".join(f"{n} ({why})" for n, why in silent.items())
+            warnings.warn(f"probe: {len(silent)} of {len(self._defs)} sites recorded nothing: {names}; their "
+                          "modules do not run through __call__ in this model's forward, or every token was "
+                          "padding; pass sites= naming modules that run", stacklevel=4)
 
     def _group_limit(self, device: torch.device) -> int:
         """Elements of float32 activations gathered from consecutive sites before their statistics
