@@ -131,6 +131,7 @@ def resolve(model: nn.Module, sites: SiteSpec = "hidden_states") -> list[Site]:
         else:
             raise SiteError(f"unknown site {spec!r}; expected 'hidden_states' or a module name"
                             f"{closest(spec, [m for m in modules if m])}")
+    found = _place_in_stacks(model, found)
     seen: set[str] = set()
     for site in found:
         if site.name in seen:
@@ -138,6 +139,25 @@ def resolve(model: nn.Module, sites: SiteSpec = "hidden_states") -> list[Site]:
                             "remove the duplicate from sites=")
         seen.add(site.name)
     return found
+
+
+def _place_in_stacks(model: nn.Module, found: list[Site]) -> list[Site]:
+    """A module named by the user inside a decoder reads the decoder's own call (its mask and
+    ids), not the model's: an encoder-decoder's stacks are found by discovery."""
+    named = [s for s in found if s.source == "module" and s.module]
+    if not named or not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return found
+    discovered = [s for s in found if s.source == "discovery"] or (discover(model)[0] or [])
+    contexts = sorted({s.context for s in discovered if s.context}, key=len, reverse=True)
+    if not contexts:
+        return found
+    placed = []
+    for s in found:
+        ctx = next((c for c in contexts if s.module == c or s.module.startswith(c + ".")), None)
+        if s.source == "module" and ctx is not None:
+            s = Site(s.name, s.module, s.read, s.index, s.hf_index, s.call, s.layout, s.stack, ctx, s.source)
+        placed.append(s)
+    return placed
 
 
 # ----------------------------------------------------------------------------- registry
