@@ -24,7 +24,10 @@ demo: install
 	$(BIN)/probe plot run.h5 -o figures
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) run.h5 figures .pytest_cache

@@ -240,13 +240,33 @@ def test_decode_without_mask_positions_continue_after_the_cache(tiny):
     assert list(run["hidden_states.2"].position.tokens) == [1] * 6
 
 
+def test_discovery_leaves_the_model_as_it_was(assert_hooks_restored):
+    """The discovery forward's own hooks, and those transformers installs on first being asked for
+    hidden states, are all gone afterwards."""
+    torch.manual_seed(0)
+    model = T.T5Model(T.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB)).eval()
+    ids, mask = _padded()
+    rng = torch.random.get_rng_state()
+    with assert_hooks_restored(model):
+        run = _capture(model, dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids))
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    with torch.no_grad():  # transformers still records hidden states when asked
+        assert len(model(input_ids=ids, decoder_input_ids=ids, output_hidden_states=True).decoder_hidden_states) == 3
+    assert len(run.sites) == 6
+
+
 def test_site_metadata_says_what_each_site_is():
     torch.manual_seed(0)
     model = T.AlbertModel(T.AlbertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                          intermediate_size=64, embedding_size=16, vocab_size=VOCAB)).eval()
     defs = probe.capture(model)._defs
     assert all(d.source == "discovery" for d in defs)
-    assert "call 2" in defs[2].describe().replace("call 1", "call 2") and "output" in defs[1].describe()
+    assert [d.describe() for d in defs[1:3]] == [
+        "encoder.albert_layer_groups.0 call 0 output (discovery)",
+        "encoder.albert_layer_groups.0 call 1 output (discovery)"]
+    run = _capture(model, dict(input_ids=_padded()[0]))
+    meta = {s["name"]: s for s in run.result.meta["sites"]}
+    assert meta["hidden_states.2"]["call"] == 1 and meta["hidden_states.2"]["source"] == "discovery"
 
 
 @pytest.mark.parametrize("kind", ["albert", "t5", "falcon", "squeezebert", "bart", "xlnet", "bloom", "gpt_neo"])

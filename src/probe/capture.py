@@ -281,7 +281,8 @@ class Capture:
             },
             "sites": [
                 {"name": name, "module": s.module, "read": s.read, "index": s.index,
-                 "hf_index": s.hf_index, "dtype": self._dtypes.get(s.name, ""), "phase": phase}
+                 "hf_index": s.hf_index, "dtype": self._dtypes.get(s.name, ""), "phase": phase,
+                 "call": s.call, "stack": s.stack, "source": s.source, "what": s.describe()}
                 for phase in ("prefill", "decode") for name, s in zip(self._names[phase], self._defs)
             ],
             "phases": self.phases,

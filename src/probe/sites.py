@@ -86,8 +86,8 @@ class Site:
         """One line: which module call, which element, which stack."""
         where = self.module or "<model>"
         call = "" if self.call is None else f" call {self.call}"
-        what = {"input": f"input {self.index!r}", "output": "output" if self.index in (None, 0) and
-                self.read == "output" else f"output[{self.index!r}]",
+        plain = self.index is None or (self.index == 0 and self.source in ("module", "structure"))
+        what = {"input": f"input {self.index!r}", "output": "output" if plain else f"output[{self.index!r}]",
                 "last_hidden_state": "output.last_hidden_state"}[self.read]
         return f"{where}{call} {what} ({self.source})"
 
