@@ -212,13 +212,14 @@ def test_forward_that_raises_halfway_counts_nowhere(tiny):
     with probe.capture(model, strict=True) as run:
         h = model.model.layers[1].register_forward_hook(boom)
         with torch.no_grad():
-            with pytest.raises(torch.cuda.OutOfMemoryError):
-                model(input_ids=ids, attention_mask=mask)
             with pytest.warns(UserWarning, match="stopped before it finished"):
-                model(input_ids=ids, attention_mask=mask)  # the retry
+                with pytest.raises(torch.cuda.OutOfMemoryError):
+                    model(input_ids=ids, attention_mask=mask)
+            model(input_ids=ids, attention_mask=mask)  # the retry
         h.remove()
     for name in run.sites:
         assert run[name].tokens == int(mask.sum())
+    assert run.steps == [2] and len(run.cross.sites) == len(run.sites)
 
 
 def test_mask_that_cannot_describe_the_tensor_is_refused(tiny):
@@ -293,3 +294,20 @@ def test_zoo_compare_detects_a_wrong_site(monkeypatch):
     monkeypatch.setattr(probe.sites, "hidden_state_sites", shifted)
     status, _ = compare(model, call)
     assert status == "MISMATCH"
+
+
+def test_encoder_called_on_its_own_is_one_forward_with_its_own_mask():
+    torch.manual_seed(0)
+    model = T.T5Model(T.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB)).eval()
+    ids, mask = _padded()
+    with torch.no_grad():
+        hidden = model.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    with pytest.warns(UserWarning, match=r"3 of 6 sites recorded nothing: decoder_hidden_states.0 \(never fired\)"):
+        with probe.capture(model, stats=("moments",), strict=True) as run:
+            with torch.no_grad():
+                model.encoder(input_ids=ids, attention_mask=mask)
+                model.encoder(input_ids=ids, attention_mask=mask)
+    for i, h in enumerate(hidden):
+        x = h[mask.bool()].double().numpy()
+        assert run[f"encoder_hidden_states.{i}"].count == 2 * x.size
+        assert run[f"encoder_hidden_states.{i}"].max == np.float32(x.max())

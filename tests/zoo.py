@@ -6,10 +6,14 @@ its config, run on a padded batch, and compared with ``output_hidden_states=True
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a config that would fetch files fails fast instead of waiting
 
 import numpy as np
 import torch
@@ -80,7 +84,8 @@ def compare(model, call: dict) -> tuple[str, str]:
     """``("exact" | "refused" | "MISMATCH", detail)``: probe against ``output_hidden_states=True``."""
     with torch.no_grad():
         out = model(**call, output_hidden_states=True)
-    stacks = [(k, v) for k, v in out.items() if k.endswith("hidden_states") and isinstance(v, (tuple, list)) and v]
+    stacks = [(k, v) for k, v in out.items() if k.endswith("hidden_states") and isinstance(v, (tuple, list)) and v
+              and all(isinstance(t, torch.Tensor) for t in v)]
     if not stacks:
         return "refused", "returns no hidden_states"
     try:
@@ -118,8 +123,35 @@ def compare(model, call: dict) -> tuple[str, str]:
     return "exact", f"{len(names)} sites"
 
 
+#: seconds one model type may take (a config that builds a huge model, or waits on the network)
+LIMIT_S = 60
+
+
+class _Timeout(BaseException):  # not caught by the "except Exception" around a build
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout(f"took more than {LIMIT_S} s")
+
+
 def check(model_type: str) -> tuple[str, str]:
     """Status of one model type: exact, refused (one line why), cannot build, or MISMATCH."""
+    use_alarm = hasattr(signal, "SIGALRM")
+    if use_alarm:
+        old = signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(LIMIT_S)
+    try:
+        return _check(model_type)
+    except _Timeout as err:
+        return "cannot build", str(err)
+    finally:
+        if use_alarm:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+
+
+def _check(model_type: str) -> tuple[str, str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -407,7 +407,7 @@ class Capture:
         self._dropped += 1
         if self._dropped == 1:
             warnings.warn("probe: a forward stopped before it finished (it raised); none of its tokens enter "
-                          "any statistic (each forward counts whole or not at all)", stacklevel=4)
+                          "any statistic (each forward counts whole or not at all)", stacklevel=5)
 
     @_eager
     def _begin(self, module, args, kwargs) -> None:
@@ -429,7 +429,10 @@ class Capture:
     def _end(self, module, args, output) -> None:
         if self._skip() or self._owner != "":
             return
-        self._finish()
+        if output is None:  # the forward raised (this hook is always called)
+            self._abort()
+        else:
+            self._finish()
 
     def _enter(self, name: str, module, args, kwargs) -> None:
         """A stack (encoder, decoder) begins: its own mask describes its tensors."""
@@ -442,13 +445,22 @@ class Capture:
         self._hooks.reset(name)
         self._hooks.active.append(name)
 
-    def _leave(self, name: str) -> None:
+    def _leave(self, name: str, output: Any) -> None:
         if self._skip():
             return
         if name in self._hooks.active:
             self._hooks.active.remove(name)
         if self._owner == name:
-            self._finish()
+            self._abort() if output is None else self._finish()
+
+    def _abort(self) -> None:
+        """The forward raised half-way: none of its tensors enter any statistic."""
+        if self._pending:
+            self._drop_pending()
+        self._call = None
+        self._context = None
+        self._owner = None
+        self._hooks.active.clear()
 
     def _finish(self) -> None:
         """The forward ended: fold in every site it produced, then close it."""

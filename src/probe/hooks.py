@@ -133,8 +133,11 @@ class HookSet:
                 kind = "post"
             add(Handle(site.name, site.module, kind, h))
         for name, module in self.contexts.items():
-            add(Handle("<stack>", name, "post-stack", module.register_forward_hook(self._stack_post(name, leave))))
-        add(Handle("<forward>", "", "post-root", root.register_forward_hook(end)))
+            add(Handle("<stack>", name, "post-stack", module.register_forward_hook(
+                self._stack_post(name, leave), always_call=True)))
+        # always_call: also when the forward raises (then ``output`` is None), so that a forward
+        # that stopped half-way is known at once and none of it is kept
+        add(Handle("<forward>", "", "post-root", root.register_forward_hook(end, always_call=True)))
 
     def remove(self) -> None:
         """Remove every hook, last registered first."""
@@ -162,7 +165,7 @@ class HookSet:
 
     def _stack_post(self, name: str, leave: Callable):
         def hook(module, args, output):
-            leave(name)
+            leave(name, output)
 
         return hook
 
