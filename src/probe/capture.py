@@ -10,15 +10,14 @@ Recipe::
 Everything is validated before any hook is registered; hooks are registered inside ``try`` and
 removed in ``finally``, so the model is left exactly as it was on every exit path.
 
-Hook order within one forward: the root pre-hook reads ``attention_mask`` / ``position_ids`` /
-``cache_position`` / ``input_ids``; each site hook detaches its tensor, upcasts it chunk by chunk
-to float32 and feeds the statistics on the tensor's own device; the root post-hook closes the
-forward (the cross-layer statistic folds in the sites it held).
+The units it puts together: which tensors (:mod:`probe.sites`), which tokens each holds
+(:mod:`probe.tokens`), the hooks (:mod:`probe.hooks`) and one forward's life (:mod:`probe.forward`:
+site tensors are staged as the forward runs and folded into the statistics, on the tensors' own
+device, when it ends — all sites or, if it raised, none).
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import threading
 import warnings
@@ -30,9 +29,9 @@ from torch import Tensor, nn
 
 from . import stats as _stats
 from .errors import ProbeError, SiteError
-from .hooks import Handle, HookSet, site_tensor, token_source
-from .sites import Site, SiteSpec, discovering, resolve
-from .tokens import TokenContext, read_call
+from .forward import Forwards
+from .hooks import Handle, HookSet
+from .sites import Site, SiteSpec, resolve
 
 __all__ = ["capture", "Capture", "Handle"]
 
@@ -126,27 +125,6 @@ def _eager(fn):
     return torch.compiler.disable(fn, recursive=True)
 
 
-def _in_backward() -> bool:
-    # gradient checkpointing re-runs forwards of (sub)modules inside the backward pass
-    return torch._C._current_graph_task_id() != -1
-
-
-def _version(x: Tensor) -> int:
-    # inference tensors (torch.inference_mode) carry no version counter and cannot change later
-    return -1 if x.is_inference() else x._version
-
-
-def _describe(x: Any) -> str:
-    """``shape (..), dtype ..`` of whatever a hook received, without failing on odd tensors."""
-    if isinstance(x, Tensor):
-        try:
-            shape = tuple(x.shape)
-        except RuntimeError:
-            shape = "nested"
-        return f"shape {shape}, dtype {str(x.dtype).replace('torch.', '')}"
-    return f"shape {type(x).__name__}, dtype -"
-
-
 def _dist_info(distributed: bool | None) -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -202,7 +180,6 @@ class Capture:
         self.model = model
         self._defs: list[Site] = resolve(model, sites)
         self._hooks = HookSet(model, self._defs)
-        self._sources = [token_source(s) for s in self._defs]
         self._names = {"prefill": [s.name for s in self._defs],
                        "decode": [f"{s.name}@decode" for s in self._defs] if self.phases else []}
         self.out = None if out is None else os.fspath(out)
@@ -211,10 +188,6 @@ class Capture:
 
             store.check_writable(self.out, overwrite)
         self.overwrite = overwrite
-        try:
-            self._signature = inspect.signature(model.forward)
-        except (TypeError, ValueError):  # pragma: no cover - builtins without signature
-            self._signature = None
         self._writer = None
         self._rows: list = []
         self._committed = 0
@@ -222,23 +195,13 @@ class Capture:
         self._warned_thread = False
         self._active = False
         self._forward = 0
-        self._rows_seen = 0
-        self._call: dict[str, Any] | None = None  # the model's token inputs while a forward runs
-        self._phase = "prefill"
-        self._context: TokenContext | None = None
-        self._owner: str | None = None  # who ends the forward: "" the model, a stack's path, None nobody
-        self._pending: list = []  # this forward's site tensors, folded in when it ends (all or nothing)
-        self._pending_bytes = 0
-        self._dropped = 0
-        self._copy: set[int] = set()  # sites whose tensor the model modifies in place: copied at the hook
-        self._fired: set[int] = set()
-        self._real: dict[int, Tensor] = {}  # real tokens seen per site (device counters, read at exit)
         self._disabled: dict[str, str] = {}
         self._dtypes: dict[str, str] = {}
         self._group: dict[str, Any] | None = None
         self._group_elements: int | None = None  # None: by device (see _group_limit)
         self._window = self._new_window()
         self._result = None
+        self._fw = Forwards(self, self._hooks, self._defs, self._names)
 
     # ----------------------------------------------------------------------------- set-up
     def _new_window(self) -> dict:
@@ -331,7 +294,7 @@ class Capture:
         attached = bool(self._hooks.handles)
         self._hooks.remove()
         if attached:
-            self._report_silent()
+            self._fw.report_silent()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
@@ -361,245 +324,46 @@ class Capture:
             warnings.warn(f"probe: cross-layer statistics failed ({err}); disabled for the rest of the run",
                           stacklevel=2)
 
-    def _foreign_thread(self) -> bool:
-        """Statistics are not thread-safe: forwards on threads other than the one that entered are
-        ignored, with one warning (run one capture per thread, on separate model replicas)."""
-        if threading.get_ident() == self._thread:
-            return False
-        if not self._warned_thread:
-            self._warned_thread = True
-            warnings.warn("probe: a forward ran on another thread than the one that entered capture(); "
-                          "its activations are not recorded; enter a separate capture in each thread",
-                          stacklevel=3)
-        return True
-
-    def _skip(self) -> bool:
-        # a gradient-checkpointing recompute (in backward) re-runs tokens that were counted already;
-        # probe's own discovery forward (another capture being set up) is not the user's data
-        return _in_backward() or discovering() or self._foreign_thread()
-
-    def _bind(self, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-        call: dict[str, Any] = dict(kwargs)
-        if args:
-            try:
-                signature = self._signature if module is self.model else inspect.signature(module.forward)
-                if signature is not None:
-                    call.update(signature.bind_partial(*args, **kwargs).arguments)
-            except (TypeError, ValueError):
-                pass
-        return call
-
-    def _start(self, owner: str | None) -> None:
-        """A forward begins: drop what an unfinished one left, open a token context."""
-        self._flush_group()
-        self._finish_cross()
-        if self._pending:
-            self._drop_pending()
-        self._forward += 1
-        self._owner = owner
-        self._phase = "prefill"
-        seed = hash((self.seed, self.rank, self._forward)) & ((1 << 62) - 1)
-        self._context = TokenContext(self._forward, self._rows_seen, self.skip_first, seed)
-        self._hooks.active.clear()
-
-    def _drop_pending(self) -> None:
-        self._pending, self._pending_bytes = [], 0
-        self._dropped += 1
-        if self._dropped == 1:
-            warnings.warn("probe: a forward stopped before it finished (it raised); none of its tokens enter "
-                          "any statistic (each forward counts whole or not at all)", stacklevel=5)
-
+    # the hooks' entry points: thin, so that each hook is one frame of Capture (kept eager)
     @_eager
     def _begin(self, module, args, kwargs) -> None:
-        if self._skip():
-            return
-        self._start("")
-        call = self._bind(module, args, kwargs)
-        inputs = read_call(call)
-        self._context.calls[""] = inputs
-        if "decoder_" in self._sources:
-            self._context.calls["decoder_"] = read_call(call, "decoder_")
-        self._call = {k: call.get(k) for k in ("attention_mask", "position_ids", "cache_position",
-                                              "input_ids", "inputs_embeds")}
-        self._phase = "decode" if self.phases and inputs.past else "prefill"
-        self._hooks.reset("")
-        self._hooks.active.append("")
+        self._fw.begin(module, args, kwargs)
 
     @_eager
     def _end(self, module, args, output) -> None:
-        if self._skip() or self._owner != "":
-            return
-        if output is None:  # the forward raised (this hook is always called)
-            self._abort()
-        else:
-            self._finish()
+        self._fw.end(module, args, output)
 
+    @_eager
     def _enter(self, name: str, module, args, kwargs) -> None:
-        """A stack (encoder, decoder) begins: its own mask describes its tensors."""
-        if self._skip():
-            return
-        if self._context is None or self._owner is None:  # the stack called on its own: a forward
-            self._start(name)
-        call = self._bind(module, args, kwargs)
-        self._context.calls[name] = read_call(call)
-        self._hooks.reset(name)
-        self._hooks.active.append(name)
+        self._fw.enter(name, module, args, kwargs)
 
+    @_eager
     def _leave(self, name: str, output: Any) -> None:
-        if self._skip():
-            return
-        if name in self._hooks.active:
-            self._hooks.active.remove(name)
-        if self._owner == name:
-            self._abort() if output is None else self._finish()
-
-    def _abort(self) -> None:
-        """The forward raised half-way: none of its tensors enter any statistic."""
-        if self._pending:
-            self._drop_pending()
-        self._call = None
-        self._context = None
-        self._owner = None
-        self._hooks.active.clear()
-
-    def _finish(self) -> None:
-        """The forward ended: fold in every site it produced, then close it."""
-        try:
-            self._fold_pending()
-        finally:
-            self._flush_group()
-            self._finish_cross()
-            if self._context is not None:
-                self._rows_seen += self._context.rows()
-            self._call = None
-            self._context = None
-            self._owner = None
-            self._hooks.active.clear()
-        if self.every is not None and self._forward % self.every == 0:
-            self._commit()
-
-    def _fold_pending(self) -> None:
-        pending, self._pending, self._pending_bytes = self._pending, [], 0
-        stale = [self._defs[i].name for i, _, x, version, _, _ in pending if _version(x) != version]
-        if stale:
-            # the model changed these tensors in place after the hook: this forward cannot be
-            # counted exactly; from now on these sites are copied at the hook
-            self._copy.update(i for i, _, x, version, _, _ in pending if _version(x) != version)
-            self._dropped += 1
-            warnings.warn(f"probe: sites {stale} were modified in place after their hook; this forward is left "
-                          "out of every statistic, and these sites are copied at the hook from now on",
-                          stacklevel=3)
-            return
-        with torch.inference_mode(False), torch.no_grad():
-            while pending:
-                i, name, x2, _, tokens, x = pending.pop(0)
-                self._guarded(i, name, x, lambda: self._fold(i, name, x2, tokens))
-
-    def _guarded(self, i: int, name: str, x: Any, fn) -> None:
-        """Run ``fn``; an error disables site ``name`` with one warning (``strict``: raises)."""
-        if name in self._disabled:
-            return
-        try:
-            fn()
-        except Exception as err:
-            message = f"site {name!r} ({_describe(x)}): {err}"
-            if self.strict:
-                raise SiteError(message) from err
-            self._disabled[name] = str(err)
-            warnings.warn(f"probe: {message}; this site is disabled for the rest of the run", stacklevel=3)
+        self._fw.leave(name, output)
 
     @_eager
     def _observe(self, i: int, x: Any) -> None:
-        if self._skip():
-            return
-        name = self._names[self._phase][i]
-        if self._context is None:  # a submodule called on its own: one forward, nobody ends it
-            self._start(None)
-        self._fired.add(i)
-        self._guarded(i, name, x, lambda: self._stage(i, name, x))
+        self._fw.observe(i, x)
 
-    def _stage(self, i: int, name: str, x: Any) -> None:
-        """Check and lay out the site's tensor, find its tokens; keep it until the forward ends."""
-        site = self._defs[i]
-        if isinstance(x, Tensor) and x.is_nested:
-            x = self._unnest(i, x)
-        if not isinstance(x, Tensor):
-            raise SiteError(f"the module produced {type(x).__name__}, not a tensor; "
-                            "choose a module whose output (or output[0]) is a tensor")
-        if not x.is_floating_point():
-            raise SiteError(f"expected a floating-point tensor, got {x.dtype}; "
-                            "capture a module that outputs activations")
-        if x.dim() < 3:
-            raise SiteError("expected [batch, sequence, ...] activations; "
-                            "capture a module whose output keeps the batch and sequence dims")
-        x = x.detach()
-        if site.layout is not None:
-            x = x.permute(site.layout)
-        self._dtypes.setdefault(site.name, str(x.dtype).replace("torch.", ""))
-        b, t = x.shape[0], x.shape[1]
-        tokens = self._context.tokens(self._sources[i], b, t, x.device)
-        x2 = x.reshape(b * t, x.shape[2:].numel())
-        if i in self._copy:
-            x2 = x2.clone()
-        real = self._real.get(i)
-        count = tokens.cache.get("real")
-        if count is None:
-            count = tokens.cache["real"] = tokens.valid.sum()
-        self._real[i] = count if real is None else real + count
-        if self._owner is None or self._pending_bytes + x2.numel() * x2.element_size() > self.cross_budget:
-            # nobody ends this forward, or holding it passes the budget: fold in now
-            with torch.inference_mode(False), torch.no_grad():
-                self._fold(i, name, x2, tokens)
-            return
-        self._pending.append((i, name, x2, _version(x2), tokens, x))
-        self._pending_bytes += x2.numel() * x2.element_size()
+    @property
+    def _call(self) -> dict[str, Any] | None:
+        """The model's token inputs while one of its forwards runs, else ``None``."""
+        return self._fw._call
 
-    def _unnest(self, i: int, x: Tensor) -> Tensor:
-        """A NestedTensor (``nn.TransformerEncoder``'s fast path keeps only real tokens): padded back
-        to the mask's ``[batch, sequence]`` grid, where padding is left out anyway."""
-        mask = self._context.calls.get(self._sources[i])
-        mask = None if mask is None else mask.mask
-        if mask is None or mask.dim() != 2 or x.dim() != 3:
-            raise SiteError("received a NestedTensor without a [batch, sequence] padding mask to place its "
-                            "tokens; expected a dense tensor; build the encoder with enable_nested_tensor=False")
-        return torch.nested.to_padded_tensor(x, 0.0, output_size=(mask.shape[0], mask.shape[1], x.size(-1)))
-
-    def _fold(self, i: int, name: str, x2: Tensor, tokens: Any) -> None:
+    def _fold(self, i: int, name: str, x2: Tensor, tokens: Any, phase: str = "prefill") -> None:
         """Feed one site's ``[n, D]`` tensor to the cross-layer statistic and the per-site ones.
         Runs outside inference mode (``_fold_pending``), so that states stay ordinary tensors that
         later forwards may update; an inference tensor is copied once, as the statistics read
         version counters, which inference tensors lack."""
         if x2.is_inference():
             x2 = x2.clone()
-        if self._cross is not None and self._phase == "prefill":
+        if self._cross is not None and phase == "prefill":
             self._cross.hold(i, x2, tokens)
         limit = self._group_limit(x2.device)
         if limit and 2 * x2.numel() <= limit:
             self._group_add(name, x2, tokens, limit)
         else:
             self._run_stats([name], x2.unsqueeze(0), tokens)
-
-    def _report_silent(self) -> None:
-        """At exit: one warning naming the sites that never fired or saw no real token (the model
-        bypasses their modules, e.g. calls ``layer.forward`` directly); recorded as disabled."""
-        if self._pending:
-            self._drop_pending()
-        if not self._forward:
-            return
-        silent = {}
-        for i, site in enumerate(self._defs):
-            if site.name in self._disabled:
-                continue
-            if i not in self._fired:
-                silent[site.name] = "never fired"
-            elif i in self._real and int(self._real[i]) == 0:
-                silent[site.name] = "saw no real token"
-        if silent:
-            self._disabled.update(silent)
-            names = ", ".join(f"{n} ({why})" for n, why in silent.items())
-            warnings.warn(f"probe: {len(silent)} of {len(self._defs)} sites recorded nothing: {names}; their "
-                          "modules do not run through __call__ in this model's forward, or every token was "
-                          "padding; pass sites= naming modules that run", stacklevel=4)
 
     def _group_limit(self, device: torch.device) -> int:
         """Elements of float32 activations gathered from consecutive sites before their statistics
