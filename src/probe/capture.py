@@ -68,8 +68,10 @@ def capture(
     Args:
         model: any ``torch.nn.Module``; Hugging Face models get exact ``hidden_states`` parity.
         out: HDF5 file to write (schema in ``docs/format.md``); ``None`` keeps results in memory.
-        sites: ``"hidden_states"`` (default), module names, glob patterns, or a callable
-            ``(name, module) -> bool``.
+        sites: ``"hidden_states"`` (default: exactly the tensors ``output_hidden_states=True``
+            returns, found as described in :mod:`probe.sites`; encoder-decoders give
+            ``encoder_hidden_states.i`` and ``decoder_hidden_states.i``), module names, glob
+            patterns, or a callable ``(name, module) -> bool``.
         stats: names from ``("moments", "position", "histogram", "sample", "cross")``; all by default.
         skip_first: drop the first ``k`` real tokens of each sequence from every statistic except
             the per-position ones (which keep all real tokens so the first-token effect shows).
@@ -77,8 +79,10 @@ def capture(
         histogram_bits: mantissa bits ``m`` of the histogram buckets; quantiles are within
             ``2**-m / (2 + 2**-m)`` relative error (0.39 % at 7), exact for bf16 data.
         sample_size: ``k`` of the uniform per-site sample for scatter plots.
-        cross_budget: bytes of one forward's activations the cross-layer statistic may hold;
-            a forward past it is left out of the cross-layer statistic, with a warning.
+        cross_budget: bytes of one forward's activations probe may hold until the forward ends:
+            the cross-layer statistic leaves a forward past it out, with a warning; the per-site
+            statistics then fold sites in as they come instead of all at the end of the forward
+            (so a forward that raises half-way may leave its first sites counted).
         seed: seed of the sample's per-forward keys.
         every: commit a window (:meth:`Capture.snapshot`) after every ``every`` forward passes
             of ``model``; ``None`` commits once, at the end. (The HF Trainer callback counts
@@ -101,8 +105,13 @@ def capture(
         :func:`probe.load`: ``run.sites``, ``run["hidden_states.3"]``, ``run.cross``.
 
     Raises:
-        ProbeError: bad arguments, unknown sites, an unwritable or existing ``out``; raised
-            before any hook is registered or any file is written.
+        ProbeError: bad arguments, unknown sites, an unwritable or existing ``out``, hidden
+            states that no module call produces; raised before any hook is registered or any file
+            is written. During the block, a site whose tokens cannot be known (a mask that does
+            not fit its tensor) is disabled with one warning (``strict=True``: raises).
+
+    Warns:
+        UserWarning: at exit, naming every site that never fired or saw no real token.
 
     Example:
         >>> import probe, torch, transformers
