@@ -311,3 +311,18 @@ def test_encoder_called_on_its_own_is_one_forward_with_its_own_mask():
         x = h[mask.bool()].double().numpy()
         assert run[f"encoder_hidden_states.{i}"].count == 2 * x.size
         assert run[f"encoder_hidden_states.{i}"].max == np.float32(x.max())
+
+
+def test_backbone_called_on_its_own_reads_its_own_mask(tiny):
+    model = tiny("llama")
+    ids, mask = batch(3, 9, "left")
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    with probe.capture(model, stats=("moments",), strict=True) as run:
+        with torch.no_grad():
+            model.model(input_ids=ids, attention_mask=mask)  # the base model, without the LM head
+            model(input_ids=ids, attention_mask=mask)
+    for i, h in enumerate(hidden):
+        x = h[mask.bool()].double().numpy()
+        assert run[f"hidden_states.{i}"].count == 2 * x.size
+        assert run[f"hidden_states.{i}"].max == np.float32(x.max())

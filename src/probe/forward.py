@@ -155,10 +155,13 @@ class Forwards:
         """A stack (encoder, decoder) begins: its own mask describes its tensors."""
         if self._skip():
             return
-        if self._context is None or self._owner is None:  # the stack called on its own: a forward
+        alone = self._context is None or self._owner is None
+        if alone:  # the stack called on its own: a forward of its own
             self._start(name)
         call = self._bind(module, args, kwargs)
-        self._context.calls[name] = read_call(call)
+        inputs = self._context.calls[name] = read_call(call)
+        if alone:
+            self._phase = "decode" if self.cap.phases and inputs.past else "prefill"
         self._hooks.reset(name)
         self._hooks.active.append(name)
 
@@ -228,9 +231,9 @@ class Forwards:
     def observe(self, i: int, x: Any) -> None:
         if self._skip():
             return
-        name = self._names[self._phase][i]
         if self._context is None:  # a submodule called on its own: one forward, nobody ends it
             self._start(None)
+        name = self._names[self._phase][i]
         self._fired.add(i)
         self._guarded(i, name, x, lambda: self._stage(i, name, x))
 

@@ -271,6 +271,36 @@ def _structural_layers(model: nn.Module) -> list[str]:
     return best
 
 
+def _anchor(model: nn.Module, sites: list[Site]) -> list[Site]:
+    """Single-stack sites read their tokens from the call of the innermost transformers model around
+    all of them that takes ``attention_mask`` (the base model inside a task head; inner modules may
+    get an expanded 4-D mask): called on its own, that backbone is then one forward with its own
+    mask."""
+    if not sites or any(s.context for s in sites):
+        return sites
+    modules = dict(model.named_modules())
+    parts = [s.module.split(".") if s.module else [] for s in sites]
+    common: list[str] = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    while common:
+        path = ".".join(common)
+        try:
+            params = inspect.signature(modules[path].forward).parameters
+        except (KeyError, TypeError, ValueError):
+            params = {}
+        if "attention_mask" in params and any(c.__name__ == "PreTrainedModel" for c in type(modules[path]).__mro__):
+            break
+        common.pop()
+    if not common:
+        return sites
+    path = ".".join(common)
+    return [Site(s.name, s.module, s.read, s.index, s.hf_index, s.call, s.layout, s.stack, path, s.source)
+            for s in sites]
+
+
 def hidden_state_sites(model: nn.Module) -> list[Site]:
     """The sites that reproduce ``output_hidden_states=True`` for ``model`` (see the module docstring).
 
@@ -278,6 +308,10 @@ def hidden_state_sites(model: nn.Module) -> list[Site]:
         SiteError: discovery ran but a returned hidden state comes from no module call, or the
             model has neither token-id inputs nor a ``ModuleList`` of blocks.
     """
+    return _anchor(model, _hidden_state_sites(model))
+
+
+def _hidden_state_sites(model: nn.Module) -> list[Site]:
     found = _registry_sites(model)
     if found:
         return found
