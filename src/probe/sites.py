@@ -3,21 +3,25 @@
 ``"hidden_states"`` reproduces ``output_hidden_states=True`` of transformers exactly, in three ways,
 tried in order:
 
-1. **registry** — a single-stack model whose base forward transformers decorates with
-   ``capture_outputs`` and whose ``_can_record_outputs`` names the layers: entry 0 is the input of the
-   first layer, entries 1..L the layers' outputs, and the last one is the base model's
+1. **discovery** — every model that takes ``input_ids``: one forward on ``2 x 5`` token ids
+   (decoder ``2 x 3``) under ``no_grad``, in the model's current train/eval mode, with the RNG state,
+   normalisation buffers and hooks restored afterwards, and every module's calls recorded. Each
+   tensor ``output_hidden_states=True`` returns is matched to the module call that produced or
+   received it — the same tensor object first, else exactly equal values (possibly in another axis
+   order) — and that call is hooked: the module, which call of it within the stack's forward (a
+   shared or looped layer is one site per call), output or input, and which element. Composite
+   models get one name per returned tuple: ``encoder_hidden_states.i``, ``decoder_hidden_states.i``;
+   each stack reads its own mask (see :mod:`probe.tokens`). A returned tensor that no module call
+   produces or receives (e.g. modified in place afterwards) is refused with one line.
+2. **registry** — a model that cannot run on token ids alone, whose base forward transformers
+   decorates with ``capture_outputs`` and whose ``_can_record_outputs`` names as many layers as the
+   config has: input of the first layer, the layers' outputs, and the base model's
    ``last_hidden_state`` (after the final norm) where transformers ties it.
-2. **discovery** — everything else that takes ``input_ids`` (encoder-decoders, models that build the
-   tuple by hand, shared layers): one forward on ``2 x 5`` token ids (decoder ``2 x 3``) under
-   ``no_grad``, in the model's current train/eval mode, with the RNG state restored afterwards and
-   every module's calls recorded. Each tensor ``output_hidden_states=True`` returns is matched to
-   the module call that produced or received it — the same tensor object first, else exactly equal
-   values (possibly in another axis order) — and that call is hooked: the module, which call of it
-   within the stack's forward (a shared layer run three times is three sites), output or input, and
-   which element. Composite models get one name per returned tuple: ``encoder_hidden_states.i``,
-   ``decoder_hidden_states.i``; each stack reads its own mask (see :mod:`probe.tokens`).
-3. **structure** — a model that cannot be run on token ids: the longest ``ModuleList`` of identical
-   blocks (input of the first, outputs of all; no final norm).
+3. **structure** — otherwise: the longest ``ModuleList`` of identical blocks (input of the first,
+   outputs of all; no final norm).
+
+Registry-described models are discovered too: the registry does not say how often a layer runs
+(looped or shared layers), while the recorded forward does.
 
 Anything else names modules whose output is captured: exact module paths, glob patterns
 (``"model.layers.*.mlp"``), or a callable ``(name, module) -> bool``.
@@ -312,14 +316,14 @@ def hidden_state_sites(model: nn.Module) -> list[Site]:
 
 
 def _hidden_state_sites(model: nn.Module) -> list[Site]:
-    found = _registry_sites(model)
-    if found:
-        return found
     found, why = discover(model)
     if found:
         return found
     if why is not None and why.startswith("!"):  # discovery ran and established that it cannot be exact
         raise SiteError(why[1:])
+    found = _registry_sites(model)  # a model that cannot run on token ids alone
+    if found:
+        return found
     layers = _structural_layers(model)
     if not layers:
         raise SiteError(f"cannot locate the hidden states of {type(model).__name__}: no "
