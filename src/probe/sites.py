@@ -280,8 +280,8 @@ def _anchor(model: nn.Module, sites: list[Site]) -> list[Site]:
     all of them that takes ``attention_mask`` (the base model inside a task head; inner modules may
     get an expanded 4-D mask): called on its own, that backbone is then one forward with its own
     mask."""
-    if not sites or any(s.context for s in sites):
-        return sites
+    if not sites or any(s.context or s.source == "discovery" for s in sites):
+        return sites  # discovery placed its sites from the calls it saw
     modules = dict(model.named_modules())
     parts = [s.module.split(".") if s.module else [] for s in sites]
     common: list[str] = []
@@ -295,7 +295,7 @@ def _anchor(model: nn.Module, sites: list[Site]) -> list[Site]:
             params = inspect.signature(modules[path].forward).parameters
         except (KeyError, TypeError, ValueError):
             params = {}
-        if "attention_mask" in params and any(c.__name__ == "PreTrainedModel" for c in type(modules[path]).__mro__):
+        if "attention_mask" in params and _is_base(modules[path]):
             break
         common.pop()
     if not common:
@@ -569,7 +569,10 @@ def discover(model: nn.Module) -> tuple[list[Site] | None, str | None]:
     ends = {(s[0], s[1]): s for s in intervals}
     sites: list[Site] = []
     for key, hits in chosen.items():
-        context = _context(key, hits, chosen, intervals, ends) if len(chosen) > 1 else None
+        if len(chosen) > 1:
+            context = _context(key, hits, chosen, intervals, ends)
+        else:
+            context = _base_call(model, hits, intervals, ends)
         ctx_name, ctx_start, ctx_end = context if context else ("", None, None)
         for i, r, layout in hits:
             span = ends.get((r.module, r.call))
@@ -579,6 +582,28 @@ def discover(model: nn.Module) -> tuple[list[Site] | None, str | None]:
             sites.append(Site(f"{key}.{i}", r.module, r.read, r.index, i, call_index, layout, key, ctx_name,
                               "discovery"))
     return sites, None
+
+
+def _is_base(module: nn.Module) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "attention_mask" in params and any(c.__name__ == "PreTrainedModel" for c in type(module).__mro__)
+
+
+def _base_call(model: nn.Module, hits, intervals, ends):
+    """The innermost call of a transformers model (not the root) containing every chosen record of a
+    single stack (the base model inside a task head), or None: then the root's call holds them."""
+    modules = dict(model.named_modules())
+    own = [ends[(r.module, r.call)] for _, r, _ in hits]
+    lo, hi = min(s[2] for s in own), max(s[3] or s[2] for s in own)
+    best = None
+    for s in intervals:
+        if s[0] and s[3] is not None and s[2] <= lo and s[3] >= hi and _is_base(modules[s[0]]):
+            if best is None or s[2] > best[2]:
+                best = s
+    return None if best is None else (best[0], best[2], best[3])
 
 
 def _context(key, hits, chosen, intervals, ends):

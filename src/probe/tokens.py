@@ -110,7 +110,8 @@ class TokenContext:
         found = self._memo.get(memo)
         if found is not None:
             return found
-        inputs = self.calls.get(stack) or CallInputs()
+        # a site that fires outside its stack's call (a head's module) reads the model's call
+        inputs = self.calls.get(stack) or self.calls.get("") or CallInputs()
         mask = inputs.mask
         if mask is not None:
             if mask.dim() != 2:
