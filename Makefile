@@ -37,7 +37,10 @@ demo: install
 	$(BIN)/probe plot run.h5 -o figures
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
 
 # also removes the bundled model's de-quantised float32 copies (about 513 MiB each) from
 # $PROBE_CACHE (default ~/.cache/probe); nothing else there is touched

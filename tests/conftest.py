@@ -3,6 +3,10 @@ helper that proves hooks are removed."""
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests build models from configs; nothing is fetched
+
 import pytest
 import torch
 import transformers

@@ -10,21 +10,19 @@ Recipe::
 Everything is validated before any hook is registered; hooks are registered inside ``try`` and
 removed in ``finally``, so the model is left exactly as it was on every exit path.
 
-Hook order within one forward: the root pre-hook reads ``attention_mask`` / ``position_ids`` /
-``cache_position`` / ``input_ids``; each site hook detaches its tensor, upcasts it chunk by chunk
-to float32 and feeds the statistics on the tensor's own device; the root post-hook closes the
-forward (the cross-layer statistic folds in the sites it held).
+The units it puts together: which tensors (:mod:`probe.sites`), which tokens each holds
+(:mod:`probe.tokens`), the hooks (:mod:`probe.hooks`) and one forward's life (:mod:`probe.forward`:
+site tensors are staged as the forward runs and folded into the statistics, on the tensors' own
+device, when it ends — all sites or, if it raised, none).
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import secrets
 import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +30,8 @@ from torch import Tensor, nn
 
 from . import stats as _stats
 from .errors import ProbeError, SiteError
+from .forward import Forwards
+from .hooks import Handle, HookSet
 from .sites import Site, SiteSpec, resolve
 
 __all__ = ["capture", "Capture", "Handle"]
@@ -43,19 +43,6 @@ CHUNK_ELEMENTS_ACCELERATOR = 1 << 26
 #: elements of activations that consecutive sites gather (as a float32 copy) before their
 #: statistics run as one batch, on accelerators (see ``Capture._group_limit``)
 GROUP_ELEMENTS_ACCELERATOR = 1 << 26
-
-
-@dataclass(frozen=True)
-class Handle:
-    """One registered hook: which site it serves, where it hangs, and the torch handle."""
-
-    site: str
-    module: str
-    kind: str
-    handle: Any
-
-    def remove(self) -> None:
-        self.handle.remove()
 
 
 def capture(
@@ -82,7 +69,11 @@ def capture(
     Args:
         model: any ``torch.nn.Module``; Hugging Face models get exact ``hidden_states`` parity.
         out: HDF5 file to write (schema in ``docs/format.md``); ``None`` keeps results in memory.
-        sites: ``"hidden_states"`` (default), module names, glob patterns, or a callable
+        sites: ``"hidden_states"`` (default: exactly the tensors ``output_hidden_states=True``
+            returns, found as described in :mod:`probe.sites`; encoder-decoders give
+            ``encoder_hidden_states.i`` and ``decoder_hidden_states.i``), module names, glob
+            patterns (a ``:input`` suffix captures a module's input), ``"linear_inputs"`` (the
+            input of every linear layer but the output head), or a callable
             ``(name, module) -> bool``.
         stats: names from ``("moments", "position", "histogram", "sample", "cross", "topk", "norm",
             "cos")``; all but ``"cos"`` (per-token cosines between sites, inside ``"cross"``) by default.
@@ -92,8 +83,10 @@ def capture(
         histogram_bits: mantissa bits ``m`` of the histogram buckets; quantiles are within
             ``2**-m / (2 + 2**-m)`` relative error (0.39 % at 7), exact for bf16 data.
         sample_size: ``k`` of the uniform per-site sample for scatter plots.
-        cross_budget: bytes of one forward's activations the cross-layer statistic may hold;
-            a forward past it is left out of the cross-layer statistic, with a warning.
+        cross_budget: bytes of one forward's activations probe may hold until the forward ends:
+            the cross-layer statistic leaves a forward past it out, with a warning; the per-site
+            statistics then fold sites in as they come instead of all at the end of the forward
+            (so a forward that raises half-way may leave its first sites counted).
         seed: seed of the sample's per-forward keys; ``None`` (default) draws a fresh one per
             capture (recorded in ``meta["sample"]["seed"]``), so independent runs merge into an
             unbiased sample. Under ``torch.distributed`` rank 0's seed is recorded (each rank
@@ -121,8 +114,13 @@ def capture(
         :func:`probe.load`: ``run.sites``, ``run["hidden_states.3"]``, ``run.cross``.
 
     Raises:
-        ProbeError: bad arguments, unknown sites, an unwritable or existing ``out``; raised
-            before any hook is registered or any file is written.
+        ProbeError: bad arguments, unknown sites, an unwritable or existing ``out``, hidden
+            states that no module call produces; raised before any hook is registered or any file
+            is written. During the block, a site whose tokens cannot be known (a mask that does
+            not fit its tensor) is disabled with one warning (``strict=True``: raises).
+
+    Warns:
+        UserWarning: at exit, naming every site that never fired or saw no real token.
 
     Example:
         >>> import probe, torch, transformers
@@ -143,25 +141,6 @@ def _eager(fn):
     """Keep torch.compile out of probe's hooks: they run eagerly at a graph break, so a model
     compiled inside the with-block is captured exactly and the hooks' Python is never traced."""
     return torch.compiler.disable(fn, recursive=True)
-
-
-def _in_backward() -> bool:
-    # gradient checkpointing re-runs forwards of (sub)modules inside the backward pass
-    return torch._C._current_graph_task_id() != -1
-
-
-def _extends_cache(call: dict[str, Any]) -> bool:
-    """True when this forward appends to a non-empty KV cache (read from shapes: no host sync)."""
-    cache = call.get("past_key_values")
-    if cache is None:
-        cache = call.get("cache")
-    length = getattr(cache, "get_seq_length", None)
-    if callable(length):
-        try:
-            return int(length()) > 0
-        except (TypeError, ValueError, IndexError, AttributeError):
-            return False
-    return False
 
 
 def _dist_info(distributed: bool | None) -> tuple[int, int]:
@@ -223,8 +202,7 @@ class Capture:
         self.compile = compile
         self.model = model
         self._defs: list[Site] = resolve(model, sites)
-        modules = dict(model.named_modules())
-        self._modules = [modules[s.module] for s in self._defs]
+        self._hooks = HookSet(model, self._defs)
         self._names = {"prefill": [s.name for s in self._defs],
                        "decode": [f"{s.name}@decode" for s in self._defs] if self.phases else []}
         self.out = None if out is None else os.fspath(out)
@@ -233,11 +211,6 @@ class Capture:
 
             store.check_writable(self.out, overwrite)
         self.overwrite = overwrite
-        try:
-            self._signature = inspect.signature(model.forward)
-        except (TypeError, ValueError):  # pragma: no cover - builtins without signature
-            self._signature = None
-        self._handles: list[Handle] = []
         self._writer = None
         self._rows: list = []
         self._committed = 0
@@ -245,16 +218,13 @@ class Capture:
         self._warned_thread = False
         self._active = False
         self._forward = 0
-        self._rows_seen = 0
-        self._call: dict[str, Any] | None = None
-        self._phase = "prefill"
-        self._tokens: dict = {}
         self._disabled: dict[str, str] = {}
         self._dtypes: dict[str, str] = {}
         self._group: dict[str, Any] | None = None
         self._group_elements: int | None = None  # None: by device (see _group_limit)
         self._window = self._new_window()
         self._result = None
+        self._fw = Forwards(self, self._hooks, self._defs, self._names)
 
     # ----------------------------------------------------------------------------- set-up
     def _new_window(self) -> dict:
@@ -304,7 +274,8 @@ class Capture:
             },
             "sites": [
                 {"name": name, "module": s.module, "read": s.read, "index": s.index,
-                 "hf_index": s.hf_index, "dtype": self._dtypes.get(s.name, ""), "phase": phase}
+                 "hf_index": s.hf_index, "dtype": self._dtypes.get(s.name, ""), "phase": phase,
+                 "call": s.call, "stack": s.stack, "source": s.source, "what": s.describe()}
                 for phase in ("prefill", "decode") for name, s in zip(self._names[phase], self._defs)
             ],
             "phases": self.phases,
@@ -324,7 +295,7 @@ class Capture:
         state = "attached" if self._active else "detached"
         lines = [f"Capture({type(self.model).__name__}, {len(self._defs)} sites, {state}, "
                  f"stats={list(self.stats)}, out={self.out!r})"]
-        lines += [f"  {h.site:<24} {h.kind:<12} {h.module or '<root>'}" for h in self._handles]
+        lines += [f"  {h.site:<24} {h.kind:<12} {h.module or '<root>'}" for h in self._hooks.handles]
         return "\n".join(lines)
 
     def __enter__(self) -> Capture:
@@ -347,23 +318,13 @@ class Capture:
         return self
 
     def _register(self) -> None:
-        root = self.model
-        h = root.register_forward_pre_hook(self._begin, with_kwargs=True, prepend=True)
-        self._handles.append(Handle("<forward>", "", "pre-root", h))
-        for i, (site, module) in enumerate(zip(self._defs, self._modules)):
-            if site.read == "input":
-                h = module.register_forward_pre_hook(self._make_pre(i), with_kwargs=True)
-                kind = "pre"
-            else:
-                h = module.register_forward_hook(self._make_post(i))
-                kind = "post"
-            self._handles.append(Handle(site.name, site.module, kind, h))
-        h = root.register_forward_hook(self._end)
-        self._handles.append(Handle("<forward>", "", "post-root", h))
+        self._hooks.attach(self._begin, self._end, self._enter, self._leave, self._observe)
 
     def _remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+        attached = bool(self._hooks.handles)
+        self._hooks.remove()
+        if attached:
+            self._fw.report_silent()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
@@ -393,156 +354,40 @@ class Capture:
             warnings.warn(f"probe: cross-layer statistics failed ({err}); disabled for the rest of the run",
                           stacklevel=2)
 
-    def _foreign_thread(self) -> bool:
-        """Statistics are not thread-safe: forwards on threads other than the one that entered are
-        ignored, with one warning (run one capture per thread, on separate model replicas)."""
-        if threading.get_ident() == self._thread:
-            return False
-        if not self._warned_thread:
-            self._warned_thread = True
-            warnings.warn("probe: a forward ran on another thread than the one that entered capture(); "
-                          "its activations are not recorded; enter a separate capture in each thread",
-                          stacklevel=3)
-        return True
-
+    # the hooks' entry points: thin, so that each hook is one frame of Capture (kept eager)
     @_eager
     def _begin(self, module, args, kwargs) -> None:
-        if _in_backward() or self._foreign_thread():
-            return
-        self._flush_group()
-        self._finish_cross()
-        self._forward += 1
-        call: dict[str, Any] = dict(kwargs)
-        if args and self._signature is not None:
-            try:
-                call.update(self._signature.bind_partial(*args, **kwargs).arguments)
-            except TypeError:
-                pass
-        self._call = {k: call.get(k) for k in ("attention_mask", "position_ids", "cache_position",
-                                              "input_ids", "inputs_embeds")}
-        self._phase = "decode" if self.phases and _extends_cache(call) else "prefill"
-        self._tokens = {}
+        self._fw.begin(module, args, kwargs)
 
     @_eager
     def _end(self, module, args, output) -> None:
-        if _in_backward() or self._foreign_thread():
-            return
-        self._flush_group()
-        self._finish_cross()
-        self._rows_seen += self._batch_rows()
-        self._call = None
-        if self.every is not None and self._forward % self.every == 0:
-            self._commit()
+        self._fw.end(module, args, output)
 
-    def _batch_rows(self) -> int:
-        """Sequences in this forward: from the inputs, else from the first site's shape."""
-        for key in ("input_ids", "inputs_embeds"):
-            t = (self._call or {}).get(key)
-            if isinstance(t, Tensor) and t.dim() >= 2:
-                return t.shape[0]
-        return next(iter(self._tokens))[0] if self._tokens else 0
+    @_eager
+    def _enter(self, name: str, module, args, kwargs) -> None:
+        self._fw.enter(name, module, args, kwargs)
 
-    def _make_pre(self, i: int):
-        def hook(module, args, kwargs):
-            x = args[0] if args else kwargs.get("hidden_states")
-            self._observe(i, x)
-
-        return hook
-
-    def _make_post(self, i: int):
-        site = self._defs[i]
-
-        def hook(module, args, output):
-            if site.read == "last_hidden_state":
-                x = getattr(output, "last_hidden_state", None)
-                if x is None and isinstance(output, (tuple, list)) and output:
-                    x = output[0]
-            elif isinstance(output, (tuple, list)):
-                x = output[site.index] if len(output) > site.index else None
-            elif isinstance(output, Tensor):
-                x = output
-            else:  # a ModelOutput or other mapping: its first tensor, as transformers' to_tuple() would
-                x = next((v for v in getattr(output, "values", lambda: [])() if isinstance(v, Tensor)), None)
-            self._observe(i, x)
-
-        return hook
-
-    def _tokens_for(self, b: int, t: int, device: torch.device):
-        memo = (b, t, device)
-        if memo in self._tokens:
-            return self._tokens[memo]
-        call = self._call or {}
-        mask = call.get("attention_mask")
-        if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] == b and mask.shape[1] >= t:
-            full = mask.to(device)
-            valid = full[:, -t:].bool()
-        else:
-            full, valid = None, torch.ones(b, t, dtype=torch.bool, device=device)
-        pos_ids, cache_pos = call.get("position_ids"), call.get("cache_position")
-        head_bound = b * min(self.skip_first, t)  # at most skip_first head tokens per sequence...
-        if (isinstance(pos_ids, Tensor) and pos_ids.dim() == 2 and pos_ids.shape[-1] == t
-                and pos_ids.shape[0] in (1, b)):
-            position = pos_ids.to(device).long().expand(b, t)
-            head_bound = -1  # ...unless the caller's position_ids restart inside a sequence
-        elif full is not None:
-            position = (full.long().cumsum(-1) - 1)[:, -t:]
-        elif isinstance(cache_pos, Tensor) and cache_pos.dim() == 1 and cache_pos.shape[0] == t:
-            position = cache_pos.to(device).long().expand(b, t)
-        else:
-            position = torch.arange(t, device=device).expand(b, t)
-        ids = call.get("input_ids")
-        if isinstance(ids, Tensor) and ids.dim() == 2 and ids.shape[0] == b and ids.shape[1] >= t:
-            token = ids[:, -t:].to(device).long()
-        else:
-            token = torch.full((b, t), -1, dtype=torch.int64, device=device)
-        row = (self._rows_seen + torch.arange(b, device=device)).unsqueeze(1).expand(b, t)
-        keep = valid & (position >= self.skip_first)
-        cache = next(iter(self._tokens.values())).cache if self._tokens else {}
-        tokens = _stats.Tokens(valid.reshape(-1), keep.reshape(-1), position.reshape(-1),
-                               row.reshape(-1), token.reshape(-1), self._forward,
-                               hash((self.seed, self.rank, self._forward)) & ((1 << 62) - 1), 0,
-                               head_bound, cache)
-        self._tokens[memo] = tokens
-        return tokens
+    @_eager
+    def _leave(self, name: str, output: Any) -> None:
+        self._fw.leave(name, output)
 
     @_eager
     def _observe(self, i: int, x: Any) -> None:
-        # a gradient-checkpointing recompute (in backward) re-runs tokens that were counted already
-        if _in_backward() or self._foreign_thread():
-            return
-        name = self._names[self._phase][i]
-        if name in self._disabled:
-            return
-        try:
-            if self._call is None:  # a submodule called on its own: treat it as one forward
-                self._begin(self.model, (), {})
-            self._update(i, name, x)
-        except Exception as err:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            dtype = str(x.dtype).replace("torch.", "") if isinstance(x, Tensor) else "-"
-            message = f"site {name!r} (shape {shape}, dtype {dtype}): {err}"
-            if self.strict:
-                raise SiteError(message) from err
-            self._disabled[name] = str(err)
-            warnings.warn(f"probe: {message}; this site is disabled for the rest of the run", stacklevel=2)
+        self._fw.observe(i, x)
 
-    @torch.no_grad()
-    def _update(self, i: int, name: str, x: Any) -> None:
-        if not isinstance(x, Tensor):
-            raise SiteError(f"the module produced {type(x).__name__}, not a tensor; "
-                            "choose a module whose output (or output[0]) is a tensor")
-        if not (x.is_floating_point()):
-            raise SiteError(f"expected a floating-point tensor, got {x.dtype}; "
-                            "capture a module that outputs activations")
-        if x.dim() < 3:
-            raise SiteError("expected [batch, sequence, ...] activations; "
-                            "capture a module whose output keeps the batch and sequence dims")
-        x = x.detach()
-        self._dtypes.setdefault(self._defs[i].name, str(x.dtype).replace("torch.", ""))
-        b, t = x.shape[0], x.shape[1]
-        x2 = x.reshape(b * t, x.shape[2:].numel())
-        tokens = self._tokens_for(b, t, x.device)
-        if self._cross is not None and self._phase == "prefill":
+    @property
+    def _call(self) -> dict[str, Any] | None:
+        """The model's token inputs while one of its forwards runs, else ``None``."""
+        return self._fw._call
+
+    def _fold(self, i: int, name: str, x2: Tensor, tokens: Any, phase: str = "prefill") -> None:
+        """Feed one site's ``[n, D]`` tensor to the cross-layer statistic and the per-site ones.
+        Runs outside inference mode (``_fold_pending``), so that states stay ordinary tensors that
+        later forwards may update; an inference tensor is copied once, as the statistics read
+        version counters, which inference tensors lack."""
+        if x2.is_inference():
+            x2 = x2.clone()
+        if self._cross is not None and phase == "prefill":
             self._cross.hold(i, x2, tokens)
         limit = self._group_limit(x2.device)
         if limit and 2 * x2.numel() <= limit:

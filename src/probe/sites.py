@@ -1,10 +1,27 @@
 """Which tensors to capture.
 
-``"hidden_states"`` reproduces ``output_hidden_states=True`` of transformers exactly: entry 0 is
-the input of the first decoder layer, entries 1..L the layers' outputs, and the last one is
-replaced by the base model's ``last_hidden_state`` (after the final norm) where transformers ties
-it. The layers are found through transformers' own ``_can_record_outputs`` registry; models
-without it fall back to the longest ``ModuleList`` of identical blocks (no tie).
+``"hidden_states"`` reproduces ``output_hidden_states=True`` of transformers exactly, in three ways,
+tried in order:
+
+1. **discovery** — every model that takes ``input_ids``: one forward on ``2 x 5`` token ids
+   (decoder ``2 x 3``) under ``no_grad``, in the model's current train/eval mode, with the RNG state,
+   normalisation buffers and hooks restored afterwards, and every module's calls recorded. Each
+   tensor ``output_hidden_states=True`` returns is matched to the module call that produced or
+   received it — the same tensor object first, else exactly equal values (possibly in another axis
+   order) — and that call is hooked: the module, which call of it within the stack's forward (a
+   shared or looped layer is one site per call), output or input, and which element. Composite
+   models get one name per returned tuple: ``encoder_hidden_states.i``, ``decoder_hidden_states.i``;
+   each stack reads its own mask (see :mod:`probe.tokens`). A returned tensor that no module call
+   produces or receives (e.g. modified in place afterwards) is refused with one line.
+2. **registry** — a model that cannot run on token ids alone, whose base forward transformers
+   decorates with ``capture_outputs`` and whose ``_can_record_outputs`` names as many layers as the
+   config has: input of the first layer, the layers' outputs, and the base model's
+   ``last_hidden_state`` (after the final norm) where transformers ties it.
+3. **structure** — otherwise: the longest ``ModuleList`` of identical blocks (input of the first,
+   outputs of all; no final norm).
+
+Registry-described models are discovered too: the registry does not say how often a layer runs
+(looped or shared layers), while the recorded forward does.
 
 Anything else names modules whose output is captured: exact module paths, glob patterns
 (``"model.layers.*.mlp"``), or a callable ``(name, module) -> bool``. A name or glob ending in
@@ -12,41 +29,84 @@ Anything else names modules whose output is captured: exact module paths, glob p
 ``"<module>:input"``. ``"linear_inputs"`` is the input of every ``nn.Linear`` and transformers
 ``Conv1D`` except the output head, one site per module named by its module path: what
 quantization calibration reads (see ``docs/calibration.md``).
+
+Reads of transformers' private internals (the recorder registry, the decorator's closure) are each
+guarded: if a release lacks them, discovery (public API only) takes over.
 """
 
 from __future__ import annotations
 
+import contextvars
 import fnmatch
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .errors import SiteError, closest
 
-__all__ = ["Site", "SiteSpec", "resolve", "linear_input_sites"]
+__all__ = ["Site", "SiteSpec", "resolve", "hidden_state_sites", "discovering", "linear_input_sites"]
 
 INPUT_SUFFIX = ":input"
 
 SiteSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
 
+#: set while probe runs its own discovery forward: active captures ignore that forward
+_DISCOVERING: contextvars.ContextVar[bool] = contextvars.ContextVar("probe_discovering", default=False)
+
+#: discovery inputs: batch, encoder tokens, decoder tokens (all different, so axes are told apart)
+_B, _T, _T_DEC = 2, 5, 3
+
+
+def discovering() -> bool:
+    """True while probe's discovery forward runs (hooks of active captures skip it)."""
+    return _DISCOVERING.get()
+
 
 @dataclass(frozen=True)
 class Site:
-    """One captured tensor: where it is read and how."""
+    """One captured tensor: where it is read and how.
+
+    ``read``: ``input`` — an argument of the module's call (pre-hook): positional ``index`` (int)
+    or keyword ``index`` (str), ``hidden_states`` as keyword when positional 0 is absent;
+    ``output`` — the output itself when a tensor, else its ``index``-th element (int) or its
+    ``index`` field (str); ``last_hidden_state`` — the model output's ``last_hidden_state``.
+    ``call``: which call of the module within one forward of ``context`` (``None``: every call).
+    ``layout``: the permutation that brings the captured tensor to ``[batch, sequence, ...]``.
+    ``stack``: the tuple it reproduces (``hidden_states``, ``decoder_hidden_states``, ...) and
+    ``context``: the module whose call holds that stack's mask (``""``: the model itself).
+    ``source``: ``registry``, ``discovery``, ``structure`` or ``module`` (named by the user).
+    """
 
     name: str
     module: str
-    #: ``input``: first positional argument (pre-hook); ``output``: output, or its ``index``-th
-    #: element when a tuple; ``last_hidden_state``: the model output's ``last_hidden_state``
     read: Literal["input", "output", "last_hidden_state"] = "output"
-    index: int = 0
+    index: int | str | None = 0
     hf_index: int | None = None
+    call: int | None = None
+    layout: tuple[int, ...] | None = None
+    stack: str = ""
+    context: str = ""
+    source: str = "module"
+
+    def describe(self) -> str:
+        """One line: which module call, which element, which stack."""
+        where = self.module or "<model>"
+        call = "" if self.call is None else f" call {self.call}"
+        plain = self.index is None or (self.index == 0 and self.source in ("module", "structure"))
+        what = {"input": f"input {self.index!r}", "output": "output" if plain else f"output[{self.index!r}]",
+                "last_hidden_state": "output.last_hidden_state"}[self.read]
+        return f"{where}{call} {what} ({self.source})"
 
 
 def resolve(model: nn.Module, sites: SiteSpec = "hidden_states") -> list[Site]:
-    """Resolve a site spec against ``model`` without touching it.
+    """Resolve a site spec against ``model``.
+
+    Only ``"hidden_states"`` runs the model (one discovery forward on a few tokens, see the module
+    docstring); nothing is left attached.
 
     Raises:
         SiteError: unknown or duplicate names, a pattern matching nothing, or a model whose
@@ -85,6 +145,7 @@ def resolve(model: nn.Module, sites: SiteSpec = "hidden_states") -> list[Site]:
         else:
             raise SiteError(f"unknown site {spec!r}; expected 'hidden_states', 'linear_inputs' or a module name"
                             f"{closest(spec, [m for m in modules if m])}")
+    found = _place_in_stacks(model, found)
     seen: set[str] = set()
     for site in found:
         if site.name in seen:
@@ -155,14 +216,37 @@ def linear_input_sites(model: nn.Module) -> list[Site]:
     return found
 
 
+def _place_in_stacks(model: nn.Module, found: list[Site]) -> list[Site]:
+    """A module named by the user inside a decoder reads the decoder's own call (its mask and
+    ids), not the model's: an encoder-decoder's stacks are found by discovery."""
+    named = [s for s in found if s.source == "module" and s.module]
+    if not named or not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return found
+    discovered = [s for s in found if s.source == "discovery"] or (discover(model)[0] or [])
+    contexts = sorted({s.context for s in discovered if s.context}, key=len, reverse=True)
+    if not contexts:
+        return found
+    placed = []
+    for s in found:
+        ctx = next((c for c in contexts if s.module == c or s.module.startswith(c + ".")), None)
+        if s.source == "module" and ctx is not None:
+            s = Site(s.name, s.module, s.read, s.index, s.hf_index, s.call, s.layout, s.stack, ctx, s.source)
+        placed.append(s)
+    return placed
+
+
+# ----------------------------------------------------------------------------- registry
 def _tie_default(module: nn.Module) -> bool | None:
     """The ``tie_last_hidden_states`` of a ``@capture_outputs`` forward, or None if not decorated."""
     fn = type(module).forward
     while fn is not None:
         code = getattr(fn, "__code__", None)
         if code is not None and "tie_last_hidden_states" in code.co_freevars:
-            cell = fn.__closure__[code.co_freevars.index("tie_last_hidden_states")]
-            return bool(cell.cell_contents)
+            try:
+                cell = fn.__closure__[code.co_freevars.index("tie_last_hidden_states")]
+                return bool(cell.cell_contents)
+            except (TypeError, IndexError, ValueError):  # closure layout of another release
+                return None
         fn = getattr(fn, "__wrapped__", None)
     return None
 
@@ -170,18 +254,26 @@ def _tie_default(module: nn.Module) -> bool | None:
 def _recorders(base: nn.Module) -> list:
     try:
         from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, OutputRecorder
-    except ImportError:  # pragma: no cover - transformers < 5
+    except ImportError:  # a transformers release without the recorder registry
         return []
-    flags = _CAN_RECORD_REGISTRY.get(base) or getattr(base, "_can_record_outputs", None) or {}
-    specs = flags.get("hidden_states")
+    try:
+        flags = _CAN_RECORD_REGISTRY.get(base) or getattr(base, "_can_record_outputs", None) or {}
+        specs = flags.get("hidden_states")
+    except (AttributeError, TypeError):
+        return []
     if specs is None:
         return []
     specs = specs if isinstance(specs, list) else [specs]
     out = []
     for spec in specs:
         if not isinstance(spec, OutputRecorder):
-            spec = OutputRecorder(target_class=None if isinstance(spec, str) else spec, index=0,
-                                  class_name=spec if isinstance(spec, str) else None)
+            try:
+                spec = OutputRecorder(target_class=None if isinstance(spec, str) else spec, index=0,
+                                      class_name=spec if isinstance(spec, str) else None)
+            except TypeError:
+                return []
+        if not all(hasattr(spec, f) for f in ("target_class", "index", "layer_name", "class_name")):
+            return []
         out.append(spec)
     return out
 
@@ -194,49 +286,53 @@ def _matches(spec, name: str, module: nn.Module) -> bool:
     return hit
 
 
-def hidden_state_sites(model: nn.Module) -> list[Site]:
-    """The sites that reproduce ``output_hidden_states=True`` for ``model``."""
-    for base_name, base in model.named_modules():
-        tie = _tie_default(base)
-        recorders = _recorders(base) if tie is not None else []
-        if not recorders:
+def _registry_sites(model: nn.Module) -> list[Site] | None:
+    """Sites from transformers' recorder registry when the model is one decorated stack, else None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    bases = [(n, m) for n, m in model.named_modules() if _tie_default(m) is not None and _recorders(m)]
+    outer = [(n, m) for n, m in bases if not any(n != o and (o == "" or n.startswith(o + ".")) for o, _ in bases)]
+    if len(outer) != 1:
+        return None  # several stacks (vision + text, encoder + decoder): discovery names them
+    base_name, base = outer[0]
+    recorders = _recorders(base)
+    prefix = base_name + "." if base_name else ""
+    nested = [n for n, m in base.named_modules() if n and _tie_default(m) is not None]
+    layers = []
+    for name, module in base.named_modules():
+        if any(name == n or name.startswith(n + ".") for n in nested):
             continue
-        prefix = base_name + "." if base_name else ""
-        nested = [n for n, m in base.named_modules() if n and hasattr(m, "_can_record_outputs")
-                  and _tie_default(m) is not None]
-        layers = []
-        for name, module in base.named_modules():
-            if any(name == n or name.startswith(n + ".") for n in nested):
-                continue
-            for spec in recorders:
-                if _matches(spec, name, module):
-                    layers.append((prefix + name, spec))
-                    break
-        if not layers:
-            continue
-        config_tie = getattr(getattr(base, "config", None), "tie_last_hidden_states", None)
-        tie = tie if config_tie is None else bool(config_tie)
-        return _layer_sites(layers, base_name, tie, layers[0][1].capture_initial_hidden_state)
-    layers = _structural_layers(model)
+        for spec in recorders:
+            if _matches(spec, name, module):
+                layers.append((prefix + name, spec))
+                break
     if not layers:
-        raise SiteError(f"cannot locate the hidden states of {type(model).__name__}: no "
-                        "_can_record_outputs registry and no ModuleList of blocks; "
-                        "pass sites= with module names or globs")
-    return _layer_sites([(n, None) for n in layers], None, False, True)
+        return None
+    key = getattr(layers[0][1], "num_hidden_layers_key", "num_hidden_layers")
+    depth = getattr(getattr(base, "config", None), key if isinstance(key, str) else "num_hidden_layers", None)
+    if not isinstance(depth, int) or depth != len(layers):
+        return None  # a layer module runs more than once (shared layers) or the count is unknown
+    tie = _tie_default(base)
+    config_tie = getattr(getattr(base, "config", None), "tie_last_hidden_states", None)
+    tie = tie if config_tie is None else bool(config_tie)
+    initial = getattr(layers[0][1], "capture_initial_hidden_state", True)
+    return _layer_sites(layers, base_name, tie, initial, "registry")
 
 
-def _layer_sites(layers: list, base_name: str | None, tie: bool, initial: bool) -> list[Site]:
+def _layer_sites(layers: list, base_name: str | None, tie: bool, initial: bool, source: str) -> list[Site]:
     sites = []
     offset = 1 if initial else 0
     if initial:
-        sites.append(Site("hidden_states.0", layers[0][0], "input", 0, 0))
+        sites.append(Site("hidden_states.0", layers[0][0], "input", 0, 0, stack="hidden_states", source=source))
     for i, (name, spec) in enumerate(layers):
         index = offset + i
-        sites.append(Site(f"hidden_states.{index}", name, "output",
-                          spec.index if spec is not None else 0, index))
+        sites.append(Site(f"hidden_states.{index}", name, "output", spec.index if spec is not None else 0,
+                          index, stack="hidden_states", source=source))
     if tie and base_name is not None:
         last = sites[-1]
-        sites[-1] = Site(last.name, base_name, "last_hidden_state", 0, last.hf_index)
+        sites[-1] = Site(last.name, base_name, "last_hidden_state", 0, last.hf_index, stack="hidden_states",
+                         source=source)
     return sites
 
 
@@ -248,3 +344,351 @@ def _structural_layers(model: nn.Module) -> list[str]:
             if len(kinds) == 1:
                 best = [f"{name}.{i}" if name else str(i) for i in range(len(module))]
     return best
+
+
+def _anchor(model: nn.Module, sites: list[Site]) -> list[Site]:
+    """Single-stack sites read their tokens from the call of the innermost transformers model around
+    all of them that takes ``attention_mask`` (the base model inside a task head; inner modules may
+    get an expanded 4-D mask): called on its own, that backbone is then one forward with its own
+    mask."""
+    if not sites or any(s.context or s.source == "discovery" for s in sites):
+        return sites  # discovery placed its sites from the calls it saw
+    modules = dict(model.named_modules())
+    parts = [s.module.split(".") if s.module else [] for s in sites]
+    common: list[str] = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    while common:
+        path = ".".join(common)
+        try:
+            params = inspect.signature(modules[path].forward).parameters
+        except (KeyError, TypeError, ValueError):
+            params = {}
+        if "attention_mask" in params and _is_base(modules[path]):
+            break
+        common.pop()
+    if not common:
+        return sites
+    path = ".".join(common)
+    return [Site(s.name, s.module, s.read, s.index, s.hf_index, s.call, s.layout, s.stack, path, s.source)
+            for s in sites]
+
+
+def hidden_state_sites(model: nn.Module) -> list[Site]:
+    """The sites that reproduce ``output_hidden_states=True`` for ``model`` (see the module docstring).
+
+    Raises:
+        SiteError: discovery ran but a returned hidden state comes from no module call, or the
+            model has neither token-id inputs nor a ``ModuleList`` of blocks.
+    """
+    return _anchor(model, _hidden_state_sites(model))
+
+
+def _hidden_state_sites(model: nn.Module) -> list[Site]:
+    found, why = discover(model)
+    if found:
+        return found
+    if why is not None and why.startswith("!"):  # discovery ran and established that it cannot be exact
+        raise SiteError(why[1:])
+    found = _registry_sites(model)  # a model that cannot run on token ids alone
+    if found:
+        return found
+    layers = _structural_layers(model)
+    if not layers:
+        raise SiteError(f"cannot locate the hidden states of {type(model).__name__}: no "
+                        f"_can_record_outputs registry, no discovery forward ({why}) and no ModuleList "
+                        "of blocks; pass sites= with module names or globs")
+    return _layer_sites([(n, None) for n in layers], None, False, True, "structure")
+
+
+# ---------------------------------------------------------------------------- discovery
+@dataclass
+class _Record:
+    seq: int          # order of the hook event within the discovery forward
+    module: str
+    call: int         # which call of the module (0-based) in the whole forward
+    start: int        # seq interval of that call
+    read: str         # "input" or "output"
+    index: int | str | None
+    tensor: Tensor
+    version: int
+
+
+def _tensors_of(obj: Any, read: str) -> list[tuple[int | str | None, Tensor]]:
+    if isinstance(obj, Tensor):
+        return [(None, obj)]
+    if isinstance(obj, (tuple, list)):
+        return [(i, t) for i, t in enumerate(obj) if isinstance(t, Tensor)]
+    if hasattr(obj, "items"):
+        try:
+            return [(k, t) for k, t in obj.items() if isinstance(t, Tensor)]
+        except Exception:
+            return []
+    return []
+
+
+def _version(t: Tensor) -> int:
+    return -1 if t.is_inference() else t._version
+
+
+def _discovery_inputs(model: nn.Module) -> tuple[dict[str, Any] | None, str]:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None, "forward has no signature"
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if "input_ids" not in params:
+        return None, "forward takes no input_ids"
+    if "output_hidden_states" not in params and not var_kw:
+        return None, "forward takes no output_hidden_states"
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int):
+        try:
+            vocab = model.get_input_embeddings().num_embeddings
+        except Exception:
+            return None, "no vocab_size"
+    device = next((p.device for p in model.parameters()), None)
+    if device is None or device.type == "meta":
+        return None, "parameters are on the meta device"
+    low = min(3, max(0, vocab - 1))
+
+    def ids(t: int) -> Tensor:
+        return (low + (torch.arange(_B * t) * 7) % max(1, vocab - low)).view(_B, t).to(device)
+
+    call: dict[str, Any] = {"input_ids": ids(_T), "output_hidden_states": True}
+    if "return_dict" in params or var_kw:
+        call["return_dict"] = True
+    if "use_cache" in params:
+        call["use_cache"] = False
+    if "decoder_input_ids" in params:
+        call["decoder_input_ids"] = ids(_T_DEC)
+    return call, ""
+
+
+def _buffers_to_restore(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    # train-mode forwards update normalisation running statistics: put them back afterwards
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training:
+            saved += [(b, b.detach().clone()) for b in m.buffers(recurse=False)]
+    return saved
+
+
+#: the attribute transformers sets once it has installed its own output-capturing hooks
+_INSTALLED = "_output_capturing_hooks_installed"
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
+
+
+def _hook_ids(model: nn.Module) -> dict[int, tuple[set, set]]:
+    return {id(m): tuple(set(getattr(m, d, {})) for d in _HOOK_DICTS) for m in model.modules()}
+
+
+def _undo_lazy_hooks(model: nn.Module, before: dict, flags: dict) -> None:
+    """transformers installs its recording hooks the first time hidden states are asked for; undo
+    that for the discovery forward, so the model is left as it was — but only where the flag that
+    makes transformers install them again can be restored too (else they stay: harmless)."""
+    flipped = [m for m in model.modules() if flags.get(id(m)) is not True and getattr(m, _INSTALLED, None) is True]
+    if not flipped:
+        return
+    for m in model.modules():
+        for d, old in zip(_HOOK_DICTS, before.get(id(m), (set(), set()))):
+            hooks = getattr(m, d, None)
+            if hooks is None:
+                continue
+            for key in [k for k in hooks if k not in old]:
+                del hooks[key]
+                for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                              "_forward_pre_hooks_with_kwargs"):
+                    getattr(m, extra, {}).pop(key, None)
+    for m in flipped:
+        if flags.get(id(m)) is None:
+            try:
+                delattr(m, _INSTALLED)
+            except AttributeError:
+                setattr(m, _INSTALLED, False)
+        else:
+            setattr(m, _INSTALLED, flags[id(m)])
+
+
+def _run_recorded(model: nn.Module, call: dict[str, Any]):
+    records: list[_Record] = []
+    calls: dict[int, int] = {}
+    intervals: list[list] = []  # [module, call, start, end]
+    open_calls: dict[int, list] = {}
+    counter = [0]
+    names = {id(m): n for n, m in model.named_modules()}
+    handles = []
+
+    def pre(module, args, kwargs):
+        name = names.get(id(module))
+        k = calls.get(id(module), 0)
+        calls[id(module)] = k + 1
+        counter[0] += 1
+        span = [name, k, counter[0], None]
+        intervals.append(span)
+        open_calls.setdefault(id(module), []).append(span)
+        if name:
+            for i, t in _tensors_of(tuple(args), "input") + _tensors_of(kwargs, "input"):
+                counter[0] += 1
+                records.append(_Record(counter[0], name, k, span[2], "input", i, t, _version(t)))
+
+    def post(module, args, kwargs, output):
+        stack = open_calls.get(id(module))
+        span = stack.pop() if stack else [names.get(id(module)), 0, counter[0], None]
+        counter[0] += 1
+        span[3] = counter[0]
+        name = names.get(id(module))
+        if name:
+            for i, t in _tensors_of(output, "output"):
+                counter[0] += 1
+                records.append(_Record(counter[0], name, span[1], span[2], "output", i, t, _version(t)))
+
+    saved = _buffers_to_restore(model)
+    before = _hook_ids(model)
+    flags = {id(m): getattr(m, _INSTALLED, None) for m in model.modules()}
+    token = _DISCOVERING.set(True)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        for m in model.modules():
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+            handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            out = model(**call)
+    finally:
+        for h in reversed(handles):
+            h.remove()
+        _DISCOVERING.reset(token)
+        _undo_lazy_hooks(model, before, flags)
+        with torch.no_grad():
+            for buf, old in saved:
+                buf.copy_(old)
+    return out, records, intervals
+
+
+def _perms(dim: int) -> list[tuple[int, ...]]:
+    base = tuple(range(dim))
+    out = [base]
+    if dim >= 3:
+        out += [(1, 0, *base[2:]), (0, *base[2:], 1)]  # sequence-first; channels-before-tokens
+    elif dim == 2:
+        out += [(1, 0)]
+    return out
+
+
+def _match(target: Tensor, records: list[_Record]) -> tuple[_Record, tuple[int, ...] | None] | None:
+    """The record holding ``target``: the same object first, then equal values in some axis order;
+    ties go to outputs over inputs, then the shallowest module, then the latest event."""
+    best, best_key, best_layout = None, None, None
+    for r in records:
+        t = r.tensor
+        if t.is_nested or _version(t) != r.version or t.dtype != target.dtype or t.dim() != target.dim():
+            continue
+        layout: tuple[int, ...] | None = None
+        same = t is target
+        if not same:
+            for p in _perms(t.dim()):
+                if tuple(t.shape[i] for i in p) == tuple(target.shape) and torch.equal(t.permute(p), target):
+                    layout = None if p == tuple(range(t.dim())) else p
+                    break
+            else:
+                continue
+        key = (same, r.read == "output", -r.module.count("."), r.seq)
+        if best_key is None or key > best_key:
+            best, best_key, best_layout = r, key, layout
+    return None if best is None else (best, best_layout)
+
+
+def _stack_tuples(out: Any) -> list[tuple[str, tuple]]:
+    items = out.items() if hasattr(out, "items") else []
+    found = []
+    for k, v in items:
+        if (isinstance(k, str) and k.endswith("hidden_states") and isinstance(v, (tuple, list)) and v
+                and all(isinstance(t, Tensor) for t in v)):
+            found.append((k, tuple(v)))
+    return found
+
+
+def discover(model: nn.Module) -> tuple[list[Site] | None, str | None]:
+    """Sites from one recorded forward (see the module docstring).
+
+    Returns:
+        ``(sites, None)``; ``(None, reason)`` when the model cannot be run on token ids;
+        ``(None, "!" + message)`` when it ran but a hidden state is produced by no module call.
+    """
+    call, why = _discovery_inputs(model)
+    if call is None:
+        return None, why
+    try:
+        out, records, intervals = _run_recorded(model, call)
+    except Exception as err:  # the model wants other inputs (pixels, boxes, ...)
+        return None, f"a forward on token ids failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    stacks = _stack_tuples(out)
+    if not stacks:
+        return None, "the model returned no hidden_states"
+    chosen: dict[str, list[tuple[int, _Record, tuple[int, ...] | None]]] = {}
+    for key, tensors in stacks:
+        for i, h in enumerate(tensors):
+            hit = _match(h, records)
+            if hit is None:
+                return None, (f"!cannot capture {key}[{i}] of {type(model).__name__}: no module call produces "
+                              f"or receives that tensor (shape {tuple(h.shape)}); pass sites= with module names")
+            chosen.setdefault(key, []).append((i, hit[0], hit[1]))
+    # stacks in the order they run (encoder before decoder), whatever the output's field order
+    chosen = dict(sorted(chosen.items(), key=lambda kv: min(r.seq for _, r, _ in kv[1])))
+    ends = {(s[0], s[1]): s for s in intervals}
+    sites: list[Site] = []
+    for key, hits in chosen.items():
+        if len(chosen) > 1:
+            context = _context(key, hits, chosen, intervals, ends)
+        else:
+            context = _base_call(model, hits, intervals, ends)
+        ctx_name, ctx_start, ctx_end = context if context else ("", None, None)
+        for i, r, layout in hits:
+            span = ends.get((r.module, r.call))
+            call_index = r.call
+            if ctx_start is not None:  # which call of the module within the context's call
+                call_index = sum(1 for s in intervals if s[0] == r.module and ctx_start <= s[2] < span[2])
+            sites.append(Site(f"{key}.{i}", r.module, r.read, r.index, i, call_index, layout, key, ctx_name,
+                              "discovery"))
+    return sites, None
+
+
+def _is_base(module: nn.Module) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "attention_mask" in params and any(c.__name__ == "PreTrainedModel" for c in type(module).__mro__)
+
+
+def _base_call(model: nn.Module, hits, intervals, ends):
+    """The innermost call of a transformers model (not the root) containing every chosen record of a
+    single stack (the base model inside a task head), or None: then the root's call holds them."""
+    modules = dict(model.named_modules())
+    own = [ends[(r.module, r.call)] for _, r, _ in hits]
+    lo, hi = min(s[2] for s in own), max(s[3] or s[2] for s in own)
+    best = None
+    for s in intervals:
+        if s[0] and s[3] is not None and s[2] <= lo and s[3] >= hi and _is_base(modules[s[0]]):
+            if best is None or s[2] > best[2]:
+                best = s
+    return None if best is None else (best[0], best[2], best[3])
+
+
+def _context(key, hits, chosen, intervals, ends):
+    """The outermost module call containing every chosen record of ``key`` and none of another key."""
+    own = [ends[(r.module, r.call)] for _, r, _ in hits]
+    lo, hi = min(s[2] for s in own), max(s[3] or s[2] for s in own)
+    others = [ends[(r.module, r.call)][2] for k, hs in chosen.items() if k != key for _, r, _ in hs]
+    best = None
+    for s in intervals:
+        if s[0] is None or s[3] is None or not s[0]:
+            continue
+        if s[2] <= lo and s[3] >= hi and not any(s[2] <= o <= s[3] for o in others):
+            if best is None or (s[2], -s[3]) < (best[2], -best[3]):
+                best = s
+    if best is None:
+        return None
+    return best[0], best[2], best[3]

@@ -1,0 +1,307 @@
+"""One forward's life: it begins (the model's or a stack's pre-hook), its sites' tensors are staged
+as they come, and it ends — folded into the statistics as a whole at the model's post-hook — or
+stops half-way (it raised) and counts nowhere.
+
+Recipe (what :class:`probe.capture.Capture` does)::
+
+    forwards = Forwards(capture, hooks, sites)
+    hooks.attach(forwards.begin, forwards.end, forwards.enter, forwards.leave, forwards.observe)
+
+A site's tensor is laid out as ``[batch, sequence, ...]`` (``Site.layout``; a NestedTensor padded
+back), its tokens are read from the call of its own stack (:mod:`probe.tokens`), and it is held by
+reference until the forward ends (up to ``cross_budget`` bytes; past it, sites fold in at once).
+A submodule called on its own, with no model or stack call around it, folds in at once. Nothing
+here reads a device value on the host; errors disable one site with one warning (``strict``:
+raise), never the model's forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import SiteError
+from .hooks import HookSet, token_source
+from .sites import Site, discovering
+from .tokens import TokenContext, read_call
+
+__all__ = ["Forwards"]
+
+
+def _in_backward() -> bool:
+    # gradient checkpointing re-runs forwards of (sub)modules inside the backward pass
+    return torch._C._current_graph_task_id() != -1
+
+
+def _version(x: Tensor) -> int:
+    # inference tensors (torch.inference_mode) carry no version counter and cannot change later
+    return -1 if x.is_inference() else x._version
+
+
+def describe(x: Any) -> str:
+    """``shape (..), dtype ..`` of whatever a hook received, without failing on odd tensors."""
+    if isinstance(x, Tensor):
+        try:
+            shape = tuple(x.shape)
+        except RuntimeError:
+            shape = "nested"
+        return f"shape {shape}, dtype {str(x.dtype).replace('torch.', '')}"
+    return f"shape {type(x).__name__}, dtype -"
+
+
+class Forwards:
+    """The per-forward state of one capture (see the module docstring)."""
+
+    def __init__(self, cap: Any, hooks: HookSet, sites: list[Site], names: dict[str, list[str]]) -> None:
+        self.cap = cap
+        self._hooks = hooks
+        self._defs = sites
+        self._names = names
+        self._sources = [token_source(s) for s in sites]
+        try:
+            self._signature = inspect.signature(cap.model.forward)
+        except (TypeError, ValueError):  # builtins without a signature
+            self._signature = None
+        self._warned_thread = False
+        self._rows_seen = 0
+        self._call: dict[str, Any] | None = None  # the model's token inputs while a forward runs
+        self._phase = "prefill"
+        self._context: TokenContext | None = None
+        self._owner: str | None = None  # who ends the forward: "" the model, a stack's path, None nobody
+        self._pending: list = []  # this forward's site tensors, folded in when it ends (all or nothing)
+        self._pending_bytes = 0
+        self._dropped = 0
+        self._copy: set[int] = set()  # sites whose tensor the model modifies in place: copied at the hook
+        self._fired: set[int] = set()
+        self._real: dict[int, Tensor] = {}  # real tokens seen per site (device counters, read at exit)
+
+    def _foreign_thread(self) -> bool:
+        """Statistics are not thread-safe: forwards on threads other than the one that entered are
+        ignored, with one warning (run one capture per thread, on separate model replicas)."""
+        if threading.get_ident() == self.cap._thread:
+            return False
+        if not self._warned_thread:
+            self._warned_thread = True
+            warnings.warn("probe: a forward ran on another thread than the one that entered capture(); "
+                          "its activations are not recorded; enter a separate capture in each thread",
+                          stacklevel=3)
+        return True
+
+    def _skip(self) -> bool:
+        # a gradient-checkpointing recompute (in backward) re-runs tokens that were counted already;
+        # probe's own discovery forward (another capture being set up) is not the user's data
+        return _in_backward() or discovering() or self._foreign_thread()
+
+    def _bind(self, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+        call: dict[str, Any] = dict(kwargs)
+        if args:
+            try:
+                signature = self._signature if module is self.cap.model else inspect.signature(module.forward)
+                if signature is not None:
+                    call.update(signature.bind_partial(*args, **kwargs).arguments)
+            except (TypeError, ValueError):
+                pass
+        return call
+
+    def _start(self, owner: str | None) -> None:
+        """A forward begins: drop what an unfinished one left, open a token context."""
+        self.cap._flush_group()
+        self.cap._finish_cross()
+        if self._pending:
+            self._drop_pending()
+        self.cap._forward += 1
+        self._owner = owner
+        self._phase = "prefill"
+        seed = hash((self.cap.seed, self.cap.rank, self.cap._forward)) & ((1 << 62) - 1)
+        self._context = TokenContext(self.cap._forward, self._rows_seen, self.cap.skip_first, seed)
+        self._hooks.active.clear()
+
+    def _drop_pending(self) -> None:
+        self._pending, self._pending_bytes = [], 0
+        self._dropped += 1
+        if self._dropped == 1:
+            warnings.warn("probe: a forward stopped before it finished (it raised); none of its tokens enter "
+                          "any statistic (each forward counts whole or not at all)", stacklevel=5)
+
+    def begin(self, module, args, kwargs) -> None:
+        if self._skip():
+            return
+        self._start("")
+        call = self._bind(module, args, kwargs)
+        inputs = read_call(call)
+        self._context.calls[""] = inputs
+        if "decoder_" in self._sources:
+            self._context.calls["decoder_"] = read_call(call, "decoder_")
+        self._call = {k: call.get(k) for k in ("attention_mask", "position_ids", "cache_position",
+                                              "input_ids", "inputs_embeds")}
+        self._phase = "decode" if self.cap.phases and inputs.past else "prefill"
+        self._hooks.reset("")
+        self._hooks.active.append("")
+
+    def end(self, module, args, output) -> None:
+        if self._skip() or self._owner != "":
+            return
+        if output is None:  # the forward raised (this hook is always called)
+            self._abort()
+        else:
+            self._finish()
+
+    def enter(self, name: str, module, args, kwargs) -> None:
+        """A stack (encoder, decoder) begins: its own mask describes its tensors."""
+        if self._skip():
+            return
+        alone = self._context is None or self._owner is None
+        if alone:  # the stack called on its own: a forward of its own
+            self._start(name)
+        call = self._bind(module, args, kwargs)
+        inputs = self._context.calls[name] = read_call(call)
+        if alone:
+            self._phase = "decode" if self.cap.phases and inputs.past else "prefill"
+        self._hooks.reset(name)
+        self._hooks.active.append(name)
+
+    def leave(self, name: str, output: Any) -> None:
+        if self._skip():
+            return
+        if name in self._hooks.active:
+            self._hooks.active.remove(name)
+        if self._owner == name:
+            self._abort() if output is None else self._finish()
+
+    def _abort(self) -> None:
+        """The forward raised half-way: none of its tensors enter any statistic."""
+        if self._pending:
+            self._drop_pending()
+        self._call = None
+        self._context = None
+        self._owner = None
+        self._hooks.active.clear()
+
+    def _finish(self) -> None:
+        """The forward ended: fold in every site it produced, then close it."""
+        try:
+            self._fold_pending()
+        finally:
+            self.cap._flush_group()
+            self.cap._finish_cross()
+            if self._context is not None:
+                self._rows_seen += self._context.rows()
+            self._call = None
+            self._context = None
+            self._owner = None
+            self._hooks.active.clear()
+        if self.cap.every is not None and self.cap._forward % self.cap.every == 0:
+            self.cap._commit()
+
+    def _fold_pending(self) -> None:
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        stale = [self._defs[i].name for i, _, x, version, _, _ in pending if _version(x) != version]
+        if stale:
+            # the model changed these tensors in place after the hook: this forward cannot be
+            # counted exactly; from now on these sites are copied at the hook
+            self._copy.update(i for i, _, x, version, _, _ in pending if _version(x) != version)
+            self._dropped += 1
+            warnings.warn(f"probe: sites {stale} were modified in place after their hook; this forward is left "
+                          "out of every statistic, and these sites are copied at the hook from now on",
+                          stacklevel=3)
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            while pending:
+                i, name, x2, _, tokens, x = pending.pop(0)
+                self._guarded(i, name, x, lambda: self.cap._fold(i, name, x2, tokens, self._phase))
+
+    def _guarded(self, i: int, name: str, x: Any, fn) -> None:
+        """Run ``fn``; an error disables site ``name`` with one warning (``strict``: raises)."""
+        if name in self.cap._disabled:
+            return
+        try:
+            fn()
+        except Exception as err:
+            message = f"site {name!r} ({describe(x)}): {err}"
+            if self.cap.strict:
+                raise SiteError(message) from err
+            self.cap._disabled[name] = str(err)
+            warnings.warn(f"probe: {message}; this site is disabled for the rest of the run", stacklevel=3)
+
+    def observe(self, i: int, x: Any) -> None:
+        if self._skip():
+            return
+        if self._context is None:  # a submodule called on its own: one forward, nobody ends it
+            self._start(None)
+        name = self._names[self._phase][i]
+        self._fired.add(i)
+        self._guarded(i, name, x, lambda: self._stage(i, name, x))
+
+    def _stage(self, i: int, name: str, x: Any) -> None:
+        """Check and lay out the site's tensor, find its tokens; keep it until the forward ends."""
+        site = self._defs[i]
+        if isinstance(x, Tensor) and x.is_nested:
+            x = self._unnest(i, x)
+        if not isinstance(x, Tensor):
+            raise SiteError(f"the module produced {type(x).__name__}, not a tensor; "
+                            "choose a module whose output (or output[0]) is a tensor")
+        if not x.is_floating_point():
+            raise SiteError(f"expected a floating-point tensor, got {x.dtype}; "
+                            "capture a module that outputs activations")
+        if x.dim() < 3:
+            raise SiteError("expected [batch, sequence, ...] activations; "
+                            "capture a module whose output keeps the batch and sequence dims")
+        x = x.detach()
+        if site.layout is not None:
+            x = x.permute(site.layout)
+        self.cap._dtypes.setdefault(site.name, str(x.dtype).replace("torch.", ""))
+        b, t = x.shape[0], x.shape[1]
+        tokens = self._context.tokens(self._sources[i], b, t, x.device)
+        x2 = x.reshape(b * t, x.shape[2:].numel())
+        if i in self._copy:
+            x2 = x2.clone()
+        real = self._real.get(i)
+        count = tokens.cache.get("real")
+        if count is None:
+            count = tokens.cache["real"] = tokens.valid.sum()
+        self._real[i] = count if real is None else real + count
+        if self._owner is None or self._pending_bytes + x2.numel() * x2.element_size() > self.cap.cross_budget:
+            # nobody ends this forward, or holding it passes the budget: fold in now
+            with torch.inference_mode(False), torch.no_grad():
+                self.cap._fold(i, name, x2, tokens, self._phase)
+            return
+        self._pending.append((i, name, x2, _version(x2), tokens, x))
+        self._pending_bytes += x2.numel() * x2.element_size()
+
+    def _unnest(self, i: int, x: Tensor) -> Tensor:
+        """A NestedTensor (``nn.TransformerEncoder``'s fast path keeps only real tokens): padded back
+        to the mask's ``[batch, sequence]`` grid, where padding is left out anyway."""
+        mask = self._context.calls.get(self._sources[i])
+        mask = None if mask is None else mask.mask
+        if mask is None or mask.dim() != 2 or x.dim() != 3:
+            raise SiteError("received a NestedTensor without a [batch, sequence] padding mask to place its "
+                            "tokens; expected a dense tensor; build the encoder with enable_nested_tensor=False")
+        return torch.nested.to_padded_tensor(x, 0.0, output_size=(mask.shape[0], mask.shape[1], x.size(-1)))
+
+    def report_silent(self) -> None:
+        """At exit: one warning naming the sites that never fired or saw no real token (the model
+        bypasses their modules, e.g. calls ``layer.forward`` directly); recorded as disabled."""
+        if self._pending:
+            self._drop_pending()
+        if not self.cap._forward:
+            return
+        silent = {}
+        for i, site in enumerate(self._defs):
+            if site.name in self.cap._disabled:
+                continue
+            if i not in self._fired:
+                silent[site.name] = "never fired"
+            elif i in self._real and int(self._real[i]) == 0:
+                silent[site.name] = "saw no real token"
+        if silent:
+            self.cap._disabled.update(silent)
+            names = ", ".join(f"{n} ({why})" for n, why in silent.items())
+            warnings.warn(f"probe: {len(silent)} of {len(self._defs)} sites recorded nothing: {names}; their "
+                          "modules do not run through __call__ in this model's forward, or every token was "
+                          "padding; pass sites= naming modules that run", stacklevel=4)
+
