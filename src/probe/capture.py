@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import stats as _stats
+from ._schedule import as_schedule
 from .errors import ProbeError, SiteError
 from .sites import Site, SiteSpec, resolve
 
@@ -75,6 +76,7 @@ def capture(
     overwrite: bool = False,
     strict: bool = False,
     compile: bool | None = None,
+    schedule: Any = None,
 ) -> Capture:
     """Capture streaming statistics of ``model``'s activations inside a ``with`` block.
 
@@ -108,6 +110,11 @@ def capture(
             ``None`` (default) compiles on accelerators, where kernel launches dominate, and not
             on CPU; the first forward then pays a one-off compile (seconds to a minute). A
             failed compile falls back to eager with one warning.
+        schedule: which forwards to record: a callable ``forward_index -> bool`` (0-based count
+            of the model's forwards; called once with 0 at entry to check it) or a
+            ``torch.profiler.schedule(...)`` (``RECORD`` steps are recorded). The other forwards
+            cost a flag check per hook: no tensor is read. They still count toward ``every``
+            and the step labels, not toward ``absmax_at``'s rows. ``None`` records every forward.
 
     Returns:
         A :class:`Capture`; use it as a context manager. After the block it answers like
@@ -129,7 +136,7 @@ def capture(
                    max_positions=max_positions, histogram_bits=histogram_bits,
                    sample_size=sample_size, cross_budget=cross_budget, seed=seed, every=every,
                    phases=phases, distributed=distributed, overwrite=overwrite, strict=strict,
-                   compile=compile)
+                   compile=compile, schedule=schedule)
 
 
 def _eager(fn):
@@ -180,7 +187,7 @@ class Capture:
 
     def __init__(self, model: nn.Module, out, *, sites, stats, skip_first, max_positions,
                  histogram_bits, sample_size, cross_budget, seed, every=None, phases=False,
-                 distributed=None, overwrite=False, strict=False, compile=None) -> None:
+                 distributed=None, overwrite=False, strict=False, compile=None, schedule=None) -> None:
         if not isinstance(model, nn.Module):
             raise ProbeError(f"model must be a torch.nn.Module; got {type(model).__name__}; "
                              "pass the model object itself (e.g. AutoModelForCausalLM.from_pretrained(...))")
@@ -188,6 +195,7 @@ class Capture:
             raise ProbeError("model is already compiled with torch.compile, and hooks added after compiling "
                              "never fire; expected an uncompiled model; enter probe.capture(model) on the "
                              "uncompiled model first, then call torch.compile(model) inside the block")
+        self.schedule = as_schedule(schedule)
         self.every = None if every is None else _check_int("every", every, 1, "pass None to commit once at the end")
         self.phases = bool(phases)
         self.rank, self.world = _dist_info(distributed)
@@ -232,6 +240,7 @@ class Capture:
         self._thread = threading.get_ident()
         self._warned_thread = False
         self._active = False
+        self._off = False  # the current forward is not recorded (schedule)
         self._forward = 0
         self._rows_seen = 0
         self._call: dict[str, Any] | None = None
@@ -393,6 +402,9 @@ class Capture:
         self._flush_group()
         self._finish_cross()
         self._forward += 1
+        self._off = self.schedule is not None and not self.schedule(self._forward - 1)
+        if self._off:
+            return
         call: dict[str, Any] = dict(kwargs)
         if args and self._signature is not None:
             try:
@@ -408,10 +420,13 @@ class Capture:
     def _end(self, module, args, output) -> None:
         if _in_backward() or self._foreign_thread():
             return
-        self._flush_group()
-        self._finish_cross()
-        self._rows_seen += self._batch_rows()
-        self._call = None
+        if self._off:
+            self._off = False
+        else:
+            self._flush_group()
+            self._finish_cross()
+            self._rows_seen += self._batch_rows()
+            self._call = None
         if self.every is not None and self._forward % self.every == 0:
             self._commit()
 
@@ -425,6 +440,8 @@ class Capture:
 
     def _make_pre(self, i: int):
         def hook(module, args, kwargs):
+            if self._off:
+                return
             x = args[0] if args else kwargs.get("hidden_states")
             self._observe(i, x)
 
@@ -434,6 +451,8 @@ class Capture:
         site = self._defs[i]
 
         def hook(module, args, output):
+            if self._off:
+                return
             if site.read == "last_hidden_state":
                 x = getattr(output, "last_hidden_state", None)
                 if x is None and isinstance(output, (tuple, list)) and output:
