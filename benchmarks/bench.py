@@ -43,6 +43,7 @@ METHODS: dict[str, str] = {
     "hidden_states": "output_hidden_states=True + torch stats",
     "probe": "probe, default stats (all 5)",
     "probe_nocross": "probe, all but cross",
+    "probe_every25": "probe, default stats, 1 forward in 25 (schedule=)",
     "probe_moments": "probe, moments only",
     "probe_position": "probe, position only",
     "probe_histogram": "probe, histogram only",
@@ -53,12 +54,15 @@ METHODS: dict[str, str] = {
     "nnsight": "nnsight, .save() every block output",
 }
 DEPTH_METHODS = ("plain", "hidden_states", "probe_nocross")
+#: forwards per timed batch: a schedule's whole period, so every method batch holds exactly one
+#: recorded forward and 24 skipped ones, and its plain partner the same 25 plain forwards
+PERIOD = {"probe_every25": 25}
 NEEDS = {"tl_forward": "transformer_lens", "tl_cache": "transformer_lens", "nnsight": "nnsight"}
 
 
 def probe_stats(method: str):
     """The ``stats=`` argument of a probe method (``None`` = probe's default, every statistic)."""
-    if method == "probe":
+    if method in ("probe", "probe_every25"):
         return None
     if method == "probe_nocross":
         return PROBE_NOCROSS
@@ -224,15 +228,20 @@ class Runner:
             self.n_blocks = layers
         self.capture = None
         self.sink: list = []
+        self.period = PERIOD.get(self.method, 1)
 
     def plain(self) -> None:
-        self.floor(input_ids=self.ids, attention_mask=self.mask)
+        for _ in range(self.period):
+            self.floor(input_ids=self.ids, attention_mask=self.mask)
 
     def open(self) -> None:
         if self.method.startswith("probe"):
             import probe
 
-            self.capture = probe.capture(self.model, stats=probe_stats(self.method), skip_first=1)
+            period = self.period
+            schedule = None if period == 1 else (lambda i: i % period == 0)
+            self.capture = probe.capture(self.model, stats=probe_stats(self.method), skip_first=1,
+                                         schedule=schedule)
             self.capture.__enter__()
 
     def close(self) -> None:
@@ -246,7 +255,8 @@ class Runner:
 
         m = self.method
         if m == "plain" or m.startswith("probe"):
-            self.model(input_ids=self.ids, attention_mask=self.mask)
+            for _ in range(self.period):
+                self.model(input_ids=self.ids, attention_mask=self.mask)
         elif m == "hidden_states":
             out = self.model(input_ids=self.ids, attention_mask=self.mask, output_hidden_states=True)
             per_layer = []
@@ -447,7 +457,7 @@ def main_table(results: list[dict], shape, args, console) -> None:
             continue
         q = r["pair_ratios"]
         q1, q3 = (statistics.quantiles(q, n=4)[0::2] if len(q) > 1 else (q[0], q[0]))
-        row = [METHODS[m], f"{r['method_s']:.3f}", f"{r['ratio']:.2f}", f"{q1:.2f}-{q3:.2f}",
+        row = [METHODS[m], f"{r['method_s']:.3f}", f"{r['ratio']:.3f}", f"{q1:.3f}-{q3:.3f}",
                f"{r['cpu_ratio']:.2f}", f"{r['extra_peak_mib']:.0f}",
                f"{r['extra_peak_mib'] - plain_extra:+.0f}" if plain_extra is not None else "-"]
         if cuda:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import kernels as _kernels
 from . import stats as _stats
 from ._schedule import as_schedule
 from .errors import ProbeError, SiteError
@@ -595,6 +596,8 @@ class Capture:
         into their statistics: one batched update per statistic, in chunks of tokens."""
         pers = [self._window[name] for name in names]
         kinds = list(pers[0])
+        if _kernels.wanted(x):  # CUDA + Triton: one fused kernel for moments, histogram, position
+            kinds = _kernels.update(pers, x, tokens)
         g, n, d = x.shape
         chunked = [k for k in kinds if pers[0][k].chunked]
         if chunked:
