@@ -44,6 +44,7 @@ METHODS: dict[str, str] = {
     "probe": "probe, default stats (all 5)",
     "probe_nocross": "probe, all but cross",
     "probe_every25": "probe, default stats, 1 forward in 25 (schedule=)",
+    "probe_eager": "probe, default stats, fused Triton kernel off",
     "probe_moments": "probe, moments only",
     "probe_position": "probe, position only",
     "probe_histogram": "probe, histogram only",
@@ -62,7 +63,7 @@ NEEDS = {"tl_forward": "transformer_lens", "tl_cache": "transformer_lens", "nnsi
 
 def probe_stats(method: str):
     """The ``stats=`` argument of a probe method (``None`` = probe's default, every statistic)."""
-    if method in ("probe", "probe_every25"):
+    if method in ("probe", "probe_every25", "probe_eager"):
         return None
     if method == "probe_nocross":
         return PROBE_NOCROSS
@@ -237,7 +238,9 @@ class Runner:
     def open(self) -> None:
         if self.method.startswith("probe"):
             import probe
+            from probe import kernels
 
+            kernels._OFF = self.method == "probe_eager"
             period = self.period
             schedule = None if period == 1 else (lambda i: i % period == 0)
             self.capture = probe.capture(self.model, stats=probe_stats(self.method), skip_first=1,
@@ -869,11 +872,69 @@ def parity_main(args) -> int:
                 bad[f"{label} {k}"] = err[k]
         if flag and _base._EAGER:
             bad["compile fell back to eager"] = len(_base._EAGER)
+    bad.update(fused_parity(model, ids, mask, args))
     if bad:
         print(f"PARITY FAILED: {bad}")
         return 1
     print("PARITY OK")
     return 0
+
+
+def fused_parity(model, ids, mask, args) -> dict:
+    """On CUDA: the fused Triton path's states against the eager path's on the same forward
+    (counts, extremes, absmax location, histograms, per-position counts exact; moments close)."""
+    import numpy as np
+    import torch
+
+    import probe
+    from probe import kernels
+
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"  # CPU tensors through Triton's interpreter
+    if not args.device.startswith("cuda") and not interpret:
+        print("fused path: not checked (it runs on CUDA, or on CPU under TRITON_INTERPRET=1)")
+        return {}
+    if not kernels.available():
+        print("fused path: triton is not installed (pip install 'probe[gpu]')")
+        return {"fused path": "triton missing"}
+    runs = {}
+    kernels._FORCE = interpret
+    for off in (False, True):
+        kernels._OFF = off
+        try:
+            with torch.no_grad(), probe.capture(model, skip_first=1, compile=False, strict=True) as r:
+                model(input_ids=ids, attention_mask=mask)
+                model(input_ids=ids.flip(0), attention_mask=mask.flip(0))
+        finally:
+            kernels._OFF = False
+        runs["eager" if off else "fused"] = r.result.total["sites"]
+    if kernels._BROKEN is not None:
+        print(f"fused path: FAILED to run: {kernels._BROKEN}")
+        return {"fused path": kernels._BROKEN}
+    exact = {"moments": ("n", "min", "max", "nan", "posinf", "neginf", "tokens", "absmax", "absmax_at", "large"),
+             "histogram": ("counts", "lossless"), "position": ("tokens", "n", "absmax", "overflow")}
+    close = {"moments": (("mean", 1e-12), ("m2", 1e-5), ("m3", 1e-3), ("m4", 1e-4)),
+             "position": (("mean", 1e-12), ("m2", 1e-5))}
+    bad, worst = {}, {}
+    for site, per in runs["fused"].items():
+        other = runs["eager"][site]
+        for kind, fields in exact.items():
+            for f in fields:
+                if not np.array_equal(per[kind][f], other[kind][f]):
+                    bad[f"fused {site} {kind}.{f}"] = "differs"
+        for kind, fields in close.items():
+            for f, tol in fields:
+                a, b = per[kind][f], other[kind][f]
+                scale = np.maximum(np.abs(b), 1e-300) if f != "mean" else np.maximum(np.abs(b), 1.0)
+                if f in ("m3",):  # relative to M2 ** 1.5 (a skewness unit)
+                    scale = np.maximum(per[kind]["m2"], 1e-300) ** 1.5 / np.maximum(per[kind]["n"], 1) ** 0.5
+                err = float(np.max(np.abs(a - b) / scale))
+                worst[f"{kind}.{f}"] = max(worst.get(f"{kind}.{f}", 0.0), err)
+                if err > tol:
+                    bad[f"fused {site} {kind}.{f}"] = err
+    print("fused vs eager on " + args.device + ": exact fields " + ("equal" if not any(v == "differs" for v in bad.values())
+                                                                    else "DIFFER") + "; worst relative: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    return bad
 
 
 # -------------------------------------------------------------------------------- CLI

@@ -33,6 +33,10 @@ __all__ = ["FUSED", "available", "wanted", "update", "Plan", "Partials"]
 FUSED = ("moments", "position", "histogram")
 #: run the fused path on CPU tensors too (tests, under ``TRITON_INTERPRET=1``); private switch
 _FORCE = False
+#: never run the fused path (benchmarks and parity checks compare against the eager one)
+_OFF = False
+#: overrides of :class:`Plan`'s block sizes (tests use small blocks; a GPU tuning run may set others)
+_PLAN: dict[str, int] = {}
 #: set after a failed launch: the eager statistics take over, with one warning
 _BROKEN: str | None = None
 _AVAILABLE: bool | None = None
@@ -49,7 +53,7 @@ def available() -> bool:
 def wanted(x: Tensor) -> bool:
     """Whether the statistics of ``x`` take the fused path: a CUDA tensor with Triton installed,
     or any tensor under ``_FORCE`` with ``TRITON_INTERPRET=1``."""
-    if _BROKEN is not None or not available():
+    if _OFF or _BROKEN is not None or not available():
         return False
     if x.is_cuda:
         return True
@@ -80,7 +84,7 @@ def update(pers: list[dict[str, Any]], x: Tensor, tokens: Any) -> list[str]:
     stats = {k: [per[k] for per in pers] for k in fused}
     m = stats["histogram"][0].m if "histogram" in stats else 7
     try:
-        parts = _partials(x, tokens.keep, Plan(mantissa_bits=m))
+        parts = _partials(x, tokens.keep, Plan(mantissa_bits=m, **_PLAN))
     except Exception as err:  # a compiler or driver failure must not cost the run
         _BROKEN = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
         warnings.warn(f"probe: the fused Triton statistics failed ({_BROKEN}); using the eager ones "
