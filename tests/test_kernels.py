@@ -179,7 +179,7 @@ def test_dispatch_stays_eager_on_cpu_by_default():
 # ----------------------------------------------------------------------- the kernel (interpreter)
 @needs_triton
 @pytest.mark.parametrize("dtype, shape", [(torch.float32, (2, 18, 21)), (torch.bfloat16, (1, 18, 21)),
-                                          (torch.float16, (1, 5, 16))])
+                                          (torch.float16, (1, 5, 16)), (torch.float32, (1, 1, 5))])
 def test_kernel_partials_equal_reference(dtype, shape):
     x = activations(*shape, dtype=dtype) if shape[1] > 9 else torch.randn(*shape).to(dtype)
     tok = make_tokens(2, shape[1] // 2) if shape[1] % 2 == 0 else make_tokens(1, shape[1], pad=1)

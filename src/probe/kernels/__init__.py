@@ -2,7 +2,7 @@
 
 On CUDA, when Triton is installed (``pip install "probe[gpu]"``), :class:`probe.capture` hands the
 moments, histogram and per-position statistics of each group of sites to :func:`update`: one
-kernel reads the activations once (in their own dtype: no float32 copy) and writes small
+kernel reads the activations once (in the dtype it is handed: no float32 chunks) and writes small
 per-block partial results, which a few batched tensor ops merge into the very state tensors the
 eager statistics keep (:mod:`._combine`). Counts, extremes, absmax location and histograms equal
 the eager path's exactly; the float64 moments agree within rounding (see ``docs/statistics.md``).

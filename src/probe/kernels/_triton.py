@@ -44,7 +44,8 @@ def _pebay(na, ma, m2a, m3a, m4a, nb, mb, m2b, m3b, m4b):
     return n, mean, m2, m3, m4
 
 
-@triton.jit
+# sizes equal to 1 (a one-token decode step) must not become compile-time constants
+@triton.jit(do_not_specialize=["n_tokens", "d_model", "n_rblocks", "n_cblocks"])
 def _fused(x_ptr, keep_ptr, mom_ptr, ext_ptr, large_ptr, tok_ptr, rowmax_ptr, best_ptr, where_ptr,
            bad_ptr, hist_ptr, lossy_ptr,
            n_tokens, d_model, stride_g, stride_n, stride_d, n_rblocks, n_cblocks, hist_stride,
