@@ -3,7 +3,13 @@ helper that proves hooks are removed."""
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# Triton's interpreter (CPU tensors, tests/test_kernels.py) is chosen when triton is imported,
+# which other imports may do first; CUDA runs of the suite are unaffected by it
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 import torch
 import transformers
 
