@@ -43,6 +43,8 @@ METHODS: dict[str, str] = {
     "hidden_states": "output_hidden_states=True + torch stats",
     "probe": "probe, default stats (all 5)",
     "probe_nocross": "probe, all but cross",
+    "probe_every25": "probe, default stats, 1 forward in 25 (schedule=)",
+    "probe_eager": "probe, default stats, fused Triton kernel off",
     "probe_moments": "probe, moments only",
     "probe_position": "probe, position only",
     "probe_histogram": "probe, histogram only",
@@ -53,12 +55,15 @@ METHODS: dict[str, str] = {
     "nnsight": "nnsight, .save() every block output",
 }
 DEPTH_METHODS = ("plain", "hidden_states", "probe_nocross")
+#: forwards per timed batch: a schedule's whole period, so every method batch holds exactly one
+#: recorded forward and 24 skipped ones, and its plain partner the same 25 plain forwards
+PERIOD = {"probe_every25": 25}
 NEEDS = {"tl_forward": "transformer_lens", "tl_cache": "transformer_lens", "nnsight": "nnsight"}
 
 
 def probe_stats(method: str):
     """The ``stats=`` argument of a probe method (``None`` = probe's default, every statistic)."""
-    if method == "probe":
+    if method in ("probe", "probe_every25", "probe_eager"):
         return None
     if method == "probe_nocross":
         return PROBE_NOCROSS
@@ -224,15 +229,22 @@ class Runner:
             self.n_blocks = layers
         self.capture = None
         self.sink: list = []
+        self.period = PERIOD.get(self.method, 1)
 
     def plain(self) -> None:
-        self.floor(input_ids=self.ids, attention_mask=self.mask)
+        for _ in range(self.period):
+            self.floor(input_ids=self.ids, attention_mask=self.mask)
 
     def open(self) -> None:
         if self.method.startswith("probe"):
             import probe
+            from probe import kernels
 
-            self.capture = probe.capture(self.model, stats=probe_stats(self.method), skip_first=1)
+            kernels._OFF = self.method == "probe_eager"
+            period = self.period
+            schedule = None if period == 1 else (lambda i: i % period == 0)
+            self.capture = probe.capture(self.model, stats=probe_stats(self.method), skip_first=1,
+                                         schedule=schedule)
             self.capture.__enter__()
 
     def close(self) -> None:
@@ -246,7 +258,8 @@ class Runner:
 
         m = self.method
         if m == "plain" or m.startswith("probe"):
-            self.model(input_ids=self.ids, attention_mask=self.mask)
+            for _ in range(self.period):
+                self.model(input_ids=self.ids, attention_mask=self.mask)
         elif m == "hidden_states":
             out = self.model(input_ids=self.ids, attention_mask=self.mask, output_hidden_states=True)
             per_layer = []
@@ -447,7 +460,7 @@ def main_table(results: list[dict], shape, args, console) -> None:
             continue
         q = r["pair_ratios"]
         q1, q3 = (statistics.quantiles(q, n=4)[0::2] if len(q) > 1 else (q[0], q[0]))
-        row = [METHODS[m], f"{r['method_s']:.3f}", f"{r['ratio']:.2f}", f"{q1:.2f}-{q3:.2f}",
+        row = [METHODS[m], f"{r['method_s']:.3f}", f"{r['ratio']:.3f}", f"{q1:.3f}-{q3:.3f}",
                f"{r['cpu_ratio']:.2f}", f"{r['extra_peak_mib']:.0f}",
                f"{r['extra_peak_mib'] - plain_extra:+.0f}" if plain_extra is not None else "-"]
         if cuda:
@@ -859,11 +872,114 @@ def parity_main(args) -> int:
                 bad[f"{label} {k}"] = err[k]
         if flag and _base._EAGER:
             bad["compile fell back to eager"] = len(_base._EAGER)
+    bad.update(fused_parity(model, ids, mask, args))
     if bad:
         print(f"PARITY FAILED: {bad}")
         return 1
     print("PARITY OK")
     return 0
+
+
+def kernel_parity(device: str, interpret: bool) -> dict:
+    """The fused kernel's partial results against its float64 torch reference, with the default
+    blocks (``Plan()``, or ``kernels._PLAN``): bf16 and float32, odd sizes, padding, NaN/inf, a
+    massive value, subnormals. Block counts, extremes, absmax location, non-finite counts and
+    histograms must be equal; block moments close (float32 powers over ``sub`` tokens)."""
+    import torch
+
+    from probe import kernels
+    from probe.kernels import _reference, _triton
+
+    plan = kernels.Plan(**kernels._PLAN)
+    shapes = [(2, 37, 48), (1, 5, 16)] if interpret else [(3, 1031, 2050), (2, 4096, 2048), (1, 7, 5)]
+    bad, worst = {}, 0.0
+    for dtype in (torch.bfloat16, torch.float32):
+        for g, n, d in shapes:
+            gen = torch.Generator().manual_seed(n)
+            x = torch.randn(g, n, d, generator=gen) * torch.linspace(0.01, 4.0, d)
+            if n > 9 and d > 5:
+                x[:, 3, 1], x[:, 5, :3], x[:, 6, 2] = 300.0, 0.0, 1e-39
+                x[0, 4, 0], x[0, 7, 3], x[-1, 8, 5] = float("nan"), float("inf"), float("-inf")
+            x = x.to(device, dtype)
+            keep = torch.rand(n, generator=gen).to(device) > 0.2
+            got, want = _triton.partials(x, keep, plan), _reference.partials(x, keep, plan)
+            label = f"kernel {str(dtype).replace('torch.', '')} {g}x{n}x{d}"
+            for f in ("ext", "large", "best", "best_at", "bad", "hist", "lossy", "rowmax"):
+                if not torch.equal(getattr(got, f), getattr(want, f)):
+                    bad[f"{label} {f}"] = "differs"
+            for a, b in ((got.mom[:, :, 0], want.mom[:, :, 0]), (got.tok[:, :, 0], want.tok[:, :, 0])):
+                if not torch.equal(a, b):
+                    bad[f"{label} counts"] = "differs"
+            for k in (1, 2, 3, 4):
+                scale = want.mom[:, :, 2].clamp(min=1e-300).pow(k / 2) / want.mom[:, :, 0].clamp(min=1).pow(k / 2 - 1)
+                if k == 1:
+                    scale = (want.mom[:, :, 2] / want.mom[:, :, 0].clamp(min=1)).sqrt().clamp(min=1e-300)
+                err = float(((got.mom[:, :, k] - want.mom[:, :, k]).abs() / scale).nan_to_num(0.0).max())
+                worst = max(worst, err)
+                if err > 1e-4:
+                    bad[f"{label} mom[{k}]"] = err
+    print(f"fused kernel vs float64 torch reference on {device} ({plan}): exact fields "
+          + ("equal" if not any(v == "differs" for v in bad.values()) else "DIFFER")
+          + f"; block moments worst error {worst:.1e} (in units of the block's std ** k)")
+    return bad
+
+
+def fused_parity(model, ids, mask, args) -> dict:
+    """On CUDA: the fused Triton path's states against the eager path's on the same forward
+    (counts, extremes, absmax location, histograms, per-position counts exact; moments close)."""
+    import numpy as np
+    import torch
+
+    import probe
+    from probe import kernels
+
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"  # CPU tensors through Triton's interpreter
+    if not args.device.startswith("cuda") and not interpret:
+        print("fused path: not checked (it runs on CUDA, or on CPU under TRITON_INTERPRET=1)")
+        return {}
+    if not kernels.available():
+        print("fused path: triton is not installed (pip install 'probe[gpu]')")
+        return {"fused path": "triton missing"}
+    bad = kernel_parity(args.device, interpret)
+    runs = {}
+    kernels._FORCE = interpret
+    for off in (False, True):
+        kernels._OFF = off
+        try:
+            with torch.no_grad(), probe.capture(model, skip_first=1, compile=False, strict=True) as r:
+                model(input_ids=ids, attention_mask=mask)
+                model(input_ids=ids.flip(0), attention_mask=mask.flip(0))
+        finally:
+            kernels._OFF = False
+        runs["eager" if off else "fused"] = r.result.total["sites"]
+    if kernels._BROKEN is not None:
+        print(f"fused path: FAILED to run: {kernels._BROKEN}")
+        return {"fused path": kernels._BROKEN}
+    exact = {"moments": ("n", "min", "max", "nan", "posinf", "neginf", "tokens", "absmax", "absmax_at", "large"),
+             "histogram": ("counts", "lossless"), "position": ("tokens", "n", "absmax", "overflow")}
+    close = {"moments": (("mean", 1e-12), ("m2", 1e-5), ("m3", 1e-3), ("m4", 1e-4)),
+             "position": (("mean", 1e-12), ("m2", 1e-5))}
+    worst = {}
+    for site, per in runs["fused"].items():
+        other = runs["eager"][site]
+        for kind, fields in exact.items():
+            for f in fields:
+                if not np.array_equal(per[kind][f], other[kind][f]):
+                    bad[f"fused {site} {kind}.{f}"] = "differs"
+        for kind, fields in close.items():
+            for f, tol in fields:
+                a, b = per[kind][f], other[kind][f]
+                scale = np.maximum(np.abs(b), 1e-300) if f != "mean" else np.maximum(np.abs(b), 1.0)
+                if f in ("m3",):  # relative to M2 ** 1.5 (a skewness unit)
+                    scale = np.maximum(per[kind]["m2"], 1e-300) ** 1.5 / np.maximum(per[kind]["n"], 1) ** 0.5
+                err = float(np.max(np.abs(a - b) / scale))
+                worst[f"{kind}.{f}"] = max(worst.get(f"{kind}.{f}", 0.0), err)
+                if err > tol:
+                    bad[f"fused {site} {kind}.{f}"] = err
+    print("fused vs eager on " + args.device + ": exact fields " + ("equal" if not any(v == "differs" for v in bad.values())
+                                                                    else "DIFFER") + "; worst relative: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    return bad
 
 
 # -------------------------------------------------------------------------------- CLI

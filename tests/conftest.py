@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests build models from configs; nothing is fetched
+# Triton's interpreter (CPU tensors, tests/test_kernels.py) is chosen when triton is imported,
+# which other imports may do first; CUDA runs of the suite are unaffected by it
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
+import pytest  # noqa: E402
 import torch
 import transformers
 

@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import kernels as _kernels
 from . import stats as _stats
+from ._schedule import as_schedule
 from .errors import ProbeError, SiteError
 from .forward import Forwards
 from .hooks import Handle, HookSet
@@ -63,6 +65,7 @@ def capture(
     overwrite: bool = False,
     strict: bool = False,
     compile: bool | None = None,
+    schedule: Any = None,
 ) -> Capture:
     """Capture streaming statistics of ``model``'s activations inside a ``with`` block.
 
@@ -108,6 +111,11 @@ def capture(
             ``None`` (default) compiles on accelerators, where kernel launches dominate, and not
             on CPU; the first forward then pays a one-off compile (seconds to a minute). A
             failed compile falls back to eager with one warning.
+        schedule: which forwards to record: a callable ``forward_index -> bool`` (0-based count
+            of the model's forwards; called once with 0 at entry to check it) or a
+            ``torch.profiler.schedule(...)`` (``RECORD`` steps are recorded). The other forwards
+            cost a flag check per hook: no tensor is read. They still count toward ``every``
+            and the step labels, not toward ``absmax_at``'s rows. ``None`` records every forward.
 
     Returns:
         A :class:`Capture`; use it as a context manager. After the block it answers like
@@ -134,7 +142,7 @@ def capture(
                    max_positions=max_positions, histogram_bits=histogram_bits,
                    sample_size=sample_size, cross_budget=cross_budget, seed=seed, every=every,
                    phases=phases, distributed=distributed, overwrite=overwrite, strict=strict,
-                   compile=compile)
+                   compile=compile, schedule=schedule)
 
 
 def _eager(fn):
@@ -166,7 +174,7 @@ class Capture:
 
     def __init__(self, model: nn.Module, out, *, sites, stats, skip_first, max_positions,
                  histogram_bits, sample_size, cross_budget, seed, every=None, phases=False,
-                 distributed=None, overwrite=False, strict=False, compile=None) -> None:
+                 distributed=None, overwrite=False, strict=False, compile=None, schedule=None) -> None:
         if not isinstance(model, nn.Module):
             raise ProbeError(f"model must be a torch.nn.Module; got {type(model).__name__}; "
                              "pass the model object itself (e.g. AutoModelForCausalLM.from_pretrained(...))")
@@ -174,6 +182,7 @@ class Capture:
             raise ProbeError("model is already compiled with torch.compile, and hooks added after compiling "
                              "never fire; expected an uncompiled model; enter probe.capture(model) on the "
                              "uncompiled model first, then call torch.compile(model) inside the block")
+        self.schedule = as_schedule(schedule)
         self.every = None if every is None else _check_int("every", every, 1, "pass None to commit once at the end")
         self.phases = bool(phases)
         self.rank, self.world = _dist_info(distributed)
@@ -440,6 +449,8 @@ class Capture:
         into their statistics: one batched update per statistic, in chunks of tokens."""
         pers = [self._window[name] for name in names]
         kinds = list(pers[0])
+        if _kernels.wanted(x):  # CUDA + Triton: one fused kernel for moments, histogram, position
+            kinds = _kernels.update(pers, x, tokens)
         g, n, d = x.shape
         chunked = [k for k in kinds if pers[0][k].chunked]
         if chunked:

@@ -73,6 +73,7 @@ class Forwards:
         self._phase = "prefill"
         self._context: TokenContext | None = None
         self._owner: str | None = None  # who ends the forward: "" the model, a stack's path, None nobody
+        self._off_owner: str | None = None  # who ends a forward the schedule skips
         self._pending: list = []  # this forward's site tensors, folded in when it ends (all or nothing)
         self._pending_bytes = 0
         self._dropped = 0
@@ -128,8 +129,27 @@ class Forwards:
             warnings.warn("probe: a forward stopped before it finished (it raised); none of its tokens enter "
                           "any statistic (each forward counts whole or not at all)", stacklevel=5)
 
+    def _scheduled_off(self, owner: str) -> bool:
+        """Whether the forward beginning now is one ``schedule=`` skips; if so it is counted (for
+        ``every=`` and the default step labels) and the site hooks return at once until it ends."""
+        schedule = self.cap.schedule
+        if schedule is None or schedule(self.cap._forward):
+            return False
+        if self._pending:
+            self._drop_pending()
+        self.cap._forward += 1
+        self._hooks.off = True
+        self._off_owner = owner
+        return True
+
+    def _close_off(self) -> None:
+        self._hooks.off = False
+        self._off_owner = None
+        if self.cap.every is not None and self.cap._forward % self.cap.every == 0:
+            self.cap._commit()
+
     def begin(self, module, args, kwargs) -> None:
-        if self._skip():
+        if self._skip() or self._scheduled_off(""):
             return
         self._start("")
         call = self._bind(module, args, kwargs)
@@ -144,7 +164,13 @@ class Forwards:
         self._hooks.active.append("")
 
     def end(self, module, args, output) -> None:
-        if self._skip() or self._owner != "":
+        if self._skip():
+            return
+        if self._hooks.off:
+            if self._off_owner == "":
+                self._close_off()
+            return
+        if self._owner != "":
             return
         if output is None:  # the forward raised (this hook is always called)
             self._abort()
@@ -153,9 +179,11 @@ class Forwards:
 
     def enter(self, name: str, module, args, kwargs) -> None:
         """A stack (encoder, decoder) begins: its own mask describes its tensors."""
-        if self._skip():
+        if self._skip() or self._hooks.off:
             return
         alone = self._context is None or self._owner is None
+        if alone and self._scheduled_off(name):
+            return
         if alone:  # the stack called on its own: a forward of its own
             self._start(name)
         call = self._bind(module, args, kwargs)
@@ -167,6 +195,10 @@ class Forwards:
 
     def leave(self, name: str, output: Any) -> None:
         if self._skip():
+            return
+        if self._hooks.off:
+            if self._off_owner == name:
+                self._close_off()
             return
         if name in self._hooks.active:
             self._hooks.active.remove(name)
@@ -229,7 +261,7 @@ class Forwards:
             warnings.warn(f"probe: {message}; this site is disabled for the rest of the run", stacklevel=3)
 
     def observe(self, i: int, x: Any) -> None:
-        if self._skip():
+        if self._hooks.off or self._skip():
             return
         if self._context is None:  # a submodule called on its own: one forward, nobody ends it
             self._start(None)

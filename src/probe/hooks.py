@@ -90,6 +90,8 @@ class HookSet:
         #: stack contexts running now (innermost last); ``""`` is the model's own forward
         self.active: list[str] = []
         self._counts: dict[tuple[str, int], int] = {}
+        #: the current forward is one the schedule skips: every site hook returns at once
+        self.off = False
 
     # ------------------------------------------------------------------ per-forward state
     def reset(self, context: str) -> None:
@@ -144,6 +146,7 @@ class HookSet:
         while self.handles:
             self.handles.pop().remove()
         self.active.clear()
+        self.off = False
         self._counts.clear()
 
     # ---------------------------------------------------------------------- hook factories
@@ -173,6 +176,8 @@ class HookSet:
         site = self.sites[i]
 
         def hook(module, args, kwargs):
+            if self.off:  # a forward the schedule skips: touch nothing
+                return
             if self._current(site, module):
                 observe(i, site_tensor(site, args, kwargs))
 
@@ -182,6 +187,8 @@ class HookSet:
         site = self.sites[i]
 
         def hook(module, args, output):
+            if self.off:
+                return
             if self._current(site, module):
                 observe(i, site_tensor(site, args, {}, output))
 

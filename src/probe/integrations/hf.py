@@ -7,6 +7,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .._schedule import as_schedule
 from ..capture import Capture, capture
 from ..errors import ProbeError
 
@@ -23,9 +24,16 @@ class ProbeCallback(TrainerCallback):
     training are captured too. Under ``torch.distributed`` the windows are merged across ranks
     and rank 0 writes the file.
 
+    With ``schedule``, only the forwards of the scheduled optimizer steps are recorded (every
+    forward of such a step, gradient-accumulation micro-batches and evaluation included); the
+    others cost one flag check per hook.
+
     Args:
         out: the HDF5 file to write.
         every: commit a window every this many optimizer steps.
+        schedule: which optimizer steps to record: a callable ``step_index -> bool`` (0-based:
+            the step about to run, i.e. ``state.global_step`` at its start) or a
+            ``torch.profiler.schedule(...)``; ``None`` records every step.
         tensorboard: also log each window to TensorBoard as it is committed
             (:func:`probe.export.tensorboard.log_window`: histograms and scalars at the window's
             step): ``True`` logs to ``$TENSORBOARD_LOGGING_DIR`` if set, else to
@@ -41,22 +49,30 @@ class ProbeCallback(TrainerCallback):
         >>> Trainer(model, args, train_dataset=ds, callbacks=[cb]).train()  # doctest: +SKIP
     """
 
-    def __init__(self, out: str | os.PathLike, every: int = 100, tensorboard: bool | str | os.PathLike | None = None,
-                 **options: Any) -> None:
+    def __init__(self, out: str | os.PathLike, every: int = 100, schedule: Any = None,
+                 tensorboard: bool | str | os.PathLike | None = None, **options: Any) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ProbeError(f"every must be an int >= 1 (optimizer steps); got {every!r}; pass e.g. every=100")
         if "every" in options:
             raise ProbeError("pass every= to ProbeCallback only (it counts optimizer steps); remove it from options")
         self.out, self.every, self.options = out, every, options
+        self.schedule = as_schedule(schedule, unit="optimizer step")
         self.capture: Capture | None = None
         self.tensorboard = tensorboard
         self._tb = None  # the SummaryWriter, while training
+        self._recording = True
+
+    def _forward_recorded(self, forward_index: int) -> bool:
+        return self._recording
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ProbeError("ProbeCallback got no model from the Trainer; expected Trainer(model=...); "
                              "pass the model to the Trainer")
-        self.capture = capture(model, self.out, **self.options)
+        if self.schedule is not None:
+            self._recording = self.schedule(state.global_step)
+        schedule = None if self.schedule is None else self._forward_recorded
+        self.capture = capture(model, self.out, schedule=schedule, **self.options)
         self.capture.__enter__()
         wanted = self.tensorboard
         if wanted is None:
@@ -75,6 +91,10 @@ class ProbeCallback(TrainerCallback):
 
             log_window(self._tb, load(self.out).at(step), step)
             self._tb.flush()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.schedule is not None:
+            self._recording = self.schedule(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.capture is not None and state.global_step % self.every == 0:
