@@ -3,6 +3,8 @@ untouched, and what is recorded equals a capture that saw only the recorded forw
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -37,13 +39,18 @@ def _raw(run) -> dict:
 def test_skipped_forwards_touch_nothing(tiny, monkeypatch):
     model = tiny("gpt2")
     calls = []
-    for name in ("_observe", "_tokens_for", "_update", "_run_stats"):
-        original = getattr(Capture, name)
-        monkeypatch.setattr(Capture, name, lambda self, *a, _o=original, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1])
-    with probe.capture(model, schedule=lambda i: False, every=2) as run:
-        with torch.no_grad():
-            for batch in _batches(3):
-                model(**batch)
+    from probe.forward import Forwards
+
+    for cls, name in ((Capture, "_observe"), (Capture, "_fold"), (Capture, "_run_stats"),
+                      (Forwards, "_start"), (Forwards, "_stage")):
+        original = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, *a, _o=original, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "sites recorded nothing" warning: the schedule skipped them
+        with probe.capture(model, schedule=lambda i: False, every=2) as run:
+            with torch.no_grad():
+                for batch in _batches(3):
+                    model(**batch)
     assert calls == []
     assert run.steps == [2]  # skipped forwards count toward every=; the empty last window is not written
     for row in run.result.rows:

@@ -74,6 +74,7 @@ class Forwards:
         self._context: TokenContext | None = None
         self._owner: str | None = None  # who ends the forward: "" the model, a stack's path, None nobody
         self._off_owner: str | None = None  # who ends a forward the schedule skips
+        self._recorded = 0  # forwards recorded (not skipped by the schedule)
         self._pending: list = []  # this forward's site tensors, folded in when it ends (all or nothing)
         self._pending_bytes = 0
         self._dropped = 0
@@ -116,6 +117,7 @@ class Forwards:
         if self._pending:
             self._drop_pending()
         self.cap._forward += 1
+        self._recorded += 1
         self._owner = owner
         self._phase = "prefill"
         seed = hash((self.cap.seed, self.cap.rank, self.cap._forward)) & ((1 << 62) - 1)
@@ -320,7 +322,7 @@ class Forwards:
         bypasses their modules, e.g. calls ``layer.forward`` directly); recorded as disabled."""
         if self._pending:
             self._drop_pending()
-        if not self.cap._forward:
+        if not self._recorded:  # no forward, or the schedule skipped every one: nothing to say
             return
         silent = {}
         for i, site in enumerate(self._defs):
