@@ -256,3 +256,22 @@ def test_merge_halves_equals_one_run(tiny, tmp_path):
     np.testing.assert_allclose(merged.cross.r2, one.cross.r2, atol=1e-12)
     with pytest.warns(UserWarning, match="same sample seed 1"):
         probe.merge([tmp_path / "a.h5", tmp_path / "a.h5"], tmp_path / "x.h5")
+
+
+def test_run_indexes_sites_by_position_and_refuses_missing_cross(tiny):
+    model = tiny("gpt2")
+    ids, mask = batch(2, 6)
+    with probe.capture(model, stats=("moments",)) as run:
+        model(input_ids=ids, attention_mask=mask)
+    r = run.result
+    assert r[0].name == r.sites[0] and r[-1].name == r.sites[-1]
+    with pytest.raises(probe.ProbeError, match="out of range"):
+        r[len(r.sites)]
+    with pytest.raises(probe.ProbeError, match="no 'cross' statistic"):
+        r.cross.r2
+    with probe.capture(model, stats=("moments", "cross")) as run:
+        model(input_ids=ids, attention_mask=mask)
+    assert run.cross.r2.shape == (3, 3)
+    with pytest.raises(probe.ProbeError, match="no 'cos' statistic"):
+        run.cross.cos
+    assert run.cross.block_influence.size == 0

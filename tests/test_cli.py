@@ -354,3 +354,47 @@ def test_import_probe_loads_capture_and_torch_only_on_use():
             "assert probe.capture.__name__ == 'capture' and 'capture' in dir(probe)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_quant_table_piped_names_every_site(tiny_dir, capsys):
+    assert main(["run", tiny_dir, "--text", "hello world, a test", "--sites", "linear_inputs",
+                 "--stats", "moments,histogram", "--skip-first", "0", "-o", "q.h5"]) == 0
+    capsys.readouterr()
+    assert main(["show", "q.h5", "--quant", "fp8"]) == 0  # capsys is not a terminal: a pipe
+    out = capsys.readouterr().out
+    for site in probe.load("q.h5").sites:
+        assert site in out, site
+
+
+def test_show_refuses_a_folder_and_a_lone_scale(tiny_dir, tmp_path, capsys):
+    assert main(["show", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["run", tiny_dir, "--text", "hello world", "-o", "r.h5"]) == 0
+    capsys.readouterr()
+    assert main(["show", "r.h5", "--scale", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--scale" in err and "--quant" in err
+
+
+def test_cli_warnings_are_one_line(tiny_dir, capsys):
+    import warnings
+
+    assert main(["run", tiny_dir, "--text", "hello world", "--seed", "3", "-o", "a.h5"]) == 0
+    assert main(["run", tiny_dir, "--text", "hello again", "--seed", "3", "-o", "b.h5"]) == 0
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda *a, **k: sys.stderr.write(warnings.formatwarning(*a[:4]))
+        assert main(["merge", "a.h5", "b.h5", "-o", "ab.h5"]) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "seed" in x)
+    assert line.startswith("probe") and ".py:" not in err  # no source path, no source line
+
+
+def test_merge_of_other_sites_names_what_differs_briefly(tiny_dir, capsys):
+    assert main(["run", tiny_dir, "--text", "hello world", "-o", "a.h5"]) == 0
+    assert main(["run", tiny_dir, "--text", "hello world", "--sites", "linear_inputs", "-o", "b.h5"]) == 0
+    capsys.readouterr()
+    assert main(["merge", "a.h5", "b.h5", "-o", "ab.h5"]) == 2
+    err = capsys.readouterr().err
+    assert "entries vs" in err and len(err) < 1000

@@ -218,6 +218,9 @@ def _load(path: str):
 
 
 def cmd_show(args) -> int:
+    if getattr(args, "scale", None) is not None and not getattr(args, "quant", None):
+        raise ProbeError(f"--scale: only used with --quant, got --scale {args.scale} alone; "
+                         "pass --quant fp8 or --quant int8 with it")
     if getattr(args, "quant", None):
         from .export.cli import cmd_show_quant
 
@@ -370,10 +373,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    text = str(message)
+    return (text if text.startswith("probe") else f"probe: {category.__name__}: {text}") + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    formatwarning = warnings.formatwarning
+    if not args.debug:  # probe's warnings as one line each, not a source path and line
+        warnings.formatwarning = _one_line_warning
     try:
         return args.func(args)
     except (ProbeError, OSError) as err:
@@ -385,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"probe {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,14 +33,21 @@ def differences(a: Any, b: Any, prefix: str = "", limit: int = 4) -> list[str]:
         if isinstance(x, dict) and isinstance(y, dict):
             for k in list(x) + [k for k in y if k not in x]:
                 walk(x.get(k, "<absent>"), y.get(k, "<absent>"), f"{where}.{k}" if where else str(k))
-        elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+        elif isinstance(x, list) and isinstance(y, list):
+            if len(x) != len(y):
+                out.append(f"{where or 'value'}: {len(x)} entries vs {len(y)}")
             for i, (u, v) in enumerate(zip(x, y)):
                 walk(u, v, f"{where}[{i}]")
         elif x != y:
-            out.append(f"{where or 'value'}: {x!r} vs {y!r}")
+            out.append(f"{where or 'value'}: {_short(x)} vs {_short(y)}")
 
     walk(a, b, prefix)
     return out
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _model(meta: dict) -> dict:

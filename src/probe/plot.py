@@ -396,7 +396,7 @@ def _depth(run: Run, out: _Out, opts: dict) -> list[str]:
 def _cross(run: Run, out: _Out, opts: dict) -> list[str]:
     _, Figure, colors, cm = _mpl()
     cross = run.cross
-    if cross.cov.size == 0 or not (cross.n > 0 or cross.n_all > 0):
+    if not cross.available or cross.cov.size == 0 or not (cross.n > 0 or cross.n_all > 0):
         raise _missing("cross", "cross", run)
     labels, axis_label = _labels(cross.sites)
     skip = run.meta.get("skip_first", 0)

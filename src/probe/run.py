@@ -230,19 +230,64 @@ class CrossView:
     correlation. ``n``/``n_all`` count the (token, channel) observations.
     """
 
-    def __init__(self, sites: Sequence[str], c: dict[str, np.ndarray]) -> None:
+    def __init__(self, sites: Sequence[str], c: dict[str, np.ndarray], stats: Sequence[str] | None = None) -> None:
         self.sites = list(sites)
+        #: the statistics the run captured (``None``: unknown, nothing is refused)
+        self._stats = None if stats is None else list(stats)
         self.n = float(c["keep_n"]) if c else 0.0
         self.n_all = float(c["all_n"]) if c else 0.0
         self.skipped_tokens = int(c["skipped_tokens"]) if c else 0
-        self.cov, self.r2 = self._derive(c, "keep")
-        self.cov_all, self.r2_all = self._derive(c, "all")
+        self._cov, self._r2 = self._derive(c, "keep")
+        self._cov_all, self._r2_all = self._derive(c, "all")
         self.mean = c["keep_mean"] if c else np.zeros(0)
         self.mean_all = c["all_mean"] if c else np.zeros(0)
         #: mean per-token cosine similarity cos(h_i, h_j) ``[S, S]`` (``cos_all``: every real token)
         self._c = c
-        self.cos, self.cos_n = self._cos(c, "keep")
-        self.cos_all, self.cos_n_all = self._cos(c, "all")
+        self._cos_keep, self.cos_n = self._cos(c, "keep")
+        self._cos_all, self.cos_n_all = self._cos(c, "all")
+
+    def _need(self, stat: str) -> None:
+        if self._stats is not None and stat not in self._stats:
+            raise ProbeError(f"this run has no {stat!r} statistic; expected {stat!r} in stats=; capture with "
+                             f"stats=(..., 'cross'{', ' + repr(stat) if stat != 'cross' else ''}) to get it")
+
+    @property
+    def cov(self) -> np.ndarray:
+        """Covariance ``[S, S]`` without the first ``skip_first`` positions (raises without ``cross``)."""
+        self._need("cross")
+        return self._cov
+
+    @property
+    def r2(self) -> np.ndarray:
+        """R² ``[S, S]`` without the first ``skip_first`` positions (raises without ``cross``)."""
+        self._need("cross")
+        return self._r2
+
+    @property
+    def cov_all(self) -> np.ndarray:
+        self._need("cross")
+        return self._cov_all
+
+    @property
+    def r2_all(self) -> np.ndarray:
+        self._need("cross")
+        return self._r2_all
+
+    @property
+    def cos(self) -> np.ndarray:
+        """Mean per-token cosine ``[S, S]`` over kept tokens (raises without ``cos``)."""
+        self._need("cos")
+        return self._cos_keep
+
+    @property
+    def cos_all(self) -> np.ndarray:
+        self._need("cos")
+        return self._cos_all
+
+    @property
+    def available(self) -> bool:
+        """Whether the run captured the cross-layer statistic (``r2``, ``cov``) at all."""
+        return self._stats is None or "cross" in self._stats
 
     @staticmethod
     def _cos(c, v):
@@ -276,7 +321,9 @@ class CrossView:
     def block_influence(self) -> np.ndarray:
         """``1 - E[cos(h_l, h_{l+1})]`` for consecutive sites ``[S - 1]`` (Men et al. 2024,
         ShortGPT): how much each block changes the direction of a token's hidden state."""
-        return 1.0 - np.diagonal(self.cos, 1) if self.cos.size else np.zeros(0)
+        if self._stats is not None and "cos" not in self._stats:
+            return np.zeros(0)
+        return 1.0 - np.diagonal(self._cos_keep, 1) if self._cos_keep.size else np.zeros(0)
 
     @staticmethod
     def _derive(c, v):
@@ -447,7 +494,14 @@ class Run:
         """The statistics this run captured, e.g. ``["moments", "histogram"]``."""
         return list(self.meta.get("stats", []))
 
-    def __getitem__(self, name: str) -> SiteView:
+    def __getitem__(self, name: str | int) -> SiteView:
+        if isinstance(name, int) and not isinstance(name, bool):  # the i-th site, as run.sites lists them
+            if not -len(self.sites) <= name < len(self.sites):
+                raise ProbeError(f"site index {name} is out of range; expected -{len(self.sites)} .. "
+                                 f"{len(self.sites) - 1} (run has {len(self.sites)} sites); pass an index or a name")
+            name = self.sites[name]
+        if not isinstance(name, str):
+            raise ProbeError(f"a site is a name or an index; got {type(name).__name__}; pass e.g. run.sites[0]")
         if name not in self._info:
             raise ProbeError(f"unknown site {name!r}; expected one of run.sites{closest(name, self.sites)}")
         if name not in self._views:
@@ -463,7 +517,7 @@ class Run:
 
     @cached_property
     def cross(self) -> CrossView:
-        return CrossView(self.meta.get("cross_sites", []), self._source.cross_total())
+        return CrossView(self.meta.get("cross_sites", []), self._source.cross_total(), self.stats)
 
     def at(self, step: int) -> Run:
         """The window committed with label ``step`` (one window read).

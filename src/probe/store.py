@@ -527,6 +527,8 @@ def read(path: str | os.PathLike):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ProbeError(f"no such file: {path!r}; expected a run written by probe; check the path")
+    if os.path.isdir(path):
+        raise ProbeError(f"{path!r} is a folder; expected a run file written by probe; pass the .h5 file inside it")
     try:
         f = _open(path, "r")
     except OSError as err:

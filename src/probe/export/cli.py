@@ -48,11 +48,14 @@ def cmd_show_quant(args) -> int:
     from ..quant import report
     from ..report import print_quant
 
+    from ..cli import _stdout
+    from ..report import resolve_site
+
     run = load(args.file)
-    sites = [args.site] if getattr(args, "site", None) else None
+    sites = [resolve_site(run, args.site)] if getattr(args, "site", None) is not None else None
     rows = report(run, args.quant, scale=args.scale, sites=sites)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print_quant(rows)
+        print_quant(rows, console=_stdout())  # piped: wide enough for the site names
     return 0
