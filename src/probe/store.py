@@ -436,13 +436,7 @@ class FileSource:
                                    int(sg.attrs.get("buckets", 0)), sg.name)
             return {"counts": counts, "lossless": np.asarray(bool(rec["lossless"]))}
         if kind == "sample":
-            c = int(rec["coords"])
-            samples = f["samples"]
-            if not 0 <= c < samples["key"].shape[0]:
-                raise FileFormatError(f"{sg.name}: sample coordinates {c} not stored; the file is damaged")
-            out = {name: samples[name][c] for name in ("key", "row", "position", "channel", "token")}
-            out["value"] = np.asarray(rec["value"])
-            return out
+            return _sample_state(f["samples"], rec, sg.name)
         return _fields(rec, SPECS[kind].names, ds.name)
 
     def window(self, r: int) -> dict:
@@ -480,13 +474,7 @@ class FileSource:
                                             sg.name),
                     "lossless": np.asarray(bool(rec["lossless"]))}
         if kind == "sample":
-            c = int(rec["coords"])
-            ts = t["samples"]
-            if not 0 <= c < ts["key"].shape[0]:
-                raise FileFormatError(f"{sg.name}: sample coordinates {c} not stored; the file is damaged")
-            out = {n: ts[n][c] for n in ("key", "row", "position", "channel", "token")}
-            out["value"] = np.asarray(rec["value"])
-            return out
+            return _sample_state(t["samples"], rec, sg.name)
         return _fields(rec, SPECS[kind].names, ds.name)
 
     def site_total(self, name: str) -> dict:
@@ -513,6 +501,16 @@ class FileSource:
                 return self._total_of(f["total"], f["total/cross"], "cross") if "total/cross" in f else {}
         except (OSError, KeyError, ValueError) as err:
             raise FileFormatError(f"{self.path!r} could not be read ({err}); the file is damaged") from err
+
+
+def _sample_state(samples, rec, where: str) -> dict:
+    """A sample's state: its record's values and the shared coordinates row it points to."""
+    c = int(rec["coords"])
+    if not 0 <= c < samples["key"].shape[0]:
+        raise FileFormatError(f"{where}: sample coordinates {c} not stored; the file is damaged")
+    out = {n: samples[n][c] for n in ("key", "row", "position", "channel", "token")}
+    out["value"] = np.asarray(rec["value"])
+    return out
 
 
 def read(path: str | os.PathLike):
