@@ -275,3 +275,18 @@ def test_run_indexes_sites_by_position_and_refuses_missing_cross(tiny):
     with pytest.raises(probe.ProbeError, match="no 'cos' statistic"):
         run.cross.cos
     assert run.cross.block_influence.size == 0
+
+
+def test_input_sites_default_to_calibration_stats_and_skip_first_warns(tiny):
+    model = tiny("llama")
+    ids, mask = batch(2, 6)
+    with probe.capture(model, sites="linear_inputs") as run:
+        model(input_ids=ids, attention_mask=mask)
+    assert run.result.stats == ["moments", "histogram"]
+    with probe.capture(model, sites=["model.layers.0.mlp.down_proj:input", "hidden_states"]) as run:
+        model(input_ids=ids, attention_mask=mask)
+    assert "sample" in run.result.stats  # mixed sites keep the full default
+    with pytest.warns(UserWarning, match="skip_first=6 left no token"):
+        with probe.capture(model, skip_first=6) as run:
+            model(input_ids=ids, attention_mask=mask)
+    assert run["hidden_states.1"].tokens == 0

@@ -398,3 +398,25 @@ def test_merge_of_other_sites_names_what_differs_briefly(tiny_dir, capsys):
     assert main(["merge", "a.h5", "b.h5", "-o", "ab.h5"]) == 2
     err = capsys.readouterr().err
     assert "entries vs" in err and len(err) < 1000
+
+
+
+def test_show_marks_sites_that_recorded_nothing(capsys):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.used(x)
+
+    net = Net()
+    with pytest.warns(UserWarning, match="never fired"):
+        with probe.capture(net, out="r.h5", sites=["used", "unused"], stats=("moments",)):
+            net(torch.randn(2, 3, 4))
+    assert set(probe.load("r.h5").meta["disabled"]) == {"unused"}
+    assert main(["show", "r.h5"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 site(s) recorded nothing or were disabled: unused (never fired)" in out
+    assert main(["show", "r.h5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["disabled"] == {"unused": "never fired"}

@@ -79,7 +79,8 @@ def capture(
             input of every linear layer but the output head), or a callable
             ``(name, module) -> bool``.
         stats: names from ``("moments", "position", "histogram", "sample", "cross", "topk", "norm",
-            "cos")``; all but ``"cos"`` (per-token cosines between sites, inside ``"cross"``) by default.
+            "cos")``; all but ``"cos"`` (per-token cosines between sites, inside ``"cross"``) by default,
+            and ``("moments", "histogram")`` when every site is a module's input (calibration).
         skip_first: drop the first ``k`` real tokens of each sequence from every statistic except
             the per-position ones (which keep all real tokens so the first-token effect shows).
         max_positions: per-position statistics cover positions ``0 .. max_positions - 1``.
@@ -211,6 +212,10 @@ class Capture:
         self.compile = compile
         self.model = model
         self._defs: list[Site] = resolve(model, sites)
+        if stats is None and all(s.read == "input" and s.source == "module" for s in self._defs):
+            # calibration runs (module inputs only): per-channel moments and the histogram are what
+            # quantizers read; the rest costs time and file size for no consumer
+            self.stats = ("moments", "histogram")
         self._hooks = HookSet(model, self._defs)
         self._names = {"prefill": [s.name for s in self._defs],
                        "decode": [f"{s.name}@decode" for s in self._defs] if self.phases else []}
@@ -347,7 +352,20 @@ class Capture:
                     raise
                 warnings.warn(f"probe: could not save the last window while handling {exc_type.__name__}: {err}",
                               stacklevel=2)
+            else:
+                self._warn_all_skipped()
         return False
+
+    def _warn_all_skipped(self) -> None:
+        """One warning when ``skip_first`` removed every real token of a site that saw some."""
+        if not self.skip_first or "moments" not in self.stats or self._result is None:
+            return
+        empty = [n for n in self._result.sites if n not in self._disabled and self._result[n].tokens == 0]
+        if empty:
+            warnings.warn(f"probe: skip_first={self.skip_first} left no token at {len(empty)} site(s) "
+                          f"({', '.join(empty[:4])}{' …' if len(empty) > 4 else ''}): every real token sat at a "
+                          f"position below {self.skip_first}, so their statistics are empty (NaN); pass a smaller "
+                          "skip_first, or longer sequences", stacklevel=3)
 
     # ------------------------------------------------------------------------------ hooks
     def _finish_cross(self) -> None:

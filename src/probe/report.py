@@ -103,6 +103,7 @@ def summary(run: Run, sites: list[str] | None = None) -> dict[str, Any]:
         "file": run.path, "model": run.meta.get("model", {}).get("name_or_path") or
         run.meta.get("model", {}).get("class"), "windows": len(run.rows), "steps": run.steps,
         "skip_first": run.meta.get("skip_first"), "partial": run.meta.get("partial"), "sites": rows,
+        "disabled": dict(run.meta.get("disabled") or {}),
         "outlier_channels": outlier_channels(run), "research": research.summary(run),
         "massive": [m for m in massive(run) if m["site"] in chosen],
     }
@@ -320,6 +321,10 @@ def print_summary(run: Run, console=None, site: str | None = None) -> None:
     research.print_research(run, console, site)
     if data["partial"]:
         console.print(_partial_line(data["partial"]))
+    if data["disabled"]:
+        items = [f"{n} ({why.splitlines()[0][:80] if why else 'disabled'})" for n, why in data["disabled"].items()]
+        console.print(f"[bold yellow]{len(items)} site(s) recorded nothing or were disabled:[/] "
+                      + "; ".join(items[:8]) + (" …" if len(items) > 8 else ""), soft_wrap=True)
     if site is not None:
         e = next(x for x in data["sites"] if x["site"] == site)
         if "quantiles" in e:
