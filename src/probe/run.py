@@ -517,7 +517,7 @@ class Run:
 
     @cached_property
     def cross(self) -> CrossView:
-        return CrossView(self.meta.get("cross_sites", []), self._source.cross_total(), self.stats)
+        return CrossView(self.meta.get("cross_sites", []), self._source.cross_total(), self.meta.get("stats"))
 
     def at(self, step: int) -> Run:
         """The window committed with label ``step`` (one window read).
