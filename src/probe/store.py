@@ -95,6 +95,16 @@ def _site_key(i: int, count: int) -> str:
     return f"{i:0{max(2, len(str(count - 1)))}d}"
 
 
+def _sparse(sg, counts) -> tuple[np.ndarray, np.ndarray]:
+    """Dense bucket ``counts`` as (int32 bucket index, int64 count) of the non-empty buckets; the
+    group's ``buckets`` attribute records the dense length the first time."""
+    counts = np.asarray(counts)
+    nz = np.flatnonzero(counts)
+    if "index" not in sg:
+        sg.attrs["buckets"] = counts.shape[0]
+    return nz.astype(np.int32), counts[nz].astype(np.int64)
+
+
 class Writer:
     """Appends windows to a run file and keeps its cumulative state (``/total``) up to date.
 
@@ -169,12 +179,9 @@ class Writer:
             start = sg["count"].shape[0] if "count" in sg else 0
             end = start
             if state:
-                counts = np.asarray(state["counts"])
-                nz = np.flatnonzero(counts)
-                if "index" not in sg:
-                    sg.attrs["buckets"] = counts.shape[0]
-                self._extend(sg, "index", nz.astype(np.int32))
-                end = self._extend(sg, "count", counts[nz].astype(np.int64))
+                index, count = _sparse(sg, state["counts"])
+                self._extend(sg, "index", index)
+                end = self._extend(sg, "count", count)
             fields = {"start": np.int64(start), "end": np.int64(end),
                       "lossless": np.bool_(bool(state["lossless"])) if state else np.bool_(True)}
         elif kind == "sample":
@@ -257,12 +264,9 @@ class Writer:
                 if kind == "histogram":
                     fields = {}
                     if state:
-                        counts = np.asarray(state["counts"])
-                        nz = np.flatnonzero(counts)
-                        if "index" not in sg:
-                            sg.attrs["buckets"] = counts.shape[0]
-                        self._set(sg, "index", nz.astype(np.int32))
-                        self._set(sg, "count", counts[nz].astype(np.int64))
+                        index, count = _sparse(sg, state["counts"])
+                        self._set(sg, "index", index)
+                        self._set(sg, "count", count)
                         fields = {"lossless": np.bool_(bool(state["lossless"]))}
                 elif kind == "sample":
                     fields = {"coords": np.int64(where[name]), "value": np.asarray(state["value"])} if state else {}
