@@ -665,14 +665,18 @@ def profile_main(args) -> int:
         patched.append((owner, attr, orig))
 
     # the capture calls each statistic's class-level update_group (a batch of sites, or one)
-    wrap(st.Moments, "update_group", "moments")
-    wrap(st.Position, "update_group", "position")
-    wrap(st.Histogram, "update_group", "histogram")
-    wrap(st.Sample, "update_group", "sample")
+    # and on CPU, per site, ``partial`` (the heavy part) then one batched ``fold`` per statistic
+    kinds = {"moments": st.Moments, "position": st.Position, "histogram": st.Histogram, "sample": st.Sample,
+             "topk": st.TopK, "norm": st.Norm}
+    for label, cls in kinds.items():
+        wrap(cls, "update_group", label)
+        if "partial" in cls.__dict__ or "partial" in getattr(cls.__mro__[1], "__dict__", {}):
+            wrap(cls, "partial", label + " (partial)")
+            wrap(cls, "fold", label + " (fold)")
     wrap(st.Cross, "hold", "cross.hold")
     wrap(st.Cross, "finish", "cross.finish")
-    wrap(capture_mod.Capture, "_tokens_for", "tokens (mask/positions)")
-    wrap(capture_mod.Capture, "_update", "site hook (inclusive)")
+    wrap(importlib.import_module("probe.tokens").TokenContext, "tokens", "tokens (mask/positions)")
+    wrap(capture_mod.Capture, "_observe", "site hook (inclusive)")
     wrap(capture_mod.Capture, "_begin", "root pre-hook (inclusive)")
     wrap(capture_mod.Capture, "_end", "root post-hook (inclusive)")
 
@@ -718,13 +722,15 @@ def profile_main(args) -> int:
           f"  (plain forward timed before it: {p_med * 1e3:.0f} ms -> measured x{m_med / p_med:.2f}; the implied "
           f"ratio is immune to load drift between the two phases)")
 
-    leaves = ["moments", "position", "histogram", "sample", "cross.hold", "cross.finish", "tokens (mask/positions)"]
-    glue = per_fwd.get("site hook (inclusive)", 0.0) - sum(
-        per_fwd.get(k, 0.0) for k in leaves if k != "cross.finish")
+    leaves = [k + p for k in kinds for p in ("", " (partial)", " (fold)")]
+    leaves += ["cross.hold", "cross.finish", "tokens (mask/positions)"]
+    # a site hook stages its tensor (and reads its tokens); the statistics run when the forward
+    # ends, inside the root post-hook
+    glue = per_fwd.get("site hook (inclusive)", 0.0) - per_fwd.get("tokens (mask/positions)", 0.0)
     other_root = (per_fwd.get("root pre-hook (inclusive)", 0.0) + per_fwd.get("root post-hook (inclusive)", 0.0)
-                  - per_fwd.get("cross.finish", 0.0))
+                  - sum(per_fwd.get(k, 0.0) for k in leaves if k != "tokens (mask/positions)"))
     parts = [(k, per_fwd[k], str(per_call[k])) for k in leaves if k in per_fwd]
-    parts += [("site glue (upcast, slicing, checks)", glue, ""), ("root hooks, less cross.finish", other_root, "")]
+    parts += [("site hooks: checks, staging", glue, ""), ("root hooks, less the statistics", other_root, "")]
     rows = [[k, f"{v * 1e3:.1f}", c, f"{100 * v / max(hooks, 1e-12):.1f}", f"{100 * v / model_t:.1f}"]
             for k, v, c in sorted(parts, key=lambda kv: -kv[1])]
     rows.append(["total inside probe", f"{hooks * 1e3:.1f}", "", "100.0", f"{100 * hooks / model_t:.1f}"])

@@ -1,6 +1,9 @@
 """The hot path never synchronises with the host: inside probe's hooks, Tensor.item, .tolist,
 .__bool__, .cpu and .numpy raise (they are what forces a CUDA sync), and a full capture with
-every statistic still runs."""
+every statistic still runs.
+
+These run on CPU as a stand-in for an accelerator, so the CPU-only fast paths that read values on
+the host (where that costs nothing) are turned off here: what is checked is the path a GPU takes."""
 
 from __future__ import annotations
 
@@ -15,6 +18,13 @@ from probe.capture import Capture
 from conftest import batch
 
 SYNCING = ("item", "tolist", "__bool__", "cpu", "numpy")
+
+
+@pytest.fixture(autouse=True)
+def device_path(monkeypatch):
+    from probe.stats import _base
+
+    monkeypatch.setattr(_base, "DENSE_CPU", False)
 
 
 @contextlib.contextmanager

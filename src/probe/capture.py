@@ -32,7 +32,7 @@ from . import kernels as _kernels
 from . import stats as _stats
 from ._schedule import as_schedule
 from .errors import ProbeError, SiteError
-from .forward import Forwards
+from .forward import Forwards, describe
 from .hooks import Handle, HookSet
 from .sites import Site, SiteSpec, resolve
 
@@ -235,6 +235,7 @@ class Capture:
         self._disabled: dict[str, str] = {}
         self._dtypes: dict[str, str] = {}
         self._group: dict[str, Any] | None = None
+        self._deferred: list[tuple[str, Tensor, Any, Any]] = []  # CPU: a finished forward's sites, by reference
         self._group_elements: int | None = None  # None: by device (see _group_limit)
         self._window = self._new_window()
         self._result = None
@@ -407,11 +408,13 @@ class Capture:
         """The model's token inputs while one of its forwards runs, else ``None``."""
         return self._fw._call
 
-    def _fold(self, i: int, name: str, x2: Tensor, tokens: Any, phase: str = "prefill") -> None:
+    def _fold(self, i: int, name: str, x2: Tensor, tokens: Any, phase: str = "prefill", ended: Any = None) -> None:
         """Feed one site's ``[n, D]`` tensor to the cross-layer statistic and the per-site ones.
         Runs outside inference mode (``_fold_pending``), so that states stay ordinary tensors that
         later forwards may update; an inference tensor is copied once, as the statistics read
-        version counters, which inference tensors lack."""
+        version counters, which inference tensors lack. ``ended`` (the tensor the hook received): the
+        forward has ended (no model code runs before :meth:`_flush_group`), so a CPU site is kept by
+        reference and run with the rest of the forward's sites (:meth:`_run_sites`)."""
         if x2.is_inference():
             x2 = x2.clone()
         if self._cross is not None and phase == "prefill":
@@ -419,6 +422,8 @@ class Capture:
         limit = self._group_limit(x2.device)
         if limit and 2 * x2.numel() <= limit:
             self._group_add(name, x2, tokens, limit)
+        elif ended is not None and not limit and not _kernels.wanted(x2):
+            self._deferred.append((name, x2, tokens, ended))
         else:
             self._run_stats([name], x2.unsqueeze(0), tokens)
 
@@ -447,6 +452,14 @@ class Capture:
             self._flush_group()
 
     def _flush_group(self) -> None:
+        if self._deferred:
+            deferred, self._deferred = self._deferred, []
+            batches: dict[tuple, list] = {}
+            for item in deferred:
+                batches.setdefault((id(item[2]), tuple(item[1].shape), item[1].dtype), []).append(item)
+            with torch.inference_mode(False), torch.no_grad():  # states stay ordinary tensors (see _fold)
+                for batch in batches.values():
+                    self._run_sites(batch)
         group, self._group = self._group, None
         if group is None:
             return
@@ -483,6 +496,58 @@ class Capture:
         for k in kinds:
             if not pers[0][k].chunked:
                 type(pers[0][k]).update_group([per[k] for per in pers], x, tokens)
+
+    def _run_sites(self, batch: list[tuple[str, Tensor, Any, Any]]) -> None:
+        """Fold sites ``(name, x[n, D], tokens, hook's tensor)`` of one forward (same tokens, same shape) into
+        their statistics in two phases per chunk of tokens: each site's chunk state, computed with
+        every statistic while that site's chunk is in cache (:meth:`~probe.stats._base.StatBase.
+        partial`), then one batched merge per statistic over all the sites (``fold``). An error
+        disables the site it came from (a merge's error, the sites it merged), with one warning."""
+        tokens = batch[0][2]
+        n, d = batch[0][1].shape
+        step = max(1, CHUNK_ELEMENTS // max(1, d))
+        for a in range(0, n, step):
+            tc = tokens.slice(a, a + step)
+            parts: dict[str, tuple[list, list, list]] = {}
+            for name, x2, _, source in batch:
+                if name in self._disabled:
+                    continue
+                xc = x2[a:a + step]
+                xc = (xc.float() if xc.dtype != torch.float32 else xc).unsqueeze(0)
+                per = self._window[name]
+                try:
+                    for k, stat in per.items():
+                        if stat.chunked:
+                            part = type(stat).partial(stat, xc, tc)
+                            names, stats, chunks = parts.setdefault(k, ([], [], []))
+                            names.append(name), stats.append(stat), chunks.append(part)
+                except Exception as err:
+                    self._site_failed([name], describe(source), err)
+            for k, (names, stats, chunks) in parts.items():
+                live = [j for j, name in enumerate(names) if name not in self._disabled]
+                try:
+                    type(stats[0]).fold([stats[j] for j in live], [chunks[j] for j in live])
+                except Exception as err:
+                    self._site_failed([names[j] for j in live], f"shape {(n, d)}, batched", err)
+        for name, x2, _, source in batch:
+            if name in self._disabled:
+                continue
+            try:
+                for stat in self._window[name].values():
+                    if not stat.chunked:
+                        type(stat).update_group([stat], x2.unsqueeze(0), tokens)
+            except Exception as err:
+                self._site_failed([name], describe(source), err)
+
+    def _site_failed(self, names: list[str], what: str, err: Exception) -> None:
+        """Disable ``names`` after ``err`` with one warning (``strict``: raise :class:`SiteError`)."""
+        message = f"site{'s' if len(names) > 1 else ''} {names if len(names) > 1 else repr(names[0])} ({what}): {err}"
+        if self.strict:
+            raise SiteError(message) from err
+        for name in names:
+            self._disabled[name] = str(err)
+        warnings.warn(f"probe: {message}; {'these sites are' if len(names) > 1 else 'this site is'} disabled for "
+                      "the rest of the run", stacklevel=3)
 
     # ------------------------------------------------------------------------- snapshots
     def snapshot(self, step: int | None = None) -> None:

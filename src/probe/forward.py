@@ -247,7 +247,7 @@ class Forwards:
         with torch.inference_mode(False), torch.no_grad():
             while pending:
                 i, name, x2, _, tokens, x = pending.pop(0)
-                self._guarded(i, name, x, lambda: self.cap._fold(i, name, x2, tokens, self._phase))
+                self._guarded(i, name, x, lambda: self.cap._fold(i, name, x2, tokens, self._phase, ended=x))
 
     def _guarded(self, i: int, name: str, x: Any, fn) -> None:
         """Run ``fn``; an error disables site ``name`` with one warning (``strict``: raises)."""

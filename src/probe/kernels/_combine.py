@@ -15,7 +15,8 @@ from torch import Tensor
 
 from ..stats._base import Tokens, merge_moments
 from ..stats.moments import Moments, _better
-from ..stats.position import Position, _merge_position
+from ..stats._base import merge_moments
+from ..stats.position import Position
 from ._layout import Partials
 
 __all__ = ["into_moments", "into_histogram", "into_position"]
@@ -94,7 +95,7 @@ def into_position(stats: list, p: Partials, tokens: Tokens) -> None:
     mean = zeros.index_add(1, index, c * mean_t) / n.clamp(min=1)
     dev = mean_t - mean.index_select(1, index)
     m2 = zeros.index_add(1, index, (m2_t + c * dev * dev) * inside)
-    n1, mean1, m21 = _merge_position(n0, mean0, m20, n, mean, m2)
+    n1, mean1, m21 = merge_moments((n0, mean0, m20), (n, mean, m2))
     tokens1 = tokens0.index_add(1, index, inside.long().expand(g, -1))
     mag = torch.where(c > 0, p.rowmax.amax(1), float("-inf"))
     absmax1 = absmax0.scatter_reduce(1, index.expand(g, -1), mag, reduce="amax")

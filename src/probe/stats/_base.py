@@ -8,6 +8,8 @@ device of the activations it saw; nothing in ``update`` synchronises with the ho
 
 from __future__ import annotations
 
+import math
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Protocol
@@ -17,8 +19,8 @@ from torch import Tensor
 
 from ._state import SPECS, State, merge_moments, merge_states
 
-__all__ = ["Tokens", "Stat", "StatBase", "BatchedStat", "Finite", "merge_moments", "SPECS", "central_sums", "finite",
-           "run_compiled"]
+__all__ = ["Tokens", "Stat", "StatBase", "BatchedStat", "Finite", "merge_moments", "SPECS", "central_sums", "Dense", "scratch", "host_reads",
+           "dense", "finite", "run_compiled"]
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,17 @@ class StatBase:
         for g, stat in enumerate(stats):
             stat.update(x[g], tokens)
 
+    @classmethod
+    def partial(cls, stat: StatBase, x: Tensor, tokens: Tokens) -> Any:
+        """Phase one of a two-phase update of ``stat`` by chunk ``x[1, n, D]`` (see
+        :meth:`BatchedStat.partial`); this default does the whole update now."""
+        cls.update_group([stat], x, tokens)
+        return None
+
+    @classmethod
+    def fold(cls, stats: list, parts: list) -> None:
+        """Phase two (see :meth:`BatchedStat.fold`); nothing is left to do by default."""
+
     def _init_like(self, x: Tensor) -> None:
         """Allocate the state for activations like ``x[..., n, D]``."""
         raise NotImplementedError
@@ -177,6 +190,44 @@ class BatchedStat(StatBase):
 
     def update(self, x: Tensor, tokens: Tokens) -> None:
         type(self).update_group([self], x.unsqueeze(0), tokens)
+
+    def _chunk(self, x: Tensor, parts: Finite, tokens: Tokens) -> tuple[Tensor, ...]:
+        """The state (``_fields`` order, leading site dim) of chunk ``x[G, n, D]`` alone."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _merge(state: tuple[Tensor, ...], chunk: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """Two stacked states merged by the declared reductions (pure, batched over sites)."""
+        raise NotImplementedError
+
+    @classmethod
+    def partial(cls, stat: StatBase, x: Tensor, tokens: Tokens) -> tuple[Tensor, ...] | None:
+        """Phase one of a two-phase update: the state of ``stat``'s chunk ``x[1, n, D]`` alone,
+        computed while the chunk is in cache; :meth:`fold` merges many sites' at once, so the
+        small per-state operations run once per forward rather than once per site."""
+        if stat.compiled(x):  # one compiled graph does the whole step
+            cls.update_group([stat], x, tokens)
+            return None
+        if not cls._ready([stat], x):
+            return None
+        return stat._chunk(x, finite(x, tokens), tokens)
+
+    @classmethod
+    def fold(cls, stats: list, parts: list) -> None:
+        """Phase two: merge each ``parts[i]`` (from :meth:`partial`, or ``None``) into ``stats[i]``
+        in one batched step over the sites."""
+        pairs = [(stat, part) for stat, part in zip(stats, parts) if part is not None]
+        if not pairs:
+            return
+        if len(pairs) == 1:
+            state = tuple(pairs[0][0].s[f].unsqueeze(0) for f in cls._fields)
+            chunk = pairs[0][1]
+        else:
+            state = tuple(torch.stack([stat.s[f] for stat, _ in pairs]) for f in cls._fields)
+            chunk = tuple(torch.cat(column) for column in zip(*(part for _, part in pairs)))
+        per_site = [value.unbind(0) for value in cls._merge(state, chunk)]
+        for g, (stat, _) in enumerate(pairs):
+            stat._state = {f: views[g] for f, views in zip(cls._fields, per_site)}
 
     @classmethod
     def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
@@ -252,12 +303,43 @@ class Finite:
     tensors let every statistic mask by multiplication.
     """
 
-    __slots__ = ("x", "key", "_xs", "_fm", "_abs", "_rowmax")
+    __slots__ = ("x", "key", "_xs", "_fm", "_abs", "_rowmax", "_colsum", "_clean")
 
     def __init__(self, x: Tensor, key: tuple) -> None:
         self.x = x
         self.key = key
-        self._xs = self._fm = self._abs = self._rowmax = None
+        self._xs = self._fm = self._abs = self._rowmax = self._colsum = self._clean = None
+
+    @property
+    def colsum(self) -> Tensor:
+        """float64 per-column sums ``Σ_t x[..., t, d]`` of the raw ``x`` (non-finite where a column
+        holds a non-finite value, and only there: float32 values cannot overflow a float64 sum)."""
+        if self._colsum is None:
+            self._colsum = self.x.sum(-2, dtype=torch.float64)
+        return self._colsum
+
+    @property
+    def clean(self) -> bool:
+        """``True`` when ``x`` is a CPU tensor with every value finite. Read on the host, which
+        costs nothing on CPU (no device to wait for); on accelerators it is always ``False``, so
+        their path never syncs. The dense fast paths of the statistics key on it."""
+        if self._clean is None:
+            self._clean = self.x.device.type == "cpu" and bool(torch.isfinite(self.colsum).all())
+            if self._clean:
+                self._xs = self.x
+        return self._clean
+
+    def mark_clean(self) -> None:
+        """Record that every value of ``x`` is finite (a caller checked it on the host)."""
+        self._clean = True
+        self._xs = self.x
+
+    def rowmax_into(self, buffer: Tensor) -> Tensor:
+        """:attr:`rowmax` of a clean ``x``, computing ``|x|`` in ``buffer`` (shaped like ``x``)
+        instead of a fresh tensor when it is not known yet; ``buffer`` is overwritten."""
+        if self._rowmax is None:
+            self._rowmax = torch.abs(self.x, out=buffer).amax(-1)
+        return self._rowmax
 
     @property
     def xs(self) -> Tensor:
@@ -282,6 +364,80 @@ class Finite:
         if self._rowmax is None:
             self._rowmax = self.abs.amax(-1)
         return self._rowmax
+
+
+#: the CPU fast paths that read values on the host (:func:`dense`, :func:`host_reads`); the tests
+#: that stand in for an accelerator's no-sync rule on CPU turn them off
+DENSE_CPU = True
+_SCRATCH = threading.local()
+
+
+def host_reads(x: Tensor) -> bool:
+    """Whether a statistic may read ``x``'s values on the host to pick a faster path: a CPU
+    tensor (nothing to wait for) while :data:`DENSE_CPU` is on. Never on an accelerator."""
+    return DENSE_CPU and x.device.type == "cpu"
+
+
+def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    """A CPU buffer of ``shape`` and ``dtype`` reused across sites and forwards, valid until the
+    next call with the same ``slot`` on this thread. The dense paths write their activation-sized
+    temporaries here: a fresh buffer of a few MiB costs more in page faults (the allocator hands
+    large blocks back to the OS) than the arithmetic done in it. Holds at most one buffer per slot
+    (the largest chunk seen: ``CHUNK_ELEMENTS`` elements)."""
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    numel = math.prod(shape)
+    buf = pool.get((slot, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = pool[(slot, dtype)] = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(shape)
+
+
+class Dense:
+    """The kept tokens of a chunk, when the statistics may take their dense fast path: ``x[..., t,
+    D]`` holds only kept tokens (``tokens.keep``; a copy of those rows unless every token is kept),
+    every value finite, ``t > 0``; ``parts`` is its :class:`Finite`, and ``row``, ``position``,
+    ``token`` ``[t]`` its tokens' metadata. With no mask to apply and no non-finite value to count,
+    a statistic does the same arithmetic with fewer passes over the activations."""
+
+    __slots__ = ("x", "parts", "row", "position", "token")
+
+    def __init__(self, x: Tensor, parts: Finite, row: Tensor, position: Tensor, token: Tensor) -> None:
+        self.x, self.parts, self.row, self.position, self.token = x, parts, row, position, token
+
+
+def dense(x: Tensor, tokens: Tokens) -> Dense | None:
+    """The :class:`Dense` view of chunk ``x[..., n, D]``, or ``None`` where the masked path must
+    run: not a CPU tensor, no kept token, or a kept value that is not finite. Whether a value is
+    finite and which tokens are kept are read on the host, which on CPU costs a small reduction and
+    no wait; accelerators never take this path, so theirs never syncs. Shared through
+    ``tokens.local`` by every statistic that reads the same chunk."""
+    if not host_reads(x):
+        return None
+    key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x._version)
+    local = tokens.local
+    hit = local.get("dense")
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    if "keep_index" not in local:
+        keep = tokens.keep
+        local["keep_index"] = None if bool(keep.all()) else keep.nonzero().squeeze(1)
+    index = local["keep_index"]
+    if index is None:
+        view = Dense(x, finite(x, tokens), tokens.row, tokens.position, tokens.token)
+    else:
+        # per site: index_select along the leading dim of a 2-D view is several times faster
+        flat = x.reshape(-1, *x.shape[-2:])
+        xk = scratch("kept", (flat.shape[0], index.numel(), x.shape[-1]), x.dtype)
+        for xi, out in zip(flat, xk):
+            torch.index_select(xi, 0, index, out=out)
+        xk = xk.view(*x.shape[:-2], *xk.shape[-2:])
+        view = Dense(xk, Finite(xk, ()), tokens.row[index], tokens.position[index], tokens.token[index])
+    if view.x.shape[-2] == 0 or not view.parts.clean:
+        view = None
+    local["dense"] = (key, view)
+    return view
 
 
 def finite(x: Tensor, tokens: Tokens) -> Finite:

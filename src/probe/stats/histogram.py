@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._base import SPECS, StatBase, Tokens
+from ._base import SPECS, StatBase, Tokens, dense, scratch
 from ._buckets import bucket_edges, quantile, render  # noqa: F401 (re-exported)
 
 __all__ = ["Histogram", "bucket_edges", "quantile", "render"]
@@ -73,6 +73,8 @@ class Histogram(StatBase):
             return
         size = 2 ** (9 + m)
         g = len(stats)
+        if g == 1 and cls._dense_update(stats[0], x, tokens):
+            return
         bits = x.contiguous().view(torch.int32)
         # NaN and +-inf land in exponent-255 buckets, which are dropped when the state is read;
         # excluded tokens go to the spare bucket at the end of each site's block
@@ -92,6 +94,26 @@ class Histogram(StatBase):
             if g > 1:
                 stat.s["counts"] = counts[i * (size + 1):(i + 1) * (size + 1)]
             stat.s["lossless"] = stat.s["lossless"] & exact[i]
+
+    @staticmethod
+    def _dense_update(stat: Histogram, x: Tensor, tokens: Tokens) -> bool:
+        """The update of one site through its :class:`~probe.stats._base.Dense` view (CPU, kept
+        values all finite): ``bincount`` of the bucket indices in a reused int32 buffer, with no
+        mask; the lossless test runs only while it still holds. ``False`` when the view is absent."""
+        view = dense(x, tokens)
+        if view is None:
+            return False
+        m = stat.m
+        size = 2 ** (9 + m)
+        bits = view.x.view(torch.int32)
+        index = scratch("histogram.index", bits.shape, torch.int32)
+        torch.bitwise_and(torch.bitwise_right_shift(bits, 23 - m, out=index), size - 1, out=index)
+        counts = stat.s["counts"]
+        counts[:size] += torch.bincount(index.view(-1), minlength=size)
+        if bool(stat.s["lossless"]):  # a host read: free on CPU
+            low = torch.bitwise_and(bits, (1 << (23 - m)) - 1, out=index)
+            stat.s["lossless"] = stat.s["lossless"] & (torch.count_nonzero(low) == 0)
+        return True
 
     def state_dict(self) -> dict[str, Tensor]:
         if self._state is None:

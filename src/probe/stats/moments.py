@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import SPECS, BatchedStat, Finite, Tokens, central_sums, merge_moments, run_compiled, shift_moments
+from ._base import (SPECS, BatchedStat, Dense, Finite, Tokens, central_sums, dense, merge_moments, scratch, run_compiled,
+                    shift_moments)
 
 __all__ = ["Moments", "LARGE"]
 
@@ -34,18 +35,16 @@ def _better(value: Tensor, at: Tensor, old: Tensor, old_at: Tensor) -> Tensor:
     return (value > old) | ((value == old) & (old_at[..., 0] >= 0) & earlier)
 
 
-def _step(state: tuple[Tensor, ...], x: Tensor, xs: Tensor | None, fm: Tensor | None, mag: Tensor | None,
-          rowmax: Tensor | None, keep: Tensor, row: Tensor, position: Tensor, token: Tensor,
-          wide: bool = False) -> tuple[Tensor, ...]:
-    """The states (in ``Moments._fields`` order, each with a leading site dim ``G``) after folding
-    in the chunk ``x[G, n, D]``: ``G`` sites that saw the same ``n`` tokens.
+def _chunk(x: Tensor, xs: Tensor | None, fm: Tensor | None, mag: Tensor | None, rowmax: Tensor | None,
+           keep: Tensor, row: Tensor, position: Tensor, token: Tensor, wide: bool = False) -> tuple[Tensor, ...]:
+    """The state (in ``Moments._fields`` order, each with a leading site dim ``G``) of the chunk
+    ``x[G, n, D]`` alone: ``G`` sites that saw the same ``n`` tokens; :func:`_merge` folds it in.
 
     A pure function of tensors (no host reads, no Python branches on values), so it runs eagerly
     or as one ``torch.compile`` graph. ``xs, fm, mag, rowmax`` are :class:`Finite`'s parts of ``x``,
     or ``None`` to compute them here. ``wide`` forms the deviations and their powers in float64:
     free inside a fused graph (nothing float64 is materialised), a full-size copy when eager.
     """
-    (n0, mean0, m20, m30, m40, lo0, hi0, nan0, pos0, neg0, tok0, absmax0, at0, large0) = state
     f64 = torch.float64
     if xs is None or fm is None or mag is None or rowmax is None:
         parts = Finite(x, ())
@@ -61,11 +60,10 @@ def _step(state: tuple[Tensor, ...], x: Tensor, xs: Tensor | None, fm: Tensor | 
     if wide:  # deviations from the float64 mean, powers and sums in float64
         d = (xs.to(f64) - mean.unsqueeze(-2)) * w
         d2 = d * d
-        chunk = (n, mean, d2.sum(-2), (d2 * d).sum(-2), (d2 * d2).sum(-2))
+        moments = (n, mean, d2.sum(-2), (d2 * d).sum(-2), (d2 * d2).sum(-2))
     else:  # powers of the deviation from the float32 center; the float64 mean sits delta above it
         s2, s3, s4 = central_sums(torch.sub(xs, center.unsqueeze(-2)).mul_(w))
-        chunk = (n, mean, *shift_moments(n, mean - center.double(), s2, s3, s4))
-    n1, mean1, m21, m31, m41 = merge_moments((n0, mean0, m20, m30, m40), chunk)
+        moments = (n, mean, *shift_moments(n, mean - center.double(), s2, s3, s4))
 
     # non-finite kept values: all of them from the counts, +inf and -inf by clamping the distance
     # past the largest float to 0/1 (NaN stays NaN, which nansum skips)
@@ -74,21 +72,18 @@ def _step(state: tuple[Tensor, ...], x: Tensor, xs: Tensor | None, fm: Tensor | 
     biggest = torch.finfo(x.dtype).max
     pos = torch.sub(x, biggest).clamp_(0.0, 1.0).nansum(-1) @ keep1
     neg = torch.add(x, biggest).clamp_(-1.0, 0.0).nansum(-1) @ keep1
-    nan1 = nan0 + (bad - pos.double() + neg.double()).round().long()
-    pos1 = pos0 + pos.round().long()
-    neg1 = neg0 - neg.round().long()
+    nan = (bad - pos.double() + neg.double()).round().long()
 
     # masked extremes by addition, not where(): +-BIG on excluded values (0 * BIG on kept ones)
     big = torch.mul(w, -3e38).add_(3e38)
     lo = (xs + big).amin(-2)
     hi = big.neg_().add_(xs).amax(-2)
     seen = n32 > 0
-    lo1 = torch.minimum(lo0, torch.where(seen, lo, float("inf")))
-    hi1 = torch.maximum(hi0, torch.where(seen, hi, float("-inf")))
+    lo = torch.where(seen, lo, float("inf"))
+    hi = torch.where(seen, hi, float("-inf"))
 
     # |x| >= LARGE as 0/1: min(|x|, LARGE) / LARGE rounds down to below 1 for any |x| < LARGE
-    large = torch.clamp(mag, max=LARGE).div_(LARGE).floor_()
-    large1 = large0 + (keep1 @ large).round().long()
+    large = (keep1 @ torch.clamp(mag, max=LARGE).div_(LARGE).floor_()).round().long()
 
     # the largest kept |x| of each site: the first token holding it, then the first channel in
     # that token (the first element in (row, position, channel) order, as a flat argmax would
@@ -97,10 +92,52 @@ def _step(state: tuple[Tensor, ...], x: Tensor, xs: Tensor | None, fm: Tensor | 
     channel = mag.gather(-2, t.view(-1, 1, 1).expand(-1, 1, mag.shape[-1])).argmax(-1).view(-1)
     value = torch.where(seen.any(-1), value, -1.0)
     at = torch.stack((row[t], position[t], channel, token[t]), dim=-1)
-    better = _better(value, at, absmax0, at0)
-    absmax1 = torch.where(better, value, absmax0)
-    at1 = torch.where(better.unsqueeze(-1), at, at0)
-    return (n1, mean1, m21, m31, m41, lo1, hi1, nan1, pos1, neg1, tok0 + kept, absmax1, at1, large1)
+    g = x.shape[0]
+    return (*moments, lo, hi, nan, pos.round().long(), -neg.round().long(), kept.expand(g), value, at, large)
+
+
+def _dense_chunk(view: Dense) -> tuple[Tensor, ...]:
+    """:func:`_chunk` over the kept tokens of a chunk whose kept values are all finite (see
+    :func:`probe.stats._base.dense`): the same quantities with the masks and the non-finite
+    counts (all zero) left out, from the float64 column sums :class:`Finite` already holds, with
+    two reused buffers as the only activation-sized temporaries."""
+    x = view.x
+    g, t = x.shape[0], x.shape[-2]
+    mean = view.parts.colsum / t
+    n = torch.full_like(mean, float(t))
+    center = mean.to(x.dtype)
+    d = torch.sub(x, center.unsqueeze(-2), out=scratch("moments.d", x.shape, x.dtype))
+    p = torch.mul(d, d, out=scratch("moments.p", x.shape, x.dtype))
+    s2 = p.sum(-2, dtype=torch.float64)
+    s3 = p.mul_(d).sum(-2, dtype=torch.float64)
+    s4 = p.mul_(d).sum(-2, dtype=torch.float64)
+    moments = (n, mean, *shift_moments(n, mean - center.double(), s2, s3, s4))
+    mag = torch.abs(x, out=d)
+    value, at_t = mag.amax(-1).max(-1)
+    channel = mag.gather(-2, at_t.view(-1, 1, 1).expand(-1, 1, mag.shape[-1])).argmax(-1).view(-1)
+    at = torch.stack((view.row[at_t], view.position[at_t], channel, view.token[at_t]), dim=-1)
+    # |x| >= LARGE as 0/1 (see _chunk); column counts below 2**24 are exact in float32
+    large = torch.clamp(mag, max=LARGE, out=p).div_(LARGE).floor_().sum(-2).round().long()
+    zero = torch.zeros(g, dtype=torch.int64)
+    return (*moments, x.amin(-2), x.amax(-2), zero, zero, zero, torch.full_like(zero, t), value, at, large)
+
+
+def _merge(state: tuple[Tensor, ...], chunk: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Two states in ``Moments._fields`` order (leading site dim ``G``) merged into one, by the
+    declared reductions: Pébay moments, min, max, sums, and the larger absmax (ties: earlier)."""
+    n, mean, m2, m3, m4 = merge_moments(state[:5], chunk[:5])
+    lo = torch.minimum(state[5], chunk[5])
+    hi = torch.maximum(state[6], chunk[6])
+    nan, pos, neg, tokens = (a + b for a, b in zip(state[7:11], chunk[7:11]))
+    better = _better(chunk[11], chunk[12], state[11], state[12])
+    absmax = torch.where(better, chunk[11], state[11])
+    at = torch.where(better.unsqueeze(-1), chunk[12], state[12])
+    return (n, mean, m2, m3, m4, lo, hi, nan, pos, neg, tokens, absmax, at, state[13] + chunk[13])
+
+
+def _step(state: tuple[Tensor, ...], *args) -> tuple[Tensor, ...]:
+    """:func:`_merge` of ``state`` with :func:`_chunk` ``(*args)``: one pure graph to compile."""
+    return _merge(state, _chunk(*args))
 
 
 class Moments(BatchedStat):
@@ -150,4 +187,14 @@ class Moments(BatchedStat):
         meta = (tokens.keep, tokens.row, tokens.position, tokens.token)
         if compiled:  # one fused graph computes its own finite parts
             return run_compiled(_step, state, x, None, None, None, None, *meta, True)
-        return _step(state, x, parts.xs, parts.fm, parts.abs, parts.rowmax, *meta)
+        return _merge(state, Moments._chunk(x, parts, tokens))
+
+    @staticmethod
+    def _chunk(x: Tensor, parts, tokens: Tokens) -> tuple[Tensor, ...]:
+        view = dense(x, tokens)
+        if view is not None:
+            return _dense_chunk(view)
+        return _chunk(x, parts.xs, parts.fm, parts.abs, parts.rowmax, tokens.keep, tokens.row, tokens.position,
+                      tokens.token)
+
+    _merge = staticmethod(_merge)

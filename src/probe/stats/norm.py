@@ -79,12 +79,44 @@ class Norm(StatBase):
         """Fold ``x[G, n, D]`` (float32) into ``G`` norm states at once (no host sync)."""
         if not cls._ready(stats, x):
             return
-        g, n, d = x.shape
+        cls._apply(stats, *cls._norms(x, tokens), tokens)
+
+    @staticmethod
+    def _norms(x: Tensor, tokens: Tokens) -> tuple[Tensor, Tensor]:
+        """The per-token norms ``[G, n]`` of ``x[G, n, D]`` (NaN or inf where a value is not
+        finite) and the sums ``[G, D]`` of the unit vectors of the kept tokens with a finite,
+        non-zero norm: the two parts that read the activations."""
+        norm = torch.linalg.vector_norm(x, dim=-1)
+        unit = torch.isfinite(norm) & tokens.keep & (norm > 0)
+        coef = torch.where(unit, 1.0 / torch.where(unit, norm, 1.0), 0.0)  # [G, n]
+        usum = torch.bmm(coef.unsqueeze(1), finite(x, tokens).xs).squeeze(1)
+        return norm, usum
+
+    @classmethod
+    def partial(cls, stat: Norm, x: Tensor, tokens: Tokens) -> tuple | None:
+        """The norms and unit-vector sums of one site's chunk ``x[1, n, D]`` (see
+        :meth:`StatBase.partial`); :meth:`fold` does the rest for every site at once."""
+        if not cls._ready([stat], x):
+            return None
+        return (*cls._norms(x, tokens), tokens)
+
+    @classmethod
+    def fold(cls, stats: list, parts: list) -> None:
+        pairs = [(stat, part) for stat, part in zip(stats, parts) if part is not None]
+        if pairs:
+            norm = torch.cat([part[0] for _, part in pairs])
+            usum = torch.cat([part[1] for _, part in pairs])
+            cls._apply([stat for stat, _ in pairs], norm, usum, pairs[0][1][2])
+
+    @classmethod
+    def _apply(cls, stats: list, norm: Tensor, usum: Tensor, tokens: Tokens) -> None:
+        """Fold the norms ``[G, n]`` and unit-vector sums ``[G, D]`` of ``G`` sites into their
+        states (batched over the sites; no host sync)."""
+        g, n = norm.shape
         f64 = torch.float64
         s = {f: torch.stack([st.s[f] for st in stats]) for f in cls._fields}
-        norm = torch.linalg.vector_norm(x, dim=-1)  # [G, n]; NaN or inf where any value is not finite
         fin = torch.isfinite(norm)
-        zero = torch.zeros((), dtype=norm.dtype, device=x.device)
+        zero = torch.zeros((), dtype=norm.dtype, device=norm.device)
         norm0 = torch.where(fin, norm, zero)
         kept = fin & tokens.keep
         w = kept.to(f64)
@@ -103,15 +135,15 @@ class Norm(StatBase):
         size = 2 ** (8 + stats[0].m)
         bits = norm0.contiguous().view(torch.int32)
         index = torch.where(kept, bits >> (23 - stats[0].m), size).to(torch.int64)
-        index = index + (torch.arange(g, device=x.device) * (size + 1)).unsqueeze(-1)
-        one = torch.ones((), dtype=torch.int64, device=x.device).expand(index.numel())
+        index = index + (torch.arange(g, device=norm.device) * (size + 1)).unsqueeze(-1)
+        one = torch.ones((), dtype=torch.int64, device=norm.device).expand(index.numel())
         counts = s["counts"].reshape(-1).index_add(0, index.reshape(-1), one).view(g, size + 1)
         # per position, over every real token with a finite norm
         p = s["pos_n"].shape[-1]
         inside = fin & tokens.valid & (tokens.position >= 0) & (tokens.position < p)
         where = torch.where(inside, tokens.position, 0).expand(g, n)
         wi = inside.to(f64)
-        zeros = torch.zeros(g, p, dtype=f64, device=x.device)
+        zeros = torch.zeros(g, p, dtype=f64, device=norm.device)
         pn = zeros.scatter_add(1, where, wi)
         pmean = zeros.scatter_add(1, where, v * wi) / pn.clamp(min=1)
         pdev = (v - pmean.gather(1, where)) * wi
@@ -119,8 +151,6 @@ class Norm(StatBase):
         pos = merge_moments((s["pos_n"], s["pos_mean"], s["pos_m2"]), (pn, pmean, pm2))
         # the sum of unit vectors h / ||h|| over kept tokens with a non-zero norm
         unit = kept & (norm0 > 0)
-        coef = torch.where(unit, 1.0 / torch.where(unit, norm0, 1.0), zero)  # [G, n]
-        usum = torch.bmm(coef.unsqueeze(1), finite(x, tokens).xs).squeeze(1)
         new = {"n": n1, "mean": mean1, "m2": m21, "m3": m31, "m4": m41,
                "min": torch.minimum(s["min"], lo), "max": torch.maximum(s["max"], hi),
                "nonfinite": nonfinite, "counts": counts,

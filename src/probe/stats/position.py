@@ -13,32 +13,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import SPECS, BatchedStat, Finite, Tokens, run_compiled
+from ._base import SPECS, BatchedStat, Finite, Tokens, host_reads, merge_moments, run_compiled, scratch
 
 __all__ = ["Position"]
 
 
-def _merge_position(na: Tensor, ma: Tensor, m2a: Tensor, nb: Tensor, mb: Tensor, m2b: Tensor):
-    n = na + nb
-    delta = mb - ma
-    mean = ma + delta * nb / n.clamp(min=1)
-    m2 = m2a + m2b + delta * delta * na * nb / n.clamp(min=1)
-    return n, mean, m2
-
-
-def _step(state: tuple[Tensor, ...], x: Tensor, xs: Tensor | None, fm: Tensor | None, rowmax: Tensor | None,
-          valid: Tensor, position: Tensor, wide: bool = False) -> tuple[Tensor, ...]:
-    """The states (in ``Position._fields`` order, leading site dim ``G``) after folding in the chunk
-    ``x[G, n, D]``; pure, like the moments' step, so it runs eagerly or compiled (``wide``:
-    deviations in float64)."""
-    tokens0, n0, mean0, m20, absmax0, overflow0 = state
+def _chunk(x: Tensor, xs: Tensor | None, fm: Tensor | None, rowmax: Tensor | None, valid: Tensor, position: Tensor,
+           p: int, wide: bool = False) -> tuple[Tensor, ...]:
+    """The state (in ``Position._fields`` order, leading site dim ``G``, ``P = p`` positions) of
+    the chunk ``x[G, n, D]`` alone; pure, like the moments' chunk, so it runs eagerly or compiled
+    (``wide``: deviations in float64). :func:`_merge` folds it in."""
     if xs is None or fm is None or rowmax is None:
         parts = Finite(x, ())
         xs, fm, rowmax = parts.xs, parts.fm, parts.rowmax
-    g, p = tokens0.shape
+    g = x.shape[0]
     f64 = torch.float64
     inside = valid & (position >= 0) & (position < p)
-    overflow = overflow0 + (valid & (position >= p)).sum()
+    overflow = (valid & (position >= p)).sum().expand(g)
     index = torch.where(inside, position, 0)
     inside64 = inside.to(f64)
     # per token first (row reductions), then per position (index_add over tokens)
@@ -53,12 +44,55 @@ def _step(state: tuple[Tensor, ...], x: Tensor, xs: Tensor | None, fm: Tensor | 
     else:
         d = torch.sub(xs, mu.to(x.dtype)).mul_(fm)
     m2 = zeros.index_add(1, index, d.mul_(d).sum(-1, dtype=f64) * inside64)
-    n1, mean1, m21 = _merge_position(n0, mean0, m20, n, mean, m2)
-    tokens1 = tokens0.index_add(1, index, inside.long().expand(g, -1))
+    tokens = torch.zeros(g, p, dtype=torch.int64, device=x.device).index_add_(1, index, inside.long().expand(g, -1))
     # xs is 0 where x is not finite, so only tokens with no finite value need -inf
     mag = torch.where(count > 0, rowmax.to(f64), float("-inf")).to(torch.float32)
-    absmax1 = absmax0.scatter_reduce(1, index.expand(g, -1), mag, reduce="amax")
-    return tokens1, n1, mean1, m21, absmax1, overflow
+    absmax = torch.full((g, p), float("-inf"), device=x.device).scatter_reduce_(1, index.expand(g, -1), mag,
+                                                                               reduce="amax")
+    return tokens, n, mean, m2, absmax, overflow
+
+
+def _dense_chunk(x: Tensor, parts: Finite, valid: Tensor, position: Tensor, p: int) -> tuple[Tensor, ...] | None:
+    """:func:`_chunk` of a CPU chunk whose tokens are all real and values all finite (read on the
+    host, free on CPU), with reused buffers for the temporaries; ``None`` otherwise. Its per-token
+    largest ``|x|`` is handed to ``parts`` (the top-k reads it), and ``parts`` learns that ``x``
+    is finite."""
+    if not host_reads(x) or not bool(valid.all()):
+        return None
+    f64 = torch.float64
+    total = x.sum(-1, dtype=f64)  # [G, n]; not finite exactly where a token holds a non-finite value
+    if not bool(torch.isfinite(total).all()):
+        return None
+    parts.mark_clean()
+    g, _, d = x.shape
+    inside = (position >= 0) & (position < p)
+    overflow = (position >= p).sum().expand(g)
+    index = torch.where(inside, position, 0)
+    inside64 = inside.to(f64)
+    zeros = torch.zeros(g, p, dtype=f64)
+    n = zeros.index_add(1, index, (inside64 * d).expand(g, -1))
+    mean = zeros.index_add(1, index, total * inside64) / n.clamp(min=1)
+    mu = mean.index_select(1, index).unsqueeze(-1).to(x.dtype)  # each token's position mean, [G, n, 1]
+    dev = torch.sub(x, mu, out=scratch("position.d", x.shape, x.dtype))
+    m2 = zeros.index_add(1, index, dev.mul_(dev).sum(-1, dtype=f64) * inside64)
+    tokens = torch.zeros(g, p, dtype=torch.int64).index_add_(1, index, inside.long().expand(g, -1))
+    rowmax = parts.rowmax_into(dev)
+    mag = torch.where(inside, rowmax, float("-inf"))
+    absmax = torch.full((g, p), float("-inf")).scatter_reduce_(1, index.expand(g, -1), mag, reduce="amax")
+    return tokens, n, mean, m2, absmax, overflow
+
+
+def _merge(state: tuple[Tensor, ...], chunk: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Two states in ``Position._fields`` order (leading site dim ``G``) merged into one: counts
+    add, moments merge (Chan et al.), maxima take the larger."""
+    n, mean, m2 = merge_moments(state[1:4], chunk[1:4])
+    return state[0] + chunk[0], n, mean, m2, torch.maximum(state[4], chunk[4]), state[5] + chunk[5]
+
+
+def _step(state: tuple[Tensor, ...], x: Tensor, xs, fm, rowmax, valid: Tensor, position: Tensor,
+          wide: bool = False) -> tuple[Tensor, ...]:
+    """:func:`_merge` of ``state`` with the chunk's own state: one pure graph to compile."""
+    return _merge(state, _chunk(x, xs, fm, rowmax, valid, position, state[0].shape[-1], wide))
 
 
 class Position(BatchedStat):
@@ -98,4 +132,13 @@ class Position(BatchedStat):
     def _run(state: tuple[Tensor, ...], x: Tensor, parts, tokens: Tokens, compiled: bool) -> tuple[Tensor, ...]:
         if compiled:
             return run_compiled(_step, state, x, None, None, None, tokens.valid, tokens.position, True)
-        return _step(state, x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position)
+        return _merge(state, _chunk(x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position,
+                                    state[0].shape[-1]))
+
+    def _chunk(self, x: Tensor, parts, tokens: Tokens) -> tuple[Tensor, ...]:
+        chunk = _dense_chunk(x, parts, tokens.valid, tokens.position, self.max_positions)
+        if chunk is not None:
+            return chunk
+        return _chunk(x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position, self.max_positions)
+
+    _merge = staticmethod(_merge)
