@@ -37,11 +37,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 # --------------------------------------------------------------------------------- methods
-PROBE_NOCROSS = ("moments", "position", "histogram", "sample")
+PROBE_NOCROSS = ("moments", "position", "histogram", "sample", "topk", "norm")
 METHODS: dict[str, str] = {
     "plain": "plain forward (the floor)",
     "hidden_states": "output_hidden_states=True + torch stats",
-    "probe": "probe, default stats (all 5)",
+    "probe": "probe, default stats (all 7)",
     "probe_nocross": "probe, all but cross",
     "probe_every25": "probe, default stats, 1 forward in 25 (schedule=)",
     "probe_eager": "probe, default stats, fused Triton kernel off",

@@ -4,7 +4,7 @@ Each site is one variable and each kept (token, channel) element one observation
 ``(i, j)`` compares site ``i`` and site ``j`` at the same place in the same forward. This needs
 every site of a forward at once: the sites' tensors are held by reference (no copy; in training
 autograd holds them anyway) until the forward ends, then folded in token blocks of at most
-``block_bytes`` of float64 (16 MiB on CPU, where small blocks stay in cache; 256 MiB on an
+``block_bytes`` of float64 (8 MiB on CPU, where small blocks stay in cache; 256 MiB on an
 accelerator, where each block costs a few kernel launches per site), which bounds the temporaries
 and is exact (blocks merge with the co-moment formula). An element that is non-finite in any site
 is left out for all sites.
@@ -34,19 +34,22 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._base import SPECS, StatBase, Tokens
+from ._base import SPECS, StatBase, Tokens, host_reads, scratch
 
 __all__ = ["Cross"]
 
 
-def _comoments(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _comoments(x: Tensor, w: Tensor, inplace: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``(n, mean[S], C[S, S])`` of float64 ``x[S, t, D]`` over the tokens where the 0/1 float64
-    ``w[t]`` is 1 (``x`` must be finite everywhere)."""
+    ``w[t]`` is 1 (``x`` must be finite everywhere). ``inplace``: ``x`` is a scratch copy that
+    may be overwritten by its centered values (no second block-sized buffer)."""
     s, _, d = x.shape
     n = w.sum() * d
     mean = (x.sum(2) @ w) / n.clamp(min=1)
-    # (x - mean) * w in one fused pass: -mean * w + x * w
-    xc = torch.addcmul(-mean.view(s, 1, 1) * w.view(1, -1, 1), x, w.view(1, -1, 1)).view(s, -1)
+    if inplace:
+        xc = x.sub_(mean.view(s, 1, 1)).mul_(w.view(1, -1, 1)).view(s, -1)
+    else:  # (x - mean) * w in one fused pass: -mean * w + x * w
+        xc = torch.addcmul(-mean.view(s, 1, 1) * w.view(1, -1, 1), x, w.view(1, -1, 1)).view(s, -1)
     return n, mean, xc @ xc.T
 
 
@@ -217,16 +220,20 @@ class Cross(StatBase):
         if n_tok == 0 or d == 0:
             return
         per_token = len(xs) * d * 8
-        block_bytes = self.block_bytes or ((16 << 20) if device.type == "cpu" else (256 << 20))
+        block_bytes = self.block_bytes or ((8 << 20) if device.type == "cpu" else (256 << 20))
         block = max(1, block_bytes // per_token)
         bound = tokens.head_bound
         keep_acc = head_acc = None
         f64 = torch.float64
         cos = {"keep": (0.0, 0.0), "head": (0.0, 0.0)}
+        # CPU, every value finite (read on the host, free there): one reused float64 block, no
+        # finiteness masks, centered in place when nothing else reads the block
+        clean = host_reads(xs[0]) and all(bool(torch.isfinite(x.sum())) for x in xs)
+        inplace = clean and not self.cosines and bound >= 0
         for a in range(0, n_tok, block):
             b = min(n_tok, a + block)
-            x, ok = self._stack(xs, slice(a, b), device)
-            part = _comoments(x, tokens.keep[a:b].to(f64) * ok)
+            x, ok = self._stack(xs, slice(a, b), device, clean)
+            part = _comoments(x, tokens.keep[a:b].to(f64) * ok, inplace)
             keep_acc = part if keep_acc is None else _merge(keep_acc, part)
             if self.cosines:
                 cos["keep"] = _add(cos["keep"], _cosines(x, tokens.keep[a:b].to(f64) * ok, s["keep_cos_hist"]))
@@ -255,15 +262,17 @@ class Cross(StatBase):
             s[f"{v}_cos"] = s[f"{v}_cos"] + cos[v][1]
 
     @staticmethod
-    def _stack(xs: list[Tensor], rows, device) -> tuple[Tensor, Tensor]:
+    def _stack(xs: list[Tensor], rows, device, clean: bool = False) -> tuple[Tensor, Tensor]:
         """float64 ``[S, t, D]`` of the held sites' ``rows`` (a slice or an index tensor), with
-        non-finite values zeroed, and the float64 ``[t]`` mask of tokens finite in every site."""
-        first = xs[0][rows]
-        out = torch.empty((len(xs), *first.shape), dtype=torch.float64, device=device)
-        ok = torch.ones(first.shape[0], dtype=torch.float64, device=device)
-        for i, t in enumerate(xs):
-            src = first if i == 0 else t[rows]
-            # x - x is 0 for finite values and NaN otherwise: a cheap per-token finiteness test
-            ok *= torch.sub(src, src).sum(1).add_(1.0).nan_to_num_(nan=0.0).to(device, torch.float64)
-            torch.nan_to_num_(out[i].copy_(src), nan=0.0, posinf=0.0, neginf=0.0)
-        return out, ok
+        non-finite values zeroed, and the float64 ``[t]`` mask of tokens finite in every site:
+        one ``stack`` (one kernel, no per-site loop) into float64. ``clean`` (CPU, every value
+        finite): into a reused buffer, with an all-ones mask."""
+        parts = [x[rows] for x in xs]
+        shape = (len(xs), *parts[0].shape)
+        if clean:
+            out = torch.stack(parts, out=scratch("cross.block", shape, torch.float64))
+            return out, torch.ones(shape[1], dtype=torch.float64)
+        out = torch.stack(parts, out=torch.empty(shape, dtype=torch.float64, device=device))
+        # x - x is 0 for finite values and NaN otherwise: a cheap per-token finiteness test
+        ok = torch.sub(out, out).sum((0, 2)).add_(1.0).nan_to_num_(nan=0.0)
+        return torch.nan_to_num_(out, nan=0.0, posinf=0.0, neginf=0.0), ok

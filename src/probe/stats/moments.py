@@ -108,16 +108,19 @@ def _dense_chunk(view: Dense) -> tuple[Tensor, ...]:
     center = mean.to(x.dtype)
     d = torch.sub(x, center.unsqueeze(-2), out=scratch("moments.d", x.shape, x.dtype))
     p = torch.mul(d, d, out=scratch("moments.p", x.shape, x.dtype))
-    s2 = p.sum(-2, dtype=torch.float64)
-    s3 = p.mul_(d).sum(-2, dtype=torch.float64)
-    s4 = p.mul_(d).sum(-2, dtype=torch.float64)
+    # float32 powers and sums, as in central_sums
+    s2 = p.sum(-2).double()
+    s3 = p.mul_(d).sum(-2).double()
+    s4 = p.mul_(d).sum(-2).double()
     moments = (n, mean, *shift_moments(n, mean - center.double(), s2, s3, s4))
     mag = torch.abs(x, out=d)
-    value, at_t = mag.amax(-1).max(-1)
+    rowmax = mag.amax(-1)  # [G, t]
+    value, at_t = rowmax.max(-1)
     channel = mag.gather(-2, at_t.view(-1, 1, 1).expand(-1, 1, mag.shape[-1])).argmax(-1).view(-1)
     at = torch.stack((view.row[at_t], view.position[at_t], channel, view.token[at_t]), dim=-1)
-    # |x| >= LARGE as 0/1 (see _chunk); column counts below 2**24 are exact in float32
-    large = torch.clamp(mag, max=LARGE, out=p).div_(LARGE).floor_().sum(-2).round().long()
+    # |x| >= LARGE counted only in the tokens whose largest |x| reaches it (found on the host: CPU)
+    rows = torch.nonzero((rowmax >= LARGE).any(0)).squeeze(1)
+    large = (mag.index_select(-2, rows) >= LARGE).sum(-2)
     zero = torch.zeros(g, dtype=torch.int64)
     return (*moments, x.amin(-2), x.amax(-2), zero, zero, zero, torch.full_like(zero, t), value, at, large)
 

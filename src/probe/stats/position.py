@@ -60,7 +60,8 @@ def _dense_chunk(x: Tensor, parts: Finite, valid: Tensor, position: Tensor, p: i
     if not host_reads(x) or not bool(valid.all()):
         return None
     f64 = torch.float64
-    total = x.sum(-1, dtype=f64)  # [G, n]; not finite exactly where a token holds a non-finite value
+    # [G, n] through a reused float64 copy; not finite exactly where a token holds a non-finite value
+    total = parts.wide.sum(-1)
     if not bool(torch.isfinite(total).all()):
         return None
     parts.mark_clean()
@@ -74,7 +75,7 @@ def _dense_chunk(x: Tensor, parts: Finite, valid: Tensor, position: Tensor, p: i
     mean = zeros.index_add(1, index, total * inside64) / n.clamp(min=1)
     mu = mean.index_select(1, index).unsqueeze(-1).to(x.dtype)  # each token's position mean, [G, n, 1]
     dev = torch.sub(x, mu, out=scratch("position.d", x.shape, x.dtype))
-    m2 = zeros.index_add(1, index, dev.mul_(dev).sum(-1, dtype=f64) * inside64)
+    m2 = zeros.index_add(1, index, dev.mul_(dev).sum(-1).double() * inside64)  # float32 squares and sums
     tokens = torch.zeros(g, p, dtype=torch.int64).index_add_(1, index, inside.long().expand(g, -1))
     rowmax = parts.rowmax_into(dev)
     mag = torch.where(inside, rowmax, float("-inf"))

@@ -21,7 +21,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from ._base import SPECS, StatBase, Tokens
+from ._base import SPECS, StatBase, Tokens, host_reads
 
 __all__ = ["Sample"]
 
@@ -59,18 +59,35 @@ class Sample(StatBase):
             "value": torch.full((k,), float("nan"), dtype=torch.float32, device=device),
         }
 
-    def _select(self, n: int, d: int, tokens: Tokens, device: torch.device) -> tuple[Tensor, Tensor]:
-        memo = ("sample", id(tokens), n, d, self.size)
+    def _select(self, n: int, d: int, tokens: Tokens, device: torch.device, bound: float) -> tuple[Tensor, Tensor]:
+        """This forward's candidate keys and their flat indices: the ``k`` smallest kept keys, or,
+        with a finite ``bound`` (the reservoir's largest key), the kept keys below it. Keys at or
+        above the bound could never enter the reservoir, so both give the same merged sample; the
+        bound only saves the ``topk`` over every key of the forward."""
+        memo = ("sample", id(tokens), n, d, self.size, bound)
         if memo not in tokens.cache:
             gen = torch.Generator(device=device).manual_seed(tokens.seed)
             keys = torch.rand(n * d, dtype=torch.float64, device=device, generator=gen)
-            keys = torch.where(tokens.keep.repeat_interleave(d), keys, float("inf"))
-            if n * d > self.size:
-                keys, index = torch.topk(keys, self.size, largest=False, sorted=False)
+            if bound < float("inf"):  # sized on the host: CPU only (see _bound)
+                index = torch.nonzero(keys < bound).squeeze(1)
+                keys = torch.where(tokens.keep[index // d], keys[index], float("inf"))
+                if index.numel() > self.size:
+                    keys, pick = torch.topk(keys, self.size, largest=False, sorted=False)
+                    index = index[pick]
             else:
-                index = torch.arange(n * d, device=device)
+                keys = torch.where(tokens.keep.repeat_interleave(d), keys, float("inf"))
+                if n * d > self.size:
+                    keys, index = torch.topk(keys, self.size, largest=False, sorted=False)
+                else:
+                    index = torch.arange(n * d, device=device)
             tokens.cache[memo] = (keys, index)
         return tokens.cache[memo]
+
+    def _bound(self) -> float:
+        """The reservoir's largest key (``inf`` until it is full), read on the host where that
+        costs nothing (CPU); ``inf`` on accelerators, whose path never syncs."""
+        key = self.s["key"]
+        return float(key.max()) if host_reads(key) else float("inf")
 
     def _init_like(self, x: Tensor) -> None:
         self._init(x.device)
@@ -84,7 +101,7 @@ class Sample(StatBase):
         memo = ("sample-merge", self.history, id(tokens), n, d, self.size)
         shared = tokens.cache.get(memo)
         if shared is None:  # the first site of this forward with this history merges for all
-            keys, index = self._select(n, d, tokens, self.s["key"].device)
+            keys, index = self._select(n, d, tokens, self.s["key"].device, self._bound())
             t = index // d
             new = {"key": keys, "row": tokens.row[t], "position": tokens.position[t],
                    "channel": index % d, "token": tokens.token[t]}

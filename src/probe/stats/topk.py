@@ -82,8 +82,28 @@ class TopK(StatBase):
         """Fold ``x[G, n, D]`` (float32) into ``G`` top-k states at once."""
         if not cls._ready(stats, x):
             return
+        cls._merge(stats, cls._best(x, tokens, stats[0].k))
+
+    @classmethod
+    def partial(cls, stat: TopK, x: Tensor, tokens: Tokens) -> dict | None:
+        """Steps 1 and 2 for one site's chunk ``x[1, n, D]`` (see :meth:`StatBase.partial`);
+        :meth:`fold` merges every site's with its state at once."""
+        if not cls._ready([stat], x):
+            return None
+        return cls._best(x, tokens, stat.k)
+
+    @classmethod
+    def fold(cls, stats: list, parts: list) -> None:
+        pairs = [(stat, part) for stat, part in zip(stats, parts) if part is not None]
+        if pairs:
+            new = {f: torch.cat([part[f] for _, part in pairs]) for f in cls._fields}
+            cls._merge([stat for stat, _ in pairs], new)
+
+    @staticmethod
+    def _best(x: Tensor, tokens: Tokens, k: int) -> dict[str, Tensor]:
+        """Steps 1 and 2: the top ``k`` of chunk ``x[G, n, D]`` (fields ``[G, k]``, empty slots
+        NaN / -1)."""
         g, n, d = x.shape
-        k = stats[0].k
         rowmax = finite(x, tokens).rowmax  # per-token largest |x| (non-finite values as 0), shared
         valid = tokens.valid
         # 1. the tokens that can hold the chunk's top k
@@ -104,6 +124,12 @@ class TopK(StatBase):
                "position": torch.where(empty, -1, tokens.position[t]),
                "channel": torch.where(empty, -1, channel),
                "token": torch.where(empty, -1, tokens.token[t])}
+        return new
+
+    @classmethod
+    def _merge(cls, stats: list, new: dict[str, Tensor]) -> None:
+        """Step 3: merge the chunks' top ``k`` (fields ``[G, k]``) with the ``G`` states."""
+        k = stats[0].k
         # 3. merge with the state: state entries come earlier in the stream, so they go first
         old = {f: torch.stack([st.s[f] for st in stats]) for f in cls._fields}
         both = {f: torch.cat((old[f], new[f]), dim=1) for f in cls._fields}
@@ -111,5 +137,6 @@ class TopK(StatBase):
         filled = ~torch.isnan(v)
         bmag = torch.where(filled, v.abs(), 0.0)
         _, pick = torch.topk(_keys(bmag, filled), k, dim=-1)
+        chosen = {f: both[f].gather(1, pick).unbind(0) for f in cls._fields}
         for i, st in enumerate(stats):
-            st._state = {f: both[f][i].index_select(0, pick[i]) for f in cls._fields}
+            st._state = {f: chosen[f][i] for f in cls._fields}
