@@ -4,8 +4,9 @@ Every kept element of a forward pass gets a float64 key from a generator seeded 
 per site), so all sites of equal shape draw the same keys, keep the same (row, position, channel)
 triples, and can be paired point by point. The ``k`` smallest keys seen so far are exactly a
 uniform sample without replacement; merging two samples is concatenation plus bottom-k again.
-The per-forward selection (one ``topk`` over the forward's keys) is memoised in ``Tokens.cache``
-and shared by every site. So is the merge with the reservoir: sites that have seen the same
+The per-forward selection (one ``topk`` over the forward's keys; on CPU, once the reservoir is
+full, just the keys below its largest, since no other key can enter it) is memoised in
+``Tokens.cache`` and shared by every site. So is the merge with the reservoir: sites that have seen the same
 forwards hold the same keys (a host-side ``history`` hash says so without reading the device),
 so the ``2k`` merge and the (row, position, channel, token) fields are computed once per forward
 and shared; each site only gathers its ``k`` values.
