@@ -94,6 +94,44 @@ def test_sparse_histogram_and_shared_sample_coordinates(tiny, tmp_path):
         np.testing.assert_array_equal(run[name].sample.channel, run[run.sites[0]].sample.channel)
 
 
+def test_norm_buckets_sparse_and_the_dense_layout_still_read(tiny, tmp_path, monkeypatch):
+    """The norm histogram is stored like the value histogram (non-empty buckets only, per window
+    and in /total); files that hold it dense in the record read the same."""
+    import probe.store as store
+
+    live = _run(tiny, tmp_path / "sparse.h5", n=3)
+    monkeypatch.setattr(store, "SPARSE", ("histogram",))  # the earlier layout: counts in the record
+    _run(tiny, tmp_path / "dense.h5", n=3, seed=live.seed)
+    monkeypatch.undo()
+    with h5py.File(tmp_path / "sparse.h5", "r") as f:
+        g, t = f["sites/01/norm"], f["total/sites/01/norm"]
+        assert "counts" not in g["window"].dtype.names and "counts" not in t["total"].dtype.names
+        buckets = int(g.attrs["buckets"])
+        assert buckets == int(t.attrs["buckets"]) == 2 ** (8 + 7)
+        assert 0 < t["count"].shape[0] <= g["count"].shape[0] < buckets // 100
+    with h5py.File(tmp_path / "dense.h5", "r") as f:
+        assert "counts" in f["sites/01/norm/window"].dtype.names
+    sparse, dense = probe.load(tmp_path / "sparse.h5"), probe.load(tmp_path / "dense.h5")
+    for name in live.sites:
+        ref = live.result.total["sites"][name]["norm"]
+        for run in (sparse, dense):
+            _same_state({"norm": run[name]._state["norm"]}, {"norm": ref})
+            for step in run.steps:
+                np.testing.assert_array_equal(run.at(step)[name]._state["norm"]["counts"],
+                                              live.result.at(step)[name]._state["norm"]["counts"])
+
+    def norm_bytes(path):  # bytes the norm groups store, windows and total
+        with h5py.File(path, "r") as f:
+            sizes = []
+            f.visititems(lambda key, obj: sizes.append(obj.id.get_storage_size())
+                         if isinstance(obj, h5py.Dataset) and "/norm/" in f"/{key}" else None)
+        return sum(sizes)
+
+    # dense: 2**15 int64 buckets (256 KiB) per site in each /total record alone
+    dense_bytes, sparse_bytes = norm_bytes(tmp_path / "dense.h5"), norm_bytes(tmp_path / "sparse.h5")
+    assert dense_bytes > 3 * 2**18 > 2 * sparse_bytes
+
+
 def test_read_side_does_not_import_torch(tiny, tmp_path):
     _run(tiny, tmp_path / "r.h5", n=2)
     script = f"""

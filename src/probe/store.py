@@ -95,6 +95,11 @@ def _site_key(i: int, count: int) -> str:
     return f"{i:0{max(2, len(str(count - 1)))}d}"
 
 
+#: statistics whose bucket ``counts`` are stored sparsely: per window the rows ``start:end`` of the
+#: group's ``index``/``count`` datasets, in ``/total`` the group's own ``index``/``count``
+SPARSE = ("histogram", "norm")
+
+
 def _sparse(sg, counts) -> tuple[np.ndarray, np.ndarray]:
     """Dense bucket ``counts`` as (int32 bucket index, int64 count) of the non-empty buckets; the
     group's ``buckets`` attribute records the dense length the first time."""
@@ -163,7 +168,8 @@ class Writer:
             if not present:
                 return  # created zero-filled (absent) for earlier rows when first present
             rec = self._pack(fields, True)
-            filt = "lzf" if sg.name.endswith("/position") else None
+            # per-position fields are mostly zeros past the longest sequence seen: LZF takes them out
+            filt = "lzf" if sg.name.endswith(("/position", "/norm")) else None
             ds = sg.create_dataset("window", shape=(self.rows + 1,), maxshape=(None,), dtype=rec.dtype,
                                    chunks=(1,), compression=filt)
         else:
@@ -175,15 +181,18 @@ class Writer:
         ds[self.rows] = rec
 
     def _window(self, f, sg, kind: str, state: dict, coords: list) -> None:
-        if kind == "histogram":
+        if kind in SPARSE:
             start = sg["count"].shape[0] if "count" in sg else 0
             end = start
             if state:
                 index, count = _sparse(sg, state["counts"])
                 self._extend(sg, "index", index)
                 end = self._extend(sg, "count", count)
-            fields = {"start": np.int64(start), "end": np.int64(end),
-                      "lossless": np.bool_(bool(state["lossless"])) if state else np.bool_(True)}
+            fields = {"start": np.int64(start), "end": np.int64(end)}
+            if kind == "histogram":
+                fields["lossless"] = np.bool_(bool(state["lossless"])) if state else np.bool_(True)
+            elif state:
+                fields.update({n: np.asarray(state[n]) for n in SPECS[kind].names if n != "counts"})
         elif kind == "sample":
             index = -1
             if state:
@@ -226,8 +235,9 @@ class Writer:
                 ds[...] = value
                 return
             del group[name]
-        if value.ndim == 1 and name in ("index", "count"):  # grows with the run: resizable
-            group.create_dataset(name, data=value, maxshape=(None,), chunks=(_CHUNK_1D,))
+        if value.ndim == 1 and name in ("index", "count"):  # grows with the run: resizable, chunks to fit
+            chunk = min(_CHUNK_1D, max(256, value.shape[0]))
+            group.create_dataset(name, data=value, maxshape=(None,), chunks=(chunk,))
         else:
             group.create_dataset(name, data=value)
 
@@ -261,13 +271,13 @@ class Writer:
             tg = t[key]
             for kind, state in total["sites"].get(name, {}).items():
                 sg = tg.require_group(kind)
-                if kind == "histogram":
+                if kind in SPARSE:
                     fields = {}
                     if state:
                         index, count = _sparse(sg, state["counts"])
                         self._set(sg, "index", index)
                         self._set(sg, "count", count)
-                        fields = {"lossless": np.bool_(bool(state["lossless"]))}
+                        fields = {n: np.asarray(state[n]) for n in SPECS[kind].names if n != "counts"}
                 elif kind == "sample":
                     fields = {"coords": np.int64(where[name]), "value": np.asarray(state["value"])} if state else {}
                 else:
@@ -387,7 +397,8 @@ def _fields(rec, names, where: str) -> dict:
 
 
 def _dense_counts(index: np.ndarray, count: np.ndarray, buckets: int, where: str) -> np.ndarray:
-    if buckets not in [2 ** (9 + m) for m in range(11)] or index.shape != count.shape or (
+    # 2**(9 + m) histogram buckets, 2**(8 + m) norm buckets, m in 0..10
+    if buckets not in [2 ** k for k in range(8, 20)] or index.shape != count.shape or (
             index.size and (index.min() < 0 or index.max() >= buckets)):
         raise FileFormatError(f"{where}: sparse histogram does not fit {buckets} buckets; the file is damaged")
     counts = np.zeros(buckets, dtype=np.int64)
@@ -431,14 +442,15 @@ class FileSource:
         rec = ds[r]
         if not bool(rec["_present"]):
             return {}
-        if kind == "histogram":
+        if kind in SPARSE and "start" in (rec.dtype.names or ()):  # earlier files hold norm counts dense
             start, stop = int(rec["start"]), int(rec["end"])
             if not 0 <= start <= stop <= sg["count"].shape[0]:
-                raise FileFormatError(f"{sg.name}: histogram row {r} spans [{start}, {stop}) outside the "
-                                      "stored buckets; the file is damaged")
+                raise FileFormatError(f"{sg.name}: row {r} spans buckets [{start}, {stop}) outside the "
+                                      "stored ones; the file is damaged")
             counts = _dense_counts(sg["index"][start:stop], sg["count"][start:stop],
                                    int(sg.attrs.get("buckets", 0)), sg.name)
-            return {"counts": counts, "lossless": np.asarray(bool(rec["lossless"]))}
+            rest = [n for n in SPECS[kind].names if n != "counts"]
+            return {"counts": counts, **_fields(rec, rest, ds.name)}
         if kind == "sample":
             return _sample_state(f["samples"], rec, sg.name)
         return _fields(rec, SPECS[kind].names, ds.name)
@@ -471,12 +483,12 @@ class FileSource:
         rec = ds[()]
         if not bool(rec["_present"]):
             return {}
-        if kind == "histogram":
+        if kind in SPARSE and "index" in sg and "counts" not in (rec.dtype.names or ()):
             for name in ("index", "count"):
                 _check(sg[name])
+            rest = [n for n in SPECS[kind].names if n != "counts"]
             return {"counts": _dense_counts(sg["index"][()], sg["count"][()], int(sg.attrs.get("buckets", 0)),
-                                            sg.name),
-                    "lossless": np.asarray(bool(rec["lossless"]))}
+                                            sg.name), **_fields(rec, rest, ds.name)}
         if kind == "sample":
             return _sample_state(t["samples"], rec, sg.name)
         return _fields(rec, SPECS[kind].names, ds.name)
