@@ -176,3 +176,41 @@ def test_capture_fast_equals_masked(tiny, monkeypatch):
                 else:
                     scale = np.nanmax(np.abs(ref), initial=0.0)
                     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * scale, err_msg=f"{site} {kind} {f}")
+
+
+@pytest.mark.parametrize("scale", [1e12, 1e25])
+@pytest.mark.parametrize("name", ["head", "nan_kept"])
+def test_huge_finite_values_do_not_overflow(scale, name, monkeypatch):
+    """Fourth powers of |x| > ~1.8e9 overflow float32: a chunk whose float32 powers or norms are
+    not finite is recomputed in float64 (CPU), so the moments, per-position spread and norms of
+    huge but finite activations stay right."""
+    from probe.run import combine_channels
+
+    x, keep, valid = case(name)
+    x = x * scale
+    tk = tokens(keep, valid)
+    st = {k: fed(MAKERS[k], [(x, tk)], True, monkeypatch) for k in ("moments", "position", "norm")}
+    ok = (keep & valid).numpy()
+    kept = x[keep & valid].double().numpy()
+    finite = np.isfinite(kept)
+    flat = kept[finite]
+    m = st["moments"]
+    n, mean, m2, m3, m4 = combine_channels(*(m[f].numpy() for f in ("n", "mean", "m2", "m3", "m4")))
+    c = flat - flat.mean()
+    assert n == flat.size
+    np.testing.assert_allclose(m2 / n, (c**2).mean(), rtol=1e-6)
+    np.testing.assert_allclose(n * m4 / m2**2, (c**4).mean() / (c**2).mean() ** 2, rtol=1e-5)
+    np.testing.assert_allclose(np.sqrt(n) * m3 / m2**1.5, (c**3).mean() / (c**2).mean() ** 1.5, rtol=1e-4,
+                               atol=1e-6)
+    p = st["position"]
+    rows = x.double().numpy()
+    pos = (torch.arange(N) % 32).numpy()
+    for q in (1, 5):  # positions with real, finite tokens in every case
+        vals = rows[(pos == q) & valid.numpy()]
+        vals = vals[np.isfinite(vals)]
+        np.testing.assert_allclose(p["m2"][q].item() / p["n"][q].item(), vals.var(), rtol=1e-5)
+    norms = np.linalg.norm(rows[ok], axis=1)
+    good = np.isfinite(norms)
+    nm = st["norm"]
+    assert int(nm["n"]) == good.sum() and int(nm["nonfinite"]) == (~good).sum()
+    np.testing.assert_allclose(nm["mean"].item(), norms[good].mean(), rtol=1e-6)

@@ -263,6 +263,33 @@ def test_scatter_draws_every_sampled_value_without_a_kinked_scale(one):
     assert [ax.get_title().split(":")[0] for ax in chosen.axes if ax.get_visible()] == ["layer 0", "layer 2"]
 
 
+def test_scatter_leaves_out_sampled_non_finite_values(tmp_path):
+    """A NaN and an inf in the activations can be sampled (the sample keeps what sits at its
+    locations); the scatter draws the finite points only, on finite axes."""
+    model = _model()
+
+    def poison(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden[0, 3, :] = float("nan")
+        hidden[1, 4, :] = float("inf")
+
+    handle = model.transformer.h[0].register_forward_hook(poison)
+    try:
+        with probe.capture(model, out=tmp_path / "r.h5", sample_size=2000) as run:
+            for batch in _batches(1):
+                with torch.no_grad():
+                    model(**batch)
+    finally:
+        handle.remove()
+    run = probe.load(tmp_path / "r.h5")
+    values = run["hidden_states.1"].sample.value
+    assert np.isnan(values).any() and np.isinf(values).any()  # not vacuous: the sample holds both
+    figs = figures(run, "scatter", layers="1")
+    (ax,) = [ax for ax in figs["scatter_position.png"].axes if ax.get_visible()]
+    y = ax.collections[0].get_offsets()[:, 1]
+    assert len(y) == np.isfinite(values).sum() and np.isfinite(ax.get_ylim()).all()
+
+
 def test_parse_layers(one):
     assert parse_layers(one, "all") == one.sites
     assert parse_layers(one, "2,0") == ["hidden_states.0", "hidden_states.2"]

@@ -464,8 +464,9 @@ def _scatter(run: Run, out: _Out, opts: dict) -> list[str]:
     found = {}
     for name in _sites_with(run, "sample"):
         sm = run[name].sample
-        if len(sm):
-            found[name] = (sm.position, sm.channel, sm.value)
+        finite = np.isfinite(sm.value)  # a sampled NaN or inf (kept so sites pair up) has no place on an axis
+        if finite.any():
+            found[name] = (sm.position[finite], sm.channel[finite], sm.value[finite])
     if not found:
         raise _missing("scatter", "sample", run)
     heavy = None

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import (SPECS, BatchedStat, Dense, Finite, Tokens, central_sums, dense, merge_moments, scratch, run_compiled,
-                    shift_moments)
+from ._base import (SPECS, BatchedStat, Dense, Finite, Tokens, central_sums, dense, host_reads, merge_moments,
+                    run_compiled, scratch, shift_moments)
 
 __all__ = ["Moments", "LARGE"]
 
@@ -195,9 +195,13 @@ class Moments(BatchedStat):
     @staticmethod
     def _chunk(x: Tensor, parts, tokens: Tokens) -> tuple[Tensor, ...]:
         view = dense(x, tokens)
-        if view is not None:
-            return _dense_chunk(view)
-        return _chunk(x, parts.xs, parts.fm, parts.abs, parts.rowmax, tokens.keep, tokens.row, tokens.position,
-                      tokens.token)
+        meta = (tokens.keep, tokens.row, tokens.position, tokens.token)
+        chunk = _dense_chunk(view) if view is not None else _chunk(x, parts.xs, parts.fm, parts.abs, parts.rowmax,
+                                                                   *meta)
+        if host_reads(x) and not bool(torch.isfinite(chunk[4]).all()):
+            # float32 fourth powers overflow once |x - mean| passes ~1.8e9: this chunk's powers
+            # in float64 instead (read on the host: CPU only; accelerators compile to float64)
+            chunk = _chunk(x, parts.xs, parts.fm, parts.abs, parts.rowmax, *meta, wide=True)
+        return chunk
 
     _merge = staticmethod(_merge)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._base import SPECS, StatBase, Tokens, finite, merge_moments
+from ._base import SPECS, StatBase, Tokens, finite, host_reads, merge_moments
 
 __all__ = ["Norm"]
 
@@ -87,6 +87,11 @@ class Norm(StatBase):
         finite) and the sums ``[G, D]`` of the unit vectors of the kept tokens with a finite,
         non-zero norm: the two parts that read the activations."""
         norm = torch.linalg.vector_norm(x, dim=-1)
+        if host_reads(x) and not bool(torch.isfinite(norm).all()):
+            # the float32 sum of squares overflows once a token's norm passes ~1.8e19: those tokens'
+            # norms in float64 (CPU, read on the host); a token with a non-finite value stays non-finite
+            at = torch.nonzero(~torch.isfinite(norm), as_tuple=True)
+            norm[at] = torch.linalg.vector_norm(x[at], dim=-1, dtype=torch.float64).to(norm.dtype)
         unit = torch.isfinite(norm) & tokens.keep & (norm > 0)
         coef = torch.where(unit, 1.0 / torch.where(unit, norm, 1.0), 0.0)  # [G, n]
         usum = torch.bmm(coef.unsqueeze(1), finite(x, tokens).xs).squeeze(1)
