@@ -214,3 +214,13 @@ def test_huge_finite_values_do_not_overflow(scale, name, monkeypatch):
     nm = st["norm"]
     assert int(nm["n"]) == good.sum() and int(nm["nonfinite"]) == (~good).sum()
     np.testing.assert_allclose(nm["mean"].item(), norms[good].mean(), rtol=1e-6)
+
+
+def test_scratch_buffers_go_with_the_capture(tiny):
+    model = tiny("gpt2")
+    ids, mask = batch(3, 9)
+    with probe.capture(model, skip_first=1):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        assert _base._SCRATCH.pool  # the fast paths used them (not vacuous)
+    assert not _base._SCRATCH.pool

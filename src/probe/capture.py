@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from . import kernels as _kernels
 from . import stats as _stats
+from .stats import _base as _stats_base
 from ._schedule import as_schedule
 from .errors import ProbeError, SiteError
 from .forward import Forwards, describe
@@ -346,6 +347,7 @@ class Capture:
             self._remove()
         finally:
             self._active = False
+            _stats_base.release_scratch()  # the CPU fast paths' reused buffers go with the capture
             try:
                 self._commit(final=True)
             except Exception as err:

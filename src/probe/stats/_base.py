@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ._state import SPECS, State, merge_moments, merge_states
 
-__all__ = ["Tokens", "Stat", "StatBase", "BatchedStat", "Finite", "merge_moments", "SPECS", "central_sums", "Dense", "scratch", "host_reads",
+__all__ = ["Tokens", "Stat", "StatBase", "BatchedStat", "Finite", "merge_moments", "SPECS", "central_sums", "Dense", "scratch", "release_scratch", "host_reads",
            "dense", "finite", "run_compiled"]
 
 
@@ -408,6 +408,11 @@ def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float3
     if buf is None or buf.numel() < numel:
         buf = pool[(slot, dtype)] = torch.empty(numel, dtype=dtype)
     return buf[:numel].view(shape)
+
+
+def release_scratch() -> None:
+    """Drop this thread's :func:`scratch` buffers (a capture does so when it exits)."""
+    _SCRATCH.pool = {}
 
 
 class Dense:
