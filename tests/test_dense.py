@@ -224,3 +224,54 @@ def test_scratch_buffers_go_with_the_capture(tiny):
             model(input_ids=ids, attention_mask=mask)
         assert _base._SCRATCH.pool  # the fast paths used them (not vacuous)
     assert not _base._SCRATCH.pool
+
+
+def test_topk_candidate_tokens_give_the_same_top_k(monkeypatch):
+    """CPU, full state: only tokens whose largest |x| beats the state's k-th are searched (or none,
+    and the chunk is skipped); the result equals the masked path's, over forwards that exercise
+    both the restricted search and the skip."""
+    seen = {"restricted": 0, "skipped": 0}
+    best = TopK._best
+
+    def spy(x, tokens, k, tok=None):
+        if tok is not None:
+            seen["restricted"] += 1
+        return best(x, tokens, k, tok)
+
+    chunks = []
+    for f, scale in enumerate([1.0, 3.0, 0.5, 1.2, 5.0, 0.1]):
+        x, keep, valid = case("padded", seed=f)
+        chunks.append((x * scale, tokens(keep, valid, forward=f)))
+    masked = fed(lambda: TopK(8), chunks, False, monkeypatch)
+    monkeypatch.setattr(TopK, "_best", staticmethod(spy))
+    original = TopK.partial.__func__
+
+    def partial(cls, stat, x, tk):
+        part = original(cls, stat, x, tk)
+        seen["skipped"] += part is None
+        return part
+
+    monkeypatch.setattr(TopK, "partial", classmethod(partial))
+    fast = fed(lambda: TopK(8), chunks, True, monkeypatch)
+    assert seen["restricted"] >= 1 and seen["skipped"] >= 1  # both shortcuts ran
+    assert_states_agree(fast, masked, rtol=0.0)
+
+
+def test_fast_paths_under_inference_mode_from_a_fresh_pool(tiny):
+    """Buffers first made inside torch.inference_mode() are ordinary tensors: later forwards
+    outside it update them in place without error, and the numbers equal no_grad's."""
+    model = tiny("llama")
+    ids, mask = batch(3, 9, "left")
+    totals = []
+    for mode in (torch.inference_mode, torch.no_grad):
+        _base.release_scratch()
+        with probe.capture(model, skip_first=1, strict=True, seed=1) as cap:
+            with mode():
+                model(input_ids=ids, attention_mask=mask)
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+        totals.append(cap.result.total)
+    for site, stats in totals[1]["sites"].items():
+        for kind, state in stats.items():
+            for f, ref in state.items():
+                np.testing.assert_array_equal(totals[0]["sites"][site][kind][f], ref, err_msg=f"{site} {kind} {f}")

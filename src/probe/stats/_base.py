@@ -406,7 +406,8 @@ def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float3
     numel = math.prod(shape)
     buf = pool.get((slot, dtype))
     if buf is None or buf.numel() < numel:
-        buf = pool[(slot, dtype)] = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # an ordinary tensor, whatever mode the caller runs in
+            buf = pool[(slot, dtype)] = torch.empty(numel, dtype=dtype)
     return buf[:numel].view(shape)
 
 

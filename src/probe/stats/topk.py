@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import SPECS, StatBase, Tokens, finite
+from ._base import SPECS, StatBase, Tokens, finite, host_reads
 
 __all__ = ["TopK", "K"]
 
@@ -90,6 +90,17 @@ class TopK(StatBase):
         :meth:`fold` merges every site's with its state at once."""
         if not cls._ready([stat], x):
             return None
+        if host_reads(x) and x.shape[0] == 1:
+            # CPU, a full state: only tokens whose largest |x| beats the state's k-th largest can
+            # contribute (ties go to the state, which is earlier in the stream); found on the host
+            value = stat.s["value"]
+            if not bool(value.isnan().any()):
+                rowmax = finite(x, tokens).rowmax[0]
+                tok = torch.nonzero((rowmax > value.abs().min()) & tokens.valid).view(1, -1)
+                if tok.shape[1] == 0:
+                    return None
+                if tok.shape[1] < stat.k:
+                    return cls._best(x, tokens, stat.k, tok)
         return cls._best(x, tokens, stat.k)
 
     @classmethod
@@ -100,16 +111,17 @@ class TopK(StatBase):
             cls._merge([stat for stat, _ in pairs], new)
 
     @staticmethod
-    def _best(x: Tensor, tokens: Tokens, k: int) -> dict[str, Tensor]:
+    def _best(x: Tensor, tokens: Tokens, k: int, tok: Tensor | None = None) -> dict[str, Tensor]:
         """Steps 1 and 2: the top ``k`` of chunk ``x[G, n, D]`` (fields ``[G, k]``, empty slots
-        NaN / -1)."""
+        NaN / -1); ``tok`` (``[G, t]``, increasing): the candidate tokens, when already known."""
         g, n, d = x.shape
-        rowmax = finite(x, tokens).rowmax  # per-token largest |x| (non-finite values as 0), shared
         valid = tokens.valid
-        # 1. the tokens that can hold the chunk's top k
-        kt = min(k, n)
-        _, tok = torch.topk(_keys(rowmax, valid.expand(g, n)), kt, dim=-1)  # [G, kt]
-        tok, _ = torch.sort(tok, dim=-1)  # index order = stream order, so element keys keep it
+        if tok is None:
+            rowmax = finite(x, tokens).rowmax  # per-token largest |x| (non-finite values as 0), shared
+            # 1. the tokens that can hold the chunk's top k
+            _, tok = torch.topk(_keys(rowmax, valid.expand(g, n)), min(k, n), dim=-1)  # [G, kt]
+            tok, _ = torch.sort(tok, dim=-1)  # index order = stream order, so element keys keep it
+        kt = tok.shape[1]
         cx = x.gather(1, tok.unsqueeze(-1).expand(g, kt, d)).reshape(g, kt * d)
         ok = torch.isfinite(cx) & valid[tok].unsqueeze(-1).expand(g, kt, d).reshape(g, kt * d)
         # 2. the top k of their elements (ties: earlier token, then earlier channel)
@@ -124,6 +136,9 @@ class TopK(StatBase):
                "position": torch.where(empty, -1, tokens.position[t]),
                "channel": torch.where(empty, -1, channel),
                "token": torch.where(empty, -1, tokens.token[t])}
+        if ke < k:  # fewer candidates than slots: empty slots, so every site's chunk has k
+            new = {f: torch.nn.functional.pad(v, (0, k - ke), value=float("nan") if f == "value" else -1)
+                   for f, v in new.items()}
         return new
 
     @classmethod
