@@ -275,3 +275,13 @@ def test_fast_paths_under_inference_mode_from_a_fresh_pool(tiny):
         for kind, state in stats.items():
             for f, ref in state.items():
                 np.testing.assert_array_equal(totals[0]["sites"][site][kind][f], ref, err_msg=f"{site} {kind} {f}")
+
+
+def test_statistics_fed_directly_with_a_tensor_that_requires_grad():
+    """Outside a capture (which detaches), a statistic updated with a tensor autograd records
+    takes the masked path and gives the same numbers."""
+    x, keep, valid = case("head")
+    a, b = Moments(), Moments()
+    a.update(x.clone().requires_grad_(True), tokens(keep, valid))
+    b.update(x, tokens(keep, valid))
+    assert_states_agree({k: v.detach() for k, v in a.state_dict().items()}, b.state_dict(), rtol=1e-6)

@@ -390,8 +390,9 @@ _SCRATCH = threading.local()
 
 def host_reads(x: Tensor) -> bool:
     """Whether a statistic may read ``x``'s values on the host to pick a faster path: a CPU
-    tensor (nothing to wait for) while :data:`DENSE_CPU` is on. Never on an accelerator."""
-    return DENSE_CPU and x.device.type == "cpu"
+    tensor (nothing to wait for) while :data:`DENSE_CPU` is on, and not one autograd is recording
+    (the fast paths write into reused buffers). Never on an accelerator."""
+    return DENSE_CPU and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
 
 
 def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
