@@ -97,17 +97,9 @@ def _check_run(args) -> tuple[list[str], tuple[str, ...] | None]:
 
 
 def _check_out(out: str, overwrite: bool) -> None:
-    if os.path.isdir(out):
-        raise ProbeError(f"-o {out}: is a folder; expected a file path; pass e.g. -o {os.path.join(out, 'run.h5')}")
-    if os.path.exists(out) and not overwrite:
-        raise ProbeError(f"-o {out}: the file already exists; expected a new path; pass --overwrite to replace "
-                         "it, or another -o")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise ProbeError(f"-o {out}: the folder {parent} does not exist; expected an existing folder; create it first")
-    if not os.access(parent, os.W_OK):
-        raise ProbeError(f"-o {out}: the folder {parent} is not writable; expected a writable folder; "
-                         "pass another -o")
+    from .store import check_writable
+
+    check_writable(out, overwrite, flag="-o")
 
 
 def _check_device(device: str) -> None:

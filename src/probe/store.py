@@ -36,19 +36,29 @@ def _h5py():
     return h5py
 
 
-def check_writable(path: str, overwrite: bool) -> None:
-    """Raise a one-line :class:`ProbeError` if ``path`` cannot be (re)written."""
+def check_writable(path: str | os.PathLike, overwrite: bool, *, name: str = "out", flag: str | None = None) -> None:
+    """Raise a one-line :class:`ProbeError` if ``path`` cannot be (re)written: a folder, an
+    existing file without ``overwrite``, a missing or read-only folder. The error names the
+    argument ``name`` (``out='run.h5' ...``), or the command-line ``flag`` (``-o run.h5: ...``)."""
+    path = os.fspath(path)
+    if flag:
+        who, example = f"{flag} {path}:", f"{flag} {os.path.join(path, 'run.h5')}"
+        folder, exists = "is a folder", "the file already exists"
+        replace = f"pass --overwrite to replace it, or another {flag}"
+    else:
+        who, example = f"{name}={path!r}", f"{name}='{path.rstrip('/')}/run.h5'"
+        folder, exists = "is a directory", "already exists"
+        replace = "pass overwrite=True (--overwrite) to replace it"
     if os.path.isdir(path):
-        raise ProbeError(f"out={path!r} is a directory; expected a file path; pass e.g. out='{path.rstrip('/')}/run.h5'")
+        raise ProbeError(f"{who} {folder}; expected a file path; pass e.g. {example}")
     if os.path.exists(path) and not overwrite:
-        raise ProbeError(f"out={path!r} already exists; expected a new path; pass overwrite=True "
-                         "(--overwrite) to replace it")
+        raise ProbeError(f"{who} {exists}; expected a new path; {replace}")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise ProbeError(f"out={path!r}: folder {parent!r} does not exist; expected an existing folder; "
+        raise ProbeError(f"{who.rstrip(':')}: the folder {parent!r} does not exist; expected an existing folder; "
                          "create it first")
     if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ProbeError(f"out={path!r} is not writable; expected a path you can write; choose another path")
+        raise ProbeError(f"{who} is not writable; expected a path you can write; choose another path")
 
 
 def _jsonable(obj: Any) -> Any:

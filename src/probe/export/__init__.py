@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from ..errors import ProbeError
+from ..store import check_writable
 from ._collect import ModuleStats, as_runs, collect
 
 __all__ = ["export", "FORMATS", "collect", "ModuleStats"]
@@ -90,12 +91,7 @@ def export(fmt: Literal["smoothquant", "imatrix", "amax", "tensorboard"], runs, 
             raise ProbeError(f"tensorboard export takes one run; got {len(runs)}; "
                              "merge them first with probe merge, or export each to its own folder")
         return {"logdir": write_tensorboard(runs[0], path)}
-    if os.path.exists(path) and not overwrite:
-        raise ProbeError(f"output {path!r} exists; expected a new file; "
-                         "pass overwrite=True (--overwrite) to replace it")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ProbeError(f"output folder {folder!r} does not exist; expected an existing folder; create it first")
+    check_writable(path, overwrite, name="path")
     runs = as_runs(runs)
     stats = collect(runs)
     meta = _meta(runs)
