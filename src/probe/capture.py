@@ -470,12 +470,7 @@ class Capture:
         try:
             self._run_stats(names, x, group["tokens"])
         except Exception as err:
-            message = f"sites {names} (shape {tuple(x.shape[1:])}, batched): {err}"
-            if self.strict:
-                raise SiteError(message) from err
-            for name in names:
-                self._disabled[name] = str(err)
-            warnings.warn(f"probe: {message}; these sites are disabled for the rest of the run", stacklevel=2)
+            self._site_failed(names, f"shape {tuple(x.shape[1:])}, batched", err)
 
     def _run_stats(self, names: list[str], x: Tensor, tokens: Any) -> None:
         """Fold ``x[G, n, D]``, the activations of the ``G`` sites ``names`` over the same tokens,

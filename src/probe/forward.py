@@ -256,11 +256,7 @@ class Forwards:
         try:
             fn()
         except Exception as err:
-            message = f"site {name!r} ({describe(x)}): {err}"
-            if self.cap.strict:
-                raise SiteError(message) from err
-            self.cap._disabled[name] = str(err)
-            warnings.warn(f"probe: {message}; this site is disabled for the rest of the run", stacklevel=3)
+            self.cap._site_failed([name], describe(x), err)
 
     def observe(self, i: int, x: Any) -> None:
         if self._hooks.off or self._skip():

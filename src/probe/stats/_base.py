@@ -19,8 +19,8 @@ from torch import Tensor
 
 from ._state import SPECS, State, merge_moments, merge_states
 
-__all__ = ["Tokens", "Stat", "StatBase", "BatchedStat", "Finite", "merge_moments", "SPECS", "central_sums", "Dense", "scratch", "release_scratch", "host_reads",
-           "dense", "finite", "run_compiled"]
+__all__ = ["Tokens", "Stat", "StatBase", "BatchedStat", "Finite", "Dense", "merge_moments", "SPECS", "central_sums",
+           "dense", "finite", "host_reads", "scratch", "release_scratch", "run_compiled"]
 
 
 @dataclass(frozen=True)
