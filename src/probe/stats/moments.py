@@ -115,6 +115,8 @@ def _dense_chunk(view: Dense) -> tuple[Tensor, ...]:
     moments = (n, mean, *shift_moments(n, mean - center.double(), s2, s3, s4))
     mag = torch.abs(x, out=d)
     rowmax = mag.amax(-1)  # [G, t]
+    if view.parts._rowmax is None:  # the per-position statistic and the top-k read it too
+        view.parts._rowmax = rowmax
     value, at_t = rowmax.max(-1)
     channel = mag.gather(-2, at_t.view(-1, 1, 1).expand(-1, 1, mag.shape[-1])).argmax(-1).view(-1)
     at = torch.stack((view.row[at_t], view.position[at_t], channel, view.token[at_t]), dim=-1)

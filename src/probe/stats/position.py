@@ -138,15 +138,12 @@ class Position(BatchedStat):
 
     def _chunk(self, x: Tensor, parts, tokens: Tokens) -> tuple[Tensor, ...]:
         chunk = _dense_chunk(x, parts, tokens.valid, tokens.position, self.max_positions)
+        masked = (x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position, self.max_positions)
         if chunk is None:
-            chunk = self._masked(x, parts, tokens)
+            chunk = _chunk(*masked)
         if host_reads(x) and not bool(torch.isfinite(chunk[3]).all()):
             # float32 squares overflow once |x - mean| passes ~1.8e19: float64 for this chunk (CPU)
-            chunk = _chunk(x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position, self.max_positions,
-                           True)
+            chunk = _chunk(*masked, True)
         return chunk
-
-    def _masked(self, x: Tensor, parts, tokens: Tokens) -> tuple[Tensor, ...]:
-        return _chunk(x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position, self.max_positions)
 
     _merge = staticmethod(_merge)
