@@ -282,3 +282,14 @@ def test_quant_report_bounds_hold_on_float32_activations(calib):
                     low, high = row[key]
                     assert low <= value <= high, (fmt, name, key)
                 assert row["large_exact"] and (scale is not None or row["clip"] == [0.0, 0.0])
+
+
+def test_export_to_a_folder_names_a_file_of_its_format(tmp_path, capsys):
+    from probe.cli import main
+
+    for fmt, file in (("smoothquant", "act_scales.pt"), ("amax", "amax.json"), ("imatrix", "imatrix.gguf")):
+        with pytest.raises(probe.ProbeError, match=rf"path='.*' is a directory; .*pass e\.g\. path='.*/{file}'"):
+            probe.export(fmt, [], tmp_path)
+        assert main(["export", fmt, "missing.h5", "-o", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"-o {tmp_path}: is a folder" in err and f"-o {tmp_path / file}" in err and len(err.splitlines()) == 1

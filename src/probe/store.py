@@ -36,17 +36,19 @@ def _h5py():
     return h5py
 
 
-def check_writable(path: str | os.PathLike, overwrite: bool, *, name: str = "out", flag: str | None = None) -> None:
+def check_writable(path: str | os.PathLike, overwrite: bool, *, name: str = "out", flag: str | None = None,
+                   file: str = "run.h5") -> None:
     """Raise a one-line :class:`ProbeError` if ``path`` cannot be (re)written: a folder, an
     existing file without ``overwrite``, a missing or read-only folder. The error names the
-    argument ``name`` (``out='run.h5' ...``), or the command-line ``flag`` (``-o run.h5: ...``)."""
+    argument ``name`` (``out='run.h5' ...``), or the command-line ``flag`` (``-o run.h5: ...``);
+    a folder is answered with ``file`` inside it as the example."""
     path = os.fspath(path)
     if flag:
-        who, example = f"{flag} {path}:", f"{flag} {os.path.join(path, 'run.h5')}"
+        who, example = f"{flag} {path}:", f"{flag} {os.path.join(path, file)}"
         folder, exists = "is a folder", "the file already exists"
         replace = f"pass --overwrite to replace it, or another {flag}"
     else:
-        who, example = f"{name}={path!r}", f"{name}='{path.rstrip('/')}/run.h5'"
+        who, example = f"{name}={path!r}", f"{name}='{path.rstrip('/')}/{file}'"
         folder, exists = "is a directory", "already exists"
         replace = "pass overwrite=True (--overwrite) to replace it"
     if os.path.isdir(path):

@@ -27,6 +27,8 @@ from ._collect import ModuleStats, as_runs, collect
 __all__ = ["export", "FORMATS", "collect", "ModuleStats"]
 
 FORMATS = ("smoothquant", "imatrix", "amax", "tensorboard")
+#: the file each format writes, as named in the examples of errors about the output path
+FILES = {"smoothquant": "act_scales.pt", "imatrix": "imatrix.gguf", "amax": "amax.json"}
 
 
 def _meta(runs) -> dict[str, Any]:
@@ -91,7 +93,7 @@ def export(fmt: Literal["smoothquant", "imatrix", "amax", "tensorboard"], runs, 
             raise ProbeError(f"tensorboard export takes one run; got {len(runs)}; "
                              "merge them first with probe merge, or export each to its own folder")
         return {"logdir": write_tensorboard(runs[0], path)}
-    check_writable(path, overwrite, name="path")
+    check_writable(path, overwrite, name="path", file=FILES[fmt])
     runs = as_runs(runs)
     stats = collect(runs)
     meta = _meta(runs)

@@ -25,10 +25,10 @@ def add_export(sub) -> None:
 
 def cmd_export(args) -> int:
     from ..store import check_writable
-    from . import export
+    from . import FILES, export
 
     if args.format != "tensorboard":  # a log folder there; a file here, checked in -o's words
-        check_writable(args.out, args.overwrite, flag="-o")
+        check_writable(args.out, args.overwrite, flag="-o", file=FILES[args.format])
     done = export(args.format, args.runs, args.out, overwrite=args.overwrite, arch=args.arch,
                   datasets=args.dataset, chunk_size=args.chunk_size)
     if args.format == "tensorboard":
