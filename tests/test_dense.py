@@ -116,21 +116,72 @@ def test_fast_moments_against_float64(monkeypatch):
     assert int(st["tokens"]) == len(kept)
 
 
-def test_sample_bound_keeps_the_same_reservoir(monkeypatch):
-    """With a full reservoir, only keys below its largest are drawn as candidates (CPU): the
-    merged sample is the same, key for key."""
-    def run(fast):
-        monkeypatch.setattr(_base, "DENSE_CPU", fast)
-        st = Sample(40)
-        for f in range(6):
-            x, keep, valid = case("head", seed=f)
-            st.update(x, tokens(keep, valid, forward=f, seed=100 + f))
-        return st.state_dict()
+@pytest.mark.parametrize("k", [500, 3000])  # fewer / more slots than one forward's kept elements
+@pytest.mark.parametrize("fast", [True, False])
+def test_sample_keys_are_the_smallest_of_uniform_keys(monkeypatch, fast, k):
+    """The CPU draw of a forward's k smallest keys (order statistics, O(k)) and the accelerator's
+    key per element + topk give the same law: after F forwards over M kept elements the reservoir
+    holds the k smallest of M uniforms, so its largest key is near k / (M + 1) and the others,
+    divided by it, are uniform on (0, 1)."""
+    monkeypatch.setattr(_base, "DENSE_CPU", fast)
+    forwards = 8
+    st = Sample(k)
+    kept = 0
+    for f in range(forwards):
+        x, keep, valid = case("head", seed=f)
+        st.update(x, tokens(keep, valid, forward=f, seed=1000 + f))
+        kept += int(keep.sum()) * D
+    key = np.sort(st.state_dict()["key"].numpy())
+    m = kept
+    # the k-th smallest of m uniforms: mean k / (m + 1), sd sqrt(k (m - k + 1) / ((m + 1)^2 (m + 2)))
+    sd = np.sqrt(k * (m - k + 1) / ((m + 1) ** 2 * (m + 2)))
+    assert abs(key[-1] - k / (m + 1)) < 5 * sd, (key[-1], k / (m + 1), sd)
+    u = key[:-1] / key[-1]
+    grid = np.arange(1, u.size + 1) / u.size
+    ks = max(np.abs(grid - u).max(), np.abs(grid - 1 / u.size - u).max())
+    assert ks < 1.95 / np.sqrt(u.size), ks  # Kolmogorov-Smirnov at p = 0.001
 
-    fast, full = run(True), run(False)
-    assert np.isfinite(fast["key"].numpy()).all()
-    for f in fast:
-        np.testing.assert_array_equal(fast[f].numpy(), full[f].numpy(), err_msg=f)
+
+def test_smallest_keys_follow_uniform_order_statistics():
+    """One forward's CPU draw: the j-th smallest key has the mean of the j-th smallest of N
+    uniforms, j / (N + 1), and the indices are distinct kept elements."""
+    from probe.stats.sample import _smallest_keys
+
+    gen = torch.Generator().manual_seed(1)
+    keep = torch.ones(260, dtype=torch.bool)
+    keep[::26] = False
+    d, k, draws = 8, 50, 400
+    n = int(keep.sum()) * d
+    ranked = []
+    for _ in range(draws):
+        keys, index = _smallest_keys(keep, d, k, gen)
+        assert index.unique().numel() == k and keep[index // d].all()
+        ranked.append(np.sort(keys.numpy()))
+    ranked = np.array(ranked)
+    for j in (1, 10, k):
+        mean = j / (n + 1)
+        sd = np.sqrt(j * (n - j + 1) / ((n + 1) ** 2 * (n + 2)) / draws)
+        assert abs(ranked[:, j - 1].mean() - mean) < 5 * sd, (j, ranked[:, j - 1].mean(), mean, sd)
+
+
+def test_random_subset_is_uniform():
+    """Every element is equally likely to be drawn, alone and in pairs with its neighbour."""
+    from probe.stats.sample import _subset
+
+    gen = torch.Generator().manual_seed(0)
+    n, k, trials = 40, 6, 6000
+    seen, pairs = np.zeros(n), np.zeros(n)
+    for _ in range(trials):
+        pick = _subset(n, k, gen).numpy()
+        assert (np.diff(pick) > 0).all() and pick.min() >= 0 and pick.max() < n and pick.size == k
+        seen[pick] += 1
+        both = np.isin((pick + 1) % n, pick)
+        pairs[pick[both]] += 1
+    # P(i and i + 1 both drawn) = k (k - 1) / (n (n - 1)) for every i
+    for counts, expected in ((seen, trials * k / n), (pairs, trials * k * (k - 1) / (n * (n - 1)))):
+        stat = ((counts - expected) ** 2 / expected).sum()
+        df = n - 1
+        assert df - 5 * np.sqrt(2 * df) < stat < df + 5 * np.sqrt(2 * df), stat
 
 
 def test_cross_clean_block_equals_masked(monkeypatch):
@@ -169,6 +220,8 @@ def test_capture_fast_equals_masked(tiny, monkeypatch):
     fast, masked = run(True), run(False)
     for site, stats in masked["sites"].items():
         for kind, state in stats.items():
+            if kind == "sample":  # drawn another way on each path: same law (tested above), other keys
+                continue
             for f, ref in state.items():
                 got = fast["sites"][site][kind][f]
                 if np.asarray(ref).dtype.kind in "iub" or f in ("min", "max", "absmax", "value"):
@@ -285,3 +338,57 @@ def test_statistics_fed_directly_with_a_tensor_that_requires_grad():
     a.update(x.clone().requires_grad_(True), tokens(keep, valid))
     b.update(x, tokens(keep, valid))
     assert_states_agree({k: v.detach() for k, v in a.state_dict().items()}, b.state_dict(), rtol=1e-6)
+
+
+class _InPlace(torch.nn.Module):
+    """Two linear layers; the first one's output is doubled in place after its hook has seen it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(D, D)
+        self.b = torch.nn.Linear(D, D)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.mul_(2.0)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_site_changed_in_place_after_its_hook(monkeypatch, fast):
+    """On CPU a site is copied at its hook into a reused buffer: a later in-place change by the
+    model does not reach the statistics, and the forward counts with the values the hook saw.
+    Held by reference (the accelerator path), the forward is left out with one warning."""
+    import warnings
+
+    monkeypatch.setattr(_base, "DENSE_CPU", fast)
+    torch.manual_seed(0)
+    net = _InPlace()
+    x = torch.randn(2, 5, D)
+    with torch.no_grad():
+        at_hook = net.a(x).double().reshape(-1, D).numpy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with probe.capture(net, sites=["a", "b"], stats=("moments",)) as run:
+            with torch.no_grad():
+                net(x)
+                net(x)
+    moved = [w for w in caught if "modified in place after their hook" in str(w.message)]
+    if fast:
+        assert not moved
+        assert run["a"].tokens == 2 * at_hook.shape[0]
+        np.testing.assert_allclose(run["a"].mean, at_hook.mean(), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(run["a"].std, at_hook.std(), rtol=1e-6)
+    else:
+        assert len(moved) == 1
+        assert run["a"].tokens == at_hook.shape[0]  # the first forward is left out, the second copied
+
+
+def test_held_buffers_go_with_the_capture(tiny):
+    model = tiny("llama")
+    ids, mask = batch(2, 7, "right")
+    with probe.capture(model) as cap:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        assert cap._fw._held  # one reused buffer per CPU site while the capture is open
+    assert not cap._fw._held

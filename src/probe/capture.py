@@ -348,6 +348,7 @@ class Capture:
         finally:
             self._active = False
             _stats_base.release_scratch()  # the CPU fast paths' reused buffers go with the capture
+            self._fw.release()
             try:
                 self._commit(final=True)
             except Exception as err:
@@ -503,6 +504,15 @@ class Capture:
         tokens = batch[0][2]
         n, d = batch[0][1].shape
         step = max(1, CHUNK_ELEMENTS // max(1, d))
+
+        def whole(name: str, x2: Tensor, source: Any) -> None:  # the statistics that read the whole forward
+            try:
+                for stat in self._window[name].values():
+                    if not stat.chunked:
+                        type(stat).update_group([stat], x2.unsqueeze(0), tokens)
+            except Exception as err:
+                self._site_failed([name], describe(source), err)
+
         for a in range(0, n, step):
             tc = tokens.slice(a, a + step)
             parts: dict[str, tuple[list, list, list]] = {}
@@ -520,21 +530,18 @@ class Capture:
                             names.append(name), stats.append(stat), chunks.append(part)
                 except Exception as err:
                     self._site_failed([name], describe(source), err)
+                if step >= n and name not in self._disabled:  # one chunk: the site is still in cache
+                    whole(name, x2, source)
             for k, (names, stats, chunks) in parts.items():
                 live = [j for j, name in enumerate(names) if name not in self._disabled]
                 try:
                     type(stats[0]).fold([stats[j] for j in live], [chunks[j] for j in live])
                 except Exception as err:
                     self._site_failed([names[j] for j in live], f"shape {(n, d)}, batched", err)
-        for name, x2, _, source in batch:
-            if name in self._disabled:
-                continue
-            try:
-                for stat in self._window[name].values():
-                    if not stat.chunked:
-                        type(stat).update_group([stat], x2.unsqueeze(0), tokens)
-            except Exception as err:
-                self._site_failed([name], describe(source), err)
+        if step < n:
+            for name, x2, _, source in batch:
+                if name not in self._disabled:
+                    whole(name, x2, source)
 
     def _site_failed(self, names: list[str], what: str, err: Exception) -> None:
         """Disable ``names`` after ``err`` with one warning (``strict``: raise :class:`SiteError`)."""

@@ -8,8 +8,9 @@ Recipe (what :class:`probe.capture.Capture` does)::
     hooks.attach(forwards.begin, forwards.end, forwards.enter, forwards.leave, forwards.observe)
 
 A site's tensor is laid out as ``[batch, sequence, ...]`` (``Site.layout``; a NestedTensor padded
-back), its tokens are read from the call of its own stack (:mod:`probe.tokens`), and it is held by
-reference until the forward ends (up to ``cross_budget`` bytes; past it, sites fold in at once).
+back), its tokens are read from the call of its own stack (:mod:`probe.tokens`), and it is held until
+the forward ends (up to ``cross_budget`` bytes; past it, sites fold in at once): on CPU as a copy in a
+buffer reused across forwards, on accelerators by reference.
 A submodule called on its own, with no model or stack call around it, folds in at once. Nothing
 here reads a device value on the host; errors disable one site with one warning (``strict``:
 raise), never the model's forward.
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from .errors import SiteError
 from .hooks import HookSet, token_source
 from .sites import Site, discovering
+from .stats import _base as _stats_base
 from .tokens import TokenContext, read_call
 
 __all__ = ["Forwards"]
@@ -79,6 +81,7 @@ class Forwards:
         self._pending_bytes = 0
         self._dropped = 0
         self._copy: set[int] = set()  # sites whose tensor the model modifies in place: copied at the hook
+        self._held: dict[int, Tensor] = {}  # CPU: each site's reused buffer (see _hold)
         self._fired: set[int] = set()
         self._real: dict[int, Tensor] = {}  # real tokens seen per site (device counters, read at exit)
 
@@ -234,11 +237,12 @@ class Forwards:
 
     def _fold_pending(self) -> None:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
-        stale = [self._defs[i].name for i, _, x, version, _, _ in pending if _version(x) != version]
+        stale = [self._defs[i].name for i, _, x, version, _, _ in pending
+                 if version is not None and _version(x) != version]
         if stale:
             # the model changed these tensors in place after the hook: this forward cannot be
             # counted exactly; from now on these sites are copied at the hook
-            self._copy.update(i for i, _, x, version, _, _ in pending if _version(x) != version)
+            self._copy.update(i for i, _, x, version, _, _ in pending if version is not None and _version(x) != version)
             self._dropped += 1
             warnings.warn(f"probe: sites {stale} were modified in place after their hook; this forward is left "
                           "out of every statistic, and these sites are copied at the hook from now on",
@@ -287,21 +291,44 @@ class Forwards:
         self.cap._dtypes.setdefault(site.name, str(x.dtype).replace("torch.", ""))
         b, t = x.shape[0], x.shape[1]
         tokens = self._context.tokens(self._sources[i], b, t, x.device)
-        x2 = x.reshape(b * t, x.shape[2:].numel())
-        if i in self._copy:
-            x2 = x2.clone()
+        shape = (b * t, x.shape[2:].numel())
         real = self._real.get(i)
         count = tokens.cache.get("real")
         if count is None:
             count = tokens.cache["real"] = tokens.valid.sum()
         self._real[i] = count if real is None else real + count
-        if self._owner is None or self._pending_bytes + x2.numel() * x2.element_size() > self.cap.cross_budget:
+        held = x.device.type == "cpu" and _stats_base.DENSE_CPU
+        size = x.numel() * (max(4, x.element_size()) if held else x.element_size())
+        if self._owner is None or self._pending_bytes + size > self.cap.cross_budget:
             # nobody ends this forward, or holding it passes the budget: fold in now
+            x2 = x.reshape(shape)
             with torch.inference_mode(False), torch.no_grad():
-                self.cap._fold(i, name, x2, tokens, self._phase)
+                self.cap._fold(i, name, x2.clone() if i in self._copy else x2, tokens, self._phase)
             return
-        self._pending.append((i, name, x2, _version(x2), tokens, x))
-        self._pending_bytes += x2.numel() * x2.element_size()
+        if held:  # a copy in this site's reused buffer; the model's own tensor is not held (see _hold)
+            self._pending.append((i, name, self._hold(i, x).view(shape), None, tokens, x))
+        else:
+            x2 = x.reshape(shape)
+            x2 = x2.clone() if i in self._copy else x2
+            self._pending.append((i, name, x2, _version(x2), tokens, x))
+        self._pending_bytes += size
+
+    def _hold(self, i: int, x: Tensor) -> Tensor:
+        """A copy of CPU site ``i``'s tensor ``x`` in a buffer of this capture's, reused across forwards
+        (float32 for 16-bit ``x``, the dtype every statistic reads; kept until :meth:`release`).
+        Holding the model's own tensors until the forward ends instead keeps them from the allocator
+        while the model allocates the rest of the forward around them. A copy also cannot be changed
+        in place by the model after the hook."""
+        dtype = torch.float32 if x.element_size() < 4 else x.dtype
+        buffer = self._held.get(i)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < x.numel():
+            with torch.inference_mode(False):  # an ordinary tensor, whatever mode the forward runs in
+                buffer = self._held[i] = torch.empty(x.numel(), dtype=dtype)
+        return buffer[:x.numel()].view(x.shape).copy_(x)
+
+    def release(self) -> None:
+        """Drop the CPU sites' held buffers (the capture exits)."""
+        self._held = {}
 
     def _unnest(self, i: int, x: Tensor) -> Tensor:
         """A NestedTensor (``nn.TransformerEncoder``'s fast path keeps only real tokens): padded back

@@ -137,13 +137,16 @@ class Position(BatchedStat):
                                     state[0].shape[-1]))
 
     def _chunk(self, x: Tensor, parts, tokens: Tokens) -> tuple[Tensor, ...]:
+        def masked(wide: bool = False) -> tuple[Tensor, ...]:
+            return _chunk(x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position, self.max_positions,
+                          wide)
+
         chunk = _dense_chunk(x, parts, tokens.valid, tokens.position, self.max_positions)
-        masked = (x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position, self.max_positions)
         if chunk is None:
-            chunk = _chunk(*masked)
+            chunk = masked()
         if host_reads(x) and not bool(torch.isfinite(chunk[3]).all()):
             # float32 squares overflow once |x - mean| passes ~1.8e19: float64 for this chunk (CPU)
-            chunk = _chunk(*masked, True)
+            chunk = masked(True)
         return chunk
 
     _merge = staticmethod(_merge)

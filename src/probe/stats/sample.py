@@ -4,9 +4,10 @@ Every kept element of a forward pass gets a float64 key from a generator seeded 
 per site), so all sites of equal shape draw the same keys, keep the same (row, position, channel)
 triples, and can be paired point by point. The ``k`` smallest keys seen so far are exactly a
 uniform sample without replacement; merging two samples is concatenation plus bottom-k again.
-The per-forward selection (one ``topk`` over the forward's keys; on CPU, once the reservoir is
-full, just the keys below its largest, since no other key can enter it) is memoised in
-``Tokens.cache`` and shared by every site. So is the merge with the reservoir: sites that have seen the same
+The per-forward selection is memoised in ``Tokens.cache`` and shared by every site: on an
+accelerator one ``topk`` over the forward's keys; on CPU only the forward's ``k`` smallest keys are
+drawn, in ``O(k)``, from the distribution of the ``k`` smallest of independent uniforms
+(:func:`_smallest_keys`). So is the merge with the reservoir: sites that have seen the same
 forwards hold the same keys (a host-side ``history`` hash says so without reading the device),
 so the ``2k`` merge and the (row, position, channel, token) fields are computed once per forward
 and shared; each site only gathers its ``k`` values.
@@ -29,6 +30,52 @@ __all__ = ["Sample"]
 _FIELDS = ("key", "row", "position", "channel", "token", "value")
 _META = _FIELDS[:5]
 _UNIQUE = itertools.count()
+
+
+def _subset(n: int, k: int, gen: torch.Generator) -> Tensor:
+    """A uniformly random ``k``-subset of ``range(n)`` (``k <= n``), in increasing order, in ``O(k)``
+    draws when ``k`` is small against ``n``: the distinct values of independent uniform draws, topped
+    up until there are ``k`` or more, less a random few. Every step treats all values alike, so
+    every ``k``-subset is equally likely."""
+    if 4 * k >= n:
+        return torch.sort(torch.randperm(n, generator=gen)[:k]).values
+    mark = torch.zeros(n, dtype=torch.bool)
+    mark[torch.randint(n, (k + k // 16 + 16,), generator=gen)] = True
+    pick = torch.nonzero(mark).squeeze(1)
+    while pick.numel() < k:
+        mark[torch.randint(n, (k - pick.numel() + 16,), generator=gen)] = True
+        pick = torch.nonzero(mark).squeeze(1)
+    if pick.numel() > k:
+        keep = torch.ones(pick.numel(), dtype=torch.bool)
+        keep[torch.randperm(pick.numel(), generator=gen)[:pick.numel() - k]] = False
+        pick = pick[keep]
+    return pick
+
+
+def _smallest_keys(keep: Tensor, d: int, k: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The ``k`` smallest of independent uniform keys over the ``N = kept tokens * d`` kept
+    elements of a CPU chunk, and their flat indices, drawn in ``O(k)`` rather than ``O(N)``: the
+    ``j``-th smallest of ``N`` uniforms is ``S_j / S_{N+1}``, ``S_j`` the sum of ``j`` independent
+    standard exponentials (Rényi's representation of uniform order statistics; Devroye,
+    "Non-Uniform Random Variate Generation", 1986, V.2), with ``S_{N+1} = S_k + G``, ``G ~
+    Gamma(N + 1 - k)``; which elements hold them is a uniformly random ``k``-subset, in a
+    uniformly random assignment. The
+    draw depends only on the generator, so every path that takes this forward's bottom ``k``
+    gets the same keys."""
+    rows = torch.nonzero(keep).squeeze(1)  # a host read: CPU
+    n = rows.numel() * d
+    if n <= k:
+        keys = torch.rand(n, dtype=torch.float64, generator=gen)
+        at = torch.arange(n)
+    else:
+        # standard exponentials as -log(1 - U), U uniform on [0, 1)
+        sums = torch.rand(k, dtype=torch.float64, generator=gen).neg_().log1p_().neg_().cumsum_(0)
+        rest = torch._standard_gamma(torch.tensor([float(n + 1 - k)], dtype=torch.float64), generator=gen)
+        # the sorted keys go to the subset's elements in random order; the elements stay in
+        # increasing order, so that each site's gather of values walks its memory forwards
+        keys = (sums / (sums[-1] + rest))[torch.randperm(k, generator=gen)]
+        at = _subset(n, k, gen)
+    return keys, rows[at // d] * d + at % d
 
 
 class Sample(StatBase):
@@ -60,35 +107,23 @@ class Sample(StatBase):
             "value": torch.full((k,), float("nan"), dtype=torch.float32, device=device),
         }
 
-    def _select(self, n: int, d: int, tokens: Tokens, device: torch.device, bound: float) -> tuple[Tensor, Tensor]:
-        """This forward's candidate keys and their flat indices: the ``k`` smallest kept keys, or,
-        with a finite ``bound`` (the reservoir's largest key), the kept keys below it. Keys at or
-        above the bound could never enter the reservoir, so both give the same merged sample; the
-        bound only saves the ``topk`` over every key of the forward."""
-        memo = ("sample", id(tokens), n, d, self.size, bound)
+    def _select(self, n: int, d: int, tokens: Tokens, device: torch.device) -> tuple[Tensor, Tensor]:
+        """This forward's candidates: the keys and flat indices (into ``n * d``) of the ``k``
+        smallest keys of its kept elements (fewer when it has fewer; ``inf`` keys are padding)."""
+        memo = ("sample", id(tokens), n, d, self.size)
         if memo not in tokens.cache:
             gen = torch.Generator(device=device).manual_seed(tokens.seed)
-            keys = torch.rand(n * d, dtype=torch.float64, device=device, generator=gen)
-            if bound < float("inf"):  # sized on the host: CPU only (see _bound)
-                index = torch.nonzero(keys < bound).squeeze(1)
-                keys = torch.where(tokens.keep[index // d], keys[index], float("inf"))
-                if index.numel() > self.size:
-                    keys, pick = torch.topk(keys, self.size, largest=False, sorted=False)
-                    index = index[pick]
-            else:
+            if host_reads(tokens.keep):
+                tokens.cache[memo] = _smallest_keys(tokens.keep, d, self.size, gen)
+            else:  # accelerators: a key for every element and one topk, sized without a host read
+                keys = torch.rand(n * d, dtype=torch.float64, device=device, generator=gen)
                 keys = torch.where(tokens.keep.repeat_interleave(d), keys, float("inf"))
                 if n * d > self.size:
                     keys, index = torch.topk(keys, self.size, largest=False, sorted=False)
                 else:
                     index = torch.arange(n * d, device=device)
-            tokens.cache[memo] = (keys, index)
+                tokens.cache[memo] = (keys, index)
         return tokens.cache[memo]
-
-    def _bound(self) -> float:
-        """The reservoir's largest key (``inf`` until it is full), read on the host where that
-        costs nothing (CPU); ``inf`` on accelerators, whose path never syncs."""
-        key = self.s["key"]
-        return float(key.max()) if host_reads(key) else float("inf")
 
     def _init_like(self, x: Tensor) -> None:
         self._init(x.device)
@@ -102,7 +137,12 @@ class Sample(StatBase):
         memo = ("sample-merge", self.history, id(tokens), n, d, self.size)
         shared = tokens.cache.get(memo)
         if shared is None:  # the first site of this forward with this history merges for all
-            keys, index = self._select(n, d, tokens, self.s["key"].device, self._bound())
+            keys, index = self._select(n, d, tokens, self.s["key"].device)
+            if host_reads(keys):  # CPU: only keys below the reservoir's largest can enter it
+                bound = float(self.s["key"].max())
+                if bound < float("inf"):
+                    below = torch.nonzero(keys < bound).squeeze(1)
+                    keys, index = keys[below], index[below]
             t = index // d
             new = {"key": keys, "row": tokens.row[t], "position": tokens.position[t],
                    "channel": index % d, "token": tokens.token[t]}
