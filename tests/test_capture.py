@@ -291,3 +291,13 @@ def test_input_sites_default_to_calibration_stats_and_skip_first_warns(tiny):
         with probe.capture(model, skip_first=6) as run:
             model(input_ids=ids, attention_mask=mask)
     assert run["hidden_states.1"].tokens == 0
+
+
+def test_public_submodules_are_attributes_of_probe():
+    """``import probe`` then ``probe.models.load_model(...)`` works without importing the submodule."""
+    import importlib
+
+    assert probe.models.load_model is importlib.import_module("probe.models").load_model
+    assert probe.plot.plot_run is importlib.import_module("probe.plot").plot_run
+    with pytest.raises(AttributeError, match="no attribute 'no_such_module'"):
+        probe.no_such_module

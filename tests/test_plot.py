@@ -295,7 +295,7 @@ def test_parse_layers(one):
     assert parse_layers(one, "2,0") == ["hidden_states.0", "hidden_states.2"]
     assert parse_layers(one, "0-1") == ["hidden_states.0", "hidden_states.1"]
     assert parse_layers(one, ["hidden_states.1"]) == ["hidden_states.1"]
-    with pytest.raises(ProbeError, match=r"--site 7: no such site"):
+    with pytest.raises(ProbeError, match=r"--layers 7: no such site"):
         parse_layers(one, "7")
     with pytest.raises(ProbeError, match=r"--layers: expected layer numbers"):
         parse_layers(one, " , ")

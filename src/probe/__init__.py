@@ -36,8 +36,20 @@ class _Probe(types.ModuleType):
         if not isinstance(value, types.ModuleType):
             self.__dict__["_capture"] = value
 
+    def __getattr__(self, name: str):
+        # ``import probe`` then ``probe.models.load_model(...)``: the public submodules load on first use
+        if name in _SUBMODULES:
+            import importlib
+
+            return importlib.import_module(f"{__name__}.{name}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
     def __dir__(self) -> list[str]:
-        return sorted(set(super().__dir__()) | {"capture"})
+        return sorted(set(super().__dir__()) | {"capture"} | _SUBMODULES)
+
+
+#: submodules reachable as attributes of ``probe`` without importing them first
+_SUBMODULES = {"integrations", "kernels", "models", "plot", "quant", "report", "research", "run", "stats"}
 
 
 sys.modules[__name__].__class__ = _Probe

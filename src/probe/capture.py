@@ -91,7 +91,11 @@ def capture(
         cross_budget: bytes of one forward's activations probe may hold until the forward ends:
             the cross-layer statistic leaves a forward past it out, with a warning; the per-site
             statistics then fold sites in as they come instead of all at the end of the forward
-            (so a forward that raises half-way may leave its first sites counted).
+            (so a forward that raises half-way may leave its first sites counted). On CPU each
+            site is held as a copy taken at its hook (16-bit sites in float32), in buffers reused
+            across forwards and freed at exit: a later in-place change by the model does not reach
+            the statistics. On accelerators sites are held by reference; a forward whose site
+            the model changes in place afterwards is left out, with one warning.
         seed: seed of the sample's per-forward keys; ``None`` (default) draws a fresh one per
             capture (recorded in ``meta["sample"]["seed"]``), so independent runs merge into an
             unbiased sample. Under ``torch.distributed`` rank 0's seed is recorded (each rank

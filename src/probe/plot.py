@@ -694,9 +694,9 @@ def parse_layers(run: Run, text: str | Sequence[str]) -> list[str]:
             continue
         a, dash, b = part.partition("-")
         if dash and a.strip().isdigit() and b.strip().isdigit():
-            out += [resolve_site(run, str(k)) for k in range(int(a), int(b) + 1)]
+            out += [resolve_site(run, str(k), "--layers") for k in range(int(a), int(b) + 1)]
         else:
-            out.append(resolve_site(run, part))
+            out.append(resolve_site(run, part, "--layers"))
     out = list(dict.fromkeys(out))
     if not out:
         raise ProbeError(f"--layers: expected layer numbers, ranges, names or 'all', got {text!r}; "

@@ -56,9 +56,10 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def resolve_site(run: Run, name: str) -> str:
+def resolve_site(run: Run, name: str, flag: str = "--site") -> str:
     """The site ``name`` means: a site name, or the layer number the tables show (``"5"`` is
-    ``"hidden_states.5"``; for other sites, the index in ``run.sites``).
+    ``"hidden_states.5"``; for other sites, the index in ``run.sites``). ``flag`` is the option
+    the error names.
 
     Raises:
         ProbeError: no such site.
@@ -74,7 +75,7 @@ def resolve_site(run: Run, name: str) -> str:
             return run.sites[k]
     layers = [n[len("hidden_states."):] for n in run.sites if n.startswith("hidden_states.")]
     span = f" or a layer number {layers[0]}..{layers[-1]}" if layers else ""
-    raise ProbeError(f"--site {name}: no such site; expected one of run.sites{span}"
+    raise ProbeError(f"{flag} {name}: no such site; expected a site name{span}"
                      f"{closest(name, run.sites)}; see the names in `probe show`")
 
 
