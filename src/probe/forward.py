@@ -237,12 +237,12 @@ class Forwards:
 
     def _fold_pending(self) -> None:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
-        stale = [self._defs[i].name for i, _, x, version, _, _ in pending
-                 if version is not None and _version(x) != version]
-        if stale:
-            # the model changed these tensors in place after the hook: this forward cannot be
-            # counted exactly; from now on these sites are copied at the hook
-            self._copy.update(i for i, _, x, version, _, _ in pending if version is not None and _version(x) != version)
+        # sites held by reference (version recorded) that the model changed in place after the hook
+        moved = [i for i, _, x, version, _, _ in pending if version is not None and _version(x) != version]
+        if moved:
+            # this forward cannot be counted exactly; from now on these sites are copied at the hook
+            stale = [self._defs[i].name for i in moved]
+            self._copy.update(moved)
             self._dropped += 1
             warnings.warn(f"probe: sites {stale} were modified in place after their hook; this forward is left "
                           "out of every statistic, and these sites are copied at the hook from now on",
@@ -299,18 +299,20 @@ class Forwards:
         self._real[i] = count if real is None else real + count
         held = x.device.type == "cpu" and _stats_base.DENSE_CPU
         size = x.numel() * (max(4, x.element_size()) if held else x.element_size())
-        if self._owner is None or self._pending_bytes + size > self.cap.cross_budget:
-            # nobody ends this forward, or holding it passes the budget: fold in now
-            x2 = x.reshape(shape)
-            with torch.inference_mode(False), torch.no_grad():
-                self.cap._fold(i, name, x2.clone() if i in self._copy else x2, tokens, self._phase)
-            return
-        if held:  # a copy in this site's reused buffer; the model's own tensor is not held (see _hold)
+        # nobody ends this forward, or holding it passes the budget: fold in now
+        now = self._owner is None or self._pending_bytes + size > self.cap.cross_budget
+        if held and not now:  # a copy in this site's reused buffer; the model's own tensor is not held (see _hold)
             self._pending.append((i, name, self._hold(i, x).view(shape), None, tokens, x))
-        else:
-            x2 = x.reshape(shape)
-            x2 = x2.clone() if i in self._copy else x2
-            self._pending.append((i, name, x2, _version(x2), tokens, x))
+            self._pending_bytes += size
+            return
+        x2 = x.reshape(shape)
+        if i in self._copy:
+            x2 = x2.clone()
+        if now:
+            with torch.inference_mode(False), torch.no_grad():
+                self.cap._fold(i, name, x2, tokens, self._phase)
+            return
+        self._pending.append((i, name, x2, _version(x2), tokens, x))
         self._pending_bytes += size
 
     def _hold(self, i: int, x: Tensor) -> Tensor:

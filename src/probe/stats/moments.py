@@ -196,14 +196,16 @@ class Moments(BatchedStat):
 
     @staticmethod
     def _chunk(x: Tensor, parts, tokens: Tokens) -> tuple[Tensor, ...]:
+        def masked(wide: bool = False) -> tuple[Tensor, ...]:
+            return _chunk(x, parts.xs, parts.fm, parts.abs, parts.rowmax, tokens.keep, tokens.row, tokens.position,
+                          tokens.token, wide)
+
         view = dense(x, tokens)
-        meta = (tokens.keep, tokens.row, tokens.position, tokens.token)
-        chunk = _dense_chunk(view) if view is not None else _chunk(x, parts.xs, parts.fm, parts.abs, parts.rowmax,
-                                                                   *meta)
+        chunk = _dense_chunk(view) if view is not None else masked()
         if host_reads(x) and not bool(torch.isfinite(chunk[4]).all()):
             # float32 fourth powers overflow once |x - mean| passes ~1.8e9: this chunk's powers
             # in float64 instead (read on the host: CPU only; accelerators compile to float64)
-            chunk = _chunk(x, parts.xs, parts.fm, parts.abs, parts.rowmax, *meta, wide=True)
+            chunk = masked(True)
         return chunk
 
     _merge = staticmethod(_merge)

@@ -59,9 +59,8 @@ def _smallest_keys(keep: Tensor, d: int, k: int, gen: torch.Generator) -> tuple[
     standard exponentials (Rényi's representation of uniform order statistics; Devroye,
     "Non-Uniform Random Variate Generation", 1986, V.2), with ``S_{N+1} = S_k + G``, ``G ~
     Gamma(N + 1 - k)``; which elements hold them is a uniformly random ``k``-subset, in a
-    uniformly random assignment. The
-    draw depends only on the generator, so every path that takes this forward's bottom ``k``
-    gets the same keys."""
+    uniformly random assignment. The draw depends only on the generator, so every path that takes
+    this forward's bottom ``k`` gets the same keys."""
     rows = torch.nonzero(keep).squeeze(1)  # a host read: CPU
     n = rows.numel() * d
     if n <= k:
