@@ -238,7 +238,7 @@ class Runner:
     def open(self) -> None:
         if self.method.startswith("probe"):
             import probe
-            from probe import kernels
+            from probe.capture import kernels
 
             kernels._OFF = self.method == "probe_eager"
             period = self.period
@@ -675,7 +675,7 @@ def profile_main(args) -> int:
             wrap(cls, "fold", label + " (fold)")
     wrap(st.Cross, "hold", "cross.hold")
     wrap(st.Cross, "finish", "cross.finish")
-    wrap(importlib.import_module("probe.tokens").TokenContext, "tokens", "tokens (mask/positions)")
+    wrap(importlib.import_module("probe.capture.tokens").TokenContext, "tokens", "tokens (mask/positions)")
     wrap(capture_mod.Capture, "_observe", "site hook (inclusive)")
     wrap(capture_mod.Capture, "_begin", "root pre-hook (inclusive)")
     wrap(capture_mod.Capture, "_end", "root post-hook (inclusive)")
@@ -893,8 +893,8 @@ def kernel_parity(device: str, interpret: bool) -> dict:
     histograms must be equal; block moments close (float32 powers over ``sub`` tokens)."""
     import torch
 
-    from probe import kernels
-    from probe.kernels import _reference, _triton
+    from probe.capture import kernels
+    from probe.capture.kernels import _reference, _triton
 
     plan = kernels.Plan(**kernels._PLAN)
     shapes = [(2, 37, 48), (1, 5, 16)] if interpret else [(3, 1031, 2050), (2, 4096, 2048), (1, 7, 5)]
@@ -937,7 +937,7 @@ def fused_parity(model, ids, mask, args) -> dict:
     import torch
 
     import probe
-    from probe import kernels
+    from probe.capture import kernels
 
     interpret = os.environ.get("TRITON_INTERPRET") == "1"  # CPU tensors through Triton's interpreter
     if not args.device.startswith("cuda") and not interpret:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # probe on one CUDA GPU, in one call (about 5-8 minutes on an H100/H200):
 #   1. a venv on top of the machine's own CUDA torch (torch is never pip-installed here), plus
-#      triton if that torch came without it (the fused statistics, probe.kernels),
+#      triton if that torch came without it (the fused statistics, probe.capture.kernels),
 #   2. CUDA parity: probe's per-layer mean/std/min/max against output_hidden_states of the same
 #      forward, then every statistic (fused Triton kernel where installed) against float64
 #      moments; then the fused kernel against its float64 torch reference (default blocks, bf16,

@@ -8,7 +8,7 @@ What it does:
 2. runs it over the sample corpus (or ``--text`` / ``--file``) with ``skip_first=1``: the first
    token of every document is dropped from every statistic except the per-position ones, because
    its activations are orders of magnitude larger (the attention sink) and would hide the rest;
-3. writes ``OUT/run.h5`` and the seed figures via :func:`probe.plot.plot_run`:
+3. writes ``OUT/run.h5`` and the seed figures via :func:`probe.present.plot.plot_run`:
 
    - histograms of every layer (``hist_grid.png``) and of six chosen ones (``hist_overlay.png``),
      on asinh axes that reach each layer's exact min and max, log-y;
@@ -35,7 +35,7 @@ import torch
 
 import probe
 from probe.models import BUNDLED, batches, load_model, read_texts, sample_texts
-from probe.plot import plot_run
+from probe.present.plot import plot_run
 
 FIGURES = ["histograms", "depth", "cross", "scatter"]
 

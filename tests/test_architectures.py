@@ -284,14 +284,16 @@ def test_zoo_compare_detects_a_wrong_site(monkeypatch):
 
     model = zoo.build("bert")
     call = zoo.inputs(model)
-    real = probe.sites.hidden_state_sites
+    from probe.capture import sites as sites_mod
+
+    real = sites_mod.hidden_state_sites
 
     def shifted(m):
         sites = real(m)
-        return [sites[0]] + [probe.sites.Site(s.name, sites[1].module, sites[1].read, sites[1].index)
+        return [sites[0]] + [sites_mod.Site(s.name, sites[1].module, sites[1].read, sites[1].index)
                              for s in sites[1:]]
 
-    monkeypatch.setattr(probe.sites, "hidden_state_sites", shifted)
+    monkeypatch.setattr(sites_mod, "hidden_state_sites", shifted)
     status, _ = compare(model, call)
     assert status == "MISMATCH"
 

@@ -298,6 +298,6 @@ def test_public_submodules_are_attributes_of_probe():
     import importlib
 
     assert probe.models.load_model is importlib.import_module("probe.models").load_model
-    assert probe.plot.plot_run is importlib.import_module("probe.plot").plot_run
+    assert probe.present.plot.plot_run is importlib.import_module("probe.present.plot").plot_run
     with pytest.raises(AttributeError, match="no attribute 'no_such_module'"):
         probe.no_such_module

@@ -143,7 +143,7 @@ def test_text_files_json_arrays_and_upper_case_suffixes(tmp_path):
 def _interrupting(monkeypatch, on_forward: int, error: type[BaseException] = KeyboardInterrupt):
     """load_model whose model raises ``error`` inside its second layer on forward ``on_forward``:
     the forward stops half-way, as Ctrl-C does."""
-    from probe.sites import discovering
+    from probe.capture.sites import discovering
 
     real = probe.models.load_model
     calls = {"n": 0}
@@ -219,7 +219,7 @@ def test_show_site_by_name_or_layer_number_and_json_honours_it(tiny_dir, capsys)
 def test_table_caption_describes_only_the_columns_shown(tiny_dir, width):
     from rich.console import Console
 
-    from probe.report import print_summary
+    from probe.present.report import print_summary
 
     assert main(["run", tiny_dir, "--text", "hello world, this is a test", "-o", "r.h5"]) == 0
     console = Console(width=width, record=True, color_system=None)
@@ -261,8 +261,8 @@ def test_diff_refuses_runs_without_a_common_site(tiny_dir, capsys):
 
 
 def test_diff_warns_when_runs_differ_and_table_matches_plot(tiny_dir, capsys):
-    from probe.plot import _diff_figure
-    from probe.report import DIFF_QUANTILES
+    from probe.present.plot import _diff_figure
+    from probe.present.report import DIFF_QUANTILES
 
     assert main(["run", tiny_dir, "--text", "hello world", "-o", "a.h5"]) == 0
     assert main(["run", tiny_dir, "--text", "a longer text with more tokens in it", "-o", "b.h5",
@@ -311,16 +311,16 @@ def test_cache_key_is_the_content_not_the_mtime(tmp_path, monkeypatch):
 def test_show_does_not_import_torch(tiny_dir, tmp_path):
     assert main(["run", tiny_dir, "--text", "hello world", "-o", "r.h5"]) == 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    probe_run = subprocess.run([sys.executable, "-c", "import sys, probe.run; print('torch' in sys.modules)"],
+    probe_run = subprocess.run([sys.executable, "-c", "import sys, probe.results.run; print('torch' in sys.modules)"],
                                capture_output=True, text=True, env=env, check=True)
     code = ("import sys; from probe.cli import main; main(['show', 'r.h5']); "
             "main(['show', 'r.h5', '--json']); print('torch' in sys.modules)")
     show = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    cli = subprocess.run([sys.executable, "-c", "import sys, probe.cli, probe.report, probe.plot; "
+    cli = subprocess.run([sys.executable, "-c", "import sys, probe.cli, probe.present.report, probe.present.plot; "
                           "print('torch' in sys.modules)"], capture_output=True, text=True, env=env, check=True)
     assert cli.stdout.split()[-1] == "False"  # cli, report and plot import no torch themselves
     if probe_run.stdout.strip() == "True":
-        pytest.skip("probe.run (the read side) still imports torch")
+        pytest.skip("probe.results.run (the read side) still imports torch")
     assert show.stdout.split()[-1] == "False"
 
 
@@ -349,8 +349,8 @@ def test_default_run_on_bundled_model(tmp_path, capsys, smollm):
 
 def test_import_probe_loads_capture_and_torch_only_on_use():
     code = ("import sys, types, probe; assert 'torch' not in sys.modules, 'import probe imported torch'; "
-            "from probe.capture import Capture; import probe.capture as m; "
-            "assert not isinstance(probe.capture, types.ModuleType) and probe.capture is m; "
+            "from probe.capture import Capture, session; assert 'torch' in sys.modules; "
+            "assert not isinstance(probe.capture, types.ModuleType) and probe.capture is session.capture; "
             "assert probe.capture.__name__ == 'capture' and 'capture' in dir(probe)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

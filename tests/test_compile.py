@@ -137,7 +137,7 @@ def test_batched_sites_equal_site_by_site(tiny, family, group_elements, chunk, m
     what each site gives alone: counts, extremes, histograms and samples exactly, sums to rounding."""
     model = tiny(family)
     if chunk:
-        monkeypatch.setattr(sys.modules["probe.capture"], "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(sys.modules["probe.capture.session"], "CHUNK_ELEMENTS", chunk)
     every = ("moments", "position", "histogram", "sample", "cross")
     alone = capture_twice(model, stats=every)
     sizes = []

@@ -237,7 +237,7 @@ def test_huge_finite_values_do_not_overflow(scale, name, monkeypatch):
     """Fourth powers of |x| > ~1.8e9 overflow float32: a chunk whose float32 powers or norms are
     not finite is recomputed in float64 (CPU), so the moments, per-position spread and norms of
     huge but finite activations stay right."""
-    from probe.run import combine_channels
+    from probe.results.run import combine_channels
 
     x, keep, valid = case(name)
     x = x * scale

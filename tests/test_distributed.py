@@ -73,9 +73,9 @@ def _worker(rank: int, world: int, port: int, folder: str, n: int, every: int | 
 
 
 def _check_sync_against_file_merge(rank: int, world: int) -> None:
-    """probe.sync on windows every rank can rebuild equals the file merge (merge_rows) of them."""
+    """probe.capture.sync on windows every rank can rebuild equals the file merge (merge_rows) of them."""
     from probe.stats._state import merge_rows
-    from probe.sync import merge_windows
+    from probe.capture.sync import merge_windows
 
     model = _model()
     data = _batches(7)
@@ -128,7 +128,7 @@ def _spawn(world: int, folder, n: int, every: int | None) -> None:
         raise AssertionError(f"a rank failed: {err}\n" + "\n".join(errors)) from None
 
 
-def _one_process(n: int, indices) -> probe.run.Run:
+def _one_process(n: int, indices) -> probe.results.run.Run:
     model = _model()
     data = _batches(n)
     with probe.capture(model, distributed=False, **OPTIONS) as run:

@@ -14,7 +14,7 @@ import probe
 from probe.cli import main
 from probe.errors import ProbeError, SiteError
 from probe.models import batches, sample_texts
-from probe.sites import resolve
+from probe.capture.sites import resolve
 
 STATS = ("moments", "histogram")
 F32_ROUNDING = 2.0**-24  # one float32 rounding (round to nearest), relative
@@ -265,7 +265,7 @@ def test_export_refuses_bad_input(tiny, tmp_path):
 
 
 def test_quant_report_bounds_hold_on_float32_activations(calib):
-    from probe.quant import FORMATS, report
+    from probe.present.quant import FORMATS, report
 
     _, ref, runs, _, _ = calib
     names = ["model.layers.0.self_attn.q_proj", "model.layers.5.mlp.down_proj", "model.layers.20.mlp.up_proj"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import probe
-from probe.capture import Capture
+from probe.capture.session import Capture
 from conftest import batch
 
 SYNCING = ("item", "tolist", "__bool__", "cpu", "numpy")

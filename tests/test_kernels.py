@@ -1,4 +1,4 @@
-"""The fused statistics path (probe.kernels) against the eager statistics and float64 numpy.
+"""The fused statistics path (probe.capture.kernels) against the eager statistics and float64 numpy.
 
 The Triton kernel runs in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set here
 before Triton is imported); its tests skip, with the reason, when Triton is not installed. The
@@ -18,9 +18,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import probe  # noqa: E402
-from probe import kernels  # noqa: E402
-from probe.kernels import _reference  # noqa: E402
-from probe.kernels._layout import Plan  # noqa: E402
+from probe.capture import kernels  # noqa: E402
+from probe.capture.kernels import _reference  # noqa: E402
+from probe.capture.kernels._layout import Plan  # noqa: E402
 from probe.stats import Histogram, Moments, Position, Tokens  # noqa: E402
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -110,7 +110,7 @@ def fused(kind: str, x: torch.Tensor, tokens: Tokens, partials, chunks: int = 1,
 
 
 def triton_partials(x, keep, plan):
-    from probe.kernels import _triton
+    from probe.capture.kernels import _triton
 
     return _triton.partials(x, keep, plan)
 

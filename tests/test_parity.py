@@ -169,7 +169,7 @@ def test_structural_fallback():
 def test_registry_fallback_parity(tiny, family, monkeypatch):
     """Where discovery cannot run (a model needing other inputs), transformers' recorder registry
     gives the sites; here it is forced on models discovery would handle, and is exact as well."""
-    from probe import sites as sites_mod
+    from probe.capture import sites as sites_mod
 
     monkeypatch.setattr(sites_mod, "discover", lambda model: (None, "forced off"))
     model = tiny(family)

@@ -1,4 +1,4 @@
-"""``probe.plot``: every figure kind is written as a real, non-blank PNG from a real capture of a
+"""``probe.present.plot``: every figure kind is written as a real, non-blank PNG from a real capture of a
 tiny random-init GPT-2; missing statistics are skipped or refused; matplotlib stays optional."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import probe
 from probe import ProbeError
 
 pytest.importorskip("matplotlib")
-from probe.plot import KINDS, plot_diff, plot_run  # noqa: E402
+from probe.present.plot import KINDS, plot_diff, plot_run  # noqa: E402
 
 FILES = {
     "histograms": ["hist_grid.png", "hist_overlay.png"],
@@ -148,12 +148,12 @@ def test_missing_matplotlib_says_how_to_install(one, tmp_path, monkeypatch):
 
 
 def test_import_probe_does_not_import_matplotlib():
-    code = "import sys, probe, probe.plot; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
+    code = "import sys, probe, probe.present.plot; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ------------------------------------------------------------- what is drawn, not just that it is
-from probe.plot import figures, parse_layers  # noqa: E402
+from probe.present.plot import figures, parse_layers  # noqa: E402
 
 
 def _stairs(ax):

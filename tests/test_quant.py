@@ -1,4 +1,4 @@
-"""Clip / flush-to-zero / |x| >= 6 counts from the float-bit histogram (probe.quant), against direct
+"""Clip / flush-to-zero / |x| >= 6 counts from the float-bit histogram (probe.present.quant), against direct
 counts on the values: bounds always hold, and are exact where docs/calibration.md says so."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import probe
 from probe.errors import ProbeError
 from probe.models import batches, sample_texts
-from probe.quant import FORMATS, count_at_least, fractions, report
+from probe.present.quant import FORMATS, count_at_least, fractions, report
 
 
 def buckets(x: np.ndarray, m: int = 7) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import probe
-from probe.run import TOPK_DTYPE, topk_array
+from probe.results.run import TOPK_DTYPE, topk_array
 from probe.stats import NAMES, Norm, Tokens, TopK
 from probe.stats._state import merge_states
 
@@ -258,8 +258,8 @@ def test_two_ranks_merge_like_one_process(tmp_path):
 def test_show_massive_rule_and_block_influence(tiny, capsys):
     from rich.console import Console
 
-    from probe import research
-    from probe.report import print_summary, summary
+    from probe.present import research
+    from probe.present.report import print_summary, summary
 
     model = tiny("gpt2")
     with torch.no_grad():
@@ -323,7 +323,7 @@ def test_batched_sites_equal_site_by_site(tiny, group_elements, size, monkeypatc
 
 def test_states_without_the_cosine_fields_still_merge():
     """Windows written before the cosines existed (schema-1 files) merge; the cosines read as empty."""
-    from probe.run import CrossView
+    from probe.results.run import CrossView
     from probe.stats._state import empty_state
 
     old = empty_state("cross", {"S": 3, "C": 4096})

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import probe
-from probe.capture import Capture
+from probe.capture.session import Capture
 
 
 def _batches(count: int, b: int = 2, t: int = 7):
@@ -39,7 +39,7 @@ def _raw(run) -> dict:
 def test_skipped_forwards_touch_nothing(tiny, monkeypatch):
     model = tiny("gpt2")
     calls = []
-    from probe.forward import Forwards
+    from probe.capture.forward import Forwards
 
     for cls, name in ((Capture, "_observe"), (Capture, "_fold"), (Capture, "_run_stats"),
                       (Forwards, "_start"), (Forwards, "_stage")):

@@ -9,7 +9,7 @@ import torch
 
 import probe
 from probe.models import batches, sample_texts
-from probe.report import MASSIVE_RATIO, MASSIVE_VALUE, massive
+from probe.present.report import MASSIVE_RATIO, MASSIVE_VALUE, massive
 
 GUARANTEE = 2.0**-7 / (2 + 2.0**-7)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import probe
-from probe.run import Run, combine_channels
+from probe.results.run import Run, combine_channels
 from probe.stats import Cross, Histogram, Moments, Position, Sample, Tokens
 from probe.stats.histogram import quantile, render
 

@@ -138,7 +138,7 @@ def test_read_side_does_not_import_torch(tiny, tmp_path):
 import sys, types
 sys.modules["torch"] = None  # any import of torch fails
 pkg = types.ModuleType("probe"); pkg.__path__ = [{str(ROOT / "src" / "probe")!r}]; sys.modules["probe"] = pkg
-import probe.store, probe.merging
+import probe.store, probe.results.merge
 run = probe.store.read({str(tmp_path / "r.h5")!r})
 for site in run:
     print(site.name, site.tokens, round(site.std, 6), round(site.quantile(0.5), 6), len(site.sample))

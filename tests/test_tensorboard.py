@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import probe
-from probe.run import Run
+from probe.results.run import Run
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

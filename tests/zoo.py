@@ -206,7 +206,7 @@ def render(rows: list[tuple[str, str, str]], seconds: float, cpu: float) -> str:
     lines = [
         "# Architectures",
         "",
-        "How `sites=\"hidden_states\"` finds the tensors `output_hidden_states=True` returns (see `probe/sites.py`):",
+        "How `sites=\"hidden_states\"` finds the tensors `output_hidden_states=True` returns (see `probe/capture/sites.py`):",
         "",
         "1. **discovery**: every model that takes `input_ids`: one forward on 2 x 5 token ids (decoder 2 x 3)",
         "   records every module call; each returned hidden state is matched to the call that produced or",

@@ -49,14 +49,14 @@ class _Probe(types.ModuleType):
 
 
 #: submodules reachable as attributes of ``probe`` without importing them first
-_SUBMODULES = {"integrations", "kernels", "models", "plot", "quant", "report", "research", "run", "stats"}
+_SUBMODULES = {"integrations", "models", "present", "results", "stats", "store"}
 
 
 sys.modules[__name__].__class__ = _Probe
 
 
 def load(path):
-    """Open a run file written by :func:`capture`; returns a :class:`probe.run.Run`.
+    """Open a run file written by :func:`capture`; returns a :class:`probe.results.run.Run`.
 
     Raises:
         ProbeError: missing, damaged, non-probe or newer-schema files (one line each).
@@ -68,7 +68,7 @@ def load(path):
 
 def merge(paths, out, *, overwrite: bool = False):
     """Merge run files (ranks, shards) exactly into one file at ``out``; returns the merged Run."""
-    from .merging import merge_files
+    from .results.merge import merge_files
 
     return merge_files(paths, out, overwrite=overwrite)
 

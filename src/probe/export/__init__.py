@@ -53,7 +53,7 @@ def export(fmt: Literal["smoothquant", "imatrix", "amax", "tensorboard"], runs, 
             ``"amax"`` (JSON: per-tensor and per-channel amax, FP8/INT8 scales, ModelOpt
             ``quant_cfg`` entries) from input sites; ``"tensorboard"`` (event files in the folder
             ``path``: each window's histograms and scalars at its step, for any sites; one run).
-        runs: a run file, a :class:`probe.run.Run`, a finished capture, or a sequence of them
+        runs: a run file, a :class:`probe.results.run.Run`, a finished capture, or a sequence of them
             (merged exactly: counts and sums add, maxima take the maximum).
         path: the file to write.
         overwrite: replace ``path`` if it exists.

@@ -98,7 +98,7 @@ def _norm_histogram(s: dict) -> dict[str, Any] | None:
 
 
 def log_window(writer, window, step: int, prefix: str = "probe") -> None:
-    """Log one window (a :class:`probe.run.Run` holding that window alone) at ``step``."""
+    """Log one window (a :class:`probe.results.run.Run` holding that window alone) at ``step``."""
     for name in window.sites:
         state = window.total["sites"].get(name, {})
         hist = _site_histogram(state)
@@ -127,7 +127,7 @@ def write_tensorboard(run, logdir: str | os.PathLike, prefix: str = "probe") -> 
     """Write every window of ``run`` to a TensorBoard event file in ``logdir``.
 
     Args:
-        run: a :class:`probe.run.Run` (``probe.load(path)``, a finished capture, a merge).
+        run: a :class:`probe.results.run.Run` (``probe.load(path)``, a finished capture, a merge).
         logdir: the folder TensorBoard reads (created if missing; an existing folder gets one
             more event file).
         prefix: the first component of every tag.
@@ -141,7 +141,7 @@ def write_tensorboard(run, logdir: str | os.PathLike, prefix: str = "probe") -> 
     Example:
         >>> write_tensorboard(probe.load("train.h5"), "runs/probe")  # doctest: +SKIP
     """
-    from ..run import Run
+    from ..results.run import Run
 
     run = getattr(run, "result", None) or run  # a finished Capture answers with its Run
     if not isinstance(run, Run):

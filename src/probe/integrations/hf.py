@@ -7,8 +7,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .._schedule import as_schedule
-from ..capture import Capture, capture
+from ..capture.schedule import as_schedule
+from ..capture.session import Capture, capture
 from ..errors import ProbeError
 
 __all__ = ["ProbeCallback"]
@@ -112,7 +112,7 @@ class ProbeCallback(TrainerCallback):
             if self._tb is not None:
                 if c.world > 1:  # merged only now
                     from ..export.tensorboard import log_window
-                    from ..run import Run
+                    from ..results.run import Run
 
                     for step, row in zip(c.result.steps, c.result.rows):
                         log_window(self._tb, Run(c.result.meta, [row]), int(step))

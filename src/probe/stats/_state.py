@@ -6,7 +6,7 @@ either elementwise (``sum``, ``min``, ``max``, ``all``) or one named exact merge
 fields (``moments``: Pébay/Chan central moment sums; ``comoments``: co-moment matrices;
 ``argmax``: the largest value and its location; ``bottomk``: the ``k`` smallest random keys and
 what they point to; ``topk``: the ``k`` largest ``|value|`` and where they sit). Merging windows (a run's cumulative state), files (``probe merge``) and, with
-tensor collectives, ranks (:mod:`probe.sync`) all read these declarations, and the moment algebra
+tensor collectives, ranks (:mod:`probe.capture.sync`) all read these declarations, and the moment algebra
 below is the only one.
 
 This module imports numpy only (the read side must not pay for importing torch); its moment

@@ -2,13 +2,13 @@
 as they come, and it ends — folded into the statistics as a whole at the model's post-hook — or
 stops half-way (it raised) and counts nowhere.
 
-Recipe (what :class:`probe.capture.Capture` does)::
+Recipe (what :class:`probe.capture.session.Capture` does)::
 
     forwards = Forwards(capture, hooks, sites)
     hooks.attach(forwards.begin, forwards.end, forwards.enter, forwards.leave, forwards.observe)
 
 A site's tensor is laid out as ``[batch, sequence, ...]`` (``Site.layout``; a NestedTensor padded
-back), its tokens are read from the call of its own stack (:mod:`probe.tokens`), and it is held until
+back), its tokens are read from the call of its own stack (:mod:`probe.capture.tokens`), and it is held until
 the forward ends (up to ``cross_budget`` bytes; past it, sites fold in at once): on CPU as a copy in a
 buffer reused across forwards, on accelerators by reference.
 A submodule called on its own, with no model or stack call around it, folds in at once. Nothing
@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import SiteError
+from ..errors import SiteError
 from .hooks import HookSet, token_source
 from .sites import Site, discovering
-from .stats import _base as _stats_base
+from ..stats import _base as _stats_base
 from .tokens import TokenContext, read_call
 
 __all__ = ["Forwards"]

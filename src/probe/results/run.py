@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ProbeError, closest
-from .stats._state import kway_moments, merge_rows
+from ..errors import ProbeError, closest
+from ..stats._state import kway_moments, merge_rows
 
 __all__ = ["Run", "SiteView", "ChannelView", "PositionView", "SampleView", "CrossView", "NormView", "TOPK_DTYPE",
            "combine_channels", "merge_rows"]
@@ -206,13 +206,13 @@ class NormView:
 
     def quantile(self, q: float | Sequence[float]) -> float | np.ndarray:
         """Quantile(s) of the norms, within ``2**-m / (2 + 2**-m)`` relative error."""
-        from .stats._buckets import quantile
+        from ..stats._buckets import quantile
 
         return quantile(self.counts, False, q)
 
     def histogram(self, bins: int = 100, range: tuple[float, float] | None = None):
         """Linear-bin histogram ``(counts, edges)`` of the norms, rendered from the buckets."""
-        from .stats.histogram import render
+        from ..stats.histogram import render
 
         if range is None and self.count:
             range = (self.min, self.max)
@@ -307,7 +307,7 @@ class CrossView:
         """Quantile(s) of the per-token ``cos(h_l, h_{l+1})`` for each consecutive pair, ``[S - 1]``
         (or ``[S - 1, len(q)]``), from :attr:`cos_hist`: within ``2**-4 / (2 + 2**-4)`` (3 %) of
         the exact value of ``1 - cos``."""
-        from .stats._buckets import quantile
+        from ..stats._buckets import quantile
 
         qs = np.atleast_1d(np.asarray(q, dtype=np.float64))
         rows = []
@@ -418,7 +418,7 @@ class SiteView:
         Within ``2**-m / (2 + 2**-m)`` relative error of the exact answer (0.39 % at m=7) for
         normal floats; exact when the data had no mantissa bits below the top ``m`` (bf16).
         """
-        from .stats._buckets import quantile
+        from ..stats._buckets import quantile
 
         h = self._need("histogram")
         return quantile(h["counts"], bool(h["lossless"]), q)
@@ -431,7 +431,7 @@ class SiteView:
         site's exact ``[min, max]``, so edges spanning ``[min, max]`` total :attr:`count`
         exactly. With no ``range``, the site's own min and max are used.
         """
-        from .stats._buckets import render
+        from ..stats._buckets import render
 
         h = self._need("histogram")
         known = bool(self._state.get("moments")) and self.count > 0

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..stats.moments import LARGE
+from ...stats.moments import LARGE
 
 __all__ = ["Plan", "Partials"]
 

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ProbeError, closest
+from ..errors import ProbeError, closest
 from . import research
 
 if TYPE_CHECKING:
-    from .run import Run
+    from ..results.run import Run
 
 __all__ = ["summary", "outlier_channels", "massive", "diff", "diff_warnings", "resolve_site", "print_summary",
            "print_diff", "DIFF_QUANTILES", "print_quant"]
@@ -42,7 +42,7 @@ def _median_abs(run: Run, name: str) -> float:
     state = run.total["sites"].get(name, {}).get("histogram")
     if not state:
         return float("nan")
-    from .stats._buckets import quantile
+    from ..stats._buckets import quantile
 
     counts = state["counts"]
     half = counts.shape[0] // 2
@@ -386,7 +386,7 @@ def _pct(pair: list[float] | None, exact: bool | None) -> str:
 
 
 def print_quant(rows: list[dict[str, Any]], console=None) -> None:
-    """The table of :func:`probe.quant.report`: per site, the share of values that would clip and
+    """The table of :func:`probe.present.quant.report`: per site, the share of values that would clip and
     flush to zero at the given per-tensor scale, and of ``|x| >= 6``; a range ``a–b`` is a bound
     (the threshold fell inside one histogram bucket), a single number is exact."""
     from rich.console import Console

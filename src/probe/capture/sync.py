@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .stats._state import SPECS, dims_of, empty_state, key_groups, merge_rows, merge_states, shift_sums
+from ..stats._state import SPECS, dims_of, empty_state, key_groups, merge_rows, merge_states, shift_sums
 
 __all__ = ["merge_windows", "agree_steps"]
 

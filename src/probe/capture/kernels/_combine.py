@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..stats._base import Tokens, merge_moments
-from ..stats.moments import Moments, _better
-from ..stats._base import merge_moments
-from ..stats.position import Position
+from ...stats._base import Tokens, merge_moments
+from ...stats.moments import Moments, _better
+from ...stats._base import merge_moments
+from ...stats.position import Position
 from ._layout import Partials
 
 __all__ = ["into_moments", "into_histogram", "into_position"]

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import ProbeError
+from ..errors import ProbeError
 from .run import Run, merge_rows
 
 __all__ = ["merge_runs", "merge_files", "differences"]
@@ -111,7 +111,7 @@ def merge_runs(runs: Sequence[Run], names: Sequence[str] | None = None) -> Run:
 
 def merge_files(paths: Sequence[str], out: str, *, overwrite: bool = False) -> Run:
     """Merge the run files ``paths`` into ``out`` and return the merged run (read from ``out``)."""
-    from .store import check_writable, read, write_run
+    from ..store import check_writable, read, write_run
 
     check_writable(out, overwrite)
     runs = [read(p) for p in paths]

@@ -12,7 +12,7 @@ histogram is privatised per program: buckets of a dense window of exponents go t
 program), the rest (rare outliers, excluded tokens, non-finite values) through global atomics.
 
 Nothing here synchronises with the host; the partial results are merged by
-:mod:`probe.kernels._combine` into the statistics' states.
+:mod:`probe.capture.kernels._combine` into the statistics' states.
 """
 
 from __future__ import annotations

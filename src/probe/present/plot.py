@@ -3,7 +3,7 @@
 Recipe::
 
     import probe
-    from probe.plot import plot_run, plot_diff
+    from probe.present.plot import plot_run, plot_diff
     run = probe.load("run.h5")
     plot_run(run, "figures")                      # every figure the run has data for
     plot_run(run, "figures", kinds=["cross"])     # just cross_cov.png and cross_r2.png
@@ -42,10 +42,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .errors import ProbeError
+from ..errors import ProbeError
 
 if TYPE_CHECKING:
-    from .run import Run
+    from ..results.run import Run
 
 __all__ = ["KINDS", "plot_run", "plot_diff", "figures", "parse_layers"]
 
@@ -613,7 +613,7 @@ def _steps(run: Run, out: _Out, opts: dict) -> list[str]:
         raise _missing("steps", "moments", run)
     # one Run per stored row rather than run.at(step): step labels need not be unique or sorted,
     # and a window that saw no token (e.g. committed at exit right after a snapshot) is left out
-    from .run import Run
+    from ..results.run import Run
 
     windows = []
     for row in run.rows:
@@ -658,7 +658,7 @@ def _steps(run: Run, out: _Out, opts: dict) -> list[str]:
 
 def _as_run(run: Any) -> Run:
     """A :class:`Run`, also from a finished ``probe.capture(...)`` (its ``.result``)."""
-    from .run import Run
+    from ..results.run import Run
 
     if isinstance(run, Run):
         return run
@@ -743,7 +743,7 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
     """Draw a run's figures as PNG files in ``out_dir`` (created if missing).
 
     Args:
-        run: a :class:`probe.run.Run` (``probe.load(path)``, or a capture after its block).
+        run: a :class:`probe.results.run.Run` (``probe.load(path)``, or a capture after its block).
         out_dir: folder for the PNG files; existing files of the same name are replaced.
         kinds: names from :data:`KINDS`; ``None`` draws every kind the run has data for and
             silently skips the rest (a run captured with ``stats=("moments",)`` gets
@@ -763,7 +763,7 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
 
     Example:
         >>> import probe
-        >>> from probe.plot import plot_run
+        >>> from probe.present.plot import plot_run
         >>> plot_run(probe.load("run.h5"), "figures", kinds=["histograms"])  # doctest: +SKIP
         ['figures/hist_grid.png', 'figures/hist_overlay.png']
     """
@@ -786,7 +786,7 @@ def figures(run: Run, kinds: Sequence[Kind] | Kind | None = None, *, layers: str
 
 
 def plot_diff(a: Run, b: Run, path: str | os.PathLike) -> str:
-    """Draw the per-site shift from run ``a`` to run ``b`` (see :func:`probe.report.diff`) to ``path``.
+    """Draw the per-site shift from run ``a`` to run ``b`` (see :func:`probe.present.report.diff`) to ``path``.
 
     Up to three panels, one bar per site present in both runs: the std ratio ``std_b / std_a``
     (log scale, 1 = unchanged); the Jensen–Shannon divergence between the two bucket histograms
@@ -806,7 +806,7 @@ def plot_diff(a: Run, b: Run, path: str | os.PathLike) -> str:
 
     Example:
         >>> import probe
-        >>> from probe.plot import plot_diff
+        >>> from probe.present.plot import plot_diff
         >>> plot_diff(probe.load("fp32.h5"), probe.load("bf16.h5"), "diff.png")  # doctest: +SKIP
         'diff.png'
     """

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .run import Run
+from ..results.run import Run
 
 __all__ = ["summary", "massive_topk", "print_research", "MASSIVE_VALUE", "MASSIVE_RATIO"]
 
@@ -36,7 +36,7 @@ def _median_abs(state: dict) -> float:
     h = state.get("histogram")
     if not h:
         return float("nan")
-    from .stats._buckets import quantile
+    from ..stats._buckets import quantile
 
     counts = np.asarray(h["counts"])
     half = counts.shape[0] // 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .errors import ProbeError
+from ..errors import ProbeError
 
 __all__ = ["as_schedule"]
 

@@ -10,8 +10,8 @@ Recipe::
 Everything is validated before any hook is registered; hooks are registered inside ``try`` and
 removed in ``finally``, so the model is left exactly as it was on every exit path.
 
-The units it puts together: which tensors (:mod:`probe.sites`), which tokens each holds
-(:mod:`probe.tokens`), the hooks (:mod:`probe.hooks`) and one forward's life (:mod:`probe.forward`:
+The units it puts together: which tensors (:mod:`probe.capture.sites`), which tokens each holds
+(:mod:`probe.capture.tokens`), the hooks (:mod:`probe.capture.hooks`) and one forward's life (:mod:`probe.capture.forward`:
 site tensors are staged as the forward runs and folded into the statistics, on the tensors' own
 device, when it ends — all sites or, if it raised, none).
 """
@@ -29,10 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels as _kernels
-from . import stats as _stats
-from .stats import _base as _stats_base
-from ._schedule import as_schedule
-from .errors import ProbeError, SiteError
+from .. import stats as _stats
+from ..stats import _base as _stats_base
+from .schedule import as_schedule
+from ..errors import ProbeError, SiteError
 from .forward import Forwards, describe
 from .hooks import Handle, HookSet
 from .sites import Site, SiteSpec, resolve
@@ -74,7 +74,7 @@ def capture(
         model: any ``torch.nn.Module``; Hugging Face models get exact ``hidden_states`` parity.
         out: HDF5 file to write (schema in ``docs/format.md``); ``None`` keeps results in memory.
         sites: ``"hidden_states"`` (default: exactly the tensors ``output_hidden_states=True``
-            returns, found as described in :mod:`probe.sites`; encoder-decoders give
+            returns, found as described in :mod:`probe.capture.sites`; encoder-decoders give
             ``encoder_hidden_states.i`` and ``decoder_hidden_states.i``), module names, glob
             patterns (a ``:input`` suffix captures a module's input), ``"linear_inputs"`` (the
             input of every linear layer but the output head), or a callable
@@ -226,7 +226,7 @@ class Capture:
                        "decode": [f"{s.name}@decode" for s in self._defs] if self.phases else []}
         self.out = None if out is None else os.fspath(out)
         if self.out is not None and self.rank == 0:
-            from . import store
+            from .. import store
 
             store.check_writable(self.out, overwrite)
         self.overwrite = overwrite
@@ -276,9 +276,9 @@ class Capture:
 
     @property
     def meta(self) -> dict[str, Any]:
-        """The run's description (a dict, like :attr:`probe.run.Run.meta`), stored as the file's
+        """The run's description (a dict, like :attr:`probe.results.run.Run.meta`), stored as the file's
         root attribute ``meta``."""
-        from . import __version__
+        from .. import __version__
 
         import transformers
 
@@ -323,7 +323,7 @@ class Capture:
             raise ProbeError("this capture was already entered; expected a fresh one per with-block; "
                              "call probe.capture(model, ...) again")
         if self.out is not None and self.rank == 0:
-            from . import store
+            from .. import store
 
             self._writer = store.Writer(self.out, self.overwrite)
         self._thread = threading.get_ident()
@@ -616,7 +616,7 @@ class Capture:
             self._finish_result()
 
     def _sync(self) -> list:
-        """Merge every rank's windows (see :mod:`probe.sync`): called at exit, which every rank
+        """Merge every rank's windows (see :mod:`probe.capture.sync`): called at exit, which every rank
         reaches whatever its number of batches."""
         import torch.distributed as dist
 
@@ -638,7 +638,7 @@ class Capture:
                                   "cross" in self.stats, device)
 
     def _finish_result(self) -> None:
-        from .run import Run
+        from ..results.run import Run
 
         if self.world > 1:
             self._rows = self._sync()
@@ -646,7 +646,7 @@ class Capture:
                 for row in self._rows:
                     self._writer.append(self.meta, row)
         if self._writer is not None:
-            from .store import read
+            from ..store import read
 
             self._result = read(self.out)
         else:
@@ -655,7 +655,7 @@ class Capture:
     # ---------------------------------------------------------------- results after exit
     @property
     def result(self):
-        """The :class:`probe.run.Run` after the block (``None`` while capturing)."""
+        """The :class:`probe.results.run.Run` after the block (``None`` while capturing)."""
         return self._result
 
     def _need_result(self):

@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 
-from .errors import ProbeError
+from ..errors import ProbeError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -60,7 +60,7 @@ def _add_run(sub) -> None:
 
 def _check_run(args) -> tuple[list[str], tuple[str, ...] | None]:
     """Every ``probe run`` value, checked before anything heavy loads; returns (docs, stats)."""
-    from .models import DTYPES, check_model, check_text_file, read_texts, sample_texts
+    from ..models import DTYPES, check_model, check_text_file, read_texts, sample_texts
 
     def at_least(flag: str, value, low: int, fix: str) -> None:
         if value is not None and value < low:
@@ -97,7 +97,7 @@ def _check_run(args) -> tuple[list[str], tuple[str, ...] | None]:
 
 
 def _check_out(out: str, overwrite: bool) -> None:
-    from .store import check_writable
+    from ..store import check_writable
 
     check_writable(out, overwrite, flag="-o")
 
@@ -122,9 +122,9 @@ def cmd_run(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .capture import capture
-    from .models import batches, load_model
-    from .store import annotate
+    from ..capture.session import capture
+    from ..models import batches, load_model
+    from ..store import annotate
 
     console = Console(stderr=True)
     with console.status(f"loading {args.model} …"):
@@ -197,14 +197,14 @@ def _add_show(sub) -> None:
     p.add_argument("--site", default=None,
                    help="one site in detail: its name, or the layer number the table shows (e.g. 5)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts (honours --site)")
-    from .export.cli import add_quant_options
+    from .export import add_quant_options
 
     add_quant_options(p)
     p.set_defaults(func=cmd_show)
 
 
 def _load(path: str):
-    from .store import read
+    from ..store import read
 
     return read(path)
 
@@ -214,10 +214,10 @@ def cmd_show(args) -> int:
         raise ProbeError(f"--scale: only used with --quant, got --scale {args.scale} alone; "
                          "pass --quant fp8 or --quant int8 with it")
     if getattr(args, "quant", None):
-        from .export.cli import cmd_show_quant
+        from .export import cmd_show_quant
 
         return cmd_show_quant(args)
-    from .report import print_summary, resolve_site, summary
+    from ..present.report import print_summary, resolve_site, summary
 
     run = _load(args.file)
     site = resolve_site(run, args.site) if args.site is not None else None
@@ -239,7 +239,7 @@ def _stdout():
 
 # -------------------------------------------------------------------------------------- plot
 def _add_plot(sub) -> None:
-    from .plot import KINDS
+    from ..present.plot import KINDS
 
     p = sub.add_parser("plot", help="draw a run's figures as PNG files")
     p.add_argument("file")
@@ -257,7 +257,7 @@ def _add_plot(sub) -> None:
 def cmd_plot(args) -> int:
     from rich.console import Console
 
-    from .plot import parse_layers, plot_run
+    from ..present.plot import parse_layers, plot_run
 
     console = Console(stderr=True)
     run = _load(args.file)
@@ -285,7 +285,7 @@ def _add_diff(sub) -> None:
 
 
 def cmd_diff(args) -> int:
-    from .report import diff, diff_warnings, print_diff
+    from ..present.report import diff, diff_warnings, print_diff
 
     a, b = _load(args.a), _load(args.b)
     rows = diff(a, b)  # raises when the runs share no site
@@ -296,7 +296,7 @@ def cmd_diff(args) -> int:
     else:
         print_diff(rows, console=_stdout())
     if args.plot:
-        from .plot import plot_diff
+        from ..present.plot import plot_diff
 
         print(plot_diff(a, b, args.plot))
     return 0
@@ -312,7 +312,7 @@ def _add_merge(sub) -> None:
 
 
 def cmd_merge(args) -> int:
-    from . import merge
+    from .. import merge
 
     _check_out(args.out, args.overwrite)
     run = merge(args.files, args.out, overwrite=args.overwrite)
@@ -330,7 +330,7 @@ def _add_cache(sub) -> None:
 
 
 def cmd_cache(args) -> int:
-    from .models import cache_entries, cache_root, clear_cache
+    from ..models import cache_entries, cache_root, clear_cache
 
     if args.action == "clear":
         n, size = clear_cache()
@@ -344,7 +344,7 @@ def cmd_cache(args) -> int:
 
 
 def _add_export(sub) -> None:
-    from .export.cli import add_export
+    from .export import add_export
 
     add_export(sub)
 
@@ -354,7 +354,7 @@ COMMANDS = (_add_run, _add_show, _add_plot, _add_diff, _add_merge, _add_export, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(prog="probe", description="See inside transformers while they run.")
     parser.add_argument("--version", action="version", version=f"probe {__version__}")

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import SiteError
-from .stats import Tokens
+from ..errors import SiteError
+from ..stats import Tokens
 
 __all__ = ["CallInputs", "read_call", "TokenContext"]
 

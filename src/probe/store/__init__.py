@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FileFormatError, ProbeError
-from .stats._state import SPECS, key_groups, merge_rows
+from ..errors import FileFormatError, ProbeError
+from ..stats._state import SPECS, key_groups, merge_rows
 
 __all__ = ["SCHEMA", "VERSION", "Writer", "read", "check_writable", "write_run"]
 
@@ -344,7 +344,7 @@ class Writer:
 
 
 def write_run(run, path: str, overwrite: bool = False) -> None:
-    """Write a :class:`probe.run.Run` (all its windows, read one at a time) to ``path``."""
+    """Write a :class:`probe.results.run.Run` (all its windows, read one at a time) to ``path``."""
     w = Writer(path, overwrite)
     for row in run.rows:
         w.append(run.meta, row)
@@ -366,7 +366,7 @@ def _read_ds(ds, rows: int) -> np.ndarray:
 
 def _read_v1(f, path: str, meta: dict):
     """A schema-1 file, read eagerly into memory (every window)."""
-    from .run import Run
+    from ..results.run import Run
 
     steps = _read_ds(f["steps"], f["steps"].shape[0])
     rows = len(steps)
@@ -548,7 +548,7 @@ def read(path: str | os.PathLike):
         ProbeError: a missing path; FileFormatError (one line) for anything unreadable, not a
             probe run, damaged, hostile, or of a newer schema version.
     """
-    from .run import Run
+    from ..results.run import Run
 
     path = os.fspath(path)
     if not os.path.exists(path):

@@ -2,7 +2,7 @@
 
 Recipe::
 
-    from probe.quant import report
+    from probe.present.quant import report
     r = probe.load("linear.h5")
     rows = report(r, "fp8")                        # at each site's per-tensor amax scale
     rows = report(r, "int8", scale=0.05)
@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import ProbeError
+from ..errors import ProbeError
 
 __all__ = ["QuantFormat", "FORMATS", "LARGE", "Bound", "count_at_least", "fractions", "report"]
 
@@ -92,7 +92,7 @@ def _f32_above(t: float) -> np.float32:
 
 def _magnitudes(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Magnitude buckets: counts folded over the sign, their float64 edges ``lo, hi`` and ``m``."""
-    from .stats._buckets import bucket_edges
+    from ..stats._buckets import bucket_edges
 
     counts = np.asarray(counts, dtype=np.int64)
     size = counts.shape[0]
@@ -187,7 +187,7 @@ def report(run, fmt: Literal["fp8", "int8"] = "fp8", *, scale: float | dict[str,
     """Per-site clip, flush-to-zero and ``|x| >= 6`` fractions for per-tensor quantization.
 
     Args:
-        run: a :class:`probe.run.Run` (or a finished capture) with ``histogram`` and ``moments``.
+        run: a :class:`probe.results.run.Run` (or a finished capture) with ``histogram`` and ``moments``.
         fmt: ``"fp8"`` (E4M3, ``qmax = 448``) or ``"int8"`` (symmetric, ``qmax = 127``).
         scale: the quantization scale, one for all sites or ``{site: scale}``; by default each
             site's own ``absmax / qmax``.

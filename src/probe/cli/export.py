@@ -25,7 +25,7 @@ def add_export(sub) -> None:
 
 def cmd_export(args) -> int:
     from ..store import check_writable
-    from . import FILES, export
+    from ..export import FILES, export
 
     if args.format != "tensorboard":  # a log folder there; a file here, checked in -o's words
         check_writable(args.out, args.overwrite, flag="-o", file=FILES[args.format])
@@ -48,11 +48,11 @@ def add_quant_options(p) -> None:
 
 def cmd_show_quant(args) -> int:
     from .. import load
-    from ..quant import report
-    from ..report import print_quant
+    from ..present.quant import report
+    from ..present.report import print_quant
 
-    from ..cli import _stdout
-    from ..report import resolve_site
+    from . import _stdout
+    from ..present.report import resolve_site
 
     run = load(args.file)
     sites = [resolve_site(run, args.site)] if getattr(args, "site", None) is not None else None

@@ -11,7 +11,7 @@ tried in order:
    order) — and that call is hooked: the module, which call of it within the stack's forward (a
    shared or looped layer is one site per call), output or input, and which element. Composite
    models get one name per returned tuple: ``encoder_hidden_states.i``, ``decoder_hidden_states.i``;
-   each stack reads its own mask (see :mod:`probe.tokens`). A returned tensor that no module call
+   each stack reads its own mask (see :mod:`probe.capture.tokens`). A returned tensor that no module call
    produces or receives (e.g. modified in place afterwards) is refused with one line.
 2. **registry** — a model that cannot run on token ids alone, whose base forward transformers
    decorates with ``capture_outputs`` and whose ``_can_record_outputs`` names as many layers as the
@@ -46,7 +46,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .errors import SiteError, closest
+from ..errors import SiteError, closest
 
 __all__ = ["Site", "SiteSpec", "resolve", "hidden_state_sites", "discovering", "linear_input_sites"]
 

@@ -1,8 +1,8 @@
 """The fused kernel's partial results computed with plain torch ops (float64 throughout).
 
-The same :class:`~probe.kernels._layout.Partials` as :func:`probe.kernels._triton.partials`, from
+The same :class:`~probe.capture.kernels._layout.Partials` as :func:`probe.capture.kernels._triton.partials`, from
 the same blocks: it states what the kernel must produce (its tests compare the two), and it lets
-the merge into the statistics' states (:mod:`probe.kernels._combine`) be tested where Triton is
+the merge into the statistics' states (:mod:`probe.capture.kernels._combine`) be tested where Triton is
 not installed. It materialises float64 copies of the activations: a reference, not a fast path.
 """
 
