@@ -957,7 +957,7 @@ def fused_parity(model, ids, mask, args) -> dict:
                 model(input_ids=ids.flip(0), attention_mask=mask.flip(0))
         finally:
             kernels._OFF = False
-        runs["eager" if off else "fused"] = r.result.total["sites"]
+        runs["eager" if off else "fused"] = r.result.total.sites
     if kernels._BROKEN is not None:
         print(f"fused path: FAILED to run: {kernels._BROKEN}")
         return {"fused path": kernels._BROKEN}

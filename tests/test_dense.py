@@ -218,12 +218,12 @@ def test_capture_fast_equals_masked(tiny, monkeypatch):
         return cap.result.total
 
     fast, masked = run(True), run(False)
-    for site, stats in masked["sites"].items():
+    for site, stats in masked.sites.items():
         for kind, state in stats.items():
             if kind == "sample":  # drawn another way on each path: same law (tested above), other keys
                 continue
             for f, ref in state.items():
-                got = fast["sites"][site][kind][f]
+                got = fast.sites[site][kind][f]
                 if np.asarray(ref).dtype.kind in "iub" or f in ("min", "max", "absmax", "value"):
                     np.testing.assert_array_equal(got, ref, err_msg=f"{site} {kind} {f}")
                 else:
@@ -324,10 +324,10 @@ def test_fast_paths_under_inference_mode_from_a_fresh_pool(tiny):
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=mask)
         totals.append(cap.result.total)
-    for site, stats in totals[1]["sites"].items():
+    for site, stats in totals[1].sites.items():
         for kind, state in stats.items():
             for f, ref in state.items():
-                np.testing.assert_array_equal(totals[0]["sites"][site][kind][f], ref, err_msg=f"{site} {kind} {f}")
+                np.testing.assert_array_equal(totals[0].sites[site][kind][f], ref, err_msg=f"{site} {kind} {f}")
 
 
 def test_statistics_fed_directly_with_a_tensor_that_requires_grad():

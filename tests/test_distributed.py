@@ -87,21 +87,21 @@ def _check_sync_against_file_merge(rank: int, world: int) -> None:
                     model(input_ids=ids, attention_mask=mask)
         rows.append(c._rows)
     merged = merge_windows(rows[rank], c.sites, [k for k in c.stats if k not in ("cross", "cos")], True)
-    steps = sorted({int(w["step"]) for rs in rows for w in rs})
-    assert [w["step"] for w in merged] == steps
+    steps = sorted({int(w.step) for rs in rows for w in rs})
+    assert [w.step for w in merged] == steps
     for got in merged:
-        want = merge_rows([w for rs in rows for w in rs if w["step"] == got["step"]])
+        want = merge_rows([w for rs in rows for w in rs if w.step == got.step])
         for name in c.sites:
-            for kind, state in want["sites"][name].items():
+            for kind, state in want.sites[name].items():
                 for field, value in state.items():
-                    mine = got["sites"][name][kind][field]
+                    mine = got.sites[name][kind][field]
                     if np.asarray(value).dtype == np.float64:  # sums and moment algebra: rounding only
                         np.testing.assert_allclose(mine, value, rtol=1e-12, atol=1e-12 * _finite_max(value),
                                                    err_msg=f"{name}.{kind}.{field}")
                     else:
                         np.testing.assert_array_equal(mine, value, err_msg=f"{name}.{kind}.{field}")
-        for field, value in want["cross"].items():
-            np.testing.assert_allclose(got["cross"][field], value, rtol=1e-12, atol=1e-12 * _finite_max(value))
+        for field, value in want.cross.items():
+            np.testing.assert_allclose(got.cross[field], value, rtol=1e-12, atol=1e-12 * _finite_max(value))
 
 
 def _finite_max(value) -> float:

@@ -261,7 +261,7 @@ def test_capture_through_the_fused_path_equals_eager(tiny):
         kernels._FORCE, kernels._PLAN, kernels._partials = False, {}, original
     assert len(launches) == len(ref.sites)  # one launch per site on CPU (no grouping there)
     for site in ref.sites:
-        a, b = run.result.total["sites"][site], ref.result.total["sites"][site]
+        a, b = run.result.total.sites[site], ref.result.total.sites[site]
         np.testing.assert_array_equal(a["histogram"]["counts"], b["histogram"]["counts"])
         for f in EXACT_MOMENTS:
             np.testing.assert_array_equal(a["moments"][f], b["moments"][f], err_msg=f)

@@ -313,8 +313,8 @@ def test_batched_sites_equal_site_by_site(tiny, group_elements, size, monkeypatc
     assert max(sizes) == size  # batches did form
     for name in a.sites:
         for kind in ("topk", "norm"):
-            for field, x in a.total["sites"][name][kind].items():
-                y = b.total["sites"][name][kind][field]
+            for field, x in a.total.sites[name][kind].items():
+                y = b.total.sites[name][kind][field]
                 if x.dtype.kind in "iub" or kind == "topk" or field in ("min", "max", "n", "pos_n"):
                     np.testing.assert_array_equal(y, x, err_msg=f"{name} {kind} {field}")
                 else:

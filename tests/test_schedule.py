@@ -28,8 +28,8 @@ def _batches(count: int, b: int = 2, t: int = 7):
 def _raw(run) -> dict:
     """Every state array of the run, sample excluded (its keys are seeded by the forward count)."""
     total = getattr(run, "result", run).total
-    flat = {f"cross/{k}": v for k, v in total["cross"].items()}
-    for site, per in total["sites"].items():
+    flat = {f"cross/{k}": v for k, v in total.cross.items()}
+    for site, per in total.sites.items():
         for kind, state in per.items():
             if kind != "sample":
                 flat.update({f"{site}/{kind}/{k}": v for k, v in state.items()})
@@ -54,8 +54,8 @@ def test_skipped_forwards_touch_nothing(tiny, monkeypatch):
     assert calls == []
     assert run.steps == [2]  # skipped forwards count toward every=; the empty last window is not written
     for row in run.result.rows:
-        assert all(state == {} for per in row["sites"].values() for state in per.values())
-        assert row["cross"] == {}
+        assert all(state == {} for per in row.sites.values() for state in per.values())
+        assert row.cross == {}
 
 
 @pytest.mark.parametrize("stats", [None, ("moments", "histogram", "position")])
@@ -129,6 +129,6 @@ def test_trainer_callback_schedule(tiny, tmp_path):
     assert run.steps == [1, 2, 3]
     # step index 1 (the second optimizer step, committed with label 2): two micro-batches of 2 x 8
     assert [run.at(s)["hidden_states.1"].tokens for s in (2,)] == [2 * 2 * 8]
-    assert all(not state for s in (1, 3) for state in run.at(s).total["sites"]["hidden_states.1"].values())
+    assert all(not state for s in (1, 3) for state in run.at(s).total.sites["hidden_states.1"].values())
     with pytest.raises(probe.ProbeError, match=r"schedule must be a callable optimizer step_index -> bool"):
         ProbeCallback(out=tmp_path / "x.h5", schedule="often")

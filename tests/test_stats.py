@@ -8,6 +8,7 @@ import torch
 
 import probe
 from probe.results.run import Run, combine_channels
+from probe.stats._state import WindowState
 from probe.stats import Cross, Histogram, Moments, Position, Sample, Tokens
 from probe.stats.histogram import quantile, render
 
@@ -300,8 +301,8 @@ def test_cross_against_numpy_with_blocks(block_bytes):
         valid_all.append(valid)
     xs = [np.concatenate(x) for x in xs_all]
     keep, valid = np.concatenate(keep_all), np.concatenate(valid_all)
-    view = Run({"sites": [], "cross_sites": ["a", "b", "c"]}, [{"step": 0, "sites": {},
-               "cross": {k: v.numpy() for k, v in st.state_dict().items()}}]).cross
+    view = Run({"sites": [], "cross_sites": ["a", "b", "c"]},
+               [WindowState(0, {}, {k: v.numpy() for k, v in st.state_dict().items()})]).cross
     cov, r2 = _cross_reference(xs, keep)
     np.testing.assert_allclose(view.cov, cov, rtol=1e-10)
     assert np.max(np.abs(view.r2 - r2)) <= 1e-9

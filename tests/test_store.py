@@ -47,9 +47,9 @@ def test_cumulative_state_equals_merge_of_windows(tiny, tmp_path):
     assert run.steps == [1, 2, 3, 4, 5] and len(run.rows) == 5
     merged = merge_rows(list(run.rows))
     for name in run.sites:
-        _same_state(run.total["sites"][name], merged["sites"][name])
-    for field, value in merged["cross"].items():
-        np.testing.assert_allclose(run.total["cross"][field], value, rtol=1e-12, atol=1e-12)
+        _same_state(run.total.sites[name], merged.sites[name])
+    for field, value in merged.cross.items():
+        np.testing.assert_allclose(run.total.cross[field], value, rtol=1e-12, atol=1e-12)
     # a stale cumulative state (a writer killed mid-commit) is not trusted: the windows are merged
     with h5py.File(tmp_path / "r.h5", "r+") as f:
         f["total"].attrs["rows"] = -1
@@ -84,7 +84,7 @@ def test_window_reads_one_row_and_equals_a_capture_of_its_batches(tiny, tmp_path
 def test_sparse_histogram_and_shared_sample_coordinates(tiny, tmp_path):
     _run(tiny, tmp_path / "r.h5", n=3)
     run = probe.load(tmp_path / "r.h5")
-    nonzero = [int(np.count_nonzero(w["sites"]["hidden_states.1"]["histogram"]["counts"])) for w in run.rows]
+    nonzero = [int(np.count_nonzero(w.sites["hidden_states.1"]["histogram"]["counts"])) for w in run.rows]
     with h5py.File(tmp_path / "r.h5", "r") as f:
         assert f["samples/key"].shape == (3, 32)  # one coordinate set per window, shared by 3 sites
         assert [f[f"sites/{k}/sample/window"]["coords"].tolist() for k in f["sites"]] == [[0, 1, 2]] * 3
@@ -113,7 +113,7 @@ def test_norm_buckets_sparse_and_the_dense_layout_still_read(tiny, tmp_path, mon
         assert "counts" in f["sites/01/norm/window"].dtype.names
     sparse, dense = probe.load(tmp_path / "sparse.h5"), probe.load(tmp_path / "dense.h5")
     for name in live.sites:
-        ref = live.result.total["sites"][name]["norm"]
+        ref = live.result.total.sites[name]["norm"]
         for run in (sparse, dense):
             _same_state({"norm": run[name]._state["norm"]}, {"norm": ref})
             for step in run.steps:

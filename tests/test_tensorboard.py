@@ -52,7 +52,7 @@ def test_every_window_at_its_step_exactly(tiny, tmp_path):
             np.testing.assert_allclose(h.sum, x.sum(), rtol=1e-9, atol=1e-7 * np.abs(x).sum())
             np.testing.assert_allclose(h.sum_squares, (x * x).sum(), rtol=1e-6)
             # the event file holds exactly what probe computed
-            m = run.rows[run.steps.index(step)]["sites"][name]["moments"]
+            m = run.rows[run.steps.index(step)].sites[name]["moments"]
             assert h.sum == float((m["n"] * m["mean"]).sum())
             assert h.sum_squares == float((m["m2"] + m["n"] * m["mean"] ** 2).sum())
             # buckets: counts add up; every value lies in its bucket (limits are upper edges;

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from . import kernels as _kernels
 from .. import stats as _stats
 from ..stats import _base as _stats_base
+from ..stats._state import WindowState
 from .schedule import as_schedule
 from ..errors import ProbeError, SiteError
 from .forward import Forwards, describe
@@ -598,13 +599,12 @@ class Capture:
         label = self._forward if step is None else int(step)
         if final and label in self._steps:  # an explicit label took this number: never lose the window
             label = max(self._steps) + 1
-        row = {
-            "step": label,
-            "sites": {name: {k: {f: v.detach().cpu().numpy() for f, v in st.state_dict().items()}
-                             for k, st in per.items()} for name, per in self._window.items()},
-            "cross": ({f: v.cpu().numpy() for f, v in self._cross.state_dict().items()}
-                      if self._cross is not None else {}),
-        }
+        row = WindowState(
+            label,
+            {name: {k: {f: v.detach().cpu().numpy() for f, v in st.state_dict().items()}
+                    for k, st in per.items()} for name, per in self._window.items()},
+            {f: v.cpu().numpy() for f, v in self._cross.state_dict().items()} if self._cross is not None else {},
+        )
         if self.world > 1 or self._writer is None:  # ranks merge their windows at exit
             self._rows.append(row)
         else:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..stats._state import SPECS, dims_of, empty_state, key_groups, merge_rows, merge_states, shift_sums
+from ..stats._state import SPECS, WindowState, dims_of, empty_state, key_groups, merge_rows, merge_states, shift_sums
 
 __all__ = ["merge_windows", "agree_steps"]
 
@@ -83,7 +83,7 @@ def agree_steps(steps: Sequence[int], device: torch.device, group=None) -> list[
     return sorted(int(s) for s in np.unique(union[union != _NONE]))
 
 
-def _agree_dims(slots: list[tuple[str | None, str]], rows: list[dict], device, group) -> dict:
+def _agree_dims(slots: list[tuple[str | None, str]], rows: list[WindowState], device, group) -> dict:
     """Per (site, kind): the sizes of its dims, known from any rank that saw it (MAX)."""
     syms = {kind: sorted({d for f in SPECS[kind].fields for d in f.shape if not d.isdigit()}) for _, kind in slots}
     flat = [(slot, d) for slot in slots for d in syms[slot[1]]]
@@ -92,7 +92,7 @@ def _agree_dims(slots: list[tuple[str | None, str]], rows: list[dict], device, g
     for row in rows:
         for slot in slots:
             name, kind = slot
-            state = row.get("cross") if name is None else row["sites"].get(name, {}).get(kind)
+            state = row.cross if name is None else row.state(name, kind)
             if state and slot not in known:
                 known[slot] = dims_of(kind, state)
     for i, (slot, d) in enumerate(flat):
@@ -110,21 +110,21 @@ def _agree_dims(slots: list[tuple[str | None, str]], rows: list[dict], device, g
     return dims
 
 
-def _by_step(rows: list[dict]) -> dict[int, dict]:
+def _by_step(rows: list[WindowState]) -> dict[int, WindowState]:
     """This rank's window per step label (windows sharing a label merged)."""
     out: dict[int, list] = {}
     for r in rows:
-        out.setdefault(int(r["step"]), []).append(r)
+        out.setdefault(int(r.step), []).append(r)
     return {s: rs[0] if len(rs) == 1 else merge_rows(rs) for s, rs in out.items()}
 
 
-def _local(windows: dict[int, dict], step: int, slot: tuple) -> dict:
+def _local(windows: dict[int, WindowState], step: int, slot: tuple) -> dict:
     """This rank's state of ``slot`` at ``step``, or {}."""
     name, kind = slot
     row = windows.get(step)
     if row is None:
         return {}
-    return (row.get("cross") if name is None else row["sites"].get(name, {}).get(kind)) or {}
+    return (row.cross if name is None else row.state(name, kind)) or {}
 
 
 def _reduce(items: list[tuple[tuple, str, dict]], device, group) -> list[dict]:
@@ -289,12 +289,12 @@ def _gather_topk(items: list, tensors: list[dict], results: list[dict], group) -
             results[i][name] = torch.from_numpy(merged[name])
 
 
-def merge_windows(rows: list[dict], sites: Sequence[str], kinds: Sequence[str], cross: bool,
-                  device: torch.device | str = "cpu", group=None, batch_bytes: int = 256 << 20) -> list[dict]:
+def merge_windows(rows: list[WindowState], sites: Sequence[str], kinds: Sequence[str], cross: bool,
+                  device: torch.device | str = "cpu", group=None, batch_bytes: int = 256 << 20) -> list[WindowState]:
     """Merge every rank's windows (``rows``, each labelled by its ``step``) across the process group.
 
     Args:
-        rows: this rank's committed windows, ``{"step", "sites": {name: {kind: state}}, "cross"}``
+        rows: this rank's committed windows
             with numpy states; steps need not match across ranks (a rank may have fewer).
         sites, kinds: every site name and statistic name of the capture (the same on all ranks).
         cross: whether the cross-layer statistic runs.
@@ -305,14 +305,14 @@ def merge_windows(rows: list[dict], sites: Sequence[str], kinds: Sequence[str], 
         The merged windows in step order, the same on every rank.
     """
     device = torch.device(device)
-    steps = agree_steps([int(r["step"]) for r in rows], device, group)
+    steps = agree_steps([int(r.step) for r in rows], device, group)
     slots: list[tuple] = [(name, kind) for name in sites for kind in kinds if kind != "cross"]
     if cross:
         slots.append((None, "cross"))
     dims = _agree_dims(slots, rows, device, group)
     windows = _by_step(rows)
     live = [s for s in slots if dims[s] is not None]
-    merged = [{"step": s, "sites": {name: {k: {} for k in kinds if k != "cross"} for name in sites}, "cross": {}}
+    merged = [WindowState(s, {name: {k: {} for k in kinds if k != "cross"} for name in sites})
               for s in steps]
     batch: list[tuple] = []
     size = 0
@@ -324,9 +324,9 @@ def merge_windows(rows: list[dict], sites: Sequence[str], kinds: Sequence[str], 
             for (w, slot, _), state in zip(batch, done):
                 name, kind = slot
                 if name is None:
-                    merged[w]["cross"] = state
+                    merged[w].cross = state
                 else:
-                    merged[w]["sites"][name][kind] = state
+                    merged[w].sites[name][kind] = state
         batch, size = [], 0
 
     for w, step in enumerate(steps):
@@ -344,9 +344,9 @@ def merge_windows(rows: list[dict], sites: Sequence[str], kinds: Sequence[str], 
             if not present[w][j]:
                 name, kind = slot
                 if name is None:
-                    merged[w]["cross"] = {}
+                    merged[w].cross = {}
                 else:
-                    merged[w]["sites"][name][kind] = {}
+                    merged[w].sites[name][kind] = {}
     return merged
 
 

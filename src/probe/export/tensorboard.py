@@ -100,7 +100,7 @@ def _norm_histogram(s: dict) -> dict[str, Any] | None:
 def log_window(writer, window, step: int, prefix: str = "probe") -> None:
     """Log one window (a :class:`probe.results.run.Run` holding that window alone) at ``step``."""
     for name in window.sites:
-        state = window.total["sites"].get(name, {})
+        state = window.total.sites.get(name, {})
         hist = _site_histogram(state)
         if hist is not None:
             writer.add_histogram_raw(f"{prefix}/values/{name}", global_step=step, **hist)

@@ -174,7 +174,7 @@ def _title(run: Run) -> str:
 
 def _sites_with(run: Run, kind: str) -> list[str]:
     """Sites whose ``kind`` state is present and non-empty (disabled sites have none)."""
-    sites = run.total.get("sites", {})
+    sites = run.total.sites
     return [n for n in run.sites if sites.get(n, {}).get(kind)]
 
 
@@ -619,7 +619,7 @@ def _steps(run: Run, out: _Out, opts: dict) -> list[str]:
     for row in run.rows:
         window = Run(run.meta, [row], run.path)
         if any(window[n].tokens for n in names):
-            windows.append((int(row["step"]), window))
+            windows.append((int(row.step), window))
     windows.sort(key=lambda w: w[0])
     if len(windows) < 2:
         raise _Missing(f"plot kind 'steps' needs two or more windows with tokens; expected run.steps with 2+ "

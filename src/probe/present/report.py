@@ -39,7 +39,7 @@ DIFF_QUANTILES = (0.001, 0.5, 0.999)
 
 
 def _median_abs(run: Run, name: str) -> float:
-    state = run.total["sites"].get(name, {}).get("histogram")
+    state = run.total.sites.get(name, {}).get("histogram")
     if not state:
         return float("nan")
     from ..stats._buckets import quantile
@@ -95,7 +95,7 @@ def summary(run: Run, sites: list[str] | None = None) -> dict[str, Any]:
         tok = s.absmax_at["token"]
         if str(tok) in token_text:
             entry["absmax_at"]["text"] = token_text[str(tok)]
-        if run.total["sites"].get(name, {}).get("histogram"):
+        if run.total.sites.get(name, {}).get("histogram"):
             entry["quantiles"] = {str(q): v for q, v in zip(QUANTILES, s.quantile(QUANTILES).tolist())}
             entry["median_abs"] = _median_abs(run, name)
         rows.append({k: _clean(v) for k, v in entry.items()})
@@ -113,7 +113,7 @@ def summary(run: Run, sites: list[str] | None = None) -> dict[str, Any]:
 def outlier_channels(run: Run) -> list[dict[str, Any]]:
     """Channels meeting the LLM.int8() outlier rule (see module docstring)."""
     hits: dict[int, list[str]] = {}
-    names = [n for n in run.sites if run.total["sites"].get(n, {}).get("moments")]
+    names = [n for n in run.sites if run.total.sites.get(n, {}).get("moments")]
     for name in names:
         s = run[name]
         if not s.tokens:
@@ -148,7 +148,7 @@ def massive(run: Run) -> list[dict[str, Any]]:
             return value >= MASSIVE_VALUE and value >= MASSIVE_RATIO * med
 
         per_pos = None
-        if run.total["sites"].get(name, {}).get("position"):
+        if run.total.sites.get(name, {}).get("position"):
             per_pos = np.nan_to_num(s.position.absmax, nan=-1.0)
         if per_pos is not None and len(per_pos):
             first = per_pos[:head]
@@ -200,8 +200,8 @@ def diff(a: Run, b: Run) -> list[dict[str, Any]]:
         row = {"site": name, "mean_a": sa.mean, "mean_b": sb.mean, "std_a": sa.std, "std_b": sb.std,
                "std_ratio": sb.std / sa.std if sa.std else float("nan"),
                "mean_shift": sb.mean - sa.mean, "tokens_a": sa.tokens, "tokens_b": sb.tokens}
-        ha = a.total["sites"].get(name, {}).get("histogram")
-        hb = b.total["sites"].get(name, {}).get("histogram")
+        ha = a.total.sites.get(name, {}).get("histogram")
+        hb = b.total.sites.get(name, {}).get("histogram")
         if ha and hb and ha["counts"].shape == hb["counts"].shape:
             with np.errstate(all="ignore"):
                 row["js"] = _js(ha["counts"].astype(np.float64), hb["counts"].astype(np.float64))

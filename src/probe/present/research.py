@@ -57,7 +57,7 @@ def massive_topk(run: Run) -> list[dict[str, Any]]:
     """Every top-k entry meeting the massive-activation rule (module docstring), by site, largest first."""
     out = []
     for name in run.sites:
-        state = run.total["sites"].get(name, {})
+        state = run.total.sites.get(name, {})
         if not state.get("topk"):
             continue
         med = _median_abs(state)
@@ -80,7 +80,7 @@ def summary(run: Run, top: int = 5) -> dict[str, Any]:
     activations. JSON-ready (non-finite numbers as ``None``)."""
     sites = []
     for name in run.sites:
-        state = run.total["sites"].get(name, {})
+        state = run.total.sites.get(name, {})
         entry: dict[str, Any] = {"site": name}
         if state.get("topk"):
             entry["topk"] = []

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ProbeError, closest
-from ..stats._state import kway_moments, merge_rows
+from ..stats._state import WindowState, kway_moments, merge_rows
 
 __all__ = ["Run", "SiteView", "ChannelView", "PositionView", "SampleView", "CrossView", "NormView", "TOPK_DTYPE",
            "combine_channels", "merge_rows"]
@@ -26,31 +26,31 @@ __all__ = ["Run", "SiteView", "ChannelView", "PositionView", "SampleView", "Cros
 class MemorySource:
     """Windows held in memory (a capture without ``out=``, a merge, one window of a file)."""
 
-    def __init__(self, rows: list[dict], cross_sites: Sequence[str] = ()) -> None:
+    def __init__(self, rows: list[WindowState], cross_sites: Sequence[str] = ()) -> None:
         self.rows = rows
         self._cross_sites = list(cross_sites)
 
     @property
     def steps(self) -> list[int]:
-        return [int(r["step"]) for r in self.rows]
+        return [int(r.step) for r in self.rows]
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def window(self, r: int) -> dict:
+    def window(self, r: int) -> WindowState:
         return self.rows[r]
 
     @cached_property
-    def total(self) -> dict:
+    def total(self) -> WindowState:
         if len(self.rows) == 1:
             return self.rows[0]
         return merge_rows(self.rows, self._cross_sites)
 
     def site_total(self, name: str) -> dict:
-        return self.total["sites"].get(name, {})
+        return self.total.sites.get(name, {})
 
     def cross_total(self) -> dict:
-        return self.total.get("cross", {}) or {}
+        return self.total.cross
 
 
 class _Windows(Sequence):
@@ -446,13 +446,13 @@ class Run:
 
     Args:
         meta: the description (root attribute ``meta`` of the file).
-        rows: windows held in memory, each ``{"step", "sites": {name: {kind: state}}, "cross"}``.
+        rows: windows held in memory (:class:`~probe.stats._state.WindowState`).
         path: the file the run was read from, if any.
         source: where windows and cumulative state are read from (a file reader); ``rows`` is
             ignored when given.
     """
 
-    def __init__(self, meta: dict[str, Any], rows: list[dict] | None = None, path: str | None = None,
+    def __init__(self, meta: dict[str, Any], rows: list[WindowState] | None = None, path: str | None = None,
                  *, source=None) -> None:
         self.meta = meta
         self.path = path
@@ -476,18 +476,17 @@ class Run:
         return list(self._source.steps)
 
     @property
-    def rows(self) -> Sequence[dict]:
+    def rows(self) -> Sequence[WindowState]:
         """The committed windows, in commit order (read one at a time from a file)."""
         return self._source.rows if isinstance(self._source, MemorySource) else _Windows(self._source)
 
     @cached_property
-    def total(self) -> dict:
+    def total(self) -> WindowState:
         """All windows merged exactly (the raw state behind the cumulative views), read from the
-        file's cumulative state: ``{"step", "sites": {name: {kind: state}}, "cross": state}``."""
+        file's cumulative state."""
         steps = self._source.steps
-        return {"step": steps[-1] if steps else 0,
-                "sites": {name: self._source.site_total(name) for name in self.sites},
-                "cross": self._source.cross_total()}
+        return WindowState(steps[-1] if steps else 0, {name: self._source.site_total(name) for name in self.sites},
+                           self._source.cross_total())
 
     @property
     def stats(self) -> list[str]:
@@ -505,7 +504,7 @@ class Run:
         if name not in self._info:
             raise ProbeError(f"unknown site {name!r}; expected one of run.sites{closest(name, self.sites)}")
         if name not in self._views:
-            state = self.total["sites"].get(name, {}) if "total" in self.__dict__ else self._source.site_total(name)
+            state = self.total.sites.get(name, {}) if "total" in self.__dict__ else self._source.site_total(name)
             self._views[name] = SiteView(name, self._info[name], state, self.meta)
         return self._views[name]
 

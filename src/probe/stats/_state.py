@@ -15,12 +15,13 @@ formulas are written with operators alone, so they accept numpy arrays and torch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Field", "State", "SPECS", "merge_states", "merge_rows", "key_groups", "merge_moments", "kway_moments", "shift_sums",
+__all__ = ["Field", "State", "WindowState", "StatState", "SPECS", "merge_states", "merge_rows", "key_groups", "merge_moments", "kway_moments", "shift_sums",
            "empty_state", "dims_of", "topk_order"]
 
 Reduce = Literal["sum", "min", "max", "all", "moments", "comoments", "argmax", "bottomk", "topk"]
@@ -66,6 +67,30 @@ class State:
             key = (f.reduce, f.group) if f.reduce in _GROUPED else (f.reduce, "=" + f.name)
             out.setdefault(key, []).append(f)
         return [(k[0], v) for k, v in out.items()]
+
+
+#: one statistic's state: field name -> array, as declared in :data:`SPECS`; ``{}`` when the
+#: statistic recorded nothing in the window
+StatState = dict[str, Any]
+
+
+@dataclass
+class WindowState:
+    """One committed window, the value that capture, sync, store and results exchange.
+
+    Attributes:
+        step: the window's label (the number of forwards, or the step given to ``snapshot``).
+        sites: per site name, per statistic name, that statistic's state (:data:`StatState`).
+        cross: the cross-layer statistic's state (``{}`` when not captured).
+    """
+
+    step: int
+    sites: dict[str, dict[str, StatState]] = field(default_factory=dict)
+    cross: StatState = field(default_factory=dict)
+
+    def state(self, site: str, kind: str) -> StatState:
+        """Statistic ``kind``'s state at ``site``; ``{}`` when it recorded nothing there."""
+        return self.sites.get(site, {}).get(kind) or {}
 
 
 _GROUPED = ("moments", "comoments", "argmax", "bottomk", "topk")
@@ -408,24 +433,24 @@ def key_groups(keys: list[np.ndarray]) -> list[int]:
     return out
 
 
-def merge_rows(rows: list[dict], cross_sites=()) -> dict:
-    """Exact merge of several windows ``{"step", "sites": {name: {kind: state}}, "cross": state}``
-    into one (``step`` of the last). Sites whose samples hold equal keys share one bottom-k order."""
+def merge_rows(rows: Sequence[WindowState], cross_sites=()) -> WindowState:
+    """Exact merge of several windows into one (``step`` of the last). Sites whose samples hold
+    equal keys share one bottom-k order."""
     if not rows:
-        return {"step": 0, "sites": {}, "cross": {}}
+        return WindowState(0)
     names: dict[str, None] = {}
     for row in rows:
-        names.update(dict.fromkeys(row["sites"]))
+        names.update(dict.fromkeys(row.sites))
     sites: dict[str, dict] = {}
     reps: list[list[np.ndarray]] = [[] for _ in rows]  # per row: distinct sample key arrays seen
     orders: dict[tuple, np.ndarray] = {}
     for name in names:
         kinds: dict[str, None] = {}
         for row in rows:
-            kinds.update(dict.fromkeys(row["sites"].get(name, {})))
+            kinds.update(dict.fromkeys(row.sites.get(name, {})))
         per = sites[name] = {}
         for kind in kinds:
-            states = [row["sites"].get(name, {}).get(kind) or {} for row in rows]
+            states = [row.state(name, kind) for row in rows]
             order = None
             if kind == "sample" and sum(bool(s) for s in states) > 1:
                 sig = []
@@ -445,5 +470,5 @@ def merge_rows(rows: list[dict], cross_sites=()) -> dict:
                     orders[sig_t] = bottomk_order(keys, np.shape(next(s for s in states if s)["key"])[0])
                 order = orders[sig_t]
             per[kind] = merge_states(kind, states, order)
-    cross = merge_states("cross", [row.get("cross") or {} for row in rows])
-    return {"step": rows[-1]["step"], "sites": sites, "cross": cross}
+    cross = merge_states("cross", [row.cross for row in rows])
+    return WindowState(rows[-1].step, sites, cross)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FileFormatError, ProbeError
-from ..stats._state import SPECS, key_groups, merge_rows
+from ..stats._state import SPECS, WindowState, key_groups, merge_rows
 
 __all__ = ["SCHEMA", "VERSION", "Writer", "read", "check_writable", "write_run"]
 
@@ -263,12 +263,12 @@ class Writer:
             return
         ds[()] = self._pack(fields, present, ds.dtype)
 
-    def _total(self, f, meta: dict, total: dict) -> None:
+    def _total(self, f, meta: dict, total: WindowState) -> None:
         t = f.require_group("total")
         t.attrs["rows"] = -1  # invalid while rewritten: a reader falls back to the windows
         names = [s["name"] for s in meta["sites"]]
         samples = [(name, st) for name in names
-                   if (st := total["sites"].get(name, {}).get("sample"))]
+                   if (st := total.state(name, "sample"))]
         groups = key_groups([st["key"] for _, st in samples])
         reps = sorted(set(groups))
         where = {name: reps.index(g) for (name, _), g in zip(samples, groups)}
@@ -281,7 +281,7 @@ class Writer:
             if key not in t:
                 t.require_group(key).attrs["name"] = name
             tg = t[key]
-            for kind, state in total["sites"].get(name, {}).items():
+            for kind, state in total.sites.get(name, {}).items():
                 sg = tg.require_group(kind)
                 if kind in SPARSE:
                     fields = {}
@@ -295,22 +295,22 @@ class Writer:
                 else:
                     fields = {n: np.asarray(state[n]) for n in SPECS[kind].names} if state else {}
                 self._put_total(sg, fields, bool(state))
-        if total.get("cross") or "cross" in t:
-            state = total.get("cross") or {}
+        if total.cross or "cross" in t:
+            state = total.cross
             self._put_total(t.require_group("cross"), {n: np.asarray(state[n]) for n in SPECS["cross"].names}
                             if state else {}, bool(state))
         t.attrs["rows"] = self.rows + 1
 
     # ------------------------------------------------------------------------------ a window
-    def append(self, meta: dict[str, Any], row: dict[str, Any]) -> None:
-        """Commit one window ``{"step", "sites": {name: {kind: state}}, "cross": state}``."""
+    def append(self, meta: dict[str, Any], row: WindowState) -> None:
+        """Commit one window."""
         cross_sites = meta.get("cross_sites", [])
         total = merge_rows([row] if self.total is None else [self.total, row], cross_sites)
         with _open(self.path, "r+") as f:
             self._append(f, meta, row, total)
         self.total = total
 
-    def _append(self, f, meta: dict[str, Any], row: dict[str, Any], total: dict) -> None:
+    def _append(self, f, meta: dict[str, Any], row: WindowState, total: WindowState) -> None:
         text = json.dumps(_jsonable(meta))
         if text != self._meta_json:
             f.attrs["meta"] = text
@@ -324,16 +324,16 @@ class Writer:
             if self._site_attrs.get(g.name) != attrs:
                 g.attrs.update(attrs)
                 self._site_attrs[g.name] = attrs
-            for kind, state in row["sites"].get(info["name"], {}).items():
+            for kind, state in row.sites.get(info["name"], {}).items():
                 self._window(f, g.require_group(kind), kind, state or {}, coords)
-        if row.get("cross") or "cross" in f:
+        if row.cross or "cross" in f:
             cg = f.require_group("cross")
             cg.attrs["sites"] = json.dumps(meta.get("cross_sites", []))
-            self._window(f, cg, "cross", row.get("cross") or {}, coords)
+            self._window(f, cg, "cross", row.cross, coords)
         self._total(f, meta, total)
         steps = f["steps"]
         steps.resize(self.rows + 1, axis=0)
-        steps[self.rows] = int(row["step"])  # written last: the commit marker
+        steps[self.rows] = int(row.step)  # written last: the commit marker
         self.rows += 1
         f.flush()
 
@@ -370,7 +370,7 @@ def _read_v1(f, path: str, meta: dict):
 
     steps = _read_ds(f["steps"], f["steps"].shape[0])
     rows = len(steps)
-    data: list[dict] = [{"step": int(s), "sites": {}, "cross": {}} for s in steps]
+    data = [WindowState(int(s)) for s in steps]
     for key in sorted(f.get("sites", {})):
         g = f["sites"][key]
         name = str(g.attrs.get("name", key))
@@ -379,7 +379,7 @@ def _read_v1(f, path: str, meta: dict):
             present = _read_ds(sg["_present"], rows) if "_present" in sg else np.ones(rows, bool)
             fields = {fn: _read_ds(sg[fn], rows) for fn in sg if fn != "_present"}
             for r in range(rows):
-                data[r]["sites"].setdefault(name, {})[kind] = (
+                data[r].sites.setdefault(name, {})[kind] = (
                     {fn: v[r] for fn, v in fields.items()} if present[r] else {})
     if "cross" in f:
         cg = f["cross"]
@@ -387,7 +387,7 @@ def _read_v1(f, path: str, meta: dict):
         fields = {fn: _read_ds(cg[fn], rows) for fn in cg if fn != "_present"}
         for r in range(rows):
             if r < len(present) and present[r]:
-                data[r]["cross"] = {fn: v[r] for fn, v in fields.items()}
+                data[r].cross = {fn: v[r] for fn, v in fields.items()}
     return Run(meta, data, path)
 
 def _check(ds) -> None:
@@ -467,7 +467,7 @@ class FileSource:
             return _sample_state(f["samples"], rec, sg.name)
         return _fields(rec, SPECS[kind].names, ds.name)
 
-    def window(self, r: int) -> dict:
+    def window(self, r: int) -> WindowState:
         rows = len(self.steps)
         try:
             with self._file() as f:
@@ -478,10 +478,10 @@ class FileSource:
                 cross = self._kind_at(f, f["cross"], "cross", r, rows) if "cross" in f else {}
         except (OSError, KeyError, ValueError) as err:
             raise FileFormatError(f"{self.path!r} could not be read ({err}); the file is damaged") from err
-        return {"step": self.steps[r], "sites": sites, "cross": cross}
+        return WindowState(self.steps[r], sites, cross)
 
     # ------------------------------------------------------------------- cumulative state
-    def _all_windows(self) -> dict:
+    def _all_windows(self) -> WindowState:
         if self._fallback is None:  # /total is stale (a writer was killed mid-commit): merge the windows
             self._fallback = merge_rows([self.window(r) for r in range(len(self.steps))])
         return self._fallback
@@ -507,7 +507,7 @@ class FileSource:
 
     def site_total(self, name: str) -> dict:
         if not self._total_ok:
-            return self._all_windows()["sites"].get(name, {})
+            return self._all_windows().sites.get(name, {})
         try:
             with self._file() as f:
                 t = f["total"]
@@ -523,7 +523,7 @@ class FileSource:
         if not self._cross:
             return {}
         if not self._total_ok:
-            return self._all_windows().get("cross", {})
+            return self._all_windows().cross
         try:
             with self._file() as f:
                 return self._total_of(f["total"], f["total/cross"], "cross") if "total/cross" in f else {}
