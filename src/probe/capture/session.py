@@ -251,21 +251,9 @@ class Capture:
     def _new_window(self) -> dict:
         window: dict[str, dict[str, Any]] = {}
         for name in self._names["prefill"] + self._names["decode"]:
-            per: dict[str, Any] = {}
-            if "moments" in self.stats:
-                per["moments"] = _stats.Moments()
-            if "position" in self.stats:
-                per["position"] = _stats.Position(self.max_positions)
-            if "histogram" in self.stats:
-                per["histogram"] = _stats.Histogram(self.histogram_bits)
-            if "sample" in self.stats:
-                per["sample"] = _stats.Sample(self.sample_size)
-            if "topk" in self.stats:
-                per["topk"] = _stats.TopK()
-            if "norm" in self.stats:
-                per["norm"] = _stats.Norm(self.histogram_bits, self.max_positions)
-            for stat in per.values():
-                stat.compile = self.compile
+            per = _stats.site_states(self.stats, histogram_bits=self.histogram_bits,
+                                     max_positions=self.max_positions, sample_size=self.sample_size,
+                                     compile=self.compile)
             window[name] = per
         old = getattr(self, "_cross", None)
         self._cross = None
@@ -279,7 +267,7 @@ class Capture:
     def meta(self) -> dict[str, Any]:
         """The run's description (a dict, like :attr:`probe.results.run.Run.meta`), stored as the file's
         root attribute ``meta``."""
-        from .. import __version__
+        from .._version import __version__
 
         import transformers
 
@@ -638,7 +626,7 @@ class Capture:
                                   "cross" in self.stats, device)
 
     def _finish_result(self) -> None:
-        from ..results.run import Run
+        from .. import store
 
         if self.world > 1:
             self._rows = self._sync()
@@ -646,11 +634,9 @@ class Capture:
                 for row in self._rows:
                     self._writer.append(self.meta, row)
         if self._writer is not None:
-            from ..store import read
-
-            self._result = read(self.out)
+            self._result = store.read(self.out)
         else:
-            self._result = Run(self.meta, self._rows)
+            self._result = store.in_memory(self.meta, self._rows)
 
     # ---------------------------------------------------------------- results after exit
     @property

@@ -18,10 +18,9 @@ import time
 import warnings
 
 from ..errors import ProbeError
+from ..stats import NAMES as STATS
 
 __all__ = ["main", "build_parser", "COMMANDS"]
-
-STATS = ("moments", "position", "histogram", "sample", "cross", "topk", "norm", "cos")
 
 
 class _Parser(argparse.ArgumentParser):

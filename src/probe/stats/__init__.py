@@ -19,7 +19,7 @@ DEFAULT = ("moments", "position", "histogram", "sample", "cross", "topk", "norm"
 _LAZY = {"Tokens": "._base", "Cross": ".cross", "Histogram": ".histogram", "Moments": ".moments",
          "Position": ".position", "Sample": ".sample", "TopK": ".topk", "Norm": ".norm"}
 
-__all__ = ["NAMES", "DEFAULT", "Cross", "Histogram", "Moments", "Norm", "Position", "Sample", "Tokens", "TopK"]
+__all__ = ["NAMES", "DEFAULT", "site_states", "Cross", "Histogram", "Moments", "Norm", "Position", "Sample", "Tokens", "TopK"]
 
 
 def __getattr__(name: str) -> Any:
@@ -28,3 +28,32 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def site_states(names, *, histogram_bits: int, max_positions: int, sample_size: int,
+                compile: bool | None = None) -> dict[str, Any]:
+    """Fresh per-site statistics for one window: one instance of each statistic in ``names`` that
+    is kept per site (all but ``cross`` and ``cos``, which span sites), in :data:`NAMES` order.
+
+    Args:
+        names: statistic names (a subset of :data:`NAMES`).
+        histogram_bits: mantissa bits of the float-bit buckets (histogram, norm).
+        max_positions: positions covered by the per-position statistics (position, norm).
+        sample_size: ``k`` of the uniform sample.
+        compile: passed to each statistic (``None``: compile on accelerators only).
+
+    Returns:
+        ``{name: statistic}`` with empty states.
+    """
+    make = {
+        "moments": lambda: __getattr__("Moments")(),
+        "position": lambda: __getattr__("Position")(max_positions),
+        "histogram": lambda: __getattr__("Histogram")(histogram_bits),
+        "sample": lambda: __getattr__("Sample")(sample_size),
+        "topk": lambda: __getattr__("TopK")(),
+        "norm": lambda: __getattr__("Norm")(histogram_bits, max_positions),
+    }
+    per = {name: make[name]() for name in NAMES if name in names and name in make}
+    for stat in per.values():
+        stat.compile = compile
+    return per

@@ -602,3 +602,12 @@ def annotate(path: str, **entries: Any) -> None:
         meta = json.loads(f.attrs.get("meta", "{}"))
         meta.update(_jsonable(entries))
         f.attrs["meta"] = json.dumps(meta)
+
+
+def in_memory(meta: dict[str, Any], windows: list[WindowState]):
+    """A run over windows held in memory (a capture without ``out=``, a merge before it is
+    written): the same :class:`probe.results.Run` a file gives, so the write side hands its
+    windows over here and never builds read-side objects itself."""
+    from ..results.run import Run
+
+    return Run(meta, windows)

@@ -10,7 +10,7 @@ The sample and the cross-layer statistic stay on their own (batched) paths.
 
 Recipe (no GPU: Triton's interpreter runs the kernel on CPU tensors, slowly)::
 
-    TRITON_INTERPRET=1 python -c "import probe.capture.kernels as k; k._FORCE = True; ..."
+    TRITON_INTERPRET=1 python -c "from probe.capture import kernels as k; k._FORCE = True; ..."
 
 Nothing here imports Triton until a CUDA tensor (or ``_FORCE``) asks for the fused path, so
 ``import probe`` stays light.
