@@ -64,7 +64,7 @@ def test_gradients_bitwise_equal_and_nothing_held(tiny):
     want = grads()
     with probe.capture(model, skip_first=1) as c:
         got = grads()
-        assert c._cross._held == {} and c._call is None  # nothing of the forward is kept
+        assert c._engine.cross._held == {} and c._forwards.call is None  # nothing of the forward is kept
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert c["hidden_states.2"].tokens == int(mask.sum()) - 2
 
