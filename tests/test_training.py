@@ -151,6 +151,19 @@ def test_compile_inside_block_and_refusal(tiny):
         probe.capture(compiled)
 
 
+def test_trainer_callback_checks_options_when_built(tmp_path):
+    """The callback validates through the same options as capture(): same messages, at once."""
+    from probe.integrations import ProbeCallback
+
+    with pytest.raises(probe.ProbeError, match=r"every must be an int >= 1 \(optimizer steps\); got 0"):
+        ProbeCallback(out=tmp_path / "x.h5", every=0)
+    with pytest.raises(probe.ProbeError, match=r"unknown stats \['bogus'\]"):
+        ProbeCallback(out=tmp_path / "x.h5", stats=("moments", "bogus"))
+    with pytest.raises(probe.ProbeError, match="skip_first must be an int >= 0; got -1"):
+        ProbeCallback(out=tmp_path / "x.h5", skip_first=-1)
+    assert not (tmp_path / "x.h5").exists()
+
+
 def test_trainer_callback(tiny, tmp_path):
     from probe.integrations import ProbeCallback
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..errors import SiteError
 from ..stats import _base as _stats_base
-from .engine import StatEngine, describe
+from .engine import StatEngine
 from .hooks import HookSet, token_source
 from .options import CaptureOptions
 from .sites import discovering

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .. import store
 from ..errors import ProbeError
 from ..stats import _base as _stats_base
 from .engine import StatEngine
@@ -190,8 +191,6 @@ class Capture:
         self._names = {"prefill": [s.name for s in self._defs],
                        "decode": [f"{s.name}@decode" for s in self._defs] if options.phases else []}
         if options.out is not None and options.rank == 0:
-            from .. import store
-
             store.check_writable(options.out, options.overwrite)
         self._active = False
         self._engine = StatEngine(options, self._defs, self.sites)

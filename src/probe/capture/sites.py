@@ -48,11 +48,15 @@ from torch import Tensor, nn
 
 from ..errors import SiteError, closest
 
-__all__ = ["Site", "SiteSpec", "resolve", "hidden_state_sites", "discovering", "linear_input_sites"]
+__all__ = ["Site", "SiteSet", "SiteSpec", "resolve", "hidden_state_sites", "discovering", "linear_input_sites"]
 
 INPUT_SUFFIX = ":input"
 
-SiteSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
+#: the named site sets ``capture(sites=...)`` accepts besides module names, globs and callables
+SiteSet = Literal["hidden_states", "linear_inputs"]
+#: what ``capture(sites=...)`` accepts: a named set, module names or globs (``:input`` suffix:
+#: the module's input), or a predicate ``(name, module) -> bool``
+SiteSpec = SiteSet | str | Sequence[str] | Callable[[str, nn.Module], bool]
 
 #: set while probe runs its own discovery forward: active captures ignore that forward
 _DISCOVERING: contextvars.ContextVar[bool] = contextvars.ContextVar("probe_discovering", default=False)
