@@ -35,7 +35,7 @@ def test_hooks_removed_on_every_exit_path(tiny, assert_hooks_restored):
     with assert_hooks_restored(model):  # an exception inside a hook, strict mode re-raises it
         with pytest.raises(probe.ProbeError, match=r"site 'transformer.h.1' \(shape \(3, 9, 32\), dtype float32\)"):
             with probe.capture(model, sites=["transformer.h.0", "transformer.h.1"], strict=True) as c:
-                c._window["transformer.h.1"]["moments"]._init_like = lambda *a: 1 / 0
+                c._engine.window["transformer.h.1"]["moments"]._init_like = lambda *a: 1 / 0
                 model(input_ids=ids)
     with assert_hooks_restored(model):  # nested captures on the same model
         with probe.capture(model, stats=("moments",)) as outer:
@@ -54,7 +54,7 @@ def test_failing_stat_disables_site_without_breaking_forward(tiny):
         want = model(input_ids=ids).logits
     with pytest.warns(UserWarning, match="disabled"):
         with probe.capture(model, stats=("moments",)) as c:
-            c._window["hidden_states.1"]["moments"]._init_like = lambda *a: 1 / 0
+            c._engine.window["hidden_states.1"]["moments"]._init_like = lambda *a: 1 / 0
             with torch.no_grad():
                 got = model(input_ids=ids).logits
     assert torch.equal(got, want)

@@ -102,7 +102,7 @@ def test_default_compiles_on_accelerators_only(tiny, backend):
     backend("aot_eager")
     with probe.capture(tiny("llama")) as run:
         pass
-    stat = next(iter(run._window.values()))["moments"]
+    stat = next(iter(run._engine.window.values()))["moments"]
     assert stat.compile is None
     assert not stat.compiled(torch.zeros(1, 1))
     assert stat.compiled(torch.zeros(1, 1, device="meta"))
@@ -115,7 +115,7 @@ def capture_grouped(model, group_elements, **kw):
 
     def grouped(*a, **k):
         c = original(*a, **k)
-        c._group_elements = group_elements
+        c._engine.group_elements = group_elements
         return c
 
     probe.capture = grouped
@@ -137,7 +137,7 @@ def test_batched_sites_equal_site_by_site(tiny, family, group_elements, chunk, m
     what each site gives alone: counts, extremes, histograms and samples exactly, sums to rounding."""
     model = tiny(family)
     if chunk:
-        monkeypatch.setattr(sys.modules["probe.capture.session"], "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(sys.modules["probe.capture.engine"], "CHUNK_ELEMENTS", chunk)
     every = ("moments", "position", "histogram", "sample", "cross")
     alone = capture_twice(model, stats=every)
     sizes = []
@@ -167,15 +167,15 @@ def test_batched_failure_disables_the_batch_with_one_warning(tiny):
     model = tiny("llama")
     ids, mask = batch(3, 9, "left")
     with probe.capture(model, stats=("moments",)) as c:
-        c._group_elements = 10**9
-        c._window["hidden_states.1"]["moments"]._init_like = lambda *a: 1 / 0
+        c._engine.group_elements = 10**9
+        c._engine.window["hidden_states.1"]["moments"]._init_like = lambda *a: 1 / 0
         expected = (r"sites \['hidden_states.0', .*'hidden_states.2'.*batched\): "
                     r"division by zero; these sites are disabled")
         with pytest.warns(UserWarning, match=expected):
             with torch.no_grad():
                 out = model(input_ids=ids, attention_mask=mask)
     assert out.logits.shape[:2] == (3, 9)
-    assert set(c._disabled) == set(c.sites)
+    assert set(c._engine.disabled) == set(c.sites)
 
 
 def test_batched_sites_compile_into_one_graph(tiny, backend):

@@ -390,5 +390,5 @@ def test_held_buffers_go_with_the_capture(tiny):
     with probe.capture(model) as cap:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
-        assert cap._fw._held  # one reused buffer per CPU site while the capture is open
-    assert not cap._fw._held
+        assert cap._forwards._held  # one reused buffer per CPU site while the capture is open
+    assert not cap._forwards._held

@@ -85,7 +85,7 @@ def _check_sync_against_file_merge(rank: int, world: int) -> None:
             for ids, mask in data[: 2 + r % 3]:
                 with torch.no_grad():
                     model(input_ids=ids, attention_mask=mask)
-        rows.append(c._rows)
+        rows.append(c._recorder.rows)
     merged = merge_windows(rows[rank], c.sites, [k for k in c.stats if k not in ("cross", "cos")], True)
     steps = sorted({int(w.step) for rs in rows for w in rs})
     assert [w.step for w in merged] == steps

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import probe
-from probe.capture.session import Capture
+from probe.capture.forward import Forwards
 from conftest import batch
 
 SYNCING = ("item", "tolist", "__bool__", "cpu", "numpy")
@@ -55,8 +55,8 @@ def no_sync_inside_hooks(monkeypatch):
 
         return wrapper
 
-    for name in ("_begin", "_end", "_observe"):
-        monkeypatch.setattr(Capture, name, inside(getattr(Capture, name)))
+    for name in ("begin", "end", "observe"):
+        monkeypatch.setattr(Forwards, name, inside(getattr(Forwards, name)))
     yield state
 
 
@@ -93,8 +93,8 @@ def test_no_host_reads_in_hooks_at_the_op_level(tiny, family, monkeypatch):
 
         return wrapper
 
-    for name in ("_begin", "_end", "_observe"):
-        monkeypatch.setattr(Capture, name, scoped(getattr(Capture, name)))
+    for name in ("begin", "end", "observe"):
+        monkeypatch.setattr(Forwards, name, scoped(getattr(Forwards, name)))
     model = tiny(family)
     ids, mask = batch(3, 9, "left")
     with probe.capture(model, skip_first=1, strict=True, sample_size=16) as run:

@@ -241,7 +241,7 @@ def test_kernel_histogram_mantissa_bits_and_outliers():
 
 @needs_triton
 def test_capture_through_the_fused_path_equals_eager(tiny):
-    """The dispatch in Capture._run_stats: a forced fused capture equals an eager one."""
+    """The dispatch in StatEngine._run_stats: a forced fused capture equals an eager one."""
     model = tiny("llama")
     ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)

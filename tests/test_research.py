@@ -305,7 +305,7 @@ def test_batched_sites_equal_site_by_site(tiny, group_elements, size, monkeypatc
     runs = []
     for limit in (0, group_elements):
         c = probe.capture(model, stats=("topk", "norm"), seed=0)
-        c._group_elements = limit
+        c._engine.group_elements = limit
         with c:
             model(input_ids=ids, attention_mask=mask)
         runs.append(c.result)

@@ -11,7 +11,6 @@ import torch
 import transformers
 
 import probe
-from probe.capture.session import Capture
 
 
 def _batches(count: int, b: int = 2, t: int = 7):
@@ -39,9 +38,10 @@ def _raw(run) -> dict:
 def test_skipped_forwards_touch_nothing(tiny, monkeypatch):
     model = tiny("gpt2")
     calls = []
+    from probe.capture.engine import StatEngine
     from probe.capture.forward import Forwards
 
-    for cls, name in ((Capture, "_observe"), (Capture, "_fold"), (Capture, "_run_stats"),
+    for cls, name in ((Forwards, "observe"), (StatEngine, "fold"), (StatEngine, "_run_stats"),
                       (Forwards, "_start"), (Forwards, "_stage")):
         original = getattr(cls, name)
         monkeypatch.setattr(cls, name, lambda self, *a, _o=original, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1])

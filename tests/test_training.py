@@ -64,7 +64,7 @@ def test_gradients_bitwise_equal_and_nothing_held(tiny):
     want = grads()
     with probe.capture(model, skip_first=1) as c:
         got = grads()
-        assert c._cross._held == {} and c._call is None  # nothing of the forward is kept
+        assert c._engine.cross._held == {} and c._forwards.call is None  # nothing of the forward is kept
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert c["hidden_states.2"].tokens == int(mask.sum()) - 2
 
@@ -149,6 +149,19 @@ def test_compile_inside_block_and_refusal(tiny):
     np.testing.assert_allclose(run["hidden_states.2"].std, ref["hidden_states.2"].std, rtol=1e-6)
     with pytest.raises(probe.ProbeError, match="already compiled.*enter probe.capture\\(model\\) on the uncompiled"):
         probe.capture(compiled)
+
+
+def test_trainer_callback_checks_options_when_built(tmp_path):
+    """The callback validates through the same options as capture(): same messages, at once."""
+    from probe.integrations import ProbeCallback
+
+    with pytest.raises(probe.ProbeError, match=r"every must be an int >= 1 \(optimizer steps\); got 0"):
+        ProbeCallback(out=tmp_path / "x.h5", every=0)
+    with pytest.raises(probe.ProbeError, match=r"unknown stats \['bogus'\]"):
+        ProbeCallback(out=tmp_path / "x.h5", stats=("moments", "bogus"))
+    with pytest.raises(probe.ProbeError, match="skip_first must be an int >= 0; got -1"):
+        ProbeCallback(out=tmp_path / "x.h5", skip_first=-1)
+    assert not (tmp_path / "x.h5").exists()
 
 
 def test_trainer_callback(tiny, tmp_path):

@@ -4,7 +4,7 @@ stops half-way (it raised) and counts nowhere.
 
 Recipe (what :class:`probe.capture.session.Capture` does)::
 
-    forwards = Forwards(capture, hooks, sites)
+    forwards = Forwards(hooks, names, engine, recorder, options, forward_signature(model))
     hooks.attach(forwards.begin, forwards.end, forwards.enter, forwards.leave, forwards.observe)
 
 A site's tensor is laid out as ``[batch, sequence, ...]`` (``Site.layout``; a NestedTensor padded
@@ -13,7 +13,9 @@ the forward ends (up to ``cross_budget`` bytes; past it, sites fold in at once):
 buffer reused across forwards, on accelerators by reference.
 A submodule called on its own, with no model or stack call around it, folds in at once. Nothing
 here reads a device value on the host; errors disable one site with one warning (``strict``:
-raise), never the model's forward.
+raise), never the model's forward. The tensors go to the statistics through
+:class:`probe.capture.engine.StatEngine`; the forwards are counted, and windows committed after
+them, by a :class:`ForwardCounter` (:class:`probe.capture.window.Recorder`).
 """
 
 from __future__ import annotations
@@ -21,18 +23,52 @@ from __future__ import annotations
 import inspect
 import threading
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import SiteError
-from .hooks import HookSet, token_source
-from .sites import Site, discovering
 from ..stats import _base as _stats_base
+from .engine import StatEngine
+from .hooks import HookSet, token_source
+from .options import CaptureOptions
+from .sites import discovering
 from .tokens import TokenContext, read_call
 
-__all__ = ["Forwards"]
+__all__ = ["Forwards", "ForwardCounter", "forward_signature"]
+
+
+class ForwardCounter(Protocol):
+    """What one forward's life needs from the windows: the forward count and ``every=``."""
+
+    @property
+    def forwards(self) -> int:
+        """Forwards of the model so far, the ones the schedule skips included."""
+        ...
+
+    def count_forward(self) -> int:
+        """A forward begins; returns its number (1-based)."""
+        ...
+
+    def forward_ended(self) -> None:
+        """A forward ended (recorded or skipped): commit a window if ``every=`` says so."""
+        ...
+
+
+def _eager(fn: Callable) -> Callable:
+    """Keep torch.compile out of probe's hooks: they run eagerly at a graph break, so a model
+    compiled inside the with-block is captured exactly and the hooks' Python is never traced."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
+def forward_signature(model: nn.Module) -> inspect.Signature | None:
+    """The signature of ``model.forward`` (binds positional token inputs), ``None`` for builtins."""
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
 
 
 def _in_backward() -> bool:
@@ -45,33 +81,36 @@ def _version(x: Tensor) -> int:
     return -1 if x.is_inference() else x._version
 
 
-def describe(x: Any) -> str:
-    """``shape (..), dtype ..`` of whatever a hook received, without failing on odd tensors."""
-    if isinstance(x, Tensor):
-        try:
-            shape = tuple(x.shape)
-        except RuntimeError:
-            shape = "nested"
-        return f"shape {shape}, dtype {str(x.dtype).replace('torch.', '')}"
-    return f"shape {type(x).__name__}, dtype -"
-
-
 class Forwards:
-    """The per-forward state of one capture (see the module docstring)."""
+    """The per-forward state of one capture (see the module docstring).
 
-    def __init__(self, cap: Any, hooks: HookSet, sites: list[Site], names: dict[str, list[str]]) -> None:
-        self.cap = cap
+    Args:
+        hooks: the capture's hook set (its sites, the model, the per-forward call state).
+        names: the site names per phase (``"prefill"``, ``"decode"``), in site order.
+        engine: the statistics the sites' tensors are folded into.
+        counter: counts the forwards and commits windows after them (``every=``).
+        options: ``seed``, ``rank``, ``skip_first``, ``phases``, ``cross_budget``, ``schedule``.
+        signature: the model's ``forward`` signature (:func:`forward_signature`).
+    """
+
+    def __init__(self, hooks: HookSet, names: dict[str, list[str]], engine: StatEngine, counter: ForwardCounter,
+                 options: CaptureOptions, signature: inspect.Signature | None) -> None:
         self._hooks = hooks
-        self._defs = sites
+        self._defs = hooks.sites
         self._names = names
-        self._sources = [token_source(s) for s in sites]
-        try:
-            self._signature = inspect.signature(cap.model.forward)
-        except (TypeError, ValueError):  # builtins without a signature
-            self._signature = None
+        self._engine = engine
+        self._counter = counter
+        self._options = options
+        self._sources = [token_source(s) for s in self._defs]
+        self._signature = signature
+        #: the thread that entered the capture: forwards on others are ignored (see _foreign_thread)
+        self.thread = threading.get_ident()
+        #: the dtype each site's tensor arrived in (its first forward), for the run's description
+        self.dtypes: dict[str, str] = {}
         self._warned_thread = False
         self._rows_seen = 0
-        self._call: dict[str, Any] | None = None  # the model's token inputs while a forward runs
+        #: the model's token inputs while one of its forwards runs, else ``None``
+        self.call: dict[str, Any] | None = None
         self._phase = "prefill"
         self._context: TokenContext | None = None
         self._owner: str | None = None  # who ends the forward: "" the model, a stack's path, None nobody
@@ -88,7 +127,7 @@ class Forwards:
     def _foreign_thread(self) -> bool:
         """Statistics are not thread-safe: forwards on threads other than the one that entered are
         ignored, with one warning (run one capture per thread, on separate model replicas)."""
-        if threading.get_ident() == self.cap._thread:
+        if threading.get_ident() == self.thread:
             return False
         if not self._warned_thread:
             self._warned_thread = True
@@ -106,26 +145,28 @@ class Forwards:
         call: dict[str, Any] = dict(kwargs)
         if args:
             try:
-                signature = self._signature if module is self.cap.model else inspect.signature(module.forward)
+                signature = self._signature if module is self._hooks.model else inspect.signature(module.forward)
                 if signature is not None:
                     call.update(signature.bind_partial(*args, **kwargs).arguments)
             except (TypeError, ValueError):
                 pass
         return call
 
-    def _start(self, owner: str | None) -> None:
+    def _start(self, owner: str | None) -> TokenContext:
         """A forward begins: drop what an unfinished one left, open a token context."""
-        self.cap._flush_group()
-        self.cap._finish_cross()
+        self._engine.flush()
+        self._engine.finish_cross()
         if self._pending:
             self._drop_pending()
-        self.cap._forward += 1
+        forward = self._counter.count_forward()
         self._recorded += 1
         self._owner = owner
         self._phase = "prefill"
-        seed = hash((self.cap.seed, self.cap.rank, self.cap._forward)) & ((1 << 62) - 1)
-        self._context = TokenContext(self.cap._forward, self._rows_seen, self.cap.skip_first, seed)
+        options = self._options
+        seed = hash((options.seed, options.rank, forward)) & ((1 << 62) - 1)
+        context = self._context = TokenContext(forward, self._rows_seen, options.skip_first, seed)
         self._hooks.active.clear()
+        return context
 
     def _drop_pending(self) -> None:
         self._pending, self._pending_bytes = [], 0
@@ -137,12 +178,12 @@ class Forwards:
     def _scheduled_off(self, owner: str) -> bool:
         """Whether the forward beginning now is one ``schedule=`` skips; if so it is counted (for
         ``every=`` and the default step labels) and the site hooks return at once until it ends."""
-        schedule = self.cap.schedule
-        if schedule is None or schedule(self.cap._forward):
+        schedule = self._options.schedule
+        if schedule is None or schedule(self._counter.forwards):
             return False
         if self._pending:
             self._drop_pending()
-        self.cap._forward += 1
+        self._counter.count_forward()
         self._hooks.off = True
         self._off_owner = owner
         return True
@@ -150,25 +191,27 @@ class Forwards:
     def _close_off(self) -> None:
         self._hooks.off = False
         self._off_owner = None
-        if self.cap.every is not None and self.cap._forward % self.cap.every == 0:
-            self.cap._commit()
+        self._counter.forward_ended()
 
-    def begin(self, module, args, kwargs) -> None:
+    # the hooks' entry points (kept eager)
+    @_eager
+    def begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._skip() or self._scheduled_off(""):
             return
-        self._start("")
+        context = self._start("")
         call = self._bind(module, args, kwargs)
         inputs = read_call(call)
-        self._context.calls[""] = inputs
+        context.calls[""] = inputs
         if "decoder_" in self._sources:
-            self._context.calls["decoder_"] = read_call(call, "decoder_")
-        self._call = {k: call.get(k) for k in ("attention_mask", "position_ids", "cache_position",
-                                              "input_ids", "inputs_embeds")}
-        self._phase = "decode" if self.cap.phases and inputs.past else "prefill"
+            context.calls["decoder_"] = read_call(call, "decoder_")
+        self.call = {k: call.get(k) for k in ("attention_mask", "position_ids", "cache_position",
+                                             "input_ids", "inputs_embeds")}
+        self._phase = "decode" if self._options.phases and inputs.past else "prefill"
         self._hooks.reset("")
         self._hooks.active.append("")
 
-    def end(self, module, args, output) -> None:
+    @_eager
+    def end(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._skip():
             return
         if self._hooks.off:
@@ -182,22 +225,25 @@ class Forwards:
         else:
             self._finish()
 
-    def enter(self, name: str, module, args, kwargs) -> None:
+    @_eager
+    def enter(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """A stack (encoder, decoder) begins: its own mask describes its tensors."""
         if self._skip() or self._hooks.off:
             return
-        alone = self._context is None or self._owner is None
-        if alone and self._scheduled_off(name):
-            return
-        if alone:  # the stack called on its own: a forward of its own
-            self._start(name)
+        context = self._context
+        alone = context is None or self._owner is None
+        if context is None or self._owner is None:  # the stack called on its own: a forward of its own
+            if self._scheduled_off(name):
+                return
+            context = self._start(name)
         call = self._bind(module, args, kwargs)
-        inputs = self._context.calls[name] = read_call(call)
+        inputs = context.calls[name] = read_call(call)
         if alone:
-            self._phase = "decode" if self.cap.phases and inputs.past else "prefill"
+            self._phase = "decode" if self._options.phases and inputs.past else "prefill"
         self._hooks.reset(name)
         self._hooks.active.append(name)
 
+    @_eager
     def leave(self, name: str, output: Any) -> None:
         if self._skip():
             return
@@ -214,7 +260,7 @@ class Forwards:
         """The forward raised half-way: none of its tensors enter any statistic."""
         if self._pending:
             self._drop_pending()
-        self._call = None
+        self.call = None
         self._context = None
         self._owner = None
         self._hooks.active.clear()
@@ -224,16 +270,15 @@ class Forwards:
         try:
             self._fold_pending()
         finally:
-            self.cap._flush_group()
-            self.cap._finish_cross()
+            self._engine.flush()
+            self._engine.finish_cross()
             if self._context is not None:
                 self._rows_seen += self._context.rows()
-            self._call = None
+            self.call = None
             self._context = None
             self._owner = None
             self._hooks.active.clear()
-        if self.cap.every is not None and self.cap._forward % self.cap.every == 0:
-            self.cap._commit()
+        self._counter.forward_ended()
 
     def _fold_pending(self) -> None:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
@@ -248,34 +293,28 @@ class Forwards:
                           "out of every statistic, and these sites are copied at the hook from now on",
                           stacklevel=3)
             return
+        engine = self._engine
         with torch.inference_mode(False), torch.no_grad():
             while pending:
                 i, name, x2, _, tokens, x = pending.pop(0)
-                self._guarded(i, name, x, lambda: self.cap._fold(i, name, x2, tokens, self._phase, ended=x))
+                engine.guarded(name, x, lambda: engine.fold(i, name, x2, tokens, self._phase, ended=x))
 
-    def _guarded(self, i: int, name: str, x: Any, fn) -> None:
-        """Run ``fn``; an error disables site ``name`` with one warning (``strict``: raises)."""
-        if name in self.cap._disabled:
-            return
-        try:
-            fn()
-        except Exception as err:
-            self.cap._site_failed([name], describe(x), err)
-
+    @_eager
     def observe(self, i: int, x: Any) -> None:
         if self._hooks.off or self._skip():
             return
-        if self._context is None:  # a submodule called on its own: one forward, nobody ends it
-            self._start(None)
+        context = self._context
+        if context is None:  # a submodule called on its own: one forward, nobody ends it
+            context = self._start(None)
         name = self._names[self._phase][i]
         self._fired.add(i)
-        self._guarded(i, name, x, lambda: self._stage(i, name, x))
+        self._engine.guarded(name, x, lambda: self._stage(i, name, x, context))
 
-    def _stage(self, i: int, name: str, x: Any) -> None:
+    def _stage(self, i: int, name: str, x: Any, context: TokenContext) -> None:
         """Check and lay out the site's tensor, find its tokens; keep it until the forward ends."""
         site = self._defs[i]
         if isinstance(x, Tensor) and x.is_nested:
-            x = self._unnest(i, x)
+            x = self._unnest(i, x, context)
         if not isinstance(x, Tensor):
             raise SiteError(f"the module produced {type(x).__name__}, not a tensor; "
                             "choose a module whose output (or output[0]) is a tensor")
@@ -288,9 +327,9 @@ class Forwards:
         x = x.detach()
         if site.layout is not None:
             x = x.permute(site.layout)
-        self.cap._dtypes.setdefault(site.name, str(x.dtype).replace("torch.", ""))
+        self.dtypes.setdefault(site.name, str(x.dtype).replace("torch.", ""))
         b, t = x.shape[0], x.shape[1]
-        tokens = self._context.tokens(self._sources[i], b, t, x.device)
+        tokens = context.tokens(self._sources[i], b, t, x.device)
         shape = (b * t, x.shape[2:].numel())
         real = self._real.get(i)
         count = tokens.cache.get("real")
@@ -300,7 +339,7 @@ class Forwards:
         held = x.device.type == "cpu" and _stats_base.DENSE_CPU
         size = x.numel() * (max(4, x.element_size()) if held else x.element_size())
         # nobody ends this forward, or holding it passes the budget: fold in now
-        now = self._owner is None or self._pending_bytes + size > self.cap.cross_budget
+        now = self._owner is None or self._pending_bytes + size > self._options.cross_budget
         if held and not now:  # a copy in this site's reused buffer; the model's own tensor is not held (see _hold)
             self._pending.append((i, name, self._hold(i, x).view(shape), None, tokens, x))
             self._pending_bytes += size
@@ -310,7 +349,7 @@ class Forwards:
             x2 = x2.clone()
         if now:
             with torch.inference_mode(False), torch.no_grad():
-                self.cap._fold(i, name, x2, tokens, self._phase)
+                self._engine.fold(i, name, x2, tokens, self._phase)
             return
         self._pending.append((i, name, x2, _version(x2), tokens, x))
         self._pending_bytes += size
@@ -332,11 +371,11 @@ class Forwards:
         """Drop the CPU sites' held buffers (the capture exits)."""
         self._held = {}
 
-    def _unnest(self, i: int, x: Tensor) -> Tensor:
+    def _unnest(self, i: int, x: Tensor, context: TokenContext) -> Tensor:
         """A NestedTensor (``nn.TransformerEncoder``'s fast path keeps only real tokens): padded back
         to the mask's ``[batch, sequence]`` grid, where padding is left out anyway."""
-        mask = self._context.calls.get(self._sources[i])
-        mask = None if mask is None else mask.mask
+        inputs = context.calls.get(self._sources[i])
+        mask = None if inputs is None else inputs.mask
         if mask is None or mask.dim() != 2 or x.dim() != 3:
             raise SiteError("received a NestedTensor without a [batch, sequence] padding mask to place its "
                             "tokens; expected a dense tensor; build the encoder with enable_nested_tensor=False")
@@ -351,14 +390,14 @@ class Forwards:
             return
         silent = {}
         for i, site in enumerate(self._defs):
-            if site.name in self.cap._disabled:
+            if site.name in self._engine.disabled:
                 continue
             if i not in self._fired:
                 silent[site.name] = "never fired"
             elif i in self._real and int(self._real[i]) == 0:
                 silent[site.name] = "saw no real token"
         if silent:
-            self.cap._disabled.update(silent)
+            self._engine.disabled.update(silent)
             names = ", ".join(f"{n} ({why})" for n, why in silent.items())
             warnings.warn(f"probe: {len(silent)} of {len(self._defs)} sites recorded nothing: {names}; their "
                           "modules do not run through __call__ in this model's forward, or every token was "

@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextvars
 import fnmatch
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,11 +48,15 @@ from torch import Tensor, nn
 
 from ..errors import SiteError, closest
 
-__all__ = ["Site", "SiteSpec", "resolve", "hidden_state_sites", "discovering", "linear_input_sites"]
+__all__ = ["Site", "SiteSet", "SiteSpec", "resolve", "hidden_state_sites", "discovering", "linear_input_sites"]
 
 INPUT_SUFFIX = ":input"
 
-SiteSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
+#: the named site sets ``capture(sites=...)`` accepts besides module names, globs and callables
+SiteSet = Literal["hidden_states", "linear_inputs"]
+#: what ``capture(sites=...)`` accepts: a named set, module names or globs (``:input`` suffix:
+#: the module's input), or a predicate ``(name, module) -> bool``
+SiteSpec = SiteSet | str | Sequence[str] | Callable[[str, nn.Module], bool]
 
 #: set while probe runs its own discovery forward: active captures ignore that forward
 _DISCOVERING: contextvars.ContextVar[bool] = contextvars.ContextVar("probe_discovering", default=False)
@@ -114,11 +118,11 @@ def resolve(model: nn.Module, sites: SiteSpec = "hidden_states") -> list[Site]:
     """
     modules = dict(model.named_modules())
     if callable(sites) and not isinstance(sites, str):
-        found = [Site(name or "<root>", name) for name, m in modules.items() if sites(name, m)]
-        if not found:
+        picked = [Site(name or "<root>", name) for name, m in modules.items() if sites(name, m)]
+        if not picked:
             raise SiteError("sites=<callable> matched no module; expected at least one; "
                             "check the predicate against model.named_modules()")
-        return found
+        return picked
     specs = [sites] if isinstance(sites, str) else list(sites)
     if not specs:
         raise SiteError("sites is empty; expected 'hidden_states', module names, globs or a callable; "
@@ -238,12 +242,15 @@ def _place_in_stacks(model: nn.Module, found: list[Site]) -> list[Site]:
 # ----------------------------------------------------------------------------- registry
 def _tie_default(module: nn.Module) -> bool | None:
     """The ``tie_last_hidden_states`` of a ``@capture_outputs`` forward, or None if not decorated."""
-    fn = type(module).forward
+    fn: Any = type(module).forward  # then each wrapper's __wrapped__, until None
     while fn is not None:
         code = getattr(fn, "__code__", None)
         if code is not None and "tie_last_hidden_states" in code.co_freevars:
+            closure = fn.__closure__
+            if closure is None:
+                return None
             try:
-                cell = fn.__closure__[code.co_freevars.index("tie_last_hidden_states")]
+                cell = closure[code.co_freevars.index("tie_last_hidden_states")]
                 return bool(cell.cell_contents)
             except (TypeError, IndexError, ValueError):  # closure layout of another release
                 return None
@@ -256,8 +263,11 @@ def _recorders(base: nn.Module) -> list:
         from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, OutputRecorder
     except ImportError:  # a transformers release without the recorder registry
         return []
+    # private API whose signatures vary across releases (any module is looked up; any failure: no registry)
+    registry: Any = _CAN_RECORD_REGISTRY
+    recorder: Any = OutputRecorder
     try:
-        flags = _CAN_RECORD_REGISTRY.get(base) or getattr(base, "_can_record_outputs", None) or {}
+        flags = registry.get(base) or getattr(base, "_can_record_outputs", None) or {}
         specs = flags.get("hidden_states")
     except (AttributeError, TypeError):
         return []
@@ -268,8 +278,8 @@ def _recorders(base: nn.Module) -> list:
     for spec in specs:
         if not isinstance(spec, OutputRecorder):
             try:
-                spec = OutputRecorder(target_class=None if isinstance(spec, str) else spec, index=0,
-                                      class_name=spec if isinstance(spec, str) else None)
+                spec = recorder(target_class=None if isinstance(spec, str) else spec, index=0,
+                                class_name=spec if isinstance(spec, str) else None)
             except TypeError:
                 return []
         if not all(hasattr(spec, f) for f in ("target_class", "index", "layer_name", "class_name")):
@@ -320,7 +330,7 @@ def _registry_sites(model: nn.Module) -> list[Site] | None:
     return _layer_sites(layers, base_name, tie, initial, "registry")
 
 
-def _layer_sites(layers: list, base_name: str | None, tie: bool, initial: bool, source: str) -> list[Site]:
+def _layer_sites(layers: list, base_name: str | None, tie: bool | None, initial: bool, source: str) -> list[Site]:
     sites = []
     offset = 1 if initial else 0
     if initial:
@@ -360,6 +370,7 @@ def _anchor(model: nn.Module, sites: list[Site]) -> list[Site]:
         if len(set(level)) != 1:
             break
         common.append(level[0])
+    params: Mapping[str, inspect.Parameter]
     while common:
         path = ".".join(common)
         try:
@@ -410,7 +421,7 @@ class _Record:
     module: str
     call: int         # which call of the module (0-based) in the whole forward
     start: int        # seq interval of that call
-    read: str         # "input" or "output"
+    read: Literal["input", "output"]
     index: int | str | None
     tensor: Tensor
     version: int
@@ -446,7 +457,8 @@ def _discovery_inputs(model: nn.Module) -> tuple[dict[str, Any] | None, str]:
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if not isinstance(vocab, int):
         try:
-            vocab = model.get_input_embeddings().num_embeddings
+            embeddings: Any = model.get_input_embeddings  # a transformers model's method
+            vocab = embeddings().num_embeddings
         except Exception:
             return None, "no vocab_size"
     device = next((p.device for p in model.parameters()), None)
@@ -481,7 +493,7 @@ _INSTALLED = "_output_capturing_hooks_installed"
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
 
 
-def _hook_ids(model: nn.Module) -> dict[int, tuple[set, set]]:
+def _hook_ids(model: nn.Module) -> dict[int, tuple[set, ...]]:
     return {id(m): tuple(set(getattr(m, d, {})) for d in _HOOK_DICTS) for m in model.modules()}
 
 
@@ -646,10 +658,10 @@ def discover(model: nn.Module) -> tuple[list[Site] | None, str | None]:
             context = _base_call(model, hits, intervals, ends)
         ctx_name, ctx_start, ctx_end = context if context else ("", None, None)
         for i, r, layout in hits:
-            span = ends.get((r.module, r.call))
             call_index = r.call
             if ctx_start is not None:  # which call of the module within the context's call
-                call_index = sum(1 for s in intervals if s[0] == r.module and ctx_start <= s[2] < span[2])
+                end = ends[(r.module, r.call)][2]
+                call_index = sum(s[0] == r.module and ctx_start <= s[2] < end for s in intervals)
             sites.append(Site(f"{key}.{i}", r.module, r.read, r.index, i, call_index, layout, key, ctx_name,
                               "discovery"))
     return sites, None

@@ -7,6 +7,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ..capture.options import CaptureOptions, check_int
 from ..capture.schedule import as_schedule
 from ..capture.session import Capture, capture
 from ..errors import ProbeError
@@ -44,6 +45,11 @@ class ProbeCallback(TrainerCallback):
             are logged then (rank 0).
         **options: any other :func:`probe.capture` argument (``sites``, ``stats``, ``skip_first``, ...).
 
+    Raises:
+        ProbeError: ``every`` is not an int >= 1 or is among ``options``, a bad ``schedule``, or
+            an option :func:`probe.capture` refuses: checked here, with the same messages, not
+            when training begins (``distributed=`` and the model are checked then).
+
     Example:
         >>> cb = ProbeCallback(out="train.h5", every=100, skip_first=1)  # doctest: +SKIP
         >>> Trainer(model, args, train_dataset=ds, callbacks=[cb]).train()  # doctest: +SKIP
@@ -51,12 +57,13 @@ class ProbeCallback(TrainerCallback):
 
     def __init__(self, out: str | os.PathLike, every: int = 100, schedule: Any = None,
                  tensorboard: bool | str | os.PathLike | None = None, **options: Any) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ProbeError(f"every must be an int >= 1 (optimizer steps); got {every!r}; pass e.g. every=100")
+        check_int("every", every, 1, "pass e.g. every=100", unit=" (optimizer steps)")
         if "every" in options:
             raise ProbeError("pass every= to ProbeCallback only (it counts optimizer steps); remove it from options")
         self.out, self.every, self.options = out, every, options
         self.schedule = as_schedule(schedule, unit="optimizer step")
+        # the checks capture() runs at on_train_begin, now (the process group may come later)
+        CaptureOptions.create(out, **{**options, "distributed": False})
         self.capture: Capture | None = None
         self.tensorboard = tensorboard
         self._tb = None  # the SummaryWriter, while training
@@ -77,7 +84,7 @@ class ProbeCallback(TrainerCallback):
         wanted = self.tensorboard
         if wanted is None:
             wanted = "tensorboard" in (getattr(args, "report_to", None) or [])
-        if wanted and self.capture.rank == 0:
+        if wanted and self.capture.options.rank == 0:
             from ..export.tensorboard import _writer
 
             logdir = wanted if not isinstance(wanted, bool) else (
@@ -85,7 +92,7 @@ class ProbeCallback(TrainerCallback):
             self._tb = _writer(logdir)
 
     def _log(self, step: int, c: Capture | None) -> None:
-        if self._tb is not None and c is not None and c.world == 1:
+        if self._tb is not None and c is not None and c.options.world == 1:
             from .. import load
             from ..export.tensorboard import log_window
 
@@ -110,7 +117,7 @@ class ProbeCallback(TrainerCallback):
             c.__exit__(None, None, None)
             self.result = c.result
             if self._tb is not None:
-                if c.world > 1:  # merged only now
+                if c.options.world > 1:  # merged only now
                     from ..export.tensorboard import log_window
                     from ..results.run import Run
 

@@ -1,0 +1,299 @@
+"""The statistics of one window, and how a site's tensor gets into them.
+
+Recipe (what :class:`probe.capture.forward.Forwards` does with a site's ``[n, D]`` tensor)::
+
+    engine = StatEngine(options, sites, names)
+    engine.guarded(name, x, lambda: engine.fold(i, name, x2, tokens, phase))
+    engine.flush()            # the forward ended: run what is gathered
+    engine.finish_cross()     # ... and the cross-layer statistic over all its sites
+    row = engine.window_state(step); engine.new_window()
+
+A site's tensor reaches its statistics one of three ways: on accelerators consecutive sites over
+the same tokens are gathered into one float32 batch and every statistic runs once per batch (the
+fused Triton kernel for moments, histogram and position where it applies); on CPU, when the
+forward has ended, its sites run in two phases per chunk of tokens (each site's chunk state while
+it is in cache, then one batched merge per statistic); otherwise each site runs alone. Every path
+cuts the tokens into chunks so the temporaries stay bounded.
+
+An error inside a statistic disables the site it came from for the rest of the run, with one
+warning (``strict``: raises :class:`~probe.errors.SiteError`); the host's forward goes on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import kernels as _kernels
+from .. import stats as _stats
+from ..errors import ProbeError, SiteError
+from ..stats._base import StatBase, Tokens
+from ..stats._state import WindowState
+from ..stats.cross import Cross
+from .options import CaptureOptions
+from .sites import Site
+
+__all__ = ["StatEngine", "describe", "CHUNK_ELEMENTS", "CHUNK_ELEMENTS_ACCELERATOR", "GROUP_ELEMENTS_ACCELERATOR"]
+
+#: elements per float32 chunk: bounds the temporaries a site's update allocates (16 MiB each on
+#: CPU; 256 MiB on accelerators, where fewer, larger kernels matter more than memory)
+CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS_ACCELERATOR = 1 << 26
+#: elements of activations that consecutive sites gather (as a float32 copy) before their
+#: statistics run as one batch, on accelerators (see ``StatEngine._group_limit``)
+GROUP_ELEMENTS_ACCELERATOR = 1 << 26
+
+
+def describe(x: Any) -> str:
+    """``shape (..), dtype ..`` of whatever a hook received, without failing on odd tensors."""
+    if isinstance(x, Tensor):
+        shape: tuple[int, ...] | str
+        try:
+            shape = tuple(x.shape)
+        except RuntimeError:
+            shape = "nested"
+        return f"shape {shape}, dtype {str(x.dtype).replace('torch.', '')}"
+    return f"shape {type(x).__name__}, dtype -"
+
+
+@dataclass
+class _Group:
+    """Consecutive sites over the same tokens, copied into one float32 batch (accelerators)."""
+
+    key: tuple
+    tokens: Tokens
+    buffer: Tensor  # [capacity, n, D]
+    names: list[str] = field(default_factory=list)
+
+
+#: a CPU site of an ended forward, held by reference: name, ``x[n, D]``, its tokens, the hook's tensor
+_Deferred = tuple[str, Tensor, Tokens, Any]
+
+
+class StatEngine:
+    """A window's per-site statistics and the cross-layer one, and the sites disabled so far.
+
+    Args:
+        options: the capture's options (statistics, their sizes, ``cross_budget``, ``strict``).
+        sites: the capture's sites (the cross-layer statistic spans their prefill names).
+        names: every per-site window key, in capture order (prefill names, then ``@decode`` ones).
+    """
+
+    def __init__(self, options: CaptureOptions, sites: list[Site], names: list[str]) -> None:
+        self.options = options
+        self.sites = sites
+        self.names = names
+        #: disabled site (or ``"cross"``) -> why; recorded in the run's description
+        self.disabled: dict[str, str] = {}
+        #: elements gathered per batch; ``None``: by device (see :meth:`_group_limit`)
+        self.group_elements: int | None = None
+        self.window: dict[str, dict[str, StatBase]] = {}
+        self.cross: Cross | None = None
+        self._group: _Group | None = None
+        self._deferred: list[_Deferred] = []  # CPU: a finished forward's sites, by reference
+        self.new_window()
+
+    # ----------------------------------------------------------------------------- windows
+    def new_window(self) -> None:
+        """Start a window: fresh statistics (the cross-layer members fixed so far carry over)."""
+        o = self.options
+        self.window = {name: _stats.site_states(o.stats, histogram_bits=o.histogram_bits,
+                                                max_positions=o.max_positions, sample_size=o.sample_size,
+                                                compile=o.compile)
+                       for name in self.names}
+        old, self.cross = self.cross, None
+        if "cross" in o.stats:
+            self.cross = Cross([s.name for s in self.sites], budget=o.cross_budget, cosines="cos" in o.stats)
+            self.cross.members = old.members if old is not None else None
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing entered this window yet."""
+        return all(st.empty for per in self.window.values() for st in per.values()) and (
+            self.cross is None or self.cross.empty)
+
+    def window_state(self, step: int) -> WindowState:
+        """This window's states, read to the host as the typed value of a committed window."""
+        return WindowState(
+            step,
+            {name: {k: {f: v.detach().cpu().numpy() for f, v in st.state_dict().items()}
+                    for k, st in per.items()} for name, per in self.window.items()},
+            {f: v.cpu().numpy() for f, v in self.cross.state_dict().items()} if self.cross is not None else {},
+        )
+
+    # ---------------------------------------------------------------------- disabling sites
+    def guarded(self, name: str, x: Any, fn: Callable[[], None]) -> None:
+        """Run ``fn`` for site ``name`` (``x``: what its hook received); an error disables the site
+        with one warning (``strict``: raises). A disabled site runs nothing."""
+        if name in self.disabled:
+            return
+        try:
+            fn()
+        except Exception as err:
+            self.site_failed([name], describe(x), err)
+
+    def site_failed(self, names: list[str], what: str, err: Exception) -> None:
+        """Disable ``names`` after ``err`` with one warning (``strict``: raise :class:`SiteError`)."""
+        message = f"site{'s' if len(names) > 1 else ''} {names if len(names) > 1 else repr(names[0])} ({what}): {err}"
+        if self.options.strict:
+            raise SiteError(message) from err
+        for name in names:
+            self.disabled[name] = str(err)
+        warnings.warn(f"probe: {message}; {'these sites are' if len(names) > 1 else 'this site is'} disabled for "
+                      "the rest of the run", stacklevel=3)
+
+    def finish_cross(self) -> None:
+        """Fold the held sites of the forward into the cross-layer statistic; an error disables it
+        with one warning (``strict``: raises)."""
+        if self.cross is None:
+            return
+        try:
+            self.cross.finish()
+        except Exception as err:
+            if self.options.strict:
+                raise ProbeError(f"cross-layer statistics failed: {err}") from err
+            self.disabled["cross"] = str(err)
+            self.cross = None
+            warnings.warn(f"probe: cross-layer statistics failed ({err}); disabled for the rest of the run",
+                          stacklevel=2)
+
+    # ------------------------------------------------------------------------------ folding
+    def fold(self, i: int, name: str, x2: Tensor, tokens: Tokens, phase: str = "prefill", ended: Any = None) -> None:
+        """Feed site ``i``'s ``[n, D]`` tensor to the cross-layer statistic and the per-site ones.
+        Runs outside inference mode (see :mod:`probe.capture.forward`), so that states stay
+        ordinary tensors that later forwards may update; an inference tensor is copied once, as the
+        statistics read version counters, which inference tensors lack. ``ended`` (the tensor the
+        hook received): the forward has ended (no model code runs before :meth:`flush`), so a CPU
+        site is kept by reference and run with the rest of the forward's sites (:meth:`_run_sites`)."""
+        if x2.is_inference():
+            x2 = x2.clone()
+        if self.cross is not None and phase == "prefill":
+            self.cross.hold(i, x2, tokens)
+        limit = self._group_limit(x2.device)
+        if limit and 2 * x2.numel() <= limit:
+            self._group_add(name, x2, tokens, limit)
+        elif ended is not None and not limit and not _kernels.wanted(x2):
+            self._deferred.append((name, x2, tokens, ended))
+        else:
+            self._run_stats([name], x2.unsqueeze(0), tokens)
+
+    def _group_limit(self, device: torch.device) -> int:
+        """Elements of float32 activations gathered from consecutive sites before their statistics
+        run as one batch (0: each site on its own). Accelerators batch, since there kernel launches
+        cost more than the arithmetic; on CPU the arithmetic dominates and batching buys nothing."""
+        if self.group_elements is not None:
+            return self.group_elements
+        return 0 if device.type == "cpu" else GROUP_ELEMENTS_ACCELERATOR
+
+    def _group_add(self, name: str, x2: Tensor, tokens: Tokens, limit: int) -> None:
+        """Copy ``x2`` (upcast to float32) into the pending group; run the group when it is full.
+        A copy, not a reference: the module may change its output in place after the hook."""
+        key = (id(tokens), tuple(x2.shape), x2.device)
+        if self._group is not None and self._group.key != key:
+            self.flush()
+        if self._group is None:
+            capacity = max(1, min(len(self.sites), limit // max(1, x2.numel())))
+            buffer = torch.empty((capacity, *x2.shape), dtype=torch.float32, device=x2.device)
+            self._group = _Group(key, tokens, buffer)
+        group = self._group
+        group.buffer[len(group.names)].copy_(x2)
+        group.names.append(name)
+        if len(group.names) == group.buffer.shape[0]:
+            self.flush()
+
+    def flush(self) -> None:
+        """Run what is gathered: the ended forward's CPU sites, then the pending group."""
+        if self._deferred:
+            deferred, self._deferred = self._deferred, []
+            batches: dict[tuple, list[_Deferred]] = {}
+            for item in deferred:
+                batches.setdefault((id(item[2]), tuple(item[1].shape), item[1].dtype), []).append(item)
+            with torch.inference_mode(False), torch.no_grad():  # states stay ordinary tensors (see fold)
+                for batch in batches.values():
+                    self._run_sites(batch)
+        group, self._group = self._group, None
+        if group is None:
+            return
+        names = group.names
+        x = group.buffer[: len(names)]
+        try:
+            self._run_stats(names, x, group.tokens)
+        except Exception as err:
+            self.site_failed(names, f"shape {tuple(x.shape[1:])}, batched", err)
+
+    def _run_stats(self, names: list[str], x: Tensor, tokens: Tokens) -> None:
+        """Fold ``x[G, n, D]``, the activations of the ``G`` sites ``names`` over the same tokens,
+        into their statistics: one batched update per statistic, in chunks of tokens."""
+        pers = [self.window[name] for name in names]
+        kinds = list(pers[0])
+        if _kernels.wanted(x):  # CUDA + Triton: one fused kernel for moments, histogram, position
+            kinds = _kernels.update(pers, x, tokens)
+        g, n, d = x.shape
+        chunked = [k for k in kinds if pers[0][k].chunked]
+        if chunked:
+            budget = CHUNK_ELEMENTS if x.device.type == "cpu" else CHUNK_ELEMENTS_ACCELERATOR
+            step = max(1, budget // max(1, g * d))
+            for a in range(0, n, step):
+                xc = x[:, a:a + step]
+                xc = xc.float() if xc.dtype != torch.float32 else xc
+                tc = tokens.slice(a, a + step)
+                for k in chunked:
+                    type(pers[0][k]).update_group([per[k] for per in pers], xc, tc)
+        for k in kinds:
+            if not pers[0][k].chunked:
+                type(pers[0][k]).update_group([per[k] for per in pers], x, tokens)
+
+    def _run_sites(self, batch: list[_Deferred]) -> None:
+        """Fold sites ``(name, x[n, D], tokens, hook's tensor)`` of one forward (same tokens, same shape) into
+        their statistics in two phases per chunk of tokens: each site's chunk state, computed with
+        every statistic while that site's chunk is in cache (:meth:`~probe.stats._base.StatBase.
+        partial`), then one batched merge per statistic over all the sites (``fold``). An error
+        disables the site it came from (a merge's error, the sites it merged), with one warning."""
+        tokens = batch[0][2]
+        n, d = batch[0][1].shape
+        step = max(1, CHUNK_ELEMENTS // max(1, d))
+
+        def whole(name: str, x2: Tensor, source: Any) -> None:  # the statistics that read the whole forward
+            try:
+                for stat in self.window[name].values():
+                    if not stat.chunked:
+                        type(stat).update_group([stat], x2.unsqueeze(0), tokens)
+            except Exception as err:
+                self.site_failed([name], describe(source), err)
+
+        for a in range(0, n, step):
+            tc = tokens.slice(a, a + step)
+            parts: dict[str, tuple[list[str], list[StatBase], list[Any]]] = {}
+            for name, x2, _, source in batch:
+                if name in self.disabled:
+                    continue
+                xc = x2[a:a + step]
+                xc = (xc.float() if xc.dtype != torch.float32 else xc).unsqueeze(0)
+                per = self.window[name]
+                try:
+                    for k, stat in per.items():
+                        if stat.chunked:
+                            part = type(stat).partial(stat, xc, tc)
+                            names, stats, chunks = parts.setdefault(k, ([], [], []))
+                            names.append(name)
+                            stats.append(stat)
+                            chunks.append(part)
+                except Exception as err:
+                    self.site_failed([name], describe(source), err)
+                if step >= n and name not in self.disabled:  # one chunk: the site is still in cache
+                    whole(name, x2, source)
+            for k, (names, stats, chunks) in parts.items():
+                live = [j for j, name in enumerate(names) if name not in self.disabled]
+                try:
+                    type(stats[0]).fold([stats[j] for j in live], [chunks[j] for j in live])
+                except Exception as err:
+                    self.site_failed([names[j] for j in live], f"shape {(n, d)}, batched", err)
+        if step < n:
+            for name, x2, _, source in batch:
+                if name not in self.disabled:
+                    whole(name, x2, source)

@@ -1,0 +1,176 @@
+"""The windows of one capture: their labels, when one is committed, and where it goes.
+
+Recipe (what :class:`probe.capture.session.Capture` does)::
+
+    recorder = Recorder(options, engine, names, describe=lambda: capture.meta)
+    recorder.open()                 # the writer, on rank 0 with out=
+    ...                             # forwards: count_forward() / forward_ended() (every=)
+    recorder.snapshot(step)         # run.snapshot(step)
+    recorder.commit(final=True)     # exit: the last window, the rank merge, the result
+
+A window is committed as a :class:`~probe.stats._state.WindowState` labelled by a step (the
+number of forwards unless given). Alone, rank 0 appends it to ``out`` at once (:mod:`probe.store`);
+under ``torch.distributed`` every rank keeps its windows and at exit all ranks merge them window by
+window (:func:`probe.capture.sync.merge_windows`), at a point every rank reaches whatever its
+number of batches. The result is then read back from the store (:func:`probe.store.read`) or
+built in memory (:func:`probe.store.in_memory`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .. import store
+from ..errors import ProbeError
+from ..stats._state import WindowState
+from .engine import StatEngine
+from .options import CaptureOptions
+
+__all__ = ["Recorder"]
+
+
+class Recorder:
+    """Labels, ``every=``, commits and the result of one capture.
+
+    Args:
+        options: the capture's options (``out``, ``overwrite``, ``every``, ``rank``, ``world``,
+            ``seed``, ``stats``, ``skip_first``).
+        engine: the statistics whose windows are committed.
+        names: every site name, in capture order.
+        describe: the run's description (``Capture.meta``), read at each write.
+    """
+
+    def __init__(self, options: CaptureOptions, engine: StatEngine, names: list[str],
+                 describe: Callable[[], dict[str, Any]]) -> None:
+        self.options = options
+        self.engine = engine
+        self.names = names
+        self._describe = describe
+        #: the sample seed the description records: rank 0's once the ranks merged
+        self.seed = options.seed
+        #: forwards of the model so far, the ones the schedule skips included
+        self.forwards = 0
+        #: labels of the committed windows
+        self.steps: list[int] = []
+        #: committed windows kept in memory (no ``out``, or ranks that merge at exit)
+        self.rows: list[WindowState] = []
+        self.writer: store.Writer | None = None
+        #: the :class:`probe.results.run.Run` once the capture exited
+        self.result: Any = None
+        self._committed = 0
+
+    # ------------------------------------------------------------------------------ store
+    def open(self) -> None:
+        """Open the writer (rank 0, with ``out``)."""
+        if self.options.out is not None and self.options.rank == 0:
+            self.writer = store.Writer(self.options.out, self.options.overwrite)
+
+    def abort(self) -> None:
+        """Close the writer of a capture that failed to start."""
+        if self.writer is not None:
+            self.writer.abort()
+
+    # ---------------------------------------------------------------------------- forwards
+    def count_forward(self) -> int:
+        """A forward of the model begins (recorded or skipped by the schedule); its number."""
+        self.forwards += 1
+        return self.forwards
+
+    def forward_ended(self) -> None:
+        """A forward ended: with ``every=k``, commit a window after every ``k``-th."""
+        every = self.options.every
+        if every is not None and self.forwards % every == 0:
+            self.commit()
+
+    # ---------------------------------------------------------------------------- windows
+    def snapshot(self, step: int | None = None) -> None:
+        """Commit the current window (see :meth:`probe.capture.session.Capture.snapshot`)."""
+        if step is not None and (isinstance(step, bool) or not hasattr(step, "__index__")):
+            raise ProbeError(f"snapshot(step=...) must be an int; got {step!r}; pass e.g. the optimizer step")
+        label = self.forwards if step is None else int(step)
+        if label in self.steps:
+            self.engine.flush()
+            self.engine.finish_cross()
+            if step is None and self.engine.empty:
+                return
+            raise ProbeError(f"snapshot(step={label}): a window with step {label} was committed already; expected "
+                             f"a new label (committed: {self.steps[-5:]}); pass another step, or none to commit "
+                             "under the number of forwards")
+        self.commit(step=label)
+
+    def commit(self, step: int | None = None, final: bool = False) -> None:
+        """Commit the current window under ``step`` (default: the number of forwards) and start a
+        new one; ``final``: the capture exits, so also merge the ranks and build the result."""
+        self.engine.flush()
+        self.engine.finish_cross()
+        world = self.options.world
+        if final and self.engine.empty and (self._committed or world > 1):
+            self._finish()  # nothing since the last window (a rank with no forward adds none)
+            return
+        label = self.forwards if step is None else int(step)
+        if final and label in self.steps:  # an explicit label took this number: never lose the window
+            label = max(self.steps) + 1
+        row = self.engine.window_state(label)
+        if world > 1 or self.writer is None:  # ranks merge their windows at exit
+            self.rows.append(row)
+        else:
+            self.writer.append(self._describe(), row)
+        self.steps.append(label)
+        self.engine.new_window()
+        self._committed += 1
+        if final:
+            self._finish()
+
+    # ------------------------------------------------------------------------------- exit
+    def _sync(self) -> list[WindowState]:
+        """Merge every rank's windows (see :mod:`probe.capture.sync`): called at exit, which every rank
+        reaches whatever its number of batches."""
+        import torch.distributed as dist
+
+        from . import sync
+
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        # one description on every rank: rank 0's seed, the cross-layer members any rank fixed
+        seed = torch.tensor([self.seed if self.options.rank == 0 else 0], dtype=torch.int64, device=device)
+        dist.all_reduce(seed)
+        self.seed = int(seed)
+        cross = self.engine.cross
+        if cross is not None:
+            members = torch.zeros(len(cross.candidates), dtype=torch.int64, device=device)
+            members[list(cross.members or [])] = 1
+            dist.all_reduce(members, op=dist.ReduceOp.MAX)
+            cross.members = [i for i, m in enumerate(members.tolist()) if m]
+        stats = self.options.stats
+        return sync.merge_windows(self.rows, self.names, [k for k in stats if k not in ("cross", "cos")],
+                                  "cross" in stats, device)
+
+    def _finish(self) -> None:
+        if self.options.world > 1:
+            self.rows = self._sync()
+            if self.writer is not None:
+                for row in self.rows:
+                    self.writer.append(self._describe(), row)
+        if self.writer is not None:
+            self.result = store.read(self.writer.path)
+        else:
+            self.result = store.in_memory(self._describe(), self.rows)
+
+    def warn_all_skipped(self) -> None:
+        """One warning when ``skip_first`` removed every real token of a site that saw some."""
+        skip = self.options.skip_first
+        result = self.result
+        if not skip or "moments" not in self.options.stats or result is None:
+            return
+        disabled = self.engine.disabled
+        empty = [n for n in result.sites if n not in disabled and result[n].tokens == 0]
+        if empty:
+            warnings.warn(f"probe: skip_first={skip} left no token at {len(empty)} site(s) "
+                          f"({', '.join(empty[:4])}{' …' if len(empty) > 4 else ''}): every real token sat at a "
+                          f"position below {skip}, so their statistics are empty (NaN); pass a smaller "
+                          "skip_first, or longer sequences", stacklevel=3)
