@@ -26,7 +26,7 @@ from ..errors import FileFormatError
 from ..stats._state import SPECS, StatState, key_groups
 
 __all__ = ["SCHEMA", "VERSION", "LIBVER", "STEPS", "SITES", "SAMPLES", "CROSS", "TOTAL", "WINDOW",
-           "SITE_ATTRS", "SAMPLE_COORDS", "SPARSE", "MAX_DATASET_BYTES", "Fields", "site_key", "open_file",
+           "SITE_ATTRS", "SAMPLE_COORDS", "SPARSE", "LZF", "MAX_DATASET_BYTES", "Fields", "site_key", "open_file",
            "pack", "unpack", "extend", "put", "check", "Plain", "Sparse", "Sample", "codec_for",
            "WindowSamples", "TotalSamples"]
 
@@ -50,9 +50,10 @@ SPARSE = ("histogram", "norm")
 MAX_DATASET_BYTES = 8 << 30
 #: chunk of the flat (non-row) datasets: sparse histogram buckets
 CHUNK_1D = 8192
-#: per-window records of the per-position statistic, and the sample coordinates but the keys, go
+#: per-window records of the per-position statistics, and the sample coordinates but the keys, go
 #: through h5py's LZF filter (fast): positions past the longest sequence are zeros and coordinates
 #: are small integers; moments, keys and values are dense floats, which LZF barely shrinks
+LZF = ("position", "norm")
 
 #: one record's fields, by name (numpy scalars or arrays)
 Fields = dict[str, Any]
@@ -217,6 +218,8 @@ class Plain:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.names = SPECS[kind].names
+        #: the filter of the ``window`` records
+        self.compression = "lzf" if kind in LZF else None
 
     def put_window(self, sg, state: StatState, samples: SampleRows) -> Fields:
         return {n: np.asarray(state[n]) for n in self.names}
@@ -309,7 +312,7 @@ class Sample(Plain):
     def get_window(self, sg, rec: np.void, r: int, root) -> StatState:
         return _sample_state(root[SAMPLES], rec, sg.name)
 
-    put_total = put_window
+    put_total = put_window  # the row of /total/samples instead of /samples
 
     def get_total(self, sg, rec: np.void, root) -> StatState:
         return _sample_state(root[SAMPLES], rec, sg.name)

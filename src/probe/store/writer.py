@@ -87,7 +87,7 @@ class Writer:
         self._site_attrs: dict[str, dict[str, str | int]] = {}
 
     # ------------------------------------------------------------------ per-window records
-    def _record(self, sg, fields: Fields, present: bool) -> None:
+    def _record(self, sg, fields: Fields, present: bool, compression: str | None) -> None:
         """Row ``self.rows`` of the compound dataset ``sg/window`` (rows never written, and rows
         of windows where the statistic saw nothing, are zeros: ``_present`` false)."""
         ds = sg.get(WINDOW)
@@ -95,10 +95,8 @@ class Writer:
             if not present:
                 return  # created zero-filled (absent) for earlier rows when first present
             rec = pack(fields, True)
-            # per-position fields are mostly zeros past the longest sequence seen: LZF takes them out
-            filt = "lzf" if sg.name.endswith(("/position", "/norm")) else None
             ds = sg.create_dataset(WINDOW, shape=(self.rows + 1,), maxshape=(None,), dtype=rec.dtype,
-                                   chunks=(1,), compression=filt)
+                                   chunks=(1,), compression=compression)
         else:
             if ds.shape[0] < self.rows + 1:
                 ds.resize(self.rows + 1, axis=0)
@@ -108,8 +106,8 @@ class Writer:
         ds[self.rows] = rec
 
     def _window(self, sg, kind: str, state: dict, samples: WindowSamples) -> None:
-        fields = codec_for(kind).put_window(sg, state, samples) if state else {}
-        self._record(sg, fields, bool(state))
+        codec = codec_for(kind)
+        self._record(sg, codec.put_window(sg, state, samples) if state else {}, bool(state), codec.compression)
 
     # ------------------------------------------------------------------ the cumulative state
     @staticmethod
