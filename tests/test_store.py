@@ -97,7 +97,7 @@ def test_sparse_histogram_and_shared_sample_coordinates(tiny, tmp_path):
 def test_norm_buckets_sparse_and_the_dense_layout_still_read(tiny, tmp_path, monkeypatch):
     """The norm histogram is stored like the value histogram (non-empty buckets only, per window
     and in /total); files that hold it dense in the record read the same."""
-    import probe.store as store
+    import probe.store.schema as store
 
     live = _run(tiny, tmp_path / "sparse.h5", n=3)
     monkeypatch.setattr(store, "SPARSE", ("histogram",))  # the earlier layout: counts in the record

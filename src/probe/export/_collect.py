@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ProbeError
+from ..store import read
 
 __all__ = ["ModuleStats", "collect", "as_runs"]
 
@@ -41,14 +42,12 @@ class ModuleStats:
 
 def as_runs(runs) -> list:
     """Runs from a Run, a finished capture, a path, or a sequence of them."""
-    from .. import load
-
     if isinstance(runs, (str, os.PathLike)) or hasattr(runs, "sites"):
         runs = [runs]
     out = []
     for r in runs:
         if isinstance(r, (str, os.PathLike)):
-            r = load(r)
+            r = read(r)
         r = r.result if getattr(r, "result", None) is not None else r
         if not hasattr(r, "sites") or not hasattr(r, "meta"):
             raise ProbeError(f"runs must be run files or probe.load() results; got {type(r).__name__}; "

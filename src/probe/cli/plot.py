@@ -1,0 +1,45 @@
+"""``probe plot RUN [-o figures/] [--kind K] [--layers L] [--shared]``: a run's figures as PNG files."""
+
+from __future__ import annotations
+
+import time
+
+from ._common import load
+
+__all__ = ["add_parser", "command"]
+
+
+def add_parser(sub) -> None:
+    from ..present.plot import KINDS
+
+    p = sub.add_parser("plot", help="draw a run's figures as PNG files")
+    p.add_argument("file")
+    p.add_argument("-o", "--out", default="figures", help="output folder (default figures/)")
+    p.add_argument("--kind", action="append", default=None,
+                   help=" | ".join(KINDS) + " (repeatable; default all the run has data for)")
+    p.add_argument("--layers", default=None,
+                   help="layers for the overlay and scatter figures: e.g. 0,5,10-12 or all "
+                        "(default: a spread of about six)")
+    p.add_argument("--shared", action="store_true",
+                   help="histogram grid on one shared x and y axis (default: each panel its own)")
+    p.set_defaults(func=command)
+
+
+def command(args) -> int:
+    from rich.console import Console
+
+    from ..present.plot import parse_layers, plot_run
+
+    console = Console(stderr=True)
+    run = load(args.file)
+    layers = parse_layers(run, args.layers) if args.layers is not None else None
+    started = time.perf_counter()
+
+    def progress(kind: str, i: int, n: int) -> None:
+        console.print(f"[dim]{time.perf_counter() - started:5.1f}s[/] drawing {kind} ({i}/{n}) …")
+
+    paths = plot_run(run, args.out, kinds=args.kind, layers=layers, shared=args.shared, progress=progress)
+    for path in paths:
+        print(path)
+    console.print(f"[green]drew[/] {len(paths)} figure(s) in {time.perf_counter() - started:.1f}s")
+    return 0
