@@ -107,7 +107,7 @@ def _magnitudes(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return mag[finite], lo[:half][finite], hi[:half][finite], m
 
 
-def count_at_least(counts: np.ndarray, lossless: bool, u: float) -> Bound:
+def count_at_least(counts: np.ndarray, lossless: bool, u: float | np.floating) -> Bound:
     """Bound on the number of histogram values with ``|x| >= u`` (``u`` a float32 number).
 
     Exact when ``u`` is a bucket edge, the bucket holding ``u`` is empty, or ``lossless``.
@@ -172,10 +172,9 @@ def _first_token(site) -> dict[str, Any] | None:
     if at.get("position") != 0:
         return None
     out: dict[str, Any] = {"channel": at.get("channel"), "absmax": site.absmax, "ratio": None}
-    try:
-        absmax = site.position.absmax
-    except ProbeError:  # no per-position statistics in this run
+    if not site.has("position"):
         return out
+    absmax = site.position.absmax
     rest = absmax[1:][np.isfinite(absmax[1:])]
     if len(rest) and rest.max() > 0:
         out["ratio"] = float(absmax[0] / rest.max())
@@ -234,10 +233,4 @@ def report(run, fmt: Literal["fp8", "int8"] = "fp8", *, scale: float | dict[str,
 def _lossless(run, name: str) -> bool:
     """The histogram's ``lossless`` flag; ``False`` (always a valid bound) when unavailable."""
     s = run[name]
-    flag = getattr(s, "histogram_lossless", None)
-    if flag is not None:
-        return bool(flag)
-    try:
-        return bool(s._need("histogram")["lossless"])
-    except (AttributeError, KeyError, TypeError, ProbeError):
-        return False
+    return s.histogram_lossless if s.has("histogram") else False

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -106,6 +106,12 @@ class ChannelView:
         self.absmax = np.maximum(np.abs(self.min), np.abs(self.max))
         #: values with ``|x| >= 6`` per channel (the LLM.int8() outlier threshold)
         self.large = m["large"].astype(np.int64)
+        n = np.asarray(m["n"], np.float64)
+        mean = np.asarray(m["mean"], np.float64)
+        #: ``Σ x`` per channel (0 where empty), activation units
+        self.sum = n * mean
+        #: ``Σ x²`` per channel (0 where empty), activation units squared
+        self.sum_squares = np.asarray(m["m2"], np.float64) + n * mean * mean
 
     def __len__(self) -> int:
         return len(self.count)
@@ -186,6 +192,8 @@ class NormView:
         self.min = float(s["min"]) if n else float("nan")
         self.max = float(s["max"]) if n else float("nan")
         self.nonfinite = int(s["nonfinite"])
+        #: ``Σ ||h||²`` over the counted tokens (activation units squared)
+        self.sum_squares = float(s["m2"]) + n * self.mean * self.mean if n else 0.0
         self.dim = int(np.shape(s["unit_sum"])[0])
         self.scale = float(np.sqrt(self.dim) / self.mean) if n and self.mean > 0 else float("nan")
         un = float(s["unit_n"])
@@ -223,16 +231,33 @@ class NormView:
 
 
 class CrossView:
-    """Layer × layer covariance and R² (float64 ``[S, S]``) in the order of ``sites``.
+    """Layer × layer covariance, R² and cosines (float64 ``[S, S]``) in the order of ``sites``.
 
     ``cov``/``r2`` exclude the first ``skip_first`` positions; ``cov_all``/``r2_all`` cover every
-    real token. Covariances are population (divided by ``n``); R² is the squared Pearson
-    correlation. ``n``/``n_all`` count the (token, channel) observations.
+    real token. Covariances are population (divided by ``n``, activation units squared); R² is
+    the squared Pearson correlation. ``n``/``n_all`` count the (token, channel) observations and
+    ``cos_n``/``cos_n_all`` the tokens of the cosines (0 when not captured).
+
+    **Not captured, one way** (as :class:`SiteView`): ``cov``, ``r2``, ``cov_all``, ``r2_all``
+    raise :class:`ProbeError` without ``cross``; ``cos``, ``cos_all``, :attr:`cos_hist`,
+    :meth:`cos_quantile` and :attr:`block_influence` raise without ``cos``. :meth:`has`
+    (``kind in run.cross``) tells without raising.
+
+    Args:
+        sites: the cross-layer sites, in order (``meta["cross_sites"]``).
+        c: the raw cross state ``{field: ndarray}`` (empty when nothing was captured).
+        stats: the statistics the run captured (``None``: unknown; then a statistic counts as
+            captured when its state is there).
+
+    Example:
+        >>> c = run.cross
+        >>> c.r2.shape, "cross" in c, "cos" in c
+        ((3, 3), True, False)
     """
 
     def __init__(self, sites: Sequence[str], c: dict[str, np.ndarray], stats: Sequence[str] | None = None) -> None:
         self.sites = list(sites)
-        #: the statistics the run captured (``None``: unknown, nothing is refused)
+        #: the statistics the run captured (``None``: unknown)
         self._stats = None if stats is None else list(stats)
         self.n = float(c["keep_n"]) if c else 0.0
         self.n_all = float(c["all_n"]) if c else 0.0
@@ -241,56 +266,132 @@ class CrossView:
         self._cov_all, self._r2_all = self._derive(c, "all")
         self.mean = c["keep_mean"] if c else np.zeros(0)
         self.mean_all = c["all_mean"] if c else np.zeros(0)
-        #: mean per-token cosine similarity cos(h_i, h_j) ``[S, S]`` (``cos_all``: every real token)
         self._c = c
         self._cos_keep, self.cos_n = self._cos(c, "keep")
         self._cos_all, self.cos_n_all = self._cos(c, "all")
 
+    def has(self, kind: str) -> bool:
+        """Whether the run captured ``kind`` (``"cross"`` or ``"cos"``) for these sites.
+
+        Args:
+            kind: ``"cross"`` (covariance, R²) or ``"cos"`` (cosines, block influence).
+
+        Returns:
+            ``True`` when the views of ``kind`` can be read.
+
+        Example:
+            >>> run.cross.has("cross"), run.cross.has("cos")
+            (True, False)
+        """
+        if kind not in ("cross", "cos"):
+            return False
+        if self._stats is not None:
+            return kind in self._stats
+        return bool(self._c) and (kind == "cross" or "keep_cos" in self._c)
+
+    def __contains__(self, kind: object) -> bool:
+        return isinstance(kind, str) and self.has(kind)
+
     def _need(self, stat: str) -> None:
-        if self._stats is not None and stat not in self._stats:
-            raise ProbeError(f"this run has no {stat!r} statistic; expected {stat!r} in stats=; capture with "
-                             f"stats=(..., 'cross'{', ' + repr(stat) if stat != 'cross' else ''}) to get it")
+        if not self.has(stat):
+            raise not_captured("the cross-layer view", stat, self._stats)
+
+    @property
+    def available(self) -> bool:
+        """``has("cross")``: whether the run captured the cross-layer statistic.
+
+        Example:
+            >>> run.cross.available
+            True
+        """
+        return self.has("cross")
 
     @property
     def cov(self) -> np.ndarray:
-        """Covariance ``[S, S]`` without the first ``skip_first`` positions (raises without ``cross``)."""
+        """Covariance ``[S, S]`` without the first ``skip_first`` positions.
+
+        Raises:
+            ProbeError: ``cross`` not captured.
+
+        Example:
+            >>> bool((run.cross.cov.diagonal() > 0).all())
+            True
+        """
         self._need("cross")
         return self._cov
 
     @property
     def r2(self) -> np.ndarray:
-        """R² ``[S, S]`` without the first ``skip_first`` positions (raises without ``cross``)."""
+        """R² ``[S, S]`` without the first ``skip_first`` positions (1 on the diagonal).
+
+        Raises:
+            ProbeError: ``cross`` not captured.
+
+        Example:
+            >>> bool(np.allclose(run.cross.r2.diagonal(), 1))
+            True
+        """
         self._need("cross")
         return self._r2
 
     @property
     def cov_all(self) -> np.ndarray:
+        """Covariance ``[S, S]`` over every real token.
+
+        Raises:
+            ProbeError: ``cross`` not captured.
+
+        Example:
+            >>> run.cross.cov_all.shape
+            (3, 3)
+        """
         self._need("cross")
         return self._cov_all
 
     @property
     def r2_all(self) -> np.ndarray:
+        """R² ``[S, S]`` over every real token.
+
+        Raises:
+            ProbeError: ``cross`` not captured.
+
+        Example:
+            >>> run.cross.r2_all.shape
+            (3, 3)
+        """
         self._need("cross")
         return self._r2_all
 
     @property
     def cos(self) -> np.ndarray:
-        """Mean per-token cosine ``[S, S]`` over kept tokens (raises without ``cos``)."""
+        """Mean per-token cosine ``cos(h_i, h_j)`` ``[S, S]`` over kept tokens.
+
+        Raises:
+            ProbeError: ``cos`` not captured (it is opt-in: ``stats=(..., "cross", "cos")``).
+
+        Example:
+            >>> "cos" in run.cross
+            False
+        """
         self._need("cos")
         return self._cos_keep
 
     @property
     def cos_all(self) -> np.ndarray:
+        """Mean per-token cosine ``[S, S]`` over every real token.
+
+        Raises:
+            ProbeError: ``cos`` not captured.
+
+        Example:
+            >>> run.cross.has("cos")
+            False
+        """
         self._need("cos")
         return self._cos_all
 
-    @property
-    def available(self) -> bool:
-        """Whether the run captured the cross-layer statistic (``r2``, ``cov``) at all."""
-        return self._stats is None or "cross" in self._stats
-
     @staticmethod
-    def _cos(c, v):
+    def _cos(c: dict[str, np.ndarray], v: str) -> tuple[np.ndarray, float]:
         if not c or f"{v}_cos" not in c:
             return np.zeros((0, 0)), 0.0
         n = float(c[f"{v}_cos_n"])
@@ -299,14 +400,36 @@ class CrossView:
     @property
     def cos_hist(self) -> np.ndarray:
         """Raw int64 counts ``[S - 1, 2**(8 + m)]`` of ``1 - cos(h_l, h_{l+1})`` per kept token over
-        float-bit buckets (the positive half of the histogram's layout, ``m = 4`` mantissa bits)."""
+        float-bit buckets (the positive half of the histogram's layout, ``m = 4`` mantissa bits).
+
+        Raises:
+            ProbeError: ``cos`` not captured.
+
+        Example:
+            >>> "cos" in run.cross  # the counts need stats=(..., "cross", "cos")
+            False
+        """
+        self._need("cos")
         h = self._c.get("keep_cos_hist") if self._c else None
         return np.zeros((0, 0), dtype=np.int64) if h is None else np.asarray(h, dtype=np.int64)[:-1]
 
     def cos_quantile(self, q: float | Sequence[float]) -> np.ndarray:
-        """Quantile(s) of the per-token ``cos(h_l, h_{l+1})`` for each consecutive pair, ``[S - 1]``
-        (or ``[S - 1, len(q)]``), from :attr:`cos_hist`: within ``2**-4 / (2 + 2**-4)`` (3 %) of
-        the exact value of ``1 - cos``."""
+        """Quantile(s) of the per-token ``cos(h_l, h_{l+1})`` for each consecutive pair.
+
+        Args:
+            q: a probability or a sequence of them, in ``[0, 1]``.
+
+        Returns:
+            float64 ``[S - 1]`` (or ``[S - 1, len(q)]``), from :attr:`cos_hist`: within
+            ``2**-4 / (2 + 2**-4)`` (3 %) of the exact value of ``1 - cos``.
+
+        Raises:
+            ProbeError: ``cos`` not captured.
+
+        Example:
+            >>> run.cross.has("cos")  # cos_quantile(0.5) needs stats=(..., "cross", "cos")
+            False
+        """
         from ..stats._buckets import quantile
 
         qs = np.atleast_1d(np.asarray(q, dtype=np.float64))
@@ -319,14 +442,21 @@ class CrossView:
 
     @property
     def block_influence(self) -> np.ndarray:
-        """``1 - E[cos(h_l, h_{l+1})]`` for consecutive sites ``[S - 1]`` (Men et al. 2024,
-        ShortGPT): how much each block changes the direction of a token's hidden state."""
-        if self._stats is not None and "cos" not in self._stats:
-            return np.zeros(0)
+        """``1 - E[cos(h_l, h_{l+1})]`` for consecutive sites ``[S - 1]`` over kept tokens
+        (Men et al. 2024, "ShortGPT", eq. 1): how much each block turns a token's hidden state.
+
+        Raises:
+            ProbeError: ``cos`` not captured.
+
+        Example:
+            >>> run.cross.has("cos")  # block_influence needs stats=(..., "cross", "cos")
+            False
+        """
+        self._need("cos")
         return 1.0 - np.diagonal(self._cos_keep, 1) if self._cos_keep.size else np.zeros(0)
 
     @staticmethod
-    def _derive(c, v):
+    def _derive(c: dict[str, np.ndarray], v: str) -> tuple[np.ndarray, np.ndarray]:
         if not c:
             return np.zeros((0, 0)), np.zeros((0, 0))
         n = float(c[f"{v}_n"])
@@ -337,8 +467,52 @@ class CrossView:
         return cov, r2
 
 
+def not_captured(what: str, kind: str, stats: Sequence[str] | None = None) -> ProbeError:
+    """The one error every view raises for a statistic that was not captured.
+
+    Args:
+        what: whose statistic, e.g. ``"site 'hidden_states.1'"`` or ``"the cross-layer view"``.
+        kind: the statistic's name (one of ``probe.stats.NAMES``).
+        stats: the statistics the run did capture, when known.
+
+    Returns:
+        A :class:`~probe.errors.ProbeError` naming the statistic and the fix (to be raised).
+
+    Example:
+        >>> print(not_captured("site 'x'", "cos", ["moments"]))
+        site 'x' has no 'cos' statistic (not captured); expected 'cos' in stats, got ['moments']; capture with stats including 'cos'
+    """
+    got = "" if stats is None else f", got {list(stats)!r}"
+    return ProbeError(f"{what} has no {kind!r} statistic (not captured); expected {kind!r} in stats{got}; "
+                      f"capture with stats including {kind!r}")
+
+
 class SiteView:
-    """Everything known about one site. Scalars are Python floats; arrays are numpy."""
+    """Everything known about one site: ``run[name]`` (or ``run[i]``, the i-th of ``run.sites``).
+
+    Scalars are Python floats in activation units, arrays are numpy. The headline numbers
+    (``count``, ``tokens``, ``mean``, ``var``, ``std``, ``skew``, ``kurtosis``, ``min``, ``max``,
+    ``absmax``, ``absmax_at``, ``nan``, ``posinf``, ``neginf``) summarise the ``moments``
+    statistic over the kept tokens; a site that recorded none reads ``count == 0`` and NaN.
+
+    **Not captured, one way**: every other view (:attr:`channel`, :attr:`position`,
+    :attr:`sample`, :attr:`topk`, :attr:`norm`, :attr:`anisotropy`, :attr:`histogram_counts`,
+    :meth:`quantile`, :meth:`abs_quantile`, :meth:`histogram`) raises :class:`ProbeError`
+    ``"site ... has no '<kind>' statistic (not captured); ... capture with stats including '<kind>'"`` when the site
+    holds no state of that statistic (the run did not capture it, or the site was disabled);
+    :meth:`has` (``kind in view``) tells without raising. Captured but empty stays NaN / 0.
+
+    Args:
+        name: the site's name.
+        info: its description in ``meta["sites"]`` (``module``, ``hf_index``, ``dtype``).
+        state: its raw state, ``{kind: {field: ndarray}}`` (see :mod:`probe.stats._state`).
+        meta: the run's description.
+
+    Example:
+        >>> s = run["hidden_states.1"]
+        >>> s.count == s.tokens * 32, s.has("histogram"), "cos" in s
+        (True, True, False)
+    """
 
     def __init__(self, name: str, info: dict[str, Any], state: dict[str, dict[str, np.ndarray]],
                  meta: dict[str, Any]) -> None:
@@ -349,6 +523,12 @@ class SiteView:
         self._state = state
         self._meta = meta
         m = state.get("moments")
+        self.count: int = 0
+        self.tokens: int = 0
+        self.mean = self.var = self.std = self.skew = self.kurtosis = float("nan")
+        self.min = self.max = self.absmax = float("nan")
+        self.absmax_at: dict[str, int] = {"row": -1, "position": -1, "channel": -1, "token": -1}
+        self.nan = self.posinf = self.neginf = 0
         if m:
             n, mu, m2, m3, m4 = combine_channels(m["n"], m["mean"], m["m2"], m["m3"], m["m4"])
             var, skew, kurt = (float(v) for v in _shape(n, m2, m3, m4))
@@ -362,79 +542,235 @@ class SiteView:
             row, pos, ch, tok = (int(v) for v in m["absmax_at"])
             self.absmax_at = {"row": row, "position": pos, "channel": ch, "token": tok}
             self.nan, self.posinf, self.neginf = int(m["nan"]), int(m["posinf"]), int(m["neginf"])
-            self.channel = ChannelView(m)
-        else:
-            self.count = self.tokens = 0
-            self.mean = self.var = self.std = self.skew = self.kurtosis = float("nan")
-            self.min = self.max = self.absmax = float("nan")
-            self.absmax_at = {"row": -1, "position": -1, "channel": -1, "token": -1}
-            self.nan = self.posinf = self.neginf = 0
-            self.channel = None
 
     def __repr__(self) -> str:
         return (f"SiteView({self.name!r}, tokens={self.tokens}, mean={self.mean:.4g}, std={self.std:.4g}, "
                 f"absmax={self.absmax:.4g})")
 
+    def has(self, kind: str) -> bool:
+        """Whether this site holds state of statistic ``kind`` (the run captured it and the site
+        recorded it); the views of a statistic it lacks raise :class:`ProbeError`.
+
+        Args:
+            kind: a statistic name (``"moments"``, ``"position"``, ``"histogram"``, ``"sample"``,
+                ``"topk"``, ``"norm"``).
+
+        Returns:
+            ``True`` when the view of ``kind`` can be read.
+
+        Example:
+            >>> run[0].has("topk"), run[0].has("cos")
+            (True, False)
+        """
+        return bool(self._state.get(kind))
+
+    def __contains__(self, kind: object) -> bool:
+        return isinstance(kind, str) and self.has(kind)
+
     def _need(self, kind: str) -> dict[str, np.ndarray]:
-        if not self._state.get(kind):
-            raise ProbeError(f"site {self.name!r} has no {kind} statistics; expected {kind!r} in stats=; "
-                             f"capture with stats including {kind!r}")
+        if not self.has(kind):
+            raise not_captured(f"site {self.name!r}", kind, self._meta.get("stats"))
         return self._state[kind]
 
     @cached_property
+    def channel(self) -> ChannelView:
+        """Per-channel statistics ``[D]`` over the kept tokens (:class:`ChannelView`).
+
+        Raises:
+            ProbeError: ``moments`` not captured at this site.
+
+        Example:
+            >>> len(run[0].channel)
+            32
+        """
+        return ChannelView(self._need("moments"))
+
+    @cached_property
     def position(self) -> PositionView:
+        """Per-position statistics ``[P]`` over every real token (:class:`PositionView`).
+
+        Raises:
+            ProbeError: ``position`` not captured at this site.
+
+        Example:
+            >>> len(run[0].position)
+            6
+        """
         return PositionView(self._need("position"))
 
     @cached_property
     def sample(self) -> SampleView:
+        """A uniform sample of kept elements (:class:`SampleView`).
+
+        Raises:
+            ProbeError: ``sample`` not captured at this site.
+
+        Example:
+            >>> sm = run[0].sample
+            >>> len(sm) > 0 and bool((sm.position < 6).all())
+            True
+        """
         return SampleView(self._need("sample"))
 
     @cached_property
     def topk(self) -> np.ndarray:
-        """The largest finite ``|x|`` over every real token (first positions included), a
-        structured array with fields ``value, row, position, channel, token``
-        (:data:`TOPK_DTYPE`), largest ``|value|`` first; ties go to the earliest (row, position,
-        channel)."""
+        """The largest finite ``|x|`` over every real token (first positions included).
+
+        Returns:
+            A structured array ``[k]`` (:data:`TOPK_DTYPE`: ``value, row, position, channel,
+            token``), largest ``|value|`` first; ties go to the earliest (row, position, channel).
+
+        Raises:
+            ProbeError: ``topk`` not captured at this site.
+
+        Example:
+            >>> t = run[0].topk
+            >>> t.dtype.names, bool(abs(t["value"][0]) == run[0].position.absmax.max())
+            (('value', 'row', 'position', 'channel', 'token'), True)
+        """
         return topk_array(self._need("topk"))
 
     @cached_property
     def norm(self) -> NormView:
-        """The per-token L2 norm distribution (:class:`NormView`)."""
+        """The per-token L2 norm distribution (:class:`NormView`).
+
+        Raises:
+            ProbeError: ``norm`` not captured at this site.
+
+        Example:
+            >>> run[0].norm.count == run[0].tokens
+            True
+        """
         return NormView(self._need("norm"))
 
     @property
     def anisotropy(self) -> float:
-        """Mean cosine similarity between two distinct kept tokens (``norm.anisotropy``)."""
+        """Mean cosine similarity between two distinct kept tokens (``norm.anisotropy``).
+
+        Raises:
+            ProbeError: ``norm`` not captured at this site.
+
+        Example:
+            >>> -1 <= run[0].anisotropy <= 1
+            True
+        """
         return self.norm.anisotropy
 
     @property
     def histogram_counts(self) -> np.ndarray:
-        """Raw int64 counts of the float-bit buckets (see ``docs/format.md``)."""
+        """Raw int64 counts ``[2**(9+m)]`` of the float-bit buckets (see ``docs/format.md``).
+
+        Raises:
+            ProbeError: ``histogram`` not captured at this site.
+
+        Example:
+            >>> int(run[0].histogram_counts.sum()) == run[0].count
+            True
+        """
         return self._need("histogram")["counts"]
 
-    def quantile(self, q: float | Sequence[float]) -> float | np.ndarray:
+    @property
+    def histogram_lossless(self) -> bool:
+        """Whether the histogram holds every value exactly (no mantissa bits below the top ``m``,
+        e.g. bf16 data): then quantiles and rendered histograms are exact.
+
+        Raises:
+            ProbeError: ``histogram`` not captured at this site.
+
+        Example:
+            >>> run[0].histogram_lossless  # float32 activations of a random model
+            False
+        """
+        return bool(self._need("histogram")["lossless"])
+
+    @overload
+    def quantile(self, q: float) -> float: ...
+    @overload
+    def quantile(self, q: Sequence[float] | np.ndarray) -> np.ndarray: ...
+
+    def quantile(self, q: float | Sequence[float] | np.ndarray) -> float | np.ndarray:
         """Quantile(s) of the kept finite values, interpolated like ``numpy.quantile``.
 
-        Within ``2**-m / (2 + 2**-m)`` relative error of the exact answer (0.39 % at m=7) for
-        normal floats; exact when the data had no mantissa bits below the top ``m`` (bf16).
+        Args:
+            q: a probability or a sequence of them, in ``[0, 1]``.
+
+        Returns:
+            A float for a scalar ``q``, else a float64 array ``[len(q)]`` (activation units).
+            Within ``2**-m / (2 + 2**-m)`` relative error of the exact answer (0.39 % at m=7) for
+            normal floats; exact when the data had no mantissa bits below the top ``m`` (bf16).
+
+        Raises:
+            ProbeError: ``histogram`` not captured at this site.
+
+        Example:
+            >>> s = run[0]
+            >>> bool(s.min <= s.quantile(0.5) <= s.max)
+            True
         """
         from ..stats._buckets import quantile
 
         h = self._need("histogram")
         return quantile(h["counts"], bool(h["lossless"]), q)
 
-    def histogram(self, bins: int | Sequence[float] = 100, range: tuple[float, float] | None = None):
-        """Histogram ``(counts, edges)`` rendered from the bucket CDF: ``bins`` linear bins over
-        ``range``, or ``bins`` given as increasing edges (``numpy.histogram``'s convention).
+    @overload
+    def abs_quantile(self, q: float) -> float: ...
+    @overload
+    def abs_quantile(self, q: Sequence[float] | np.ndarray) -> np.ndarray: ...
+
+    def abs_quantile(self, q: float | Sequence[float] | np.ndarray) -> float | np.ndarray:
+        """Quantile(s) of ``|x|`` over the kept finite values (both signs of the histogram folded
+        onto the positive half), with the error bound of :meth:`quantile`. ``abs_quantile(0.5)``
+        is the median magnitude of the massive-activation rule.
+
+        Args:
+            q: a probability or a sequence of them, in ``[0, 1]``.
+
+        Returns:
+            A float for a scalar ``q``, else a float64 array ``[len(q)]`` (activation units, >= 0).
+
+        Raises:
+            ProbeError: ``histogram`` not captured at this site.
+
+        Example:
+            >>> s = run[0]
+            >>> bool(0 <= s.abs_quantile(0.5) <= s.absmax)
+            True
+        """
+        from ..stats._buckets import quantile
+
+        h = self._need("histogram")
+        counts = np.asarray(h["counts"])
+        half = counts.shape[0] // 2
+        folded = np.concatenate([counts[:half] + counts[half:], np.zeros(half, dtype=counts.dtype)])
+        return quantile(folded, bool(h["lossless"]), q)
+
+    def histogram(self, bins: int | Sequence[float] = 100,
+                  range: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Histogram rendered from the bucket CDF, as ``numpy.histogram`` returns it.
 
         Exact for bf16 data; otherwise values are spread uniformly within each bucket, cut to the
         site's exact ``[min, max]``, so edges spanning ``[min, max]`` total :attr:`count`
-        exactly. With no ``range``, the site's own min and max are used.
+        exactly.
+
+        Args:
+            bins: the number of linear bins over ``range``, or increasing edges.
+            range: ``(lo, hi)``; by default the site's own ``(min, max)``.
+
+        Returns:
+            ``(counts, edges)``: float64 ``[bins]`` and ``[bins + 1]``.
+
+        Raises:
+            ProbeError: ``histogram`` not captured at this site.
+
+        Example:
+            >>> counts, edges = run[0].histogram(bins=10)
+            >>> counts.shape, edges.shape, round(float(counts.sum())) == run[0].count
+            ((10,), (11,), True)
         """
         from ..stats._buckets import render
 
         h = self._need("histogram")
-        known = bool(self._state.get("moments")) and self.count > 0
+        known = self.has("moments") and self.count > 0
         if range is None and known:
             range = (self.min, self.max)
         return render(h["counts"], bool(h["lossless"]), bins, range,
