@@ -680,8 +680,19 @@ def parse_layers(run: Run, text: str | Sequence[str]) -> list[str]:
     Numbers are the layer numbers the tables show (``5`` is ``hidden_states.5``; for other sites
     the index in ``run.sites``); ``a-b`` is inclusive.
 
+    Args:
+        run: the run whose sites are meant.
+        text: the selection (the CLI's ``--layers``).
+
+    Returns:
+        Site names, in the order chosen, without repeats.
+
     Raises:
         ProbeError: an unknown site or layer, an empty selection.
+
+    Example:
+        >>> parse_layers(run, "0-1"), len(parse_layers(run, "all"))
+        (['hidden_states.0', 'hidden_states.1'], 3)
     """
     from .report import resolve_site
 
@@ -776,6 +787,14 @@ def figures(run: Run, kinds: Sequence[Kind] | Kind | None = None, *, layers: str
 
     Same arguments and errors as :func:`plot_run`; for inspecting what is drawn, or saving in
     another format (``fig.savefig("hist_grid.svg")``).
+
+    Returns:
+        ``{file name: matplotlib.figure.Figure}`` in the order of :data:`KINDS`.
+
+    Example:
+        >>> figs = figures(run, kinds=["cross"])
+        >>> sorted(figs)[:1], figs[sorted(figs)[0]].savefig(os.path.join(tmp, "cross.svg"))
+        (['cross_cov.png'], None)
     """
     out = _Out(None, keep=True)
     _draw(run, kinds, out, layers, shared, None)

@@ -111,6 +111,19 @@ def count_at_least(counts: np.ndarray, lossless: bool, u: float | np.floating) -
     """Bound on the number of histogram values with ``|x| >= u`` (``u`` a float32 number).
 
     Exact when ``u`` is a bucket edge, the bucket holding ``u`` is empty, or ``lossless``.
+
+    Args:
+        counts: raw float-bit histogram counts ``[2**(9+m)]`` (``SiteView.histogram_counts``).
+        lossless: the histogram's ``lossless`` flag.
+        u: the threshold on ``|x|`` (activation units), taken as float32.
+
+    Returns:
+        A :class:`Bound` ``(low, high)`` on the count.
+
+    Example:
+        >>> b = count_at_least(run[0].histogram_counts, False, 0.0)
+        >>> b.low == b.high == run[0].count
+        True
     """
     mag, lo, hi, _ = _magnitudes(counts)
     u = float(np.float32(u))
@@ -136,6 +149,12 @@ def fractions(counts: np.ndarray, lossless: bool, *, clip_above: float, flush_at
 
     Returns:
         ``{"total": int, "clip": Bound, "flush": Bound, "large": Bound}``.
+
+    Example:
+        >>> s = run[0]
+        >>> f = fractions(s.histogram_counts, False, clip_above=s.absmax, flush_at_or_below=0.0, absmax=s.absmax)
+        >>> f["total"] == s.count, f["clip"]
+        (True, Bound(low=0, high=0))
     """
     mag, lo, hi, _ = _magnitudes(counts)
     total = int(mag.sum())
@@ -200,6 +219,11 @@ def report(run, fmt: Literal["fp8", "int8"] = "fp8", *, scale: float | dict[str,
 
     Raises:
         ProbeError: an unknown format, a bad scale, or a site without a histogram.
+
+    Example:
+        >>> row = report(run, "int8")[0]
+        >>> row["format"], row["clip"], row["count"] == run[0].count
+        ('int8', [0.0, 0.0], True)
     """
     if fmt not in FORMATS:
         raise ProbeError(f"quantization format must be one of {sorted(FORMATS)}; got {fmt!r}; pass 'fp8' or 'int8'")

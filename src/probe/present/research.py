@@ -167,7 +167,21 @@ def _fmt(v: Any) -> str:
 
 def print_research(run: Run, console=None, site: str | None = None) -> None:
     """Print the geometry table (and, with ``site``, that site's top entries); prints nothing
-    for a run captured without ``topk``, ``norm`` and cross-layer cosines."""
+    for a run captured without ``topk``, ``norm`` and cross-layer cosines. The massive
+    activations are printed by :func:`probe.present.report.print_summary`, in one block.
+
+    Args:
+        run: the run.
+        console: a ``rich.console.Console`` (default: a new one on stdout).
+        site: print only this site's row, and its ten largest entries.
+
+    Example:
+        >>> from rich.console import Console
+        >>> console = Console(width=160, record=True, file=open(os.devnull, "w"))
+        >>> print_research(run, console, site="hidden_states.1")
+        >>> "largest |x|" in console.export_text()
+        True
+    """
     from rich.console import Console
     from rich.table import Table
 

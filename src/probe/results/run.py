@@ -10,7 +10,7 @@ for 1 or 10,000 windows); ``run.at(step)`` reads one window. This module never i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import Any, overload
 
@@ -71,9 +71,21 @@ class _Windows(Sequence):
         return self._source.window(i % n)
 
 
-def combine_channels(n, mean, m2, m3, m4) -> tuple[float, float, float, float, float]:
-    """Exact k-way merge of per-channel central moment sums into one (float64), by the same
-    algebra as every other merge (:func:`probe.stats._state.kway_moments`)."""
+def combine_channels(n: np.ndarray, mean: np.ndarray, m2: np.ndarray, m3: np.ndarray,
+                     m4: np.ndarray) -> tuple[float, float, float, float, float]:
+    """Exact k-way merge of per-channel central moment sums into one, by the same algebra as
+    every other merge (:func:`probe.stats._state.kway_moments`, after Pébay 2008).
+
+    Args:
+        n, mean, m2, m3, m4: per-channel counts, means and central sums ``Σ (x - mean)^p``, ``[D]``.
+
+    Returns:
+        ``(n, mean, M2, M3, M4)`` of all channels together (float64); NaN moments when ``n == 0``.
+
+    Example:
+        >>> combine_channels(np.array([1, 1]), np.array([0.0, 2.0]), np.zeros(2), np.zeros(2), np.zeros(2))
+        (2.0, 1.0, 2.0, 0.0, 2.0)
+    """
     n = np.asarray(n, dtype=np.float64)
     if n.sum() == 0:
         return 0.0, np.nan, np.nan, np.nan, np.nan
@@ -93,7 +105,22 @@ def _shape(n, m2, m3, m4) -> tuple:
 
 
 class ChannelView:
-    """Per-channel statistics of one site, numpy arrays ``[D]`` (NaN where a channel saw nothing)."""
+    """Per-channel statistics of one site over its kept tokens: ``run[site].channel``.
+
+    Attributes (numpy ``[D]``; float64 in activation units, NaN where a channel saw nothing):
+    ``count`` (int64), ``mean``, ``var``, ``std``, ``skew``, ``kurtosis`` (population
+    estimators, as ``numpy.var`` and scipy's defaults), ``min``, ``max``, ``absmax``; ``large``
+    (int64): values with ``|x| >= 6``, the LLM.int8() outlier threshold (Dettmers et al. 2022);
+    ``sum``, ``sum_squares``: ``Σ x``, ``Σ x²`` (0 where empty).
+
+    Args:
+        m: a site's raw ``moments`` state.
+
+    Example:
+        >>> ch = run[0].channel
+        >>> ch.mean.shape, bool((ch.count == run[0].tokens).all())
+        ((32,), True)
+    """
 
     def __init__(self, m: dict[str, np.ndarray]) -> None:
         self.count = m["n"].astype(np.int64)
@@ -118,7 +145,21 @@ class ChannelView:
 
 
 class PositionView:
-    """Per-position statistics ``[P]`` over every real token (``skip_first`` does not apply)."""
+    """Per-position statistics over every real token (``skip_first`` does not apply):
+    ``run[site].position``.
+
+    Attributes (numpy ``[P]``, ``P`` the last position any real token reached + 1): ``tokens``
+    (int64, real tokens at each absolute position), ``count`` (int64, finite values),
+    ``mean``, ``var``, ``std``, ``absmax`` (float64, activation units; NaN where no token);
+    ``overflow``: real tokens at positions past ``max_positions`` (not in the arrays).
+
+    Args:
+        p: a site's raw ``position`` state.
+
+    Example:
+        >>> run[0].position.tokens.tolist()  # rows of 6 and 4 real tokens
+        [2, 2, 2, 2, 1, 1]
+    """
 
     def __init__(self, p: dict[str, np.ndarray]) -> None:
         last = int(np.flatnonzero(p["tokens"]).max()) + 1 if p["tokens"].any() else 0
@@ -138,7 +179,20 @@ class PositionView:
 
 class SampleView:
     """A uniform sample of kept elements (padding and the first ``skip_first`` positions are never
-    in it): parallel numpy arrays ``row, position, channel, token, value``, ordered by key."""
+    in it): ``run[site].sample``.
+
+    Attributes (parallel numpy arrays ``[n]``, ordered by key): ``key`` (the float64 random
+    keys, bottom-k), ``row``, ``position``, ``channel``, ``token`` (int64), ``value`` (float64,
+    activation units). Seeded per batch, the same elements are drawn at every site.
+
+    Args:
+        s: a site's raw ``sample`` state.
+
+    Example:
+        >>> a, b = run[0].sample, run[-1].sample
+        >>> bool((a.position == b.position).all() and (a.channel == b.channel).all())
+        True
+    """
 
     def __init__(self, s: dict[str, np.ndarray]) -> None:
         filled = np.isfinite(s["key"])
@@ -159,8 +213,18 @@ TOPK_DTYPE = np.dtype([("value", np.float64), ("row", np.int64), ("position", np
 
 
 def topk_array(t: dict[str, np.ndarray]) -> np.ndarray:
-    """The filled slots of a ``topk`` state as a structured array (:data:`TOPK_DTYPE`), largest
-    ``|value|`` first."""
+    """The filled slots of a ``topk`` state as a structured array.
+
+    Args:
+        t: a site's raw ``topk`` state (unfilled slots hold NaN values).
+
+    Returns:
+        ``[k]`` of :data:`TOPK_DTYPE`, largest ``|value|`` first.
+
+    Example:
+        >>> len(topk_array({f: np.array([2.0, np.nan]) for f in TOPK_DTYPE.names}))
+        1
+    """
     filled = ~np.isnan(t["value"])
     out = np.empty(int(filled.sum()), dtype=TOPK_DTYPE)
     out["value"] = t["value"][filled].astype(np.float64)
@@ -178,7 +242,16 @@ class NormView:
     ``scale = sqrt(D) / mean``: the factor that brings the mean norm to ``sqrt(D)`` (the
     sparse-autoencoder input normalisation). ``anisotropy``: mean cosine between two distinct
     kept tokens, ``(||Σ u||² - n) / (n (n - 1))``. ``position_mean``, ``position_std`` (``[P]``,
-    NaN where no real token) cover every real token.
+    NaN where no real token) cover every real token; ``position_count`` the tokens with a norm.
+    ``sum_squares``: ``Σ ||h||²`` over the counted tokens.
+
+    Args:
+        s: a site's raw ``norm`` state.
+
+    Example:
+        >>> n = run[0].norm
+        >>> n.dim, bool(n.min <= n.mean <= n.max), len(n.position_mean)
+        (32, True, 6)
     """
 
     def __init__(self, s: dict[str, np.ndarray]) -> None:
@@ -208,18 +281,55 @@ class NormView:
 
     @property
     def counts(self) -> np.ndarray:
-        """The norms' float-bit bucket counts, full ``2**(9+m)`` layout (negative half empty)."""
+        """The norms' float-bit bucket counts, int64 in the full ``2**(9+m)`` layout of the
+        histogram statistic (the negative half empty).
+
+        Example:
+            >>> int(run[0].norm.counts.sum()) == run[0].norm.count
+            True
+        """
         c = np.asarray(self._s["counts"], dtype=np.int64)
         return np.concatenate([c, np.zeros_like(c)])
 
-    def quantile(self, q: float | Sequence[float]) -> float | np.ndarray:
-        """Quantile(s) of the norms, within ``2**-m / (2 + 2**-m)`` relative error."""
+    @overload
+    def quantile(self, q: float) -> float: ...
+    @overload
+    def quantile(self, q: Sequence[float] | np.ndarray) -> np.ndarray: ...
+
+    def quantile(self, q: float | Sequence[float] | np.ndarray) -> float | np.ndarray:
+        """Quantile(s) of the norms.
+
+        Args:
+            q: a probability or a sequence of them, in ``[0, 1]``.
+
+        Returns:
+            A float (or float64 ``[len(q)]``) in activation units, within ``2**-m / (2 + 2**-m)``
+            relative error of the exact quantile.
+
+        Example:
+            >>> n = run[0].norm
+            >>> bool(n.min <= n.quantile(0.5) <= n.max)
+            True
+        """
         from ..stats._buckets import quantile
 
         return quantile(self.counts, False, q)
 
-    def histogram(self, bins: int = 100, range: tuple[float, float] | None = None):
-        """Linear-bin histogram ``(counts, edges)`` of the norms, rendered from the buckets."""
+    def histogram(self, bins: int = 100, range: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Linear-bin histogram of the norms, rendered from the buckets.
+
+        Args:
+            bins: the number of linear bins.
+            range: ``(lo, hi)``; by default the norms' ``(min, max)``.
+
+        Returns:
+            ``(counts, edges)``: float64 ``[bins]`` and ``[bins + 1]``.
+
+        Example:
+            >>> counts, edges = run[0].norm.histogram(bins=4)
+            >>> counts.shape, float(edges[0]) == run[0].norm.min
+            ((4,), True)
+        """
         from ..stats.histogram import render
 
         if range is None and self.count:
@@ -480,7 +590,7 @@ def not_captured(what: str, kind: str, stats: Sequence[str] | None = None) -> Pr
 
     Example:
         >>> print(not_captured("site 'x'", "cos", ["moments"]))
-        site 'x' has no 'cos' statistic (not captured); expected 'cos' in stats, got ['moments']; capture with stats including 'cos'
+        site 'x' has no 'cos' statistic (not captured); expected 'cos' in stats, got ['moments']; ...
     """
     got = "" if stats is None else f", got {list(stats)!r}"
     return ProbeError(f"{what} has no {kind!r} statistic (not captured); expected {kind!r} in stats{got}; "
@@ -786,6 +896,16 @@ class Run:
         path: the file the run was read from, if any.
         source: where windows and cumulative state are read from (a file reader); ``rows`` is
             ignored when given.
+
+    ``run[name]`` / ``run[i]`` is a site's cumulative :class:`SiteView`, ``run.cross`` the
+    :class:`CrossView`, ``run.at(step)`` one window as a Run; iterating yields the site views.
+    A statistic not captured raises :class:`ProbeError` from its view (see :class:`SiteView`).
+
+    Example:
+        >>> run
+        Run(3 sites, 1 windows)
+        >>> [s.name for s in run] == run.sites, len(run)
+        (True, 3)
     """
 
     def __init__(self, meta: dict[str, Any], rows: list[WindowState] | None = None, path: str | None = None,
@@ -803,33 +923,75 @@ class Run:
 
     @property
     def sites(self) -> list[str]:
-        """Site names in capture order."""
+        """Site names in capture order.
+
+        Example:
+            >>> run.sites
+            ['hidden_states.0', 'hidden_states.1', 'hidden_states.2']
+        """
         return [s["name"] for s in self.meta.get("sites", [])]
 
     @property
     def steps(self) -> list[int]:
-        """The ``step`` label of each committed window."""
+        """The ``step`` label of each committed window, in commit order.
+
+        Example:
+            >>> run.steps  # one window, committed when the capture block ended
+            [1]
+        """
         return list(self._source.steps)
 
     @property
     def rows(self) -> Sequence[WindowState]:
-        """The committed windows, in commit order (read one at a time from a file)."""
+        """The committed windows (:class:`~probe.stats._state.WindowState`), in commit order
+        (read one at a time from a file). Raw state: read numbers through the views.
+
+        Example:
+            >>> len(run.rows), run.rows[0].step
+            (1, 1)
+        """
         return self._source.rows if isinstance(self._source, MemorySource) else _Windows(self._source)
 
     @cached_property
     def total(self) -> WindowState:
         """All windows merged exactly (the raw state behind the cumulative views), read from the
-        file's cumulative state."""
+        file's cumulative state. Raw state: read numbers through ``run[site]`` and ``run.cross``.
+
+        Example:
+            >>> sorted(run.total.sites["hidden_states.0"]) == sorted(set(run.stats) - {"cross"})
+            True
+        """
         steps = self._source.steps
         return WindowState(steps[-1] if steps else 0, {name: self._source.site_total(name) for name in self.sites},
                            self._source.cross_total())
 
     @property
     def stats(self) -> list[str]:
-        """The statistics this run captured, e.g. ``["moments", "histogram"]``."""
+        """The statistics this run captured, e.g. ``["moments", "histogram"]``.
+
+        Example:
+            >>> run.stats
+            ['moments', 'position', 'histogram', 'sample', 'cross', 'topk', 'norm']
+        """
         return list(self.meta.get("stats", []))
 
     def __getitem__(self, name: str | int) -> SiteView:
+        """The cumulative view of one site.
+
+        Args:
+            name: a site name from :attr:`sites`, or an index into it (negative counts from the end).
+
+        Returns:
+            The :class:`SiteView` (cached: the same object each time).
+
+        Raises:
+            ProbeError: an unknown name (the closest names are listed), an index out of range,
+                or another type.
+
+        Example:
+            >>> run["hidden_states.2"] is run[-1]
+            True
+        """
         if isinstance(name, int) and not isinstance(name, bool):  # the i-th site, as run.sites lists them
             if not -len(self.sites) <= name < len(self.sites):
                 raise ProbeError(f"site index {name} is out of range; expected -{len(self.sites)} .. "
@@ -844,7 +1006,7 @@ class Run:
             self._views[name] = SiteView(name, self._info[name], state, self.meta)
         return self._views[name]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[SiteView]:
         return (self[name] for name in self.sites)
 
     def __len__(self) -> int:
@@ -852,13 +1014,29 @@ class Run:
 
     @cached_property
     def cross(self) -> CrossView:
+        """The layer × layer view over ``meta["cross_sites"]`` (:class:`CrossView`).
+
+        Example:
+            >>> run.cross.sites == run.sites
+            True
+        """
         return CrossView(self.meta.get("cross_sites", []), self._source.cross_total(), self.meta.get("stats"))
 
     def at(self, step: int) -> Run:
         """The window committed with label ``step`` (one window read).
 
+        Args:
+            step: a label from :attr:`steps`.
+
+        Returns:
+            A :class:`Run` holding that window alone.
+
         Raises:
             ProbeError: no window has that label.
+
+        Example:
+            >>> run.at(1)["hidden_states.1"].count == run["hidden_states.1"].count
+            True
         """
         steps = self._source.steps
         if step not in steps:
