@@ -275,7 +275,9 @@ def test_run_indexes_sites_by_position_and_refuses_missing_cross(tiny):
     assert run.cross.r2.shape == (3, 3)
     with pytest.raises(probe.ProbeError, match="no 'cos' statistic"):
         run.cross.cos
-    assert run.cross.block_influence.size == 0
+    assert "cos" not in run.cross
+    with pytest.raises(probe.ProbeError, match="no 'cos' statistic"):
+        run.cross.block_influence
 
 
 def test_input_sites_default_to_calibration_stats_and_skip_first_warns(tiny):

@@ -389,7 +389,10 @@ def test_cosines_are_opt_in(tiny):
     assert "cos" not in run.result.stats and run.cross.cos_n == 0
     with pytest.raises(probe.ProbeError, match="no 'cos' statistic"):  # not an all-NaN matrix
         run.cross.cos
-    assert run.cross.cos_hist.sum() == 0 and run.cross.r2.shape == (3, 3)
+    assert "cos" not in run.cross and run.cross.r2.shape == (3, 3)
+    for view in ("cos_hist", "block_influence"):  # not captured reads one way: an error, not empty arrays
+        with pytest.raises(probe.ProbeError, match="no 'cos' statistic"):
+            getattr(run.cross, view)
     with pytest.raises(probe.ProbeError, match="'cos' is computed by the cross-layer statistic"):
         probe.capture(model, stats=("moments", "cos"))
 

@@ -56,10 +56,24 @@ sys.modules[__name__].__class__ = _Probe
 
 
 def load(path):
-    """Open a run file written by :func:`capture`; returns a :class:`probe.results.run.Run`.
+    """Open a run file written by :func:`capture` (or ``probe run``, ``probe merge``).
+
+    Args:
+        path: the HDF5 run file.
+
+    Returns:
+        A lazy :class:`probe.results.run.Run`: the description is read now, a site's cumulative
+        state when ``run[site]`` is first read, a window on ``run.at(step)``.
 
     Raises:
         ProbeError: missing, damaged, non-probe or newer-schema files (one line each).
+
+    Example:
+        >>> from probe.store import write_run
+        >>> write_run(run, os.path.join(tmp, "run.h5"))
+        >>> r = probe.load(os.path.join(tmp, "run.h5"))
+        >>> r.sites == run.sites, r[1].std == run[1].std
+        (True, True)
     """
     from .store import read
 
@@ -67,7 +81,32 @@ def load(path):
 
 
 def merge(paths, out, *, overwrite: bool = False):
-    """Merge run files (ranks, shards) exactly into one file at ``out``; returns the merged Run."""
+    """Merge run files (ranks, shards) exactly into one file at ``out``.
+
+    Args:
+        paths: two or more run files of the same model, sites, statistics and options.
+        out: the file to write.
+        overwrite: replace an existing ``out``.
+
+    Returns:
+        The merged :class:`probe.results.run.Run`, read back from ``out``: equal to one run over
+        all the data (see :func:`probe.results.merge.merge_runs`).
+
+    Raises:
+        ProbeError: unreadable files, an existing ``out`` without ``overwrite``, or runs that
+            differ in model, sites, statistics or options (the message lists the keys).
+
+    Example:
+        >>> import warnings
+        >>> from probe.store import write_run
+        >>> paths = [os.path.join(tmp, f"rank{i}.h5") for i in (0, 1)]
+        >>> for p in paths: write_run(run, p)
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")  # the same run twice: the same sample seed
+        ...     merged = probe.merge(paths, os.path.join(tmp, "all.h5"))
+        >>> merged["hidden_states.1"].tokens == 2 * run["hidden_states.1"].tokens
+        True
+    """
     from .results.merge import merge_files
 
     return merge_files(paths, out, overwrite=overwrite)

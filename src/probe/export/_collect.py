@@ -108,9 +108,9 @@ def collect(runs) -> list[ModuleStats]:
         for r in runs:
             for name in names:
                 s = r[name]
-                ch = s.channel
-                if ch is None or not s.tokens:
+                if not s.has("moments") or not s.tokens:  # a disabled site holds no moments
                     continue
+                ch = s.channel
                 n = ch.count.astype(np.int64)
                 nf = n.astype(np.float64)
                 mean = np.where(n > 0, np.nan_to_num(ch.mean), 0.0)

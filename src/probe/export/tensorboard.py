@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ProbeError
+
+if TYPE_CHECKING:
+    from ..results.run import NormView, SiteView
 
 __all__ = ["write_tensorboard", "log_window", "histogram_args"]
 
@@ -71,54 +74,41 @@ def histogram_args(counts: np.ndarray, lossless: bool, lo: float, hi: float, num
             "bucket_counts": np.asarray(values, dtype=np.float64)}
 
 
-def _site_histogram(state: dict) -> dict[str, Any] | None:
-    m, h = state.get("moments"), state.get("histogram")
-    if not m or not h:
+def _site_histogram(s: SiteView) -> dict[str, Any] | None:
+    if not (s.has("moments") and s.has("histogram")) or s.count == 0:
         return None
-    n = np.asarray(m["n"], np.float64)
-    if n.sum() == 0:
-        return None
-    mean = np.asarray(m["mean"], np.float64)
-    total = float((n * mean).sum())
-    squares = float((np.asarray(m["m2"], np.float64) + n * mean * mean).sum())
-    lo = float(np.asarray(m["min"], np.float64)[n > 0].min())
-    hi = float(np.asarray(m["max"], np.float64)[n > 0].max())
-    return histogram_args(h["counts"], bool(h["lossless"]), lo, hi, int(n.sum()), total, squares)
+    ch = s.channel
+    return histogram_args(s.histogram_counts, s.histogram_lossless, s.min, s.max, s.count, float(ch.sum.sum()),
+                          float(ch.sum_squares.sum()))
 
 
-def _norm_histogram(s: dict) -> dict[str, Any] | None:
-    n = float(s["n"])
-    if n == 0:
+def _norm_histogram(n: NormView) -> dict[str, Any] | None:
+    if n.count == 0:
         return None
-    mean = float(s["mean"])
-    counts = np.asarray(s["counts"], np.int64)
-    full = np.concatenate([counts, np.zeros_like(counts)])
-    return histogram_args(full, False, float(s["min"]), float(s["max"]), int(n), n * mean,
-                          float(s["m2"]) + n * mean * mean)
+    return histogram_args(n.counts, False, n.min, n.max, n.count, n.count * n.mean, n.sum_squares)
 
 
 def log_window(writer, window, step: int, prefix: str = "probe") -> None:
     """Log one window (a :class:`probe.results.run.Run` holding that window alone) at ``step``."""
     for name in window.sites:
-        state = window.total.sites.get(name, {})
-        hist = _site_histogram(state)
+        s = window[name]
+        hist = _site_histogram(s)
         if hist is not None:
             writer.add_histogram_raw(f"{prefix}/values/{name}", global_step=step, **hist)
-        s = window[name]
         if s.count:
             for key in ("std", "kurtosis", "absmax", "nan", "posinf", "neginf"):
                 value = float(getattr(s, key))
                 if math.isfinite(value):
                     writer.add_scalar(f"{prefix}/{key}/{name}", value, global_step=step)
-        if state.get("norm"):
-            nh = _norm_histogram(state["norm"])
+        if s.has("norm"):
+            nh = _norm_histogram(s.norm)
             if nh is not None:
                 writer.add_histogram_raw(f"{prefix}/norm/{name}", global_step=step, **nh)
                 for key, value in (("norm_mean", s.norm.mean), ("anisotropy", s.norm.anisotropy)):
                     if math.isfinite(value):
                         writer.add_scalar(f"{prefix}/{key}/{name}", value, global_step=step)
     cross = window.cross
-    for name, value in zip(cross.sites, cross.block_influence):
+    for name, value in zip(cross.sites, cross.block_influence if "cos" in cross else ()):
         if math.isfinite(value):
             writer.add_scalar(f"{prefix}/block_influence/{name}", float(value), global_step=step)
 

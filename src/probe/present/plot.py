@@ -135,7 +135,7 @@ def _save(fig, path: str) -> str:
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - matplotlib depends on pillow
-        Image = None
+        Image = None  # type: ignore[assignment]
     if Image is None or buf.tell() <= PNG_BUDGET:
         with open(path, "wb") as f:
             f.write(buf.getvalue())
@@ -173,9 +173,8 @@ def _title(run: Run) -> str:
 
 
 def _sites_with(run: Run, kind: str) -> list[str]:
-    """Sites whose ``kind`` state is present and non-empty (disabled sites have none)."""
-    sites = run.total.sites
-    return [n for n in run.sites if sites.get(n, {}).get(kind)]
+    """Sites that hold the ``kind`` statistic (disabled sites hold none)."""
+    return [n for n in run.sites if run[n].has(kind)]
 
 
 def _missing(kind: str, stat: str, run: Run) -> _Missing:
@@ -479,8 +478,8 @@ def _scatter(run: Run, out: _Out, opts: dict) -> list[str]:
         chosen = _pick(list(found))
         # plus the most heavy-tailed site (largest max|x| / std in the sample), where outlier
         # channels and massive activations show best, when first/middle/last missed it
-        ratio = {n: np.max(np.abs(v[2])) / (np.std(v[2]) or 1.0) for n, v in found.items()}
-        heavy = max(ratio, key=ratio.get)
+        ratio = {n: float(np.max(np.abs(v[2])) / (np.std(v[2]) or 1.0)) for n, v in found.items()}
+        heavy = max(ratio, key=lambda n: ratio[n])
         if heavy not in chosen:
             chosen = sorted(chosen + [heavy], key=run.sites.index)
     labels, axis_label = _labels(run.sites)
@@ -681,8 +680,19 @@ def parse_layers(run: Run, text: str | Sequence[str]) -> list[str]:
     Numbers are the layer numbers the tables show (``5`` is ``hidden_states.5``; for other sites
     the index in ``run.sites``); ``a-b`` is inclusive.
 
+    Args:
+        run: the run whose sites are meant.
+        text: the selection (the CLI's ``--layers``).
+
+    Returns:
+        Site names, in the order chosen, without repeats.
+
     Raises:
         ProbeError: an unknown site or layer, an empty selection.
+
+    Example:
+        >>> parse_layers(run, "0-1"), len(parse_layers(run, "all"))
+        (['hidden_states.0', 'hidden_states.1'], 3)
     """
     from .report import resolve_site
 
@@ -762,10 +772,8 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
             lacks (``"steps"`` also needs two or more windows); matplotlib missing.
 
     Example:
-        >>> import probe
-        >>> from probe.present.plot import plot_run
-        >>> plot_run(probe.load("run.h5"), "figures", kinds=["histograms"])  # doctest: +SKIP
-        ['figures/hist_grid.png', 'figures/hist_overlay.png']
+        >>> [os.path.basename(p) for p in plot_run(run, os.path.join(tmp, "figures"), kinds=["histograms"])]
+        ['hist_grid.png', 'hist_overlay.png']
     """
     _plan(run, kinds)
     out = os.fspath(out_dir)
@@ -779,6 +787,14 @@ def figures(run: Run, kinds: Sequence[Kind] | Kind | None = None, *, layers: str
 
     Same arguments and errors as :func:`plot_run`; for inspecting what is drawn, or saving in
     another format (``fig.savefig("hist_grid.svg")``).
+
+    Returns:
+        ``{file name: matplotlib.figure.Figure}`` in the order of :data:`KINDS`.
+
+    Example:
+        >>> figs = figures(run, kinds=["cross"])
+        >>> sorted(figs)[:1], figs[sorted(figs)[0]].savefig(os.path.join(tmp, "cross.svg"))
+        (['cross_cov.png'], None)
     """
     out = _Out(None, keep=True)
     _draw(run, kinds, out, layers, shared, None)
@@ -805,9 +821,7 @@ def plot_diff(a: Run, b: Run, path: str | os.PathLike) -> str:
         ProbeError: the runs share no site; matplotlib missing.
 
     Example:
-        >>> import probe
-        >>> from probe.present.plot import plot_diff
-        >>> plot_diff(probe.load("fp32.h5"), probe.load("bf16.h5"), "diff.png")  # doctest: +SKIP
+        >>> os.path.basename(plot_diff(run, run, os.path.join(tmp, "diff.png")))
         'diff.png'
     """
     fig = _diff_figure(_as_run(a), _as_run(b))

@@ -107,10 +107,23 @@ def _magnitudes(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return mag[finite], lo[:half][finite], hi[:half][finite], m
 
 
-def count_at_least(counts: np.ndarray, lossless: bool, u: float) -> Bound:
+def count_at_least(counts: np.ndarray, lossless: bool, u: float | np.floating) -> Bound:
     """Bound on the number of histogram values with ``|x| >= u`` (``u`` a float32 number).
 
     Exact when ``u`` is a bucket edge, the bucket holding ``u`` is empty, or ``lossless``.
+
+    Args:
+        counts: raw float-bit histogram counts ``[2**(9+m)]`` (``SiteView.histogram_counts``).
+        lossless: the histogram's ``lossless`` flag.
+        u: the threshold on ``|x|`` (activation units), taken as float32.
+
+    Returns:
+        A :class:`Bound` ``(low, high)`` on the count.
+
+    Example:
+        >>> b = count_at_least(run[0].histogram_counts, False, 0.0)
+        >>> b.low == b.high == run[0].count
+        True
     """
     mag, lo, hi, _ = _magnitudes(counts)
     u = float(np.float32(u))
@@ -136,6 +149,12 @@ def fractions(counts: np.ndarray, lossless: bool, *, clip_above: float, flush_at
 
     Returns:
         ``{"total": int, "clip": Bound, "flush": Bound, "large": Bound}``.
+
+    Example:
+        >>> s = run[0]
+        >>> f = fractions(s.histogram_counts, False, clip_above=s.absmax, flush_at_or_below=0.0, absmax=s.absmax)
+        >>> f["total"] == s.count, f["clip"]
+        (True, Bound(low=0, high=0))
     """
     mag, lo, hi, _ = _magnitudes(counts)
     total = int(mag.sum())
@@ -172,10 +191,9 @@ def _first_token(site) -> dict[str, Any] | None:
     if at.get("position") != 0:
         return None
     out: dict[str, Any] = {"channel": at.get("channel"), "absmax": site.absmax, "ratio": None}
-    try:
-        absmax = site.position.absmax
-    except ProbeError:  # no per-position statistics in this run
+    if not site.has("position"):
         return out
+    absmax = site.position.absmax
     rest = absmax[1:][np.isfinite(absmax[1:])]
     if len(rest) and rest.max() > 0:
         out["ratio"] = float(absmax[0] / rest.max())
@@ -201,6 +219,11 @@ def report(run, fmt: Literal["fp8", "int8"] = "fp8", *, scale: float | dict[str,
 
     Raises:
         ProbeError: an unknown format, a bad scale, or a site without a histogram.
+
+    Example:
+        >>> row = report(run, "int8")[0]
+        >>> row["format"], row["clip"], row["count"] == run[0].count
+        ('int8', [0.0, 0.0], True)
     """
     if fmt not in FORMATS:
         raise ProbeError(f"quantization format must be one of {sorted(FORMATS)}; got {fmt!r}; pass 'fp8' or 'int8'")
@@ -234,10 +257,4 @@ def report(run, fmt: Literal["fp8", "int8"] = "fp8", *, scale: float | dict[str,
 def _lossless(run, name: str) -> bool:
     """The histogram's ``lossless`` flag; ``False`` (always a valid bound) when unavailable."""
     s = run[name]
-    flag = getattr(s, "histogram_lossless", None)
-    if flag is not None:
-        return bool(flag)
-    try:
-        return bool(s._need("histogram")["lossless"])
-    except (AttributeError, KeyError, TypeError, ProbeError):
-        return False
+    return s.histogram_lossless if s.has("histogram") else False

@@ -6,11 +6,13 @@ Flags, with their rules spelled out:
   least 6 in at least 6 % of the kept tokens, at at least 25 % of the sites. On a residual stream
   whose typical scale is itself above 6 that alone would flag every channel, so a site only counts
   when the channel's RMS is also at least 4 × the median channel RMS of that site.
-- **massive activation** (Sun et al. 2024): a value whose magnitude is at least 100 and at least
-  1000 × the median magnitude of its site (the median over the kept tokens). Looked for over
-  every real token, ``skip_first`` or not: the first positions (``max(skip_first, 1)`` of them)
-  from the per-position absmax, listed apart as the **attention sink**, and the other tokens
-  from the site's absmax (or the per-position absmax past the first positions).
+- **massive activation** (Sun et al. 2024, §2): :func:`probe.present.research.is_massive`, the
+  one rule of ``probe show`` — a magnitude larger than 100 and larger than 1000 × the median
+  magnitude of its site (the median over the kept tokens). Looked for over every real token,
+  ``skip_first`` or not: the first positions (``max(skip_first, 1)`` of them) from the
+  per-position absmax, listed apart as the **attention sink**, the other tokens from the site's
+  absmax (or the per-position absmax past the first positions), and each site's top-k entries
+  (:func:`probe.present.research.massive_topk`); ``probe show`` prints them as one block.
 
 Nothing here imports torch.
 """
@@ -24,30 +26,18 @@ import numpy as np
 
 from ..errors import ProbeError, closest
 from . import research
+from .research import MASSIVE_RATIO, MASSIVE_VALUE, is_massive, median_abs
 
 if TYPE_CHECKING:
     from ..results.run import Run
 
 __all__ = ["summary", "outlier_channels", "massive", "diff", "diff_warnings", "resolve_site", "print_summary",
-           "print_diff", "DIFF_QUANTILES", "print_quant"]
+           "print_diff", "DIFF_QUANTILES", "print_quant", "MASSIVE_VALUE", "MASSIVE_RATIO"]
 
 OUTLIER_VALUE, OUTLIER_TOKENS, OUTLIER_SITES, OUTLIER_RMS = 6.0, 0.06, 0.25, 4.0
-MASSIVE_VALUE, MASSIVE_RATIO = 100.0, 1000.0
 QUANTILES = (0.001, 0.01, 0.5, 0.99, 0.999)
 #: the quantiles whose shift ``probe diff`` reports, in its table, its JSON and its plot
 DIFF_QUANTILES = (0.001, 0.5, 0.999)
-
-
-def _median_abs(run: Run, name: str) -> float:
-    state = run.total.sites.get(name, {}).get("histogram")
-    if not state:
-        return float("nan")
-    from ..stats._buckets import quantile
-
-    counts = state["counts"]
-    half = counts.shape[0] // 2
-    folded = np.concatenate([counts[:half] + counts[half:], np.zeros(half, dtype=counts.dtype)])
-    return float(quantile(folded, bool(state["lossless"]), 0.5))
 
 
 def _clean(v: Any) -> Any:
@@ -58,11 +48,22 @@ def _clean(v: Any) -> Any:
 
 def resolve_site(run: Run, name: str, flag: str = "--site") -> str:
     """The site ``name`` means: a site name, or the layer number the tables show (``"5"`` is
-    ``"hidden_states.5"``; for other sites, the index in ``run.sites``). ``flag`` is the option
-    the error names.
+    ``"hidden_states.5"``; for other sites, the index in ``run.sites``).
+
+    Args:
+        run: the run whose sites are meant.
+        name: a site name or a layer number, as text (the CLI's ``--site``).
+        flag: the option the error names.
+
+    Returns:
+        The site's name in ``run.sites``.
 
     Raises:
-        ProbeError: no such site.
+        ProbeError: no such site (the closest names are listed).
+
+    Example:
+        >>> resolve_site(run, "1"), resolve_site(run, "hidden_states.2")
+        ('hidden_states.1', 'hidden_states.2')
     """
     if name in run.sites:
         return name
@@ -80,8 +81,26 @@ def resolve_site(run: Run, name: str, flag: str = "--site") -> str:
 
 
 def summary(run: Run, sites: list[str] | None = None) -> dict[str, Any]:
-    """Every site's headline numbers (or only ``sites``'), the flags, and the run's description,
-    JSON-ready. ``partial`` is set when the run was interrupted or failed before its end."""
+    """Every site's headline numbers (or only ``sites``'), the flags, and the run's description:
+    what ``probe show --json`` prints.
+
+    Args:
+        run: the run.
+        sites: the sites to list (default: all, in capture order).
+
+    Returns:
+        A JSON-ready dict (non-finite numbers as ``None``): ``file``, ``model``, ``windows``,
+        ``steps``, ``skip_first``, ``partial`` (set when the run was interrupted or failed before
+        its end), ``sites`` (per site: the :class:`~probe.results.run.SiteView` headline numbers,
+        and ``quantiles`` of :data:`QUANTILES` and ``median_abs`` with a histogram),
+        ``disabled``, ``outlier_channels``, ``research`` (:func:`probe.present.research.summary`)
+        and ``massive`` (:func:`massive`).
+
+    Example:
+        >>> data = summary(run)
+        >>> [e["site"] for e in data["sites"]] == run.sites, data["sites"][0]["tokens"], data["massive"]
+        (True, 10, [])
+    """
     token_text = run.meta.get("token_text", {})
     rows = []
     for name in run.sites if sites is None else sites:
@@ -95,9 +114,9 @@ def summary(run: Run, sites: list[str] | None = None) -> dict[str, Any]:
         tok = s.absmax_at["token"]
         if str(tok) in token_text:
             entry["absmax_at"]["text"] = token_text[str(tok)]
-        if run.total.sites.get(name, {}).get("histogram"):
+        if s.has("histogram"):
             entry["quantiles"] = {str(q): v for q, v in zip(QUANTILES, s.quantile(QUANTILES).tolist())}
-            entry["median_abs"] = _median_abs(run, name)
+            entry["median_abs"] = median_abs(s)
         rows.append({k: _clean(v) for k, v in entry.items()})
     chosen = set(run.sites if sites is None else sites)
     return {
@@ -111,9 +130,21 @@ def summary(run: Run, sites: list[str] | None = None) -> dict[str, Any]:
 
 
 def outlier_channels(run: Run) -> list[dict[str, Any]]:
-    """Channels meeting the LLM.int8() outlier rule (see module docstring)."""
+    """Channels meeting the LLM.int8() outlier rule (see the module docstring).
+
+    Args:
+        run: the run (sites without ``moments`` are left out).
+
+    Returns:
+        ``[{"channel", "sites", "of"}]``: each channel flagged at ``sites`` of the ``of`` sites,
+        most sites first.
+
+    Example:
+        >>> outlier_channels(run)  # a tiny random GPT-2 has none
+        []
+    """
     hits: dict[int, list[str]] = {}
-    names = [n for n in run.sites if run.total.sites.get(n, {}).get("moments")]
+    names = [n for n in run.sites if run[n].has("moments")]
     for name in names:
         s = run[name]
         if not s.tokens:
@@ -131,24 +162,35 @@ def outlier_channels(run: Run) -> list[dict[str, Any]]:
 def massive(run: Run) -> list[dict[str, Any]]:
     """Massive activations over every real token (see module docstring), JSON-ready.
 
-    One entry per site and kind: ``kind="sink"`` for the first positions (``position`` is the
-    one holding the largest value; ``channel`` is None, the per-position statistic does not keep
-    it), ``kind="token"`` for the rest (with ``row``, ``channel``, ``token`` when the site's
-    absmax is that value). ``ratio`` is ``absmax / median_abs``.
+    The rule is :func:`probe.present.research.is_massive` (the one rule of ``probe show``).
+
+    Args:
+        run: the run (sites without a histogram have no median and are left out).
+
+    Returns:
+        One entry per site and kind: ``kind="sink"`` for the first ``max(skip_first, 1)``
+        positions (``position`` is the one holding the largest value; ``channel`` is None, the
+        per-position statistic does not keep it), ``kind="token"`` for the rest (with ``row``,
+        ``channel``, ``token`` when the site's absmax is that value). ``absmax`` and
+        ``median_abs`` are in activation units; ``ratio`` is ``absmax / median_abs``.
+
+    Example:
+        >>> massive(run)  # a tiny random GPT-2 has none
+        []
     """
     out = []
     head = max(int(run.meta.get("skip_first") or 0), 1)
     for name in run.sites:
         s = run[name]
-        med = _median_abs(run, name)
+        med = median_abs(s)
         if not s.count or not med > 0:
             continue
 
         def hit(value: float) -> bool:
-            return value >= MASSIVE_VALUE and value >= MASSIVE_RATIO * med
+            return is_massive(value, med)
 
         per_pos = None
-        if run.total.sites.get(name, {}).get("position"):
+        if s.has("position"):
             per_pos = np.nan_to_num(s.position.absmax, nan=-1.0)
         if per_pos is not None and len(per_pos):
             first = per_pos[:head]
@@ -156,6 +198,7 @@ def massive(run: Run) -> list[dict[str, Any]]:
             if hit(float(first[p])):
                 out.append({"site": name, "kind": "sink", "absmax": float(first[p]), "median_abs": med,
                             "ratio": float(first[p]) / med, "position": p, "channel": None})
+        where: dict[str, int | None]
         if s.absmax_at["position"] >= head or per_pos is None:
             value, where = s.absmax, dict(s.absmax_at)
         elif len(per_pos) > head:  # the site's absmax is in the sink: the largest elsewhere
@@ -184,10 +227,25 @@ def _js(p: np.ndarray, q: np.ndarray) -> float:
 def diff(a: Run, b: Run) -> list[dict[str, Any]]:
     """Per-site shift from run ``a`` to run ``b``: mean and std ratios, the shift of the
     :data:`DIFF_QUANTILES` and the Jensen–Shannon divergence (bits, 0..1) between the two bucket
-    histograms. One row per site present in both runs, in ``a``'s order.
+    histograms. What ``probe diff --json`` prints.
+
+    Args:
+        a: the reference run.
+        b: the run compared with it.
+
+    Returns:
+        One JSON-ready row per site present in both runs, in ``a``'s order: ``mean_a``,
+        ``mean_b``, ``mean_shift`` (activation units), ``std_a``, ``std_b``, ``std_ratio``,
+        ``tokens_a``, ``tokens_b``; with histograms in both, ``js`` (Jensen–Shannon divergence
+        in bits, 0..1) and ``quantile_shift`` (``{q: q_b - q_a}``).
 
     Raises:
         ProbeError: the runs share no site.
+
+    Example:
+        >>> rows = diff(run, run)
+        >>> len(rows), rows[0]["std_ratio"], rows[0]["js"]
+        (3, 1.0, 0.0)
     """
     common = [n for n in a.sites if n in set(b.sites)]
     if not common:
@@ -200,11 +258,9 @@ def diff(a: Run, b: Run) -> list[dict[str, Any]]:
         row = {"site": name, "mean_a": sa.mean, "mean_b": sb.mean, "std_a": sa.std, "std_b": sb.std,
                "std_ratio": sb.std / sa.std if sa.std else float("nan"),
                "mean_shift": sb.mean - sa.mean, "tokens_a": sa.tokens, "tokens_b": sb.tokens}
-        ha = a.total.sites.get(name, {}).get("histogram")
-        hb = b.total.sites.get(name, {}).get("histogram")
-        if ha and hb and ha["counts"].shape == hb["counts"].shape:
+        if sa.has("histogram") and sb.has("histogram") and sa.histogram_counts.shape == sb.histogram_counts.shape:
             with np.errstate(all="ignore"):
-                row["js"] = _js(ha["counts"].astype(np.float64), hb["counts"].astype(np.float64))
+                row["js"] = _js(sa.histogram_counts.astype(np.float64), sb.histogram_counts.astype(np.float64))
             qa, qb = sa.quantile(DIFF_QUANTILES), sb.quantile(DIFF_QUANTILES)
             row["quantile_shift"] = {str(q): float(y - x) for q, x, y in zip(DIFF_QUANTILES, qa, qb)}
         rows.append({k: _clean(v) for k, v in row.items()})
@@ -213,7 +269,18 @@ def diff(a: Run, b: Run) -> list[dict[str, Any]]:
 
 def diff_warnings(a: Run, b: Run) -> list[str]:
     """What makes runs ``a`` and ``b`` hard to compare: another model, dtype, token count,
-    ``skip_first``, or a partial run. One line each; empty when they match."""
+    ``skip_first``, or a partial run.
+
+    Args:
+        a, b: the runs to compare.
+
+    Returns:
+        One line per difference; empty when they match.
+
+    Example:
+        >>> diff_warnings(run, run)
+        []
+    """
     out = []
 
     def model(r: Run) -> str:
@@ -284,11 +351,53 @@ def _partial_line(partial: dict[str, Any]) -> str:
             + "; the numbers cover only what ran")
 
 
+def _print_massive(console: Any, data: dict[str, Any], site: str | None, prefix: str) -> None:
+    """The one massive-activation block of ``probe show``: the attention sink, the other tokens and
+    the top-k entries, under the one rule (:func:`probe.present.research.is_massive`). ``prefix``
+    is cut from site names (``"hidden_states."`` when every site is a layer)."""
+    short = bool(prefix)
+    found = [m for m in data["massive"] if site is None or m["site"] == site]
+    in_topk = [h for h in data["research"]["massive_topk"] if site is None or h["site"] == site]
+    if found or in_topk:
+        console.print(f"[bold red]massive activations[/] (|x| > {MASSIVE_VALUE:g} and > {MASSIVE_RATIO:g}× the "
+                      "site's median |x|, Sun et al. 2024; over every real token):")
+        for kind, label in (("sink", f"attention sink (first {max(int(data['skip_first'] or 0), 1)} position(s))"),
+                            ("token", "other tokens")):
+            hits = [m for m in found if m["kind"] == kind]
+            if not hits:
+                continue
+            big = max(hits, key=lambda m: m["absmax"])
+            names = _compact([m["site"][len(prefix):] if short else m["site"] for m in hits])
+            where = f"p{big['position']}" + (f" c{big['channel']}" if big["channel"] is not None else "")
+            console.print(f"  {label}: {len(hits)} {'layer' if short else 'site'}(s) {names}; largest "
+                          f"{big['absmax']:.4g} = ×{big['ratio']:.3g} the median |x| "
+                          f"({'layer ' + big['site'][len(prefix):] if short else big['site']}, {where})")
+        if in_topk:
+            console.print(f"  in the top-k: {len(in_topk)}, e.g. "
+                          + ", ".join(f"{h['site']} {h['value']:.4g} at p{h['position']} c{h['channel']}"
+                                      + (f" {h['text']!r}" if "text" in h else "") for h in in_topk[:4])
+                          + (" …" if len(in_topk) > 4 else ""))
+
+
 def print_summary(run: Run, console=None, site: str | None = None) -> None:
     """The ``probe show`` table: one row per site (or only ``site``), then the flags.
 
     Columns shown depend on the console width (``min``/``max`` and the row and token of the
-    absmax need 120 columns); the caption describes the columns actually shown.
+    absmax need 120 columns); the caption describes the columns actually shown. The massive
+    activations of :func:`massive` and :func:`probe.present.research.massive_topk` print as one
+    block under one rule.
+
+    Args:
+        run: the run.
+        console: a ``rich.console.Console`` (default: a new one on stdout).
+        site: print only this site's row, and its quantiles, largest channels and top-k.
+
+    Example:
+        >>> from rich.console import Console
+        >>> console = Console(width=160, record=True, file=open(os.devnull, "w"))
+        >>> print_summary(run, console)
+        >>> "hidden-state geometry" in console.export_text()
+        True
     """
     from rich.console import Console
     from rich.table import Table
@@ -331,26 +440,12 @@ def print_summary(run: Run, console=None, site: str | None = None) -> None:
         if "quantiles" in e:
             console.print("quantiles: " + ", ".join(f"q{q}={_fmt(v)}" for q, v in e["quantiles"].items()))
         s = run[site]
-        if s.channel is not None:
+        if s.has("moments"):
             top = np.argsort(-np.nan_to_num(s.channel.absmax, nan=-1))[:8]
             console.print("largest channels: " + ", ".join(f"{c} ({s.channel.absmax[c]:.4g})" for c in top))
         if s.nan or s.posinf or s.neginf:
             console.print(f"[yellow]non-finite: nan={s.nan} +inf={s.posinf} -inf={s.neginf}[/]")
-    found = [m for m in data["massive"] if site is None or m["site"] == site]
-    if found:
-        console.print(f"[bold red]massive activations[/] (|x| ≥ {MASSIVE_VALUE:g} and ≥ {MASSIVE_RATIO:g}× the "
-                      "site's median |x|, over every real token):")
-        for kind, label in (("sink", f"attention sink (first {max(int(data['skip_first'] or 0), 1)} position(s))"),
-                            ("token", "other tokens")):
-            hits = [m for m in found if m["kind"] == kind]
-            if not hits:
-                continue
-            top = max(hits, key=lambda m: m["absmax"])
-            names = _compact([m["site"][len(prefix):] if short else m["site"] for m in hits])
-            where = f"p{top['position']}" + (f" c{top['channel']}" if top["channel"] is not None else "")
-            console.print(f"  {label}: {len(hits)} {'layer' if short else 'site'}(s) {names}; largest "
-                          f"{top['absmax']:.4g} = ×{top['ratio']:.3g} the median |x| "
-                          f"({'layer ' + top['site'][len(prefix):] if short else top['site']}, {where})")
+    _print_massive(console, data, site, prefix if short else "")
     if data["outlier_channels"]:
         console.print(f"[bold yellow]outlier channels[/] (|x| ≥ {OUTLIER_VALUE:g} in ≥ {OUTLIER_TOKENS:.0%} of tokens "
                       f"at ≥ {OUTLIER_SITES:.0%} of sites, RMS ≥ {OUTLIER_RMS:g}× the median channel's): "
@@ -359,7 +454,19 @@ def print_summary(run: Run, console=None, site: str | None = None) -> None:
 
 
 def print_diff(rows: list[dict[str, Any]], console=None) -> None:
-    """The ``probe diff`` table: one row per common site; quantile shifts of :data:`DIFF_QUANTILES`."""
+    """The ``probe diff`` table: one row per common site; quantile shifts of :data:`DIFF_QUANTILES`.
+
+    Args:
+        rows: :func:`diff`'s rows.
+        console: a ``rich.console.Console`` (default: a new one on stdout).
+
+    Example:
+        >>> from rich.console import Console
+        >>> console = Console(width=120, record=True, file=open(os.devnull, "w"))
+        >>> print_diff(diff(run, run), console)
+        >>> "distribution shift" in console.export_text()
+        True
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -388,7 +495,20 @@ def _pct(pair: list[float] | None, exact: bool | None) -> str:
 def print_quant(rows: list[dict[str, Any]], console=None) -> None:
     """The table of :func:`probe.present.quant.report`: per site, the share of values that would clip and
     flush to zero at the given per-tensor scale, and of ``|x| >= 6``; a range ``a–b`` is a bound
-    (the threshold fell inside one histogram bucket), a single number is exact."""
+    (the threshold fell inside one histogram bucket), a single number is exact.
+
+    Args:
+        rows: :func:`probe.present.quant.report`'s rows.
+        console: a ``rich.console.Console`` (default: a new one on stdout).
+
+    Example:
+        >>> from rich.console import Console
+        >>> from probe.present.quant import report
+        >>> console = Console(width=120, record=True, file=open(os.devnull, "w"))
+        >>> print_quant(report(run, "fp8"), console)
+        >>> "per-tensor" in console.export_text()
+        True
+    """
     from rich.console import Console
     from rich.table import Table
 

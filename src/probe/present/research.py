@@ -4,11 +4,15 @@ rich table for people.
 
 Rules, spelled out:
 
-- **massive activation** (Sun et al. 2024, "Massive Activations in Large Language Models", §2):
-  an entry of a site's top-k with ``|x| > 100`` and ``|x| > 1000 ×`` the median ``|x|`` of that
-  site. The top-k covers every real token, first positions included; the median comes from the
-  site's histogram, i.e. the kept tokens (all real tokens unless ``skip_first`` > 0, where the
-  few skipped head tokens cannot move a median over thousands of values by more than a rank each).
+- **massive activation** (Sun et al. 2024, "Massive Activations in Large Language Models", §2:
+  "activations with magnitudes larger than 100 and ... about 1,000 times larger than the median"):
+  ``|x| > MASSIVE_VALUE`` (100) and ``|x| > MASSIVE_RATIO`` (1000) ``×`` the median ``|x|`` of
+  its site, both strict as in the paper; :func:`is_massive` is the one rule, applied here to the
+  entries of a site's top-k and by :func:`probe.present.report.massive` to the per-position and
+  site absmax. The top-k covers every real token, first positions included; the median comes
+  from the site's histogram (:meth:`~probe.results.run.SiteView.abs_quantile`), i.e. the kept
+  tokens (all real tokens unless ``skip_first`` > 0, where the few skipped head tokens cannot move
+  a median over thousands of values by more than a rank each).
 - **block influence** (Men et al. 2024, "ShortGPT", eq. 1): ``1 - E[cos(h_l, h_{l+1})]`` over
   kept tokens between consecutive sites of the cross-layer matrices; small means the block
   barely turns the hidden state, a candidate for pruning.
@@ -24,24 +28,50 @@ from typing import Any
 
 import numpy as np
 
-from ..results.run import Run
+from ..results.run import TOPK_DTYPE, Run, SiteView
 
-__all__ = ["summary", "massive_topk", "print_research", "MASSIVE_VALUE", "MASSIVE_RATIO"]
+__all__ = ["summary", "massive_topk", "is_massive", "median_abs", "print_research", "MASSIVE_VALUE",
+           "MASSIVE_RATIO"]
 
-MASSIVE_VALUE, MASSIVE_RATIO = 100.0, 1000.0
+#: Sun et al. (2024): a massive activation is larger than 100 in magnitude ...
+MASSIVE_VALUE = 100.0
+#: ... and about 1000 times the median magnitude of its hidden state
+MASSIVE_RATIO = 1000.0
 
 
-def _median_abs(state: dict) -> float:
-    """Median |x| from a site's float-bit histogram (both signs folded onto the positive half)."""
-    h = state.get("histogram")
-    if not h:
-        return float("nan")
-    from ..stats._buckets import quantile
+def is_massive(magnitude: float, median: float) -> bool:
+    """The massive-activation rule (Sun et al. 2024, §2): ``magnitude > MASSIVE_VALUE`` and
+    ``magnitude > MASSIVE_RATIO * median``, both strict (the paper's "larger than").
 
-    counts = np.asarray(h["counts"])
-    half = counts.shape[0] // 2
-    folded = np.concatenate([counts[:half] + counts[half:], np.zeros(half, dtype=counts.dtype)])
-    return float(quantile(folded, bool(h["lossless"]), 0.5))
+    Args:
+        magnitude: ``|x|`` of one activation (activation units).
+        median: the median ``|x|`` of its site (:func:`median_abs`); a rule needs ``median > 0``.
+
+    Returns:
+        Whether ``magnitude`` is a massive activation.
+
+    Example:
+        >>> is_massive(2500.0, 0.5), is_massive(100.0, 0.01), is_massive(500.0, 1.0)
+        (True, False, False)
+    """
+    return median > 0 and magnitude > MASSIVE_VALUE and magnitude > MASSIVE_RATIO * median
+
+
+def median_abs(site: SiteView) -> float:
+    """The median ``|x|`` of a site's kept values, from its histogram (NaN without one).
+
+    Args:
+        site: a site's view, ``run[name]``.
+
+    Returns:
+        The median magnitude (activation units), within the histogram's relative error bound;
+        NaN when the site has no ``histogram`` statistic.
+
+    Example:
+        >>> bool(median_abs(run[0]) > 0)
+        True
+    """
+    return float(site.abs_quantile(0.5)) if site.has("histogram") else float("nan")
 
 
 def _text(run: Run, token: int) -> str | None:
@@ -49,24 +79,37 @@ def _text(run: Run, token: int) -> str | None:
     return None if text is None else str(text)
 
 
-def _num(v: float) -> float | None:
+def _num(v: float | None) -> float | None:
     return float(v) if v is not None and math.isfinite(v) else None
 
 
 def massive_topk(run: Run) -> list[dict[str, Any]]:
-    """Every top-k entry meeting the massive-activation rule (module docstring), by site, largest first."""
+    """Every top-k entry meeting the massive-activation rule (:func:`is_massive`).
+
+    Args:
+        run: a run (sites without ``topk`` are left out).
+
+    Returns:
+        JSON-ready dicts, by site and then largest first: ``site``, ``value``, ``ratio``
+        (``|value| / median_abs``), ``median_abs``, ``row``, ``position``, ``channel``, ``token``
+        and ``text`` when ``run.meta["token_text"]`` decodes the token.
+
+    Example:
+        >>> massive_topk(run)  # a tiny random GPT-2 has none
+        []
+    """
     out = []
-    for name in run.sites:
-        state = run.total.sites.get(name, {})
-        if not state.get("topk"):
+    for site in run:
+        if not site.has("topk"):
             continue
-        med = _median_abs(state)
-        for e in run[name].topk:
+        med = median_abs(site)
+        for e in site.topk:
             mag = abs(float(e["value"]))
-            if mag > MASSIVE_VALUE and med > 0 and mag > MASSIVE_RATIO * med:
-                entry = {"site": name, "value": float(e["value"]), "ratio": mag / med, "median_abs": med,
-                         "row": int(e["row"]), "position": int(e["position"]), "channel": int(e["channel"]),
-                         "token": int(e["token"])}
+            if is_massive(mag, med):
+                entry: dict[str, Any] = {
+                    "site": site.name, "value": float(e["value"]), "ratio": mag / med, "median_abs": med,
+                    "row": int(e["row"]), "position": int(e["position"]), "channel": int(e["channel"]),
+                    "token": int(e["token"])}
                 text = _text(run, e["token"])
                 if text is not None:
                     entry["text"] = text
@@ -75,23 +118,36 @@ def massive_topk(run: Run) -> list[dict[str, Any]]:
 
 
 def summary(run: Run, top: int = 5) -> dict[str, Any]:
-    """Per site: the ``top`` largest entries (with decoded token text when ``meta["token_text"]``
-    has it), norm statistics, anisotropy; the block influence of consecutive sites; the massive
-    activations. JSON-ready (non-finite numbers as ``None``)."""
+    """The geometry of the hidden states, JSON-ready (non-finite numbers as ``None``).
+
+    Args:
+        run: a run; each part is left out for the sites (or cross view) that lack its statistic.
+        top: how many of each site's largest entries to list.
+
+    Returns:
+        ``{"sites": [...], "block_influence": [...], "massive_topk": [...]}``: per site its
+        ``top`` largest entries (``topk``, with decoded ``text`` when ``meta["token_text"]`` has
+        it), ``norm`` statistics and ``anisotropy``; the block influence ``{"from", "to",
+        "value"}`` of consecutive cross sites (empty without ``cos``); :func:`massive_topk`.
+
+    Example:
+        >>> data = summary(run, top=2)
+        >>> len(data["sites"][0]["topk"]), data["block_influence"]
+        (2, [])
+    """
     sites = []
-    for name in run.sites:
-        state = run.total.sites.get(name, {})
-        entry: dict[str, Any] = {"site": name}
-        if state.get("topk"):
+    for site in run:
+        entry: dict[str, Any] = {"site": site.name}
+        if site.has("topk"):
             entry["topk"] = []
-            for e in run[name].topk[:top]:
-                item = {f: (float(e[f]) if f == "value" else int(e[f])) for f in e.dtype.names}
+            for e in site.topk[:top]:
+                item: dict[str, Any] = {f: (float(e[f]) if f == "value" else int(e[f])) for f in TOPK_DTYPE.names or ()}
                 text = _text(run, e["token"])
                 if text is not None:
                     item["text"] = text
                 entry["topk"].append(item)
-        if state.get("norm"):
-            n = run[name].norm
+        if site.has("norm"):
+            n = site.norm
             entry["norm"] = {"count": n.count, "mean": _num(n.mean), "std": _num(n.std), "min": _num(n.min),
                              "max": _num(n.max), "scale": _num(n.scale), "nonfinite": n.nonfinite,
                              "first_position_mean": _num(n.position_mean[0]) if len(n.position_mean) else None}
@@ -99,7 +155,7 @@ def summary(run: Run, top: int = 5) -> dict[str, Any]:
         sites.append(entry)
     cross = run.cross
     influence = [{"from": a, "to": b, "value": _num(v)}
-                 for a, b, v in zip(cross.sites, cross.sites[1:], cross.block_influence)]
+                 for a, b, v in zip(cross.sites, cross.sites[1:], cross.block_influence)] if "cos" in cross else []
     return {"sites": sites, "block_influence": influence, "massive_topk": massive_topk(run)}
 
 
@@ -111,7 +167,21 @@ def _fmt(v: Any) -> str:
 
 def print_research(run: Run, console=None, site: str | None = None) -> None:
     """Print the geometry table (and, with ``site``, that site's top entries); prints nothing
-    for a run captured without ``topk``, ``norm`` and cross-layer cosines."""
+    for a run captured without ``topk``, ``norm`` and cross-layer cosines. The massive
+    activations are printed by :func:`probe.present.report.print_summary`, in one block.
+
+    Args:
+        run: the run.
+        console: a ``rich.console.Console`` (default: a new one on stdout).
+        site: print only this site's row, and its ten largest entries.
+
+    Example:
+        >>> from rich.console import Console
+        >>> console = Console(width=160, record=True, file=open(os.devnull, "w"))
+        >>> print_research(run, console, site="hidden_states.1")
+        >>> "largest |x|" in console.export_text()
+        True
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -142,15 +212,8 @@ def print_research(run: Run, console=None, site: str | None = None) -> None:
                       _fmt(top["value"]) if top else "–", at)
     console.print(table)
     if site is not None:
-        e = next((x for x in data["sites"] if x["site"] == site), {})
-        if e.get("topk"):
+        chosen: dict[str, Any] = next((x for x in data["sites"] if x["site"] == site), {})
+        if chosen.get("topk"):
             console.print("largest |x|: " + ", ".join(
                 f"{t['value']:.4g} (r{t['row']} p{t['position']} c{t['channel']}"
-                + (f" {t['text']!r}" if "text" in t else "") + ")" for t in e["topk"]))
-    hits = data["massive_topk"]
-    if hits:
-        console.print(f"[bold red]massive activations[/] (|x| > {MASSIVE_VALUE:g} and > {MASSIVE_RATIO:g}× the "
-                      f"site's median |x|, Sun et al. 2024): {len(hits)} in the top-k, e.g. "
-                      + ", ".join(f"{h['site']} {h['value']:.4g} at p{h['position']} c{h['channel']}"
-                                  + (f" {h['text']!r}" if "text" in h else "") for h in hits[:4])
-                      + (" …" if len(hits) > 4 else ""))
+                + (f" {t['text']!r}" if "text" in t else "") + ")" for t in chosen["topk"]))

@@ -24,7 +24,20 @@ _MUST_MATCH = ("stats", "skip_first", "max_positions", "histogram", "cross_sites
 
 
 def differences(a: Any, b: Any, prefix: str = "", limit: int = 4) -> list[str]:
-    """``"key: a vs b"`` for each leaf where the JSON-like ``a`` and ``b`` differ (at most ``limit``)."""
+    """``"key: a vs b"`` for each leaf where the JSON-like ``a`` and ``b`` differ.
+
+    Args:
+        a, b: JSON-like values (dicts, lists, scalars).
+        prefix: the key path the lines start with.
+        limit: the most lines returned.
+
+    Returns:
+        One line per differing leaf, at most ``limit``.
+
+    Example:
+        >>> differences({"skip_first": 0, "stats": ["moments"]}, {"skip_first": 1, "stats": ["moments"]})
+        ['skip_first: 0 vs 1']
+    """
     out: list[str] = []
 
     def walk(x, y, where):
@@ -61,11 +74,27 @@ def _sites(meta: dict) -> list[dict]:
 
 
 def merge_runs(runs: Sequence[Run], names: Sequence[str] | None = None) -> Run:
-    """Merge runs exactly (see the module docstring); returns an in-memory :class:`Run`.
+    """Merge runs exactly (see the module docstring).
+
+    Args:
+        runs: two or more runs of the same model, sites, statistics and options.
+        names: what the messages call each run (default: its path, or ``"run i"``).
+
+    Returns:
+        An in-memory :class:`Run`: counts add, moments merge by Chan / Pébay, extremes and
+        top-k by max, samples by bottom-k of the keys, histograms add.
 
     Raises:
         ProbeError: fewer than two runs, or runs that differ in model, sites, statistics or
             their options (the message lists the differing keys).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")  # the same run twice: the same sample seed
+        ...     both = merge_runs([run, run])
+        >>> both[0].tokens == 2 * run[0].tokens, both[0].mean == run[0].mean
+        (True, True)
     """
     if len(runs) < 2:
         raise ProbeError(f"merge needs at least two runs; got {len(runs)}; pass two or more files")
@@ -110,7 +139,31 @@ def merge_runs(runs: Sequence[Run], names: Sequence[str] | None = None) -> Run:
 
 
 def merge_files(paths: Sequence[str], out: str, *, overwrite: bool = False) -> Run:
-    """Merge the run files ``paths`` into ``out`` and return the merged run (read from ``out``)."""
+    """Merge the run files ``paths`` into ``out`` (see :func:`merge_runs`).
+
+    Args:
+        paths: two or more run files (``probe.capture(..., out=...)``, ``probe run``).
+        out: the file to write.
+        overwrite: replace an existing ``out``.
+
+    Returns:
+        The merged run, read back from ``out``.
+
+    Raises:
+        ProbeError: unreadable files, an existing ``out`` without ``overwrite``, or runs that
+            cannot merge (see :func:`merge_runs`).
+
+    Example:
+        >>> import warnings
+        >>> from probe.store import write_run
+        >>> a, b = os.path.join(tmp, "a.h5"), os.path.join(tmp, "b.h5")
+        >>> write_run(run, a, False); write_run(run, b, False)
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     merged = merge_files([a, b], os.path.join(tmp, "ab.h5"))
+        >>> merged[0].count == 2 * run[0].count
+        True
+    """
     from ..store import check_writable, read, write_run
 
     check_writable(out, overwrite)
