@@ -41,6 +41,17 @@ class Field:
     unit: str
     #: fields with the same ``(reduce, group)`` merge together (e.g. the ``keep`` co-moments)
     group: str = ""
+    #: entries past the end of the last dim that the device-side state holds and the stored one
+    #: does not: a spare bucket that swallows excluded values, so the update needs no mask
+    #: (always dropped by ``state_dict``, restored as ``fill`` by ``load_state_dict``)
+    spare: int = 0
+
+    def sizes(self, dims: dict[str, int], spare: bool = False) -> tuple[int, ...]:
+        """The concrete shape for the symbolic ``dims`` (with the spare entries when ``spare``)."""
+        shape = [int(d) if d.isdigit() else dims[d] for d in self.shape]
+        if spare and self.spare:
+            shape[-1] += self.spare
+        return tuple(shape)
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,20 @@ class State:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields)
+
+    def dims_of(self, state: Any) -> dict[str, int]:
+        """The sizes of the symbolic dims of one (non-empty, stored) ``state``."""
+        dims: dict[str, int] = {}
+        for f in self.fields:
+            for d, size in zip(f.shape, np.shape(state[f.name])):
+                if not d.isdigit():
+                    dims[d] = int(size)
+        return dims
+
+    @property
+    def symbols(self) -> tuple[str, ...]:
+        """The symbolic dims of the fields (``D``, ``P``, ...), sorted."""
+        return tuple(sorted({d for f in self.fields for d in f.shape if not d.isdigit()}))
 
     def groups(self) -> list[tuple[str, list[Field]]]:
         """``(reduce, fields)`` per merge unit, in declaration order (elementwise fields alone)."""
@@ -124,7 +149,7 @@ POSITION = State("position", (
 ))
 
 HISTOGRAM = State("histogram", (
-    Field("counts", I64, ("B",), "sum", 0, "finite kept values per float-bit bucket"),
+    Field("counts", I64, ("B",), "sum", 0, "finite kept values per float-bit bucket", spare=1),
     Field("lossless", BOOL, (), "all", True, "no value had mantissa bits below the top m"),
 ))
 
@@ -148,7 +173,7 @@ CROSS = State("cross", tuple(
         Field(f"{v}_cos", F64, ("S", "S"), "sum", 0.0, "sum over tokens of cos(h_i, h_j)"),
     )]
     + [Field("keep_cos_hist", I64, ("S", "C"), "sum", 0,
-             "kept tokens per float-bit bucket of 1 - cos(h_l, h_l+1), row l (C = 2**12; last row 0)")]
+             "kept tokens per float-bit bucket of 1 - cos(h_l, h_l+1), row l (C = 2**12; last row 0)", spare=1)]
 ))
 
 TOPK = State("topk", (
@@ -168,7 +193,8 @@ NORM = State("norm", (
     Field("min", F32, (), "min", _INF, "smallest norm (+inf where empty)"),
     Field("max", F32, (), "max", -_INF, "largest norm (-inf where empty)"),
     Field("nonfinite", I64, (), "sum", 0, "kept tokens whose norm is not finite"),
-    Field("counts", I64, ("H",), "sum", 0, "norms per float-bit bucket (the positive half, H = 2**(8+m))"),
+    Field("counts", I64, ("H",), "sum", 0, "norms per float-bit bucket (the positive half, H = 2**(8+m))",
+          spare=1),
     Field("pos_n", F64, ("P",), "moments", 0.0, "real tokens with a finite norm at each position", "pos"),
     Field("pos_mean", F64, ("P",), "moments", 0.0, "mean L2 norm at each position", "pos"),
     Field("pos_m2", F64, ("P",), "moments", 0.0, "sum of (norm - mean)^2 at each position", "pos"),
@@ -182,22 +208,12 @@ SPECS: dict[str, State] = {s.name: s for s in (MOMENTS, POSITION, HISTOGRAM, SAM
 
 def dims_of(kind: str, state: dict[str, Any]) -> dict[str, int]:
     """The sizes of the symbolic dims of one (non-empty) ``state``."""
-    dims: dict[str, int] = {}
-    for f in SPECS[kind].fields:
-        shape = np.shape(state[f.name])
-        for d, size in zip(f.shape, shape):
-            if not d.isdigit():
-                dims[d] = int(size)
-    return dims
+    return SPECS[kind].dims_of(state)
 
 
 def empty_state(kind: str, dims: dict[str, int]) -> dict[str, np.ndarray]:
     """The identity state of ``kind`` with the given dims (what a window that saw nothing holds)."""
-    out = {}
-    for f in SPECS[kind].fields:
-        shape = tuple(int(d) if d.isdigit() else dims[d] for d in f.shape)
-        out[f.name] = np.full(shape, f.fill, dtype=f.dtype)
-    return out
+    return {f.name: np.full(f.sizes(dims), f.fill, dtype=f.dtype) for f in SPECS[kind].fields}
 
 
 # ------------------------------------------------------------------------------ the moment algebra

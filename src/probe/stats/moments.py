@@ -162,30 +162,9 @@ class Moments(BatchedStat):
     name = "moments"
     chunked = True
     spec = SPECS["moments"]
-    _fields = spec.names
 
-    def _init(self, d: int, device: torch.device) -> None:
-        f64 = dict(dtype=torch.float64, device=device)
-        i64 = dict(dtype=torch.int64, device=device)
-        self._state = {
-            "n": torch.zeros(d, **f64),
-            "mean": torch.zeros(d, **f64),
-            "m2": torch.zeros(d, **f64),
-            "m3": torch.zeros(d, **f64),
-            "m4": torch.zeros(d, **f64),
-            "min": torch.full((d,), float("inf"), dtype=torch.float32, device=device),
-            "max": torch.full((d,), float("-inf"), dtype=torch.float32, device=device),
-            "nan": torch.zeros((), **i64),
-            "posinf": torch.zeros((), **i64),
-            "neginf": torch.zeros((), **i64),
-            "tokens": torch.zeros((), **i64),
-            "absmax": torch.full((), -1.0, dtype=torch.float32, device=device),
-            "absmax_at": torch.full((4,), -1, **i64),
-            "large": torch.zeros(d, **i64),
-        }
-
-    def _init_like(self, x: Tensor) -> None:
-        self._init(x.shape[-1], x.device)
+    def dims(self, x: Tensor) -> dict[str, int]:
+        return {"D": x.shape[-1]}
 
     @staticmethod
     def _run(state: tuple[Tensor, ...], x: Tensor, parts, tokens: Tokens, compiled: bool) -> tuple[Tensor, ...]:

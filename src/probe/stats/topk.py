@@ -60,19 +60,16 @@ class TopK(StatBase):
     name = "topk"
     chunked = True
     spec = SPECS["topk"]
-    _fields = spec.names
 
     def __init__(self, k: int = K) -> None:
         super().__init__()
         self.k = k
 
-    def _init(self, device: torch.device) -> None:
-        k = self.k
-        self._state = {"value": torch.full((k,), float("nan"), dtype=torch.float32, device=device),
-                       **{f: torch.full((k,), -1, dtype=torch.int64, device=device) for f in self._fields[1:]}}
+    def dims(self, x: Tensor) -> dict[str, int]:
+        return {"k": self.k}
 
-    def _init_like(self, x: Tensor) -> None:
-        self._init(x.device)
+    def _adopt(self, dims: dict[str, int]) -> None:
+        self.k = dims["k"]
 
     def update(self, x: Tensor, tokens: Tokens) -> None:
         TopK.update_group([self], x.unsqueeze(0), tokens)
