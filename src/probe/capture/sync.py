@@ -105,8 +105,9 @@ def _agree_dims(slots: list[tuple[str | None, str]], rows: list[WindowState], de
     for j, slot in enumerate(slots):
         dims[slot] = {} if values[len(flat) + j] else None
     for i, (slot, d) in enumerate(flat):
-        if dims[slot] is not None:
-            dims[slot][d] = values[i]
+        sizes = dims[slot]
+        if sizes is not None:
+            sizes[d] = values[i]
     return dims
 
 
@@ -239,7 +240,7 @@ def _reduce(items: list[tuple[tuple, str, dict]], device, group) -> list[dict]:
     # the location of each argmax: among the ranks holding the largest value, the earliest
     # (row, position, channel); token follows (one MIN round per component)
     alive = [cand for _, _, cand in argmaxes]
-    chosen = [[] for _ in argmaxes]
+    chosen: list[list[torch.Tensor]] = [[] for _ in argmaxes]
     for c in range(4):
         rnd = _Round(group)
         idx = []

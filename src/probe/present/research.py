@@ -36,11 +36,10 @@ def _median_abs(state: dict) -> float:
     h = state.get("histogram")
     if not h:
         return float("nan")
-    from ..stats._buckets import quantile
+    from ..stats._buckets import Buckets, quantile
 
-    counts = np.asarray(h["counts"])
-    half = counts.shape[0] // 2
-    folded = np.concatenate([counts[:half] + counts[half:], np.zeros(half, dtype=counts.dtype)])
+    buckets = Buckets.of(np.shape(h["counts"])[0])
+    folded = buckets.signed_counts(buckets.magnitudes(h["counts"]))
     return float(quantile(folded, bool(h["lossless"]), 0.5))
 
 

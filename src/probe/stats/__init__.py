@@ -29,9 +29,12 @@ Adding a statistic is one class and one call::
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._state import SPECS
+
+if TYPE_CHECKING:  # the classes import torch; the registry itself must not
+    from ._base import StatBase
 
 #: statistic names accepted by ``capture(stats=...)``, in the order they run (registered ones last)
 NAMES: tuple[str, ...] = ("moments", "position", "histogram", "sample", "cross", "topk", "norm", "cos")
@@ -45,7 +48,7 @@ _LAZY = {"Tokens": "._base", "Cross": ".cross", "Histogram": ".histogram", "Mome
 _BUILTIN = {"moments": "Moments", "position": "Position", "histogram": "Histogram", "sample": "Sample",
             "cross": "Cross", "topk": "TopK", "norm": "Norm"}
 #: registered statistics, by name
-_REGISTERED: dict[str, type] = {}
+_REGISTERED: dict[str, type[StatBase]] = {}
 
 __all__ = ["NAMES", "DEFAULT", "site_states", "register", "unregister", "stat_class", "Cross", "Histogram",
            "Moments", "Norm", "Position", "Sample", "Tokens", "TopK"]
@@ -59,7 +62,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def register(cls: type, *, default: bool = False) -> type:
+def register(cls: type[StatBase], *, default: bool = False) -> type[StatBase]:
     """Make statistic ``cls`` known to the capture, the store and the merges.
 
     ``cls`` follows :class:`~probe.stats._base.Stat` (subclass
@@ -106,7 +109,7 @@ def unregister(name: str) -> None:
         DEFAULT = tuple(n for n in DEFAULT if n != name)
 
 
-def stat_class(name: str) -> type | None:
+def stat_class(name: str) -> type[StatBase] | None:
     """The class of statistic ``name`` (``None`` for ``cos``, a switch of ``cross``)."""
     if name in _REGISTERED:
         return _REGISTERED[name]
@@ -130,7 +133,7 @@ def site_states(names, *, histogram_bits: int, max_positions: int, sample_size: 
     Returns:
         ``{name: statistic}`` with empty states.
     """
-    per = {}
+    per: dict[str, Any] = {}
     for name in NAMES:
         cls = stat_class(name) if name in names else None
         if cls is not None and cls.per_site:

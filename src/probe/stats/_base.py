@@ -13,7 +13,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from collections.abc import Mapping
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol, Self
 
 import torch
 from torch import Tensor
@@ -247,22 +247,25 @@ class StatBase:
         assert self._state is not None
         return self._state
 
-    @classmethod
-    def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
-        """Fold ``x[G, n, D]`` into ``stats`` (``G`` statistics of this class, one per site, all
-        over the same tokens). Batched statistics do it in one step; others one site at a time."""
-        for g, stat in enumerate(stats):
-            stat.update(x[g], tokens)
+    def update(self, x: Tensor, tokens: Tokens) -> None:
+        """Fold one site's chunk ``x[n, D]`` in (:meth:`update_group` with ``G = 1``)."""
+        type(self).update_group([self], x.unsqueeze(0), tokens)
 
     @classmethod
-    def partial(cls, stat: StatBase, x: Tensor, tokens: Tokens) -> Any:
+    def update_group(cls, stats: list[Self], x: Tensor, tokens: Tokens) -> None:
+        """Fold ``x[G, n, D]`` into ``stats`` (``G`` statistics of this class, one per site, all
+        over the same tokens), without reading the device from the host."""
+        raise NotImplementedError(f"{cls.__name__} must define update_group")
+
+    @classmethod
+    def partial(cls, stat: Self, x: Tensor, tokens: Tokens) -> Any:
         """Phase one of a two-phase update of ``stat`` by chunk ``x[1, n, D]`` (see
         :meth:`BatchedStat.partial`); this default does the whole update now."""
         cls.update_group([stat], x, tokens)
         return None
 
     @classmethod
-    def fold(cls, stats: list, parts: list) -> None:
+    def fold(cls, stats: list[Self], parts: list[Any]) -> None:
         """Phase two (see :meth:`BatchedStat.fold`); nothing is left to do by default."""
 
     def _init_like(self, x: Tensor) -> None:
@@ -289,9 +292,6 @@ class BatchedStat(StatBase):
     def _run(state: tuple[Tensor, ...], x: Tensor, parts: Finite, tokens: Tokens, compiled: bool) -> tuple:
         raise NotImplementedError
 
-    def update(self, x: Tensor, tokens: Tokens) -> None:
-        type(self).update_group([self], x.unsqueeze(0), tokens)
-
     def _chunk(self, x: Tensor, parts: Finite, tokens: Tokens) -> tuple[Tensor, ...]:
         """The state (``_fields`` order, leading site dim) of chunk ``x[G, n, D]`` alone."""
         raise NotImplementedError
@@ -302,7 +302,7 @@ class BatchedStat(StatBase):
         raise NotImplementedError
 
     @classmethod
-    def partial(cls, stat: StatBase, x: Tensor, tokens: Tokens) -> tuple[Tensor, ...] | None:
+    def partial(cls, stat: Self, x: Tensor, tokens: Tokens) -> tuple[Tensor, ...] | None:
         """Phase one of a two-phase update: the state of ``stat``'s chunk ``x[1, n, D]`` alone,
         computed while the chunk is in cache; :meth:`fold` merges many sites' at once, so the
         small per-state operations run once per forward rather than once per site."""
@@ -354,7 +354,7 @@ def run_compiled(fn: Callable, *args: Any) -> Any:
     """``fn(*args)`` through ``torch.compile`` (dynamic shapes, one graph, compiled once per process
     and shape family). ``fn`` must be pure; if compiling it fails, one warning says so and it runs
     eagerly from then on (the result is the same, only slower)."""
-    if fn not in _EAGER:
+    if fn not in _EAGER and COMPILE_BACKEND is not None:
         compiled = _COMPILED.get(fn)
         if compiled is None:
             compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True, backend=COMPILE_BACKEND)
@@ -362,9 +362,9 @@ def run_compiled(fn: Callable, *args: Any) -> Any:
             return compiled(*args)
         except Exception as err:  # a compiler failure must not cost the run: eager gives the same result
             _EAGER.add(fn)
-            root = err  # dynamo wraps the compiler's own error (inner_exception)
-            while getattr(root, "inner_exception", None) is not None or root.__cause__ is not None:
-                root = getattr(root, "inner_exception", None) or root.__cause__
+            root: BaseException = err  # dynamo wraps the compiler's own error (inner_exception)
+            while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+                root = inner
             why = (str(root).strip().splitlines() or [""])[0][:200]
             warnings.warn(f"probe: torch.compile of {fn.__module__}.{fn.__qualname__} failed "
                           f"({type(root).__name__}: {why}); running it eagerly "
@@ -405,6 +405,15 @@ class Finite:
     """
 
     __slots__ = ("x", "key", "_xs", "_fm", "_abs", "_rowmax", "_colsum", "_clean", "_wide")
+    x: Tensor
+    key: tuple
+    _xs: Tensor | None
+    _fm: Tensor | None
+    _abs: Tensor | None
+    _rowmax: Tensor | None
+    _colsum: Tensor | None
+    _clean: bool | None
+    _wide: Tensor | None
 
     def __init__(self, x: Tensor, key: tuple) -> None:
         self.x = x
@@ -541,6 +550,7 @@ def dense(x: Tensor, tokens: Tokens) -> Dense | None:
         return None
     key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x._version)
     local = tokens.local
+    view: Dense | None
     hit = local.get("dense")
     if hit is not None and hit[0] == key:
         return hit[1]

@@ -3,16 +3,18 @@ this without importing torch). See :class:`probe.stats.histogram.Histogram` for 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Buckets", "bucket_edges", "quantile", "render"]
+__all__ = ["Buckets", "MAX_BITS", "bucket_edges", "quantile", "render"]
 
 #: the exponent of float32 infinities and NaNs: those buckets are never counted
 _EXP_NONFINITE = 255
+#: the most mantissa bits a capture keeps (``histogram_bits``: 0..10)
+MAX_BITS = 10
 
 
 @dataclass(frozen=True)
@@ -36,32 +38,25 @@ class Buckets:
 
     m: int
     signed: bool = True
+    #: buckets of one sign (``2**(8 + m)``)
+    half: int = field(init=False, repr=False, compare=False)
+    #: stored buckets: ``2**(9 + m)`` when signed, ``2**(8 + m)`` otherwise
+    count: int = field(init=False, repr=False, compare=False)
+    #: index of the device-only spare bucket (one past the stored ones)
+    spare: int = field(init=False, repr=False, compare=False)
+    #: right shift of a float32 bit pattern that leaves its bucket index (``23 - m``)
+    shift: int = field(init=False, repr=False, compare=False)
+    #: mask of the mantissa bits below the top ``m``: a value is exact at its bucket's lower edge
+    #: when these are all zero (``lossless``)
+    low: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def half(self) -> int:
-        """Buckets of one sign (``2**(8 + m)``)."""
-        return 1 << (8 + self.m)
-
-    @property
-    def count(self) -> int:
-        """Stored buckets: ``2**(9 + m)`` when signed, ``2**(8 + m)`` otherwise."""
-        return self.half << 1 if self.signed else self.half
-
-    @property
-    def spare(self) -> int:
-        """Index of the device-only spare bucket (one past the stored ones)."""
-        return self.count
-
-    @property
-    def shift(self) -> int:
-        """Right shift of a float32 bit pattern that leaves its bucket index (``23 - m``)."""
-        return 23 - self.m
-
-    @property
-    def low(self) -> int:
-        """Mask of the mantissa bits below the top ``m``: a value is exact at its bucket's lower
-        edge when these are all zero (``lossless``)."""
-        return (1 << self.shift) - 1
+    def __post_init__(self) -> None:
+        # plain attributes, set once: the update reads them on every chunk
+        half = 1 << (8 + self.m)
+        count = half << 1 if self.signed else half
+        for name, value in (("half", half), ("count", count), ("spare", count), ("shift", 23 - self.m),
+                            ("low", (1 << (23 - self.m)) - 1)):
+            object.__setattr__(self, name, value)
 
     def index(self, bits: Any) -> Any:
         """Bucket index of int32 float bit patterns ``bits`` (numpy array or torch tensor: operators
@@ -88,12 +83,18 @@ class Buckets:
         return lo.copy(), hi.copy()
 
     def signed_counts(self, counts: np.ndarray) -> np.ndarray:
-        """Unsigned bucket ``counts`` in the signed layout (the negative half empty)."""
+        """Counts of one sign (``[half]``, e.g. unsigned buckets) in the signed layout (the
+        negative half empty)."""
         c = np.asarray(counts, dtype=np.int64)
         return np.concatenate([c, np.zeros_like(c)])
 
+    def magnitudes(self, counts: np.ndarray) -> np.ndarray:
+        """Signed ``counts`` folded over the sign: counts per magnitude bucket, ``[half]``."""
+        c = np.asarray(counts)
+        return c[:self.half] + c[self.half:] if self.signed else c
+
     @classmethod
-    def of(cls, size: int, signed: bool = True) -> Buckets:
+    def of(cls, size: int, signed: bool = True, fix: str = "pass the stored counts unchanged") -> Buckets:
         """The buckets that ``size`` counts hold.
 
         Raises:
@@ -103,9 +104,14 @@ class Buckets:
         if not 0 <= m <= 23 or cls(m, signed).count != size:
             from ..errors import ProbeError
 
-            raise ProbeError(f"histogram counts must have 2**({9 if signed else 8}+m) entries; got {size}; "
-                             "pass the stored counts unchanged")
+            raise ProbeError(f"histogram counts must have 2**({9 if signed else 8}+m) entries; got {size}; {fix}")
         return cls(m, signed)
+
+    @staticmethod
+    def is_count(size: int) -> bool:
+        """Whether ``size`` counts are the signed or unsigned buckets of a capture (``m`` in
+        0..:data:`MAX_BITS`)."""
+        return any(Buckets(m, signed).count == size for m in range(MAX_BITS + 1) for signed in (True, False))
 
     def sorted(self, counts: np.ndarray, lossless: bool) -> tuple[np.ndarray, ...]:
         """Non-empty buckets of signed ``counts`` in increasing value order: ``(counts, lo, hi,

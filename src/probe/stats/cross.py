@@ -201,9 +201,10 @@ class Cross(StatBase):
         block_bytes = self.block_bytes or ((8 << 20) if device.type == "cpu" else (256 << 20))
         block = max(1, block_bytes // per_token)
         bound = tokens.head_bound
-        keep_acc = head_acc = None
+        keep_acc: tuple[Tensor, Tensor, Tensor] | None = None
+        head_acc: tuple[Tensor, Tensor, Tensor] | None = None
         f64 = torch.float64
-        cos = {"keep": (0.0, 0.0), "head": (0.0, 0.0)}
+        cos: dict[str, tuple[Tensor | float, Tensor | float]] = {"keep": (0.0, 0.0), "head": (0.0, 0.0)}
         # CPU, every value finite (read on the host, free there): one reused float64 block, no
         # finiteness masks, centered in place when nothing else reads the block
         clean = host_reads(xs[0]) and all(bool(torch.isfinite(x.sum())) for x in xs)
@@ -230,6 +231,7 @@ class Cross(StatBase):
             head_acc = _comoments(x, head[index].to(f64) * ok)
             if self.cosines:
                 cos["head"] = _cosines(x, head[index].to(f64) * ok)
+        assert keep_acc is not None and head_acc is not None  # n_tok > 0: both passes ran
         all_acc = _merge(keep_acc, head_acc)
         for v, acc in (("keep", keep_acc), ("all", all_acc)):
             n, mean, c = _merge((s[f"{v}_n"], s[f"{v}_mean"], s[f"{v}_c"]), acc)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ._base import SPECS, StatBase, Tokens, dense, scratch
-from ._buckets import Buckets, bucket_edges, quantile, render  # noqa: F401 (re-exported)
+from ._buckets import MAX_BITS, Buckets, bucket_edges, quantile, render  # noqa: F401 (re-exported)
 
 __all__ = ["Histogram", "bucket_edges", "quantile", "render"]
 
@@ -37,7 +37,7 @@ class Histogram(StatBase):
 
     def __init__(self, mantissa_bits: int = 7) -> None:
         super().__init__()
-        if not 0 <= mantissa_bits <= 10:
+        if not 0 <= mantissa_bits <= MAX_BITS:
             from ..errors import ProbeError
 
             raise ProbeError(
@@ -59,9 +59,6 @@ class Histogram(StatBase):
 
     def _adopt(self, dims: dict[str, int]) -> None:
         self.buckets = Buckets.of(dims["B"])
-
-    def update(self, x: Tensor, tokens: Tokens) -> None:
-        Histogram.update_group([self], x.unsqueeze(0), tokens)
 
     @classmethod
     def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:

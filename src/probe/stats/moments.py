@@ -57,6 +57,7 @@ def _chunk(x: Tensor, xs: Tensor | None, fm: Tensor | None, mag: Tensor | None, 
     # the mean from a float64 sum of the float32 values (xs is 0 where x is not finite)
     mean = (xs * kcol).sum(-2, dtype=f64) / n.clamp(min=1)
     center = mean.to(x.dtype)
+    moments: tuple[Tensor, ...]
     if wide:  # deviations from the float64 mean, powers and sums in float64
         d = (xs.to(f64) - mean.unsqueeze(-2)) * w
         d2 = d * d

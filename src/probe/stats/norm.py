@@ -22,6 +22,8 @@ product per chunk, accumulated in float64.
 
 from __future__ import annotations
 
+from typing import Self
+
 import torch
 from torch import Tensor
 
@@ -68,9 +70,6 @@ class Norm(StatBase):
         self.buckets = Buckets.of(dims["H"], signed=False)
         self.max_positions = dims["P"]
 
-    def update(self, x: Tensor, tokens: Tokens) -> None:
-        Norm.update_group([self], x.unsqueeze(0), tokens)
-
     @classmethod
     def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
         """Fold ``x[G, n, D]`` (float32) into ``G`` norm states at once (no host sync)."""
@@ -95,7 +94,7 @@ class Norm(StatBase):
         return norm, usum
 
     @classmethod
-    def partial(cls, stat: Norm, x: Tensor, tokens: Tokens) -> tuple | None:
+    def partial(cls, stat: Self, x: Tensor, tokens: Tokens) -> tuple | None:
         """The norms and unit-vector sums of one site's chunk ``x[1, n, D]`` (see
         :meth:`StatBase.partial`); :meth:`fold` does the rest for every site at once."""
         if not cls._ready([stat], x):

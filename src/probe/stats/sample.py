@@ -19,6 +19,8 @@ channel, token`` int64 ``[k]``, ``value`` float32 ``[k]``.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -125,9 +127,6 @@ class Sample(StatBase):
                 tokens.cache[memo] = (keys, index)
         return tokens.cache[memo]
 
-    def update(self, x: Tensor, tokens: Tokens) -> None:
-        Sample.update_group([self], x.unsqueeze(0), tokens)
-
     def _shared(self, n: int, d: int, tokens: Tokens) -> tuple:
         """This forward's merge for every sample with this one's history: the selected flat
         indices, the merge order, the merged metadata and the empty slots."""
@@ -183,6 +182,6 @@ class Sample(StatBase):
         if other._state is not None:
             self.history = hash(("merged", next(_UNIQUE)))
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.history = hash(("loaded", next(_UNIQUE)))

@@ -27,6 +27,8 @@ int64 (-1 = empty), largest ``|value|`` first.
 
 from __future__ import annotations
 
+from typing import Self
+
 import torch
 from torch import Tensor
 
@@ -71,9 +73,6 @@ class TopK(StatBase):
     def _adopt(self, dims: dict[str, int]) -> None:
         self.k = dims["k"]
 
-    def update(self, x: Tensor, tokens: Tokens) -> None:
-        TopK.update_group([self], x.unsqueeze(0), tokens)
-
     @classmethod
     def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
         """Fold ``x[G, n, D]`` (float32) into ``G`` top-k states at once."""
@@ -82,7 +81,7 @@ class TopK(StatBase):
         cls._merge(stats, cls._best(x, tokens, stats[0].k))
 
     @classmethod
-    def partial(cls, stat: TopK, x: Tensor, tokens: Tokens) -> dict | None:
+    def partial(cls, stat: Self, x: Tensor, tokens: Tokens) -> dict | None:
         """Steps 1 and 2 for one site's chunk ``x[1, n, D]`` (see :meth:`StatBase.partial`);
         :meth:`fold` merges every site's with its state at once."""
         if not cls._ready([stat], x):

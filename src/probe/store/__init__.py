@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FileFormatError, ProbeError
+from ..stats._buckets import Buckets
 from ..stats._state import SPECS, WindowState, key_groups, merge_rows
 
 __all__ = ["SCHEMA", "VERSION", "Writer", "read", "check_writable", "write_run"]
@@ -409,8 +410,7 @@ def _fields(rec, names, where: str) -> dict:
 
 
 def _dense_counts(index: np.ndarray, count: np.ndarray, buckets: int, where: str) -> np.ndarray:
-    # 2**(9 + m) histogram buckets, 2**(8 + m) norm buckets, m in 0..10
-    if buckets not in [2 ** k for k in range(8, 20)] or index.shape != count.shape or (
+    if not Buckets.is_count(buckets) or index.shape != count.shape or (
             index.size and (index.min() < 0 or index.max() >= buckets)):
         raise FileFormatError(f"{where}: sparse histogram does not fit {buckets} buckets; the file is damaged")
     counts = np.zeros(buckets, dtype=np.int64)
