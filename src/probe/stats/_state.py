@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Field", "State", "WindowState", "StatState", "SPECS", "merge_states", "merge_rows", "key_groups", "merge_moments", "kway_moments", "shift_sums",
+__all__ = ["Field", "State", "WindowState", "StatState", "SPECS", "merge_states", "merge_rows", "key_groups",
+           "merge_moments", "kway_moments", "shift_sums", "argmax_better",
            "empty_state", "dims_of", "topk_order"]
 
 Reduce = Literal["sum", "min", "max", "all", "moments", "comoments", "argmax", "bottomk", "topk"]
@@ -79,6 +80,11 @@ class State:
                 if not d.isdigit():
                     dims[d] = int(size)
         return dims
+
+    @property
+    def bottomk_key(self) -> str | None:
+        """The key field of the ``bottomk`` group (its first field), or ``None`` without one."""
+        return next((f.name for f in self.fields if f.reduce == "bottomk"), None)
 
     @property
     def symbols(self) -> tuple[str, ...]:
@@ -289,14 +295,23 @@ def _kway_comoments(parts: list[tuple]) -> tuple:
     return np.float64(total), mu, np.asarray(c, np.float64)
 
 
+def argmax_better(value: Any, at: Any, old: Any, old_at: Any) -> Any:
+    """Whether ``(value, at)`` beats ``(old, old_at)`` in the ``argmax`` reduction: the larger value
+    wins; a tie goes to the earlier ``(row, position, channel)`` of a filled entry (``old_at[...,
+    0] >= 0``), so merges commute. Operators only (numpy arrays or tensors, any leading dims,
+    ``at[..., 4]``): the capture's update, the file merge and the rank merge share this rule."""
+    earlier = at[..., 2] < old_at[..., 2]
+    for i in (1, 0):
+        earlier = (at[..., i] < old_at[..., i]) | ((at[..., i] == old_at[..., i]) & earlier)
+    return (value > old) | ((value == old) & (old_at[..., 0] >= 0) & earlier)
+
+
 def _argmax(values: list, ats: list) -> tuple:
-    """The largest value; ties go to the earliest (row, position, channel) among filled entries,
-    so the merge commutes (as the capture-side update does)."""
+    """The best ``(value, at)`` of the parts by :func:`argmax_better`."""
     best_v, best_at = np.asarray(values[0]), np.asarray(ats[0])
     for v, at in zip(values[1:], ats[1:]):
         v, at = np.asarray(v), np.asarray(at)
-        earlier = tuple(at[:3]) < tuple(best_at[:3])
-        if v > best_v or (v == best_v and best_at[0] >= 0 and earlier):
+        if argmax_better(v, at, best_v, best_at):
             best_v, best_at = v, at
     return best_v, best_at
 
@@ -311,15 +326,16 @@ def bottomk_order(keys: np.ndarray, k: int) -> np.ndarray:
 
 
 def _bottomk(fields: list[Field], states: list[dict], order: np.ndarray | None = None) -> dict:
-    keys = np.concatenate([np.asarray(s["key"], np.float64) for s in states])
-    k = np.shape(states[0]["key"])[0]
+    key = fields[0].name
+    keys = np.concatenate([np.asarray(s[key], np.float64) for s in states])
+    k = np.shape(states[0][key])[0]
     if order is None:
         order = bottomk_order(keys, k)
     empty = np.isinf(keys[order])
     out = {}
     for f in fields:
         v = np.concatenate([np.asarray(s[f.name]) for s in states])[order].astype(f.dtype)
-        if f.name != "key":
+        if f.name != key:
             v[empty] = f.fill
         out[f.name] = v
     return out
@@ -468,22 +484,23 @@ def merge_rows(rows: Sequence[WindowState], cross_sites=()) -> WindowState:
         for kind in kinds:
             states = [row.state(name, kind) for row in rows]
             order = None
-            if kind == "sample" and sum(bool(s) for s in states) > 1:
+            key = SPECS[kind].bottomk_key if kind in SPECS else None
+            if key is not None and sum(bool(s) for s in states) > 1:
                 sig = []
                 for r, s in enumerate(states):
                     if not s:
                         continue
                     for j, rep in enumerate(reps[r]):
-                        if _same(rep, s["key"]):
+                        if _same(rep, s[key]):
                             sig.append((r, j))
                             break
                     else:
-                        reps[r].append(s["key"])
+                        reps[r].append(s[key])
                         sig.append((r, len(reps[r]) - 1))
                 sig_t = tuple(sig)
                 if sig_t not in orders:
-                    keys = np.concatenate([s["key"] for s in states if s])
-                    orders[sig_t] = bottomk_order(keys, np.shape(next(s for s in states if s)["key"])[0])
+                    keys = np.concatenate([s[key] for s in states if s])
+                    orders[sig_t] = bottomk_order(keys, np.shape(next(s for s in states if s)[key])[0])
                 order = orders[sig_t]
             per[kind] = merge_states(kind, states, order)
     cross = merge_states("cross", [row.cross for row in rows])

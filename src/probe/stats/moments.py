@@ -21,18 +21,16 @@ from torch import Tensor
 from ._base import (SPECS, BatchedStat, Dense, Finite, Tokens, central_sums, dense, host_reads, merge_moments,
                     run_compiled, scratch, shift_moments)
 
+from ._state import argmax_better
+
 __all__ = ["Moments", "LARGE"]
 
 LARGE = 6.0
 
 
-def _better(value: Tensor, at: Tensor, old: Tensor, old_at: Tensor) -> Tensor:
-    """Larger magnitude wins; a tie goes to the earlier (row, position, channel), so merges
-    commute. Elementwise tensor logic over any leading dims (``at[..., 4]``): no host sync."""
-    earlier = at[..., 2] < old_at[..., 2]
-    for i in (1, 0):
-        earlier = (at[..., i] < old_at[..., i]) | ((at[..., i] == old_at[..., i]) & earlier)
-    return (value > old) | ((value == old) & (old_at[..., 0] >= 0) & earlier)
+#: larger magnitude wins, ties to the earlier location (the declared ``argmax`` rule); elementwise
+#: tensor logic over any leading dims: no host sync
+_better = argmax_better
 
 
 def _chunk(x: Tensor, xs: Tensor | None, fm: Tensor | None, mag: Tensor | None, rowmax: Tensor | None,
