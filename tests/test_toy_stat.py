@@ -161,3 +161,57 @@ def test_toy_statistic_rank_merge(tiny, toy):
             ref = merge_rows([r for r in rows if r.step == step]).sites[name]["toy"]
             assert int(got.sites[name]["toy"]["tokens"]) == int(ref["tokens"])
             np.testing.assert_allclose(got.sites[name]["toy"]["sumsq"], ref["sumsq"], rtol=1e-12)
+
+
+def _llama():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _rank(rank: int, world: int, port: int, folder: str) -> None:
+    """One rank: registers the toy (a fresh process knows only the built-in statistics), rebuilds
+    every rank's windows (uneven batch counts, one capture per rank) and merges its own across
+    the group; the result must equal the file merge of all of them, on every rank."""
+    import traceback
+    from pathlib import Path
+
+    from probe.capture.sync import merge_windows
+
+    try:
+        torch.set_num_threads(1)
+        registry.register(SumSq)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=120))
+        model = _llama()
+        rows = [list(_capture(model, _batches(2 + r, 10 + r), every=1, distributed=False)._rows)
+                for r in range(world)]
+        c = _capture(model, _batches(1, 10), distributed=False)
+        merged = merge_windows(rows[rank], c.sites, [k for k in c.stats if k != "cross"], False)
+        for got in merged:
+            want = merge_rows([w for rs in rows for w in rs if w.step == got.step])
+            for name in c.sites:
+                mine, ref = got.sites[name]["toy"], want.sites[name]["toy"]
+                assert int(mine["tokens"]) == int(ref["tokens"]), (name, got.step)
+                np.testing.assert_allclose(mine["sumsq"], ref["sumsq"], rtol=1e-12, err_msg=name)
+        dist.destroy_process_group()
+    except Exception:
+        Path(folder, f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def test_toy_statistic_two_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    try:
+        while not ctx.join(timeout=240):
+            pass
+    except Exception as err:
+        errors = [p.read_text() for p in sorted(tmp_path.glob("error*.txt"))]
+        raise AssertionError(f"a rank failed: {err}\n" + "\n".join(errors)) from None
