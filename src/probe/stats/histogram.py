@@ -70,7 +70,7 @@ class Histogram(StatBase):
             for g, stat in enumerate(stats):
                 cls.update_group([stat], x[g:g + 1], tokens)
             return
-        size, span = b.count, b.spare + 1  # each site's block: the buckets and the spare
+        span = b.spare + 1  # each site's block: the buckets and the spare
         g = len(stats)
         if g == 1 and cls._dense_update(stats[0], x, tokens):
             return
