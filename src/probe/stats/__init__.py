@@ -36,17 +36,25 @@ from ._state import SPECS
 if TYPE_CHECKING:  # the classes import torch; the registry itself must not
     from ._base import StatBase
 
+#: the built-in statistics, in the order they run: name -> (module, class); ``cos`` (below) is a
+#: switch of ``cross``, not a class. A built-in is its module, its ``State`` in
+#: :data:`probe.stats._state.SPECS` (the read side needs it without torch) and one line here.
+_BUILTIN: dict[str, tuple[str, str]] = {
+    "moments": (".moments", "Moments"),
+    "position": (".position", "Position"),
+    "histogram": (".histogram", "Histogram"),
+    "sample": (".sample", "Sample"),
+    "cross": (".cross", "Cross"),
+    "topk": (".topk", "TopK"),
+    "norm": (".norm", "Norm"),
+}
 #: statistic names accepted by ``capture(stats=...)``, in the order they run (registered ones last)
-NAMES: tuple[str, ...] = ("moments", "position", "histogram", "sample", "cross", "topk", "norm", "cos")
+NAMES: tuple[str, ...] = (*_BUILTIN, "cos")
 #: what ``capture(stats=None)`` runs: all but ``cos`` (the per-token cosines inside ``cross``,
 #: which about double its cost; see benchmarks/research.py)
-DEFAULT: tuple[str, ...] = ("moments", "position", "histogram", "sample", "cross", "topk", "norm")
+DEFAULT: tuple[str, ...] = tuple(_BUILTIN)
 
-_LAZY = {"Tokens": "._base", "Cross": ".cross", "Histogram": ".histogram", "Moments": ".moments",
-         "Position": ".position", "Sample": ".sample", "TopK": ".topk", "Norm": ".norm"}
-#: the class of each built-in statistic (``cos`` is a switch of ``cross``, not a class)
-_BUILTIN = {"moments": "Moments", "position": "Position", "histogram": "Histogram", "sample": "Sample",
-            "cross": "Cross", "topk": "TopK", "norm": "Norm"}
+_LAZY = {"Tokens": "._base", **{cls: module for module, cls in _BUILTIN.values()}}
 #: registered statistics, by name
 _REGISTERED: dict[str, type[StatBase]] = {}
 
@@ -114,7 +122,7 @@ def stat_class(name: str) -> type[StatBase] | None:
     if name in _REGISTERED:
         return _REGISTERED[name]
     if name in _BUILTIN:
-        return __getattr__(_BUILTIN[name])
+        return __getattr__(_BUILTIN[name][1])
     return None
 
 
