@@ -105,8 +105,9 @@ def _agree_dims(slots: list[tuple[str | None, str]], rows: list[WindowState], de
     for j, slot in enumerate(slots):
         dims[slot] = {} if values[len(flat) + j] else None
     for i, (slot, d) in enumerate(flat):
-        if dims[slot] is not None:
-            dims[slot][d] = values[i]
+        sizes = dims[slot]
+        if sizes is not None:
+            sizes[d] = values[i]
     return dims
 
 
@@ -139,8 +140,10 @@ def _reduce(items: list[tuple[tuple, str, dict]], device, group) -> list[dict]:
     plan: list[tuple] = []
     # keys to gather: once per set of sites holding equal keys, when every rank sees the same
     # sets (sites fed by the same forwards); otherwise once per site
-    sample_items = [i for i, (_, kind, _) in enumerate(items) if kind == "sample"]
-    groups = key_groups([items[i][2]["key"] for i in sample_items])
+    # the items with a bottom-k group, and its key field
+    keyed = {i: kf for i, (_, kind, _) in enumerate(items) if (kf := SPECS[kind].bottomk_key) is not None}
+    sample_items = list(keyed)
+    groups = key_groups([items[i][2][keyed[i]] for i in sample_items])
     if sample_items:
         lo = torch.tensor(groups, dtype=torch.int64, device=device)
         hi = lo.clone()
@@ -153,7 +156,7 @@ def _reduce(items: list[tuple[tuple, str, dict]], device, group) -> list[dict]:
     for j, i in enumerate(sample_items):
         rep = groups[j]
         if rep not in gathered:
-            keys = tensors[sample_items[rep]]["key"].to(f64)
+            keys = tensors[sample_items[rep]][keyed[sample_items[rep]]].to(f64)
             every = [torch.empty_like(keys) for _ in range(world)]
             dist.all_gather(every, keys, group=group)
             gathered[rep] = torch.stack(every)  # [world, k]
@@ -214,7 +217,7 @@ def _reduce(items: list[tuple[tuple, str, dict]], device, group) -> list[dict]:
             take = order % k
             key = keys.reshape(-1)[order]
             empty = torch.isinf(key)
-            results[i]["key"] = key
+            results[i][names[0]] = key
             parts = []
             for name in names[1:]:
                 v = t[name][take]
@@ -232,14 +235,14 @@ def _reduce(items: list[tuple[tuple, str, dict]], device, group) -> list[dict]:
         elif reduce == "bottomk":
             parts, empty = slot
             for name, index in parts:
-                fill = SPECS["sample"][name].fill
+                fill = SPECS[items[i][1]][name].fill
                 results[i][name] = torch.where(empty, torch.full_like(done[index], fill), done[index])
         elif reduce == "argmax":
             argmaxes.append((i, names, slot))
     # the location of each argmax: among the ranks holding the largest value, the earliest
     # (row, position, channel); token follows (one MIN round per component)
     alive = [cand for _, _, cand in argmaxes]
-    chosen = [[] for _ in argmaxes]
+    chosen: list[list[torch.Tensor]] = [[] for _ in argmaxes]
     for c in range(4):
         rnd = _Round(group)
         idx = []

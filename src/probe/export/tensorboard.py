@@ -56,9 +56,9 @@ def histogram_args(counts: np.ndarray, lossless: bool, lo: float, hi: float, num
     contiguous, so TensorBoard's bucket widths are the real ones. ``lo, hi, num, total, squares``
     are the exact min, max, count, sum and sum of squares.
     """
-    from ..stats._buckets import _sorted_buckets
+    from ..stats._buckets import Buckets
 
-    c, a, b, _ = _sorted_buckets(np.asarray(counts), lossless)
+    c, a, b, _ = Buckets.of(np.shape(counts)[0]).sorted(np.asarray(counts), lossless)
     gap = np.zeros(len(c), dtype=bool)
     gap[1:] = a[1:] > b[:-1]
     limits: list[float] = []

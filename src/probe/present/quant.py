@@ -92,17 +92,13 @@ def _f32_above(t: float) -> np.float32:
 
 def _magnitudes(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Magnitude buckets: counts folded over the sign, their float64 edges ``lo, hi`` and ``m``."""
-    from ..stats._buckets import bucket_edges
+    from ..stats._buckets import Buckets
 
     counts = np.asarray(counts, dtype=np.int64)
-    size = counts.shape[0]
-    m = int(np.log2(size)) - 9
-    if size != 2 ** (9 + m) or not 0 <= m <= 23:
-        raise ProbeError(f"histogram counts must have 2**(9+m) entries; got {size}; "
-                         "pass SiteView.histogram_counts unchanged")
-    half = size // 2
-    lo, hi = bucket_edges(m)
-    mag = counts[:half] + counts[half:]
+    buckets = Buckets.of(counts.shape[0], fix="pass SiteView.histogram_counts unchanged")
+    half, m = buckets.half, buckets.m
+    lo, hi = buckets.edges()
+    mag = buckets.magnitudes(counts)
     finite = np.isfinite(lo[:half])
     return mag[finite], lo[:half][finite], hi[:half][finite], m
 

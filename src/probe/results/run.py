@@ -330,7 +330,7 @@ class NormView:
             >>> counts.shape, float(edges[0]) == run[0].norm.min
             ((4,), True)
         """
-        from ..stats.histogram import render
+        from ..stats._buckets import render
 
         if range is None and self.count:
             range = (self.min, self.max)
@@ -846,12 +846,11 @@ class SiteView:
             >>> bool(0 <= s.abs_quantile(0.5) <= s.absmax)
             True
         """
-        from ..stats._buckets import quantile
+        from ..stats._buckets import Buckets, quantile
 
         h = self._need("histogram")
-        counts = np.asarray(h["counts"])
-        half = counts.shape[0] // 2
-        folded = np.concatenate([counts[:half] + counts[half:], np.zeros(half, dtype=counts.dtype)])
+        buckets = Buckets.of(np.shape(h["counts"])[0])
+        folded = buckets.signed_counts(buckets.magnitudes(h["counts"]))
         return quantile(folded, bool(h["lossless"]), q)
 
     def histogram(self, bins: int | Sequence[float] = 100,

@@ -12,14 +12,15 @@ import math
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Protocol
+from collections.abc import Mapping
+from typing import Any, Callable, ClassVar, Protocol, Self
 
 import torch
 from torch import Tensor
 
-from ._state import SPECS, State, merge_moments, merge_states
+from ._state import SPECS, Field, State, merge_moments, merge_states
 
-__all__ = ["Tokens", "Stat", "StatBase", "BatchedStat", "Finite", "Dense", "merge_moments", "SPECS", "central_sums",
+__all__ = ["Tokens", "Stat", "StatBase", "TORCH_DTYPES", "BatchedStat", "Finite", "Dense", "merge_moments", "SPECS", "central_sums",
            "dense", "finite", "host_reads", "scratch", "release_scratch", "run_compiled"]
 
 
@@ -65,37 +66,127 @@ class Tokens:
         )
 
 
+#: torch dtype of each declared numpy dtype name
+TORCH_DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32,
+                                        "int64": torch.int64, "bool": torch.bool}
+
+
 class Stat(Protocol):
-    """What :func:`probe.capture` needs from a statistic."""
+    """What the capture engine calls on a per-site statistic (``probe.capture.session`` and
+    ``probe.capture.kernels``); :class:`StatBase` implements all of it from the declared
+    :attr:`spec`, so a new statistic writes only its update.
+
+    Shapes: ``x[G, n, D]`` is one chunk of ``n`` tokens of ``G`` sites that saw the same tokens
+    (``tokens`` describes them, 1-D ``[n]``); state tensors have the shapes of :attr:`spec`'s
+    fields with its symbolic dims made concrete by :meth:`dims` (plus any declared spare
+    entries on the device). The cross-site kind (:class:`probe.stats.cross.Cross`, ``per_site =
+    False``) is fed by ``hold(index, x[n, D], tokens)`` and ``finish()`` at the end of a forward
+    instead of the three update methods, and shares the rest.
+    """
 
     name: ClassVar[str]
-    #: ``True`` when ``update`` takes token chunks; ``False`` when it wants the whole forward.
+    #: the declared state (fields, dtypes, shapes, fills, reductions)
+    spec: ClassVar[State]
+    #: ``True`` when the update takes token chunks; ``False`` when it wants the whole forward
     chunked: ClassVar[bool]
+    #: ``False`` for the cross-site kind (one instance spans all sites)
+    per_site: ClassVar[bool]
+    #: run the update as one torch.compile graph: ``None`` = on accelerators only
+    compile: bool | None
 
-    def update(self, x: Tensor, tokens: Tokens) -> None: ...
+    @property
+    def empty(self) -> bool:
+        """``True`` until the first update (or load) allocates the state."""
+        ...
 
-    def merge(self, other: Any) -> None: ...
+    @classmethod
+    def create(cls, *, histogram_bits: int, max_positions: int, sample_size: int) -> Stat:
+        """A fresh, empty statistic for one site of a window, from the capture's options."""
+        ...
 
-    def state_dict(self) -> dict[str, Tensor]: ...
+    @classmethod
+    def update_group(cls, stats: list[Any], x: Tensor, tokens: Tokens) -> None:
+        """Fold ``x[G, n, D]`` into ``stats`` (``G`` statistics of this class, one per site)."""
+        ...
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+    @classmethod
+    def partial(cls, stat: Any, x: Tensor, tokens: Tokens) -> Any:
+        """Phase one of a two-phase update of ``stat`` by ``x[1, n, D]``: a partial result for
+        :meth:`fold` (or ``None`` when the update is already done)."""
+        ...
 
-    def to(self, device: torch.device | str) -> Any: ...
+    @classmethod
+    def fold(cls, stats: list[Any], parts: list[Any]) -> None:
+        """Phase two: fold ``parts[i]`` (from :meth:`partial`) into ``stats[i]``, batched."""
+        ...
+
+    def merge(self, other: Any) -> None:
+        """Fold in another instance's state exactly (another window, rank or file)."""
+        ...
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The stored state: ``{field: tensor}`` in :attr:`spec`'s shapes, ``{}`` when empty."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace the state by a stored one (``{}``: empty)."""
+        ...
+
+    def to(self, device: torch.device | str) -> Any:
+        """Move the state to ``device``; returns ``self``."""
+        ...
 
 
 class StatBase:
-    """Shared plumbing: lazily allocated state tensors named in ``_fields``."""
+    """Everything but the update, derived from the declared :attr:`spec`: allocation of the empty
+    state (:meth:`dims` gives the sizes), ``state_dict``/``load_state_dict`` (declared spare
+    entries dropped and restored), the exact ``merge`` and ``to``.
+
+    A subclass sets ``name``, ``spec`` (a :class:`~probe.stats._state.State`), ``chunked``, and
+    defines :meth:`dims` and ``update_group`` (or ``partial``/``fold``); the field order, torch
+    dtypes and spare entries are read from ``spec`` once, when the class is created.
+    """
 
     name: ClassVar[str] = ""
     chunked: ClassVar[bool] = True
+    per_site: ClassVar[bool] = True
     #: the declared state (fields, dtypes, shapes, reductions); ``_fields`` is its field order
     spec: ClassVar[State]
     _fields: ClassVar[tuple[str, ...]] = ()
+    #: ``(field, torch dtype)`` per declared field, in order
+    _layout: ClassVar[tuple[tuple[Field, torch.dtype], ...]] = ()
+    #: ``(field, spare, fill)`` of the fields with spare device-side entries
+    _spares: ClassVar[tuple[tuple[str, int, Any], ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        spec = cls.__dict__.get("spec")
+        if spec is not None:
+            cls._fields = spec.names
+            cls._layout = tuple((f, TORCH_DTYPES[f.dtype]) for f in spec.fields)
+            cls._spares = tuple((f.name, f.spare, f.fill) for f in spec.fields if f.spare)
 
     def __init__(self) -> None:
         self._state: dict[str, Tensor] | None = None
         #: run the update as one torch.compile graph: ``None`` = on accelerators only
         self.compile: bool | None = None
+
+    @classmethod
+    def create(cls, *, histogram_bits: int, max_positions: int, sample_size: int) -> Any:
+        """A fresh statistic from the capture's options (this default takes none of them)."""
+        return cls()
+
+    def dims(self, x: Tensor) -> dict[str, int]:
+        """The sizes of :attr:`spec`'s symbolic dims for activations like ``x[..., n, D]``."""
+        raise NotImplementedError
+
+    def _adopt(self, dims: dict[str, int]) -> None:
+        """Take the options a loaded state implies (e.g. the bucket count's ``m``) from its dims."""
+
+    def _allocate(self, dims: dict[str, int], device: torch.device) -> None:
+        """The empty state (every field at its declared ``fill``) with the given dims."""
+        self._state = {f.name: torch.full(f.sizes(dims, spare=True), f.fill, dtype=dtype, device=device)
+                       for f, dtype in self._layout}
 
     def compiled(self, x: Tensor) -> bool:
         """Whether this update of ``x`` runs compiled (see :func:`run_compiled`)."""
@@ -108,9 +199,14 @@ class StatBase:
         return self._state is None
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {} if self._state is None else dict(self._state)
+        if self._state is None:
+            return {}
+        out = dict(self._state)
+        for name, spare, _ in self._spares:
+            out[name] = out[name][..., :-spare].clone()
+        return out
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not state:
             self._state = None
             return
@@ -122,14 +218,19 @@ class StatBase:
                 f"{self.name} state lacks {missing}; expected {list(self._fields)}; "
                 "the file is damaged or not a probe run"
             )
-        self._state = {f: torch.as_tensor(state[f]) for f in self._fields}
+        self._adopt(self.spec.dims_of(state))
+        loaded = {f.name: torch.as_tensor(state[f.name]).to(dtype) for f, dtype in self._layout}
+        for name, spare, fill in self._spares:
+            v = loaded[name]
+            loaded[name] = torch.cat((v, v.new_full((*v.shape[:-1], spare), fill)), -1)
+        self._state = loaded
 
-    def to(self, device: torch.device | str):
+    def to(self, device: torch.device | str) -> Any:
         if self._state is not None:
             self._state = {k: v.to(device) for k, v in self._state.items()}
         return self
 
-    def merge(self, other) -> None:
+    def merge(self, other: Any) -> None:
         """Fold in another instance's state (another window, rank or file), exactly, through the
         declared reductions of :data:`spec` (:func:`probe.stats._state.merge_states`). The result
         stays on this statistic's device (or the other's, when this one is empty)."""
@@ -146,27 +247,30 @@ class StatBase:
         assert self._state is not None
         return self._state
 
-    @classmethod
-    def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
-        """Fold ``x[G, n, D]`` into ``stats`` (``G`` statistics of this class, one per site, all
-        over the same tokens). Batched statistics do it in one step; others one site at a time."""
-        for g, stat in enumerate(stats):
-            stat.update(x[g], tokens)
+    def update(self, x: Tensor, tokens: Tokens) -> None:
+        """Fold one site's chunk ``x[n, D]`` in (:meth:`update_group` with ``G = 1``)."""
+        type(self).update_group([self], x.unsqueeze(0), tokens)
 
     @classmethod
-    def partial(cls, stat: StatBase, x: Tensor, tokens: Tokens) -> Any:
+    def update_group(cls, stats: list[Self], x: Tensor, tokens: Tokens) -> None:
+        """Fold ``x[G, n, D]`` into ``stats`` (``G`` statistics of this class, one per site, all
+        over the same tokens), without reading the device from the host."""
+        raise NotImplementedError(f"{cls.__name__} must define update_group")
+
+    @classmethod
+    def partial(cls, stat: Self, x: Tensor, tokens: Tokens) -> Any:
         """Phase one of a two-phase update of ``stat`` by chunk ``x[1, n, D]`` (see
         :meth:`BatchedStat.partial`); this default does the whole update now."""
         cls.update_group([stat], x, tokens)
         return None
 
     @classmethod
-    def fold(cls, stats: list, parts: list) -> None:
+    def fold(cls, stats: list[Self], parts: list[Any]) -> None:
         """Phase two (see :meth:`BatchedStat.fold`); nothing is left to do by default."""
 
     def _init_like(self, x: Tensor) -> None:
-        """Allocate the state for activations like ``x[..., n, D]``."""
-        raise NotImplementedError
+        """Allocate the empty state for activations like ``x[..., n, D]``."""
+        self._allocate(self.dims(x), x.device)
 
     @staticmethod
     def _ready(stats: list, x: Tensor) -> bool:
@@ -188,9 +292,6 @@ class BatchedStat(StatBase):
     def _run(state: tuple[Tensor, ...], x: Tensor, parts: Finite, tokens: Tokens, compiled: bool) -> tuple:
         raise NotImplementedError
 
-    def update(self, x: Tensor, tokens: Tokens) -> None:
-        type(self).update_group([self], x.unsqueeze(0), tokens)
-
     def _chunk(self, x: Tensor, parts: Finite, tokens: Tokens) -> tuple[Tensor, ...]:
         """The state (``_fields`` order, leading site dim) of chunk ``x[G, n, D]`` alone."""
         raise NotImplementedError
@@ -201,7 +302,7 @@ class BatchedStat(StatBase):
         raise NotImplementedError
 
     @classmethod
-    def partial(cls, stat: StatBase, x: Tensor, tokens: Tokens) -> tuple[Tensor, ...] | None:
+    def partial(cls, stat: Self, x: Tensor, tokens: Tokens) -> tuple[Tensor, ...] | None:
         """Phase one of a two-phase update: the state of ``stat``'s chunk ``x[1, n, D]`` alone,
         computed while the chunk is in cache; :meth:`fold` merges many sites' at once, so the
         small per-state operations run once per forward rather than once per site."""
@@ -253,7 +354,7 @@ def run_compiled(fn: Callable, *args: Any) -> Any:
     """``fn(*args)`` through ``torch.compile`` (dynamic shapes, one graph, compiled once per process
     and shape family). ``fn`` must be pure; if compiling it fails, one warning says so and it runs
     eagerly from then on (the result is the same, only slower)."""
-    if fn not in _EAGER:
+    if fn not in _EAGER and COMPILE_BACKEND is not None:
         compiled = _COMPILED.get(fn)
         if compiled is None:
             compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True, backend=COMPILE_BACKEND)
@@ -261,9 +362,9 @@ def run_compiled(fn: Callable, *args: Any) -> Any:
             return compiled(*args)
         except Exception as err:  # a compiler failure must not cost the run: eager gives the same result
             _EAGER.add(fn)
-            root = err  # dynamo wraps the compiler's own error (inner_exception)
-            while getattr(root, "inner_exception", None) is not None or root.__cause__ is not None:
-                root = getattr(root, "inner_exception", None) or root.__cause__
+            root: BaseException = err  # dynamo wraps the compiler's own error (inner_exception)
+            while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+                root = inner
             why = (str(root).strip().splitlines() or [""])[0][:200]
             warnings.warn(f"probe: torch.compile of {fn.__module__}.{fn.__qualname__} failed "
                           f"({type(root).__name__}: {why}); running it eagerly "
@@ -304,6 +405,15 @@ class Finite:
     """
 
     __slots__ = ("x", "key", "_xs", "_fm", "_abs", "_rowmax", "_colsum", "_clean", "_wide")
+    x: Tensor
+    key: tuple
+    _xs: Tensor | None
+    _fm: Tensor | None
+    _abs: Tensor | None
+    _rowmax: Tensor | None
+    _colsum: Tensor | None
+    _clean: bool | None
+    _wide: Tensor | None
 
     def __init__(self, x: Tensor, key: tuple) -> None:
         self.x = x
@@ -440,6 +550,7 @@ def dense(x: Tensor, tokens: Tokens) -> Dense | None:
         return None
     key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x._version)
     local = tokens.local
+    view: Dense | None
     hit = local.get("dense")
     if hit is not None and hit[0] == key:
         return hit[1]

@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Field", "State", "WindowState", "StatState", "SPECS", "merge_states", "merge_rows", "key_groups", "merge_moments", "kway_moments", "shift_sums",
+__all__ = ["Field", "State", "WindowState", "StatState", "SPECS", "merge_states", "merge_rows", "key_groups",
+           "merge_moments", "kway_moments", "shift_sums", "argmax_better",
            "empty_state", "dims_of", "topk_order"]
 
 Reduce = Literal["sum", "min", "max", "all", "moments", "comoments", "argmax", "bottomk", "topk"]
@@ -41,6 +42,17 @@ class Field:
     unit: str
     #: fields with the same ``(reduce, group)`` merge together (e.g. the ``keep`` co-moments)
     group: str = ""
+    #: entries past the end of the last dim that the device-side state holds and the stored one
+    #: does not: a spare bucket that swallows excluded values, so the update needs no mask
+    #: (always dropped by ``state_dict``, restored as ``fill`` by ``load_state_dict``)
+    spare: int = 0
+
+    def sizes(self, dims: dict[str, int], spare: bool = False) -> tuple[int, ...]:
+        """The concrete shape for the symbolic ``dims`` (with the spare entries when ``spare``)."""
+        shape = [int(d) if d.isdigit() else dims[d] for d in self.shape]
+        if spare and self.spare:
+            shape[-1] += self.spare
+        return tuple(shape)
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,25 @@ class State:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields)
+
+    def dims_of(self, state: Any) -> dict[str, int]:
+        """The sizes of the symbolic dims of one (non-empty, stored) ``state``."""
+        dims: dict[str, int] = {}
+        for f in self.fields:
+            for d, size in zip(f.shape, np.shape(state[f.name])):
+                if not d.isdigit():
+                    dims[d] = int(size)
+        return dims
+
+    @property
+    def bottomk_key(self) -> str | None:
+        """The key field of the ``bottomk`` group (its first field), or ``None`` without one."""
+        return next((f.name for f in self.fields if f.reduce == "bottomk"), None)
+
+    @property
+    def symbols(self) -> tuple[str, ...]:
+        """The symbolic dims of the fields (``D``, ``P``, ...), sorted."""
+        return tuple(sorted({d for f in self.fields for d in f.shape if not d.isdigit()}))
 
     def groups(self) -> list[tuple[str, list[Field]]]:
         """``(reduce, fields)`` per merge unit, in declaration order (elementwise fields alone)."""
@@ -124,7 +155,7 @@ POSITION = State("position", (
 ))
 
 HISTOGRAM = State("histogram", (
-    Field("counts", I64, ("B",), "sum", 0, "finite kept values per float-bit bucket"),
+    Field("counts", I64, ("B",), "sum", 0, "finite kept values per float-bit bucket", spare=1),
     Field("lossless", BOOL, (), "all", True, "no value had mantissa bits below the top m"),
 ))
 
@@ -148,7 +179,7 @@ CROSS = State("cross", tuple(
         Field(f"{v}_cos", F64, ("S", "S"), "sum", 0.0, "sum over tokens of cos(h_i, h_j)"),
     )]
     + [Field("keep_cos_hist", I64, ("S", "C"), "sum", 0,
-             "kept tokens per float-bit bucket of 1 - cos(h_l, h_l+1), row l (C = 2**12; last row 0)")]
+             "kept tokens per float-bit bucket of 1 - cos(h_l, h_l+1), row l (C = 2**12; last row 0)", spare=1)]
 ))
 
 TOPK = State("topk", (
@@ -168,7 +199,8 @@ NORM = State("norm", (
     Field("min", F32, (), "min", _INF, "smallest norm (+inf where empty)"),
     Field("max", F32, (), "max", -_INF, "largest norm (-inf where empty)"),
     Field("nonfinite", I64, (), "sum", 0, "kept tokens whose norm is not finite"),
-    Field("counts", I64, ("H",), "sum", 0, "norms per float-bit bucket (the positive half, H = 2**(8+m))"),
+    Field("counts", I64, ("H",), "sum", 0, "norms per float-bit bucket (the positive half, H = 2**(8+m))",
+          spare=1),
     Field("pos_n", F64, ("P",), "moments", 0.0, "real tokens with a finite norm at each position", "pos"),
     Field("pos_mean", F64, ("P",), "moments", 0.0, "mean L2 norm at each position", "pos"),
     Field("pos_m2", F64, ("P",), "moments", 0.0, "sum of (norm - mean)^2 at each position", "pos"),
@@ -182,22 +214,12 @@ SPECS: dict[str, State] = {s.name: s for s in (MOMENTS, POSITION, HISTOGRAM, SAM
 
 def dims_of(kind: str, state: dict[str, Any]) -> dict[str, int]:
     """The sizes of the symbolic dims of one (non-empty) ``state``."""
-    dims: dict[str, int] = {}
-    for f in SPECS[kind].fields:
-        shape = np.shape(state[f.name])
-        for d, size in zip(f.shape, shape):
-            if not d.isdigit():
-                dims[d] = int(size)
-    return dims
+    return SPECS[kind].dims_of(state)
 
 
 def empty_state(kind: str, dims: dict[str, int]) -> dict[str, np.ndarray]:
     """The identity state of ``kind`` with the given dims (what a window that saw nothing holds)."""
-    out = {}
-    for f in SPECS[kind].fields:
-        shape = tuple(int(d) if d.isdigit() else dims[d] for d in f.shape)
-        out[f.name] = np.full(shape, f.fill, dtype=f.dtype)
-    return out
+    return {f.name: np.full(f.sizes(dims), f.fill, dtype=f.dtype) for f in SPECS[kind].fields}
 
 
 # ------------------------------------------------------------------------------ the moment algebra
@@ -273,14 +295,23 @@ def _kway_comoments(parts: list[tuple]) -> tuple:
     return np.float64(total), mu, np.asarray(c, np.float64)
 
 
+def argmax_better(value: Any, at: Any, old: Any, old_at: Any) -> Any:
+    """Whether ``(value, at)`` beats ``(old, old_at)`` in the ``argmax`` reduction: the larger value
+    wins; a tie goes to the earlier ``(row, position, channel)`` of a filled entry (``old_at[...,
+    0] >= 0``), so merges commute. Operators only (numpy arrays or tensors, any leading dims,
+    ``at[..., 4]``): the capture's update, the file merge and the rank merge share this rule."""
+    earlier = at[..., 2] < old_at[..., 2]
+    for i in (1, 0):
+        earlier = (at[..., i] < old_at[..., i]) | ((at[..., i] == old_at[..., i]) & earlier)
+    return (value > old) | ((value == old) & (old_at[..., 0] >= 0) & earlier)
+
+
 def _argmax(values: list, ats: list) -> tuple:
-    """The largest value; ties go to the earliest (row, position, channel) among filled entries,
-    so the merge commutes (as the capture-side update does)."""
+    """The best ``(value, at)`` of the parts by :func:`argmax_better`."""
     best_v, best_at = np.asarray(values[0]), np.asarray(ats[0])
     for v, at in zip(values[1:], ats[1:]):
         v, at = np.asarray(v), np.asarray(at)
-        earlier = tuple(at[:3]) < tuple(best_at[:3])
-        if v > best_v or (v == best_v and best_at[0] >= 0 and earlier):
+        if argmax_better(v, at, best_v, best_at):
             best_v, best_at = v, at
     return best_v, best_at
 
@@ -295,15 +326,16 @@ def bottomk_order(keys: np.ndarray, k: int) -> np.ndarray:
 
 
 def _bottomk(fields: list[Field], states: list[dict], order: np.ndarray | None = None) -> dict:
-    keys = np.concatenate([np.asarray(s["key"], np.float64) for s in states])
-    k = np.shape(states[0]["key"])[0]
+    key = fields[0].name
+    keys = np.concatenate([np.asarray(s[key], np.float64) for s in states])
+    k = np.shape(states[0][key])[0]
     if order is None:
         order = bottomk_order(keys, k)
     empty = np.isinf(keys[order])
     out = {}
     for f in fields:
         v = np.concatenate([np.asarray(s[f.name]) for s in states])[order].astype(f.dtype)
-        if f.name != "key":
+        if f.name != key:
             v[empty] = f.fill
         out[f.name] = v
     return out
@@ -452,22 +484,23 @@ def merge_rows(rows: Sequence[WindowState], cross_sites=()) -> WindowState:
         for kind in kinds:
             states = [row.state(name, kind) for row in rows]
             order = None
-            if kind == "sample" and sum(bool(s) for s in states) > 1:
+            key = SPECS[kind].bottomk_key if kind in SPECS else None
+            if key is not None and sum(bool(s) for s in states) > 1:
                 sig = []
                 for r, s in enumerate(states):
                     if not s:
                         continue
                     for j, rep in enumerate(reps[r]):
-                        if _same(rep, s["key"]):
+                        if _same(rep, s[key]):
                             sig.append((r, j))
                             break
                     else:
-                        reps[r].append(s["key"])
+                        reps[r].append(s[key])
                         sig.append((r, len(reps[r]) - 1))
                 sig_t = tuple(sig)
                 if sig_t not in orders:
-                    keys = np.concatenate([s["key"] for s in states if s])
-                    orders[sig_t] = bottomk_order(keys, np.shape(next(s for s in states if s)["key"])[0])
+                    keys = np.concatenate([s[key] for s in states if s])
+                    orders[sig_t] = bottomk_order(keys, np.shape(next(s for s in states if s)[key])[0])
                 order = orders[sig_t]
             per[kind] = merge_states(kind, states, order)
     cross = merge_states("cross", [row.cross for row in rows])

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ._base import SPECS, StatBase, Tokens, host_reads, scratch
+from ._buckets import Buckets
 
 __all__ = ["Cross"]
 
@@ -55,6 +56,8 @@ def _comoments(x: Tensor, w: Tensor, inplace: bool = False) -> tuple[Tensor, Ten
 
 #: mantissa bits of the float-bit buckets of ``1 - cos`` between consecutive sites
 COS_BITS = 4
+#: the buckets of ``1 - cos`` (in ``[0, 2]``: the positive half only)
+COS_BUCKETS = Buckets(COS_BITS, signed=False)
 
 
 def _cosines(x: Tensor, w: Tensor, hist: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -72,9 +75,8 @@ def _cosines(x: Tensor, w: Tensor, hist: Tensor | None = None) -> tuple[Tensor, 
     u = torch.mul(x, scale.unsqueeze(-1))
     if hist is not None and s > 1 and t > 0:
         dist = (1.0 - (u[:-1] * u[1:]).sum(-1)).clamp(min=0.0).float()  # [S - 1, t], in [0, 2]
-        size = hist.shape[1] - 1
-        index = torch.where(good > 0, dist.view(torch.int32) >> (23 - COS_BITS), size).long()
-        index = index + (torch.arange(s - 1, device=x.device) * (size + 1)).unsqueeze(-1)
+        index = torch.where(good > 0, COS_BUCKETS.index(dist.view(torch.int32)), COS_BUCKETS.spare).long()
+        index = index + (torch.arange(s - 1, device=x.device) * hist.shape[1]).unsqueeze(-1)
         one = torch.ones((), dtype=torch.int64, device=x.device).expand(index.numel())
         hist.view(-1).index_add_(0, index.view(-1), one)
     u = u.view(s, -1)
@@ -109,8 +111,9 @@ class Cross(StatBase):
 
     name = "cross"
     chunked = False
+    #: the cross-site kind: fed by :meth:`hold` per site and :meth:`finish` per forward
+    per_site = False
     spec = SPECS["cross"]
-    _fields = spec.names
 
     def __init__(self, sites: list[str], budget: int = 2 << 30, block_bytes: int | None = None,
                  cosines: bool = True) -> None:
@@ -136,20 +139,10 @@ class Cross(StatBase):
         """Names of the sites in matrix order."""
         return [self.candidates[i] for i in (self.members or [])]
 
-    def _init(self, device: torch.device) -> None:
-        s = len(self.sites)
-        f64 = dict(dtype=torch.float64, device=device)
-        self._state = {}
-        for v in ("keep", "all"):
-            self._state[f"{v}_n"] = torch.zeros((), **f64)
-            self._state[f"{v}_mean"] = torch.zeros(s, **f64)
-            self._state[f"{v}_c"] = torch.zeros(s, s, **f64)
-        self._state["skipped_tokens"] = torch.zeros((), dtype=torch.int64, device=device)
-        for v in ("keep", "all"):
-            self._state[f"{v}_cos_n"] = torch.zeros((), **f64)
-            self._state[f"{v}_cos"] = torch.zeros(s, s, **f64)
-        # row l: the pair (l, l + 1); S rows (the last stays 0) so that one site gives no empty dim
-        self._state["keep_cos_hist"] = torch.zeros(s, 2 ** (8 + COS_BITS) + 1, dtype=torch.int64, device=device)
+    def dims(self, x: Tensor | None = None) -> dict[str, int]:
+        # row l of keep_cos_hist: the pair (l, l + 1); S rows (the last stays 0) so that one
+        # site gives no empty dim
+        return {"S": len(self.sites), "C": COS_BUCKETS.count}
 
     def hold(self, index: int, x: Tensor, tokens: Tokens) -> None:
         """Keep a reference to site ``index``'s ``[n, D]`` tensor until :meth:`finish`."""
@@ -168,21 +161,6 @@ class Cross(StatBase):
         self._held[index] = (x, x._version)
         self._held_bytes += size
 
-    def state_dict(self) -> dict[str, Tensor]:
-        out = super().state_dict()
-        if out:
-            out["keep_cos_hist"] = out["keep_cos_hist"][:, :-1].clone()  # without the spare bucket
-        return out
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        super().load_state_dict(state)
-        if self._state is not None:
-            h = self.s["keep_cos_hist"].long()
-            self.s["keep_cos_hist"] = torch.cat((h, h.new_zeros(h.shape[0], 1)), 1)
-
-    def update(self, x: Tensor, tokens: Tokens) -> None:  # pragma: no cover - protocol only
-        raise TypeError("Cross is fed through hold()/finish(), not update()")
-
     def finish(self) -> None:
         """Fold the held forward in and release it."""
         tokens, held, over, widths = self._tokens, self._held, self._over, self._widths
@@ -196,7 +174,7 @@ class Cross(StatBase):
             width = widths[min(widths)]
             self.members = sorted(i for i, w in widths.items() if w == width)
         if self._state is None:
-            self._init(device)
+            self._allocate(self.dims(), device)
         s = self.s
         stale = [self.candidates[i] for i, (x, v) in held.items() if x._version != v]
         if over or any(i not in held for i in self.members) or stale:
@@ -223,9 +201,10 @@ class Cross(StatBase):
         block_bytes = self.block_bytes or ((8 << 20) if device.type == "cpu" else (256 << 20))
         block = max(1, block_bytes // per_token)
         bound = tokens.head_bound
-        keep_acc = head_acc = None
+        keep_acc: tuple[Tensor, Tensor, Tensor] | None = None
+        head_acc: tuple[Tensor, Tensor, Tensor] | None = None
         f64 = torch.float64
-        cos = {"keep": (0.0, 0.0), "head": (0.0, 0.0)}
+        cos: dict[str, tuple[Tensor | float, Tensor | float]] = {"keep": (0.0, 0.0), "head": (0.0, 0.0)}
         # CPU, every value finite (read on the host, free there): one reused float64 block, no
         # finiteness masks, centered in place when nothing else reads the block
         clean = host_reads(xs[0]) and all(bool(torch.isfinite(x.sum())) for x in xs)
@@ -252,6 +231,7 @@ class Cross(StatBase):
             head_acc = _comoments(x, head[index].to(f64) * ok)
             if self.cosines:
                 cos["head"] = _cosines(x, head[index].to(f64) * ok)
+        assert keep_acc is not None and head_acc is not None  # n_tok > 0: both passes ran
         all_acc = _merge(keep_acc, head_acc)
         for v, acc in (("keep", keep_acc), ("all", all_acc)):
             n, mean, c = _merge((s[f"{v}_n"], s[f"{v}_mean"], s[f"{v}_c"]), acc)

@@ -21,18 +21,16 @@ from torch import Tensor
 from ._base import (SPECS, BatchedStat, Dense, Finite, Tokens, central_sums, dense, host_reads, merge_moments,
                     run_compiled, scratch, shift_moments)
 
+from ._state import argmax_better
+
 __all__ = ["Moments", "LARGE"]
 
 LARGE = 6.0
 
 
-def _better(value: Tensor, at: Tensor, old: Tensor, old_at: Tensor) -> Tensor:
-    """Larger magnitude wins; a tie goes to the earlier (row, position, channel), so merges
-    commute. Elementwise tensor logic over any leading dims (``at[..., 4]``): no host sync."""
-    earlier = at[..., 2] < old_at[..., 2]
-    for i in (1, 0):
-        earlier = (at[..., i] < old_at[..., i]) | ((at[..., i] == old_at[..., i]) & earlier)
-    return (value > old) | ((value == old) & (old_at[..., 0] >= 0) & earlier)
+#: larger magnitude wins, ties to the earlier location (the declared ``argmax`` rule); elementwise
+#: tensor logic over any leading dims: no host sync
+_better = argmax_better
 
 
 def _chunk(x: Tensor, xs: Tensor | None, fm: Tensor | None, mag: Tensor | None, rowmax: Tensor | None,
@@ -57,6 +55,7 @@ def _chunk(x: Tensor, xs: Tensor | None, fm: Tensor | None, mag: Tensor | None, 
     # the mean from a float64 sum of the float32 values (xs is 0 where x is not finite)
     mean = (xs * kcol).sum(-2, dtype=f64) / n.clamp(min=1)
     center = mean.to(x.dtype)
+    moments: tuple[Tensor, ...]
     if wide:  # deviations from the float64 mean, powers and sums in float64
         d = (xs.to(f64) - mean.unsqueeze(-2)) * w
         d2 = d * d
@@ -162,30 +161,9 @@ class Moments(BatchedStat):
     name = "moments"
     chunked = True
     spec = SPECS["moments"]
-    _fields = spec.names
 
-    def _init(self, d: int, device: torch.device) -> None:
-        f64 = dict(dtype=torch.float64, device=device)
-        i64 = dict(dtype=torch.int64, device=device)
-        self._state = {
-            "n": torch.zeros(d, **f64),
-            "mean": torch.zeros(d, **f64),
-            "m2": torch.zeros(d, **f64),
-            "m3": torch.zeros(d, **f64),
-            "m4": torch.zeros(d, **f64),
-            "min": torch.full((d,), float("inf"), dtype=torch.float32, device=device),
-            "max": torch.full((d,), float("-inf"), dtype=torch.float32, device=device),
-            "nan": torch.zeros((), **i64),
-            "posinf": torch.zeros((), **i64),
-            "neginf": torch.zeros((), **i64),
-            "tokens": torch.zeros((), **i64),
-            "absmax": torch.full((), -1.0, dtype=torch.float32, device=device),
-            "absmax_at": torch.full((4,), -1, **i64),
-            "large": torch.zeros(d, **i64),
-        }
-
-    def _init_like(self, x: Tensor) -> None:
-        self._init(x.shape[-1], x.device)
+    def dims(self, x: Tensor) -> dict[str, int]:
+        return {"D": x.shape[-1]}
 
     @staticmethod
     def _run(state: tuple[Tensor, ...], x: Tensor, parts, tokens: Tokens, compiled: bool) -> tuple[Tensor, ...]:

@@ -22,11 +22,13 @@ product per chunk, accumulated in float64.
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Self
+
 import torch
 from torch import Tensor
 
 from ._base import SPECS, StatBase, Tokens, finite, host_reads, merge_moments
+from ._buckets import Buckets
 
 __all__ = ["Norm"]
 
@@ -46,33 +48,27 @@ class Norm(StatBase):
     name = "norm"
     chunked = True
     spec = SPECS["norm"]
-    _fields = spec.names
 
     def __init__(self, mantissa_bits: int = 7, max_positions: int = 4096) -> None:
         super().__init__()
-        self.m = mantissa_bits
+        #: the norms' buckets: non-negative values, so the positive half only
+        self.buckets = Buckets(mantissa_bits, signed=False)
         self.max_positions = max_positions
 
-    def _init(self, d: int, device: torch.device) -> None:
-        f64 = dict(dtype=torch.float64, device=device)
-        p = self.max_positions
-        self._state = {
-            **{f: torch.zeros((), **f64) for f in ("n", "mean", "m2", "m3", "m4")},
-            "min": torch.full((), float("inf"), dtype=torch.float32, device=device),
-            "max": torch.full((), float("-inf"), dtype=torch.float32, device=device),
-            "nonfinite": torch.zeros((), dtype=torch.int64, device=device),
-            # one spare bucket at the end swallows excluded tokens
-            "counts": torch.zeros(2 ** (8 + self.m) + 1, dtype=torch.int64, device=device),
-            **{f: torch.zeros(p, **f64) for f in ("pos_n", "pos_mean", "pos_m2")},
-            "unit_n": torch.zeros((), **f64),
-            "unit_sum": torch.zeros(d, **f64),
-        }
+    @classmethod
+    def create(cls, *, histogram_bits: int, max_positions: int, sample_size: int) -> Norm:
+        return cls(histogram_bits, max_positions)
 
-    def _init_like(self, x: Tensor) -> None:
-        self._init(x.shape[-1], x.device)
+    @property
+    def m(self) -> int:
+        return self.buckets.m
 
-    def update(self, x: Tensor, tokens: Tokens) -> None:
-        Norm.update_group([self], x.unsqueeze(0), tokens)
+    def dims(self, x: Tensor) -> dict[str, int]:
+        return {"D": x.shape[-1], "P": self.max_positions, "H": self.buckets.count}
+
+    def _adopt(self, dims: dict[str, int]) -> None:
+        self.buckets = Buckets.of(dims["H"], signed=False)
+        self.max_positions = dims["P"]
 
     @classmethod
     def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
@@ -98,7 +94,7 @@ class Norm(StatBase):
         return norm, usum
 
     @classmethod
-    def partial(cls, stat: Norm, x: Tensor, tokens: Tokens) -> tuple | None:
+    def partial(cls, stat: Self, x: Tensor, tokens: Tokens) -> tuple | None:
         """The norms and unit-vector sums of one site's chunk ``x[1, n, D]`` (see
         :meth:`StatBase.partial`); :meth:`fold` does the rest for every site at once."""
         if not cls._ready([stat], x):
@@ -137,12 +133,12 @@ class Norm(StatBase):
         hi = torch.where(kept, norm0, float("-inf")).amax(-1)
         nonfinite = s["nonfinite"] + (~fin & tokens.keep).sum(-1)
         # float-bit buckets of the (non-negative) float32 norms; excluded tokens to the spare bucket
-        size = 2 ** (8 + stats[0].m)
+        b = stats[0].buckets
         bits = norm0.contiguous().view(torch.int32)
-        index = torch.where(kept, bits >> (23 - stats[0].m), size).to(torch.int64)
-        index = index + (torch.arange(g, device=norm.device) * (size + 1)).unsqueeze(-1)
+        index = torch.where(kept, b.index(bits), b.spare).to(torch.int64)
+        index = index + (torch.arange(g, device=norm.device) * (b.spare + 1)).unsqueeze(-1)
         one = torch.ones((), dtype=torch.int64, device=norm.device).expand(index.numel())
-        counts = s["counts"].reshape(-1).index_add(0, index.reshape(-1), one).view(g, size + 1)
+        counts = s["counts"].reshape(-1).index_add(0, index.reshape(-1), one).view(g, b.spare + 1)
         # per position, over every real token with a finite norm
         p = s["pos_n"].shape[-1]
         inside = fin & tokens.valid & (tokens.position >= 0) & (tokens.position < p)
@@ -163,18 +159,3 @@ class Norm(StatBase):
                "unit_n": s["unit_n"] + unit.to(f64).sum(-1), "unit_sum": s["unit_sum"] + usum.to(f64)}
         for i, st in enumerate(stats):
             st._state = {f: new[f][i] for f in cls._fields}
-
-    def state_dict(self) -> dict[str, Tensor]:
-        if self._state is None:
-            return {}
-        out = dict(self._state)
-        out["counts"] = out["counts"][:-1].clone()
-        return out
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        super().load_state_dict(state)
-        if self._state is not None:
-            counts = self.s["counts"].long()
-            self.m = int(np.log2(counts.numel())) - 8
-            self.max_positions = int(self.s["pos_n"].shape[0])
-            self.s["counts"] = torch.cat((counts, counts.new_zeros(1)))

@@ -109,25 +109,20 @@ class Position(BatchedStat):
     name = "position"
     chunked = True
     spec = SPECS["position"]
-    _fields = spec.names
 
     def __init__(self, max_positions: int = 4096) -> None:
         super().__init__()
         self.max_positions = max_positions
 
-    def _init(self, device: torch.device) -> None:
-        p = self.max_positions
-        self._state = {
-            "tokens": torch.zeros(p, dtype=torch.int64, device=device),
-            "n": torch.zeros(p, dtype=torch.float64, device=device),
-            "mean": torch.zeros(p, dtype=torch.float64, device=device),
-            "m2": torch.zeros(p, dtype=torch.float64, device=device),
-            "absmax": torch.full((p,), float("-inf"), dtype=torch.float32, device=device),
-            "overflow": torch.zeros((), dtype=torch.int64, device=device),
-        }
+    @classmethod
+    def create(cls, *, histogram_bits: int, max_positions: int, sample_size: int) -> Position:
+        return cls(max_positions)
 
-    def _init_like(self, x: Tensor) -> None:
-        self._init(x.device)
+    def dims(self, x: Tensor) -> dict[str, int]:
+        return {"P": self.max_positions}
+
+    def _adopt(self, dims: dict[str, int]) -> None:
+        self.max_positions = dims["P"]
 
     @staticmethod
     def _run(state: tuple[Tensor, ...], x: Tensor, parts, tokens: Tokens, compiled: bool) -> tuple[Tensor, ...]:

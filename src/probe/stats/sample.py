@@ -19,6 +19,8 @@ channel, token`` int64 ``[k]``, ``value`` float32 ``[k]``.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,8 +29,8 @@ from ._base import SPECS, StatBase, Tokens, host_reads
 
 __all__ = ["Sample"]
 
-_FIELDS = ("key", "row", "position", "channel", "token", "value")
-_META = _FIELDS[:5]
+#: the fields that say where a sampled value sits (all but ``value``)
+_META = SPECS["sample"].names[:5]
 _UNIQUE = itertools.count()
 
 
@@ -90,7 +92,6 @@ class Sample(StatBase):
     name = "sample"
     chunked = False
     spec = SPECS["sample"]
-    _fields = _FIELDS
 
     def __init__(self, size: int = 20_000) -> None:
         super().__init__()
@@ -98,13 +99,15 @@ class Sample(StatBase):
         #: equal for two samples exactly when they hold the same keys (same forwards, from empty)
         self.history: int = hash(("empty", size))
 
-    def _init(self, device: torch.device) -> None:
-        k = self.size
-        self._state = {
-            "key": torch.full((k,), float("inf"), dtype=torch.float64, device=device),
-            **{f: torch.full((k,), -1, dtype=torch.int64, device=device) for f in _FIELDS[1:5]},
-            "value": torch.full((k,), float("nan"), dtype=torch.float32, device=device),
-        }
+    @classmethod
+    def create(cls, *, histogram_bits: int, max_positions: int, sample_size: int) -> Sample:
+        return cls(sample_size)
+
+    def dims(self, x: Tensor) -> dict[str, int]:
+        return {"k": self.size}
+
+    def _adopt(self, dims: dict[str, int]) -> None:
+        self.size = dims["k"]
 
     def _select(self, n: int, d: int, tokens: Tokens, device: torch.device) -> tuple[Tensor, Tensor]:
         """This forward's candidates: the keys and flat indices (into ``n * d``) of the ``k``
@@ -123,12 +126,6 @@ class Sample(StatBase):
                     index = torch.arange(n * d, device=device)
                 tokens.cache[memo] = (keys, index)
         return tokens.cache[memo]
-
-    def _init_like(self, x: Tensor) -> None:
-        self._init(x.device)
-
-    def update(self, x: Tensor, tokens: Tokens) -> None:
-        Sample.update_group([self], x.unsqueeze(0), tokens)
 
     def _shared(self, n: int, d: int, tokens: Tokens) -> tuple:
         """This forward's merge for every sample with this one's history: the selected flat
@@ -185,8 +182,6 @@ class Sample(StatBase):
         if other._state is not None:
             self.history = hash(("merged", next(_UNIQUE)))
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.history = hash(("loaded", next(_UNIQUE)))
-        if self._state is not None:
-            self.size = self.s["key"].numel()

@@ -27,6 +27,8 @@ int64 (-1 = empty), largest ``|value|`` first.
 
 from __future__ import annotations
 
+from typing import Self
+
 import torch
 from torch import Tensor
 
@@ -60,22 +62,16 @@ class TopK(StatBase):
     name = "topk"
     chunked = True
     spec = SPECS["topk"]
-    _fields = spec.names
 
     def __init__(self, k: int = K) -> None:
         super().__init__()
         self.k = k
 
-    def _init(self, device: torch.device) -> None:
-        k = self.k
-        self._state = {"value": torch.full((k,), float("nan"), dtype=torch.float32, device=device),
-                       **{f: torch.full((k,), -1, dtype=torch.int64, device=device) for f in self._fields[1:]}}
+    def dims(self, x: Tensor) -> dict[str, int]:
+        return {"k": self.k}
 
-    def _init_like(self, x: Tensor) -> None:
-        self._init(x.device)
-
-    def update(self, x: Tensor, tokens: Tokens) -> None:
-        TopK.update_group([self], x.unsqueeze(0), tokens)
+    def _adopt(self, dims: dict[str, int]) -> None:
+        self.k = dims["k"]
 
     @classmethod
     def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
@@ -85,7 +81,7 @@ class TopK(StatBase):
         cls._merge(stats, cls._best(x, tokens, stats[0].k))
 
     @classmethod
-    def partial(cls, stat: TopK, x: Tensor, tokens: Tokens) -> dict | None:
+    def partial(cls, stat: Self, x: Tensor, tokens: Tokens) -> dict | None:
         """Steps 1 and 2 for one site's chunk ``x[1, n, D]`` (see :meth:`StatBase.partial`);
         :meth:`fold` merges every site's with its state at once."""
         if not cls._ready([stat], x):

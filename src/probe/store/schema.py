@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import FileFormatError
+from ..stats._buckets import Buckets
 from ..stats._state import SPECS, StatState, key_groups
 
 __all__ = ["SCHEMA", "VERSION", "LIBVER", "STEPS", "SITES", "SAMPLES", "CROSS", "TOTAL", "WINDOW",
@@ -245,8 +246,7 @@ def _sparse(sg, counts) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _dense_counts(index: np.ndarray, count: np.ndarray, buckets: int, where: str) -> np.ndarray:
-    # 2**(9 + m) histogram buckets, 2**(8 + m) norm buckets, m in 0..10
-    if buckets not in [2 ** k for k in range(8, 20)] or index.shape != count.shape or (
+    if not Buckets.is_count(buckets) or index.shape != count.shape or (
             index.size and (index.min() < 0 or index.max() >= buckets)):
         raise FileFormatError(f"{where}: sparse histogram does not fit {buckets} buckets; the file is damaged")
     counts = np.zeros(buckets, dtype=np.int64)

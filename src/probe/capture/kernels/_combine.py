@@ -15,7 +15,6 @@ from torch import Tensor
 
 from ...stats._base import Tokens, merge_moments
 from ...stats.moments import Moments, _better
-from ...stats._base import merge_moments
 from ...stats.position import Position
 from ._layout import Partials
 
@@ -50,7 +49,8 @@ def kway(nb: Tensor, mb: Tensor, m2b: Tensor, m3b: Tensor, m4b: Tensor, dim: int
 def into_moments(stats: list, p: Partials, tokens: Tokens) -> None:
     fields = Moments._fields
     (n0, mean0, m20, m30, m40, lo0, hi0, nan0, pos0, neg0, tok0, absmax0, at0, large0) = _stack(stats, fields)
-    chunk = kway(*p.mom.unbind(2), dim=1)
+    nb, mb, m2b, m3b, m4b = p.mom.unbind(2)
+    chunk = kway(nb, mb, m2b, m3b, m4b, dim=1)
     n1, mean1, m21, m31, m41 = merge_moments((n0, mean0, m20, m30, m40), chunk)
     lo1 = torch.minimum(lo0, p.ext[:, :, 0].amin(1))
     hi1 = torch.maximum(hi0, p.ext[:, :, 1].amax(1))

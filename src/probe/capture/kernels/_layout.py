@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ...stats._buckets import Buckets
 from ...stats.moments import LARGE
 
 __all__ = ["Plan", "Partials"]
@@ -52,6 +53,11 @@ class Plan:
             object.__setattr__(self, "e0", max(0, 127 - self.nexp + self.nexp // 4))
 
     @property
+    def buckets(self) -> Buckets:
+        """The histogram's float-bit buckets."""
+        return Buckets(self.mantissa_bits)
+
+    @property
     def nexp(self) -> int:
         return max(1, self.dense_bins // (2 << self.mantissa_bits))
 
@@ -64,6 +70,8 @@ class Plan:
 
 @dataclass
 class Partials:
+    """The fused kernel's per-block partial results (shapes in the module docstring)."""
+
     mom: Tensor
     ext: Tensor
     large: Tensor
@@ -89,6 +97,6 @@ class Partials:
             best=torch.empty(g, rb * cb, **f32),
             best_at=torch.empty(g, rb * cb, dtype=torch.int64, device=device),
             bad=torch.zeros(g, 3, dtype=torch.int64, device=device),
-            hist=torch.zeros(g, 2 ** (9 + m) + 1, dtype=torch.int64, device=device),
+            hist=torch.zeros(g, Buckets(m).spare + 1, dtype=torch.int64, device=device),
             lossy=torch.zeros(g, dtype=torch.int32, device=device),
         )

@@ -28,8 +28,7 @@ def partials(x: Tensor, keep: Tensor, plan: Plan) -> Partials:
     """Partial results of ``x[G, n, D]`` with token mask ``keep[n]`` (see :class:`Partials`)."""
     g, n, d = x.shape
     rb, cb = plan.row_blocks(n), plan.channel_blocks(d)
-    m = plan.mantissa_bits
-    out = Partials.empty(g, n, d, rb, cb, m, x.device)
+    out = Partials.empty(g, n, d, rb, cb, plan.mantissa_bits, x.device)
     x32 = x.float()
     keep = keep.bool()
     finite = torch.isfinite(x32)
@@ -77,10 +76,10 @@ def partials(x: Tensor, keep: Tensor, plan: Plan) -> Partials:
     out.bad[:, 0] = (torch.isnan(x32) & kept).sum((1, 2))
     out.bad[:, 1] = ((x32 == float("inf")) & kept).sum((1, 2))
     out.bad[:, 2] = ((x32 == float("-inf")) & kept).sum((1, 2))
-    size = 2 ** (9 + m)
+    buckets = plan.buckets
     bits = x32.contiguous().view(torch.int32)
-    index = torch.where(kept, (bits >> (23 - m)) & (size - 1), size)
+    index = torch.where(kept, buckets.index(bits), buckets.spare)
     for i in range(g):
-        out.hist[i] = torch.bincount(index[i].flatten(), minlength=size + 1)
-    out.lossy.copy_(((bits & ((1 << (23 - m)) - 1)) != 0).flatten(1).any(1).int())
+        out.hist[i] = torch.bincount(index[i].flatten(), minlength=buckets.spare + 1)
+    out.lossy.copy_(((bits & buckets.low) != 0).flatten(1).any(1).int())
     return out

@@ -49,14 +49,13 @@ def _pebay(na, ma, m2a, m3a, m4a, nb, mb, m2b, m3b, m4b):
 def _fused(x_ptr, keep_ptr, mom_ptr, ext_ptr, large_ptr, tok_ptr, rowmax_ptr, best_ptr, where_ptr,
            bad_ptr, hist_ptr, lossy_ptr,
            n_tokens, d_model, stride_g, stride_n, stride_d, n_rblocks, n_cblocks, hist_stride,
-           E0: tl.constexpr, NEXP: tl.constexpr, M: tl.constexpr, LARGE: tl.constexpr,
+           E0: tl.constexpr, NEXP: tl.constexpr, M: tl.constexpr, SIZE: tl.constexpr, SHIFT: tl.constexpr,
+           LOW: tl.constexpr, LARGE: tl.constexpr,
            ROWS: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr):
     rb = tl.program_id(0)
     cb = tl.program_id(1)
     g = tl.program_id(2)
-    SIZE: tl.constexpr = 1 << (9 + M)
     DENSE: tl.constexpr = 2 * NEXP << M
-    LOW: tl.constexpr = (1 << (23 - M)) - 1
     cols = cb * BLOCK_D + tl.arange(0, BLOCK_D)
     col_in = cols < d_model
     x_base = x_ptr + g.to(tl.int64) * stride_g
@@ -145,10 +144,10 @@ def _fused(x_ptr, keep_ptr, mom_ptr, ext_ptr, large_ptr, tok_ptr, rowmax_ptr, be
         n_pos += tl.sum((kept & (x == float("inf"))).to(tl.int32))
         n_neg += tl.sum((kept & (x == float("-inf"))).to(tl.int32))
 
-        # --- histogram: float32 bits >> (23 - M); the dense window privately, the rest atomically
+        # --- histogram: float32 bits >> SHIFT; the dense window privately, the rest atomically
         bits = x.to(tl.int32, bitcast=True)
         lossy = tl.maximum(lossy, tl.max((inb & ((bits & LOW) != 0)).to(tl.int32)))
-        index = (bits >> (23 - M)) & (SIZE - 1)
+        index = (bits >> SHIFT) & (SIZE - 1)
         expo = (index >> M) & 255
         inside = (expo >= E0) & (expo < E0 + NEXP)
         local = (index >> (8 + M)) * (NEXP << M) + ((expo - E0) << M) + (index & ((1 << M) - 1))
@@ -173,10 +172,10 @@ def _fused(x_ptr, keep_ptr, mom_ptr, ext_ptr, large_ptr, tok_ptr, rowmax_ptr, be
     block = (g * n_rblocks + rb) * n_cblocks + cb
     tl.store(best_ptr + block, best)
     tl.store(where_ptr + block, best_at)
-    tl.atomic_add(bad_ptr + g * 3, n_nan.to(tl.int64), sem="relaxed")
-    tl.atomic_add(bad_ptr + g * 3 + 1, n_pos.to(tl.int64), sem="relaxed")
-    tl.atomic_add(bad_ptr + g * 3 + 2, n_neg.to(tl.int64), sem="relaxed")
-    tl.atomic_add(hist_base + SIZE, n_out.to(tl.int64), sem="relaxed")
+    tl.atomic_add(bad_ptr + g * 3, tl.cast(n_nan, tl.int64), sem="relaxed")
+    tl.atomic_add(bad_ptr + g * 3 + 1, tl.cast(n_pos, tl.int64), sem="relaxed")
+    tl.atomic_add(bad_ptr + g * 3 + 2, tl.cast(n_neg, tl.int64), sem="relaxed")
+    tl.atomic_add(hist_base + SIZE, tl.cast(n_out, tl.int64), sem="relaxed")
     tl.atomic_max(lossy_ptr + g, lossy, sem="relaxed")
     # the dense window back to global bucket indices: sign, exponent E0 + e, mantissa bits
     k = tl.arange(0, DENSE)
@@ -194,11 +193,13 @@ def partials(x: Tensor, keep: Tensor, plan: Plan) -> Partials:
     out = Partials.empty(g, n, d, rb, cb, plan.mantissa_bits, x.device)
     keep8 = keep.to(torch.uint8) if keep.dtype == torch.bool else keep
     bf16 = x.dtype == torch.bfloat16
+    buckets = plan.buckets  # the kernel's SIZE (spare bucket at SIZE), SHIFT and LOW
     _fused[(rb, cb, g)](
         x.view(torch.int16) if bf16 else x, keep8, out.mom, out.ext, out.large, out.tok, out.rowmax, out.best, out.best_at,
         out.bad, out.hist, out.lossy,
         n, d, x.stride(0), x.stride(1), x.stride(2), rb, cb, out.hist.stride(0),
-        E0=plan.e0, NEXP=plan.nexp, M=plan.mantissa_bits, LARGE=plan.large,
+        E0=plan.e0, NEXP=plan.nexp, M=plan.mantissa_bits, SIZE=buckets.count, SHIFT=buckets.shift,
+        LOW=buckets.low, LARGE=plan.large,
         ROWS=plan.rows, SUB=plan.sub, BLOCK_D=plan.block_d, BF16=bf16,
     )
     return out
