@@ -142,7 +142,7 @@ def test_toy_statistic_rank_merge(tiny, toy):
     model = tiny("llama")
     batches = _batches(3, 3)
     c = _capture(model, batches, every=1, distributed=False)
-    rows = list(c._rows)
+    rows = list(c.result.rows)
     # two windows under one label: the rank merges them before reducing
     rows[1] = type(rows[1])(rows[0].step, rows[1].sites, rows[1].cross)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
@@ -188,7 +188,7 @@ def _rank(rank: int, world: int, port: int, folder: str) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=120))
         model = _llama()
-        rows = [list(_capture(model, _batches(2 + r, 10 + r), every=1, distributed=False)._rows)
+        rows = [list(_capture(model, _batches(2 + r, 10 + r), every=1, distributed=False).result.rows)
                 for r in range(world)]
         c = _capture(model, _batches(1, 10), distributed=False)
         merged = merge_windows(rows[rank], c.sites, [k for k in c.stats if k != "cross"], False)
