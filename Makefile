@@ -12,7 +12,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s|%s' '$(TORCH)' '$(TORCH_INDEX)' | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-slow typecheck clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,9 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+typecheck: install
+	$(BIN)/python -m mypy
 
 # also removes the bundled model's de-quantised float32 copies (about 513 MiB each) from
 # $PROBE_CACHE (default ~/.cache/probe); nothing else there is touched

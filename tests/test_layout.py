@@ -19,6 +19,10 @@ def _module_name(path: pathlib.Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+MODULES_KNOWN = {".".join(("probe",) + p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                 for p in ROOT.rglob("*.py")}
+
+
 def _imports(path: pathlib.Path, top_level_only: bool = False) -> set[str]:
     """Absolute names of the modules ``path`` imports (relative imports resolved; for
     ``from pkg import name`` both ``pkg`` and ``pkg.name``, since ``name`` may be a module)."""
@@ -37,8 +41,9 @@ def _imports(path: pathlib.Path, top_level_only: bool = False) -> set[str]:
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            out.add(mod)
-            out |= {f"{mod}.{a.name}" for a in node.names}
+            names = {f"{mod}.{a.name}" for a in node.names}
+            # ``from pkg import sub`` imports the submodule (and runs pkg/__init__, which holds no edge of its own)
+            out |= names if names <= MODULES_KNOWN else names | {mod}
     return out
 
 
@@ -75,6 +80,45 @@ def test_read_side_imports_neither_torch_nor_the_write_side(name):
 def test_read_side_is_not_empty():
     # the parametrized tests above cannot pass on an empty selection
     assert len(READ_SIDE) >= 6 and sum(_under(m, "probe.capture") for m in MODULES) >= 8
+
+
+def _unit(name: str) -> str:
+    # the numpy-only parts of stats/ are units of their own: the read side may use them, not the rest
+    if name in ("probe.stats._state", "probe.stats._buckets"):
+        return name
+    return ".".join(name.split(".")[:2])
+
+
+#: which units each unit may import (any import, inside functions too); the arrows of the data flow
+ALLOWED = {
+    "probe.errors": set(),
+    "probe._version": set(),
+    "probe.models": {"probe.errors"},
+    "probe.stats._state": {"probe.errors"},
+    "probe.stats._buckets": {"probe.errors"},
+    "probe.stats": {"probe.errors", "probe.stats._state", "probe.stats._buckets"},
+    "probe.results": {"probe.errors", "probe.stats._state", "probe.stats._buckets"},
+    "probe.present": {"probe.errors", "probe.results", "probe.stats._state", "probe.stats._buckets"},
+    "probe.store": {"probe.errors", "probe._version", "probe.results", "probe.stats._state", "probe.stats._buckets"},
+    "probe.capture": {"probe.errors", "probe._version", "probe.stats", "probe.stats._state", "probe.stats._buckets",
+                      "probe.store"},
+    "probe.export": {"probe.errors", "probe.results", "probe.store", "probe.stats._state", "probe.stats._buckets"},
+    "probe.integrations": {"probe", "probe.errors", "probe.capture", "probe.export", "probe.results", "probe.store"},
+}
+
+
+@pytest.mark.parametrize("unit", sorted(ALLOWED))
+def test_units_import_only_what_the_data_flow_allows(unit):
+    members = [m for m in MODULES if _unit(m) == unit]
+    assert members, f"no module in {unit}"
+    got = {_unit(i) for m in members for i in _imports(MODULES[m]) if i in MODULES and _unit(i) != unit}
+    assert got <= ALLOWED[unit], f"{unit} imports {sorted(got - ALLOWED[unit])}, outside its allowed {sorted(ALLOWED[unit])}"
+
+
+def test_every_unit_is_placed():
+    # a new package must say where it sits in the data flow (the top-level package and the CLI may import anything)
+    units = {_unit(m) for m in MODULES} - {"probe", "probe.cli"}
+    assert units <= set(ALLOWED), f"units without a rule: {sorted(units - set(ALLOWED))}"
 
 
 def test_no_import_cycle_at_import_time():

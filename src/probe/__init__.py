@@ -8,6 +8,7 @@
     r["hidden_states.5"].kurtosis, r["hidden_states.5"].quantile(0.999), r.cross.r2
 """
 
+import os
 import sys
 import types
 
@@ -107,9 +108,14 @@ def merge(paths, out, *, overwrite: bool = False):
         >>> merged["hidden_states.1"].tokens == 2 * run["hidden_states.1"].tokens
         True
     """
-    from .results.merge import merge_files
+    # the file-level glue lives here, above both sides: the store reads and writes, results merges
+    from .results.merge import merge_runs
+    from .store import check_writable, read, write_run
 
-    return merge_files(paths, out, overwrite=overwrite)
+    check_writable(out, overwrite)
+    runs = [read(p) for p in paths]
+    write_run(merge_runs(runs, [os.fspath(p) for p in paths]), out, overwrite)
+    return read(out)
 
 
 __all__ = ["capture", "load", "merge", "export", "ProbeError", "__version__"]

@@ -16,9 +16,9 @@ def add_parser(sub) -> None:
 
 
 def command(args) -> int:
-    from ..results.merge import merge_files
+    from .. import merge
 
     check_out(args.out, args.overwrite)
-    run = merge_files(args.files, args.out, overwrite=args.overwrite)
+    run = merge(args.files, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(args.files)} files, {len(run.rows)} window(s)")
     return 0

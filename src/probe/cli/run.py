@@ -10,13 +10,14 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ..errors import ProbeError
 from ..stats import NAMES as STATS
 from ._common import check_out
 
 if TYPE_CHECKING:
+    from ..capture.options import StatName
     from ..capture.session import Capture
 
 __all__ = ["add_parser", "command"]
@@ -143,7 +144,9 @@ def _capture(args, model, tokenizer, docs: list[str], stats: tuple[str, ...] | N
     got = _Progress()
     started = time.perf_counter()
     with warnings.catch_warnings():
-        with capture(model, args.out, sites=args.sites or "hidden_states", stats=stats,
+        # names checked against the registry in _check_run (a registered statistic is no Literal member)
+        names = cast("tuple[StatName, ...] | None", stats)
+        with capture(model, args.out, sites=args.sites or "hidden_states", stats=names,
                      skip_first=args.skip_first, overwrite=args.overwrite, **options) as run:
             try:
                 with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import ProbeError
 from .run import Run, merge_rows
 
-__all__ = ["merge_runs", "merge_files", "differences"]
+__all__ = ["merge_runs", "differences"]
 
 _MUST_MATCH = ("stats", "skip_first", "max_positions", "histogram", "cross_sites")
 
@@ -136,38 +136,3 @@ def merge_runs(runs: Sequence[Run], names: Sequence[str] | None = None) -> Run:
     if texts:
         meta["token_text"] = texts
     return Run(meta, rows)
-
-
-def merge_files(paths: Sequence[str], out: str, *, overwrite: bool = False) -> Run:
-    """Merge the run files ``paths`` into ``out`` (see :func:`merge_runs`).
-
-    Args:
-        paths: two or more run files (``probe.capture(..., out=...)``, ``probe run``).
-        out: the file to write.
-        overwrite: replace an existing ``out``.
-
-    Returns:
-        The merged run, read back from ``out``.
-
-    Raises:
-        ProbeError: unreadable files, an existing ``out`` without ``overwrite``, or runs that
-            cannot merge (see :func:`merge_runs`).
-
-    Example:
-        >>> import warnings
-        >>> from probe.store import write_run
-        >>> a, b = os.path.join(tmp, "a.h5"), os.path.join(tmp, "b.h5")
-        >>> write_run(run, a, False); write_run(run, b, False)
-        >>> with warnings.catch_warnings():
-        ...     warnings.simplefilter("ignore")
-        ...     merged = merge_files([a, b], os.path.join(tmp, "ab.h5"))
-        >>> merged[0].count == 2 * run[0].count
-        True
-    """
-    from ..store import check_writable, read, write_run
-
-    check_writable(out, overwrite)
-    runs = [read(p) for p in paths]
-    merged = merge_runs(runs, [os.fspath(p) for p in paths])
-    write_run(merged, out, overwrite)
-    return read(out)

@@ -13,7 +13,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from collections.abc import Mapping
-from typing import Any, Callable, ClassVar, Protocol, Self
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -22,6 +22,9 @@ from ._state import SPECS, Field, State, merge_moments, merge_states
 
 __all__ = ["Tokens", "Stat", "StatBase", "TORCH_DTYPES", "BatchedStat", "Finite", "Dense", "merge_moments", "SPECS", "central_sums",
            "dense", "finite", "host_reads", "scratch", "release_scratch", "run_compiled"]
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+
+    from typing_extensions import Self
 
 
 @dataclass(frozen=True)

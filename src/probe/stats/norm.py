@@ -22,13 +22,16 @@ product per chunk, accumulated in float64.
 
 from __future__ import annotations
 
-from typing import Self
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ._base import SPECS, StatBase, Tokens, finite, host_reads, merge_moments
 from ._buckets import Buckets
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+
+    from typing_extensions import Self
 
 __all__ = ["Norm"]
 

@@ -27,12 +27,15 @@ int64 (-1 = empty), largest ``|value|`` first.
 
 from __future__ import annotations
 
-from typing import Self
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ._base import SPECS, StatBase, Tokens, finite, host_reads
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+
+    from typing_extensions import Self
 
 __all__ = ["TopK", "K"]
 
