@@ -628,7 +628,6 @@ def profile_main(args) -> int:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     import probe
-    capture_mod = importlib.import_module("probe.capture")
     from probe import stats as st
 
     torch.set_num_threads(args.threads)
@@ -676,9 +675,10 @@ def profile_main(args) -> int:
     wrap(st.Cross, "hold", "cross.hold")
     wrap(st.Cross, "finish", "cross.finish")
     wrap(importlib.import_module("probe.capture.tokens").TokenContext, "tokens", "tokens (mask/positions)")
-    wrap(capture_mod.Capture, "_observe", "site hook (inclusive)")
-    wrap(capture_mod.Capture, "_begin", "root pre-hook (inclusive)")
-    wrap(capture_mod.Capture, "_end", "root post-hook (inclusive)")
+    forwards_cls = importlib.import_module("probe.capture.forward").Forwards  # the hooks' entry points
+    wrap(forwards_cls, "observe", "site hook (inclusive)")
+    wrap(forwards_cls, "begin", "root pre-hook (inclusive)")
+    wrap(forwards_cls, "end", "root post-hook (inclusive)")
 
     def fwd():
         model(input_ids=ids, attention_mask=mask)
