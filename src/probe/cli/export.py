@@ -7,11 +7,13 @@ __all__ = ["add_parser", "command"]
 
 
 def add_parser(sub) -> None:
+    from ..export import FORMATS
+
     p = sub.add_parser("export", help="write calibration files (smoothquant, imatrix, amax) or TensorBoard events",
                        description="Write SmoothQuant act scales, a llama.cpp imatrix or an amax JSON from runs "
                                    "captured with --sites linear_inputs (several runs are merged exactly), "
                                    "or TensorBoard events (every window at its step) into the folder -o.")
-    p.add_argument("format", choices=("smoothquant", "imatrix", "amax", "tensorboard"))
+    p.add_argument("format", choices=FORMATS)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run files (merged exactly)")
     p.add_argument("-o", "--out", required=True, help="output file (.pt, .gguf, .json), or a log folder for tensorboard")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

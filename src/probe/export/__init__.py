@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from ..errors import ProbeError
 from ..store import check_writable
 from ._collect import ModuleStats, as_runs, collect
 
-__all__ = ["export", "FORMATS", "collect", "ModuleStats"]
+__all__ = ["export", "Format", "FORMATS", "collect", "ModuleStats"]
 
-FORMATS = ("smoothquant", "imatrix", "amax", "tensorboard")
+#: the formats, in one place: the signature's type, the check below and the CLI's choices derive from it
+Format = Literal["smoothquant", "imatrix", "amax", "tensorboard"]
+FORMATS: tuple[str, ...] = get_args(Format)
 #: the file each format writes, as named in the examples of errors about the output path
 FILES = {"smoothquant": "act_scales.pt", "imatrix": "imatrix.gguf", "amax": "amax.json"}
 
@@ -42,7 +44,7 @@ def _meta(runs) -> dict[str, Any]:
     }
 
 
-def export(fmt: Literal["smoothquant", "imatrix", "amax", "tensorboard"], runs, path: str | os.PathLike, *,
+def export(fmt: Format, runs, path: str | os.PathLike, *,
            overwrite: bool = False, arch: str | None = None, datasets: Sequence[str] | None = None,
            chunk_size: int = 512) -> dict[str, Any]:
     """Write the calibration file ``fmt`` for the linear-layer inputs captured in ``runs``.
