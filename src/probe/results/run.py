@@ -6,6 +6,13 @@ from the stored raw state, so a file, a live capture and a merge of files all an
 A run read from a file is lazy: opening it reads the description; ``run[name]`` reads that
 site's cumulative state (kept up to date by the writer at each commit, so this costs the same
 for 1 or 10,000 windows); ``run.at(step)`` reads one window. This module never imports torch.
+
+The examples below assume a captured ``run`` (they run as doctests with one), e.g.::
+
+    import probe, torch, transformers
+    model = transformers.GPT2Model(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    with probe.capture(model) as run:
+        model(torch.tensor([[1, 2, 3, 4]]), attention_mask=torch.tensor([[1, 1, 1, 0]]))
 """
 
 from __future__ import annotations
