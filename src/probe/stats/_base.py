@@ -21,7 +21,8 @@ from torch import Tensor
 from ._state import SPECS, Field, State, merge_moments, merge_states
 
 __all__ = ["Tokens", "Stat", "StatBase", "TORCH_DTYPES", "BatchedStat", "Finite", "Dense", "merge_moments", "SPECS", "central_sums",
-           "dense", "finite", "host_reads", "scratch", "release_scratch", "run_compiled"]
+           "dense", "finite", "host_reads", "host_checks", "scratch", "release_scratch", "run_compiled", "pow2", "power_of_two",
+           "tiny_spread", "TINY_SPREAD"]
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+
     from typing_extensions import Self
@@ -389,6 +390,41 @@ def central_sums(d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return s2.double(), s3.double(), s4.double()
 
 
+def power_of_two(dev: Tensor) -> Tensor:
+    """int32 exponents ``e`` with ``dev / 2**e`` in ``[0.5, 1)`` for the positive finite entries of
+    the float64 ``dev`` (0 elsewhere), within ``[-126, 126]`` so that ``2**±e`` is a normal float32.
+
+    Scaling by ``2**-e`` moves only the exponent: float32 deviations scaled so that the largest is
+    near 1 keep every bit, and their powers can neither overflow (``|d|**4`` past ~1.8e9) nor
+    leave the normal range below (``|d|**4`` under ``2**-126``, i.e. ``|d|`` under ~3e-10). Values
+    far below the largest may still flush to zero, but they add less than ``2**-100`` of the sum.
+    """
+    ok = torch.isfinite(dev) & (dev > 0)
+    e = torch.frexp(torch.where(ok, dev, 1.0)).exponent
+    return torch.where(ok, e, 0).clamp_(-126, 126)
+
+
+def pow2(e: Tensor, dtype: torch.dtype) -> Tensor:
+    """``2.0**e`` in ``dtype`` (float32 or float64) from integer exponents, built from the bits:
+    exact, with no ``pow`` rounding (``e`` within the dtype's normal exponents)."""
+    if dtype == torch.float64:
+        return ((e.long() + 1023) << 52).view(torch.float64)
+    return ((e.int() + 127) << 23).view(torch.float32)
+
+
+#: a channel whose kept values span less than this, but not zero, has float32 deviations so small
+#: that their fourth powers near the bottom of float32's normal range (``|d|**4 < 2**-92``): the
+#: CPU paths recompute such a chunk with float64 powers, as they do when the powers overflow
+TINY_SPREAD = 2.0**-22
+
+
+def tiny_spread(lo: Tensor, hi: Tensor) -> Tensor:
+    """Whether any entry's range ``[lo, hi]`` (float32 extremes) is non-empty but narrower than
+    :data:`TINY_SPREAD` (a bool tensor; no host read here)."""
+    spread = hi.double() - lo.double()
+    return ((spread > 0) & (spread < TINY_SPREAD)).any()
+
+
 def shift_moments(n: Tensor, delta: Tensor, s2: Tensor, s3: Tensor, s4: Tensor) -> tuple[Tensor, ...]:
     """Central sums ``(M2, M3, M4)`` about the mean from power sums about a point ``delta`` below it."""
     m2 = s2 - n * delta**2
@@ -506,6 +542,14 @@ def host_reads(x: Tensor) -> bool:
     tensor (nothing to wait for) while :data:`DENSE_CPU` is on, and not one autograd is recording
     (the fast paths write into reused buffers). Never on an accelerator."""
     return DENSE_CPU and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+
+
+def host_checks(x: Tensor) -> bool:
+    """Whether a statistic may read a small reduction of ``x``'s chunk on the host to see that its
+    float32 arithmetic overflowed or underflowed and redo the chunk in float64: a CPU tensor
+    (nothing to wait for) while :data:`DENSE_CPU` is on, in any autograd mode (only reads, no
+    reused buffers). Never on an accelerator, whose paths scale or widen instead."""
+    return DENSE_CPU and x.device.type == "cpu"
 
 
 def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
