@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import (SPECS, BatchedStat, Dense, Finite, Tokens, central_sums, dense, host_checks, merge_moments,
-                    pow2, power_of_two, run_compiled, scratch, shift_moments, tiny_spread)
+from ._base import (SPECS, BatchedStat, Dense, Finite, Tokens, central_sums, dense, finite_host, host_checks,
+                    merge_moments, pow2, power_of_two, run_compiled, scratch, shift_moments, tiny_spread)
 
 from ._state import argmax_better
 
@@ -197,7 +197,7 @@ class Moments(BatchedStat):
 
         view = dense(x, tokens)
         chunk = _dense_chunk(view) if view is not None else masked()
-        if checks and not bool(torch.isfinite(chunk[4]).all() & ~tiny_spread(chunk[5], chunk[6])):
+        if checks and (not finite_host(chunk[4]) or tiny_spread(chunk[5], chunk[6])):
             # float32 fourth powers overflow once |x - mean| passes ~1.8e9 and leave the normal
             # range when a channel's values lie within ~2e-7 of each other (tiny or subnormal
             # activations): this chunk's powers in float64 instead (read on the host: CPU only;

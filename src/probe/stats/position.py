@@ -10,6 +10,7 @@ empty); ``overflow`` int64 (tokens past ``P``).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -159,8 +160,8 @@ class Position(BatchedStat):
             # once a position's mean square deviation falls under 2**-100 (tiny or subnormal
             # activations): float64 for this chunk (CPU; accelerators compile to float64). A
             # position whose values are all 0 has M2 = 0 exactly and is not redone.
-            _, n, _, m2, absmax, _ = chunk
-            if not bool(torch.isfinite(m2).all() & ~((m2 < n * TINY_SQUARE) & (absmax > 0)).any()):
+            _, n, _, m2, absmax, _ = (t.detach().numpy() for t in chunk)  # a host read, in numpy (cheaper)
+            if not np.isfinite(m2).all() or ((m2 < n * TINY_SQUARE) & (absmax > 0)).any():
                 chunk = masked(True)
         return chunk
 
