@@ -23,7 +23,7 @@ from ._state import SPECS, Field, State, merge_moments, merge_states
 
 __all__ = ["Tokens", "Stat", "StatBase", "TORCH_DTYPES", "BatchedStat", "Finite", "Dense", "merge_moments", "SPECS",
            "central_sums", "dense", "finite", "host_reads", "host_checks", "scratch", "release_scratch",
-           "run_compiled", "pow2", "power_of_two", "tiny_spread", "finite_host", "TINY_SPREAD"]
+           "run_compiled", "pow2", "power_of_two", "scaled_central_sums", "tiny_spread", "finite_host", "TINY_SPREAD"]
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+
     from typing_extensions import Self
@@ -389,6 +389,18 @@ def central_sums(d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     s3 = d2.mul_(d).sum(-2)  # d**3 in place of d**2
     s4 = d2.mul_(d).sum(-2)  # d**4
     return s2.double(), s3.double(), s4.double()
+
+
+def scaled_central_sums(d: Tensor, dev: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`central_sums` of the float32 ``d[..., n, D]`` (overwritten) whose columns lie within
+    the float64 ``dev[..., D]`` of 0: each column is first scaled by the power of two that brings
+    ``dev`` near 1 (:func:`power_of_two`), and the float64 sums are scaled back, so that the float32
+    powers neither overflow nor underflow. Exact scalings: for data in float32's normal range the
+    sums equal :func:`central_sums`' bit for bit. One more elementwise pass over ``d``."""
+    e = power_of_two(dev)
+    s2, s3, s4 = central_sums(d.mul_(pow2(-e, d.dtype).unsqueeze(-2)))
+    up = pow2(e, torch.float64)
+    return s2 * up**2, s3 * up**3, s4 * up**4
 
 
 def power_of_two(dev: Tensor) -> Tensor:

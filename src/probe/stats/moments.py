@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._base import (SPECS, BatchedStat, Dense, Finite, Tokens, central_sums, dense, finite_host, host_checks,
-                    merge_moments, pow2, power_of_two, run_compiled, scratch, shift_moments, tiny_spread)
+                    merge_moments, run_compiled, scaled_central_sums, scratch, shift_moments, tiny_spread)
 
 from ._state import argmax_better
 
@@ -75,17 +75,11 @@ def _chunk(x: Tensor, xs: Tensor | None, fm: Tensor | None, mag: Tensor | None, 
     else:  # powers of the deviation from the float32 center; the float64 mean sits delta above it
         c64 = center.double()
         d = torch.sub(xs, center.unsqueeze(-2)).mul_(w)
-        if scaled:
-            # each channel's deviations times a power of two that brings the largest near 1
-            # (exact: only the exponent moves), so float32 powers neither overflow nor underflow
-            e = power_of_two(torch.maximum(hi.double() - c64, c64 - lo.double()))
-            d.mul_(pow2(-e, x.dtype).unsqueeze(-2))
-            s2, s3, s4 = central_sums(d)
-            up = pow2(e, f64)
-            s2, s3, s4 = s2 * up**2, s3 * up**3, s4 * up**4
+        if scaled:  # each channel's deviations times the power of two that brings the largest near 1
+            sums = scaled_central_sums(d, torch.maximum(hi.double() - c64, c64 - lo.double()))
         else:
-            s2, s3, s4 = central_sums(d)
-        moments = (n, mean, *shift_moments(n, mean - c64, s2, s3, s4))
+            sums = central_sums(d)
+        moments = (n, mean, *shift_moments(n, mean - c64, *sums))
 
     # non-finite kept values: all of them from the counts, +inf and -inf by clamping the distance
     # past the largest float to 0/1 (NaN stays NaN, which nansum skips)
