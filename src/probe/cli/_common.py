@@ -6,10 +6,23 @@ __all__ = ["load", "check_out", "stdout"]
 
 
 def load(path: str):
-    """The run file at ``path`` (:func:`probe.store.read`: one-line errors for bad files)."""
+    """The run file at ``path`` (:func:`probe.store.read`: one-line errors for bad files).
+
+    Raises:
+        ProbeError: the file is missing or not a run; ``FileFormatError`` also for any other
+            error opening it (a file the reader's checks let through, found out one step later),
+            naming the error, so that the command says the file is at fault.
+    """
+    from ..errors import FileFormatError, ProbeError
     from ..store import read
 
-    return read(path)
+    try:
+        return read(path)
+    except (ProbeError, OSError):
+        raise
+    except Exception as err:  # e.g. RecursionError from deeply nested JSON, TypeError from odd types
+        raise FileFormatError(f"{path!r} is not a readable probe run ({type(err).__name__}: {err}); "
+                              "the file is damaged or was not written by probe") from err
 
 
 def check_out(out: str, overwrite: bool) -> None:

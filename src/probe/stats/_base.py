@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ._state import SPECS, Field, State, merge_moments, merge_states
 
-__all__ = ["Tokens", "Stat", "StatBase", "TORCH_DTYPES", "BatchedStat", "Finite", "Dense", "merge_moments", "SPECS", "central_sums",
-           "dense", "finite", "host_reads", "scratch", "release_scratch", "run_compiled"]
+__all__ = ["Tokens", "Stat", "StatBase", "TORCH_DTYPES", "BatchedStat", "Finite", "Dense", "merge_moments", "SPECS",
+           "central_sums", "dense", "finite", "host_reads", "host_checks", "scratch", "release_scratch",
+           "run_compiled", "pow2", "power_of_two", "scaled_central_sums", "tiny_spread", "finite_host", "TINY_SPREAD"]
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+
     from typing_extensions import Self
@@ -389,6 +391,59 @@ def central_sums(d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return s2.double(), s3.double(), s4.double()
 
 
+def scaled_central_sums(d: Tensor, dev: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`central_sums` of the float32 ``d[..., n, D]`` (overwritten) whose columns lie within
+    the float64 ``dev[..., D]`` of 0: each column is first scaled by the power of two that brings
+    ``dev`` near 1 (:func:`power_of_two`), and the float64 sums are scaled back, so that the float32
+    powers neither overflow nor underflow. Exact scalings: for data in float32's normal range the
+    sums equal :func:`central_sums`' bit for bit. One more elementwise pass over ``d``."""
+    e = power_of_two(dev)
+    s2, s3, s4 = central_sums(d.mul_(pow2(-e, d.dtype).unsqueeze(-2)))
+    up = pow2(e, torch.float64)
+    return s2 * up**2, s3 * up**3, s4 * up**4
+
+
+def power_of_two(dev: Tensor) -> Tensor:
+    """int32 exponents ``e`` with ``dev / 2**e`` in ``[0.5, 1)`` for the positive finite entries of
+    the float64 ``dev`` (0 elsewhere), within ``[-126, 126]`` so that ``2**±e`` is a normal float32.
+
+    Scaling by ``2**-e`` moves only the exponent: float32 deviations scaled so that the largest is
+    near 1 keep every bit, and their powers can neither overflow (``|d|**4`` past ~1.8e9) nor
+    leave the normal range below (``|d|**4`` under ``2**-126``, i.e. ``|d|`` under ~3e-10). Values
+    far below the largest may still flush to zero, but they add less than ``2**-100`` of the sum.
+    """
+    ok = torch.isfinite(dev) & (dev > 0)
+    e = torch.frexp(torch.where(ok, dev, 1.0)).exponent
+    return torch.where(ok, e, 0).clamp_(-126, 126)
+
+
+def pow2(e: Tensor, dtype: torch.dtype) -> Tensor:
+    """``2.0**e`` in ``dtype`` (float32 or float64) from integer exponents, built from the bits:
+    exact, with no ``pow`` rounding (``e`` within the dtype's normal exponents)."""
+    if dtype == torch.float64:
+        return ((e.long() + 1023) << 52).view(torch.float64)
+    return ((e.int() + 127) << 23).view(torch.float32)
+
+
+#: a channel whose kept values span less than this, but not zero, has float32 deviations so small
+#: that their fourth powers near the bottom of float32's normal range (``|d|**4 < 2**-92``): the
+#: CPU paths recompute such a chunk with float64 powers, as they do when the powers overflow
+TINY_SPREAD = 2.0**-22
+
+
+def tiny_spread(lo: Tensor, hi: Tensor) -> bool:
+    """Whether any entry's range ``[lo, hi]`` (float32 extremes of a CPU chunk) is non-empty but
+    narrower than :data:`TINY_SPREAD`. A host read, in numpy: on these few hundred values a numpy
+    expression costs a third of the same torch ops (only where :func:`host_checks` allows)."""
+    spread = np.subtract(hi.detach().numpy(), lo.detach().numpy(), dtype=np.float64)
+    return bool(((spread > 0) & (spread < TINY_SPREAD)).any())
+
+
+def finite_host(t: Tensor) -> bool:
+    """Whether every value of the small CPU tensor ``t`` is finite (a host read, in numpy)."""
+    return bool(np.isfinite(t.detach().numpy()).all())
+
+
 def shift_moments(n: Tensor, delta: Tensor, s2: Tensor, s3: Tensor, s4: Tensor) -> tuple[Tensor, ...]:
     """Central sums ``(M2, M3, M4)`` about the mean from power sums about a point ``delta`` below it."""
     m2 = s2 - n * delta**2
@@ -506,6 +561,14 @@ def host_reads(x: Tensor) -> bool:
     tensor (nothing to wait for) while :data:`DENSE_CPU` is on, and not one autograd is recording
     (the fast paths write into reused buffers). Never on an accelerator."""
     return DENSE_CPU and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+
+
+def host_checks(x: Tensor) -> bool:
+    """Whether a statistic may read a small reduction of ``x``'s chunk on the host to see that its
+    float32 arithmetic overflowed or underflowed and redo the chunk in float64: a CPU tensor
+    (nothing to wait for) while :data:`DENSE_CPU` is on, in any autograd mode (only reads, no
+    reused buffers). Never on an accelerator, whose paths scale or widen instead."""
+    return DENSE_CPU and x.device.type == "cpu"
 
 
 def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:

@@ -8,7 +8,9 @@ at ``m >= 7``), ``lossless`` is set and the bucket's lower edge is the exact val
 
 State: ``counts`` int64 ``[2**(9 + m)]`` (exact far past 2**24: int64 and ``index_add_``, never
 float ``histc``), ``lossless`` bool scalar. NaN and ±Inf are not counted here (the moments count
-them). Zeros and subnormals are counted exactly.
+them). Zeros and subnormals are counted exactly, but the subnormals' buckets (exponent 0) are
+linear, ``2**-(126 + m)`` wide: there the bound is that absolute width, not the relative one
+(docs/statistics.md, "Histogram and quantiles").
 """
 
 from __future__ import annotations

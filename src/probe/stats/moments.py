@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import (SPECS, BatchedStat, Dense, Finite, Tokens, central_sums, dense, host_reads, merge_moments,
-                    run_compiled, scratch, shift_moments)
+from ._base import (SPECS, BatchedStat, Dense, Finite, Tokens, central_sums, dense, finite_host, host_checks,
+                    merge_moments, run_compiled, scaled_central_sums, scratch, shift_moments, tiny_spread)
 
 from ._state import argmax_better
 
@@ -34,7 +34,8 @@ _better = argmax_better
 
 
 def _chunk(x: Tensor, xs: Tensor | None, fm: Tensor | None, mag: Tensor | None, rowmax: Tensor | None,
-           keep: Tensor, row: Tensor, position: Tensor, token: Tensor, wide: bool = False) -> tuple[Tensor, ...]:
+           keep: Tensor, row: Tensor, position: Tensor, token: Tensor, wide: bool = False,
+           scaled: bool = True) -> tuple[Tensor, ...]:
     """The state (in ``Moments._fields`` order, each with a leading site dim ``G``) of the chunk
     ``x[G, n, D]`` alone: ``G`` sites that saw the same ``n`` tokens; :func:`_merge` folds it in.
 
@@ -42,6 +43,8 @@ def _chunk(x: Tensor, xs: Tensor | None, fm: Tensor | None, mag: Tensor | None, 
     or as one ``torch.compile`` graph. ``xs, fm, mag, rowmax`` are :class:`Finite`'s parts of ``x``,
     or ``None`` to compute them here. ``wide`` forms the deviations and their powers in float64:
     free inside a fused graph (nothing float64 is materialised), a full-size copy when eager.
+    Otherwise ``scaled`` scales each channel's float32 deviations by a power of two (one more
+    pass) so that their powers neither overflow nor underflow; unscaled, the caller checks.
     """
     f64 = torch.float64
     if xs is None or fm is None or mag is None or rowmax is None:
@@ -55,14 +58,28 @@ def _chunk(x: Tensor, xs: Tensor | None, fm: Tensor | None, mag: Tensor | None, 
     # the mean from a float64 sum of the float32 values (xs is 0 where x is not finite)
     mean = (xs * kcol).sum(-2, dtype=f64) / n.clamp(min=1)
     center = mean.to(x.dtype)
+
+    # masked extremes by addition, not where(): +-BIG on excluded values (0 * BIG on kept ones)
+    big = torch.mul(w, -3e38).add_(3e38)
+    lo = (xs + big).amin(-2)
+    hi = big.neg_().add_(xs).amax(-2)
+    seen = n32 > 0
+    lo = torch.where(seen, lo, float("inf"))
+    hi = torch.where(seen, hi, float("-inf"))
+
     moments: tuple[Tensor, ...]
     if wide:  # deviations from the float64 mean, powers and sums in float64
         d = (xs.to(f64) - mean.unsqueeze(-2)) * w
         d2 = d * d
         moments = (n, mean, d2.sum(-2), (d2 * d).sum(-2), (d2 * d2).sum(-2))
     else:  # powers of the deviation from the float32 center; the float64 mean sits delta above it
-        s2, s3, s4 = central_sums(torch.sub(xs, center.unsqueeze(-2)).mul_(w))
-        moments = (n, mean, *shift_moments(n, mean - center.double(), s2, s3, s4))
+        c64 = center.double()
+        d = torch.sub(xs, center.unsqueeze(-2)).mul_(w)
+        if scaled:  # each channel's deviations times the power of two that brings the largest near 1
+            sums = scaled_central_sums(d, torch.maximum(hi.double() - c64, c64 - lo.double()))
+        else:
+            sums = central_sums(d)
+        moments = (n, mean, *shift_moments(n, mean - c64, *sums))
 
     # non-finite kept values: all of them from the counts, +inf and -inf by clamping the distance
     # past the largest float to 0/1 (NaN stays NaN, which nansum skips)
@@ -72,14 +89,6 @@ def _chunk(x: Tensor, xs: Tensor | None, fm: Tensor | None, mag: Tensor | None, 
     pos = torch.sub(x, biggest).clamp_(0.0, 1.0).nansum(-1) @ keep1
     neg = torch.add(x, biggest).clamp_(-1.0, 0.0).nansum(-1) @ keep1
     nan = (bad - pos.double() + neg.double()).round().long()
-
-    # masked extremes by addition, not where(): +-BIG on excluded values (0 * BIG on kept ones)
-    big = torch.mul(w, -3e38).add_(3e38)
-    lo = (xs + big).amin(-2)
-    hi = big.neg_().add_(xs).amax(-2)
-    seen = n32 > 0
-    lo = torch.where(seen, lo, float("inf"))
-    hi = torch.where(seen, hi, float("-inf"))
 
     # |x| >= LARGE as 0/1: min(|x|, LARGE) / LARGE rounds down to below 1 for any |x| < LARGE
     large = (keep1 @ torch.clamp(mag, max=LARGE).div_(LARGE).floor_()).round().long()
@@ -174,15 +183,19 @@ class Moments(BatchedStat):
 
     @staticmethod
     def _chunk(x: Tensor, parts, tokens: Tokens) -> tuple[Tensor, ...]:
+        checks = host_checks(x)
+
         def masked(wide: bool = False) -> tuple[Tensor, ...]:
             return _chunk(x, parts.xs, parts.fm, parts.abs, parts.rowmax, tokens.keep, tokens.row, tokens.position,
-                          tokens.token, wide)
+                          tokens.token, wide, not checks)
 
         view = dense(x, tokens)
         chunk = _dense_chunk(view) if view is not None else masked()
-        if host_reads(x) and not bool(torch.isfinite(chunk[4]).all()):
-            # float32 fourth powers overflow once |x - mean| passes ~1.8e9: this chunk's powers
-            # in float64 instead (read on the host: CPU only; accelerators compile to float64)
+        if checks and (not finite_host(chunk[4]) or tiny_spread(chunk[5], chunk[6])):
+            # float32 fourth powers overflow once |x - mean| passes ~1.8e9 and leave the normal
+            # range when a channel's values lie within ~2e-7 of each other (tiny or subnormal
+            # activations): this chunk's powers in float64 instead (read on the host: CPU only;
+            # accelerators compile to float64, and their eager path scales the deviations)
             chunk = masked(True)
         return chunk
 

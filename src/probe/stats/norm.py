@@ -24,16 +24,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ._base import SPECS, StatBase, Tokens, finite, host_reads, merge_moments
+from ._base import SPECS, StatBase, Tokens, finite, host_checks, merge_moments
 from ._buckets import Buckets
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+
     from typing_extensions import Self
 
 __all__ = ["Norm"]
+
+
+#: a float32 norm below this may have lost bits to underflow in its sum of squares (whose
+#: largest terms then lie within 2**26 of float32's smallest normal): recomputed in float64 on CPU
+TINY_NORM = 2.0**-50
 
 
 class Norm(StatBase):
@@ -86,14 +92,22 @@ class Norm(StatBase):
         finite) and the sums ``[G, D]`` of the unit vectors of the kept tokens with a finite,
         non-zero norm: the two parts that read the activations."""
         norm = torch.linalg.vector_norm(x, dim=-1)
-        if host_reads(x) and not bool(torch.isfinite(norm).all()):
-            # the float32 sum of squares overflows once a token's norm passes ~1.8e19: those tokens'
-            # norms in float64 (CPU, read on the host); a token with a non-finite value stays non-finite
-            at = torch.nonzero(~torch.isfinite(norm), as_tuple=True)
-            norm[at] = torch.linalg.vector_norm(x[at], dim=-1, dtype=torch.float64).to(norm.dtype)
+        xs = finite(x, tokens).xs
+        if host_checks(x):
+            # the float32 sum of squares overflows once a token's norm passes ~1.8e19 and loses
+            # bits to underflow below TINY_NORM (a norm under 2**-126 is not even a normal
+            # float32): those tokens' norms in float64 and the chunk's norms kept in float64 (CPU,
+            # read on the host); a token with a non-finite value stays non-finite
+            host = norm.detach().numpy()  # a host read, in numpy (cheaper on a few hundred values)
+            if not host.min(initial=np.inf) >= TINY_NORM or np.isinf(host).any():  # NaN fails >=
+                at = torch.nonzero(~(norm >= TINY_NORM) | torch.isinf(norm), as_tuple=True)
+                norm = norm.double()
+                norm[at] = torch.linalg.vector_norm(x.detach()[at], dim=-1, dtype=torch.float64)
+                if bool(((norm > 0) & (norm < 2.0**-120)).any()):
+                    xs = xs.double()  # 1 / norm would pass float32's largest value
         unit = torch.isfinite(norm) & tokens.keep & (norm > 0)
         coef = torch.where(unit, 1.0 / torch.where(unit, norm, 1.0), 0.0)  # [G, n]
-        usum = torch.bmm(coef.unsqueeze(1), finite(x, tokens).xs).squeeze(1)
+        usum = torch.bmm(coef.to(xs.dtype).unsqueeze(1), xs).squeeze(1)
         return norm, usum
 
     @classmethod
@@ -108,8 +122,9 @@ class Norm(StatBase):
     def fold(cls, stats: list, parts: list) -> None:
         pairs = [(stat, part) for stat, part in zip(stats, parts) if part is not None]
         if pairs:
-            norm = torch.cat([part[0] for _, part in pairs])
-            usum = torch.cat([part[1] for _, part in pairs])
+            wide = any(part[0].dtype == torch.float64 for _, part in pairs)  # some sites' norms in float64
+            norm = torch.cat([part[0].double() if wide else part[0] for _, part in pairs])
+            usum = torch.cat([part[1].double() for _, part in pairs])
             cls._apply([stat for stat, _ in pairs], norm, usum, pairs[0][1][2])
 
     @classmethod
@@ -132,12 +147,12 @@ class Norm(StatBase):
         d2 = dev * dev
         chunk = (cn, mean, d2.sum(-1), (d2 * dev).sum(-1), (d2 * d2).sum(-1))
         n1, mean1, m21, m31, m41 = merge_moments(tuple(s[f] for f in ("n", "mean", "m2", "m3", "m4")), chunk)
-        lo = torch.where(kept, norm0, float("inf")).amin(-1)
-        hi = torch.where(kept, norm0, float("-inf")).amax(-1)
+        lo = torch.where(kept, norm0, float("inf")).amin(-1).float()
+        hi = torch.where(kept, norm0, float("-inf")).amax(-1).float()
         nonfinite = s["nonfinite"] + (~fin & tokens.keep).sum(-1)
         # float-bit buckets of the (non-negative) float32 norms; excluded tokens to the spare bucket
         b = stats[0].buckets
-        bits = norm0.contiguous().view(torch.int32)
+        bits = norm0.float().contiguous().view(torch.int32)
         index = torch.where(kept, b.index(bits), b.spare).to(torch.int64)
         index = index + (torch.arange(g, device=norm.device) * (b.spare + 1)).unsqueeze(-1)
         one = torch.ones((), dtype=torch.int64, device=norm.device).expand(index.numel())

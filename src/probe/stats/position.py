@@ -10,19 +10,27 @@ empty); ``overflow`` int64 (tokens past ``P``).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ._base import SPECS, BatchedStat, Finite, Tokens, host_reads, merge_moments, run_compiled, scratch
+from ._base import (SPECS, BatchedStat, Finite, Tokens, host_checks, host_reads, merge_moments, pow2, power_of_two,
+                    run_compiled, scratch)
 
 __all__ = ["Position"]
 
 
+#: a mean square deviation below which float32 squares may have lost bits to underflow: the
+#: squares that dominate such a sum lie within 2**24 of float32's smallest normal (2**-126)
+TINY_SQUARE = 2.0**-100
+
+
 def _chunk(x: Tensor, xs: Tensor | None, fm: Tensor | None, rowmax: Tensor | None, valid: Tensor, position: Tensor,
-           p: int, wide: bool = False) -> tuple[Tensor, ...]:
+           p: int, wide: bool = False, scaled: bool = True) -> tuple[Tensor, ...]:
     """The state (in ``Position._fields`` order, leading site dim ``G``, ``P = p`` positions) of
     the chunk ``x[G, n, D]`` alone; pure, like the moments' chunk, so it runs eagerly or compiled
-    (``wide``: deviations in float64). :func:`_merge` folds it in."""
+    (``wide``: deviations in float64; else ``scaled``: each token's float32 deviations times a
+    power of two that keeps their squares in float32's normal range). :func:`_merge` folds it in."""
     if xs is None or fm is None or rowmax is None:
         parts = Finite(x, ())
         xs, fm, rowmax = parts.xs, parts.fm, parts.rowmax
@@ -41,9 +49,15 @@ def _chunk(x: Tensor, xs: Tensor | None, fm: Tensor | None, rowmax: Tensor | Non
     mu = mean.index_select(1, index).unsqueeze(-1)  # each token's position mean, [G, n, 1]
     if wide:
         d = (xs.to(f64) - mu) * fm
+        sq = d.mul_(d).sum(-1)
     else:
         d = torch.sub(xs, mu.to(x.dtype)).mul_(fm)
-    m2 = zeros.index_add(1, index, d.mul_(d).sum(-1, dtype=f64) * inside64)
+        if scaled:  # |x - mu| <= max|x| + |mu|: scaled below 1 (exactly), squares can't overflow
+            e = power_of_two(rowmax.double() + mu.squeeze(-1).abs())
+            sq = d.mul_(pow2(-e, x.dtype).unsqueeze(-1)).mul_(d).sum(-1, dtype=f64) * pow2(e, f64) ** 2
+        else:
+            sq = d.mul_(d).sum(-1, dtype=f64)
+    m2 = zeros.index_add(1, index, sq * inside64)
     tokens = torch.zeros(g, p, dtype=torch.int64, device=x.device).index_add_(1, index, inside.long().expand(g, -1))
     # xs is 0 where x is not finite, so only tokens with no finite value need -inf
     mag = torch.where(count > 0, rowmax.to(f64), float("-inf")).to(torch.float32)
@@ -132,16 +146,23 @@ class Position(BatchedStat):
                                     state[0].shape[-1]))
 
     def _chunk(self, x: Tensor, parts, tokens: Tokens) -> tuple[Tensor, ...]:
+        checks = host_checks(x)
+
         def masked(wide: bool = False) -> tuple[Tensor, ...]:
             return _chunk(x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position, self.max_positions,
-                          wide)
+                          wide, not checks)
 
         chunk = _dense_chunk(x, parts, tokens.valid, tokens.position, self.max_positions)
         if chunk is None:
             chunk = masked()
-        if host_reads(x) and not bool(torch.isfinite(chunk[3]).all()):
-            # float32 squares overflow once |x - mean| passes ~1.8e19: float64 for this chunk (CPU)
-            chunk = masked(True)
+        if checks:
+            # float32 squares overflow once |x - mean| passes ~1.8e19, and lose their precision
+            # once a position's mean square deviation falls under 2**-100 (tiny or subnormal
+            # activations): float64 for this chunk (CPU; accelerators compile to float64). A
+            # position whose values are all 0 has M2 = 0 exactly and is not redone.
+            _, n, _, m2, absmax, _ = (t.detach().numpy() for t in chunk)  # a host read, in numpy (cheaper)
+            if not np.isfinite(m2).all() or ((m2 < n * TINY_SQUARE) & (absmax > 0)).any():
+                chunk = masked(True)
         return chunk
 
     _merge = staticmethod(_merge)
