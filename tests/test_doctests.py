@@ -18,7 +18,7 @@ import transformers
 import probe
 
 MODULES = ("probe.results.run", "probe.results.merge", "probe.present.report", "probe.present.research",
-           "probe.present.quant", "probe.present.plot")
+           "probe.present.quant", "probe.present.plot", "probe.present.html")
 #: probe's top-level functions (their examples are not found through the package's module)
 TOP_LEVEL = ("load", "merge")
 #: a floor, so that the test cannot pass by finding no examples
@@ -57,7 +57,7 @@ def test_docstring_examples_run(run, tmp_path):
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     tests = _tests()
     if importlib.util.find_spec("matplotlib") is None:  # the figures' examples need the plot extra
-        tests = [t for t in tests if not t.name.startswith("probe.present.plot")]
+        tests = [t for t in tests if not t.name.startswith(("probe.present.plot", "probe.present.html"))]
     for i, test in enumerate(tests):
         folder = tmp_path / f"t{i}"
         folder.mkdir()
