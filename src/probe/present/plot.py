@@ -100,13 +100,37 @@ class _Out:
 
 
 def _resize(fig, size: str) -> None:
-    """Scale ``fig`` to the width of ``size`` (:data:`SIZES`), keeping its aspect ratio: fonts keep
-    their point size, so text prints at the size it was set in."""
+    """Scale ``fig`` to the width of ``size`` (:data:`SIZES`), keeping its aspect ratio. Text
+    shrinks with the square root of the scale (never below 55 %, never grown), so a figure made
+    narrower keeps room for its data while its labels stay legible in print."""
     width = SIZES.get(size)
     if width is None:
         return
+    from matplotlib.lines import Line2D
+    from matplotlib.text import Text
+
     w, h = fig.get_size_inches()
-    fig.set_size_inches(width, h * width / w)
+    ratio = width / w
+    if ratio < 1:
+        shrink = max(0.55, math.sqrt(ratio))
+        # tick labels are remade on demand from the axis' tick setting: set it, after the texts
+        ticks = [(ax, which, axis.get_major_ticks()[0].label1.get_fontsize())
+                 for ax in fig.axes for axis, which in ((ax.xaxis, "x"), (ax.yaxis, "y")) if axis.get_major_ticks()]
+        import textwrap
+
+        for text in fig.findobj(Text):
+            text.set_fontsize(text.get_fontsize() * shrink)
+            # a label written for the wide figure is wrapped to the narrow one's width
+            span = h * ratio if text.get_rotation() in (90.0, 270.0) else width
+            room = int(0.9 * span * 72 / (0.55 * text.get_fontsize()))
+            if len(text.get_text()) > room and "\n" not in text.get_text():
+                text.set_text(textwrap.fill(text.get_text(), room))
+        for ax, which, points in ticks:
+            ax.tick_params(axis=which, which="both", labelsize=points * shrink)
+        for line in fig.findobj(Line2D):
+            line.set_markersize(line.get_markersize() * shrink)
+            line.set_linewidth(line.get_linewidth() * shrink)
+    fig.set_size_inches(width, h * ratio)
 
 
 def _mpl():
