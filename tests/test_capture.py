@@ -255,8 +255,13 @@ def test_merge_halves_equals_one_run(tiny, tmp_path):
         np.testing.assert_array_equal(a.histogram_counts, b.histogram_counts)
         np.testing.assert_array_equal(a.position.tokens, b.position.tokens)
     np.testing.assert_allclose(merged.cross.r2, one.cross.r2, atol=1e-12)
+    import shutil
+
+    shutil.copy(tmp_path / "a.h5", tmp_path / "a_copy.h5")  # another file, the same sample seed
     with pytest.warns(UserWarning, match="same sample seed 1"):
-        probe.merge([tmp_path / "a.h5", tmp_path / "a.h5"], tmp_path / "x.h5")
+        probe.merge([tmp_path / "a.h5", tmp_path / "a_copy.h5"], tmp_path / "x.h5")
+    with pytest.raises(probe.ProbeError, match="is the same run as"):  # one file twice: refused
+        probe.merge([tmp_path / "a.h5", tmp_path / "a.h5"], tmp_path / "y.h5")
 
 
 def test_run_indexes_sites_by_position_and_refuses_missing_cross(tiny):

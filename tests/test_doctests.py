@@ -18,8 +18,9 @@ import transformers
 import probe
 
 MODULES = ("probe.results.run", "probe.results.merge", "probe.present.report", "probe.present.research",
-           "probe.present.quant", "probe.present.plot", "probe.capture.session", "probe.export",
-           "probe.stats._buckets")
+MODULES = ("probe.results.run", "probe.results.merge", "probe.present.report", "probe.present.research",
+           "probe.present.quant", "probe.present.plot", "probe.present.html", "probe.capture.session",
+           "probe.export", "probe.stats._buckets")
 #: probe's top-level functions (their examples are not found through the package's module)
 TOP_LEVEL = ("load", "merge")
 #: a floor, so that the test cannot pass by finding no examples
@@ -58,7 +59,7 @@ def test_docstring_examples_run(run, tmp_path):
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     tests = _tests()
     if importlib.util.find_spec("matplotlib") is None:  # the figures' examples need the plot extra
-        tests = [t for t in tests if not t.name.startswith("probe.present.plot")]
+        tests = [t for t in tests if not t.name.startswith(("probe.present.plot", "probe.present.html"))]
     for i, test in enumerate(tests):
         folder = tmp_path / f"t{i}"
         folder.mkdir()

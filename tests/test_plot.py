@@ -202,7 +202,7 @@ def test_every_histogram_value_lies_on_the_axis(one):
         lo, hi = ax.get_xlim()
         assert edges[0] == s.min and edges[-1] == s.max and lo <= s.min and hi >= s.max
         assert ax.get_xscale() == "asinh"
-        assert abs(share.sum() * s.count - s.count) <= 1e-9 * s.count  # every value is in a bin
+        assert abs((share * np.diff(edges)).sum() * s.count - s.count) <= 1e-9 * s.count  # every value is in a bin
     # overlay: one curve per chosen site, all on one axis reaching every site's min and max
     (ax,) = [a for a in overlay.axes if _stairs(a)]
     patches = _stairs(ax)
@@ -212,7 +212,7 @@ def test_every_histogram_value_lies_on_the_axis(one):
         s = one[name]
         share, edges, _ = patch.get_data()
         assert lo <= s.min and hi >= s.max and edges[0] <= s.min and edges[-1] >= s.max
-        assert abs(np.nansum(share) - 1.0) <= 1e-9
+        assert abs(np.nansum(share * np.diff(edges)) - 1.0) <= 1e-9
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert len(set(p.get_edgecolor() for p in patches)) == len(patches)  # distinct colours
     assert all(f"σ={one[n].std:.3g}" in t for t, n in zip(labels, one.sites))
@@ -227,7 +227,7 @@ def test_shared_axes_mode(one):
     assert len({ax.get_ylim() for ax in panels}) == 1
     for ax, name in zip(panels, one.sites):
         share, edges, _ = _stairs(ax)[0].get_data()
-        assert edges[0] == lo and edges[-1] == hi and abs(share.sum() - 1.0) <= 1e-9
+        assert edges[0] == lo and edges[-1] == hi and abs((share * np.diff(edges)).sum() - 1.0) <= 1e-9
 
 
 def test_depth_figure_draws_bands_std_and_kurtosis(one):
@@ -253,7 +253,7 @@ def test_scatter_draws_every_sampled_value_without_a_kinked_scale(one):
         assert len(axes) == len(one.sites)  # every layer available
         for ax, name in zip(axes, one.sites):
             values = one[name].sample.value
-            (dots,) = ax.collections
+            dots = ax.collections[0]  # then the stored top-k, drawn over the sample
             y = dots.get_offsets()[:, 1]
             assert len(y) == len(values)
             lo, hi = ax.get_ylim()
@@ -313,3 +313,165 @@ def test_plot_cli_prints_progress(one, tmp_path, capsys):
     assert main(["plot", one.path, "-o", str(tmp_path / "f"), "--kind", "depth", "--layers", "0,1"]) == 0
     cap = capsys.readouterr()
     assert "drawing depth (1/1)" in cap.err and cap.out.strip().endswith("depth.png")
+
+
+# ------------------------------------------- figures checked against the reference they claim to show
+T_SCALE, MASSIVE = 30.0, 5000.0
+
+
+@pytest.fixture(scope="module")
+def heavy():
+    """A tiny GPT-2 whose first block outputs a known unimodal heavy-tailed sample (Student-t, 3
+    degrees of freedom, × 30) with one massive value at the first token: hidden_states.1 is exactly
+    that tensor, every token kept (skip_first=0)."""
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100,
+                                                           n_positions=64)).eval()
+    rng = np.random.default_rng(0)
+    x = (rng.standard_t(3, size=(8, 64, 64)) * T_SCALE).astype(np.float32)
+    x[0, 0, 3] = MASSIVE
+
+    def inject(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden.copy_(torch.from_numpy(x))
+
+    handle = model.h[0].register_forward_hook(inject)
+    try:
+        with probe.capture(model, skip_first=0, sample_size=500, seed=0) as cap:
+            with torch.no_grad():
+                model(input_ids=torch.randint(0, 100, (8, 64)), attention_mask=torch.ones(8, 64, dtype=torch.long))
+    finally:
+        handle.remove()
+    return cap.result, x.astype(np.float64).ravel()
+
+
+def test_histogram_density_has_the_distributions_shape(heavy):
+    """Each panel and overlay curve is a density per unit of x: it integrates to 1, its mode is
+    np.histogram's on the same bins, and an asinh axis draws no dip at 0 (a share per bin, which
+    grows with the bin width |x| · dt, peaks far out instead)."""
+    run, x = heavy
+    s = run["hidden_states.1"]
+    grid = figures(run, "histograms")["hist_grid.png"]
+    panel = [ax for ax in grid.axes if ax.get_visible()][1]
+    density, edges, _ = _stairs(panel)[0].get_data()
+    widths = np.diff(edges)
+    assert abs(float(np.sum(density * widths)) - 1.0) <= 1e-9
+    ref, _ = np.histogram(x, bins=edges, density=True)
+    centres = (edges[1:] + edges[:-1]) / 2
+    ours_mode, ref_mode = centres[np.argmax(density)], centres[np.argmax(ref)]
+    assert abs(ours_mode - ref_mode) <= 3 * widths[np.argmax(ref)] + 1e-12, (ours_mode, ref_mode)
+    assert abs(ref_mode) < 0.5 * T_SCALE  # the reference is unimodal at 0
+    # the binned curve follows np.histogram's: within 2 % of the peak at every bin
+    assert np.max(np.abs(density - ref)) <= 0.02 * ref.max()
+
+    overlay = figures(run, "histograms", layers="0,1")["hist_overlay.png"]
+    (ax,) = [a for a in overlay.axes if _stairs(a)]
+    curves = _stairs(ax)
+    assert len(curves) == 2
+    for patch, name in zip(curves, ("hidden_states.0", "hidden_states.1")):
+        d, e, _ = patch.get_data()
+        assert abs(float(np.nansum(d * np.diff(e))) - 1.0) <= 1e-9, name
+    # the overlay's axis is linear only within the narrowest site's std (~0.02): for the Student-t
+    # site its bins widen ~|x| from a few hundredths on, where a share per bin peaks at |x| ~ 30
+    d, e, _ = curves[1].get_data()
+    w, c = np.diff(e), (e[1:] + e[:-1]) / 2
+    ref, _ = np.histogram(x, bins=e, density=True)
+    assert abs(c[np.argmax(ref * w)]) > 0.5 * T_SCALE  # the share per bin: two humps, not the shape
+    assert abs(c[np.nanargmax(d)]) < 0.5 * T_SCALE  # the density: the mode where it is
+    inner = np.abs(c) < 0.1 * T_SCALE
+    near0 = float(np.nansum(d[inner] * w[inner]) / w[inner].sum())
+    span = (e[:-1][inner][0], e[1:][inner][-1])
+    exact = np.sum((x >= span[0]) & (x < span[1])) / x.size / (span[1] - span[0])
+    np.testing.assert_allclose(near0, exact, rtol=0.02)
+    far = float(np.nanmax(np.where(np.abs(c) > 2 * T_SCALE, d, np.nan)))
+    assert near0 > 4 * far  # no dip at 0
+    assert ax.get_ylabel().startswith("density per unit of x")
+
+
+def test_linear_histograms(heavy):
+    run, x = heavy
+    overlay = figures(run, "histograms", layers="1", linear=True)["hist_overlay.png"]
+    (ax,) = [a for a in overlay.axes if _stairs(a)]
+    d, e, _ = _stairs(ax)[0].get_data()
+    assert ax.get_xscale() == "linear" and np.allclose(np.diff(e), np.diff(e)[0])
+    assert abs(float(np.nansum(d * np.diff(e))) - 1.0) <= 1e-9
+    ref, _ = np.histogram(x, bins=e, density=True)
+    assert np.argmax(d) == np.argmax(ref)
+
+
+def test_scatter_marks_the_stored_extremes(heavy):
+    """The first-token massive value is one of 32,768 and almost never sampled; the panel still
+    shows it, at its position and channel, on its axis."""
+    run, x = heavy
+    s = run["hidden_states.1"]
+    assert s.absmax == MASSIVE and MASSIVE not in s.sample.value  # not vacuous: the sample missed it
+    figs = figures(run, "scatter", layers="1")
+    for file, axis in (("scatter_position.png", "position"), ("scatter_channel.png", "channel")):
+        (ax,) = [a for a in figs[file].axes if a.get_visible()]
+        dots, marks = ax.collections
+        xy = marks.get_offsets()
+        np.testing.assert_array_equal(xy[:, 1], s.topk["value"])
+        np.testing.assert_array_equal(xy[:, 0], s.topk[axis])
+        top = np.sort(np.abs(x))[::-1][: len(s.topk)]
+        np.testing.assert_array_equal(np.sort(np.abs(xy[:, 1]))[::-1], top)  # the exact top-k of the tensor
+        assert (0 if axis == "position" else 3, MASSIVE) in {tuple(p) for p in xy}
+        lo, hi = ax.get_ylim()
+        assert lo <= xy[:, 1].min() and hi >= MASSIVE
+
+
+def _clipped(im) -> int:
+    a = np.ma.filled(np.ma.masked_invalid(im.get_array()).astype(np.float64), np.nan)
+    a = a[np.isfinite(a) & (a > 0)]
+    return int(np.sum((a < im.norm.vmin) | (a > im.norm.vmax)))
+
+
+def test_colour_scales_clip_nothing_without_a_marker(one, heavy):
+    from probe.present.plot import _log_limits
+
+    for run in (one, heavy[0]):
+        figs = figures(run, ["cross", "channels"])
+        for file in ("channels_absmax.png", "cross_cov.png"):
+            ims = [im for ax in figs[file].axes for im in ax.images]
+            assert ims, file
+            for im in ims:
+                n = _clipped(im)
+                assert n == 0 or im.colorbar.extend in ("min", "both"), (file, n)
+    # the rule itself: a span wider than allowed starts the scale at the limit, with the arrow
+    low, extend = _log_limits(np.array([1e-9, 1e-3, 1.0]), 1.0, 1e-6)
+    assert (low, extend) == (1e-6, "min")
+    assert _log_limits(np.array([1e-3, 1.0]), 1.0, 1e-6) == (1e-3, "neither")
+
+
+def test_formats_dpi_and_sizes(one, tmp_path):
+    from matplotlib.image import imread
+
+    svg = plot_run(one, tmp_path / "svg", kinds="depth", format="svg")
+    pdf = plot_run(one, tmp_path / "pdf", kinds="depth", format="pdf")
+    assert [os.path.basename(p) for p in svg + pdf] == ["depth.svg", "depth.pdf"]
+    assert open(svg[0], "rb").read(200).lstrip().startswith(b"<?xml")
+    assert open(pdf[0], "rb").read(5) == b"%PDF-"
+    low = imread(plot_run(one, tmp_path / "a", kinds="depth", dpi=60)[0])
+    high = imread(plot_run(one, tmp_path / "b", kinds="depth", dpi=180)[0])
+    assert abs(high.shape[1] / low.shape[1] - 3.0) < 0.1
+    column = imread(plot_run(one, tmp_path / "c", kinds="depth", size="column", dpi=100)[0])
+    assert 0.8 * 350 <= column.shape[1] <= 1.25 * 350  # 3.5 in at 100 dpi (tight bbox trims a little)
+    fig = figures(one, "depth", size="slide")["depth.png"]
+    assert abs(fig.get_size_inches()[0] - 13.33) < 1e-9
+    for bad, match in (({"format": "jpg"}, "format: expected one of png, pdf, svg"),
+                       ({"dpi": 5}, "dpi: expected an integer from 10 to 1200"),
+                       ({"size": "poster"}, "size: expected one of screen, column, page, slide")):
+        with pytest.raises(ProbeError, match=match):
+            plot_run(one, tmp_path / "x", kinds="depth", **bad)
+
+
+def test_plot_into_an_existing_file_is_one_line(one, tmp_path, capsys):
+    from probe.cli import main
+
+    target = tmp_path / "taken"
+    target.write_text("x")
+    assert main(["plot", one.path, "-o", str(target), "--kind", "depth"]) == 2
+    err = capsys.readouterr().err
+    assert "is an existing file; expected a folder" in err and err.count("\n") == 1 and "Errno" not in err
+    assert main(["plot", one.path, "-o", str(tmp_path / "f"), "--kind", "depth", "--format", "svg",
+                 "--dpi", "80", "--size", "column"]) == 0
+    assert capsys.readouterr().out.strip().endswith("depth.svg")

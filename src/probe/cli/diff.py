@@ -1,4 +1,5 @@
-"""``probe diff A B [--json] [--plot PNG]``: per-site distribution shift between two runs."""
+"""``probe diff A B [--json] [--plot FILE]``: per-site distribution shift between two runs, each quantile
+shift with the interval the histogram buckets bound it to."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ def add_parser(sub) -> None:
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--plot", default=None, metavar="PNG", help="also draw the shift to this PNG file")
+    p.add_argument("--plot", default=None, metavar="FILE",
+                   help="also draw the shift to this file (.png, .pdf or .svg by its suffix), with the quantile "
+                        "shifts' intervals as error bars")
+    p.add_argument("--dpi", type=int, default=None, help="with --plot: pixels per inch of a PNG (default 110)")
     p.set_defaults(func=command)
 
 
@@ -33,5 +37,5 @@ def command(args) -> int:
     if args.plot:
         from ..present.plot import plot_diff
 
-        print(plot_diff(a, b, args.plot))
+        print(plot_diff(a, b, args.plot, dpi=args.dpi))
     return 0

@@ -1,4 +1,5 @@
-"""``probe plot RUN [-o figures/] [--kind K] [--layers L] [--shared]``: a run's figures as PNG files."""
+"""``probe plot RUN [-o figures/] [--kind K] [--layers L] [--shared] [--linear] [--format F] [--dpi N]
+[--size S]``: a run's figures as files."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ __all__ = ["add_parser", "command"]
 
 
 def add_parser(sub) -> None:
-    from ..present.plot import KINDS
+    from ..present.plot import FORMATS, KINDS, SIZES
 
-    p = sub.add_parser("plot", help="draw a run's figures as PNG files")
+    p = sub.add_parser("plot", help="draw a run's figures as PNG, PDF or SVG files")
     p.add_argument("file")
-    p.add_argument("-o", "--out", default="figures", help="output folder (default figures/)")
+    p.add_argument("-o", "--out", default="figures", help="output folder, created if missing (default figures/)")
     p.add_argument("--kind", action="append", default=None,
                    help=" | ".join(KINDS) + " (repeatable; default all the run has data for)")
     p.add_argument("--layers", default=None,
@@ -22,6 +23,13 @@ def add_parser(sub) -> None:
                         "(default: a spread of about six)")
     p.add_argument("--shared", action="store_true",
                    help="histogram grid on one shared x and y axis (default: each panel its own)")
+    p.add_argument("--linear", action="store_true",
+                   help="histograms on a linear value axis with equal-width bins (default: asinh axis)")
+    p.add_argument("--format", choices=FORMATS, default="png", help="file format (default png)")
+    p.add_argument("--dpi", type=int, default=None, help="pixels per inch of PNGs (default 110; 300 for print)")
+    p.add_argument("--size", choices=tuple(SIZES), default="screen",
+                   help="figure width: screen (each figure's own), column (3.5 in, a paper's column), "
+                        "page (7 in), slide (13.33 in, 16:9) (default screen)")
     p.set_defaults(func=command)
 
 
@@ -38,7 +46,8 @@ def command(args) -> int:
     def progress(kind: str, i: int, n: int) -> None:
         console.print(f"[dim]{time.perf_counter() - started:5.1f}s[/] drawing {kind} ({i}/{n}) …")
 
-    paths = plot_run(run, args.out, kinds=args.kind, layers=layers, shared=args.shared, progress=progress)
+    paths = plot_run(run, args.out, kinds=args.kind, layers=layers, shared=args.shared, linear=args.linear,
+                     format=args.format, dpi=args.dpi, size=args.size, progress=progress)
     for path in paths:
         print(path)
     console.print(f"[green]drew[/] {len(paths)} figure(s) in {time.perf_counter() - started:.1f}s")

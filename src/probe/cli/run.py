@@ -28,24 +28,27 @@ def add_parser(sub) -> None:
                        description="Run MODEL over text and write its activation statistics to an HDF5 file.")
     p.add_argument("model", nargs="?", default="smollm2-135m",
                    help="'smollm2-135m' (bundled SmolLM2-135M-Instruct, default), a local folder or a cached HF id")
-    p.add_argument("--text", action="append", default=[], help="a document (repeatable)")
+    p.add_argument("--text", action="append", default=[],
+                   help="a document (repeatable; default: with no --text or --file, the bundled sample texts)")
     p.add_argument("--file", action="append", default=[],
                    help=".txt (one document per blank-line-separated paragraph), .jsonl ('text' field per line), "
-                        ".json (array of strings or {'text': ...}) or - for stdin; suffixes in any case")
+                        ".json (array of strings or {'text': ...}) or - for stdin; suffixes in any case (repeatable; default: none, see --text)")
     p.add_argument("-o", "--out", default="run.h5", help="output file (default run.h5)")
     p.add_argument("--batch-size", type=int, default=8, help="documents per forward (default 8)")
-    p.add_argument("--max-length", type=int, default=512, help="truncate each document to this many tokens")
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after about this many real tokens")
+    p.add_argument("--max-length", type=int, default=512,
+                   help="truncate each document to this many tokens (default 512)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="stop after about this many real tokens (default: no limit)")
     p.add_argument("--skip-first", type=int, default=1,
                    help="drop the first k tokens of each document from all but per-position stats (default 1)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1 (default cpu)")
     p.add_argument("--sites", action="append", default=None,
                    help="'hidden_states' (default), module names or globs (repeatable)")
     p.add_argument("--stats", default=None, help="comma-separated subset of " + ",".join(STATS) + " (default: all but cos)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the uniform sample (default: probe.capture's default)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     p.set_defaults(func=command)
 
 

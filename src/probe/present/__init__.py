@@ -1,8 +1,9 @@
 """What people read: terminal tables (:mod:`.report`, :mod:`.research`), quantization tables
-(:mod:`.quant`) and figures (:mod:`.plot`, needs ``probe[plot]``). Reads :class:`probe.results.Run`
+(:mod:`.quant`), figures (:mod:`.plot`, needs ``probe[plot]``) and one self-contained HTML report
+(:mod:`.html`). Reads :class:`probe.results.Run`
 only; imports no torch."""
 
-_SUBMODULES = ("plot", "quant", "report", "research")
+_SUBMODULES = ("html", "plot", "quant", "report", "research")
 
 
 def __getattr__(name: str):

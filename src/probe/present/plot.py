@@ -1,4 +1,4 @@
-"""Figures of a run as PNG files: ``probe plot run.h5`` and ``probe diff a.h5 b.h5 --plot d.png``.
+"""Figures of a run as PNG, PDF or SVG files: ``probe plot run.h5`` and ``probe diff a.h5 b.h5 --plot d.png``.
 
 Recipe::
 
@@ -26,7 +26,13 @@ and a few near 10**4), so value axes use the ``asinh`` scale: linear within ± a
 smallest std drawn), logarithmic beyond, smooth in between (no band where a symlog axis would
 switch). No value is ever off an axis: histogram axes run from the exact min to the exact max
 (red triangles mark them), their bins are of equal width on the axis and total the count, and
-scatter axes hold every sampled value. Figures are drawn on a bare
+scatter axes hold every sampled value and the exact top-k the run stores (circles: a uniform
+sample all but never holds a one-in-a-million massive activation). Histograms draw a density
+per unit of x (each curve integrates to 1), never a share per bin: asinh bins widen with
+``|x|``, and a share per bin would draw a unimodal distribution as two humps. Colour scales
+clip nothing, or their colour bar carries an arrow where they do. ``linear=True`` draws the
+histograms on a linear axis instead; ``format=`` (png, pdf, svg), ``dpi=`` and ``size=``
+(``column``, ``page``, ``slide``) size the files for a paper or a talk. Figures are drawn on a bare
 :class:`matplotlib.figure.Figure`, never through ``pyplot``: nothing global changes (a notebook
 keeps its backend) and no display is needed. matplotlib is optional
 (``pip install "probe[plot]"``) and imported only when drawing; :func:`figures` returns the
@@ -47,7 +53,7 @@ from ..errors import ProbeError
 if TYPE_CHECKING:
     from ..results.run import Run
 
-__all__ = ["KINDS", "plot_run", "plot_diff", "figures", "parse_layers"]
+__all__ = ["KINDS", "FORMATS", "SIZES", "plot_run", "plot_diff", "figures", "parse_layers", "png_bytes"]
 
 Kind = Literal["histograms", "depth", "cross", "scatter", "channels", "positions", "steps"]
 
@@ -63,19 +69,68 @@ class _Missing(ProbeError):
     """A figure whose statistics the run lacks: skipped unless the kind was asked for by name."""
 
 
-class _Out:
-    """Where drawn figures go: PNG files in ``folder``, and/or kept by name (``keep=True``)."""
+Format = Literal["png", "pdf", "svg"]
+Size = Literal["screen", "column", "page", "slide"]
 
-    def __init__(self, folder: str | None, keep: bool = False) -> None:
+#: the output formats :func:`plot_run` writes
+FORMATS: tuple[str, ...] = ("png", "pdf", "svg")
+#: figure widths in inches: a paper's single column (3.5 in, 89 mm), a full page width (7 in),
+#: a 16:9 slide (13.33 in); ``screen`` keeps each figure's own size
+SIZES: dict[str, float | None] = {"screen": None, "column": 3.5, "page": 7.0, "slide": 13.33}
+
+
+class _Out:
+    """Where drawn figures go: files in ``folder`` (``fmt``, ``dpi``, resized to ``size``), and/or
+    kept by name (``keep=True``)."""
+
+    def __init__(self, folder: str | None, keep: bool = False, fmt: str = "png", dpi: int = 0,
+                 size: str = "screen") -> None:
         self.folder = folder
         self.kept: dict[str, Any] | None = {} if keep else None
+        self.fmt, self.dpi, self.size = fmt, dpi or DPI, size
 
     def save(self, fig, name: str) -> str:
+        _resize(fig, self.size)
         if self.kept is not None:
             self.kept[name] = fig
         if self.folder is None:
             return name
-        return _save(fig, os.path.join(self.folder, name))
+        stem = os.path.splitext(name)[0]
+        return _save(fig, os.path.join(self.folder, f"{stem}.{self.fmt}"), self.fmt, self.dpi)
+
+
+def _resize(fig, size: str) -> None:
+    """Scale ``fig`` to the width of ``size`` (:data:`SIZES`), keeping its aspect ratio. Text
+    shrinks with the square root of the scale (never below 55 %, never grown), so a figure made
+    narrower keeps room for its data while its labels stay legible in print."""
+    width = SIZES.get(size)
+    if width is None:
+        return
+    from matplotlib.lines import Line2D
+    from matplotlib.text import Text
+
+    w, h = fig.get_size_inches()
+    ratio = width / w
+    if ratio < 1:
+        shrink = max(0.55, math.sqrt(ratio))
+        # tick labels are remade on demand from the axis' tick setting: set it, after the texts
+        ticks = [(ax, which, axis.get_major_ticks()[0].label1.get_fontsize())
+                 for ax in fig.axes for axis, which in ((ax.xaxis, "x"), (ax.yaxis, "y")) if axis.get_major_ticks()]
+        import textwrap
+
+        for text in fig.findobj(Text):
+            text.set_fontsize(text.get_fontsize() * shrink)
+            # a label written for the wide figure is wrapped to the narrow one's width
+            span = h * ratio if text.get_rotation() in (90.0, 270.0) else width
+            room = int(0.9 * span * 72 / (0.55 * text.get_fontsize()))
+            if len(text.get_text()) > room and "\n" not in text.get_text():
+                text.set_text(textwrap.fill(text.get_text(), room))
+        for ax, which, points in ticks:
+            ax.tick_params(axis=which, which="both", labelsize=points * shrink)
+        for line in fig.findobj(Line2D):
+            line.set_markersize(line.get_markersize() * shrink)
+            line.set_linewidth(line.get_linewidth() * shrink)
+    fig.set_size_inches(width, h * ratio)
 
 
 def _mpl():
@@ -121,36 +176,67 @@ def _index_ticks(axis, labels: Sequence[str], most: int = 32, fontsize: float = 
 PNG_BUDGET = 250_000
 
 
-def _save(fig, path: str) -> str:
-    """Write ``fig`` as a PNG, palette-encoded when the full-colour file is large.
+def _save(fig, path: str, fmt: str = "png", dpi: int = DPI) -> str:
+    """Write ``fig`` as ``fmt``: a PNG (:func:`png_bytes`), or a PDF or SVG, vector files whose
+    scatter clouds stay rasterized at ``dpi``."""
+    if fmt != "png":
+        fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight", facecolor="white")
+        return path
+    with open(path, "wb") as f:
+        f.write(png_bytes(fig, dpi))
+    return path
+
+
+def png_bytes(fig, dpi: int = DPI) -> bytes:
+    """``fig`` as PNG bytes, palette-encoded when the full-colour image is large.
 
     Scatter clouds drawn with alpha make thousands of distinct shades that PNG compresses badly
     (450 KB for one figure); an adaptive 256-colour palette brings them to a third, invisibly.
     Heatmaps stay full colour (a palette would band their colorbars). Pillow ships with matplotlib.
+
+    Args:
+        fig: a matplotlib figure (e.g. from :func:`figures`).
+        dpi: pixels per inch.
+
+    Returns:
+        The PNG file's bytes.
+
+    Example:
+        >>> png_bytes(figures(run, "depth")["depth.png"])[:4]
+        b'\\x89PNG'
     """
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - matplotlib depends on pillow
         Image = None  # type: ignore[assignment]
     if Image is None or buf.tell() <= PNG_BUDGET:
-        with open(path, "wb") as f:
-            f.write(buf.getvalue())
-        return path
+        return buf.getvalue()
     buf.seek(0)
+    out = io.BytesIO()
     with Image.open(buf) as im:
         im.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE) \
-            .save(path, format="PNG", optimize=True)
-    return path
+            .save(out, format="PNG", optimize=True)
+    return out.getvalue()
 
 
 def _cmap(name: str):
     import matplotlib
 
     return matplotlib.colormaps[name]
+
+
+def _log_limits(values: np.ndarray, top: float, span: float) -> tuple[float, str]:
+    """``(vmin, extend)`` of a log colour scale over positive ``values`` up to ``top``: the smallest
+    value, so nothing is clipped, unless it lies below ``span * top``; then the scale starts
+    there and ``extend="min"`` gives the colour bar the arrow that says values lie below it."""
+    smallest = float(values.min()) if values.size else top * span
+    if smallest >= top * span:
+        return smallest, "neither"
+    return top * span, "min"
 
 
 def _depth_colorbar(fig, ax, cm, colors, names: Sequence[str], label: str):
@@ -203,20 +289,49 @@ def _scale_of(views) -> float:
     return float(min(stds)) if stds else 1.0
 
 
-def _hist_curve(s, edges: np.ndarray) -> np.ndarray:
-    """Share of the site's values per bin (sums to 1 over ``edges`` spanning [min, max])."""
+def _edges(lo: float, hi: float, width: float, bins: int, linear: bool) -> np.ndarray:
+    """The bins of a value axis: equal widths on the asinh axis (:func:`_asinh_edges`), or on a
+    linear one (``linear``), from exactly ``lo`` to exactly ``hi``."""
+    if not linear:
+        return _asinh_edges(lo, hi, width, bins)
+    if not hi > lo:
+        lo, hi = lo - max(abs(lo), 1.0) * 0.5, hi + max(abs(hi), 1.0) * 0.5
+    edges = np.linspace(lo, hi, bins + 1)
+    edges[0], edges[-1] = lo, hi
+    return edges
+
+
+def _hist_density(s, edges: np.ndarray) -> np.ndarray:
+    """The site's density per unit of x in each bin: its share of the values divided by the bin's
+    width, so ``sum(density * diff(edges))`` is 1 over edges spanning [min, max].
+
+    A density, not a share per bin: asinh bins widen with ``|x|``, so a share per bin grows away
+    from 0 on any site wider than the axis' linear region and draws a unimodal distribution as
+    two humps with a dip at 0. Per unit of x the curve has the distribution's own shape on any axis.
+    """
     counts, _ = s.histogram(bins=edges)
-    return counts / max(float(s.count), 1.0)
+    widths = np.diff(edges)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(widths > 0, counts / (max(float(s.count), 1.0) * widths), 0.0)
 
 
-def _value_axis(ax, lo: float, hi: float, width: float, axis: str = "x") -> None:
+def _value_axis(ax, lo: float, hi: float, width: float, axis: str = "x", linear: bool = False) -> None:
     from matplotlib.ticker import FuncFormatter
 
     setter = ax.set_xscale if axis == "x" else ax.set_yscale
-    setter("asinh", linear_width=width)
+    if linear:
+        setter("linear")
+    else:
+        setter("asinh", linear_width=width)
     (ax.set_xlim if axis == "x" else ax.set_ylim)(lo, hi)
     fmt = FuncFormatter(lambda v, _: f"{v:.3g}")
     (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(fmt)
+
+
+def _floor(curves: Sequence[np.ndarray]) -> float:
+    """The bottom of a log density axis: half the smallest non-zero density drawn (never 0)."""
+    positive = [float(c[c > 0].min()) for c in curves if np.any(c > 0)]
+    return 0.5 * min(positive) if positive else 1e-12
 
 
 def _mark_extremes(ax, s, color) -> None:
@@ -238,9 +353,11 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     labels, axis_label = _labels(run.sites)
     index = {n: i for i, n in enumerate(run.sites)}
     views = [run[n] for n in names]
-    shared = bool(opts.get("shared"))
+    shared, linear = bool(opts.get("shared")), bool(opts.get("linear"))
     lo_all, hi_all = min(v.min for v in views), max(v.max for v in views)
     width_all = _scale_of(views)
+    scale = "linear" if linear else "asinh"
+    binned = "equal-width bins" if linear else "bins of equal width on the axis"
 
     # grid: one panel per site; each on its own axis from its exact min to its exact max, or
     # (shared=True) all on one axis from the smallest min to the largest max
@@ -249,28 +366,32 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(1.9 * cols, 1.45 * rows + 0.7), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False, sharex=shared, sharey=shared)).ravel()
-    floor = min(0.5 / max(v.count, 1) for v in views)
-    top = 0.0
+    drawn = []
     for ax, s in zip(axes, views):
         lo, hi, width = (lo_all, hi_all, width_all) if shared else (s.min, s.max, _scale_of([s]))
-        edges = _asinh_edges(lo, hi, width, HIST_BINS)
-        share = _hist_curve(s, edges)
-        top = max(top, float(share.max()))
-        ax.stairs(share, edges, fill=True, color="#3b6ea5", alpha=0.85, baseline=floor * 0.5)
+        edges = _edges(lo, hi, width, HIST_BINS, linear)
+        drawn.append((ax, s, lo, hi, width, edges, _hist_density(s, edges)))
+    floor = _floor([d[-1] for d in drawn])
+    top = max(float(d[-1].max()) for d in drawn)
+    for ax, s, lo, hi, width, edges, density in drawn:
+        ax.stairs(density, edges, fill=True, color="#3b6ea5", alpha=0.85, baseline=floor * 0.5)
         ax.set_yscale("log")
-        _value_axis(ax, lo, hi, width)
+        _value_axis(ax, lo, hi, width, linear=linear)
         _mark_extremes(ax, s, "#c44e52")
         ax.set_title(f"{labels[index[s.name]]}: σ={s.std:.3g} κ={s.kurtosis:.3g}", fontsize=7, pad=2)
         ax.tick_params(labelsize=6, pad=1)
-        ax.xaxis.set_major_locator(_asinh_locator(lo, hi, width, most=5))
+        if not linear:
+            ax.xaxis.set_major_locator(_asinh_locator(lo, hi, width, most=5))
+        else:
+            ax.xaxis.set_major_locator(_linear_locator(5))
     for ax in axes[:n]:
         ax.set_ylim(floor * 0.5, max(top, floor) * 2 if shared else None)
     for ax in axes[n:]:
         ax.set_visible(False)
     how = ("one shared axis for every panel" if shared else "each panel from its own exact min to max")
-    fig.supxlabel(f"activation value (asinh scale, {how}; {HIST_BINS} bins of equal width on the axis; "
+    fig.supxlabel(f"activation value ({scale} scale, {how}; {HIST_BINS} {binned}; "
                   "red ▲: exact min and max)", fontsize=9)
-    fig.supylabel("share of values per bin (log)", fontsize=9)
+    fig.supylabel("density per unit of x (log; integrates to 1)", fontsize=9)
     fig.suptitle(f"Per-site histograms — panel title: {axis_label.split(' (')[0]}: σ = std, κ = excess kurtosis "
                  f"— {_title(run)}", fontsize=10)
     paths = [out.save(fig, "hist_grid.png")]
@@ -283,31 +404,38 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
                          f"{names[:3]}…; choose other layers")
     cviews = [run[n] for n in chosen]
     lo, hi, width = min(v.min for v in cviews), max(v.max for v in cviews), _scale_of(cviews)
-    edges = _asinh_edges(lo, hi, width, 2 * HIST_BINS - 1)
+    edges = _edges(lo, hi, width, 2 * HIST_BINS - 1, linear)
     fig = Figure(figsize=(9, 4.8), layout="constrained")
     ax = fig.subplots()
     palette = _palette(len(chosen))
-    floor = min(0.5 / max(v.count, 1) for v in cviews)
-    for s, color in zip(cviews, palette):
-        share = _hist_curve(s, edges)
+    curves = [_hist_density(s, edges) for s in cviews]
+    for s, density, color in zip(cviews, curves, palette):
         inside = (edges[1:] > s.min) & (edges[:-1] < s.max)  # bins the site's values can reach
-        ax.stairs(np.where(inside, share, np.nan), edges, color=color, lw=1.1,
+        ax.stairs(np.where(inside, density, np.nan), edges, color=color, lw=1.1,
                   label=f"{labels[index[s.name]]}: σ={s.std:.3g}, range [{s.min:.3g}, {s.max:.3g}]")
         _mark_extremes(ax, s, color)
     ax.set_yscale("log")
-    ax.set_ylim(bottom=floor * 0.5)
-    _value_axis(ax, lo, hi, width)
-    ax.xaxis.set_major_locator(_asinh_locator(lo, hi, width))
+    ax.set_ylim(bottom=_floor(curves))
+    _value_axis(ax, lo, hi, width, linear=linear)
+    if not linear:
+        ax.xaxis.set_major_locator(_asinh_locator(lo, hi, width))
     ax.legend(fontsize=7, title=axis_label.split(" (")[0], title_fontsize=7, loc="upper left",
               bbox_to_anchor=(1.01, 1.0))
-    ax.set_xlabel(f"activation value (asinh scale: linear within ±{width:.2g}, logarithmic beyond; axis from the "
-                  "smallest min to the largest max; ▲: each site's exact min and max)", fontsize=8)
-    ax.set_ylabel("share of values per bin (log; bins of equal width on this axis)", fontsize=8)
+    reach = "linear" if linear else f"asinh scale: linear within ±{width:.2g}, logarithmic beyond"
+    ax.set_xlabel(f"activation value ({reach}; axis from the smallest min to the largest max; "
+                  "▲: each site's exact min and max)", fontsize=8)
+    ax.set_ylabel("density per unit of x (log; each curve integrates to 1)", fontsize=8)
     ax.set_title(f"Histograms of {len(chosen)} of {len(names)} sites (choose with --layers) — {_title(run)}",
                  fontsize=10)
     ax.grid(alpha=0.25, lw=0.5)
     paths.append(out.save(fig, "hist_overlay.png"))
     return paths
+
+
+def _linear_locator(most: int):
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(nbins=most)
 
 
 def _asinh_locator(lo: float, hi: float, width: float, most: int = 9):
@@ -407,7 +535,7 @@ def _cross(run: Run, out: _Out, opts: dict) -> list[str]:
     size = max(3.6, min(6.5, 0.16 * len(labels) + 1.2))
     fs = 6 if len(labels) > 24 else 7
 
-    def grid(values, norm, cmap, label, title, name, signed=False):
+    def grid(values, norm, cmap, label, title, name, signed=False, extend="neither"):
         fig = Figure(figsize=(size * len(panels) + 1.2, size + 0.5), layout="constrained")
         axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
         im = None
@@ -423,7 +551,7 @@ def _cross(run: Run, out: _Out, opts: dict) -> list[str]:
             ax.tick_params(axis="x", labelrotation=90)
             ax.set_xlabel(axis_label, fontsize=8)
             ax.set_ylabel(axis_label, fontsize=8)
-        bar = fig.colorbar(im, ax=list(axes), shrink=0.85, pad=0.02)
+        bar = fig.colorbar(im, ax=list(axes), shrink=0.85, pad=0.02, extend=extend)
         bar.set_label(label, fontsize=8)
         bar.ax.tick_params(labelsize=7)
         fig.suptitle(f"{title} — {_title(run)}", fontsize=10)
@@ -435,12 +563,14 @@ def _cross(run: Run, out: _Out, opts: dict) -> list[str]:
     mags = np.concatenate([np.abs(p[1][np.isfinite(p[1])]).ravel() for p in panels])
     mags = mags[mags > 0]
     top = float(mags.max()) if mags.size else 1.0
-    low = max(float(np.percentile(mags, 1)) if mags.size else top * 1e-6, top * 1e-12)
+    # every entry on the scale: from the smallest |cov| up, unless that is below 1e-12 of the
+    # largest (then the colour bar's arrow says the few entries below are clipped)
+    low, extend = _log_limits(mags, top, 1e-12)
     norm = colors.LogNorm(vmin=low, vmax=top)
     paths = [grid([(p[0], p[1]) for p in panels], norm, _cmap("viridis"),
                   "|covariance| (log scale; white dash = negative entry)",
                   f"{noun} × {noun.lower()} covariance (population, per channel-token observation)", "cross_cov.png",
-                  signed=True)]
+                  signed=True, extend=extend)]
     paths.append(grid([(p[0], p[2]) for p in panels], colors.Normalize(0, 1), _cmap("magma"),
                       "R² (squared Pearson correlation, linear 0–1)", f"{noun} × {noun.lower()} R²",
                       "cross_r2.png"))
@@ -454,6 +584,21 @@ def _pick(names: Sequence[str], k: int = 3) -> list[str]:
         return list(names)
     idx = sorted({round(i * (len(names) - 1) / (k - 1)) for i in range(k)})
     return [names[i] for i in idx]
+
+
+def _extremes(s, axis: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """The exact extreme values a run stores for one scatter panel: ``(x, value, legend label)``
+    of the site's top-k entries over every real token (``x`` their position or channel), or,
+    without ``topk``, its exact absmax over the kept tokens alone."""
+    if s.has("topk") and len(s.topk):
+        t = s.topk
+        return (t[axis].astype(np.float64), t["value"].astype(np.float64),
+                f"exact top {len(t)} |x| (stored, every real token)")
+    if s.has("moments") and s.count and np.isfinite(s.absmax):
+        value = s.max if s.max >= -s.min else s.min
+        return (np.array([float(s.absmax_at[axis])]), np.array([float(value)]),
+                "exact max |x| (stored, kept tokens)")
+    return np.empty(0), np.empty(0), ""
 
 
 def _scatter(run: Run, out: _Out, opts: dict) -> list[str]:
@@ -498,7 +643,14 @@ def _scatter(run: Run, out: _Out, opts: dict) -> list[str]:
             # density of dots never jumps at a threshold (symlog's kink drew false bands)
             width = float(np.std(values)) or 1.0
             ax.scatter(found[name][col], values, s=1.5, alpha=0.3, color="#1f4e79", linewidths=0, rasterized=True)
-            lo, hi = float(values.min()), float(values.max())
+            # a uniform sample all but never holds the few extreme values (a first-token massive
+            # activation is one in 10**6): the exact top-k the run stores are drawn on top
+            ex, ey, what_ex = _extremes(run[name], x_name)
+            if len(ey):
+                ax.scatter(ex, ey, s=16, marker="o", facecolors="none", edgecolors="#c44e52", linewidths=0.8,
+                           zorder=4, label=what_ex)
+            every = np.concatenate([values, ey])
+            lo, hi = float(every.min()), float(every.max())
             ax.set_yscale("asinh", linear_width=width)
             pad = 0.04 * (np.arcsinh(hi / width) - np.arcsinh(lo / width)) or 0.1
             ax.set_ylim(np.sinh(np.arcsinh(lo / width) - pad) * width, np.sinh(np.arcsinh(hi / width) + pad) * width)
@@ -512,6 +664,8 @@ def _scatter(run: Run, out: _Out, opts: dict) -> list[str]:
         for ax in axes[len(chosen):]:
             ax.set_visible(False)
         axes[0].set_ylabel("activation value (asinh: linear within ±std)", fontsize=8)
+        if axes[0].get_legend_handles_labels()[0]:
+            axes[0].legend(fontsize=7, loc="best", markerscale=1.0)
         skip = run.meta.get("skip_first", 0)
         kept = f"first {skip} position(s) not sampled (skip_first)" if skip else "every real token"
         fig.suptitle(f"Uniform sample of kept values vs {x_name} ({kept}); {len(chosen)} of {len(found)} sites "
@@ -537,7 +691,7 @@ def _channels(run: Run, out: _Out, opts: dict) -> list[str]:
         raise _missing("channels", "moments", run)
     # a log colour scale: typical channels sit near 1, outlier channels 100-1000x above
     top = float(pos.max())
-    low = max(float(np.percentile(pos, 1)), top * 1e-6)
+    low, extend = _log_limits(pos, top, 1e-6)
     labels, axis_label = _labels(run.sites)
     fig = Figure(figsize=(11, max(3.2, 0.17 * len(run.sites) + 1.4)), layout="constrained")
     ax = fig.subplots()
@@ -547,8 +701,9 @@ def _channels(run: Run, out: _Out, opts: dict) -> list[str]:
     ax.set_ylabel(axis_label, fontsize=8)
     ax.set_xlabel("channel", fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
-    bar = fig.colorbar(im, ax=ax, pad=0.01)
-    bar.set_label("max |activation| over kept tokens (log scale)", fontsize=8)
+    bar = fig.colorbar(im, ax=ax, pad=0.01, extend=extend)
+    bar.set_label("max |activation| over kept tokens (log scale"
+                  + ("; ▼: below 1e-6 of the largest, clipped)" if extend == "min" else ")"), fontsize=8)
     bar.ax.tick_params(labelsize=7)
     ax.set_title(f"Per-channel absmax — {_title(run)}", fontsize=10)
     return [out.save(fig, "channels_absmax.png")]
@@ -731,9 +886,9 @@ def _plan(run, kinds) -> tuple[Run, list[str], bool]:
     return run, [k for k in KINDS if k in chosen], asked
 
 
-def _draw(run, kinds, out: _Out, layers, shared: bool, progress) -> list[str]:
+def _draw(run, kinds, out: _Out, layers, shared: bool, progress, linear: bool = False) -> list[str]:
     run, chosen, asked = _plan(run, kinds)
-    opts = {"layers": parse_layers(run, layers) if layers is not None else None, "shared": shared}
+    opts = {"layers": parse_layers(run, layers) if layers is not None else None, "shared": shared, "linear": linear}
     paths: list[str] = []
     for i, kind in enumerate(chosen, 1):
         if progress is not None:
@@ -746,15 +901,25 @@ def _draw(run, kinds, out: _Out, layers, shared: bool, progress) -> list[str]:
     return paths
 
 
+def _check_output(fmt: str, dpi: int | None, size: str) -> None:
+    if fmt not in FORMATS:
+        raise ProbeError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}; pass e.g. --format pdf")
+    if dpi is not None and not (isinstance(dpi, int) and 10 <= dpi <= 1200):
+        raise ProbeError(f"dpi: expected an integer from 10 to 1200, got {dpi!r}; pass e.g. --dpi 300")
+    if size not in SIZES:
+        raise ProbeError(f"size: expected one of {', '.join(SIZES)}, got {size!r}; pass e.g. --size column")
+
+
 # ---------------------------------------------------------------------------------- public
 def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind | None = None, *,
-             layers: str | Sequence[str] | None = None, shared: bool = False,
+             layers: str | Sequence[str] | None = None, shared: bool = False, linear: bool = False,
+             format: Format = "png", dpi: int | None = None, size: Size = "screen",
              progress: Callable[[str, int, int], None] | None = None) -> list[str]:
-    """Draw a run's figures as PNG files in ``out_dir`` (created if missing).
+    """Draw a run's figures as files in ``out_dir`` (created if missing).
 
     Args:
         run: a :class:`probe.results.run.Run` (``probe.load(path)``, or a capture after its block).
-        out_dir: folder for the PNG files; existing files of the same name are replaced.
+        out_dir: folder for the files; existing files of the same name are replaced.
         kinds: names from :data:`KINDS`; ``None`` draws every kind the run has data for and
             silently skips the rest (a run captured with ``stats=("moments",)`` gets
             ``channels_absmax.png`` only).
@@ -762,6 +927,11 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
             :func:`parse_layers` (``"all"`` for every site); default: about six evenly spread
             for the overlay; first, middle, last and the heaviest-tailed for the scatter.
         shared: draw every ``hist_grid.png`` panel on one shared x and y axis.
+        linear: histograms on a linear value axis with equal-width bins (default: asinh).
+        format: ``"png"``, ``"pdf"`` or ``"svg"`` (:data:`FORMATS`); the files' suffix.
+        dpi: pixels per inch of PNGs (and of the rasterized scatter clouds in PDF/SVG); default 110.
+        size: ``"screen"`` (each figure's own size), ``"column"`` (3.5 in wide, a paper's
+            column), ``"page"`` (7 in) or ``"slide"`` (13.33 in, 16:9): :data:`SIZES`.
         progress: called as ``progress(kind, i, n)`` before each kind is drawn.
 
     Returns:
@@ -769,20 +939,27 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
 
     Raises:
         ProbeError: an unknown kind or layer; a kind asked for by name whose statistics the run
-            lacks (``"steps"`` also needs two or more windows); matplotlib missing.
+            lacks (``"steps"`` also needs two or more windows); ``out_dir`` an existing file;
+            an unknown format or size, a dpi outside 10..1200; matplotlib missing.
 
     Example:
         >>> [os.path.basename(p) for p in plot_run(run, os.path.join(tmp, "figures"), kinds=["histograms"])]
         ['hist_grid.png', 'hist_overlay.png']
+        >>> [os.path.basename(p) for p in plot_run(run, tmp, kinds="depth", format="svg", size="column")]
+        ['depth.svg']
     """
+    _check_output(format, dpi, size)
     _plan(run, kinds)
     out = os.fspath(out_dir)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ProbeError(f"-o {out}: is an existing file; expected a folder for the figures; "
+                         "pass a folder name (created if missing)")
     os.makedirs(out, exist_ok=True)
-    return _draw(run, kinds, _Out(out), layers, shared, progress)
+    return _draw(run, kinds, _Out(out, fmt=format, dpi=dpi or DPI, size=size), layers, shared, progress, linear)
 
 
 def figures(run: Run, kinds: Sequence[Kind] | Kind | None = None, *, layers: str | Sequence[str] | None = None,
-            shared: bool = False) -> dict[str, Any]:
+            shared: bool = False, linear: bool = False, size: Size = "screen") -> dict[str, Any]:
     """The figures :func:`plot_run` would write, as ``{file name: matplotlib Figure}``, unsaved.
 
     Same arguments and errors as :func:`plot_run`; for inspecting what is drawn, or saving in
@@ -796,23 +973,27 @@ def figures(run: Run, kinds: Sequence[Kind] | Kind | None = None, *, layers: str
         >>> sorted(figs)[:1], figs[sorted(figs)[0]].savefig(os.path.join(tmp, "cross.svg"))
         (['cross_cov.png'], None)
     """
-    out = _Out(None, keep=True)
-    _draw(run, kinds, out, layers, shared, None)
+    _check_output("png", None, size)
+    out = _Out(None, keep=True, size=size)
+    _draw(run, kinds, out, layers, shared, None, linear)
     return dict(out.kept or {})
 
 
-def plot_diff(a: Run, b: Run, path: str | os.PathLike) -> str:
+def plot_diff(a: Run, b: Run, path: str | os.PathLike, *, dpi: int | None = None) -> str:
     """Draw the per-site shift from run ``a`` to run ``b`` (see :func:`probe.present.report.diff`) to ``path``.
 
     Up to three panels, one bar per site present in both runs: the std ratio ``std_b / std_a``
     (log scale, 1 = unchanged); the Jensen–Shannon divergence between the two bucket histograms
     (bits, 0 = identical, 1 = disjoint; needs histograms in both); and the shift of the q0.001,
     q0.5 and q0.999 quantiles in units of ``std_a``, so that layers of very different scale share
-    one axis.
+    one axis, each bar with the interval the histogram buckets bound the exact shift to as its
+    error bar.
 
     Args:
         a, b: the runs to compare; ``a`` is the reference.
-        path: the PNG file to write; its folder is created if missing.
+        path: the file to write (``.png``, ``.pdf`` or ``.svg``, by its suffix; another suffix
+            writes a PNG); its folder is created if missing.
+        dpi: pixels per inch of a PNG (default 110).
 
     Returns:
         ``path`` as a string.
@@ -824,11 +1005,13 @@ def plot_diff(a: Run, b: Run, path: str | os.PathLike) -> str:
         >>> os.path.basename(plot_diff(run, run, os.path.join(tmp, "diff.png")))
         'diff.png'
     """
+    _check_output("png", dpi, "screen")
     fig = _diff_figure(_as_run(a), _as_run(b))
     path = os.fspath(path)
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    return _save(fig, path)
+    suffix = os.path.splitext(path)[1].lower().lstrip(".")
+    return _save(fig, path, suffix if suffix in FORMATS else "png", dpi or DPI)
 
 
 def _diff_figure(a: Run, b: Run):
@@ -850,8 +1033,12 @@ def _diff_figure(a: Run, b: Run):
     qs = tuple(str(q) for q in DIFF_QUANTILES)  # the quantiles of probe diff's table
     shift = {q: np.array([np.nan if (r.get("quantile_shift") or {}).get(q) is None else r["quantile_shift"][q]
                           for r in rows], dtype=np.float64) for q in qs}
+    bounds = {q: np.array([[np.nan, np.nan] if (r.get("quantile_shift_bounds") or {}).get(q) is None
+                           else [np.nan if v is None else v for v in r["quantile_shift_bounds"][q]] for r in rows],
+                          dtype=np.float64).reshape(-1, 2) for q in qs}
     with np.errstate(all="ignore"):
         shift = {q: np.where(std_a > 0, v / std_a, np.nan) for q, v in shift.items()}
+        bounds = {q: np.where(std_a[:, None] > 0, v / std_a[:, None], np.nan) for q, v in bounds.items()}
     panels = ["ratio"] + (["js"] if np.isfinite(js).any() else []) + \
              (["quantiles"] if any(np.isfinite(v).any() for v in shift.values()) else [])
     fig = Figure(figsize=(max(8.0, 0.26 * len(rows) + 3), 2.3 * len(panels) + 0.9), layout="constrained")
@@ -878,11 +1065,15 @@ def _diff_figure(a: Run, b: Run):
         else:
             width = 0.28
             for k, (q, c) in enumerate(zip(qs, ("#4c72b0", "0.45", "#c44e52"))):
-                ax.bar(x + (k - 1) * width, shift[q], width=width, color=c, label=f"q{q}")
+                # error bars: the interval the buckets bound the exact shift to (it holds the bar)
+                err = np.abs(np.stack([shift[q] - bounds[q][:, 0], bounds[q][:, 1] - shift[q]]))
+                ax.bar(x + (k - 1) * width, shift[q], width=width, color=c, label=f"q{q}",
+                       yerr=np.nan_to_num(err), error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "0.15"})
             ax.axhline(0, color="0.3", lw=0.8)
             ax.legend(fontsize=7, ncol=3, loc="best")
             ax.set_ylabel("(q_b − q_a) / std_a", fontsize=8)
-            ax.set_title("quantile shift in units of run a's std", fontsize=9)
+            ax.set_title("quantile shift in units of run a's std (error bar: where the exact shift lies, "
+                         "from the histogram buckets)", fontsize=9)
         ax.grid(axis="y", alpha=0.25, lw=0.5)
         ax.tick_params(labelsize=7)
     _index_ticks(axes[-1].xaxis, labels, most=48, fontsize=7)

@@ -20,6 +20,7 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from ..results.run import Run
 
 __all__ = ["summary", "outlier_channels", "massive", "diff", "diff_warnings", "resolve_site", "print_summary",
-           "print_diff", "DIFF_QUANTILES", "print_quant", "MASSIVE_VALUE", "MASSIVE_RATIO"]
+           "print_diff", "DIFF_QUANTILES", "quantile_bounds", "print_quant", "MASSIVE_VALUE", "MASSIVE_RATIO"]
 
 OUTLIER_VALUE, OUTLIER_TOKENS, OUTLIER_SITES, OUTLIER_RMS = 6.0, 0.06, 0.25, 4.0
 QUANTILES = (0.001, 0.01, 0.5, 0.99, 0.999)
@@ -48,7 +49,8 @@ def _clean(v: Any) -> Any:
 
 def resolve_site(run: Run, name: str, flag: str = "--site") -> str:
     """The site ``name`` means: a site name, or the layer number the tables show (``"5"`` is
-    ``"hidden_states.5"``; for other sites, the index in ``run.sites``).
+    ``"hidden_states.5"``; for other sites, the index in ``run.sites``); a negative number counts
+    from the end (``"-1"`` is the last site), as ``run[-1]`` and ``run["-1"]`` do.
 
     Args:
         run: the run whose sites are meant.
@@ -62,8 +64,8 @@ def resolve_site(run: Run, name: str, flag: str = "--site") -> str:
         ProbeError: no such site (the closest names are listed).
 
     Example:
-        >>> resolve_site(run, "1"), resolve_site(run, "hidden_states.2")
-        ('hidden_states.1', 'hidden_states.2')
+        >>> resolve_site(run, "1"), resolve_site(run, "hidden_states.2"), resolve_site(run, "-1")
+        ('hidden_states.1', 'hidden_states.2', 'hidden_states.2')
     """
     if name in run.sites:
         return name
@@ -73,6 +75,8 @@ def resolve_site(run: Run, name: str, flag: str = "--site") -> str:
         if f"hidden_states.{k}" in run.sites:
             return f"hidden_states.{k}"
         if not all(n.startswith("hidden_states.") for n in run.sites) and 0 <= k < len(run.sites):
+            return run.sites[k]
+        if -len(run.sites) <= k < 0:  # from the end, as run[-1] counts
             return run.sites[k]
     layers = [n[len("hidden_states."):] for n in run.sites if n.startswith("hidden_states.")]
     span = f" or a layer number {layers[0]}..{layers[-1]}" if layers else ""
@@ -94,7 +98,8 @@ def summary(run: Run, sites: list[str] | None = None) -> dict[str, Any]:
         its end), ``sites`` (per site: the :class:`~probe.results.run.SiteView` headline numbers,
         and ``quantiles`` of :data:`QUANTILES` and ``median_abs`` with a histogram),
         ``disabled``, ``outlier_channels``, ``research`` (:func:`probe.present.research.summary`)
-        and ``massive`` (:func:`massive`).
+        and ``massive`` (:func:`massive`); with ``sites``, the last three keep to those sites (an
+        outlier channel when flagged at one of them).
 
     Example:
         >>> data = summary(run)
@@ -119,21 +124,28 @@ def summary(run: Run, sites: list[str] | None = None) -> dict[str, Any]:
             entry["median_abs"] = median_abs(s)
         rows.append({k: _clean(v) for k, v in entry.items()})
     chosen = set(run.sites if sites is None else sites)
+    geometry = research.summary(run)
+    if sites is not None:  # only what concerns the chosen sites
+        geometry = {"sites": [e for e in geometry["sites"] if e["site"] in chosen],
+                    "block_influence": [b for b in geometry["block_influence"] if b["from"] in chosen or b["to"] in chosen],
+                    "massive_topk": [m for m in geometry["massive_topk"] if m["site"] in chosen]}
     return {
         "file": run.path, "model": run.meta.get("model", {}).get("name_or_path") or
         run.meta.get("model", {}).get("class"), "windows": len(run.rows), "steps": run.steps,
         "skip_first": run.meta.get("skip_first"), "partial": run.meta.get("partial"), "sites": rows,
         "disabled": dict(run.meta.get("disabled") or {}),
-        "outlier_channels": outlier_channels(run), "research": research.summary(run),
+        "outlier_channels": outlier_channels(run, at=None if sites is None else sorted(chosen, key=run.sites.index)),
+        "research": geometry,
         "massive": [m for m in massive(run) if m["site"] in chosen],
     }
 
 
-def outlier_channels(run: Run) -> list[dict[str, Any]]:
+def outlier_channels(run: Run, at: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Channels meeting the LLM.int8() outlier rule (see the module docstring).
 
     Args:
         run: the run (sites without ``moments`` are left out).
+        at: keep only the channels flagged at one of these sites (default: every flagged channel).
 
     Returns:
         ``[{"channel", "sites", "of"}]``: each channel flagged at ``sites`` of the ``of`` sites,
@@ -155,7 +167,8 @@ def outlier_channels(run: Run) -> list[dict[str, Any]]:
         for c in np.flatnonzero((frac >= OUTLIER_TOKENS) & (ratio >= OUTLIER_RMS)):
             hits.setdefault(int(c), []).append(name)
     need = max(1, math.ceil(OUTLIER_SITES * len(names)))
-    found = [{"channel": c, "sites": len(v), "of": len(names)} for c, v in hits.items() if len(v) >= need]
+    found = [{"channel": c, "sites": len(v), "of": len(names)} for c, v in hits.items()
+             if len(v) >= need and (at is None or set(v) & set(at))]
     return sorted(found, key=lambda o: (-o["sites"], o["channel"]))
 
 
@@ -224,6 +237,50 @@ def _js(p: np.ndarray, q: np.ndarray) -> float:
     return float(max(0.0, (kl(p) + kl(q)) / 2))
 
 
+def quantile_bounds(s: Any, q: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Where the exact quantiles of a site's kept values can lie, from its bucket counts alone.
+
+    ``numpy.quantile`` interpolates between two order statistics; each lies in a known float-bit
+    bucket, so the exact quantile lies between the lower edge of the first one's bucket and the
+    upper edge of the second one's, cut to the site's exact ``[min, max]``. For lossless data
+    (bf16) the interval is the quantile itself.
+
+    Args:
+        s: a :class:`~probe.results.run.SiteView` with ``histogram``.
+        q: probabilities in ``[0, 1]``.
+
+    Returns:
+        float64 ``[len(q), 2]``: ``(low, high)`` per quantile, containing :meth:`SiteView.quantile`'s
+        estimate; NaN without values.
+
+    Raises:
+        ProbeError: ``histogram`` not captured at this site; a ``q`` outside ``[0, 1]``.
+
+    Example:
+        >>> lo, hi = quantile_bounds(run[1], [0.5])[0]
+        >>> bool(lo <= run[1].quantile(0.5) <= hi)
+        True
+    """
+    from ..stats._buckets import Buckets
+
+    qs = np.atleast_1d(np.asarray(q, dtype=np.float64))
+    point = np.atleast_1d(s.quantile(qs))
+    counts = s.histogram_counts
+    if s.histogram_lossless:
+        return np.stack([point, point], axis=1)
+    c, a, b, _ = Buckets.of(np.shape(counts)[0]).sorted(np.asarray(counts), False)
+    n = int(c.sum())
+    if n == 0:
+        return np.full((len(qs), 2), np.nan)
+    cum = np.cumsum(c)
+    prev = np.floor((n - 1) * qs).astype(np.int64)
+    nxt = np.minimum(prev + 1, n - 1)
+    low, high = a[np.searchsorted(cum, prev, side="right")], b[np.searchsorted(cum, nxt, side="right")]
+    if s.has("moments") and s.count and np.isfinite(s.min) and np.isfinite(s.max):
+        low, high = np.clip(low, s.min, s.max), np.clip(high, s.min, s.max)
+    return np.stack([np.minimum(low, point), np.maximum(high, point)], axis=1)
+
+
 def diff(a: Run, b: Run) -> list[dict[str, Any]]:
     """Per-site shift from run ``a`` to run ``b``: mean and std ratios, the shift of the
     :data:`DIFF_QUANTILES` and the Jensen–Shannon divergence (bits, 0..1) between the two bucket
@@ -237,7 +294,10 @@ def diff(a: Run, b: Run) -> list[dict[str, Any]]:
         One JSON-ready row per site present in both runs, in ``a``'s order: ``mean_a``,
         ``mean_b``, ``mean_shift`` (activation units), ``std_a``, ``std_b``, ``std_ratio``,
         ``tokens_a``, ``tokens_b``; with histograms in both, ``js`` (Jensen–Shannon divergence
-        in bits, 0..1) and ``quantile_shift`` (``{q: q_b - q_a}``).
+        in bits, 0..1), ``quantile_shift`` (``{q: q_b - q_a}``, the estimates' difference) and
+        ``quantile_shift_bounds`` (``{q: [low, high]}``: the exact shift lies inside, since each
+        side's exact quantile lies inside :func:`quantile_bounds`; an interval holding 0 leaves
+        the sign unresolved).
 
     Raises:
         ProbeError: the runs share no site.
@@ -263,6 +323,9 @@ def diff(a: Run, b: Run) -> list[dict[str, Any]]:
                 row["js"] = _js(sa.histogram_counts.astype(np.float64), sb.histogram_counts.astype(np.float64))
             qa, qb = sa.quantile(DIFF_QUANTILES), sb.quantile(DIFF_QUANTILES)
             row["quantile_shift"] = {str(q): float(y - x) for q, x, y in zip(DIFF_QUANTILES, qa, qb)}
+            ba, bb = quantile_bounds(sa, DIFF_QUANTILES), quantile_bounds(sb, DIFF_QUANTILES)
+            row["quantile_shift_bounds"] = {str(q): [float(bb[i, 0] - ba[i, 1]), float(bb[i, 1] - ba[i, 0])]
+                                            for i, q in enumerate(DIFF_QUANTILES)}
         rows.append({k: _clean(v) for k, v in row.items()})
     return rows
 
@@ -403,7 +466,7 @@ def print_summary(run: Run, console=None, site: str | None = None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    data = summary(run)
+    data = summary(run, sites=None if site is None else [site])
     title = f"{data['file'] or 'run'} · {data['model']} · {data['windows']} window(s) · skip_first={data['skip_first']}"
     if data["partial"]:
         title += " · PARTIAL"
@@ -472,15 +535,29 @@ def print_diff(rows: list[dict[str, Any]], console=None) -> None:
 
     console = console or Console()
     table = Table(title="distribution shift (A → B)", header_style="bold",
-                  caption="Δq: quantile of B minus quantile of A; JS: Jensen–Shannon divergence of the histograms")
+                  caption="Δq: quantile of B minus quantile of A, as the interval the histogram buckets bound "
+                          "the exact shift to (dim: it holds 0, the sign is not resolved; one number: exact); "
+                          "JS: Jensen–Shannon divergence of the histograms")
     qcols = [f"Δq{q:g}" for q in DIFF_QUANTILES]
     for col in ("site", "mean A", "mean B", "std B/A", "JS (bits)", *qcols):
         table.add_column(col, justify="left" if col == "site" else "right")
     for r in rows:
-        qs = r.get("quantile_shift", {})
+        bounds = r.get("quantile_shift_bounds") or {}
         table.add_row(r["site"], _fmt(r["mean_a"]), _fmt(r["mean_b"]), _fmt(r["std_ratio"]), _fmt(r.get("js")),
-                      *(_fmt(qs.get(str(q))) for q in DIFF_QUANTILES))
+                      *(_interval(bounds.get(str(q))) for q in DIFF_QUANTILES))
     console.print(table)
+
+
+def _interval(pair: list[float] | None) -> str:
+    """A shift interval as the table prints it: ``a … b`` (dim when it holds 0), or one number
+    when both ends agree to the digits shown."""
+    if pair is None or pair[0] is None or pair[1] is None:
+        return "–"
+    lo, hi = pair
+    if f"{lo:+.3g}" == f"{hi:+.3g}":
+        return f"{lo:+.3g}"
+    text = f"{lo:+.3g} … {hi:+.3g}"
+    return f"[dim]{text}[/]" if lo <= 0 <= hi else text
 
 
 def _pct(pair: list[float] | None, exact: bool | None) -> str:

@@ -5,7 +5,8 @@ otherwise all windows merge into one. A merge refuses only what cannot be merged
 (configuration), other sites, other statistics or statistic options; the message names exactly
 the keys that differ. Runs that used the same sample seed merge too, with a warning: their
 samples are then correlated, not independent (``capture`` draws a fresh seed per run unless
-given one).
+given one). A run given twice (the same object or the same file) is refused: it would double
+every count. The merged run records the documents of all inputs (``meta["texts"]``).
 """
 
 from __future__ import annotations
@@ -85,20 +86,25 @@ def merge_runs(runs: Sequence[Run], names: Sequence[str] | None = None) -> Run:
         top-k by max, samples by bottom-k of the keys, histograms add.
 
     Raises:
-        ProbeError: fewer than two runs, or runs that differ in model, sites, statistics or
-            their options (the message lists the differing keys).
+        ProbeError: fewer than two runs, a run given twice, or runs that differ in model, sites,
+            statistics or their options (the message lists the differing keys).
 
     Example:
         >>> import warnings
         >>> with warnings.catch_warnings():
-        ...     warnings.simplefilter("ignore")  # the same run twice: the same sample seed
-        ...     both = merge_runs([run, run])
+        ...     warnings.simplefilter("ignore")  # the same window twice: the same sample seed
+        ...     both = merge_runs([run, run.at(1)])
         >>> both[0].tokens == 2 * run[0].tokens, both[0].mean == run[0].mean
         (True, True)
+        >>> merge_runs([run, run])
+        Traceback (most recent call last):
+        ...
+        probe.errors.ProbeError: run 1 is the same run as run 0; expected distinct runs (merging a run with itself doubles every count); pass each file once
     """
     if len(runs) < 2:
         raise ProbeError(f"merge needs at least two runs; got {len(runs)}; pass two or more files")
     names = list(names or [r.path or f"run {i}" for i, r in enumerate(runs)])
+    _refuse_repeats(runs, names)
     first = runs[0]
     seeds: dict[Any, str] = {}
     for name, run in zip(names, runs):
@@ -119,7 +125,8 @@ def merge_runs(runs: Sequence[Run], names: Sequence[str] | None = None) -> Run:
         for seed in sample.get("seeds") or [sample.get("seed")]:
             if "sample" in run.meta.get("stats", []) and seed is not None and seed in seeds:
                 warnings.warn(f"probe: {name} and {seeds[seed]} used the same sample seed {seed}: their "
-                              "samples are correlated, not independent; capture each with its own seed "
+                              "samples are correlated, not independent, and if they hold the same data (a "
+                              "copy of one file) every count is doubled; capture each with its own seed "
                               "(the default draws one)", stacklevel=2)
             seeds.setdefault(seed, name)
     cross = first.meta.get("cross_sites", [])
@@ -135,4 +142,23 @@ def merge_runs(runs: Sequence[Run], names: Sequence[str] | None = None) -> Run:
         texts.update(r.meta.get("token_text", {}))
     if texts:
         meta["token_text"] = texts
+    if all(isinstance(r.meta.get("texts"), int) for r in runs):  # documents read, in all inputs
+        meta["texts"] = sum(int(r.meta["texts"]) for r in runs)
     return Run(meta, rows)
+
+
+def _refuse_repeats(runs: Sequence[Run], names: Sequence[str]) -> None:
+    """Refuse a run given twice (the same object, or the same file under two names): merging it
+    with itself would double every count."""
+    for j, run in enumerate(runs):
+        for i in range(j):
+            other = runs[i]
+            same = run is other
+            if not same and run.path and other.path:
+                try:
+                    same = os.path.samefile(run.path, other.path)
+                except OSError:
+                    same = False
+            if same:
+                raise ProbeError(f"{names[j]} is the same run as {names[i]}; expected distinct runs (merging a "
+                                 "run with itself doubles every count); pass each file once")

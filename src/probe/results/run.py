@@ -860,20 +860,24 @@ class SiteView:
         folded = buckets.signed_counts(buckets.magnitudes(h["counts"]))
         return quantile(folded, bool(h["lossless"]), q)
 
-    def histogram(self, bins: int | Sequence[float] = 100,
-                  range: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def histogram(self, bins: int | Sequence[float] = 100, range: tuple[float, float] | None = None, *,
+                  integer: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Histogram rendered from the bucket CDF, as ``numpy.histogram`` returns it.
 
         Exact for bf16 data; otherwise values are spread uniformly within each bucket, cut to the
         site's exact ``[min, max]``, so edges spanning ``[min, max]`` total :attr:`count`
-        exactly.
+        exactly. The spread makes the counts fractional (a bucket cut by a bin edge gives each
+        side its share, often below one value); ``integer=True`` rounds the cumulative count at
+        every edge instead, giving whole counts that still total the same.
 
         Args:
             bins: the number of linear bins over ``range``, or increasing edges.
             range: ``(lo, hi)``; by default the site's own ``(min, max)``.
+            integer: return int64 counts (rounded at the edges) rather than the fractional spread.
 
         Returns:
-            ``(counts, edges)``: float64 ``[bins]`` and ``[bins + 1]``.
+            ``(counts, edges)``: ``[bins]`` (float64, fractional; int64 with ``integer``) and
+            float64 ``[bins + 1]``.
 
         Raises:
             ProbeError: ``histogram`` not captured at this site.
@@ -882,6 +886,9 @@ class SiteView:
             >>> counts, edges = run[0].histogram(bins=10)
             >>> counts.shape, edges.shape, round(float(counts.sum())) == run[0].count
             ((10,), (11,), True)
+            >>> whole, _ = run[0].histogram(bins=10, integer=True)
+            >>> whole.dtype, int(whole.sum()) == run[0].count, bool(np.all(np.abs(whole - counts) <= 1))
+            (dtype('int64'), True, True)
         """
         from ..stats._buckets import render
 
@@ -889,8 +896,12 @@ class SiteView:
         known = self.has("moments") and self.count > 0
         if range is None and known:
             range = (self.min, self.max)
-        return render(h["counts"], bool(h["lossless"]), bins, range,
-                      limits=(self.min, self.max) if known else None)
+        counts, edges = render(h["counts"], bool(h["lossless"]), bins, range,
+                               limits=(self.min, self.max) if known else None)
+        if integer:
+            below = np.rint(np.concatenate([[0.0], np.cumsum(counts)])).astype(np.int64)
+            counts = np.diff(below)
+        return counts, edges
 
 
 class Run:
@@ -926,6 +937,36 @@ class Run:
     def __repr__(self) -> str:
         where = f" from {self.path!r}" if self.path else ""
         return f"Run({len(self.sites)} sites, {len(self._source)} windows{where})"
+
+    def _repr_html_(self) -> str:
+        """A notebook's view of the run: its description and one row per site (tokens, mean,
+        std, excess kurtosis, exact min, max and absmax); ``probe report`` writes the full page.
+
+        Example:
+            >>> page = run._repr_html_()
+            >>> page.count("<tr>") == len(run.sites) + 1, "hidden_states.2" in page
+            (True, True)
+        """
+        import html
+
+        def num(v: float) -> str:
+            return f"{v:.4g}" if np.isfinite(v) else "–"
+
+        model = self.meta.get("model", {})
+        name = model.get("name_or_path") or model.get("class") or "model"
+        head = (f"<b>probe Run</b> · {html.escape(str(self.path or 'in memory'))} · {html.escape(str(name))} · "
+                f"{len(self.sites)} sites · {len(self._source)} window(s) · "
+                f"skip_first={html.escape(str(self.meta.get('skip_first')))}")
+        cols = ("site", "tokens", "mean", "std", "kurt", "min", "max", "absmax")
+        rows = ["<tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"]
+        for s in self:
+            if s.has("moments"):
+                cells = [str(s.tokens)] + [num(v) for v in (s.mean, s.std, s.kurtosis, s.min, s.max, s.absmax)]
+            else:
+                cells = ["–"] * (len(cols) - 1)
+            rows.append(f"<tr><td style='text-align:left'>{html.escape(s.name)}</td>"
+                        + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        return f"<div><p>{head}</p><table>{''.join(rows)}</table></div>"
 
     @property
     def sites(self) -> list[str]:
@@ -985,7 +1026,9 @@ class Run:
         """The cumulative view of one site.
 
         Args:
-            name: a site name from :attr:`sites`, or an index into it (negative counts from the end).
+            name: a site name from :attr:`sites`, or an index into it (negative counts from the end);
+                a number as text is the layer number the tables show (``"5"`` is
+                ``"hidden_states.5"``), else the same index (``run["-1"] is run[-1]``).
 
         Returns:
             The :class:`SiteView` (cached: the same object each time).
@@ -995,8 +1038,8 @@ class Run:
                 or another type.
 
         Example:
-            >>> run["hidden_states.2"] is run[-1]
-            True
+            >>> run["hidden_states.2"] is run[-1] is run["-1"], run["1"] is run[1]
+            (True, True)
         """
         if isinstance(name, int) and not isinstance(name, bool):  # the i-th site, as run.sites lists them
             if not -len(self.sites) <= name < len(self.sites):
@@ -1005,6 +1048,10 @@ class Run:
             name = self.sites[name]
         if not isinstance(name, str):
             raise ProbeError(f"a site is a name or an index; got {type(name).__name__}; pass e.g. run.sites[0]")
+        if name not in self._info and name.strip().lstrip("-").isdigit():
+            # "5" is layer 5 as the tables and the CLI's --site show it; otherwise an index like run[5]
+            k = int(name)
+            return self[f"hidden_states.{k}"] if f"hidden_states.{k}" in self._info else self[k]
         if name not in self._info:
             raise ProbeError(f"unknown site {name!r}; expected one of run.sites{closest(name, self.sites)}")
         if name not in self._views:
