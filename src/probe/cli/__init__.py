@@ -43,12 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="probe", description="See inside transformers while they run.")
     parser.add_argument("--version", action="version", version=f"probe {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (default: off; also PROBE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in COMMANDS:
         add(sub)
     for command in sub.choices.values():  # also after the command; absent there, the global value stands
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks instead of one-line errors (default: off; also PROBE_DEBUG=1)")
     return parser
 
 
