@@ -112,8 +112,10 @@ def capture(
             window over the union of their steps (ranks may run different numbers of batches);
             rank 0 then writes ``out`` and every rank gets the same merged result. ``None``
             (default) does so whenever a process group with more than one rank is initialised.
-        overwrite: replace ``out`` if it exists.
-        strict: re-raise errors inside statistics instead of disabling the site with a warning.
+        overwrite: replace ``out`` if it exists (never while another live process writes it).
+        strict: re-raise errors inside statistics instead of disabling the site with a warning,
+            and a failed write of ``out`` (:class:`probe.store.StoreError`) instead of keeping the
+            window in memory with a warning and writing it later or to a recovery file.
         compile: run the per-chunk updates of the moments and per-position statistics as
             ``torch.compile`` graphs (a few fused kernels instead of ~100 small ones per site).
             ``None`` (default) compiles on accelerators, where kernel launches dominate, and not

@@ -9,7 +9,11 @@ Recipe (what :class:`probe.capture.session.Capture` does)::
     recorder.commit(final=True)     # exit: the last window, the rank merge, the result
 
 A window is committed as a :class:`~probe.stats._state.WindowState` labelled by a step (the
-number of forwards unless given). Alone, rank 0 appends it to ``out`` at once (:mod:`probe.store`);
+number of forwards unless given). Alone, rank 0 appends it to ``out`` at once (:mod:`probe.store`).
+probe's I/O never fails the host's job: a window the store refuses (disk full, a read-only or
+deleted file) stays in memory with one warning naming the cause and the path, is retried at the
+next commit, and at exit what the file still lacks goes to a recovery file, named in a warning
+(``strict=True`` raises :class:`probe.store.StoreError` instead);
 under ``torch.distributed`` every rank keeps its windows and at exit all ranks merge them window by
 window (:func:`probe.capture.sync.merge_windows`), at a point every rank reaches whatever its
 number of batches. The result is then read back from the store (:func:`probe.store.read`) or
@@ -62,6 +66,11 @@ class Recorder:
         #: the :class:`probe.results.run.Run` once the capture exited
         self.result: Any = None
         self._committed = 0
+        #: committed windows the file has not taken yet (a failed write), in order
+        self.pending: list[WindowState] = []
+        #: where the windows went when ``out`` could not take them all (``None``: all in ``out``)
+        self.recovered: str | None = None
+        self._warned = False
 
     # ------------------------------------------------------------------------------ store
     def open(self) -> None:
@@ -73,6 +82,43 @@ class Recorder:
         """Close the writer of a capture that failed to start."""
         if self.writer is not None:
             self.writer.abort()
+
+    def _store(self, rows: list[WindowState]) -> bool:
+        """Append ``rows`` after the pending ones; whether the file took them all. A failure keeps
+        them pending with one warning (``strict``: raises), so the host's forward goes on."""
+        self.pending.extend(rows)
+        assert self.writer is not None
+        while self.pending:
+            try:
+                self.writer.append(self._describe(), self.pending[0])
+            except store.StoreError as err:
+                if self.options.strict:
+                    raise
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(f"probe: window step={self.pending[0].step} was not written: {err}; probe keeps "
+                                  "it and retries at each commit, and at exit writes what the file lacks to a "
+                                  f"recovery file beside {self.writer.path!r} or in the temp folder "
+                                  "(strict=True raises instead)", stacklevel=4)
+                return False
+            self.pending.pop(0)
+        return True
+
+    def _rescue(self) -> None:
+        """At exit: the windows ``out`` never took go to a recovery file (one warning names it)."""
+        writer = self.writer
+        assert writer is not None
+        try:
+            path, what = writer.rescue(self._describe(), self.pending)
+        except store.StoreError as err:
+            if self.options.strict:
+                raise
+            warnings.warn(f"probe: {err}", stacklevel=4)
+            return
+        self.recovered = path
+        warnings.warn(f"probe: {len(self.pending)} window(s) could not be written to {writer.path!r}; they are in "
+                      f"{path!r}, which holds {what}; read it with probe.load({path!r})", stacklevel=4)
+        self.pending = []
 
     # ---------------------------------------------------------------------------- forwards
     def count_forward(self) -> int:
@@ -104,7 +150,21 @@ class Recorder:
 
     def commit(self, step: int | None = None, final: bool = False) -> None:
         """Commit the current window under ``step`` (default: the number of forwards) and start a
-        new one; ``final``: the capture exits, so also merge the ranks and build the result."""
+        new one; ``final``: the capture exits, so also merge the ranks and build the result.
+
+        Raises:
+            StoreError: with ``strict=True`` only, the file refused the window (it stays pending).
+        """
+        if not final:
+            self._commit(step, final)
+            return
+        try:
+            self._commit(step, final)
+        finally:
+            if self.writer is not None:
+                self.writer.close()  # the file is free for other writers, whatever happened
+
+    def _commit(self, step: int | None, final: bool) -> None:
         self.engine.flush()
         self.engine.finish_cross()
         world = self.options.world
@@ -115,13 +175,13 @@ class Recorder:
         if final and label in self.steps:  # an explicit label took this number: never lose the window
             label = max(self.steps) + 1
         row = self.engine.window_state(label)
-        if world > 1 or self.writer is None:  # ranks merge their windows at exit
-            self.rows.append(row)
-        else:
-            self.writer.append(self._describe(), row)
         self.steps.append(label)
         self.engine.new_window()
         self._committed += 1
+        if world > 1 or self.writer is None:  # ranks merge their windows at exit
+            self.rows.append(row)
+        else:
+            self._store([row])  # the window is the store's now, written or pending (strict: raises)
         if final:
             self._finish()
 
@@ -153,13 +213,23 @@ class Recorder:
     def _finish(self) -> None:
         if self.options.world > 1:
             self.rows = self._sync()
-            if self.writer is not None:
-                for row in self.rows:
-                    self.writer.append(self._describe(), row)
-        if self.writer is not None:
-            self.result = store.read(self.writer.path)
-        else:
+        writer = self.writer
+        if writer is None:
             self.result = store.in_memory(self._describe(), self.rows)
+            return
+        try:
+            if not self._store(self.rows if self.options.world > 1 else []):
+                self._rescue()
+        finally:
+            writer.close()
+        try:
+            self.result = store.read(self.recovered or writer.path)
+        except ProbeError as err:  # the file went away: answer from what is still in memory
+            if self.options.strict:
+                raise
+            warnings.warn(f"probe: the run could not be read back ({err}); the result holds the "
+                          f"{len(self.pending)} window(s) kept in memory", stacklevel=4)
+            self.result = store.in_memory(self._describe(), self.pending)
 
     def warn_all_skipped(self) -> None:
         """One warning when ``skip_first`` removed every real token of a site that saw some."""

@@ -3,9 +3,11 @@
 :mod:`.schema` holds the layout and one codec per statistic, shared by :mod:`.writer` (append a
 window, keep ``/total``) and :mod:`.reader` (check a file, read it lazily)::
 
-    w = Writer("run.h5")
-    w.append(meta, window)      # one committed window: rows, then /total, then /steps
+    w = Writer("run.h5")        # refuses a path another live process writes
+    w.append(meta, window)      # one committed window: rows, /total, then the commit marker
+    w.close()
     run = read("run.h5")        # a probe.results.Run
+    repair("old.h5")            # clear the open-for-write flag a killed writer left (old files)
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from typing import Any
 
 from ..stats._state import WindowState
 from .reader import read
+from .repair import repair
 from .schema import SCHEMA, SPARSE, VERSION
-from .writer import Writer, annotate, check_writable, write_run
+from .writer import StoreError, Writer, annotate, check_writable, write_run
 
-__all__ = ["SCHEMA", "VERSION", "SPARSE", "Writer", "read", "check_writable", "write_run", "annotate", "in_memory"]
+__all__ = ["SCHEMA", "VERSION", "SPARSE", "Writer", "StoreError", "read", "check_writable", "write_run", "annotate",
+           "in_memory", "repair"]
 
 
 def in_memory(meta: dict[str, Any], windows: list[WindowState]):

@@ -18,6 +18,8 @@ nothing read is trusted.
 from __future__ import annotations
 
 import time
+import zlib
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,11 +31,14 @@ from ..stats._state import SPECS, StatState, key_groups
 __all__ = ["SCHEMA", "VERSION", "LIBVER", "STEPS", "SITES", "SAMPLES", "CROSS", "TOTAL", "WINDOW",
            "SITE_ATTRS", "SAMPLE_COORDS", "SPARSE", "LZF", "MAX_DATASET_BYTES", "Fields", "site_key", "open_file",
            "pack", "unpack", "extend", "put", "check", "Plain", "Sparse", "Sample", "codec_for",
-           "WindowSamples", "TotalSamples"]
+           "WindowSamples", "TotalSamples", "COMMITTED", "DIGEST", "MAX_META_BYTES", "MAX_NAME_CHARS",
+           "MAX_JSON_DEPTH", "digest", "validate", "json_depth"]
 
 SCHEMA = "probe"
 VERSION = 2
-#: HDF5 1.10 objects: older HDF5 tools read the files, and SWMR stays possible
+#: HDF5 1.10 objects: older HDF5 tools read the files, SWMR stays possible, and chunked datasets
+#: with one growing axis index their chunks in an extensible array, whose appends never move the
+#: entries of earlier chunks (what keeps committed rows reachable after a kill mid-commit)
 LIBVER = ("v110", "v110")
 #: the root's groups and datasets: commit marker, per-site windows, shared sample coordinates,
 #: cross-layer windows, cumulative state
@@ -49,6 +54,15 @@ SAMPLE_COORDS = ("key", "row", "position", "channel", "token")
 SPARSE = ("histogram", "norm")
 #: refuse to read a single dataset larger than this (a hostile file cannot exhaust memory)
 MAX_DATASET_BYTES = 8 << 30
+#: root attribute: the number of committed windows, written last by each commit (the commit point)
+COMMITTED = "committed"
+#: attribute of each ``/total`` site group (and ``/total/cross``): the digest of its cumulative
+#: state together with the number of windows it merges (:func:`digest`)
+DIGEST = "digest"
+#: bounds on what a reader accepts before parsing it: the ``meta`` attribute, a site name, JSON nesting
+MAX_META_BYTES = 16 << 20
+MAX_NAME_CHARS = 1024
+MAX_JSON_DEPTH = 64
 #: chunk of the flat (non-row) datasets: sparse histogram buckets
 CHUNK_1D = 8192
 #: per-window records of the per-position statistics, and the sample coordinates but the keys, go
@@ -71,18 +85,38 @@ def _h5py():
     return h5py
 
 
-def open_file(path: str, mode: str, wait: float = 10.0):
+def open_file(path: str, mode: str, wait: float = 10.0, writer: bool = False):
     """``h5py.File`` with our libver and HDF5's file lock, so a reader never sees a half-appended
     window: while another process holds the file we retry for up to ``wait`` seconds (appends
-    take milliseconds). On filesystems without locking we open without it."""
+    take milliseconds). On filesystems without locking we open without it.
+
+    A file whose writer died keeps HDF5's "open for write" flag, which makes HDF5 refuse it: when
+    no live writer holds its lock (``writer``: the caller is that writer) the flag is cleared
+    (:func:`probe.store.repair.clear_flag`) and the open retried; what the dead writer began
+    past the commit marker is ignored by the readers and overwritten by the next writer."""
     h5py = _h5py()
     deadline = time.monotonic() + wait
+    cleared = False
     while True:
         try:
             return h5py.File(path, mode, libver=LIBVER, locking=True)
         except OSError as err:
             text = str(err)
-            busy = "errno = 11" in text or "temporarily unavailable" in text or "open for write" in text
+            if "open for write" in text and not cleared:
+                from .lock import held
+                from .repair import clear_flag
+
+                if writer or not held(path):
+                    try:
+                        cleared = clear_flag(path)
+                    except OSError:
+                        raise err from None
+                    if cleared:
+                        continue
+                elif time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+            busy = "errno = 11" in text or "temporarily unavailable" in text
             if busy and time.monotonic() < deadline:
                 time.sleep(0.02)
                 continue
@@ -118,7 +152,8 @@ def unpack(rec: np.void, names, where: str) -> StatState:
 def extend(group, name: str, value: np.ndarray) -> int:
     """Append ``value`` to the 1-D ``group/name``; returns its new length."""
     if name not in group:
-        group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=value.dtype, chunks=(CHUNK_1D,))
+        group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=value.dtype, chunks=(CHUNK_1D,),
+                             fletcher32=True)
     ds = group[name]
     start = ds.shape[0]
     if value.size:
@@ -143,7 +178,7 @@ def put(group, name: str, value: np.ndarray) -> None:
         del group[name]
     if value.ndim == 1 and name in ("index", "count"):  # grows with the run: resizable, chunks to fit
         chunk = min(CHUNK_1D, max(256, value.shape[0]))
-        group.create_dataset(name, data=value, maxshape=(None,), chunks=(chunk,))
+        group.create_dataset(name, data=value, maxshape=(None,), chunks=(chunk,), fletcher32=True)
     else:
         group.create_dataset(name, data=value)
 
@@ -185,7 +220,7 @@ class WindowSamples:
             v = np.asarray(state[name])
             if name not in samples:
                 samples.create_dataset(name, shape=(0, *v.shape), maxshape=(None, *v.shape),
-                                       dtype=v.dtype, chunks=(1, *v.shape),
+                                       dtype=v.dtype, chunks=(1, *v.shape), fletcher32=True,
                                        compression=None if name == "key" else "lzf")
             ds = samples[name]
             ds.resize(index + 1, axis=0)
@@ -202,10 +237,14 @@ class TotalSamples:
         groups = key_groups([st["key"] for st in states])
         reps = sorted(set(groups))
         self._keys = [states[r]["key"] for r in reps]
+        #: the coordinates as stored, in :data:`SAMPLE_COORDS` order (what :func:`digest` covers)
+        self.parts: list[np.ndarray] = []
         if reps:
             ts = total.require_group(SAMPLES)
             for field in SAMPLE_COORDS:
-                put(ts, field, np.stack([states[r][field] for r in reps]))
+                value = np.stack([states[r][field] for r in reps])
+                put(ts, field, value)
+                self.parts.append(value)
 
     def row(self, state: StatState) -> int:
         # the stored set whose keys equal this state's, found as key_groups found it
@@ -221,6 +260,9 @@ class Plain:
         self.names = SPECS[kind].names
         #: the filter of the ``window`` records
         self.compression = "lzf" if kind in LZF else None
+        #: the datasets beside the record that the last ``put_total``/``get_total`` wrote or read,
+        #: as stored (what :func:`digest` covers besides the record)
+        self.parts: list[np.ndarray] = []
 
     def put_window(self, sg, state: StatState, samples: SampleRows) -> Fields:
         return {n: np.asarray(state[n]) for n in self.names}
@@ -246,9 +288,13 @@ def _sparse(sg, counts) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _dense_counts(index: np.ndarray, count: np.ndarray, buckets: int, where: str) -> np.ndarray:
-    if not Buckets.is_count(buckets) or index.shape != count.shape or (
+    if not Buckets.is_count(buckets) or index.shape != count.shape or index.ndim != 1 or (
             index.size and (index.min() < 0 or index.max() >= buckets)):
         raise FileFormatError(f"{where}: sparse histogram does not fit {buckets} buckets; the file is damaged")
+    if index.dtype.kind not in "iu" or count.dtype.kind not in "iu" or (
+            index.size and ((count <= 0).any() or (np.diff(index) <= 0).any())):
+        raise FileFormatError(f"{where}: sparse histogram holds a count <= 0 or bucket indices that do not "
+                              "increase; expected positive counts in increasing buckets; the file is damaged")
     counts = np.zeros(buckets, dtype=np.int64)
     counts[index] = count
     return counts
@@ -291,6 +337,7 @@ class Sparse(Plain):
         index, count = _sparse(sg, state["counts"])
         put(sg, "index", index)
         put(sg, "count", count)
+        self.parts = [index, count]
         return {n: np.asarray(state[n]) for n in self.rest}
 
     def get_total(self, sg, rec: np.void, root) -> StatState:
@@ -298,8 +345,10 @@ class Sparse(Plain):
             return super().get_total(sg, rec, root)
         for name in ("index", "count"):
             check(sg[name])
-        return {"counts": _dense_counts(sg["index"][()], sg["count"][()], int(sg.attrs.get("buckets", 0)),
-                                        sg.name), **unpack(rec, self.rest, f"{sg.name}/{TOTAL}")}
+        index, count = sg["index"][()], sg["count"][()]
+        self.parts = [index, count]
+        return {"counts": _dense_counts(index, count, int(sg.attrs.get("buckets", 0)), sg.name),
+                **unpack(rec, self.rest, f"{sg.name}/{TOTAL}")}
 
 
 class Sample(Plain):
@@ -335,3 +384,81 @@ def codec_for(kind: str) -> Plain:
     if kind == "sample":
         return Sample(kind)
     return Plain(kind)
+
+
+# ------------------------------------------------------------------------------ integrity
+def digest(rows: int, parts: Iterable[Any]) -> str:
+    """The digest of cumulative state as stored (records' bytes, sparse buckets, sample
+    coordinates, in a fixed order) together with the number of windows ``rows`` it merges. The
+    writer stores it beside ``/total``'s data in the same commit; a reader trusts that data only
+    when it recomputes the same digest for the committed rows, so a ``/total`` half rewritten by
+    a killed writer (any mix of old and new bytes, in whatever order HDF5 wrote them) is never
+    believed. CRC-32, chained: it tells generations apart; it is no defence against a forger, who
+    could as well write wrong windows (those are what :func:`validate` checks)."""
+    crc = zlib.crc32(np.int64(rows).tobytes())
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else np.ascontiguousarray(part).tobytes()
+        crc = zlib.crc32(data, crc)
+    return f"{crc:08x}"
+
+
+def json_depth(obj: Any) -> int:
+    """How deeply ``obj`` (parsed JSON) nests lists and dicts (iteratively: no recursion to exhaust)."""
+    depth, level = 0, [(obj, 1)]
+    while level:
+        node, d = level.pop()
+        if isinstance(node, (dict, list)):
+            depth = max(depth, d)
+            level.extend((v, d + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return depth
+
+
+#: fields holding counts (>= 0) besides the integer ``sum`` fields: the moment and co-moment counts
+_COUNTS = {"n", "pos_n", "keep_n", "all_n", "keep_cos_n", "all_cos_n", "unit_n"}
+#: fields holding locations: ``-1`` (empty slot) or an index
+_INDICES = {"row", "position", "channel", "token", "absmax_at"}
+
+
+def validate(kind: str, state: StatState, where: str) -> StatState:
+    """Check one decoded state against its declaration in :data:`probe.stats._state.SPECS`: every
+    declared field it holds has the declared dtype kind and rank, the symbolic dims agree across
+    fields (``D``, ``P``, ``k``, ...), counts are finite and ``>= 0``, locations are ``>= -1``,
+    sample keys lie in ``[0, 1)`` or are ``inf``, and the sparse bucket counts are positive.
+
+    Returns:
+        ``state`` unchanged.
+
+    Raises:
+        FileFormatError: one line naming ``where``, the field and the check that failed.
+    """
+    spec = SPECS[kind]
+    dims: dict[str, int] = {}
+    for f in spec.fields:
+        if f.name not in state:
+            continue
+        a = np.asarray(state[f.name])
+        want = np.dtype(f.dtype).kind
+        if a.dtype.kind != want and not (want == "i" and a.dtype.kind == "u"):
+            raise FileFormatError(f"{where}: field {f.name!r} has dtype {a.dtype}; expected {f.dtype} as declared; "
+                                  "the file is damaged or not a probe run")
+        if a.ndim != len(f.shape):
+            raise FileFormatError(f"{where}: field {f.name!r} has shape {a.shape}; expected {len(f.shape)} "
+                                  f"dimension(s) {f.shape}; the file is damaged or not a probe run")
+        for d, size in zip(f.shape, a.shape):
+            expect = int(d) if d.isdigit() else dims.setdefault(d, int(size))
+            if size != expect:
+                raise FileFormatError(f"{where}: field {f.name!r} has shape {a.shape}; expected {d}={expect} as in "
+                                      "the other fields; the file is damaged or not a probe run")
+        if not a.size:
+            continue
+        if f.name in _COUNTS or (a.dtype.kind in "iu" and f.reduce == "sum"):
+            if not (np.isfinite(a).all() and (a >= 0).all()):
+                raise FileFormatError(f"{where}: field {f.name!r} holds a negative or non-finite count; "
+                                      "expected counts >= 0; the file is damaged or hostile")
+        elif f.name in _INDICES and (a < -1).any():
+            raise FileFormatError(f"{where}: field {f.name!r} holds an index below -1; expected -1 (empty) or an "
+                                  "index; the file is damaged or hostile")
+        elif kind == "sample" and f.name == "key" and not (((a >= 0) & (a < 1)) | np.isposinf(a)).all():
+            raise FileFormatError(f"{where}: sample keys outside [0, 1) and not inf; expected uniform keys; "
+                                  "the file is damaged or hostile")
+    return state

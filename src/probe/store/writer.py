@@ -1,26 +1,121 @@
 """The write side of the run file: :class:`Writer` appends windows, :func:`write_run` writes a
 whole run, :func:`annotate` adds entries to a closed file's description.
 
-A commit writes the window's rows first, then the cumulative state under ``/total`` (all
-windows merged, rewritten in place; ``/total.rows`` is ``-1`` while it is), and the ``/steps``
-entry last: ``/steps`` is the commit marker, so a process killed mid-write leaves the earlier
-rows intact and readers trust only the first ``len(/steps)`` rows.
+A commit has three phases, each ended by a flush (``docs/format.md``, crash model):
+
+1. *rows*: the window's records, its shared sample coordinates and its ``/steps`` label, all
+   past the committed rows, where no reader looks;
+2. *total*: the cumulative state under ``/total`` rewritten in place, each site's records with
+   the digest of what they hold (:func:`probe.store.schema.digest`);
+3. *marker*: the root attribute ``committed`` (and ``/total.rows``) set to the new number of
+   windows. This single small write is the commit point.
+
+A process killed at any instant leaves the committed windows intact and readable; a reader sees
+exactly ``committed`` windows and a cumulative state it can prove is theirs, or merges them.
+
+One writer per file: a lock file beside it (``<path>.lock``, holding ``pid@host``) is locked
+with ``flock`` for the writer's life (:mod:`.lock`), so a second writer (``overwrite=True``
+included) is refused before it touches the file. A failed commit never crashes the process:
+HDF5 cannot close a file whose write failed (its close crashes in the cache teardown), so a
+commit is refused before it starts when the disk lacks room for it, written in a forked child
+when the disk is nearly full, and otherwise, failing anyway, its handle is detached and never
+closed (:func:`_abandon`); the writer raises :class:`StoreError` with the file as committed.
+
+``PROBE_FAULT=<phase>[:<commit>]`` (tests only) ends the process with ``os._exit`` at a phase of
+a commit: ``begin``, ``rows``, ``rows-flushed``, ``total``, ``total-flushed``, ``marker``,
+``closed``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
 
 from ..errors import ProbeError
-from ..stats._state import WindowState, merge_rows
-from .schema import (CROSS, SCHEMA, SITE_ATTRS, SITES, STEPS, TOTAL, VERSION, WINDOW, Fields, TotalSamples,
-                     WindowSamples, codec_for, open_file, pack, site_key)
+from ..stats._state import SPECS, WindowState, merge_rows
+from .lock import Lock, lock_path
+from .schema import (COMMITTED, CROSS, DIGEST, SAMPLES, SCHEMA, SITE_ATTRS, SITES, SPARSE, STEPS, TOTAL, VERSION,
+                     WINDOW, Fields, TotalSamples, WindowSamples, codec_for, digest, open_file, pack, site_key)
 
-__all__ = ["Writer", "write_run", "check_writable", "annotate"]
+__all__ = ["Writer", "StoreError", "write_run", "check_writable", "annotate", "lock_path", "PHASES", "FAULT_ENV"]
+
+#: the named instants of a commit, in order (fault injection in tests: :data:`FAULT_ENV`)
+PHASES = ("begin", "rows", "rows-flushed", "total", "total-flushed", "marker", "closed")
+FAULT_ENV = "PROBE_FAULT"
+#: exit status of a process ended by :data:`FAULT_ENV`
+FAULT_EXIT = 86
+#: with less free space than this (plus 16 windows) a commit is written in a forked process
+ISOLATE_BELOW = 256 << 20
+
+
+class StoreError(ProbeError):
+    """A window could not be written to the run file (disk full, read-only, the file deleted or
+    replaced, another writer); the file holds the windows committed before it."""
+
+
+def _fault(phase: str, commit: int) -> None:
+    """End the process at ``phase`` of commit number ``commit`` when :data:`FAULT_ENV` asks (tests)."""
+    want = os.environ.get(FAULT_ENV)
+    if want:
+        name, _, at = want.partition(":")
+        if name == phase and (not at or int(at) == commit):
+            os._exit(FAULT_EXIT)
+
+
+#: handles of failed commits, never closed (see :func:`_abandon`)
+_ABANDONED: list = []
+
+
+def _abandon(f) -> None:
+    """Let go of an h5py file whose write failed without letting HDF5 touch the file again.
+
+    After a failed write (``ENOSPC``, ``EIO``) HDF5's metadata cache is in a state its close
+    cannot tear down: ``File.close()`` then crashes the process (SIGSEGV), whatever the close
+    writes. So the handle is never closed: its file descriptor is pointed at an unlinked scratch
+    file (nothing more reaches the run file, which stays as the last flush left it) and the
+    handle is kept alive for the life of the process. Commits near a full disk do not come here:
+    they run in a child process (:meth:`Writer._append_apart`)."""
+    fd = None
+    try:
+        fd = f.id.get_vfd_handle()
+    except Exception:  # noqa: BLE001 - no descriptor to move: the handle is kept all the same
+        pass
+    if isinstance(fd, int) and fd >= 0:
+        try:
+            scratch = tempfile.TemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        except OSError:
+            scratch = open(os.devnull, "r+b")
+        with scratch:
+            os.dup2(scratch.fileno(), fd)
+    _ABANDONED.append(f)
+    try:  # one reference more than Python will ever drop: not closed at interpreter exit either
+        import ctypes
+
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(f.id))
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
+def _stored_bytes(states) -> int:
+    """About what ``states`` take in the file: bucket ``counts`` are stored sparse (12 bytes a
+    non-empty bucket), everything else as is."""
+    size = 0
+    for st in states:
+        for name, v in st.items():
+            a = np.asarray(v)
+            size += 12 * int(np.count_nonzero(a)) if name == "counts" else a.nbytes
+    return size
+
+
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool, *, name: str = "out", flag: str | None = None,
@@ -67,22 +162,38 @@ class Writer:
 
     The file is open only while a window is appended (milliseconds), then flushed and closed, so
     between windows it is always a complete, closed HDF5 file: another process can read it (a
-    live ``probe show``), and a process killed between windows loses nothing committed. The
-    cumulative state is merged here in numpy from the statistics' declared reductions.
+    live ``probe show``), and a process killed at any instant loses nothing committed (module
+    docstring). The cumulative state is merged here in numpy from the statistics' declared
+    reductions.
+
+    Raises (``__init__``):
+        ProbeError: ``path`` cannot be created, or another live process writes it.
     """
 
-    def __init__(self, path: str, overwrite: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+        path = os.fspath(path)
         check_writable(path, overwrite)
         self.path = path
+        self._lock = Lock(path)
         try:
             with open_file(path, "w") as f:
                 f.attrs["schema"] = SCHEMA
                 f.attrs["schema_version"] = VERSION
-                f.create_dataset(STEPS, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
+                f.attrs[COMMITTED] = 0
+                f.create_dataset(STEPS, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,),
+                                 fletcher32=True)
+            self._id = _identity(path)
         except OSError as err:
+            self._lock.release()
             raise ProbeError(f"cannot create out={path!r}: {err}; choose a writable path") from err
         self.rows = 0
         self.total: WindowState | None = None
+        #: why this process may no longer write the file (a failed write), or ``None``
+        self._broken: str | None = None
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop what this writer believes the file already holds (after a failed commit)."""
         self._meta_json: str | None = None
         self._site_attrs: dict[str, dict[str, str | int]] = {}
 
@@ -96,11 +207,14 @@ class Writer:
                 return  # created zero-filled (absent) for earlier rows when first present
             rec = pack(fields, True)
             ds = sg.create_dataset(WINDOW, shape=(self.rows + 1,), maxshape=(None,), dtype=rec.dtype,
-                                   chunks=(1,), compression=compression)
+                                   chunks=(1,), compression=compression, fletcher32=True)
         else:
-            if ds.shape[0] < self.rows + 1:
+            stale = ds.shape[0] > self.rows  # a commit that failed wrote this row already
+            if ds.shape[0] != self.rows + 1:
                 ds.resize(self.rows + 1, axis=0)
             if not present:
+                if stale:
+                    ds[self.rows] = np.zeros((), ds.dtype)
                 return
             rec = pack(fields, True, ds.dtype)
         ds[self.rows] = rec
@@ -111,45 +225,192 @@ class Writer:
 
     # ------------------------------------------------------------------ the cumulative state
     @staticmethod
-    def _put_total(sg, fields: Fields, present: bool) -> None:
-        """The compound scalar ``sg/total``, overwritten in place (its shape and dtype are fixed)."""
+    def _put_total(sg, kind: str, state: dict, samples: TotalSamples) -> list:
+        """The compound scalar ``sg/total``, overwritten in place (its shape and dtype are fixed),
+        and what was stored: the digest's parts of this statistic."""
+        codec = codec_for(kind)
+        fields = codec.put_total(sg, state, samples) if state else {}
         ds = sg.get(TOTAL)
         if ds is None:
-            if not present:
-                return
-            sg.create_dataset(TOTAL, data=pack(fields, True))
-            return
-        ds[()] = pack(fields, present, ds.dtype)
+            if not state:
+                return [kind]
+            rec = pack(fields, True)
+            sg.create_dataset(TOTAL, data=rec)
+        else:
+            rec = pack(fields, bool(state), ds.dtype)
+            ds[()] = rec
+        return [kind, rec, *codec.parts]
 
     def _total(self, f, meta: dict, total: WindowState) -> None:
         t = f.require_group(TOTAL)
-        t.attrs["rows"] = -1  # invalid while rewritten: a reader falls back to the windows
+        t.attrs["rows"] = -1  # for readers before the digests: fall back to the windows
+        rows = self.rows + 1
         names = [s["name"] for s in meta["sites"]]
         samples = TotalSamples(t, [st for name in names if (st := total.state(name, "sample"))])
+        if samples.parts:
+            t[SAMPLES].attrs[DIGEST] = digest(rows, samples.parts)
         for i, name in enumerate(names):
             key = f"{SITES}/{site_key(i, len(names))}"
             if key not in t:
                 t.require_group(key).attrs["name"] = name
             tg = t[key]
-            for kind, state in total.sites.get(name, {}).items():
-                sg = tg.require_group(kind)
-                self._put_total(sg, codec_for(kind).put_total(sg, state, samples) if state else {}, bool(state))
+            states = total.sites.get(name, {})
+            parts: list = []
+            for kind in sorted(k for k in states if k in SPECS):
+                parts += self._put_total(tg.require_group(kind), kind, states[kind] or {}, samples)
+            tg.attrs[DIGEST] = digest(rows, parts)
         if total.cross or CROSS in t:
             sg = t.require_group(CROSS)
-            state = total.cross
-            self._put_total(sg, codec_for(CROSS).put_total(sg, state, samples) if state else {}, bool(state))
-        t.attrs["rows"] = self.rows + 1
+            sg.attrs[DIGEST] = digest(rows, self._put_total(sg, CROSS, total.cross or {}, samples))
 
     # ------------------------------------------------------------------------------ a window
+    def _check(self, row: WindowState, total: WindowState) -> bool:
+        """Refuse a commit before touching the file: the file deleted or replaced since this
+        writer created it, or less free space than the commit could need (a write that fails
+        half-way is the one HDF5 handles worst). Returns whether to write it apart (little room
+        left: :meth:`_append_apart`)."""
+        try:
+            same = _identity(self.path) == self._id
+        except OSError:
+            same = False
+        if not same:
+            raise StoreError(f"out={self.path!r} was deleted or replaced by another file since the capture began; "
+                             "expected the file probe created; the windows stay in memory")
+        window = _stored_bytes([st for kinds in row.sites.values() for st in kinds.values() if st] + [row.cross])
+        buckets = _stored_bytes([total.state(n, k) for n in total.sites for k in SPARSE])
+        need = 2 * window + buckets + (256 << 10)  # twice the window, for HDF5's chunks and metadata
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+            free = st.f_bavail * st.f_frsize
+        except (OSError, AttributeError):
+            return False
+        if free < need:
+            raise StoreError(f"out={self.path!r}: {free} bytes free on its filesystem; expected at least {need} for "
+                             "the next window; free some space (the windows stay in memory)")
+        self._reserve(need)
+        return free < ISOLATE_BELOW + 16 * need and hasattr(os, "fork")
+
+    def _reserve(self, need: int) -> None:
+        """Allocate ``need`` bytes past the file's end before HDF5 writes: HDF5 places new data at
+        its end of allocation, inside that space, so a full disk or a quota refuses the commit here,
+        before anything is written, instead of failing a write half-way (HDF5 trims the file back
+        to what it uses when it closes it)."""
+        fallocate = getattr(os, "posix_fallocate", None)
+        if fallocate is None:
+            return
+        try:
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                fallocate(fd, os.fstat(fd).st_size, need)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise StoreError(f"out={self.path!r}: no room for the next window ({need} bytes: "
+                                 f"{os.strerror(err.errno)}); expected free space; free some (the windows stay in "
+                                 "memory)") from None
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise StoreError(f"cannot write out={self.path!r} ({os.strerror(err.errno or 0)}); expected a "
+                                 "writable file; check the disk and permissions (the windows stay in memory)") from None
+
     def append(self, meta: dict[str, Any], row: WindowState) -> None:
-        """Commit one window."""
+        """Commit one window.
+
+        Raises:
+            StoreError: nothing was committed (see the message); the file holds the windows
+                committed before, and this writer can be retried with the same or a later window.
+        """
         cross_sites = meta.get("cross_sites", [])
         total = merge_rows([row] if self.total is None else [self.total, row], cross_sites)
-        with open_file(self.path, "r+") as f:
-            self._append(f, meta, row, total)
+        commit = self.rows + 1
+        isolate = self._check(row, total)
+        _fault("begin", commit)
+        if isolate and self._broken is None:
+            self._append_apart(meta, row, total, commit)
+        else:
+            self._append_here(meta, row, total, commit)
+        self.rows = commit  # committed: the marker's flush returned
         self.total = total
+        _fault("closed", commit)
 
-    def _append(self, f, meta: dict[str, Any], row: WindowState, total: WindowState) -> None:
+    def _open(self):
+        try:
+            return open_file(self.path, "r+", writer=True)
+        except (OSError, ProbeError) as err:
+            raise StoreError(f"cannot write out={self.path!r} ({str(err).splitlines()[0]}); expected a writable "
+                             "file; check the disk and permissions (the windows stay in memory)") from err
+
+    def _failed(self, err: BaseException) -> StoreError:
+        text = str(err).splitlines()[0] if str(err) else ""
+        return StoreError(f"cannot write out={self.path!r} ({type(err).__name__}: {text}); expected a writable "
+                          "file with free space; the file holds the windows committed before (the rest stay in "
+                          "memory)")
+
+    def _append_here(self, meta: dict[str, Any], row: WindowState, total: WindowState, commit: int) -> None:
+        if self._broken is not None:
+            raise StoreError(f"out={self.path!r} cannot take more windows in this process (an earlier write failed: "
+                             f"{self._broken}); expected a file HDF5 can still write; the windows stay in memory")
+        f = self._open()
+        try:
+            self._append(f, meta, row, total, commit)
+        except BaseException as err:
+            # HDF5 crashes on any later call on a file whose write failed, and an open of the same
+            # path in this process would share that file: this process never touches it again
+            _abandon(f)
+            self._forget()
+            self._broken = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            if not isinstance(err, Exception):
+                raise
+            raise self._failed(err) from err
+        try:
+            f.close()  # nothing is left to write
+        except Exception:  # noqa: BLE001 - committed already; the handle only goes
+            _abandon(f)
+
+    def _append_apart(self, meta: dict[str, Any], row: WindowState, total: WindowState, commit: int) -> None:
+        """The commit in a forked child process, when the disk is nearly full: a write that fails
+        there leaves HDF5 broken in the child only (closing such a file crashes), and this process
+        never held the file open. Costs a fork per commit, only below :data:`ISOLATE_BELOW`."""
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: write, report, and leave without running any exit handler
+            code = 0
+            try:
+                os.close(read)
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 2)  # HDF5's diagnostics of a failed write are the parent's to say
+                self._forget()
+                f = self._open()
+                self._append(f, meta, row, total, commit)
+                f.close()
+            except BaseException as err:  # noqa: BLE001 - everything is reported to the parent
+                os.write(write, str(self._failed(err) if not isinstance(err, StoreError) else err).encode()[:4000])
+                code = 1
+            os._exit(code)
+        os.close(write)
+        chunks = []
+        while chunk := os.read(read, 4096):
+            chunks.append(chunk)
+        os.close(read)
+        _, status = os.waitpid(pid, 0)
+        self._forget()  # the child wrote the description and site attributes
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            return
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == FAULT_EXIT:
+            os._exit(FAULT_EXIT)  # a test's fault point ended the child: end as the writer would have
+        message = b"".join(chunks).decode(errors="replace")
+        raise StoreError(message or f"cannot write out={self.path!r}: the writing process ended with status "
+                                    f"{status}; expected a writable file with free space; the file holds the "
+                                    "windows committed before (the rest stay in memory)")
+
+    def _append(self, f, meta: dict[str, Any], row: WindowState, total: WindowState, commit: int) -> None:
+        committed = int(f.attrs.get(COMMITTED, -1))
+        if committed == commit and f[STEPS].shape[0] > self.rows and int(f[STEPS][self.rows]) == int(row.step):
+            return  # an earlier try reached the commit point before its close failed: done
+        if committed != self.rows:
+            raise StoreError(f"out={self.path!r} commits {f.attrs.get(COMMITTED)} windows, this writer "
+                             f"{self.rows}; expected its own file; another process changed it")
+        # 1. rows: the window's records and its label, past the committed rows
         text = json.dumps(_jsonable(meta))
         if text != self._meta_json:
             f.attrs["meta"] = text
@@ -169,24 +430,104 @@ class Writer:
             cg = f.require_group(CROSS)
             cg.attrs["sites"] = json.dumps(meta.get("cross_sites", []))
             self._window(cg, CROSS, row.cross, samples)
-        self._total(f, meta, total)
         steps = f[STEPS]
         steps.resize(self.rows + 1, axis=0)
-        steps[self.rows] = int(row.step)  # written last: the commit marker
-        self.rows += 1
+        steps[self.rows] = int(row.step)
+        _fault("rows", commit)
         f.flush()
+        _fault("rows-flushed", commit)
+        # 2. total: rewritten in place, each site with its digest
+        self._total(f, meta, total)
+        _fault("total", commit)
+        f.flush()
+        _fault("total-flushed", commit)
+        # 3. marker: the commit point
+        f[TOTAL].attrs["rows"] = commit
+        f.attrs[COMMITTED] = commit
+        _fault("marker", commit)
+        f.flush()
+
+    def close(self) -> None:
+        """Release the file to other writers (its lock file goes)."""
+        self._lock.release()
 
     def abort(self) -> None:
         """Remove the file if no window was committed (nothing stays open between windows)."""
         if self.rows == 0 and os.path.exists(self.path):
-            os.remove(self.path)
+            try:
+                if _identity(self.path) == self._id:
+                    os.remove(self.path)
+            except OSError:
+                pass
+        self.close()
+
+    # --------------------------------------------------------------------------- recovery
+    def rescue(self, meta: dict[str, Any], rows: list[WindowState]) -> tuple[str, str]:
+        """Write ``rows``, which this file could not take, to a recovery file: a copy of the
+        committed file with ``rows`` appended, beside it or else in the temp folder, or (the file
+        being gone or unreadable) a new file holding ``rows`` alone.
+
+        Returns:
+            The recovery file's path and a phrase saying what it holds.
+
+        Raises:
+            StoreError: no recovery file could be written anywhere (the message lists the tries).
+        """
+        stem = os.path.splitext(os.path.basename(self.path))[0]
+        tried = []
+        for folder in (os.path.dirname(os.path.abspath(self.path)), tempfile.gettempdir()):
+            target, n = os.path.join(folder, f"{stem}.recovered-{os.getpid()}.h5"), 1
+            while os.path.exists(target):  # never replace an earlier recovery
+                target, n = os.path.join(folder, f"{stem}.recovered-{os.getpid()}-{n}.h5"), n + 1
+            for keep in (True, False):
+                try:
+                    if keep:
+                        if self.rows == 0 or _identity(self.path) != self._id:
+                            continue  # nothing committed, or the file is gone or another one
+                        shutil.copyfile(self.path, target)
+                        w = Writer._resume(target, self.rows, self.total)
+                    else:
+                        w = Writer(target, overwrite=True)
+                    try:
+                        for row in rows:
+                            w.append(meta, row)
+                    finally:
+                        w.close()
+                except (OSError, ProbeError) as err:
+                    tried.append(f"{target}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+                    try:
+                        os.remove(target)
+                    except OSError:
+                        pass
+                    continue
+                what = (f"all {self.rows + len(rows)} windows" if keep else
+                        f"the last {len(rows)} window(s) only ({self.path!r} holds the first {self.rows})")
+                return target, what
+        raise StoreError(f"could not write {len(rows)} window(s) anywhere ({'; '.join(tried)}); expected a writable "
+                         "folder; they are lost")
+
+    @classmethod
+    def _resume(cls, path: str, rows: int, total: WindowState | None) -> Writer:
+        """A writer appending to ``path``, a copy of a run file that commits ``rows`` windows."""
+        self = cls.__new__(cls)
+        self.path = path
+        self._lock = Lock(path)
+        self._id = _identity(path)
+        self.rows = rows
+        self.total = total
+        self._broken = None
+        self._forget()
+        return self
 
 
 def write_run(run, path: str, overwrite: bool = False) -> None:
     """Write a :class:`probe.results.run.Run` (all its windows, read one at a time) to ``path``."""
     w = Writer(path, overwrite)
-    for row in run.rows:
-        w.append(run.meta, row)
+    try:
+        for row in run.rows:
+            w.append(run.meta, row)
+    finally:
+        w.close()
 
 
 def annotate(path: str, **entries: Any) -> None:
