@@ -5,7 +5,20 @@ stops half-way (it raised) and counts nowhere.
 Recipe (what :class:`probe.capture.session.Capture` does)::
 
     forwards = Forwards(hooks, names, engine, recorder, options, forward_signature(model))
-    hooks.attach(forwards.begin, forwards.end, forwards.enter, forwards.leave, forwards.observe)
+    hooks.attach(forwards.begin, forwards.end, forwards.enter, forwards.leave, forwards.observe,
+                 forwards.open, forwards.close)
+
+A model whose ``forward`` is called directly (not through ``__call__``, so its own hooks do not
+fire) still has one forward per call: it opens at the call of the first site's module inside it
+(the first layer, whose input is ``hidden_states.0``), whose own mask, positions and KV cache
+describe the tokens (a 4-D mask, see :mod:`probe.capture.tokens`), and closes at the last site's
+hook; the per-layer call counting restarts there. If such a forward raised, the next one is known
+when the first site's module has been called more often than in a whole forward.
+
+Threads: the statistics are not thread-safe, so only the thread that entered the capture is
+recorded. A forward on any other thread (a background evaluation, ``nn.DataParallel``'s replicas)
+is ignored, with one warning, and touches none of the capture's state: not the call counts, not
+the forward count, not the open forward of the entering thread.
 
 A site's tensor is laid out as ``[batch, sequence, ...]`` (``Site.layout``; a NestedTensor padded
 back), its tokens are read from the call of its own stack (:mod:`probe.capture.tokens`), and it is held until
@@ -55,6 +68,10 @@ class ForwardCounter(Protocol):
     def forward_ended(self) -> None:
         """A forward ended (recorded or skipped): commit a window if ``every=`` says so."""
         ...
+
+
+#: the owner of a forward that the first site's module opened (the model's forward called directly)
+SITES = "<sites>"
 
 
 def _eager(fn: Callable) -> Callable:
@@ -123,6 +140,9 @@ class Forwards:
         self._held: dict[int, Tensor] = {}  # CPU: each site's reused buffer (see _hold)
         self._fired: set[int] = set()
         self._real: dict[int, Tensor] = {}  # real tokens seen per site (device counters, read at exit)
+        self._signatures: dict[int, inspect.Signature | None] = {}
+        self._opener_calls = 0  # calls of the opening module in the forward it opened, so far
+        self._opener_whole: int | None = None  # ... and in the last one that ended
 
     def _foreign_thread(self) -> bool:
         """Statistics are not thread-safe: forwards on threads other than the one that entered are
@@ -145,7 +165,12 @@ class Forwards:
         call: dict[str, Any] = dict(kwargs)
         if args:
             try:
-                signature = self._signature if module is self._hooks.model else inspect.signature(module.forward)
+                if module is self._hooks.model:
+                    signature = self._signature
+                elif id(module) in self._signatures:
+                    signature = self._signatures[id(module)]
+                else:
+                    signature = self._signatures[id(module)] = forward_signature(module)
                 if signature is not None:
                     call.update(signature.bind_partial(*args, **kwargs).arguments)
             except (TypeError, ValueError):
@@ -223,6 +248,43 @@ class Forwards:
         if output is None:  # the forward raised (this hook is always called)
             self._abort()
         else:
+            self._finish()
+
+    @_eager
+    def open(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The first site's module inside the model is called: with no forward open, the model's
+        ``forward`` was called directly, and this call's inputs describe its tokens."""
+        owner = self._off_owner if self._hooks.off else self._owner
+        if owner is not None and owner != SITES:  # the model's or a stack's forward is open
+            return
+        if self._skip():
+            return
+        if owner == SITES:
+            self._opener_calls += 1
+            whole = self._opener_whole
+            if whole is None or self._opener_calls <= whole:
+                return  # a later call of the module within the same forward
+            # the open forward never reached its last site: it raised
+            self._close_off() if self._hooks.off else self._abort()
+        self._opener_calls = 1
+        if self._scheduled_off(SITES):
+            self._hooks.reset("")
+            return
+        context = self._start(SITES)
+        inputs = context.calls[""] = read_call(self._bind(module, args, kwargs), layer=True)
+        self._phase = "decode" if self._options.phases and inputs.past else "prefill"
+        self._hooks.reset("")
+
+    @_eager
+    def close(self) -> None:
+        """The last site inside the model fired: a forward :meth:`open` opened ends."""
+        if self._hooks.off:
+            if self._off_owner == SITES and not self._skip():
+                self._opener_whole = self._opener_calls
+                self._close_off()
+            return
+        if self._owner == SITES and not self._skip():
+            self._opener_whole = self._opener_calls
             self._finish()
 
     @_eager
