@@ -10,9 +10,11 @@ Recipe (what :class:`probe.capture.session.Capture` does)::
 
 A model whose ``forward`` is called directly (not through ``__call__``, so its own hooks do not
 fire) still has one forward per call: it opens at the call of the first site's module inside it
-(the first layer, whose input is ``hidden_states.0``), whose own mask, positions and KV cache
-describe the tokens (a 4-D mask, see :mod:`probe.capture.tokens`), and closes at the last site's
-hook; the per-layer call counting restarts there. If such a forward raised, the next one is known
+(the first layer, whose input is ``hidden_states.0``) and closes at the last site's hook; the
+per-layer call counting restarts there. Its tokens are described by the arguments of the model's
+``forward`` as its running frame holds them (the call the model's pre-hook would have read; a
+mask the model replaced by its 4-D form is read as such, see :mod:`probe.capture.tokens`), else
+by the first layer's own call. If such a forward raised, the next one is known
 when the first site's module has been called more often than in a whole forward.
 
 Threads: the statistics are not thread-safe, so only the thread that entered the capture is
@@ -34,6 +36,7 @@ them, by a :class:`ForwardCounter` (:class:`probe.capture.window.Recorder`).
 from __future__ import annotations
 
 import inspect
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -86,6 +89,37 @@ def forward_signature(model: nn.Module) -> inspect.Signature | None:
         return inspect.signature(model.forward)
     except (TypeError, ValueError):  # builtins without a signature
         return None
+
+
+def _forward_codes(model: nn.Module) -> frozenset:
+    """The code objects of ``model``'s ``forward`` and of every wrapper around it (``__wrapped__``)."""
+    codes = set()
+    fn = getattr(type(model), "forward", None)
+    for _ in range(16):
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            break
+        codes.add(code)
+        fn = getattr(fn, "__wrapped__", None)
+    return frozenset(codes)
+
+
+def _running_call(model: nn.Module, codes: frozenset) -> dict[str, Any] | None:
+    """The arguments of ``model.forward`` as its running frame holds them now (its ``**kwargs``
+    merged in), when a hook runs inside it; ``None`` when no frame of it is on the stack."""
+    frame = sys._getframe(1)
+    for _ in range(64):
+        if frame is None:
+            return None
+        if frame.f_code in codes and frame.f_locals.get("self") is model:
+            local = frame.f_locals
+            call = {k: v for k, v in local.items() if k != "self"}
+            extra = local.get("kwargs")
+            if isinstance(extra, dict):
+                call.update({k: v for k, v in extra.items() if k not in call})
+            return call
+        frame = frame.f_back
+    return None
 
 
 def _in_backward() -> bool:
@@ -141,6 +175,7 @@ class Forwards:
         self._fired: set[int] = set()
         self._real: dict[int, Tensor] = {}  # real tokens seen per site (device counters, read at exit)
         self._signatures: dict[int, inspect.Signature | None] = {}
+        self._codes = _forward_codes(hooks.model)
         self._opener_calls = 0  # calls of the opening module in the forward it opened, so far
         self._opener_whole: int | None = None  # ... and in the last one that ended
 
@@ -216,6 +251,7 @@ class Forwards:
     def _close_off(self) -> None:
         self._hooks.off = False
         self._off_owner = None
+        self._hooks.reset("")
         self._counter.forward_ended()
 
     # the hooks' entry points (kept eager)
@@ -267,13 +303,16 @@ class Forwards:
             # the open forward never reached its last site: it raised
             self._close_off() if self._hooks.off else self._abort()
         self._opener_calls = 1
+        # no reset of the call counts here: they restart when a forward ends, so the calls of a
+        # module before the first layer (a norm of the embeddings) count in this one
         if self._scheduled_off(SITES):
-            self._hooks.reset("")
             return
         context = self._start(SITES)
-        inputs = context.calls[""] = read_call(self._bind(module, args, kwargs), layer=True)
+        call = _running_call(self._hooks.model, self._codes)
+        if call is None:  # the model's forward is not a Python frame: the first layer's call says it
+            call = self._bind(module, args, kwargs)
+        inputs = context.calls[""] = read_call(call, layer=True)
         self._phase = "decode" if self._options.phases and inputs.past else "prefill"
-        self._hooks.reset("")
 
     @_eager
     def close(self) -> None:
@@ -326,6 +365,7 @@ class Forwards:
         self._context = None
         self._owner = None
         self._hooks.active.clear()
+        self._hooks.reset("")
 
     def _finish(self) -> None:
         """The forward ended: fold in every site it produced, then close it."""
@@ -340,6 +380,7 @@ class Forwards:
             self._context = None
             self._owner = None
             self._hooks.active.clear()
+            self._hooks.reset("")  # between forwards no call is counted (see open)
         self._counter.forward_ended()
 
     def _fold_pending(self) -> None:

@@ -619,10 +619,13 @@ def _first_layer_input(tensors: tuple, hits: list, records: list[_Record]) -> _R
     """``hidden_states[0]`` read where transformers defines it, as the input of the first layer (the
     call that produces ``hidden_states[1]``), rather than at the module that made it: the
     embedding does not run when the model is called with ``inputs_embeds``. ``None`` when that call
-    does not receive the very tensor (then the producer found by :func:`_match` stays)."""
-    if len(hits) < 2 or hits[0][1].read == "input" or hits[0][2] is not None or hits[1][2] is not None:
+    does not receive the very tensor (then the call found by :func:`_match` stays). Another module
+    receiving it too (a rotary embedding called on it) is not where transformers reads it."""
+    if len(hits) < 2 or hits[0][2] is not None or hits[1][2] is not None:
         return None
     target, layer = tensors[0], hits[1][1]
+    if hits[0][1].read == "input" and (hits[0][1].module, hits[0][1].call) == (layer.module, layer.call):
+        return None  # read there already
     for r in records:
         if (r.read == "input" and r.module == layer.module and r.call == layer.call
                 and r.index in (0, "hidden_states") and _version(r.tensor) == r.version

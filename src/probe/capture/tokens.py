@@ -115,8 +115,9 @@ def _attends(mask: Tensor) -> Tensor:
     """A 4-D mask as booleans, True where the query attends the key."""
     if mask.dtype == torch.bool:
         return mask
-    if mask.is_floating_point():  # additive: 0 (or a bias) attends, -inf / the dtype's minimum does not
-        return mask > torch.finfo(mask.dtype).min / 2
+    if mask.is_floating_point():
+        # additive: transformers hides a key with -inf, the dtype's minimum or -10000; 0 or a bias attends
+        return mask > -5000.0
     return mask != 0
 
 
