@@ -40,6 +40,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable
+from types import FrameType
 from typing import Any, Protocol
 
 import torch
@@ -107,7 +108,7 @@ def _forward_codes(model: nn.Module) -> frozenset:
 def _running_call(model: nn.Module, codes: frozenset) -> dict[str, Any] | None:
     """The arguments of ``model.forward`` as its running frame holds them now (its ``**kwargs``
     merged in), when a hook runs inside it; ``None`` when no frame of it is on the stack."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(64):
         if frame is None:
             return None
