@@ -5,7 +5,22 @@ stops half-way (it raised) and counts nowhere.
 Recipe (what :class:`probe.capture.session.Capture` does)::
 
     forwards = Forwards(hooks, names, engine, recorder, options, forward_signature(model))
-    hooks.attach(forwards.begin, forwards.end, forwards.enter, forwards.leave, forwards.observe)
+    hooks.attach(forwards.begin, forwards.end, forwards.enter, forwards.leave, forwards.observe,
+                 forwards.open, forwards.close)
+
+A model whose ``forward`` is called directly (not through ``__call__``, so its own hooks do not
+fire) still has one forward per call: it opens at the call of the first site's module inside it
+(the first layer, whose input is ``hidden_states.0``) and closes at the last site's hook; the
+per-layer call counting restarts there. Its tokens are described by the arguments of the model's
+``forward`` as its running frame holds them (the call the model's pre-hook would have read; a
+mask the model replaced by its 4-D form is read as such, see :mod:`probe.capture.tokens`), else
+by the first layer's own call. If such a forward raised, the next one is known
+when the first site's module has been called more often than in a whole forward.
+
+Threads: the statistics are not thread-safe, so only the thread that entered the capture is
+recorded. A forward on any other thread (a background evaluation, ``nn.DataParallel``'s replicas)
+is ignored, with one warning, and touches none of the capture's state: not the call counts, not
+the forward count, not the open forward of the entering thread.
 
 A site's tensor is laid out as ``[batch, sequence, ...]`` (``Site.layout``; a NestedTensor padded
 back), its tokens are read from the call of its own stack (:mod:`probe.capture.tokens`), and it is held until
@@ -21,9 +36,11 @@ them, by a :class:`ForwardCounter` (:class:`probe.capture.window.Recorder`).
 from __future__ import annotations
 
 import inspect
+import sys
 import threading
 import warnings
 from collections.abc import Callable
+from types import FrameType
 from typing import Any, Protocol
 
 import torch
@@ -57,6 +74,10 @@ class ForwardCounter(Protocol):
         ...
 
 
+#: the owner of a forward that the first site's module opened (the model's forward called directly)
+SITES = "<sites>"
+
+
 def _eager(fn: Callable) -> Callable:
     """Keep torch.compile out of probe's hooks: they run eagerly at a graph break, so a model
     compiled inside the with-block is captured exactly and the hooks' Python is never traced."""
@@ -69,6 +90,37 @@ def forward_signature(model: nn.Module) -> inspect.Signature | None:
         return inspect.signature(model.forward)
     except (TypeError, ValueError):  # builtins without a signature
         return None
+
+
+def _forward_codes(model: nn.Module) -> frozenset:
+    """The code objects of ``model``'s ``forward`` and of every wrapper around it (``__wrapped__``)."""
+    codes = set()
+    fn = getattr(type(model), "forward", None)
+    for _ in range(16):
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            break
+        codes.add(code)
+        fn = getattr(fn, "__wrapped__", None)
+    return frozenset(codes)
+
+
+def _running_call(model: nn.Module, codes: frozenset) -> dict[str, Any] | None:
+    """The arguments of ``model.forward`` as its running frame holds them now (its ``**kwargs``
+    merged in), when a hook runs inside it; ``None`` when no frame of it is on the stack."""
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(64):
+        if frame is None:
+            return None
+        if frame.f_code in codes and frame.f_locals.get("self") is model:
+            local = frame.f_locals
+            call = {k: v for k, v in local.items() if k != "self"}
+            extra = local.get("kwargs")
+            if isinstance(extra, dict):
+                call.update({k: v for k, v in extra.items() if k not in call})
+            return call
+        frame = frame.f_back
+    return None
 
 
 def _in_backward() -> bool:
@@ -123,6 +175,10 @@ class Forwards:
         self._held: dict[int, Tensor] = {}  # CPU: each site's reused buffer (see _hold)
         self._fired: set[int] = set()
         self._real: dict[int, Tensor] = {}  # real tokens seen per site (device counters, read at exit)
+        self._signatures: dict[int, inspect.Signature | None] = {}
+        self._codes = _forward_codes(hooks.model)
+        self._opener_calls = 0  # calls of the opening module in the forward it opened, so far
+        self._opener_whole: int | None = None  # ... and in the last one that ended
 
     def _foreign_thread(self) -> bool:
         """Statistics are not thread-safe: forwards on threads other than the one that entered are
@@ -145,7 +201,12 @@ class Forwards:
         call: dict[str, Any] = dict(kwargs)
         if args:
             try:
-                signature = self._signature if module is self._hooks.model else inspect.signature(module.forward)
+                if module is self._hooks.model:
+                    signature = self._signature
+                elif id(module) in self._signatures:
+                    signature = self._signatures[id(module)]
+                else:
+                    signature = self._signatures[id(module)] = forward_signature(module)
                 if signature is not None:
                     call.update(signature.bind_partial(*args, **kwargs).arguments)
             except (TypeError, ValueError):
@@ -191,6 +252,7 @@ class Forwards:
     def _close_off(self) -> None:
         self._hooks.off = False
         self._off_owner = None
+        self._hooks.reset("")
         self._counter.forward_ended()
 
     # the hooks' entry points (kept eager)
@@ -223,6 +285,46 @@ class Forwards:
         if output is None:  # the forward raised (this hook is always called)
             self._abort()
         else:
+            self._finish()
+
+    @_eager
+    def open(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The first site's module inside the model is called: with no forward open, the model's
+        ``forward`` was called directly, and this call's inputs describe its tokens."""
+        owner = self._off_owner if self._hooks.off else self._owner
+        if owner is not None and owner != SITES:  # the model's or a stack's forward is open
+            return
+        if self._skip():
+            return
+        if owner == SITES:
+            self._opener_calls += 1
+            whole = self._opener_whole
+            if whole is None or self._opener_calls <= whole:
+                return  # a later call of the module within the same forward
+            # the open forward never reached its last site: it raised
+            self._close_off() if self._hooks.off else self._abort()
+        self._opener_calls = 1
+        # no reset of the call counts here: they restart when a forward ends, so the calls of a
+        # module before the first layer (a norm of the embeddings) count in this one
+        if self._scheduled_off(SITES):
+            return
+        context = self._start(SITES)
+        call = _running_call(self._hooks.model, self._codes)
+        if call is None:  # the model's forward is not a Python frame: the first layer's call says it
+            call = self._bind(module, args, kwargs)
+        inputs = context.calls[""] = read_call(call, layer=True)
+        self._phase = "decode" if self._options.phases and inputs.past else "prefill"
+
+    @_eager
+    def close(self) -> None:
+        """The last site inside the model fired: a forward :meth:`open` opened ends."""
+        if self._hooks.off:
+            if self._off_owner == SITES and not self._skip():
+                self._opener_whole = self._opener_calls
+                self._close_off()
+            return
+        if self._owner == SITES and not self._skip():
+            self._opener_whole = self._opener_calls
             self._finish()
 
     @_eager
@@ -264,6 +366,7 @@ class Forwards:
         self._context = None
         self._owner = None
         self._hooks.active.clear()
+        self._hooks.reset("")
 
     def _finish(self) -> None:
         """The forward ended: fold in every site it produced, then close it."""
@@ -278,6 +381,7 @@ class Forwards:
             self._context = None
             self._owner = None
             self._hooks.active.clear()
+            self._hooks.reset("")  # between forwards no call is counted (see open)
         self._counter.forward_ended()
 
     def _fold_pending(self) -> None:

@@ -3,7 +3,7 @@
 Recipe::
 
     hooks = HookSet(model, sites)
-    hooks.attach(begin, end, enter, leave, observe)   # inside try
+    hooks.attach(begin, end, enter, leave, observe, open_, close)   # inside try
     ...
     hooks.remove()                                     # in finally; reverse order
 
@@ -13,14 +13,23 @@ called alone it is a forward of its own), a counting pre-hook on each module who
 ``n``-th call of it (a shared layer), and one hook per site, which picks the site's tensor out of the
 call (:func:`site_tensor`) and hands it to ``observe``. The site hooks never raise into the
 model's forward on their own account: ``observe`` catches and reports.
+
+The model's own hooks do not fire when its ``forward`` is called directly (sentence-transformers
+does): then the sites read in the model's own call are one forward from the first of them to the
+last (:attr:`HookSet.opening`, :attr:`HookSet.closing`, in the order the forward runs them; for the
+sites of ``hidden_states``): a pre-hook on the first one's module opens it (``open``, reading that
+call's mask), the last one's hook closes it (``close``). Only the thread that entered the capture
+counts calls.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .sites import Site
@@ -92,6 +101,15 @@ class HookSet:
         self._counts: dict[tuple[str, int], int] = {}
         #: the current forward is one the schedule skips: every site hook returns at once
         self.off = False
+        #: the thread whose calls are counted (the one that attached the hooks)
+        self.thread = threading.get_ident()
+        self.opening, self.closing = _ends(sites)
+        self._close: Callable[[], None] | None = None
+
+    @property
+    def opener(self) -> nn.Module | None:
+        """The module whose call opens a forward of the model called past its hooks (see the module docstring)."""
+        return None if self.opening is None else self.modules[self.opening]
 
     # ------------------------------------------------------------------ per-forward state
     def reset(self, context: str) -> None:
@@ -109,10 +127,13 @@ class HookSet:
 
     # ------------------------------------------------------------------------- attaching
     def attach(self, begin: Callable, end: Callable, enter: Callable, leave: Callable,
-               observe: Callable[[int, Any], None]) -> None:
+               observe: Callable[[int, Any], None], open_: Callable | None = None,
+               close: Callable[[], None] | None = None) -> None:
         """Register every hook (call inside ``try``; :meth:`remove` in ``finally``)."""
         root = self.model
         add = self.handles.append
+        self.thread = threading.get_ident()
+        self._close = close
         # prepended in reverse: the model's pre-hook runs first, then a stack's, then the counters
         counted: dict[int, set[str]] = {}
         for site, module in zip(self.sites, self.modules):
@@ -122,6 +143,10 @@ class HookSet:
             if id(module) in counted:
                 add(Handle("<count>", site.module, "pre-count", module.register_forward_pre_hook(
                     self._counter(sorted(counted.pop(id(module)))), prepend=True)))
+        opener = self.opener
+        if opener is not None and open_ is not None and close is not None:
+            add(Handle("<forward>", self.sites[self.opening or 0].module, "pre-open",
+                       opener.register_forward_pre_hook(open_, with_kwargs=True, prepend=True)))
         for name, module in self.contexts.items():
             add(Handle("<stack>", name, "pre-stack", module.register_forward_pre_hook(
                 self._stack_pre(name, enter), with_kwargs=True, prepend=True)))
@@ -152,8 +177,14 @@ class HookSet:
     # ---------------------------------------------------------------------- hook factories
     def _counter(self, contexts: list[str]):
         counts = self._counts
+        ident = threading.get_ident
+        compiling = torch.compiler.is_compiling
 
         def hook(module, args):
+            # another thread's forward is ignored (see forward.py); a compiled graph keeps the count
+            # (the thread is not traceable, and would break the graph at every counted module)
+            if not compiling() and ident() != self.thread:
+                return
             for c in contexts:
                 key = (c, id(module))
                 counts[key] = counts.get(key, 0) + 1
@@ -174,6 +205,15 @@ class HookSet:
 
     def _pre(self, i: int, observe: Callable):
         site = self.sites[i]
+        close = self._close if i == self.closing else None
+        if close is not None:
+            def last(module, args, kwargs):
+                if self._current(site, module):
+                    if not self.off:
+                        observe(i, site_tensor(site, args, kwargs))
+                    close()
+
+            return last
 
         def hook(module, args, kwargs):
             if self.off:  # a forward the schedule skips: touch nothing
@@ -185,6 +225,15 @@ class HookSet:
 
     def _post(self, i: int, observe: Callable):
         site = self.sites[i]
+        close = self._close if i == self.closing else None
+        if close is not None:
+            def last(module, args, output):
+                if self._current(site, module):
+                    if not self.off:
+                        observe(i, site_tensor(site, args, {}, output))
+                    close()
+
+            return last
 
         def hook(module, args, output):
             if self.off:
@@ -193,3 +242,18 @@ class HookSet:
                 observe(i, site_tensor(site, args, {}, output))
 
         return hook
+
+
+def _ends(sites: list[Site]) -> tuple[int | None, int | None]:
+    """The first and the last site read in the model's own call by a module inside it, in the order
+    a forward runs them (the hidden states' order), when every such site is one ``hidden_states``
+    found; ``(None, None)`` otherwise: the order of modules named by the user is not known, and a
+    module of theirs called on its own stays a forward of its own."""
+    own = [i for i, s in enumerate(sites) if s.module and token_source(s) == ""]
+    if not own or any(sites[i].source == "module" for i in own):
+        return None, None
+    # a module around the first site's (BERT's encoder, whose output is the last state) is entered
+    # before it: the forward opens there, before any of its calls is counted
+    first = sites[own[0]].module
+    around = [i for i in own if first.startswith(sites[i].module + ".")]
+    return min(around, key=lambda i: len(sites[i].module), default=own[0]), own[-1]

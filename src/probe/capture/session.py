@@ -287,7 +287,8 @@ class Capture:
         forwards = self._forwards
         forwards.thread = threading.get_ident()
         try:
-            self._hooks.attach(forwards.begin, forwards.end, forwards.enter, forwards.leave, forwards.observe)
+            self._hooks.attach(forwards.begin, forwards.end, forwards.enter, forwards.leave, forwards.observe,
+                               forwards.open, forwards.close)
         except BaseException:
             self._remove()
             self._recorder.abort()

@@ -11,8 +11,11 @@ tried in order:
    order) — and that call is hooked: the module, which call of it within the stack's forward (a
    shared or looped layer is one site per call), output or input, and which element. Composite
    models get one name per returned tuple: ``encoder_hidden_states.i``, ``decoder_hidden_states.i``;
-   each stack reads its own mask (see :mod:`probe.capture.tokens`). A returned tensor that no module call
-   produces or receives (e.g. modified in place afterwards) is refused with one line.
+   each stack reads its own mask (see :mod:`probe.capture.tokens`). ``hidden_states[0]`` is read as
+   the input of the first layer (the call producing ``hidden_states[1]``) when that call receives it,
+   as transformers defines it, so it is captured with ``inputs_embeds`` too (the embedding does not
+   run then). A returned tensor that no module call produces or receives (e.g. modified in place
+   afterwards) is refused with one line.
 2. **registry** — a model that cannot run on token ids alone, whose base forward transformers
    decorates with ``capture_outputs`` and whose ``_can_record_outputs`` names as many layers as the
    config has: input of the first layer, the layers' outputs, and the base model's
@@ -612,6 +615,26 @@ def _match(target: Tensor, records: list[_Record]) -> tuple[_Record, tuple[int, 
     return None if best is None else (best, best_layout)
 
 
+def _first_layer_input(tensors: tuple, hits: list, records: list[_Record]) -> _Record | None:
+    """``hidden_states[0]`` read where transformers defines it, as the input of the first layer (the
+    call that produces ``hidden_states[1]``), rather than at the module that made it: the
+    embedding does not run when the model is called with ``inputs_embeds``. ``None`` when that call
+    does not receive the very tensor (then the call found by :func:`_match` stays). Another module
+    receiving it too (a rotary embedding called on it) is not where transformers reads it."""
+    if len(hits) < 2 or hits[0][2] is not None or hits[1][2] is not None:
+        return None
+    target, layer = tensors[0], hits[1][1]
+    if hits[0][1].read == "input" and (hits[0][1].module, hits[0][1].call) == (layer.module, layer.call):
+        return None  # read there already
+    for r in records:
+        if (r.read == "input" and r.module == layer.module and r.call == layer.call
+                and r.index in (0, "hidden_states") and _version(r.tensor) == r.version
+                and (r.tensor is target or (r.tensor.shape == target.shape and r.tensor.dtype == target.dtype
+                                            and not r.tensor.is_nested and torch.equal(r.tensor, target)))):
+            return r
+    return None
+
+
 def _stack_tuples(out: Any) -> list[tuple[str, tuple]]:
     items = out.items() if hasattr(out, "items") else []
     found = []
@@ -647,6 +670,9 @@ def discover(model: nn.Module) -> tuple[list[Site] | None, str | None]:
                 return None, (f"!cannot capture {key}[{i}] of {type(model).__name__}: no module call produces "
                               f"or receives that tensor (shape {tuple(h.shape)}); pass sites= with module names")
             chosen.setdefault(key, []).append((i, hit[0], hit[1]))
+        first = _first_layer_input(tensors, chosen[key], records)
+        if first is not None:
+            chosen[key][0] = (0, first, None)
     # stacks in the order they run (encoder before decoder), whatever the output's field order
     chosen = dict(sorted(chosen.items(), key=lambda kv: min(r.seq for _, r, _ in kv[1])))
     ends = {(s[0], s[1]): s for s in intervals}

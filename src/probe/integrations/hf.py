@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+from types import FrameType
 from typing import Any
 
 from transformers import TrainerCallback
@@ -24,6 +27,12 @@ class ProbeCallback(TrainerCallback):
     training and ``probe.load(out)[site]`` the whole run. Forward passes of evaluation inside
     training are captured too. Under ``torch.distributed`` the windows are merged across ranks
     and rank 0 writes the file.
+
+    If ``train()`` raises, the capture is closed as a ``with`` block would be on an exception: its
+    hooks leave the model and what was recorded is saved. (The ``Trainer`` has no event for an
+    exception, so the callback wraps that trainer's ``train`` when the trainer is built with it; a
+    callback added later with ``add_callback`` closes a capture left open at the next
+    ``on_train_begin`` instead.)
 
     With ``schedule``, only the forwards of the scheduled optimizer steps are recorded (every
     forward of such a step, gradient-accumulation micro-batches and evaluation included); the
@@ -72,7 +81,39 @@ class ProbeCallback(TrainerCallback):
     def _forward_recorded(self, forward_index: int) -> bool:
         return self._recording
 
+    def on_init_end(self, args, state, control, **kwargs):
+        trainer = _trainer_of(self)
+        if trainer is not None and not getattr(trainer.train, "_probe_guard", False):
+            train = trainer.train
+
+            @functools.wraps(train)
+            def guarded(*a: Any, **kw: Any) -> Any:
+                try:
+                    return train(*a, **kw)
+                except BaseException as err:
+                    for cb in trainer.callback_handler.callbacks:
+                        if isinstance(cb, ProbeCallback):
+                            cb._abandon(err)
+                    raise
+
+            guarded._probe_guard = True  # type: ignore[attr-defined]
+            trainer.train = guarded
+
+    def _abandon(self, err: BaseException | None) -> None:
+        """Close a capture that training left open (it raised): hooks removed, the window saved."""
+        if self.capture is None:
+            return
+        c, self.capture = self.capture, None
+        try:
+            c.__exit__(None if err is None else type(err), err, None if err is None else err.__traceback__)
+            self.result = c.result
+        finally:
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._abandon(None)  # a previous train() raised past an unwrapped trainer
         if model is None:
             raise ProbeError("ProbeCallback got no model from the Trainer; expected Trainer(model=...); "
                              "pass the model to the Trainer")
@@ -125,3 +166,18 @@ class ProbeCallback(TrainerCallback):
                         log_window(self._tb, Run(c.result.meta, [row]), int(step))
                 self._tb.close()
                 self._tb = None
+
+
+def _trainer_of(callback: ProbeCallback) -> Any:
+    """The ``Trainer`` whose callback handler is calling ``callback`` now (found on the call stack:
+    the callback events carry no reference to it), or ``None``."""
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        handler = getattr(owner, "callback_handler", None)
+        if callback in getattr(handler, "callbacks", ()) and callable(getattr(owner, "train", None)):
+            return owner
+        frame = frame.f_back
+    return None

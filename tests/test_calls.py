@@ -1,0 +1,322 @@
+"""Ways a model is driven besides ``model(**batch)``: its ``forward`` called directly,
+``inputs_embeds``, static caches and 4-D masks, other threads, a Trainer that raises. Each is
+checked against float64 numpy on what ``output_hidden_states=True`` returns for the same call."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+
+import probe
+from conftest import VOCAB, batch, hook_state
+
+STATS = ("moments", "position", "histogram")
+
+
+def _base(kind: str, attn: str | None = None):
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=VOCAB)
+        cls = T.LlamaModel
+    elif kind == "gpt2":
+        config = T.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=VOCAB)
+        cls = T.GPT2Model
+    else:
+        config = T.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              vocab_size=VOCAB)
+        cls = T.BertModel
+    if attn is not None:
+        config._attn_implementation = attn
+    return cls(config).eval()
+
+
+def _calls():
+    return [batch(3, 9, "right", seed=0), batch(3, 9, "left", seed=1), batch(2, 7, "left", seed=2)]
+
+
+def _check(run, chunks, names=None):
+    """Every site against float64 numpy over the real tokens of ``chunks`` ([(hidden tuple, mask)])."""
+    names = names or [f"hidden_states.{i}" for i in range(len(chunks[0][0]))]
+    for i, name in enumerate(names):
+        x = np.concatenate([h[i][m.bool()].double().numpy() for h, m in chunks])
+        s = run[name]
+        assert (s.tokens, s.count) == (x.shape[0], x.size), name
+        assert s.min == np.float32(x.min()) and s.max == np.float32(x.max()), name
+        assert abs(s.mean - x.mean()) <= 1e-6 * abs(x.mean()) + 1e-12, name
+        assert abs(s.std - x.std()) <= 1e-6 * x.std(), name
+
+
+def _reference(model, calls, **extra):
+    with torch.no_grad():
+        return [(model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **extra).hidden_states, mask)
+                for ids, mask in calls]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_forward_called_directly_equals_call(kind):
+    """``model.forward(...)`` (sentence-transformers' way) skips the model's own hooks: the forward
+    still begins and ends, reads the padding, and the sites keep matching forward after forward."""
+    model = _base(kind)
+    calls = _calls()
+    chunks = _reference(model, calls)
+    runs = []
+    for direct in (True, False):
+        with probe.capture(model, stats=STATS, strict=True, skip_first=1) as run:
+            with torch.no_grad():
+                for ids, mask in calls:
+                    (model.forward if direct else model)(input_ids=ids, attention_mask=mask)
+        runs.append(run)
+    direct, called = runs
+    for name in called.sites:
+        a, b = direct[name], called[name]
+        assert (a.count, a.tokens, a.min, a.max) == (b.count, b.tokens, b.min, b.max), name
+        np.testing.assert_allclose([a.mean, a.std, a.kurtosis], [b.mean, b.std, b.kurtosis], rtol=1e-12)
+        np.testing.assert_array_equal(a.position.tokens, b.position.tokens)  # positions over the mask
+        np.testing.assert_array_equal(a.histogram_counts, b.histogram_counts)
+    with probe.capture(model, stats=("moments",), strict=True) as run:
+        with torch.no_grad():
+            for ids, mask in calls:
+                model.forward(input_ids=ids, attention_mask=mask)
+    _check(run, chunks)
+
+
+def test_forward_called_directly_after_one_that_raised():
+    model = _base("llama")
+    calls = _calls()
+    with probe.capture(model, stats=("moments",), strict=True) as run:
+        with torch.no_grad():
+            model.forward(input_ids=calls[0][0], attention_mask=calls[0][1])
+            boom = model.layers[1].register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+            with pytest.raises(RuntimeError, match="boom"):
+                model.forward(input_ids=calls[1][0], attention_mask=calls[1][1])
+            boom.remove()
+            # known when the first layer is called more often than in a whole forward
+            with pytest.warns(UserWarning, match="stopped before it finished"):
+                model.forward(input_ids=calls[2][0], attention_mask=calls[2][1])
+    _check(run, _reference(model, [calls[0], calls[2]]))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_inputs_embeds_records_hidden_states_0(kind):
+    """``hidden_states.0`` is the first layer's input, so it is there without the embedding."""
+    model = _base(kind)
+    calls = _calls()
+    embeds = [model.get_input_embeddings()(ids).detach() for ids, _ in calls]
+    with torch.no_grad():
+        chunks = [(model(inputs_embeds=e, attention_mask=m, output_hidden_states=True).hidden_states, m)
+                  for e, (_, m) in zip(embeds, calls)]
+    with probe.capture(model, stats=("moments",), strict=True) as run:
+        with torch.no_grad():
+            for e, (_, mask) in zip(embeds, calls):
+                model(inputs_embeds=e, attention_mask=mask)
+    _check(run, chunks)
+    assert probe.capture(model)._defs[0].read == "input"
+
+
+def _generate_reference(model, ids_or_embeds, mask, **kw):
+    key = "inputs_embeds" if ids_or_embeds.is_floating_point() else "input_ids"
+    with torch.no_grad():
+        out = model.generate(**{key: ids_or_embeds}, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                             pad_token_id=0, output_hidden_states=True, return_dict_in_generate=True, **kw)
+    b = mask.shape[0]
+    # step 0 is the prefill over the prompt's real tokens; every decode step adds one real token per row
+    return [(step, mask if k == 0 else torch.ones(b, 1, dtype=torch.long)) for k, step in enumerate(out.hidden_states)]
+
+
+def _generated(model, ids_or_embeds, mask, **kw):
+    key = "inputs_embeds" if ids_or_embeds.is_floating_point() else "input_ids"
+    with probe.capture(model, stats=("moments",), strict=True) as run:
+        with torch.no_grad():
+            model.generate(**{key: ids_or_embeds}, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                           pad_token_id=0, **kw)
+    return run
+
+
+def test_generate_from_inputs_embeds(tiny):
+    model = tiny("llama")
+    ids, mask = batch(2, 7, "left")
+    embeds = model.get_input_embeddings()(ids).detach()
+    chunks = _generate_reference(model, embeds, mask)
+    run = _generated(model, embeds, mask)
+    _check(run, chunks)
+    assert run["hidden_states.0"].tokens == run["hidden_states.2"].tokens == int(mask.sum()) + 2 * 3
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_generate_with_a_static_cache(tiny, attn):
+    """generate builds a 4-D mask over the whole static cache: its diagonal says which tokens are real."""
+    model = tiny("llama")
+    model.config._attn_implementation = attn
+    ids, mask = batch(2, 7, "left")
+    chunks = _generate_reference(model, ids, mask, cache_implementation="static")
+    run = _generated(model, ids, mask, cache_implementation="static")
+    _check(run, chunks)
+    assert run["hidden_states.1"].tokens == int(mask.sum()) + 2 * 3
+    assert not run.result.meta["disabled"]
+
+
+def _packed(t: int, split: int, dtype=torch.bool):
+    """One row holding two sequences, ``[0, split)`` and ``[split, t)``, the last token padding:
+    a block-diagonal causal mask (boolean True = attend, or additive)."""
+    i = torch.arange(t)
+    seq = (i >= split).long()
+    attend = (i[None, :] <= i[:, None]) & (seq[None, :] == seq[:, None])
+    attend[:, t - 1] = False
+    attend[t - 1, :] = False
+    if dtype == torch.bool:
+        return attend[None, None], torch.cat([torch.ones(t - 1), torch.zeros(1)]).long()[None]
+    add = torch.zeros(t, t).masked_fill(~attend, torch.finfo(dtype).min)
+    return add[None, None].to(dtype), torch.cat([torch.ones(t - 1), torch.zeros(1)]).long()[None]
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_a_user_4d_mask(dtype):
+    """A packed block-diagonal 4-D mask: the real tokens are its diagonal, positions restart."""
+    model = _base("llama", attn="eager" if dtype != torch.bool else None)
+    t, split = 9, 4
+    m4, real = _packed(t, split, dtype)
+    ids = torch.randint(3, VOCAB, (1, t), generator=torch.Generator().manual_seed(5))
+    position_ids = torch.cat([torch.arange(split), torch.arange(t - split)])[None]
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=m4, position_ids=position_ids,
+                       output_hidden_states=True).hidden_states
+    for kw in (dict(position_ids=position_ids), {}):
+        with probe.capture(model, stats=("moments", "position"), strict=True) as run:
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=m4, **kw)
+        if kw:
+            _check(run, [(hidden, real)])
+        # without position_ids, positions are counted over the mask: they restart at the second sequence
+        expected = np.bincount(np.r_[np.arange(split), np.arange(t - 1 - split)], minlength=split)
+        counts = run["hidden_states.1"].position.tokens
+        np.testing.assert_array_equal(counts[:split], expected)
+        assert counts.sum() == t - 1
+
+
+def test_masks_that_cannot_be_read_are_refused():
+    from probe.capture.tokens import CallInputs, TokenContext, read_call
+
+    context = TokenContext(1, 0, 0, 0)
+    context.calls["odd"] = CallInputs(torch.ones(2, 1, 3, 6, dtype=torch.bool))  # 3 queries, 6 tokens
+    with pytest.raises(probe.ProbeError, match=r"holds 2 x 6 tokens but the 4-D attention_mask is \(2, 1, 3, 6\)"):
+        context.tokens("odd", 2, 6, torch.device("cpu"))
+    context.calls["short"] = CallInputs(torch.ones(2, 1, 4, 3, dtype=torch.bool))  # 3 keys for 4 queries
+    with pytest.raises(probe.ProbeError, match="fewer keys than the 4 queries.*pass cache_position"):
+        context.tokens("short", 2, 4, torch.device("cpu"))
+    # a sliding-window cache's mask: 8 keys kept, 9 tokens seen before these 2: the queries' keys are the last
+    window = torch.zeros(2, 1, 2, 8, dtype=torch.bool)
+    window[0, 0, 0, 6] = window[0, 0, 1, 7] = window[1, 0, 1, 7] = True  # row 1's first query is padding
+    context.calls["window"] = CallInputs(window, past=9)
+    tokens = context.tokens("window", 2, 2, torch.device("cpu"))
+    assert tokens.valid.tolist() == [True, True, False, True]
+
+    class BlockMask:  # what flex attention passes: no tensor to read
+        shape = (2, 1, 6, 6)
+
+    context.calls["flex"] = read_call({"attention_mask": BlockMask()})
+    with pytest.raises(probe.ProbeError, match="BlockMask.*attn_implementation='sdpa'"):
+        context.tokens("flex", 2, 6, torch.device("cpu"))
+
+
+def test_a_forward_on_another_thread_is_ignored(tiny):
+    """A forward on another thread, run in the middle of the main thread's forward (as a background
+    evaluation or nn.DataParallel's replicas would): ignored, and the main thread's calls all count."""
+    model = tiny("llama")
+    calls = _calls()
+    main = threading.get_ident()
+    other_ids, other_mask = batch(4, 5, "right", seed=9)
+
+    def elsewhere(module, args):
+        if threading.get_ident() == main:
+            worker = threading.Thread(target=lambda: model(input_ids=other_ids, attention_mask=other_mask))
+            worker.start()
+            worker.join()
+
+    inside = model.model.layers[1].register_forward_pre_hook(elsewhere)
+    try:
+        with pytest.warns(UserWarning, match="another thread"):
+            with probe.capture(model, stats=("moments",), strict=True) as run:
+                with torch.no_grad():
+                    for ids, mask in calls:
+                        model(input_ids=ids, attention_mask=mask)
+    finally:
+        inside.remove()
+    _check(run, _reference(model, calls))
+
+
+def test_trainer_that_raises_leaves_no_hook(tiny, tmp_path):
+    from probe.integrations import ProbeCallback
+
+    model = tiny("gpt2")
+    before = hook_state(model)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, 97, (8,), generator=g)} for _ in range(12)]
+    data = [dict(r, labels=r["input_ids"], attention_mask=torch.ones(8, dtype=torch.long)) for r in rows]
+    args = T.TrainingArguments(output_dir=str(tmp_path / "t"), per_device_train_batch_size=2, max_steps=5,
+                               report_to=[], logging_steps=100, save_strategy="no", use_cpu=True,
+                               disable_tqdm=True)
+
+    class Boom(T.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise RuntimeError("boom at step 3")
+
+    cb = ProbeCallback(out=tmp_path / "train.h5", every=2)
+    trainer = T.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb, Boom()])
+    with pytest.raises(RuntimeError, match="boom at step 3"):
+        trainer.train()
+    assert hook_state(model) == before and cb.capture is None
+    run = probe.load(tmp_path / "train.h5")
+    assert run.steps[0] == 2 and run["hidden_states.1"].tokens == 3 * 2 * 8  # steps 1-3 were recorded
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_direct_forward_reads_nothing_on_the_host(kind, monkeypatch):
+    """Opening a forward at its first layer and reading the layer's 4-D mask stays on the device."""
+    import functools
+
+    from probe.capture.forward import Forwards
+    from probe.stats import _base as stats_base
+
+    monkeypatch.setattr(stats_base, "DENSE_CPU", False)  # the path an accelerator takes
+    inside = [0, 0]
+
+    def guard(name, original):
+        @functools.wraps(original)
+        def wrapper(self, *args, **kwargs):
+            if inside[0]:
+                raise AssertionError(f"Tensor.{name} called inside a probe hook")
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    def hooked(method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            inside[0] += 1
+            inside[1] += 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                inside[0] -= 1
+
+        return wrapper
+
+    model = _base(kind)
+    ids, mask = batch(3, 9, "left")
+    for name in ("item", "tolist", "__bool__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
+    for name in ("open", "close", "observe"):
+        monkeypatch.setattr(Forwards, name, hooked(getattr(Forwards, name)))
+    with probe.capture(model, skip_first=1, strict=True, sample_size=16) as run:
+        with torch.no_grad():
+            model.forward(input_ids=ids, attention_mask=mask)
+            model.forward(input_ids=ids, attention_mask=mask)
+    monkeypatch.undo()
+    assert inside[1] > 2 * len(run.sites)
+    assert run["hidden_states.1"].tokens == 2 * (int(mask.sum()) - 3)
