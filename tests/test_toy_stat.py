@@ -215,3 +215,24 @@ def test_toy_statistic_two_ranks(tmp_path):
     except Exception as err:
         errors = [p.read_text() for p in sorted(tmp_path.glob("error*.txt"))]
         raise AssertionError(f"a rank failed: {err}\n" + "\n".join(errors)) from None
+
+
+def test_toy_statistic_unregistered_when_read(tiny, tmp_path):
+    """A file holding a statistic this process has not registered says so, one line, on reading the
+    statistic and on merging (which would otherwise drop its data), instead of answering 'not captured'."""
+    model = tiny("llama")
+    registry.register(SumSq)
+    try:
+        paths = []
+        for i in range(2):
+            paths.append(tmp_path / f"r{i}.h5")
+            _capture(model, _batches(1, 3 + i), out=paths[-1])
+        want = probe.load(paths[0])[1].state("toy")
+        assert set(want) == {"tokens", "sumsq"}
+    finally:
+        registry.unregister("toy")
+    run = probe.load(paths[0])
+    with pytest.raises(probe.ProbeError, match="'toy' was captured but is not registered"):
+        run[1].state("toy")
+    with pytest.raises(probe.ProbeError, match=r"statistics \['toy'\] that this process has not registered"):
+        probe.merge(paths, tmp_path / "m.h5")

@@ -365,6 +365,21 @@ class Capture:
         """The run of one window (like :meth:`probe.results.run.Run.at`), after the block."""
         return self._need_result().at(step)
 
+    @property
+    def rows(self) -> Any:
+        """The committed windows (like :attr:`probe.results.run.Run.rows`), after the block."""
+        return self._need_result().rows
+
+    @property
+    def total(self) -> Any:
+        """All windows merged (like :attr:`probe.results.run.Run.total`), after the block."""
+        return self._need_result().total
+
+    @property
+    def path(self) -> str | None:
+        """The file written (``out``), or ``None`` for an in-memory capture."""
+        return self.out
+
     def __getitem__(self, name: str) -> Any:
         """One site's view (like ``run[name]`` of a loaded run), after the block."""
         return self._need_result()[name]

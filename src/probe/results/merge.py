@@ -106,6 +106,13 @@ def merge_runs(runs: Sequence[Run], names: Sequence[str] | None = None) -> Run:
     names = list(names or [r.path or f"run {i}" for i, r in enumerate(runs)])
     _refuse_repeats(runs, names)
     first = runs[0]
+    from ..stats._state import SPECS
+
+    unknown = [k for k in first.meta.get("stats") or [] if k not in SPECS and k != "cos"]
+    if unknown:
+        raise ProbeError(f"{names[0]} holds statistics {unknown} that this process has not registered; expected "
+                         "every captured statistic registered, or its data would be dropped from the merge; call "
+                         "probe.stats.register(<its class>) before merging")
     seeds: dict[Any, str] = {}
     for name, run in zip(names, runs):
         diff = differences(_sites(run.meta), _sites(first.meta), "sites")

@@ -24,7 +24,7 @@ from typing import Any, overload
 import numpy as np
 
 from ..errors import ProbeError, closest
-from ..stats._state import WindowState, kway_moments, merge_rows
+from ..stats._state import SPECS, WindowState, kway_moments, merge_rows
 
 __all__ = ["Run", "SiteView", "ChannelView", "PositionView", "SampleView", "CrossView", "NormView", "TOPK_DTYPE",
            "combine_channels", "merge_rows"]
@@ -686,8 +686,34 @@ class SiteView:
 
     def _need(self, kind: str) -> dict[str, np.ndarray]:
         if not self.has(kind):
-            raise not_captured(f"site {self.name!r}", kind, self._meta.get("stats"))
+            stats = self._meta.get("stats") or []
+            if kind in stats and kind not in SPECS:
+                raise ProbeError(f"site {self.name!r}: statistic {kind!r} was captured but is not registered in this "
+                                 f"process; expected its class registered before reading; call "
+                                 f"probe.stats.register(<its class>) before probe.load")
+            raise not_captured(f"site {self.name!r}", kind, stats)
         return self._state[kind]
+
+    def state(self, kind: str) -> dict[str, np.ndarray]:
+        """The raw state of statistic ``kind`` at this site: ``{field: array}`` as its declaration
+        (``probe.stats._state.SPECS[kind]``) names the fields; the way to read a statistic
+        registered with ``probe.stats.register``, which has no view of its own.
+
+        Args:
+            kind: a statistic name.
+
+        Returns:
+            The cumulative state over every window (the arrays are the run's own: do not modify).
+
+        Raises:
+            ProbeError: ``kind`` was not captured at this site, or was captured by a statistic
+                this process has not registered.
+
+        Example:
+            >>> sorted(run[0].state("histogram"))
+            ['counts', 'lossless']
+        """
+        return self._need(kind)
 
     @cached_property
     def channel(self) -> ChannelView:

@@ -77,7 +77,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": tor
 
 
 class Stat(Protocol):
-    """What the capture engine calls on a per-site statistic (``probe.capture.session`` and
+    """What the capture engine calls on a per-site statistic (``probe.capture.engine`` and
     ``probe.capture.kernels``); :class:`StatBase` implements all of it from the declared
     :attr:`spec`, so a new statistic writes only its update.
 
@@ -483,7 +483,7 @@ class Finite:
         """``x`` in float64: on CPU a reused buffer (copy and sum run about twice as fast as a
         reduction with ``dtype=``), from which the float64 row and column sums are taken. One
         buffer per thread: valid while this is the chunk being processed (the statistics of one
-        site's chunk run one after another, see ``Capture._run_sites``)."""
+        site's chunk run one after another, see ``StatEngine._run_sites``)."""
         if self._wide is None:
             if self.x.device.type == "cpu":
                 self._wide = scratch("wide", tuple(self.x.shape), torch.float64).copy_(self.x)
