@@ -417,6 +417,8 @@ def test_scatter_marks_the_stored_extremes(heavy):
         assert (0 if axis == "position" else 3, MASSIVE) in {tuple(p) for p in xy}
         lo, hi = ax.get_ylim()
         assert lo <= xy[:, 1].min() and hi >= MASSIVE
+        # the legend sits outside every panel, so it can cover no marked extreme
+        assert ax.get_legend() is None and len(figs[file].legends) == 1
 
 
 def _clipped(im) -> int:

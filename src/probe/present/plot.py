@@ -664,8 +664,9 @@ def _scatter(run: Run, out: _Out, opts: dict) -> list[str]:
         for ax in axes[len(chosen):]:
             ax.set_visible(False)
         axes[0].set_ylabel("activation value (asinh: linear within ±std)", fontsize=8)
-        if axes[0].get_legend_handles_labels()[0]:
-            axes[0].legend(fontsize=7, loc="best", markerscale=1.0)
+        handles, names = axes[0].get_legend_handles_labels()
+        if handles:  # outside the panels: inside one, the legend would cover the extremes it names
+            fig.legend(handles, names, fontsize=7, loc="outside lower center", ncol=len(handles), markerscale=1.0)
         skip = run.meta.get("skip_first", 0)
         kept = f"first {skip} position(s) not sampled (skip_first)" if skip else "every real token"
         fig.suptitle(f"Uniform sample of kept values vs {x_name} ({kept}); {len(chosen)} of {len(found)} sites "
