@@ -67,6 +67,30 @@ def _tp_plan(layers: int = 2) -> dict:
     return plan
 
 
+def _sp_plan(layers: int = 2) -> dict:
+    """Sequence parallel (torch's Llama recipe): the stream between the blocks is Shard(1)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel)
+
+    plan = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
+                                                  use_local_output=False),
+            "model.norm": SequenceParallel(),
+            "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        plan[p + "input_layernorm"] = SequenceParallel()
+        plan[p + "post_attention_layernorm"] = SequenceParallel()
+        plan[p + "self_attn"] = PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                                                   desired_input_kwarg_layouts={"hidden_states": Replicate()})
+        plan[p + "mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            plan[p + name] = ColwiseParallel()
+        plan[p + "self_attn.o_proj"] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+        plan[p + "mlp.down_proj"] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+    return plan
+
+
 def _setup(mode: str, rank: int, world: int):
     """The model as ``mode`` lays it out, the capture's ``parallel=`` and this rank's batches."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -78,6 +102,9 @@ def _setup(mode: str, rank: int, world: int):
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
         parallelize_module(model, mesh, _tp_plan())
         layout = Layout.from_plan(mesh, _tp_plan())
+    elif mode == "sp":
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+        parallelize_module(model, mesh, _sp_plan())
     elif mode == "dp_tp":
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
         parallelize_module(model, mesh["tp"], _tp_plan())
@@ -104,7 +131,7 @@ def _worker(rank: int, world: int, port: int, folder: str, mode: str, linear: bo
         with probe.capture(model, os.path.join(folder, "par.h5"), parallel=layout, seed=5, **options):
             for i in batches:
                 with torch.no_grad():
-                    model(input_ids=data[i][0], attention_mask=data[i][1])
+                    model(input_ids=data[i][0], attention_mask=data[i][1], use_cache=False)
         dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(folder, f"error{rank}.txt"), "w") as f:
@@ -210,6 +237,16 @@ def test_tensor_parallel_linear_inputs(tmp_path):
 
 
 @pytest.mark.slow
+def test_sequence_parallel(tmp_path):
+    _check(tmp_path, 2, "sp", False, {"hidden_states.0": "tokens", "hidden_states.2": "tokens"})
+
+
+@pytest.mark.slow
+def test_sequence_parallel_linear_inputs(tmp_path):
+    _check(tmp_path, 2, "sp", True, {"q_proj": "replicate", "o_proj": "features"})
+
+
+@pytest.mark.slow
 def test_fsdp2(tmp_path):
     _check(tmp_path, 2, "fsdp", False, {})
 
@@ -227,3 +264,83 @@ def test_data_and_tensor_parallel(tmp_path):
 @pytest.mark.slow
 def test_data_and_tensor_parallel_linear_inputs(tmp_path):
     _check(tmp_path, 4, "dp_tp", True, {"down_proj": "features", "up_proj": "replicate"})
+
+
+# ------------------------------------------------------------------ one process: the algebra, refusals
+class _Emit(torch.nn.Module):
+    """Emits a fixed ``[b, t, d]`` tensor through a named submodule (the site)."""
+
+    def __init__(self, x):
+        super().__init__()
+        self.x = x
+        self.site = torch.nn.Identity()
+
+    def forward(self, ids, attention_mask=None):
+        return self.site(self.x)
+
+
+def _capture_piece(x, mask, stats):
+    model = _Emit(x)
+    ids = torch.zeros(x.shape[:2], dtype=torch.long)
+    with probe.capture(model, sites=["site"], stats=stats, distributed=False, seed=3, max_positions=16,
+                       sample_size=32) as run:
+        model(ids, attention_mask=mask)
+    return run.result.total.sites["site"]
+
+
+def test_feature_shards_merge_to_the_whole():
+    """Two channel halves captured apart, widened at their offsets (the exit step of a features site)
+    and merged, equal the whole tensor's capture: exact for every count, extreme, histogram bucket,
+    top-k entry (global channels) and location; float64 fields to the moments' float32 arithmetic,
+    and both within it of float64 numpy."""
+    from probe.capture.parallel import _widen
+    from probe.stats._state import merge_states
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 11, 32, generator=g) * torch.linspace(0.1, 4, 32)
+    x[1, 4, 27] = 50.0  # the absmax lies in the second shard
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[2, 7:] = 0
+    stats = ("moments", "position", "histogram", "topk", "sample")
+    whole = _capture_piece(x, mask, stats)
+    parts = [_capture_piece(x[..., :16].contiguous(), mask, stats), _capture_piece(x[..., 16:].contiguous(), mask,
+                                                                                     stats)]
+    for kind in stats:
+        merged = merge_states(kind, [_widen(kind, p[kind], 16 * j, 32, j == 0) for j, p in enumerate(parts)])
+        for f in SPECS[kind].fields:
+            got, want = np.asarray(merged[f.name]), np.asarray(whole[kind][f.name])
+            if kind == "sample":
+                if f.name == "channel":
+                    assert set(got[got >= 0]) <= set(range(32)) and (got >= 16).any()
+                continue
+            if f.dtype == "float64":
+                _close(got, want, f"{kind}.{f.name}", FEATURES_RTOL)
+            else:
+                np.testing.assert_array_equal(got, want, err_msg=f"{kind}.{f.name}")
+    assert tuple(whole["moments"]["absmax_at"][[1, 2]]) == (4, 27)
+    kept = x.double().numpy()[mask.bool().numpy()]  # [tokens, 32]
+    np.testing.assert_allclose(merged_m2 := merge_states("moments", [_widen("moments", p["moments"], 16 * j, 32, j == 0)
+                                                          for j, p in enumerate(parts)])["m2"],
+                               ((kept - kept.mean(0)) ** 2).sum(0), rtol=FEATURES_RTOL)
+    assert merged_m2.shape == (32,)
+
+
+def test_layout_is_checked():
+    from probe.capture.parallel import check_layout
+
+    assert check_layout(None) is None
+    lay = check_layout({"hidden_states.*": "replicate"})
+    assert lay.kind_of("hidden_states.3", "model.layers.2") == "replicate"
+    assert lay.kind_of("model.layers.0.mlp.down_proj", "model.layers.0.mlp.down_proj") is None
+    assert Layout(None, {"model.layers.*": "tokens"}).kind_of("hidden_states.1", "model.layers.0") == "tokens"
+    with pytest.raises(probe.ProbeError, match="placement of 'hidden_states.\\*' must be one of"):
+        check_layout({"hidden_states.*": "sharded"})
+    with pytest.raises(probe.ProbeError, match="parallel must be a probe.capture.parallel.Layout"):
+        check_layout(["hidden_states.*"])
+    with pytest.raises(probe.ProbeError, match="group must be a ProcessGroup"):
+        check_layout(Layout(group="tp"))
+    with pytest.raises(probe.ProbeError, match="placement of 'default'"):
+        check_layout(Layout(None, {}, default="rows"))  # type: ignore[arg-type]
+    model = _Emit(torch.zeros(1, 2, 4))
+    with pytest.raises(probe.ProbeError, match="placement of"):
+        probe.capture(model, sites=["site"], parallel={"site": "both"})
