@@ -120,18 +120,28 @@ def _setup(mode: str, rank: int, world: int):
     return model, layout, batches
 
 
-def _worker(rank: int, world: int, port: int, folder: str, mode: str, linear: bool) -> None:
+def _worker(rank: int, world: int, port: int, folder: str, mode: str, jobs: tuple[str, ...]) -> None:
     try:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=TIMEOUT))
         model, layout, batches = _setup(mode, rank, world)
         data = _batches()
-        options = LINEAR if linear else OPTIONS
-        with probe.capture(model, os.path.join(folder, "par.h5"), parallel=layout, seed=5, **options):
-            for i in batches:
-                with torch.no_grad():
-                    model(input_ids=data[i][0], attention_mask=data[i][1], use_cache=False)
+        for job in jobs:
+            if job == "refuse":  # a plain tensor in a TP model, no layout: its placement is unknown
+                try:
+                    with probe.capture(model, strict=True, **OPTIONS):
+                        with torch.no_grad():
+                            model(input_ids=data[0][0], attention_mask=data[0][1])
+                except probe.ProbeError as err:
+                    with open(os.path.join(folder, f"refused{rank}.txt"), "w") as f:
+                        f.write(str(err))
+                continue
+            options = LINEAR if job == "linear" else OPTIONS
+            with probe.capture(model, os.path.join(folder, f"{job}.h5"), parallel=layout, seed=5, **options):
+                for i in batches:
+                    with torch.no_grad():
+                        model(input_ids=data[i][0], attention_mask=data[i][1], use_cache=False)
         dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(folder, f"error{rank}.txt"), "w") as f:
@@ -145,8 +155,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(world: int, folder, mode: str, linear: bool) -> None:
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(folder), mode, linear), nprocs=world,
+def _spawn(world: int, folder, mode: str, jobs: tuple[str, ...]) -> None:
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(folder), mode, jobs), nprocs=world,
                              join=False, start_method="spawn")
     try:
         while not ctx.join(timeout=3 * TIMEOUT):
@@ -182,11 +192,13 @@ def _close(got, want, what: str, rtol: float = 1e-12) -> None:
         assert np.all(err <= rtol * (np.abs(want[finite]) + scale)), (what, float(err.max()))
 
 
-#: float64 fields at a features site: the per-chunk moments form float32 powers and sum them with
-#: torch's blocked reductions, whose order depends on the tensor's width (32 channels against a
-#: shard's 16), so they agree to float32 arithmetic, ~1e-7 relative, the moments' own guarantee
-#: against float64 (docs/statistics.md) — not to 1e-12 (measured below in test_feature_width_rounding)
-FEATURES_RTOL = 1e-6
+#: float64 fields at a sharded (features or tokens) site: the per-chunk moments form float32
+#: deviations from the chunk's float32 center and sum their powers with torch's blocked float32
+#: reductions; a shard is another chunk (16 of 32 channels: another reduction order; half the tokens:
+#: another center), so they agree to float32 arithmetic, ~1e-7 relative, the moments' own guarantee
+#: against float64 (docs/statistics.md), not to 1e-12 (test_feature_shards_merge_to_the_whole checks
+#: both against float64 numpy)
+SHARD_RTOL = 1e-6
 
 
 def _compare(run, ref, rows_differ: bool) -> None:
@@ -195,7 +207,7 @@ def _compare(run, ref, rows_differ: bool) -> None:
     got_all, want_all = run.total, ref.total
     placed = run.meta["parallel"].get("placements", {})
     for name in ref.sites:
-        rtol = FEATURES_RTOL if placed.get(name) == "features" else 1e-12
+        rtol = SHARD_RTOL if placed.get(name) in ("features", "tokens") else 1e-12
         for kind, want in want_all.sites[name].items():
             got = got_all.sites[name][kind]
             assert set(got) == set(want), (name, kind)
@@ -217,53 +229,50 @@ def _compare(run, ref, rows_differ: bool) -> None:
         _close(run.cross.r2, ref.cross.r2, "cross.r2")
 
 
-def _check(tmp_path, world: int, mode: str, linear: bool, placements: dict) -> None:
-    _spawn(world, tmp_path, mode, linear)
-    run = probe.load(tmp_path / "par.h5")
-    _compare(run, _reference(linear), rows_differ=mode in ("dp_tp", "fsdp"))
-    meta = run.meta["parallel"]
-    assert meta["world_size"] == world
-    for pattern, kind in placements.items():
-        hits = {k for n, k in meta["placements"].items() if n.endswith(pattern)}
-        assert hits == {kind}, (pattern, meta["placements"])
+def _check(tmp_path, world: int, mode: str, jobs: dict[str, dict]) -> None:
+    """Spawn ``world`` ranks laid out as ``mode``; each job (``"hidden"``, ``"linear"``) is captured
+    and compared with one process; ``placements``: site-name suffix -> the placement the file records."""
+    _spawn(world, tmp_path, mode, tuple(jobs))
+    for job, placements in jobs.items():
+        if job == "refuse":
+            continue
+        linear = job == "linear"
+        run = probe.load(tmp_path / f"{job}.h5")
+        _compare(run, _reference(linear), rows_differ=mode in ("dp_tp", "fsdp"))
+        meta = run.meta["parallel"]
+        assert meta["world_size"] == world
+        for pattern, kind in placements.items():
+            hits = {k for n, k in meta["placements"].items() if n.endswith(pattern)}
+            assert hits == {kind}, (pattern, meta["placements"])
 
 
-def test_tensor_parallel_hidden_states(tmp_path):
-    _check(tmp_path, 2, "tp", False, {"hidden_states.0": "replicate", "hidden_states.2": "replicate"})
-
-
-def test_tensor_parallel_linear_inputs(tmp_path):
-    _check(tmp_path, 2, "tp", True, {"o_proj": "features", "down_proj": "features", "q_proj": "replicate"})
+def test_tensor_parallel(tmp_path):
+    """TP=2, colwise/rowwise plan: the residual stream described as replicated, the linear inputs from
+    their DTensors (rowwise inputs feature shards), and a plain site with no layout refused."""
+    _check(tmp_path, 2, "tp", {"hidden": {"hidden_states.0": "replicate", "hidden_states.2": "replicate"},
+                               "linear": {"o_proj": "features", "down_proj": "features", "q_proj": "replicate"},
+                               "refuse": {}})
+    for rank in range(2):
+        message = (tmp_path / f"refused{rank}.txt").read_text()
+        assert "plain tensor inside a tensor-parallel model" in message and "parallel=Layout" in message
+        assert "\n" not in message
 
 
 @pytest.mark.slow
 def test_sequence_parallel(tmp_path):
-    _check(tmp_path, 2, "sp", False, {"hidden_states.0": "tokens", "hidden_states.2": "tokens"})
-
-
-@pytest.mark.slow
-def test_sequence_parallel_linear_inputs(tmp_path):
-    _check(tmp_path, 2, "sp", True, {"q_proj": "replicate", "o_proj": "features"})
+    _check(tmp_path, 2, "sp", {"hidden": {"hidden_states.0": "tokens", "hidden_states.2": "tokens"},
+                               "linear": {"q_proj": "replicate", "o_proj": "features"}})
 
 
 @pytest.mark.slow
 def test_fsdp2(tmp_path):
-    _check(tmp_path, 2, "fsdp", False, {})
-
-
-@pytest.mark.slow
-def test_fsdp2_linear_inputs(tmp_path):
-    _check(tmp_path, 2, "fsdp", True, {})
+    _check(tmp_path, 2, "fsdp", {"hidden": {}, "linear": {}})
 
 
 @pytest.mark.slow
 def test_data_and_tensor_parallel(tmp_path):
-    _check(tmp_path, 4, "dp_tp", False, {"hidden_states.1": "replicate"})
-
-
-@pytest.mark.slow
-def test_data_and_tensor_parallel_linear_inputs(tmp_path):
-    _check(tmp_path, 4, "dp_tp", True, {"down_proj": "features", "up_proj": "replicate"})
+    _check(tmp_path, 4, "dp_tp", {"hidden": {"hidden_states.1": "replicate"},
+                                  "linear": {"down_proj": "features", "up_proj": "replicate"}})
 
 
 # ------------------------------------------------------------------ one process: the algebra, refusals
@@ -314,14 +323,14 @@ def test_feature_shards_merge_to_the_whole():
                     assert set(got[got >= 0]) <= set(range(32)) and (got >= 16).any()
                 continue
             if f.dtype == "float64":
-                _close(got, want, f"{kind}.{f.name}", FEATURES_RTOL)
+                _close(got, want, f"{kind}.{f.name}", SHARD_RTOL)
             else:
                 np.testing.assert_array_equal(got, want, err_msg=f"{kind}.{f.name}")
     assert tuple(whole["moments"]["absmax_at"][[1, 2]]) == (4, 27)
     kept = x.double().numpy()[mask.bool().numpy()]  # [tokens, 32]
     np.testing.assert_allclose(merged_m2 := merge_states("moments", [_widen("moments", p["moments"], 16 * j, 32, j == 0)
                                                           for j, p in enumerate(parts)])["m2"],
-                               ((kept - kept.mean(0)) ** 2).sum(0), rtol=FEATURES_RTOL)
+                               ((kept - kept.mean(0)) ** 2).sum(0), rtol=SHARD_RTOL)
     assert merged_m2.shape == (32,)
 
 
