@@ -199,6 +199,9 @@ class Placements:
         self.modules = modules
         self.stats = stats
         self.on = distributed
+        from torch.distributed.tensor import DTensor
+
+        self._dtensor = DTensor
         self.tp = distributed and _tp_modules(model)
         self.sites: dict[int, Placement] = {}
         self._group = _group_of(layout.group) if (layout is not None and distributed) else None
@@ -215,10 +218,8 @@ class Placements:
                 (last), a plain tensor in a tensor-parallel model that no layout describes, or
                 ``"norm"``/``"cos"`` at a features site.
         """
-        from torch.distributed.tensor import DTensor
-
         found: Placement | None
-        if isinstance(x, DTensor):
+        if isinstance(x, self._dtensor):
             found = self._from_dtensor(x)
             x = x.to_local()
         else:

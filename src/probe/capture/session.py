@@ -128,7 +128,7 @@ def capture(
             ``torch.profiler.schedule(...)`` (``RECORD`` steps are recorded). The other forwards
             cost a flag check per hook: no tensor is read. They still count toward ``every``
             and the step labels, not toward ``absmax_at``'s rows. ``None`` records every forward.
-        parallel: under tensor, sequence or pipeline parallelism, which part of each plain site
+        parallel: under tensor or sequence parallelism, which part of each plain site
             tensor this rank holds: a :class:`probe.capture.parallel.Layout` (the group, and globs
             over site names -> ``"replicate"``, ``"tokens"``, ``"features"`` or ``"data"``). DTensor
             sites carry their own placements. Every global element is counted once; see
@@ -210,7 +210,7 @@ class Capture:
                                   placements=self._placements)
         self._forwards = Forwards(self._hooks, self._names, self._engine, self._recorder, options,
                                   forward_signature(model))
-        self._forwards.placements = self._placements
+        self._forwards.placements = self._placements if options.world > 1 else None
 
     # ------------------------------------------------------------------------ description
     @property
