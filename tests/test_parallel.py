@@ -190,7 +190,9 @@ def _close(got, want, what: str, rtol: float = 1e-12, tag: tuple[str, str] = (""
     if finite.any():
         scale = np.abs(want[finite]).max()
         err = np.abs(got[finite] - want[finite])
-        WORST[tag] = max(WORST.get(tag, 0.0), float((err / (np.abs(want[finite]) + scale)).max()))
+        denominator = np.abs(want[finite]) + scale
+        ratio = np.divide(err, denominator, out=np.zeros_like(err), where=denominator > 0)
+        WORST[tag] = max(WORST.get(tag, 0.0), float(ratio.max()))
         assert np.all(err <= rtol * (np.abs(want[finite]) + scale)), (what, float(err.max()))
 
 

@@ -220,7 +220,7 @@ class Placements:
         """
         found: Placement | None
         if isinstance(x, self._dtensor):
-            found = self._from_dtensor(x)
+            found = self.sites.get(i) or self._from_dtensor(x)  # a site's placement is found once
             x = x.to_local()
         else:
             if not self.on:
