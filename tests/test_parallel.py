@@ -137,6 +137,17 @@ def _worker(rank: int, world: int, port: int, folder: str, mode: str, jobs: tupl
                     with open(os.path.join(folder, f"refused{rank}.txt"), "w") as f:
                         f.write(str(err))
                 continue
+            if job == "mixed":  # cross-layer sites of different placements: the statistic is left out
+                import warnings
+
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    with probe.capture(model, parallel=layout, **{**LINEAR, "stats": ("moments", "cross")}) as run:
+                        with torch.no_grad():
+                            model(input_ids=data[0][0], attention_mask=data[0][1], use_cache=False)
+                with open(os.path.join(folder, f"mixed{rank}.txt"), "w") as f:
+                    f.write(f"{dict(run.result.total.cross)!r}\n" + "\n".join(str(w.message) for w in caught))
+                continue
             options = LINEAR if job == "linear" else OPTIONS
             with probe.capture(model, os.path.join(folder, f"{job}.h5"), parallel=layout, seed=5, **options):
                 # compiled inside the block, as probe asks: its hooks run eagerly at graph breaks
@@ -238,7 +249,7 @@ def _check(tmp_path, world: int, mode: str, jobs: dict[str, dict]) -> None:
     and compared with one process; ``placements``: site-name suffix -> the placement the file records."""
     _spawn(world, tmp_path, mode, tuple(jobs))
     for job, placements in jobs.items():
-        if job == "refuse":
+        if job in ("refuse", "mixed"):
             continue
         linear = job == "linear"
         run = probe.load(tmp_path / f"{job}.h5")
@@ -268,7 +279,11 @@ def test_tensor_parallel(tmp_path):
 @pytest.mark.slow
 def test_sequence_parallel(tmp_path):
     _check(tmp_path, 2, "sp", {"hidden": {"hidden_states.0": "tokens", "hidden_states.2": "tokens"},
-                               "linear": {"q_proj": "replicate", "o_proj": "features"}})
+                               "linear": {"q_proj": "replicate", "o_proj": "features"}, "mixed": {}})
+    for rank in range(2):
+        cross, *messages = (tmp_path / f"mixed{rank}.txt").read_text().split("\n")
+        assert cross == "{}"
+        assert any("cross-layer sites have different placements" in m for m in messages), messages
 
 
 @pytest.mark.slow

@@ -199,9 +199,11 @@ class Placements:
         self.modules = modules
         self.stats = stats
         self.on = distributed
-        from torch.distributed.tensor import DTensor
+        self._dtensor: Any = ()  # the DTensor class under torch.distributed (isinstance of () is False)
+        if distributed:
+            from torch.distributed.tensor import DTensor
 
-        self._dtensor = DTensor
+            self._dtensor = DTensor
         self.tp = distributed and _tp_modules(model)
         self.sites: dict[int, Placement] = {}
         self._group = _group_of(layout.group) if (layout is not None and distributed) else None
@@ -392,6 +394,11 @@ class Placements:
                         if "D" in f.shape and f.name in st:
                             out[i] = int(np.asarray(st[f.name]).shape[f.shape.index("D")])
         return out
+
+    def mixed(self, names: list[str]) -> list[str] | None:
+        """The placements of ``names`` (agreed by :meth:`localize`) when they are not all one, else ``None``."""
+        kinds = sorted({self.agreed.get(name.split("@")[0], ("data", 1))[0] for name in names})
+        return kinds if len(kinds) > 1 else None
 
     def describe(self) -> dict[str, Any]:
         """The layout the file records (``meta["parallel"]``): per site its placement and group size."""

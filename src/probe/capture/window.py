@@ -222,6 +222,12 @@ class Recorder:
         rows = self.rows
         if self.placements is not None:  # each rank's part of the global tensors, disjoint
             rows = self.placements.localize(rows, device)
+            mixed = self.placements.mixed(cross.sites) if cross is not None else None
+            if mixed:  # the same on every rank (the placements were agreed)
+                warnings.warn(f"probe: the cross-layer sites have different placements across ranks ({mixed}), so "
+                              "their tokens do not pair up; the cross-layer statistic is left out of this run; "
+                              "capture sites of one placement with it (docs/distributed.md)", stacklevel=5)
+                rows = [WindowState(r.step, r.sites, {}) for r in rows]
         return sync.merge_windows(rows, self.names, [k for k in stats if k not in ("cross", "cos")],
                                   "cross" in stats, device)
 
