@@ -380,3 +380,30 @@ def test_layout_is_checked():
     model = _Emit(torch.zeros(1, 2, 4))
     with pytest.raises(probe.ProbeError, match="placement of"):
         probe.capture(model, sites=["site"], parallel={"site": "both"})
+
+
+def test_token_shards_take_their_slice_of_the_tokens():
+    """A token shard's tokens are its torch.chunk columns of the whole call's: mask, kept tokens
+    (skip_first counted on the whole sequence), absolute positions, rows and ids; a shard of the
+    wrong length is refused."""
+    from probe.capture.parallel import Placement, Placements
+    from probe.capture.tokens import TokenContext, read_call
+    from probe.errors import SiteError
+
+    ids = torch.arange(20).reshape(2, 10) + 3
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    context = TokenContext(1, 5, 1, 7)
+    context.calls[""] = read_call({"input_ids": ids, "attention_mask": mask})
+    placements = Placements(torch.nn.Module(), None, ["a"], ["a"], (), False)
+    whole = context.tokens("", 2, 10, torch.device("cpu"))
+    starts = [0, 4, 8]  # torch.chunk of 10 in 3: 4, 4, 2
+    for index, start in enumerate(starts):
+        t = min(4, 10 - start)
+        got = placements.tokens(context, "", 2, t, torch.device("cpu"), Placement("tokens", index, 3))
+        for field in ("valid", "keep", "position", "row", "token"):
+            want = getattr(whole, field).reshape(2, 10)[:, start:start + t].reshape(-1)
+            assert torch.equal(getattr(got, field), want), (index, field)
+    assert got.position.tolist() == [8, 9, 6, 6] and got.valid.tolist() == [True, True, False, False]
+    with pytest.raises(SiteError, match="holds 3 of 10 tokens, not the torch.chunk share 4"):
+        placements.tokens(context, "", 2, 3, torch.device("cpu"), Placement("tokens", 0, 3))
