@@ -288,7 +288,7 @@ def test_sequence_parallel(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp2(tmp_path):
-    _check(tmp_path, 2, "fsdp", {"hidden": {}, "linear": {}})
+    _check(tmp_path, 2, "fsdp", {"hidden": {"hidden_states.1": "data"}, "linear": {"o_proj": "data"}})
 
 
 @pytest.mark.slow

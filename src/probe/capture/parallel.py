@@ -248,7 +248,7 @@ class Placements:
                 raise SiteError("the tensor is a plain tensor inside a tensor-parallel model, so which part of the "
                                 "global tensor this rank holds cannot be known; pass capture(parallel=Layout(mesh, "
                                 f"{{{name!r}: 'replicate' | 'tokens' | 'features'}})) (see docs/distributed.md)")
-            return None
+            return Placement("data")  # each rank's own rows (data parallel, FSDP2)
         if kind == "data":
             return Placement("data")
         index, size, leader = _member(self._group)
