@@ -1,7 +1,12 @@
 """Capture under torch.distributed: every rank sees its shard, rank 0 writes one merged file.
 
     torchrun --nproc-per-node 2 examples/distributed.py -o dist.h5
+    torchrun --nproc-per-node 2 examples/distributed.py -o tp.h5 --tp   # tensor parallel instead
     python examples/distributed.py -o single.h5      # the same data in one process
+
+With ``--tp`` the ranks form one tensor-parallel group (a colwise/rowwise plan over every block)
+and all see every batch; the residual stream is replicated on them, so it is described with
+``Layout.from_plan`` and counted once (docs/distributed.md); the file equals the one-process one.
 
 Ranks may run different numbers of batches (``--batches 9`` on 2 ranks gives 5 and 4): each
 rank keeps its windows, labelled by step, and at the end of the ``with`` block all ranks merge
@@ -30,6 +35,26 @@ def build_model() -> torch.nn.Module:
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+def tensor_parallel(model: torch.nn.Module):
+    """Shard every block's linear layers over all ranks (colwise in, rowwise out); the layout to
+    pass to ``probe.capture(parallel=...)``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from probe.capture.parallel import Layout
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    plan = {}
+    for i in range(len(model.model.layers)):
+        p = f"model.layers.{i}."
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            plan[p + name] = ColwiseParallel()
+        plan[p + "self_attn.o_proj"] = RowwiseParallel()
+        plan[p + "mlp.down_proj"] = RowwiseParallel()
+    parallelize_module(model, mesh, plan)
+    return Layout.from_plan(mesh, plan)
+
+
 def batches(n: int):
     """The whole dataset: n padded batches, identical in every process."""
     g = torch.Generator().manual_seed(1)
@@ -45,14 +70,16 @@ def main() -> None:
     parser.add_argument("-o", "--out", default="dist.h5")
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--every", type=int, default=None, help="commit a window every N forwards per rank")
+    parser.add_argument("--tp", action="store_true", help="tensor parallel over all ranks instead of data parallel")
     args = parser.parse_args()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model = build_model()
-    with probe.capture(model, args.out, skip_first=1, every=args.every, overwrite=True) as run:
+    layout = tensor_parallel(model) if args.tp and world > 1 else None
+    with probe.capture(model, args.out, skip_first=1, every=args.every, overwrite=True, parallel=layout) as run:
         for i, (ids, mask) in enumerate(batches(args.batches)):
-            if i % world == rank:  # this rank's shard
+            if layout is not None or i % world == rank:  # tensor parallel: every batch; else this rank's shard
                 with torch.no_grad():
                     model(input_ids=ids, attention_mask=mask)
     if rank == 0:

@@ -51,6 +51,7 @@ from ..stats import _base as _stats_base
 from .engine import StatEngine
 from .hooks import HookSet, token_source
 from .options import CaptureOptions
+from .parallel import Placements
 from .sites import discovering
 from .tokens import TokenContext, read_call
 
@@ -179,6 +180,8 @@ class Forwards:
         self._codes = _forward_codes(hooks.model)
         self._opener_calls = 0  # calls of the opening module in the forward it opened, so far
         self._opener_whole: int | None = None  # ... and in the last one that ended
+        #: which part of each site's global tensor this rank holds (:mod:`probe.capture.parallel`)
+        self.placements: Placements | None = None
 
     def _foreign_thread(self) -> bool:
         """Statistics are not thread-safe: forwards on threads other than the one that entered are
@@ -417,6 +420,12 @@ class Forwards:
     def _stage(self, i: int, name: str, x: Any, context: TokenContext) -> None:
         """Check and lay out the site's tensor, find its tokens; keep it until the forward ends."""
         site = self._defs[i]
+        place, length, placements = None, None, self.placements
+        if placements is not None and isinstance(x, Tensor):  # a DTensor, or a described plain tensor
+            length = x.shape[1] if x.dim() > 1 and type(x) is not Tensor else None  # a DTensor's global length
+            x, place = placements.local(i, x)
+            if place is not None and not place.counts:
+                return  # another rank of its group counts this replica
         if isinstance(x, Tensor) and x.is_nested:
             x = self._unnest(i, x, context)
         if not isinstance(x, Tensor):
@@ -433,7 +442,10 @@ class Forwards:
             x = x.permute(site.layout)
         self.dtypes.setdefault(site.name, str(x.dtype).replace("torch.", ""))
         b, t = x.shape[0], x.shape[1]
-        tokens = context.tokens(self._sources[i], b, t, x.device)
+        if placements is not None and place is not None and place.kind == "tokens":
+            tokens = placements.tokens(context, self._sources[i], b, t, x.device, place, length)
+        else:
+            tokens = context.tokens(self._sources[i], b, t, x.device)
         shape = (b * t, x.shape[2:].numel())
         real = self._real.get(i)
         count = tokens.cache.get("real")

@@ -21,6 +21,7 @@ from typing import Any, Literal, cast
 
 from .. import stats as _stats
 from ..errors import ProbeError
+from .parallel import Layout, check_layout
 from .schedule import as_schedule
 from .sites import Site, SiteSpec
 
@@ -102,6 +103,8 @@ class CaptureOptions:
     strict: bool
     compile: bool | None
     schedule: Callable[[int], bool] | None
+    #: ``capture(parallel=...)``: how plain site tensors are placed across ranks (:mod:`probe.capture.parallel`)
+    parallel: Layout | None = None
 
     @classmethod
     def create(
@@ -123,6 +126,7 @@ class CaptureOptions:
         strict: bool = False,
         compile: bool | None = None,
         schedule: Any = None,
+        parallel: Any = None,
     ) -> CaptureOptions:
         """Validate the arguments of :func:`probe.capture` (documented there).
 
@@ -133,7 +137,8 @@ class CaptureOptions:
         Raises:
             ProbeError: an argument out of range or of the wrong type, unknown statistics,
                 ``'cos'`` without ``'cross'``, a schedule that does not answer ``schedule(0)``,
-                ``distributed=True`` without an initialised process group.
+                ``distributed=True`` without an initialised process group, a ``parallel`` that is
+                not a :class:`probe.capture.parallel.Layout` (or a dict glob -> placement).
         """
         checked_schedule = as_schedule(schedule)
         checked_every = None if every is None else check_int("every", every, 1, "pass None to commit once at the end")
@@ -149,13 +154,14 @@ class CaptureOptions:
         bits = check_int("histogram_bits", histogram_bits, 0, "pass 7")
         _stats.Histogram(bits)  # validates the range
         names = _stat_names(stats)
+        layout = check_layout(parallel)
         if compile not in (None, True, False):
             raise ProbeError(f"compile must be None, True or False; got {compile!r}; "
                              "pass None to compile on accelerators only")
         return cls(out=None if out is None else os.fspath(out), sites=sites, stats=names,
                    default_stats=stats is None, histogram_bits=bits, seed=drawn, every=checked_every,
                    phases=bool(phases), rank=rank, world=world, overwrite=overwrite, strict=bool(strict),
-                   compile=compile, schedule=checked_schedule, **checked)
+                   compile=compile, schedule=checked_schedule, parallel=layout, **checked)
 
     def for_sites(self, sites: list[Site]) -> CaptureOptions:
         """The options for the resolved ``sites``: when ``stats`` was not given and every site is a

@@ -38,6 +38,7 @@ from .engine import StatEngine
 from .forward import Forwards, forward_signature
 from .hooks import Handle, HookSet
 from .options import CaptureOptions, StatName
+from .parallel import Placements
 from .sites import Site, SiteSpec, resolve
 from .window import Recorder
 
@@ -63,6 +64,7 @@ def capture(
     strict: bool = False,
     compile: bool | None = None,
     schedule: Any = None,
+    parallel: Any = None,
 ) -> Capture:
     """Capture streaming statistics of ``model``'s activations inside a ``with`` block.
 
@@ -126,6 +128,12 @@ def capture(
             ``torch.profiler.schedule(...)`` (``RECORD`` steps are recorded). The other forwards
             cost a flag check per hook: no tensor is read. They still count toward ``every``
             and the step labels, not toward ``absmax_at``'s rows. ``None`` records every forward.
+        parallel: under tensor or sequence parallelism, which part of each plain site
+            tensor this rank holds: a :class:`probe.capture.parallel.Layout` (the group, and globs
+            over site names -> ``"replicate"``, ``"tokens"``, ``"features"`` or ``"data"``). DTensor
+            sites carry their own placements. Every global element is counted once; see
+            docs/distributed.md. ``None``: plain sites are each rank's own data (refused in a model
+            with tensor-parallel modules).
 
     Returns:
         A :class:`Capture`; use it as a context manager. After the block it answers like
@@ -153,7 +161,7 @@ def capture(
                                     max_positions=max_positions, histogram_bits=histogram_bits,
                                     sample_size=sample_size, cross_budget=cross_budget, seed=seed, every=every,
                                     phases=phases, distributed=distributed, overwrite=overwrite, strict=strict,
-                                    compile=compile, schedule=schedule)
+                                    compile=compile, schedule=schedule, parallel=parallel)
     return Capture(model, options)
 
 
@@ -196,9 +204,13 @@ class Capture:
             store.check_writable(options.out, options.overwrite)
         self._active = False
         self._engine = StatEngine(options, self._defs, self.sites)
-        self._recorder = Recorder(options, self._engine, self.sites, describe=lambda: self.meta)
+        self._placements = Placements(model, options.parallel, [s.name for s in self._defs],
+                                      [s.module for s in self._defs], options.stats, options.world > 1)
+        self._recorder = Recorder(options, self._engine, self.sites, describe=lambda: self.meta,
+                                  placements=self._placements)
         self._forwards = Forwards(self._hooks, self._names, self._engine, self._recorder, options,
                                   forward_signature(model))
+        self._forwards.placements = self._placements if options.world > 1 else None
 
     # ------------------------------------------------------------------------ description
     @property

@@ -600,6 +600,8 @@ def _match(target: Tensor, records: list[_Record]) -> tuple[_Record, tuple[int, 
         t = r.tensor
         if t.is_nested or _version(t) != r.version or t.dtype != target.dtype or t.dim() != target.dim():
             continue
+        if type(t) is not type(target) and t is not target:  # a DTensor compares only with DTensors
+            continue
         layout: tuple[int, ...] | None = None
         same = t is target
         if not same:

@@ -33,6 +33,7 @@ from ..errors import ProbeError
 from ..stats._state import WindowState
 from .engine import StatEngine
 from .options import CaptureOptions
+from .parallel import Placements
 
 __all__ = ["Recorder"]
 
@@ -49,11 +50,13 @@ class Recorder:
     """
 
     def __init__(self, options: CaptureOptions, engine: StatEngine, names: list[str],
-                 describe: Callable[[], dict[str, Any]]) -> None:
+                 describe: Callable[[], dict[str, Any]], placements: Placements | None = None) -> None:
         self.options = options
         self.engine = engine
         self.names = names
-        self._describe = describe
+        self._description = describe
+        #: each site's placement across ranks (:mod:`probe.capture.parallel`), agreed at exit
+        self.placements = placements
         #: the sample seed the description records: rank 0's once the ranks merged
         self.seed = options.seed
         #: forwards of the model so far, the ones the schedule skips included
@@ -71,6 +74,15 @@ class Recorder:
         #: where the windows went when ``out`` could not take them all (``None``: all in ``out``)
         self.recovered: str | None = None
         self._warned = False
+
+    def _describe(self) -> dict[str, Any]:
+        """The run's description, with the parallel layout it was captured under (``meta["parallel"]``:
+        the world size and, once the ranks agreed at exit, each site's placement and group size)."""
+        meta = self._description()
+        if self.options.world > 1 and "parallel" not in meta:
+            placed = self.placements.describe() if self.placements is not None else {}
+            meta["parallel"] = {"world_size": self.options.world, **placed}
+        return meta
 
     # ------------------------------------------------------------------------------ store
     def open(self) -> None:
@@ -207,7 +219,16 @@ class Recorder:
             dist.all_reduce(members, op=dist.ReduceOp.MAX)
             cross.members = [i for i, m in enumerate(members.tolist()) if m]
         stats = self.options.stats
-        return sync.merge_windows(self.rows, self.names, [k for k in stats if k not in ("cross", "cos")],
+        rows = self.rows
+        if self.placements is not None:  # each rank's part of the global tensors, disjoint
+            rows = self.placements.localize(rows, device)
+            mixed = self.placements.mixed(cross.sites) if cross is not None else None
+            if mixed:  # the same on every rank (the placements were agreed)
+                warnings.warn(f"probe: the cross-layer sites have different placements across ranks ({mixed}), so "
+                              "their tokens do not pair up; the cross-layer statistic is left out of this run; "
+                              "capture sites of one placement with it (docs/distributed.md)", stacklevel=5)
+                rows = [WindowState(r.step, r.sites, {}) for r in rows]
+        return sync.merge_windows(rows, self.names, [k for k in stats if k not in ("cross", "cos")],
                                   "cross" in stats, device)
 
     def _finish(self) -> None:

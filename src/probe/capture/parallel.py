@@ -1,0 +1,438 @@
+"""Which part of the global tensor each rank holds, so that every global element counts once.
+
+Recipe (tensor parallel, a colwise/rowwise plan over the mesh ``tp``)::
+
+    from probe.capture.parallel import Layout
+
+    parallelize_module(model, tp, plan)
+    with probe.capture(model, sites="hidden_states", parallel=Layout(tp, {"hidden_states.*": "replicate"})):
+        model(**batch)
+
+A site's placement is one of
+
+- ``"data"``: this rank's own rows (data parallel, FSDP2, a pipeline stage's layers): merged across
+  ranks as they are, which is what probe does without a layout;
+- ``"replicate"``: every rank of the group holds the same tensor (the residual stream under tensor
+  parallelism): only the group's first rank (index 0) counts it; the others skip it at the hook;
+- ``"tokens"``: the group's ranks hold consecutive chunks of the sequence (dim 1, ``torch.chunk``
+  sizes, as ``Shard(1)`` lays them out: sequence parallelism): each rank's tokens, with their
+  absolute positions and mask sliced the same way, merge like data-parallel rows;
+- ``"features"``: the ranks hold consecutive chunks of the channels (the last dim: a row-parallel
+  linear layer's input, ``Shard(-1)``): at exit each rank's per-channel statistics are placed at
+  their channel offset in the global width, its channel indices (``absmax_at``, top-k, sample)
+  shifted by it, and its token counts kept on the group's first rank only, so one merge over all
+  ranks gives the whole-site statistics exactly (moments by the parallel formulas, histograms by
+  addition, extremes by min/max, top-k and the sample from the union with global channels).
+
+Where the placement comes from, per site and first match first: a DTensor's own ``placements`` and
+``device_mesh`` (a linear layer's input inside a TP plan, which torch's pre-hook turns into a
+DTensor before probe's hook runs); else the :class:`Layout` given as ``capture(parallel=...)``
+(globs over site names, or the module path, then its ``default``); else ``"data"`` when the model
+holds no tensor-parallel module. A plain tensor in a model that holds one (a module with
+``parallelize_module``'s hooks), matched by no layout, is refused with one line: its placement
+cannot be known. ``Partial`` placements (unreduced partial sums) are refused too. The per-token
+statistics that need a token's whole feature vector (``"norm"``, ``"cos"``) are refused at a
+``"features"`` site.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import ProbeError, SiteError
+from ..stats._base import Tokens
+from ..stats._state import SPECS, WindowState
+
+__all__ = ["Layout", "Placement", "Placements", "PlacementKind", "check_layout"]
+
+PlacementKind = Literal["data", "replicate", "tokens", "features"]
+KINDS: tuple[PlacementKind, ...] = ("data", "replicate", "tokens", "features")
+_CODE = {k: i + 1 for i, k in enumerate(KINDS)}  # 0: this rank never saw the site
+#: the fields that count tokens, not elements: under "features" every rank of the group counts the
+#: same tokens, so only the group's first rank keeps them
+_TOKEN_COUNTS = {("moments", "tokens"), ("position", "tokens"), ("position", "overflow")}
+#: statistics that read a token's whole feature vector
+_WHOLE_TOKEN = ("norm", "cos")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How this rank's plain (non-DTensor) site tensors relate to the global ones.
+
+    Args:
+        group: the process group the placements are over (the tensor/sequence-parallel group): a
+            ``torch.distributed.ProcessGroup``, a 1-D ``DeviceMesh`` (e.g. ``mesh["tp"]``), or
+            ``None`` for the whole world.
+        sites: glob over site names (``"hidden_states.*"``) or module paths (``"model.layers.*"``)
+            → placement (``"data"``, ``"replicate"``, ``"tokens"``, ``"features"``); the first
+            matching glob wins.
+        default: the placement of a plain site no glob matches; ``None`` (default): such a site
+            follows the model (``"data"`` without tensor-parallel modules, refused with them).
+
+    Raises:
+        ProbeError: from :func:`check_layout` (``capture(parallel=...)``) for a placement outside
+            the four, a glob that is not a string, or a group of the wrong type.
+    """
+
+    group: Any = None
+    sites: Mapping[str, PlacementKind] = field(default_factory=dict)
+    default: PlacementKind | None = None
+
+    @classmethod
+    def from_plan(cls, group: Any, plan: Mapping[str, Any]) -> Layout:
+        """The layout of the residual stream for a ``parallelize_module`` plan: ``"tokens"`` when
+        the plan holds a ``SequenceParallel`` style (sequence parallelism: the stream between the
+        blocks is ``Shard(1)``), else ``"replicate"``; linear inputs carry their own DTensor
+        placement. ``group``: the mesh or group the plan was applied over."""
+        from torch.distributed.tensor.parallel import SequenceParallel
+
+        sp = any(isinstance(style, SequenceParallel) for style in plan.values())
+        return cls(group, {"hidden_states.*": "tokens" if sp else "replicate",
+                           "*hidden_states.*": "tokens" if sp else "replicate"})
+
+    def kind_of(self, name: str, module: str) -> PlacementKind | None:
+        """The placement a plain tensor of site ``name`` (of ``module``) has, or ``None``."""
+        for pattern, kind in self.sites.items():
+            if fnmatch.fnmatchcase(name, pattern) or (module and fnmatch.fnmatchcase(module, pattern)):
+                return kind
+        return self.default
+
+
+def check_layout(value: Any) -> Layout | None:
+    """``capture(parallel=...)`` checked: a :class:`Layout`, a mapping ``glob -> placement`` (over
+    the whole world), or ``None``.
+
+    Raises:
+        ProbeError: anything else, an unknown placement, or a group of the wrong type.
+    """
+    if value is None:
+        return None
+    if isinstance(value, Mapping) and not isinstance(value, Layout):
+        value = Layout(None, dict(value))
+    if not isinstance(value, Layout):
+        raise ProbeError(f"parallel must be a probe.capture.parallel.Layout, a dict glob -> placement or None; got "
+                         f"{type(value).__name__}; pass e.g. Layout(mesh['tp'], {{'hidden_states.*': 'replicate'}})")
+    for pattern, kind in list(value.sites.items()) + [("default", value.default)]:
+        if not isinstance(pattern, str):
+            raise ProbeError(f"parallel: site globs must be strings; got {pattern!r}; pass e.g. 'hidden_states.*'")
+        if kind not in KINDS and not (pattern == "default" and kind is None):
+            raise ProbeError(f"parallel: placement of {pattern!r} must be one of {list(KINDS)}; got {kind!r}; "
+                             "pass 'replicate' (every rank holds it), 'tokens' (split along the sequence) or "
+                             "'features' (split along channels)")
+    _group_of(value.group)
+    return value
+
+
+def _group_of(group: Any) -> Any:
+    """A process group from a ``ProcessGroup``, 1-D ``DeviceMesh`` or ``None`` (the world)."""
+    if group is None:
+        return None
+    from torch.distributed import ProcessGroup
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ProbeError(f"parallel: the layout's mesh must be 1-D; got a {group.ndim}-D mesh "
+                             f"{group.mesh_dim_names}; pass the tensor-parallel dim, e.g. mesh['tp']")
+        return group.get_group()
+    if isinstance(group, ProcessGroup):
+        return group
+    raise ProbeError(f"parallel: group must be a ProcessGroup, a 1-D DeviceMesh or None; got "
+                     f"{type(group).__name__}; pass e.g. mesh['tp']")
+
+
+@dataclass
+class Placement:
+    """One site's placement on this rank: ``kind``, this rank's ``index`` in the group of
+    ``size`` ranks whose first global rank is ``leader``, and whether it ``counts`` at all
+    (``False``: a replica past the group's first, or a rank past index 0 of a replicated mesh dim)."""
+
+    kind: PlacementKind
+    index: int = 0
+    size: int = 1
+    leader: int = 0
+    counts: bool = True
+
+
+def _tp_modules(model: nn.Module) -> bool:
+    """Whether ``model`` holds a module that ``parallelize_module`` (``distribute_module``) hooked."""
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for hook in hooks.values():
+                if "distribute_module" in getattr(hook, "__qualname__", ""):
+                    return True
+    return False
+
+
+def _member(group: Any) -> tuple[int, int, int]:
+    """(this rank's index in ``group``, its size, its first global rank)."""
+    import torch.distributed as dist
+
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    return ranks.index(dist.get_rank()), len(ranks), min(ranks)
+
+
+class Placements:
+    """The placements of one capture's sites, found as the sites first arrive (see the module
+    docstring), used at the hook (:meth:`local`, :meth:`tokens`) and at exit (:meth:`localize`).
+
+    Args:
+        model: the captured model (whether it holds tensor-parallel modules).
+        layout: ``capture(parallel=...)``, checked.
+        names, modules: each site's name and module path, in site order.
+        stats: the statistics recorded.
+        distributed: whether the capture merges ranks (a layout means nothing otherwise).
+    """
+
+    def __init__(self, model: nn.Module, layout: Layout | None, names: list[str], modules: list[str],
+                 stats: tuple[str, ...], distributed: bool) -> None:
+        self.layout = layout
+        self.names = names
+        self.modules = modules
+        self.stats = stats
+        self.on = distributed
+        self._dtensor: Any = ()  # the DTensor class under torch.distributed (isinstance of () is False)
+        if distributed:
+            from torch.distributed.tensor import DTensor
+
+            self._dtensor = DTensor
+        self.tp = distributed and _tp_modules(model)
+        self.sites: dict[int, Placement] = {}
+        self._group = _group_of(layout.group) if (layout is not None and distributed) else None
+        #: per site, after :meth:`localize`: (placement, group size) agreed over every rank
+        self.agreed: dict[str, tuple[str, int]] = {}
+
+    # ------------------------------------------------------------------------------ hooks
+    def local(self, i: int, x: Tensor) -> tuple[Tensor, Placement | None]:
+        """This rank's part of site ``i``'s tensor ``x`` (a DTensor's local tensor) and its placement
+        (``None``: plain data, nothing to do).
+
+        Raises:
+            SiteError: a ``Partial`` placement, a shard along another dim than tokens (1) or features
+                (last), a plain tensor in a tensor-parallel model that no layout describes, or
+                ``"norm"``/``"cos"`` at a features site.
+        """
+        found: Placement | None
+        if isinstance(x, self._dtensor):
+            found = self.sites.get(i) or self._from_dtensor(x)  # a site's placement is found once
+            x = x.to_local()
+        else:
+            if not self.on:
+                return x, None
+            found = self.sites.get(i)
+            if found is None:
+                found = self._described(i)
+        if found is not None:
+            self.sites.setdefault(i, found)
+            if found.kind == "features":
+                whole = [s for s in _WHOLE_TOKEN if s in self.stats]
+                if whole:
+                    raise SiteError(f"{whole} read each token's whole feature vector, which this rank holds a "
+                                    f"1/{found.size} slice of (the site is sharded along features); pass stats "
+                                    "without them for this capture")
+        return x, found
+
+    def _described(self, i: int) -> Placement | None:
+        name, module = self.names[i], self.modules[i]
+        kind = self.layout.kind_of(name, module) if self.layout is not None else None
+        if kind is None:
+            if self.tp:
+                raise SiteError("the tensor is a plain tensor inside a tensor-parallel model, so which part of the "
+                                "global tensor this rank holds cannot be known; pass capture(parallel=Layout(mesh, "
+                                f"{{{name!r}: 'replicate' | 'tokens' | 'features'}})) (see docs/distributed.md)")
+            return Placement("data")  # each rank's own rows (data parallel, FSDP2)
+        if kind == "data":
+            return Placement("data")
+        index, size, leader = _member(self._group)
+        return Placement(kind, index, size, leader, counts=kind != "replicate" or index == 0)
+
+    def _from_dtensor(self, x: Any) -> Placement:
+        from torch.distributed.tensor import Partial, Replicate, Shard
+
+        mesh = x.device_mesh
+        counts, found = True, Placement("replicate")
+        sharded = None
+        for dim, p in enumerate(x.placements):
+            coordinate = mesh.get_local_rank(dim)
+            if isinstance(p, Replicate):
+                counts = counts and coordinate == 0
+            elif isinstance(p, Shard):
+                d = p.dim % x.dim()
+                kind: PlacementKind | None = "data" if d == 0 else "tokens" if d == 1 else (
+                    "features" if d == x.dim() - 1 else None)
+                if kind is None:
+                    raise SiteError(f"the DTensor is sharded along dim {p.dim} of {tuple(x.shape)}; expected the "
+                                    "batch (0), sequence (1) or feature (last) dim; capture another module")
+                if kind != "data":
+                    if sharded is not None:
+                        raise SiteError(f"the DTensor is sharded along tokens or features on two mesh dims "
+                                        f"({x.placements}); expected one; capture another module")
+                    index, size, leader = _member(mesh.get_group(dim))
+                    sharded = Placement(kind, index, size, leader)
+            elif isinstance(p, Partial):
+                raise SiteError(f"the DTensor holds partial sums (placements {x.placements}), not the tensor; "
+                                "capture the module whose output is reduced (e.g. the block, not the linear layer)")
+            else:
+                raise SiteError(f"unknown DTensor placement {p!r}; expected Replicate or Shard")
+        if sharded is not None:
+            found = sharded
+        elif all(isinstance(p, Shard) for p in x.placements):
+            found = Placement("data")
+        else:
+            index, size, leader = _member(mesh.get_group(next(d for d, p in enumerate(x.placements)
+                                                              if isinstance(p, Replicate))))
+            found = Placement("replicate", index, size, leader)
+        found.counts = counts
+        return found
+
+    def global_length(self, inputs: Any) -> int:
+        """The global sequence length of a token-sharded tensor: the call's ``input_ids``,
+        ``inputs_embeds`` or 2-D mask length."""
+        for t in (getattr(inputs, "input_ids", None), getattr(inputs, "mask", None)):
+            if isinstance(t, Tensor) and t.dim() == 2:
+                return int(t.shape[1])
+        raise SiteError("a token-sharded site needs the call's input_ids or a 2-D attention_mask to know the "
+                        "global sequence length; pass input_ids or attention_mask")
+
+    def tokens(self, context: Any, stack: str, b: int, t: int, device: torch.device, place: Placement,
+               length: int | None = None) -> Tokens:
+        """The tokens of this rank's chunk ``[b, t]`` of a ``[b, length]`` token-sharded tensor
+        (``torch.chunk`` sizes: chunk ``index`` starts at ``index * ceil(length / size)``; ``length``
+        ``None``: the call's, see :meth:`global_length`).
+
+        Raises:
+            SiteError: ``t`` is not the length of this rank's chunk, or the call extends a KV cache.
+        """
+        inputs = context.calls.get(stack) or context.calls.get("")
+        if inputs is not None and inputs.past is not None:
+            raise SiteError("a token-sharded site extends a KV cache; expected a forward over whole sequences; "
+                            "capture without sequence parallelism for generation")
+        if length is None:
+            length = self.global_length(inputs)
+        chunk = math.ceil(length / place.size)
+        start = place.index * chunk
+        if t != max(0, min(chunk, length - start)):
+            raise SiteError(f"rank {place.index} of {place.size} holds {t} of {length} tokens, not the torch.chunk "
+                            f"share {max(0, min(chunk, length - start))}; expected Shard(1) layout; "
+                            "describe the site as 'replicate' or 'features' if it is not split along the sequence")
+        memo = (stack, b, length, device, "chunk", start, t)
+        found = context._memo.get(memo)
+        if found is not None:
+            return found
+        whole = context.tokens(stack, b, length, device)
+
+        def cut(v: Tensor) -> Tensor:
+            return v.reshape(b, length)[:, start:start + t].reshape(-1)
+
+        found = Tokens(cut(whole.valid), cut(whole.keep), cut(whole.position), cut(whole.row), cut(whole.token),
+                       whole.forward, whole.seed, 0, whole.head_bound, {})
+        context._memo[memo] = found
+        return found
+
+    # ------------------------------------------------------------------------------- exit
+    def localize(self, rows: list[WindowState], device: torch.device) -> list[WindowState]:
+        """Every rank's windows made disjoint parts of the global ones (see the module docstring),
+        with one ``all_gather`` of each rank's placements and widths (every rank calls it).
+
+        Raises:
+            ProbeError: ranks disagree on a site's placement.
+        """
+        import torch.distributed as dist
+
+        n = len(self.names)
+        mine = torch.zeros(max(n, 1), 5, dtype=torch.int64, device=device)
+        widths = self._widths(rows)
+        for i, place in self.sites.items():
+            mine[i] = torch.tensor([_CODE[place.kind], place.index, place.size, place.leader, widths.get(i, 0)])
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+        table = torch.stack(every).cpu().numpy()[:, :n]  # [world, sites, 5]
+        self.agreed = {}
+        for i, name in enumerate(self.names):
+            codes = set(table[:, i, 0].tolist()) - {0}
+            if len(codes) > 1:
+                raise ProbeError(f"site {name!r}: the ranks found different placements "
+                                 f"{sorted(KINDS[c - 1] for c in codes)}; expected one; pass "
+                                 "capture(parallel=...) describing it the same way on every rank")
+            if codes:
+                self.agreed[name] = (KINDS[codes.pop() - 1], int(table[:, i, 2].max()))
+        out = []
+        for row in rows:
+            sites = dict(row.sites)
+            for i, place in self.sites.items():
+                same = table[:, i, 3] == place.leader
+                offset = int(table[same & (table[:, i, 1] < place.index), i, 4].sum())
+                total = int(table[same, i, 4].sum())
+                for name in (self.names[i], self.names[i] + "@decode"):
+                    if name not in sites:
+                        continue
+                    if place.kind == "features":
+                        sites[name] = {kind: _widen(kind, st, offset, total, place.index == 0)
+                                       for kind, st in sites[name].items()}
+                    elif not place.counts:
+                        sites[name] = {kind: {} for kind in sites[name]}
+            out.append(WindowState(row.step, sites, row.cross))
+        return out
+
+    def _widths(self, rows: list[WindowState]) -> dict[int, int]:
+        out = {}
+        for i, place in self.sites.items():
+            if place.kind != "features":
+                continue
+            for row in rows:
+                for kind, st in list(row.sites.get(self.names[i], {}).items()) + list(
+                        row.sites.get(self.names[i] + "@decode", {}).items()):
+                    for f in SPECS[kind].fields if kind in SPECS else ():
+                        if "D" in f.shape and f.name in st:
+                            out[i] = int(np.asarray(st[f.name]).shape[f.shape.index("D")])
+        return out
+
+    def mixed(self, names: list[str]) -> list[str] | None:
+        """The placements of ``names`` (agreed by :meth:`localize`) when they are not all one, else ``None``."""
+        kinds = sorted({self.agreed.get(name.split("@")[0], ("data", 1))[0] for name in names})
+        return kinds if len(kinds) > 1 else None
+
+    def describe(self) -> dict[str, Any]:
+        """The layout the file records (``meta["parallel"]``): per site its placement and group size."""
+        return {"placements": {name: kind for name, (kind, _) in self.agreed.items()},
+                "group_sizes": {name: size for name, (_, size) in self.agreed.items()}}
+
+
+def _widen(kind: str, state: dict, offset: int, total: int, first: bool) -> dict:
+    """A features shard's ``state`` at channels ``offset ..`` of ``total``: per-channel fields
+    placed (the identity fill elsewhere), channel indices shifted, token counts kept by the
+    group's first rank only."""
+    if not state or kind not in SPECS:
+        return state
+    out = {}
+    for f in SPECS[kind].fields:
+        if f.name not in state:
+            continue
+        v = np.asarray(state[f.name])
+        if "D" in f.shape:
+            axis = f.shape.index("D")
+            shape = list(v.shape)
+            shape[axis] = total
+            wide = np.full(shape, f.fill, dtype=v.dtype)
+            index: list[Any] = [slice(None)] * v.ndim
+            index[axis] = slice(offset, offset + v.shape[axis])
+            wide[tuple(index)] = v
+            v = wide
+        elif f.name == "absmax_at":
+            v = v.copy()
+            if v[2] >= 0:
+                v[2] += offset
+        elif f.name == "channel":
+            v = np.where(v >= 0, v + offset, v)
+        elif (kind, f.name) in _TOKEN_COUNTS and not first:
+            v = np.zeros_like(v)
+        out[f.name] = v
+    return cast(dict, out)

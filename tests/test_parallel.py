@@ -1,0 +1,409 @@
+"""The same numbers at any parallel layout: a tiny Llama captured in one process and under tensor
+parallelism (colwise/rowwise DTensor plan), FSDP2 and their mix with data parallelism, on real gloo
+processes (torch.multiprocessing spawn, bounded timeouts).
+
+The model runs in float64, so that the layouts' own arithmetic (a row-parallel layer's partial sums
+added by an all-reduce) moves an activation by ~1e-16 relative: below float32 rounding, which every
+exact field (counts, extremes, histogram buckets, top-k) is taken in, and far below the 1e-12
+tolerance of the float64 moments and co-moments. Every state field of every site is compared
+against the one-process capture over the same batches; the sample against its law (the number of
+filled slots, every value one the site took)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import probe
+from probe.capture.parallel import Layout
+from probe.stats._state import SPECS
+
+TIMEOUT = 120
+N = 4  # batches
+OPTIONS = dict(skip_first=1, max_positions=16, sample_size=64)
+LINEAR = dict(sites="linear_inputs", stats=("moments", "position", "histogram", "topk", "sample"),
+              max_positions=16, sample_size=64)
+
+
+def _model():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
+    return transformers.LlamaForCausalLM(cfg).double().eval()
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(N):
+        ids = torch.randint(3, 97, (2, 10), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 10 - 2 * (i % 4):] = 0
+        out.append((ids, mask))
+    return out
+
+
+def _tp_plan(layers: int = 2) -> dict:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            plan[p + name] = ColwiseParallel()
+        plan[p + "self_attn.o_proj"] = RowwiseParallel()
+        plan[p + "mlp.down_proj"] = RowwiseParallel()
+    return plan
+
+
+def _sp_plan(layers: int = 2) -> dict:
+    """Sequence parallel (torch's Llama recipe): the stream between the blocks is Shard(1)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel)
+
+    plan = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
+                                                  use_local_output=False),
+            "model.norm": SequenceParallel(),
+            "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        plan[p + "input_layernorm"] = SequenceParallel()
+        plan[p + "post_attention_layernorm"] = SequenceParallel()
+        plan[p + "self_attn"] = PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                                                   desired_input_kwarg_layouts={"hidden_states": Replicate()})
+        plan[p + "mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            plan[p + name] = ColwiseParallel()
+        plan[p + "self_attn.o_proj"] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+        plan[p + "mlp.down_proj"] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+    return plan
+
+
+def _setup(mode: str, rank: int, world: int):
+    """The model as ``mode`` lays it out, the capture's ``parallel=`` and this rank's batches."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    model, batches = _model(), list(range(N))
+    layout = None
+    if mode == "tp":
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+        parallelize_module(model, mesh, _tp_plan())
+        layout = Layout.from_plan(mesh, _tp_plan())
+    elif mode == "sp":
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+        parallelize_module(model, mesh, _sp_plan())
+    elif mode == "dp_tp":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], _tp_plan())
+        layout = Layout(mesh["tp"], {"hidden_states.*": "replicate"})
+        batches = [i for i in range(N) if i % 2 == mesh["dp"].get_local_rank()]
+    elif mode in ("fsdp", "fsdp_compile"):
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        batches = [i for i in range(N) if i % world == rank]
+    return model, layout, batches
+
+
+def _worker(rank: int, world: int, port: int, folder: str, mode: str, jobs: tuple[str, ...]) -> None:
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=TIMEOUT))
+        model, layout, batches = _setup(mode, rank, world)
+        data = _batches()
+        for job in jobs:
+            if job == "refuse":  # a plain tensor in a TP model, no layout: its placement is unknown
+                try:
+                    with probe.capture(model, strict=True, **OPTIONS):
+                        with torch.no_grad():
+                            model(input_ids=data[0][0], attention_mask=data[0][1])
+                except probe.ProbeError as err:
+                    with open(os.path.join(folder, f"refused{rank}.txt"), "w") as f:
+                        f.write(str(err))
+                continue
+            if job == "mixed":  # cross-layer sites of different placements: the statistic is left out
+                import warnings
+
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    with probe.capture(model, parallel=layout, **{**LINEAR, "stats": ("moments", "cross")}) as run:
+                        with torch.no_grad():
+                            model(input_ids=data[0][0], attention_mask=data[0][1], use_cache=False)
+                with open(os.path.join(folder, f"mixed{rank}.txt"), "w") as f:
+                    f.write(f"{dict(run.result.total.cross)!r}\n" + "\n".join(str(w.message) for w in caught))
+                continue
+            options = LINEAR if job == "linear" else OPTIONS
+            with probe.capture(model, os.path.join(folder, f"{job}.h5"), parallel=layout, seed=5, **options):
+                # compiled inside the block, as probe asks: its hooks run eagerly at graph breaks
+                runner = torch.compile(model, backend="aot_eager") if mode == "fsdp_compile" else model
+                for i in batches:
+                    with torch.no_grad():
+                        runner(input_ids=data[i][0], attention_mask=data[i][1], use_cache=False)
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(folder, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, folder, mode: str, jobs: tuple[str, ...]) -> None:
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(folder), mode, jobs), nprocs=world,
+                             join=False, start_method="spawn")
+    try:
+        while not ctx.join(timeout=3 * TIMEOUT):
+            pass
+    except Exception as err:
+        errors = [p.read_text() for p in sorted(folder.glob("error*.txt"))]
+        raise AssertionError(f"a rank failed: {err}\n" + "\n".join(errors)) from None
+
+
+def _reference(linear: bool):
+    model, data = _model(), _batches()
+    with probe.capture(model, distributed=False, seed=5, **(LINEAR if linear else OPTIONS)) as run:
+        for ids, mask in data:
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+    return run.result
+
+
+#: the largest difference of a float64 field relative to its size plus the field's scale, per
+#: (placement, statistic), over the last _compare: printed by _check (``pytest -s``)
+WORST: dict[tuple[str, str], float] = {}
+
+
+def _close(got, want, what: str, rtol: float = 1e-12, tag: tuple[str, str] = ("", "")) -> None:
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, what
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(np.isfinite(got), finite, err_msg=what)
+    if finite.any():
+        scale = np.abs(want[finite]).max()
+        err = np.abs(got[finite] - want[finite])
+        denominator = np.abs(want[finite]) + scale
+        ratio = np.divide(err, denominator, out=np.zeros_like(err), where=denominator > 0)
+        WORST[tag] = max(WORST.get(tag, 0.0), float(ratio.max()))
+        assert np.all(err <= rtol * (np.abs(want[finite]) + scale)), (what, float(err.max()))
+
+
+#: float64 fields at a sharded (features or tokens) site: the per-chunk moments form float32
+#: deviations from the chunk's float32 center and sum their powers with torch's blocked float32
+#: reductions; a shard is another chunk (16 of 32 channels: another reduction order; half the tokens:
+#: another center), so they agree to float32 arithmetic, ~1e-7 relative, the moments' own guarantee
+#: against float64 (docs/statistics.md), not to 1e-12 (test_feature_shards_merge_to_the_whole checks
+#: both against float64 numpy)
+SHARD_RTOL = 1e-6
+
+
+def _compare(run, ref, rows_differ: bool) -> None:
+    """Every field of every site's cumulative state and the cross state, against the reference."""
+    assert run.sites == ref.sites
+    got_all, want_all = run.total, ref.total
+    placed = run.meta["parallel"].get("placements", {})
+    for name in ref.sites:
+        rtol = SHARD_RTOL if placed.get(name) in ("features", "tokens") else 1e-12
+        for kind, want in want_all.sites[name].items():
+            got = got_all.sites[name][kind]
+            assert set(got) == set(want), (name, kind)
+            if kind == "sample":  # the law: as many filled slots, each a value the site took
+                assert np.isfinite(got["key"]).sum() == np.isfinite(want["key"]).sum(), name
+                continue
+            for f in SPECS[kind].fields:
+                what = f"{name}.{kind}.{f.name}"
+                g, w = np.asarray(got[f.name]), np.asarray(want[f.name])
+                if rows_differ and f.name in ("row", "absmax_at"):  # the row index is per capturing rank
+                    g, w = (g[1:], w[1:]) if f.name == "absmax_at" else (g[:0], w[:0])
+                if f.dtype == "float64":
+                    _close(g, w, what, rtol, (placed.get(name, "data"), kind))
+                else:
+                    np.testing.assert_array_equal(g, w, err_msg=what)
+    for field, want in want_all.cross.items():
+        _close(got_all.cross[field], want, f"cross.{field}", tag=("cross", field.split("_")[-1]))
+    if "cross" in ref.stats:
+        _close(run.cross.r2, ref.cross.r2, "cross.r2", tag=("cross", "r2"))
+
+
+def _check(tmp_path, world: int, mode: str, jobs: dict[str, dict]) -> None:
+    """Spawn ``world`` ranks laid out as ``mode``; each job (``"hidden"``, ``"linear"``) is captured
+    and compared with one process; ``placements``: site-name suffix -> the placement the file records."""
+    _spawn(world, tmp_path, mode, tuple(jobs))
+    for job, placements in jobs.items():
+        if job in ("refuse", "mixed"):
+            continue
+        linear = job == "linear"
+        run = probe.load(tmp_path / f"{job}.h5")
+        WORST.clear()
+        _compare(run, _reference(linear), rows_differ=mode in ("dp_tp", "fsdp", "fsdp_compile"))
+        print(f"\n{mode} {job}: largest float64 difference, relative:",
+              ", ".join(f"{p}/{k} {v:.1e}" for (p, k), v in sorted(WORST.items())))
+        meta = run.meta["parallel"]
+        assert meta["world_size"] == world
+        for pattern, kind in placements.items():
+            hits = {k for n, k in meta["placements"].items() if n.endswith(pattern)}
+            assert hits == {kind}, (pattern, meta["placements"])
+
+
+def test_tensor_parallel(tmp_path):
+    """TP=2, colwise/rowwise plan: the residual stream described as replicated, the linear inputs from
+    their DTensors (rowwise inputs feature shards), and a plain site with no layout refused."""
+    _check(tmp_path, 2, "tp", {"hidden": {"hidden_states.0": "replicate", "hidden_states.2": "replicate"},
+                               "linear": {"o_proj": "features", "down_proj": "features", "q_proj": "replicate"},
+                               "refuse": {}})
+    for rank in range(2):
+        message = (tmp_path / f"refused{rank}.txt").read_text()
+        assert "plain tensor inside a tensor-parallel model" in message and "parallel=Layout" in message
+        assert "\n" not in message
+
+
+@pytest.mark.slow
+def test_sequence_parallel(tmp_path):
+    _check(tmp_path, 2, "sp", {"hidden": {"hidden_states.0": "tokens", "hidden_states.2": "tokens"},
+                               "linear": {"q_proj": "replicate", "o_proj": "features"}, "mixed": {}})
+    for rank in range(2):
+        cross, *messages = (tmp_path / f"mixed{rank}.txt").read_text().split("\n")
+        assert cross == "{}"
+        assert any("cross-layer sites have different placements" in m for m in messages), messages
+
+
+@pytest.mark.slow
+def test_fsdp2(tmp_path):
+    _check(tmp_path, 2, "fsdp", {"hidden": {"hidden_states.1": "data"}, "linear": {"o_proj": "data"}})
+
+
+@pytest.mark.slow
+def test_fsdp2_compiled_inside_the_block(tmp_path):
+    _check(tmp_path, 2, "fsdp_compile", {"hidden": {}})
+
+
+@pytest.mark.slow
+def test_data_and_tensor_parallel(tmp_path):
+    _check(tmp_path, 4, "dp_tp", {"hidden": {"hidden_states.1": "replicate"},
+                                  "linear": {"down_proj": "features", "up_proj": "replicate"}})
+
+
+# ------------------------------------------------------------------ one process: the algebra, refusals
+class _Emit(torch.nn.Module):
+    """Emits a fixed ``[b, t, d]`` tensor through a named submodule (the site)."""
+
+    def __init__(self, x):
+        super().__init__()
+        self.x = x
+        self.site = torch.nn.Identity()
+
+    def forward(self, ids, attention_mask=None):
+        return self.site(self.x)
+
+
+def _capture_piece(x, mask, stats):
+    model = _Emit(x)
+    ids = torch.zeros(x.shape[:2], dtype=torch.long)
+    with probe.capture(model, sites=["site"], stats=stats, distributed=False, seed=3, max_positions=16,
+                       sample_size=32) as run:
+        model(ids, attention_mask=mask)
+    return run.result.total.sites["site"]
+
+
+def test_feature_shards_merge_to_the_whole():
+    """Two channel halves captured apart, widened at their offsets (the exit step of a features site)
+    and merged, equal the whole tensor's capture: exact for every count, extreme, histogram bucket,
+    top-k entry (global channels) and location; float64 fields to the moments' float32 arithmetic,
+    and both within it of float64 numpy."""
+    from probe.capture.parallel import _widen
+    from probe.stats._state import merge_states
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 11, 32, generator=g) * torch.linspace(0.1, 4, 32)
+    x[1, 4, 27] = 50.0  # the absmax lies in the second shard
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[2, 7:] = 0
+    stats = ("moments", "position", "histogram", "topk", "sample")
+    whole = _capture_piece(x, mask, stats)
+    parts = [_capture_piece(x[..., :16].contiguous(), mask, stats), _capture_piece(x[..., 16:].contiguous(), mask,
+                                                                                     stats)]
+    for kind in stats:
+        merged = merge_states(kind, [_widen(kind, p[kind], 16 * j, 32, j == 0) for j, p in enumerate(parts)])
+        for f in SPECS[kind].fields:
+            got, want = np.asarray(merged[f.name]), np.asarray(whole[kind][f.name])
+            if kind == "sample":
+                if f.name == "channel":
+                    assert set(got[got >= 0]) <= set(range(32)) and (got >= 16).any()
+                continue
+            if f.dtype == "float64":
+                _close(got, want, f"{kind}.{f.name}", SHARD_RTOL)
+            else:
+                np.testing.assert_array_equal(got, want, err_msg=f"{kind}.{f.name}")
+    assert tuple(whole["moments"]["absmax_at"][[1, 2]]) == (4, 27)
+    kept = x.double().numpy()[mask.bool().numpy()]  # [tokens, 32]
+    np.testing.assert_allclose(merged_m2 := merge_states("moments", [_widen("moments", p["moments"], 16 * j, 32, j == 0)
+                                                          for j, p in enumerate(parts)])["m2"],
+                               ((kept - kept.mean(0)) ** 2).sum(0), rtol=SHARD_RTOL)
+    assert merged_m2.shape == (32,)
+
+
+def test_layout_is_checked():
+    from probe.capture.parallel import check_layout
+
+    assert check_layout(None) is None
+    lay = check_layout({"hidden_states.*": "replicate"})
+    assert lay.kind_of("hidden_states.3", "model.layers.2") == "replicate"
+    assert lay.kind_of("model.layers.0.mlp.down_proj", "model.layers.0.mlp.down_proj") is None
+    assert Layout(None, {"model.layers.*": "tokens"}).kind_of("hidden_states.1", "model.layers.0") == "tokens"
+    with pytest.raises(probe.ProbeError, match="placement of 'hidden_states.\\*' must be one of"):
+        check_layout({"hidden_states.*": "sharded"})
+    with pytest.raises(probe.ProbeError, match="parallel must be a probe.capture.parallel.Layout"):
+        check_layout(["hidden_states.*"])
+    with pytest.raises(probe.ProbeError, match="group must be a ProcessGroup"):
+        check_layout(Layout(group="tp"))
+    with pytest.raises(probe.ProbeError, match="placement of 'default'"):
+        check_layout(Layout(None, {}, default="rows"))  # type: ignore[arg-type]
+    model = _Emit(torch.zeros(1, 2, 4))
+    with pytest.raises(probe.ProbeError, match="placement of"):
+        probe.capture(model, sites=["site"], parallel={"site": "both"})
+
+
+def test_token_shards_take_their_slice_of_the_tokens():
+    """A token shard's tokens are its torch.chunk columns of the whole call's: mask, kept tokens
+    (skip_first counted on the whole sequence), absolute positions, rows and ids; a shard of the
+    wrong length is refused."""
+    from probe.capture.parallel import Placement, Placements
+    from probe.capture.tokens import TokenContext, read_call
+    from probe.errors import SiteError
+
+    ids = torch.arange(20).reshape(2, 10) + 3
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    context = TokenContext(1, 5, 1, 7)
+    context.calls[""] = read_call({"input_ids": ids, "attention_mask": mask})
+    placements = Placements(torch.nn.Module(), None, ["a"], ["a"], (), False)
+    whole = context.tokens("", 2, 10, torch.device("cpu"))
+    starts = [0, 4, 8]  # torch.chunk of 10 in 3: 4, 4, 2
+    for index, start in enumerate(starts):
+        t = min(4, 10 - start)
+        got = placements.tokens(context, "", 2, t, torch.device("cpu"), Placement("tokens", index, 3))
+        for field in ("valid", "keep", "position", "row", "token"):
+            want = getattr(whole, field).reshape(2, 10)[:, start:start + t].reshape(-1)
+            assert torch.equal(getattr(got, field), want), (index, field)
+    assert got.position.tolist() == [8, 9, 6, 6] and got.valid.tolist() == [True, True, False, False]
+    with pytest.raises(SiteError, match="holds 3 of 10 tokens, not the torch.chunk share 4"):
+        placements.tokens(context, "", 2, 3, torch.device("cpu"), Placement("tokens", 0, 3))
