@@ -102,6 +102,7 @@ class CaptureOptions:
     strict: bool
     compile: bool | None
     schedule: Callable[[int], bool] | None
+    grads: bool = False
 
     @classmethod
     def create(
@@ -123,6 +124,7 @@ class CaptureOptions:
         strict: bool = False,
         compile: bool | None = None,
         schedule: Any = None,
+        grads: bool = False,
     ) -> CaptureOptions:
         """Validate the arguments of :func:`probe.capture` (documented there).
 
@@ -155,7 +157,7 @@ class CaptureOptions:
         return cls(out=None if out is None else os.fspath(out), sites=sites, stats=names,
                    default_stats=stats is None, histogram_bits=bits, seed=drawn, every=checked_every,
                    phases=bool(phases), rank=rank, world=world, overwrite=overwrite, strict=bool(strict),
-                   compile=compile, schedule=checked_schedule, **checked)
+                   compile=compile, schedule=checked_schedule, grads=bool(grads), **checked)
 
     def for_sites(self, sites: list[Site]) -> CaptureOptions:
         """The options for the resolved ``sites``: when ``stats`` was not given and every site is a

@@ -74,6 +74,8 @@ THRESHOLD = 10.0
 FLOOR = 0.1
 #: the normal-consistency constant of the MAD: 1 / Φ⁻¹(3/4)
 MAD_NORMAL = 1.4826
+#: the suffix of a site's gradient (``capture(grads=True)``)
+GRAD = "@grad"
 
 #: every series, per site per window
 SERIES: tuple[str, ...] = ("absmax", "std", "kurtosis", "norm_p50", "norm_p99", "norm_max", "nonfinite",
@@ -257,6 +259,9 @@ def _window_views(run: Run, last: int | None = None) -> list[tuple[int, dict[str
     for r in range(first, len(rows)):
         row = rows[r]
         views = {n: SiteView(n, info[n], row.sites.get(n, {}), run.meta) for n in run.sites}
+        for n, view in views.items():  # a site's gradient (capture(grads=True)) is its series, not a site
+            view.grad = views.get(f"{n}{GRAD}")
+        views = {n: v for n, v in views.items() if not n.endswith(GRAD)}
         if any(v.tokens or (v.has("position") and int(v.state("position")["tokens"].sum())) for v in views.values()):
             out.append((int(row.step), views))
     out.sort(key=lambda w: w[0])  # stable: equal labels keep commit order
@@ -305,7 +310,7 @@ def timeline(run: Run, *, window: int = WINDOW, min_history: int = MIN_HISTORY, 
         raise ProbeError(f"timeline: threshold must be > 0; got {threshold!r}; pass e.g. threshold=6")
     robust_scores(np.zeros(0), window, min_history, floor)  # checks the parameters
     skip = int(run.meta.get("skip_first") or 0)
-    sites = list(run.sites)
+    sites = [n for n in run.sites if not n.endswith(GRAD)]
     dims = {n: _dim(run, n) for n in sites}
     windows = _window_views(run, last)
     steps = np.array([w[0] for w in windows], dtype=np.int64)
