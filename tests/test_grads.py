@@ -203,3 +203,43 @@ def test_checkpointing_sites_inside_a_layer(reentrant):
             continue
         assert (b.count, b.absmax) == (a.count, a.absmax), name
         np.testing.assert_allclose(b.std, a.std, rtol=1e-6)
+
+
+def test_trainer_callback_grads_and_tensorboard(tmp_path):
+    """ProbeCallback(grads=True): each optimizer step's window holds the gradients of its two
+    accumulated micro-batches; the TensorBoard export carries them as sites of their own."""
+    from probe.export.tensorboard import write_tensorboard
+    from probe.integrations import ProbeCallback
+
+    model = _model()
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 97, (8,), generator=g) for _ in range(8)]
+    data = [{"input_ids": r, "labels": r, "attention_mask": torch.ones(8, dtype=torch.long)} for r in rows]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "t"), per_device_train_batch_size=2,
+                                          gradient_accumulation_steps=2, max_steps=2, report_to=[],
+                                          logging_steps=100, save_strategy="no", use_cpu=True, disable_tqdm=True)
+    cb = ProbeCallback(out=tmp_path / "train.h5", every=1, grads=True)
+    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
+    run = probe.load(tmp_path / "train.h5")
+    assert run.steps == [1, 2]
+    for step in run.steps:
+        w = run.at(step)["hidden_states.1"]
+        assert w.tokens == w.grad.tokens == 2 * 2 * 8 and w.grad.absmax > 0
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    write_tensorboard(run, tmp_path / "tb")
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    got = {e.step: e.value for e in acc.Scalars("probe/absmax/hidden_states.1@grad")}
+    assert got == {s: pytest.approx(run.at(s)["hidden_states.1"].grad.absmax, rel=1e-6) for s in run.steps}
+
+
+def test_backward_after_the_block_records_nothing():
+    model = _model()
+    ids, mask = _batch(8)
+    with probe.capture(model, grads=True) as c:
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()  # after exit: the hooks fire, nothing is folded, nothing raises
+    assert c.result["hidden_states.1"].tokens > 0 and c.result["hidden_states.1"].grad.count == 0
+    assert all(p.grad is not None for p in model.parameters())

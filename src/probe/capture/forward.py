@@ -478,6 +478,8 @@ class Forwards:
     def release(self) -> None:
         """Drop the CPU sites' held buffers (the capture exits)."""
         self._held = {}
+        if self._grads is not None:  # a backward after the block records nothing
+            self._grads.closed = True
 
     def _unnest(self, i: int, x: Tensor, context: TokenContext) -> Tensor:
         """A NestedTensor (``nn.TransformerEncoder``'s fast path keeps only real tokens): padded back

@@ -29,7 +29,8 @@ What this gives, and why:
   decoder layer's output seen by its hook is the checkpoint's output, which requires grad even
   with ``use_reentrant=True``; a site *inside* a reentrant-checkpointed layer (a submodule made
   under ``no_grad`` in the first forward) records no gradient.
-- A backward run twice over one graph (``retain_graph=True``) counts the gradient twice.
+- A backward run twice over one graph (``retain_graph=True``) counts the gradient twice; a
+  backward after the ``with`` block ended records nothing.
 - An error disables the gradient key only, with one warning, never the backward.
 """
 
@@ -60,6 +61,8 @@ class Grads:
     def __init__(self, engine: StatEngine, names: list[str]) -> None:
         self.engine = engine
         self.names = names
+        #: the capture exited: a gradient arriving now (a backward after the block) is not recorded
+        self.closed = False
 
     def watch(self, i: int, x: Tensor, layout: tuple[int, ...] | None, tokens: Tokens) -> None:
         """Hook site ``i``'s tensor ``x`` (as the model produced it, before ``layout``) so that its
@@ -75,7 +78,8 @@ class Grads:
         engine = self.engine
 
         def hook(g: Tensor) -> None:
-            engine.guarded(name, g, lambda: self._fold(i, name, g, layout, tokens))
+            if not self.closed:
+                engine.guarded(name, g, lambda: self._fold(i, name, g, layout, tokens))
 
         return hook
 

@@ -619,6 +619,9 @@ class SiteView:
     holds no state of that statistic (the run did not capture it, or the site was disabled);
     :meth:`has` (``kind in view``) tells without raising. Captured but empty stays NaN / 0.
 
+    ``grad``: the site's gradient ``∂loss/∂activation`` as a view of its own (the site
+    ``"<name>@grad"`` of a ``capture(grads=True)`` run), ``None`` when not recorded.
+
     Args:
         name: the site's name.
         info: its description in ``meta["sites"]`` (``module``, ``hf_index``, ``dtype``).
