@@ -18,7 +18,8 @@ import transformers
 import probe
 
 MODULES = ("probe.results.run", "probe.results.merge", "probe.present.report", "probe.present.research",
-           "probe.present.quant", "probe.present.plot", "probe.present.html", "probe.capture.session",
+           "probe.present.quant", "probe.present.plot", "probe.present.html", "probe.present.timeline",
+           "probe.capture.session",
            "probe.export", "probe.stats._buckets")
 #: probe's top-level functions (their examples are not found through the package's module)
 TOP_LEVEL = ("load", "merge")

@@ -25,6 +25,7 @@ FILES = {
     "scatter": ["scatter_position.png", "scatter_channel.png"],
     "channels": ["channels_absmax.png"],
     "positions": ["positions.png"],
+    "timeline": ["timeline.png"],
     "steps": ["steps.png"],
 }
 
@@ -86,8 +87,8 @@ def check_png(path) -> None:
 def test_every_kind_with_data_is_drawn(one, tmp_path):
     out = tmp_path / "figs"
     paths = plot_run(one, out)
-    expected = [f for kind in KINDS if kind != "steps" for f in FILES[kind]]
-    assert [os.path.basename(p) for p in paths] == expected  # steps skipped: a single window
+    expected = [f for kind in KINDS if kind not in ("steps", "timeline") for f in FILES[kind]]
+    assert [os.path.basename(p) for p in paths] == expected  # steps and timeline skipped: a single window
     for p in paths:
         assert os.path.dirname(p) == str(out)
         check_png(p)
@@ -102,6 +103,7 @@ def test_two_windows_draw_steps(two, tmp_path):
     assert len(two.steps) == 2
     paths = plot_run(two, tmp_path)
     assert [os.path.basename(p) for p in paths] == [f for kind in KINDS for f in FILES[kind]]
+    check_png(paths[-2])
     check_png(paths[-1])
 
 

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from ..errors import SiteError
 from ..stats import _base as _stats_base
 from .engine import StatEngine
+from .grads import Grads
 from .hooks import HookSet, token_source
 from .options import CaptureOptions
 from .parallel import Placements
@@ -147,7 +148,8 @@ class Forwards:
     """
 
     def __init__(self, hooks: HookSet, names: dict[str, list[str]], engine: StatEngine, counter: ForwardCounter,
-                 options: CaptureOptions, signature: inspect.Signature | None) -> None:
+                 options: CaptureOptions, signature: inspect.Signature | None, grads: Grads | None = None) -> None:
+        self._grads = grads  # capture(grads=True): a gradient hook on each site's tensor
         self._hooks = hooks
         self._defs = hooks.sites
         self._names = names
@@ -437,7 +439,7 @@ class Forwards:
         if x.dim() < 3:
             raise SiteError("expected [batch, sequence, ...] activations; "
                             "capture a module whose output keeps the batch and sequence dims")
-        x = x.detach()
+        raw, x = x, x.detach()
         if site.layout is not None:
             x = x.permute(site.layout)
         self.dtypes.setdefault(site.name, str(x.dtype).replace("torch.", ""))
@@ -446,6 +448,8 @@ class Forwards:
             tokens = placements.tokens(context, self._sources[i], b, t, x.device, place, length)
         else:
             tokens = context.tokens(self._sources[i], b, t, x.device)
+        if self._grads is not None and self._phase == "prefill":
+            self._grads.watch(i, raw, site.layout, tokens)
         shape = (b * t, x.shape[2:].numel())
         real = self._real.get(i)
         count = tokens.cache.get("real")
@@ -486,6 +490,8 @@ class Forwards:
     def release(self) -> None:
         """Drop the CPU sites' held buffers (the capture exits)."""
         self._held = {}
+        if self._grads is not None:  # a backward after the block records nothing
+            self._grads.closed = True
 
     def _unnest(self, i: int, x: Tensor, context: TokenContext) -> Tensor:
         """A NestedTensor (``nn.TransformerEncoder``'s fast path keeps only real tokens): padded back

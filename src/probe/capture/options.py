@@ -105,6 +105,7 @@ class CaptureOptions:
     schedule: Callable[[int], bool] | None
     #: ``capture(parallel=...)``: how plain site tensors are placed across ranks (:mod:`probe.capture.parallel`)
     parallel: Layout | None = None
+    grads: bool = False
 
     @classmethod
     def create(
@@ -127,6 +128,7 @@ class CaptureOptions:
         compile: bool | None = None,
         schedule: Any = None,
         parallel: Any = None,
+        grads: bool = False,
     ) -> CaptureOptions:
         """Validate the arguments of :func:`probe.capture` (documented there).
 
@@ -161,7 +163,7 @@ class CaptureOptions:
         return cls(out=None if out is None else os.fspath(out), sites=sites, stats=names,
                    default_stats=stats is None, histogram_bits=bits, seed=drawn, every=checked_every,
                    phases=bool(phases), rank=rank, world=world, overwrite=overwrite, strict=bool(strict),
-                   compile=compile, schedule=checked_schedule, parallel=layout, **checked)
+                   compile=compile, schedule=checked_schedule, parallel=layout, grads=bool(grads), **checked)
 
     def for_sites(self, sites: list[Site]) -> CaptureOptions:
         """The options for the resolved ``sites``: when ``stats`` was not given and every site is a

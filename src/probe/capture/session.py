@@ -35,6 +35,7 @@ from .. import store
 from ..errors import ProbeError
 from ..stats import _base as _stats_base
 from .engine import StatEngine
+from .grads import SUFFIX, Grads
 from .forward import Forwards, forward_signature
 from .hooks import Handle, HookSet
 from .options import CaptureOptions, StatName
@@ -65,6 +66,7 @@ def capture(
     compile: bool | None = None,
     schedule: Any = None,
     parallel: Any = None,
+    grads: bool = False,
 ) -> Capture:
     """Capture streaming statistics of ``model``'s activations inside a ``with`` block.
 
@@ -134,6 +136,11 @@ def capture(
             sites carry their own placements. Every global element is counted once; see
             docs/distributed.md. ``None``: plain sites are each rank's own data (refused in a model
             with tensor-parallel modules).
+        grads: also record the same statistics of each site's gradient ``∂loss/∂activation``
+            from the backward of the recorded forwards, as sites ``"<site>@grad"`` (read as
+            ``run[site].grad``); forwards without a backward record none. With ``every=``, a
+            window is then committed when the next forward begins or at exit, after its
+            forwards' backward (see :mod:`probe.capture.grads`).
 
     Returns:
         A :class:`Capture`; use it as a context manager. After the block it answers like
@@ -161,6 +168,7 @@ def capture(
                                     max_positions=max_positions, histogram_bits=histogram_bits,
                                     sample_size=sample_size, cross_budget=cross_budget, seed=seed, every=every,
                                     phases=phases, distributed=distributed, overwrite=overwrite, strict=strict,
+                                    grads=grads,
                                     compile=compile, schedule=schedule, parallel=parallel)
     return Capture(model, options)
 
@@ -199,7 +207,8 @@ class Capture:
         self.options = options = options.for_sites(self._defs)
         self._hooks = HookSet(model, self._defs)
         self._names = {"prefill": [s.name for s in self._defs],
-                       "decode": [f"{s.name}@decode" for s in self._defs] if options.phases else []}
+                       "decode": [f"{s.name}@decode" for s in self._defs] if options.phases else [],
+                       "grad": [f"{s.name}{SUFFIX}" for s in self._defs] if options.grads else []}
         if options.out is not None and options.rank == 0:
             store.check_writable(options.out, options.overwrite)
         self._active = False
@@ -209,7 +218,8 @@ class Capture:
         self._recorder = Recorder(options, self._engine, self.sites, describe=lambda: self.meta,
                                   placements=self._placements)
         self._forwards = Forwards(self._hooks, self._names, self._engine, self._recorder, options,
-                                  forward_signature(model))
+                                  forward_signature(model),
+                                  Grads(self._engine, self._names["grad"]) if options.grads else None)
         self._forwards.placements = self._placements if options.world > 1 else None
 
     # ------------------------------------------------------------------------ description
@@ -268,7 +278,7 @@ class Capture:
                 {"name": name, "module": s.module, "read": s.read, "index": s.index,
                  "hf_index": s.hf_index, "dtype": dtypes.get(s.name, ""), "phase": phase,
                  "call": s.call, "stack": s.stack, "source": s.source, "what": s.describe()}
-                for phase in ("prefill", "decode") for name, s in zip(self._names[phase], self._defs)
+                for phase in ("prefill", "decode", "grad") for name, s in zip(self._names[phase], self._defs)
             ],
             "phases": o.phases,
             "every": o.every,
@@ -407,4 +417,4 @@ class Capture:
     @property
     def sites(self) -> list[str]:
         """Site names in capture order (available before, during and after the block)."""
-        return self._names["prefill"] + self._names["decode"]
+        return self._names["prefill"] + self._names["decode"] + self._names["grad"]

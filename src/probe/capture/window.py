@@ -74,6 +74,9 @@ class Recorder:
         #: where the windows went when ``out`` could not take them all (``None``: all in ``out``)
         self.recovered: str | None = None
         self._warned = False
+        #: grads=True: the label of a window every= closed, committed when the next forward begins
+        #: (after the backward of its own forwards) or at exit
+        self._due: int | None = None
 
     def _describe(self) -> dict[str, Any]:
         """The run's description, with the parallel layout it was captured under (``meta["parallel"]``:
@@ -135,6 +138,8 @@ class Recorder:
     # ---------------------------------------------------------------------------- forwards
     def count_forward(self) -> int:
         """A forward of the model begins (recorded or skipped by the schedule); its number."""
+        if self._due is not None:
+            self.commit(step=self._due)
         self.forwards += 1
         return self.forwards
 
@@ -142,7 +147,10 @@ class Recorder:
         """A forward ended: with ``every=k``, commit a window after every ``k``-th."""
         every = self.options.every
         if every is not None and self.forwards % every == 0:
-            self.commit()
+            if self.options.grads:  # the backward of this window's forwards is still to come
+                self._due = self.forwards
+            else:
+                self.commit()
 
     # ---------------------------------------------------------------------------- windows
     def snapshot(self, step: int | None = None) -> None:
@@ -177,6 +185,7 @@ class Recorder:
                 self.writer.close()  # the file is free for other writers, whatever happened
 
     def _commit(self, step: int | None, final: bool) -> None:
+        self._due = None
         self.engine.flush()
         self.engine.finish_cross()
         world = self.options.world

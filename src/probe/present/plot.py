@@ -55,10 +55,10 @@ if TYPE_CHECKING:
 
 __all__ = ["KINDS", "FORMATS", "SIZES", "plot_run", "plot_diff", "figures", "parse_layers", "png_bytes"]
 
-Kind = Literal["histograms", "depth", "cross", "scatter", "channels", "positions", "steps"]
+Kind = Literal["histograms", "depth", "cross", "scatter", "channels", "positions", "steps", "timeline"]
 
 #: every figure kind, in the order :func:`plot_run` draws them
-KINDS: tuple[str, ...] = ("histograms", "depth", "cross", "scatter", "channels", "positions", "steps")
+KINDS: tuple[str, ...] = ("histograms", "depth", "cross", "scatter", "channels", "positions", "steps", "timeline")
 
 DPI = 110
 HIST_BINS = 201  # bins per histogram panel, equal width on the panel's asinh axis
@@ -811,6 +811,16 @@ def _steps(run: Run, out: _Out, opts: dict) -> list[str]:
     return [out.save(fig, "steps.png")]
 
 
+def _timeline(run: Run, out: _Out, opts: dict) -> list[str]:
+    from .timeline import plot_timeline, timeline  # the figure lives with its rules
+
+    try:
+        fig = plot_timeline(timeline(run), title=_title(run))
+    except ProbeError as err:
+        raise _Missing(str(err)) from err
+    return [out.save(fig, "timeline.png")]
+
+
 def _as_run(run: Any) -> Run:
     """A :class:`Run`, also from a finished ``probe.capture(...)`` (its ``.result``)."""
     from ..results.run import Run
@@ -827,7 +837,7 @@ def _as_run(run: Any) -> Run:
 
 
 _DRAW = {"histograms": _histograms, "depth": _depth, "cross": _cross, "scatter": _scatter,
-         "channels": _channels, "positions": _positions, "steps": _steps}
+         "channels": _channels, "positions": _positions, "steps": _steps, "timeline": _timeline}
 
 
 def parse_layers(run: Run, text: str | Sequence[str]) -> list[str]:

@@ -619,6 +619,9 @@ class SiteView:
     holds no state of that statistic (the run did not capture it, or the site was disabled);
     :meth:`has` (``kind in view``) tells without raising. Captured but empty stays NaN / 0.
 
+    ``grad``: the site's gradient ``∂loss/∂activation`` as a view of its own (the site
+    ``"<name>@grad"`` of a ``capture(grads=True)`` run), ``None`` when not recorded.
+
     Args:
         name: the site's name.
         info: its description in ``meta["sites"]`` (``module``, ``hf_index``, ``dtype``).
@@ -639,6 +642,9 @@ class SiteView:
         self.dtype = info.get("dtype", "")
         self._state = state
         self._meta = meta
+        #: the gradient ``∂loss/∂activation`` of this site as a view of its own (``capture(grads=True)``:
+        #: the site ``"<name>@grad"``); ``None`` when the run recorded none
+        self.grad: SiteView | None = None
         m = state.get("moments")
         self.count: int = 0
         self.tokens: int = 0
@@ -1083,6 +1089,8 @@ class Run:
         if name not in self._views:
             state = self.total.sites.get(name, {}) if "total" in self.__dict__ else self._source.site_total(name)
             self._views[name] = SiteView(name, self._info[name], state, self.meta)
+            if f"{name}@grad" in self._info:
+                self._views[name].grad = self[f"{name}@grad"]
         return self._views[name]
 
     def __iter__(self) -> Iterator[SiteView]:
