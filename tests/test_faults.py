@@ -589,3 +589,68 @@ def test_flag_of_a_killed_writer_cleared_without_hdf5_tools(tmp_path):
     for path in paths:
         with h5py.File(path, "r") as f:  # HDF5 accepts the rewritten superblock and its checksum
             assert f.attrs["schema"] == "probe"
+
+
+# ------------------------------------------------------------------------------ probe repair
+def test_repair_command_reopens_a_killed_writers_file(windows, tmp_path, capsys):
+    """``probe repair``: one line per file, the flag a killed writer left cleared, every record
+    read back; run again, nothing to repair; a damaged file is one error line and status 2."""
+    from probe.cli import main
+    from probe.store.repair import _SIGNATURE
+
+    meta, rows, blob = windows
+    out = tmp_path / "killed.h5"
+    proc = subprocess.run([sys.executable, "-c", APPEND, str(blob), str(out)], capture_output=True, text=True,
+                          timeout=120, env={**ENV, FAULT_ENV: "rows-flushed:3"})
+    assert proc.returncode == FAULT_EXIT, proc.stderr
+    with open(out, "rb") as f:
+        head = f.read(12)
+    assert head[:8] == _SIGNATURE and head[11] != 0  # HDF5's open-for-write flag, left set
+    assert os.path.exists(lock_path(str(out)))  # and the dead writer's lock file
+    assert main(["repair", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{out}: cleared the open-for-write flag left by a writer that died; removed the lock file a "
+                     "dead writer left; 2 committed window(s), every record checked"]
+    with open(out, "rb") as f:
+        assert f.read(12)[11] == 0
+    assert probe.load(out).steps == [r.step for r in rows[:2]]
+    assert main(["repair", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"{out}: nothing to repair; 2 committed window(s), every record checked"
+    bad = tmp_path / "bad.h5"
+    data = bytearray(out.read_bytes())
+    data[20] ^= 0xFF  # inside the superblock: its checksum no longer matches
+    bad.write_bytes(bytes(data))
+    assert main(["repair", str(bad), str(out)]) == 2
+    got = capsys.readouterr()
+    assert got.err.count("\n") == 1 and got.err.startswith("probe repair: error:") and "bad.h5" in got.err
+    assert got.out.strip().startswith(f"{out}: nothing to repair")  # the other file is still done
+
+
+def test_repair_command_refuses_a_live_writer(tmp_path, capsys):
+    from probe.cli import main
+
+    out = tmp_path / "live.h5"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=ENV)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert main(["repair", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"pid {proc.pid}@" in err
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+
+
+def test_repair_removes_a_dead_writers_lock_file(windows, tmp_path, capsys):
+    from probe.cli import main
+
+    meta, rows, _ = windows
+    out = tmp_path / "run.h5"
+    w = Writer(out, fsync=False)
+    w.append(meta, rows[0])
+    w.close()
+    Path(lock_path(str(out))).write_text("pid 999999999@nowhere\n")
+    assert main(["repair", str(out)]) == 0
+    assert "removed the lock file a dead writer left; 1 committed window(s)" in capsys.readouterr().out
+    assert not os.path.exists(lock_path(str(out)))
