@@ -7,6 +7,7 @@ a number the file cannot prove, and every bad file is one ``FileFormatError`` li
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -654,3 +656,100 @@ def test_repair_removes_a_dead_writers_lock_file(windows, tmp_path, capsys):
     assert main(["repair", str(out)]) == 0
     assert "removed the lock file a dead writer left; 1 committed window(s)" in capsys.readouterr().out
     assert not os.path.exists(lock_path(str(out)))
+
+
+# ------------------------------------------------------------------------------ kills at random instants
+KILLED = textwrap.dedent("""
+    import pickle, sys, dataclasses
+    from probe.store import StoreError, Writer
+    from probe.store._server import Server
+    meta, rows = pickle.loads(open(sys.argv[1], "rb").read())
+    n = int(sys.argv[3])
+    w = Writer(sys.argv[2], fsync=sys.argv[4] == "1")
+    print("server", Server.get().proc.pid, flush=True)
+    i = 0
+    while i < n:
+        try:
+            w.append(meta, dataclasses.replace(rows[i % len(rows)], step=i + 1))
+        except StoreError:
+            print("server", Server.get().proc.pid, flush=True)  # its writer process was killed: retry
+            continue
+        i += 1
+        print("acked", i, flush=True)
+    w.close()
+    print("done", flush=True)
+""")
+
+
+@pytest.fixture(scope="module")
+def window_sets(tiny, tmp_path_factory):
+    """Windows of two sizes: the tiny GPT-2's small ones and a Llama's with every statistic at
+    larger options (more tokens, a bigger sample, more positions)."""
+    folder = tmp_path_factory.mktemp("sizes")
+    sets = {}
+    for name, model, options in (("small", tiny("gpt2"), {"max_positions": 16, "sample_size": 32}),
+                                 ("large", tiny("llama"), {"max_positions": 256, "sample_size": 4096})):
+        with probe.capture(model, seed=3, **options) as run:
+            for i in range(3):
+                ids, mask = batch(4, 32, "right", seed=10 + i)
+                with torch.no_grad():
+                    model(input_ids=ids, attention_mask=mask)
+                run.snapshot()
+        blob = folder / f"{name}.pkl"
+        rows = list(run.rows)
+        blob.write_bytes(pickle.dumps((run.meta, rows)))  # our own test data, read back by our own script
+        sets[name] = (rows, blob)
+    return sets
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_instants_keeps_exactly_the_acknowledged_windows(window_sets, tmp_path):
+    """SIGKILL of the writing job (its writer process dies with it) or of the writer process
+    alone, at instants drawn uniformly over the run, for windows of two sizes and runs of up to
+    60 windows: every file opens with probe alone and holds exactly the acknowledged windows (or
+    those and the one in flight, whose commit reached its marker), bit for bit, and a cumulative
+    state equal to their merge; a killed writer process costs nothing (the next commit retries)."""
+    import signal
+    import threading
+
+    rng = np.random.default_rng(22)
+    trials = []
+    for trial in range(16):
+        size = ("small", "large")[trial % 2]
+        rows, blob = window_sets[size]
+        n = int(rng.integers(5, 61))
+        victim = "writer" if trial % 4 == 3 else "job"
+        out = tmp_path / f"k{trial}.h5"
+        proc = subprocess.Popen([sys.executable, "-c", KILLED, str(blob), str(out), str(n), str(trial % 2)],
+                                stdout=subprocess.PIPE, text=True, env=ENV)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 120
+        while not any(line.startswith("server") for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server = int(next(line.split()[1] for line in lines if line.startswith("server")))
+        time.sleep(float(rng.uniform(0.0, 0.05 * n)))  # about a run's length at ~50 ms a commit
+        if victim == "job":
+            proc.send_signal(signal.SIGKILL)
+        else:
+            try:
+                os.kill(server, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=300)
+        reader.join(timeout=60)
+        acked = max([int(line.split()[1]) for line in lines if line.startswith("acked")], default=0)
+        if victim == "writer":
+            assert proc.returncode == 0 and "done\n" in lines, lines[-3:]
+            assert acked == n
+        run = probe.load(out)
+        got = len(run.steps)
+        assert got in (acked, acked + 1), (trial, acked, got)
+        assert run.steps == list(range(1, got + 1))
+        for i, row in enumerate(run.rows):
+            _same_window(row, dataclasses.replace(rows[i % len(rows)], step=i + 1))
+        if got:
+            _total_is_merge(run)
+        trials.append((size, victim, n, acked, got))
+    assert sum(t[3] < t[2] for t in trials if t[1] == "job") >= 4, trials  # most kills landed mid-run
