@@ -248,3 +248,20 @@ def test_default_runs_merge_into_one_run_over_both_inputs(tiny, tmp_path):
         np.testing.assert_array_equal(a.position.tokens, b.position.tokens)
         assert len(a.sample) == len(b.sample)
     np.testing.assert_allclose(merged.cross.cov, one.cross.cov, rtol=1e-9, atol=1e-12)
+
+
+def test_labels_in_any_order_are_kept_in_commit_order(tiny, tmp_path):
+    """``snapshot(step)`` takes any new label (a job resumed from an earlier checkpoint labels its
+    windows below the last one): the file keeps them in commit order and reads them back, since the
+    readers check labels to be unique integers, not increasing ones (docs/format.md, Root)."""
+    model = tiny("gpt2")
+    ids, _ = batch()
+    with probe.capture(model, out=tmp_path / "r.h5", stats=("moments",)) as run:
+        for label in (100, 200, 150):
+            with torch.no_grad():
+                model(input_ids=ids)
+            run.snapshot(label)
+    assert run.steps == [100, 200, 150]
+    again = probe.load(tmp_path / "r.h5")
+    assert again.steps == [100, 200, 150] and [r.step for r in again.rows] == [100, 200, 150]
+    assert again.at(150)["hidden_states.1"].tokens == ids.numel()

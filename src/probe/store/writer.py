@@ -221,6 +221,14 @@ class Writer:
     docstring). The cumulative state is merged here in numpy from the statistics' declared
     reductions.
 
+    Args:
+        path: the run file, created (and its folder synced, with ``fsync``).
+        overwrite: replace an existing file (never one another live process writes).
+        fsync: ``fsync`` the file at each commit (default: on, unless ``PROBE_FSYNC=0``): a
+            power loss then keeps every acknowledged window (``docs/format.md``, Durability).
+        isolate: write each commit in probe's writer process (:mod:`._server`; default: on,
+            unless ``PROBE_COMMIT=inline``), so a failed HDF5 write cannot crash this process.
+
     Raises (``__init__``):
         ProbeError: ``path`` cannot be created, or another live process writes it.
     """
