@@ -753,3 +753,43 @@ def test_sigkill_at_random_instants_keeps_exactly_the_acknowledged_windows(windo
             _total_is_merge(run)
         trials.append((size, victim, n, acked, got))
     assert sum(t[3] < t[2] for t in trials if t[1] == "job") >= 4, trials  # most kills landed mid-run
+
+
+def _gone(pid: int, within: float = 10.0) -> bool:
+    """Whether process ``pid`` ended (a zombie nobody reaped counts as ended) within ``within`` s."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_writer_process_dies_with_the_job(tmp_path):
+    """A job killed with SIGKILL leaves no writer process behind (its death signal, or the end of
+    its input, ends it: none can write the file once the job's lock is gone), and one that exits
+    normally ends it too."""
+    import signal
+
+    script = textwrap.dedent("""
+        import sys
+        from probe.store import Writer
+        from probe.store._server import Server
+        w = Writer(sys.argv[1])
+        print(Server.get().proc.pid, flush=True)
+        if sys.argv[2] == "hold":
+            sys.stdin.read()
+    """)
+    for how in ("hold", "exit"):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"{how}.h5"), how],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
+        server = int(proc.stdout.readline())
+        if how == "hold":
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert _gone(server), how

@@ -185,8 +185,10 @@ class Server:
                     cls._unavailable = "no Python executable to start"
             return s
 
-    def retire(self) -> None:
-        """Close the pipes and wait for the process (it ends at the end of its input)."""
+    def retire(self, wait: float = 5.0) -> None:
+        """Close the pipes and wait for the process, which ends at the end of its input; after
+        ``wait`` seconds (a forked child of the host may hold its input open) it is killed, which
+        costs nothing between commits: it holds no file open then."""
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
                 if stream is not None:
@@ -194,7 +196,7 @@ class Server:
             except OSError:
                 pass
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -204,7 +206,12 @@ class Server:
         s = cls._current
         if s is not None and s.pid_of_host == os.getpid():
             cls._current = None
-            s.retire()
+            got = s.lock.acquire(timeout=60)  # a commit still running on another thread ends first
+            try:
+                s.retire()
+            finally:
+                if got:
+                    s.lock.release()
 
     def _wait_ready(self) -> bool:
         if not self.ready:
