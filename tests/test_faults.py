@@ -228,7 +228,7 @@ def five_windows(tmp_path_factory):
     return ref
 
 
-@pytest.mark.parametrize("phase", IO_PHASES)
+@pytest.mark.parametrize("phase", [p if p != "marker" else pytest.param(p, marks=pytest.mark.slow) for p in IO_PHASES])
 def test_io_error_mid_write_never_crashes_at_exit(five_windows, tmp_path, phase):
     """Every HDF5 write of the third commit fails (its descriptor swapped for a read-only one, as a
     failing disk answers ``EIO``), after the free-space check passed. Written in this process, the
@@ -714,7 +714,7 @@ def test_sigkill_at_random_instants_keeps_exactly_the_acknowledged_windows(windo
 
     rng = np.random.default_rng(22)
     trials = []
-    for trial in range(16):
+    for trial in range(12):
         size = ("small", "large")[trial % 2]
         rows, blob = window_sets[size]
         n = int(rng.integers(5, 61))
@@ -753,6 +753,7 @@ def test_sigkill_at_random_instants_keeps_exactly_the_acknowledged_windows(windo
             _total_is_merge(run)
         trials.append((size, victim, n, acked, got))
     assert sum(t[3] < t[2] for t in trials if t[1] == "job") >= 4, trials  # most kills landed mid-run
+    print("trials (size, victim, windows, acknowledged, in the file):", trials)
 
 
 def _gone(pid: int, within: float = 10.0) -> bool:

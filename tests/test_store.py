@@ -265,3 +265,25 @@ def test_labels_in_any_order_are_kept_in_commit_order(tiny, tmp_path):
     again = probe.load(tmp_path / "r.h5")
     assert again.steps == [100, 200, 150] and [r.step for r in again.rows] == [100, 200, 150]
     assert again.at(150)["hidden_states.1"].tokens == ids.numel()
+
+
+def test_relative_path_is_the_file_in_the_folder_at_creation(tiny, tmp_path, monkeypatch):
+    """probe's writer process outlives the folder it started in: a relative ``out`` is the file in
+    the current folder when the capture begins, whatever the writer process's own folder."""
+    from probe.store import Writer, _server
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    _server.Server._at_exit()
+    monkeypatch.chdir(first)
+    Writer("started-here.h5").close()  # the writer process starts in the first folder
+    monkeypatch.chdir(second)
+    model = tiny("gpt2")
+    ids, _ = batch()
+    with probe.capture(model, out="r.h5", every=1, stats=("moments",)) as run:
+        with torch.no_grad():
+            model(input_ids=ids)
+            model(input_ids=ids)
+    assert run.steps == [1, 2] and probe.load(second / "r.h5").steps == [1, 2]
+    assert not (first / "r.h5").exists()

@@ -238,8 +238,10 @@ class Writer:
         path = os.fspath(path)
         check_writable(path, overwrite)
         self.path = path
+        #: the file's absolute path: every later open, here or in the writer process, is of this file
+        self._where = os.path.abspath(path)
         self._settings(fsync, isolate)
-        self._lock = Lock(path)
+        self._lock = Lock(self._where)
         try:
             with open_file(path, "w") as f:
                 f.attrs["schema"] = SCHEMA
@@ -351,7 +353,7 @@ class Writer:
         writer created it, or less free space than the commit could need (a write that fails
         half-way leaves the most to clean up)."""
         try:
-            same = _identity(self.path) == self._id
+            same = _identity(self._where) == self._id
         except OSError:
             same = False
         if not same:
@@ -361,7 +363,7 @@ class Writer:
         buckets = _stored_bytes([total.state(n, k) for n in total.sites for k in SPARSE])
         need = 2 * window + buckets + (256 << 10)  # twice the window, for HDF5's chunks and metadata
         try:
-            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+            st = os.statvfs(os.path.dirname(self._where))
             free = st.f_bavail * st.f_frsize
         except (OSError, AttributeError):
             return
@@ -379,7 +381,7 @@ class Writer:
         if fallocate is None:
             return
         try:
-            fd = os.open(self.path, os.O_WRONLY)
+            fd = os.open(self._where, os.O_WRONLY)
             try:
                 fallocate(fd, os.fstat(fd).st_size, need)
             finally:
@@ -414,7 +416,7 @@ class Writer:
 
     def _open(self):
         try:
-            return open_file(self.path, "r+", writer=True)
+            return open_file(self._where, "r+", writer=True)
         except (OSError, ProbeError) as err:
             raise StoreError(f"cannot write out={self.path!r} ({str(err).splitlines()[0]}); expected a writable "
                              "file; check the disk and permissions (the windows stay in memory)") from err
@@ -464,7 +466,7 @@ class Writer:
         if server is None:
             return False
         text, site_attrs = self._describe(meta)
-        job = {"path": self.path, "rows": self.rows, "fsync": self.fsync, "meta": json.loads(text),
+        job = {"path": self._where, "rows": self.rows, "fsync": self.fsync, "meta": json.loads(text),
                "known": [self._meta_json == text, [k for k, v in site_attrs.items() if self._site_attrs.get(k) == v]],
                "row": row, "total": total, "commit": commit}
         try:
@@ -481,7 +483,7 @@ class Writer:
     def _shell(cls, job: dict) -> Writer:
         """In the writer process: a writer holding the host writer's state for one commit."""
         self = cls.__new__(cls)
-        self.path = job["path"]
+        self.path = self._where = job["path"]
         self.rows = int(job["rows"])
         self.fsync = bool(job["fsync"])
         self.isolate = False
@@ -563,10 +565,10 @@ class Writer:
 
     def abort(self) -> None:
         """Remove the file if no window was committed (nothing stays open between windows)."""
-        if self.rows == 0 and os.path.exists(self.path):
+        if self.rows == 0 and os.path.exists(self._where):
             try:
-                if _identity(self.path) == self._id:
-                    os.remove(self.path)
+                if _identity(self._where) == self._id:
+                    os.remove(self._where)
             except OSError:
                 pass
         self.close()
@@ -585,16 +587,16 @@ class Writer:
         """
         stem = os.path.splitext(os.path.basename(self.path))[0]
         tried = []
-        for folder in (os.path.dirname(os.path.abspath(self.path)), tempfile.gettempdir()):
+        for folder in (os.path.dirname(self._where), tempfile.gettempdir()):
             target, n = os.path.join(folder, f"{stem}.recovered-{os.getpid()}.h5"), 1
             while os.path.exists(target):  # never replace an earlier recovery
                 target, n = os.path.join(folder, f"{stem}.recovered-{os.getpid()}-{n}.h5"), n + 1
             for keep in (True, False):
                 try:
                     if keep:
-                        if self.rows == 0 or _identity(self.path) != self._id:
+                        if self.rows == 0 or _identity(self._where) != self._id:
                             continue  # nothing committed, or the file is gone or another one
-                        shutil.copyfile(self.path, target)
+                        shutil.copyfile(self._where, target)
                         w = Writer._resume(target, self.rows, self.total, self.fsync, self.isolate)
                     else:
                         w = Writer(target, overwrite=True, fsync=self.fsync, isolate=self.isolate)
@@ -622,8 +624,10 @@ class Writer:
         """A writer appending to ``path``, a copy of a run file that commits ``rows`` windows."""
         self = cls.__new__(cls)
         self.path = path
+        #: the file's absolute path: every later open, here or in the writer process, is of this file
+        self._where = os.path.abspath(path)
         self._settings(fsync, isolate)
-        self._lock = Lock(path)
+        self._lock = Lock(self._where)
         self._id = _identity(path)
         self.rows = rows
         self.total = total
