@@ -101,6 +101,7 @@ def test_norm_buckets_sparse_and_the_dense_layout_still_read(tiny, tmp_path, mon
 
     live = _run(tiny, tmp_path / "sparse.h5", n=3)
     monkeypatch.setattr(store, "SPARSE", ("histogram",))  # the earlier layout: counts in the record
+    monkeypatch.setenv("PROBE_COMMIT", "inline")  # written by this process, which holds the patch
     _run(tiny, tmp_path / "dense.h5", n=3, seed=live.seed)
     monkeypatch.undo()
     with h5py.File(tmp_path / "sparse.h5", "r") as f:

@@ -249,6 +249,8 @@ class Server:
                 return f"cannot write out={job['path']!r}: probe's writer process ended with status {code}; " \
                        "expected a writable file; the file holds the windows committed before (the rest stay in memory)"
             reply = json.loads(answer)
+            if reply.get("inline"):
+                raise Unavailable(str(reply["inline"]))
             if reply.get("ok"):
                 self.last_s = float(reply.get("s", 0.0))
                 return None
@@ -277,6 +279,14 @@ def _die_with(host: int) -> None:
         os._exit(0)  # the host is gone already
 
 
+def _unknown(job: dict) -> list[str]:
+    """The statistics of ``job`` this process does not know (registered in the host at run time)."""
+    from ..stats._state import SPECS
+
+    kinds = {kind for row in (job["row"], job["total"]) for states in row.sites.values() for kind in states}
+    return sorted(k for k in kinds if k not in SPECS)
+
+
 def main() -> None:
     """The writer process's loop: a job in, a commit, one JSON line out; EOF ends it."""
     _die_with(int(sys.argv[1]))
@@ -292,6 +302,11 @@ def main() -> None:
             os._exit(0)
         start = time.perf_counter()
         job = decode(*message)
+        unknown = _unknown(job)
+        if unknown:  # registered in the host only: the host writes this one itself
+            out.write(json.dumps({"ok": False, "inline": f"statistics unknown here: {unknown}"}).encode() + b"\n")
+            out.flush()
+            continue
         try:
             w = Writer._shell(job)
             f = w._open()

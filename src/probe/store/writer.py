@@ -472,6 +472,7 @@ class Writer:
         try:
             error = server.commit(job)
         except _server.Unavailable:
+            self.isolate = False  # e.g. a statistic registered at run time: this writer writes here
             return False
         if error is not None:
             self._forget()
