@@ -1,35 +1,49 @@
 #!/usr/bin/env python
-"""What windows cost: commit time at ``every=1``, file size per window, and opening a long run.
+"""What the run file costs: commit time per window, and opening and reading a long run.
 
 The model is GPT-2 small's width (768) with 4 layers: 5 sites (``hidden_states.0..4``), every
-statistic at its default options (histogram m=7, 20,000-element sample, 4,096 positions).
+statistic at its default options. Its windows are captured once, in memory
+(``probe.capture(model)`` with ``run.snapshot()`` after each forward), and then appended through
+:class:`probe.store.Writer`, the writer ``probe.capture(out=..., every=1)`` commits with, so the
+numbers are the store's alone, without the forwards' cost.
 
-    python benchmarks/store_bench.py commit              # commit cost per window at every=1
-    python benchmarks/store_bench.py load --windows 1000 # write a 1,000-window run, then open it
+    python benchmarks/store_bench.py commit --windows 40     # commit cost per window, by mode
+    python benchmarks/store_bench.py load --windows 1000     # probe.load + read every window
     python benchmarks/store_bench.py all --json out.json
 
-``commit`` times, for one batch: plain forwards (before and after the capture), forwards under
-``probe.capture(out=...)`` and, after each, ``run.snapshot()``: one committed window, as
-``every=1`` does after every forward (medians of the repeats).
+``commit`` appends the same windows to one file per mode, in turn (window i to every mode, in an
+order that rotates, so drifting load hits every mode alike), and reports the median time of one
+``Writer.append`` per mode and the ratios to the default:
 
-``load`` writes a run of N windows (four real windows of one small forward each, appended in
-turn through the file writer, as ``every=1`` would), then, in a fresh process, measures ``probe.load`` plus ``std`` and ``quantile(0.999)`` of every site: wall time
-and the growth of the process's resident memory (``ru_maxrss`` after the imports vs. after the
-reads). Runs on schema-1 and schema-2 versions of probe (it uses ``capture``, ``snapshot``,
-``load`` and ``store.Writer.append``), so point ``PYTHONPATH`` at an older checkout to compare.
+- ``default``: each commit written by probe's writer process, ``fsync`` at the commit point;
+- ``no-fsync``: in the writer process, without ``fsync`` (``PROBE_FSYNC=0``);
+- ``inline``: written in this process, without ``fsync`` (``PROBE_COMMIT=inline PROBE_FSYNC=0``),
+  how commits were written before the writer process.
+
+``load`` writes a run of N windows (the captured windows relabelled 1..N), then times, in one
+process and interleaved (A B B A ...), ``probe.load`` plus reading every window's records
+(``run.rows``) and the cumulative ``std`` of every site, with the validation of
+every record on (as always) and with :func:`probe.store.schema.validate` and ``check`` replaced by
+no-ops: probe has no switch to turn validation off, so the second figure is an estimate of what
+validation costs, made by patching the reader's internals in this benchmark only (Fletcher-32 is
+HDF5's and stays on).
+
+Timings are wall-clock on whatever cores the machine shares: on a loaded machine they are noisy;
+the ratios, measured in one process and interleaved, are the figures to compare.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+MODES = {"default": {}, "no-fsync": {"fsync": False}, "inline": {"isolate": False, "fsync": False}}
 
 
 def _model():
@@ -42,144 +56,133 @@ def _model():
     return transformers.GPT2Model(cfg).eval()
 
 
-def bench_commit(batch: int, seq: int, repeats: int, threads: int) -> dict:
+def windows(distinct: int, batch: int, seq: int, threads: int):
+    """``distinct`` real windows (one forward of ``batch`` x ``seq`` tokens each) and the run's
+    description, captured in memory."""
     import torch
 
     import probe
 
     torch.set_num_threads(threads)
     model = _model()
-    ids = torch.randint(0, 50257, (batch, seq), generator=torch.Generator().manual_seed(1))
-    times: dict[str, list[float]] = {"plain": [], "capture": [], "commit": []}
-    out = os.path.join(tempfile.mkdtemp(), "commit.h5")
-
-    def plain():
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model(input_ids=ids)
-            times["plain"].append(time.perf_counter() - t)
-
-    with torch.no_grad():
-        model(input_ids=ids)  # warm-up
-        plain()
-        with probe.capture(model, out, seed=0, overwrite=True) as run:
-            model(input_ids=ids)
-            run.snapshot()  # warm-up: the first window creates the datasets
-            for _ in range(repeats):
-                t = time.perf_counter()
-                model(input_ids=ids)
-                times["capture"].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                run.snapshot()
-                times["commit"].append(time.perf_counter() - t)
-        plain()
-        windows = len(run.steps)
-    size = os.path.getsize(out)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {
-        "shape": f"{batch}x{seq}", "repeats": repeats, "threads": threads,
-        "plain_ms": 1e3 * med["plain"], "capture_ms": 1e3 * med["capture"], "commit_ms": 1e3 * med["commit"],
-        "commit_over_plain": med["commit"] / med["plain"],
-        "windows": windows, "file_bytes": size, "bytes_per_window": size / windows,
-    }
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad(), probe.capture(model, seed=0) as run:
+        for _ in range(distinct):
+            model(input_ids=torch.randint(0, 50257, (batch, seq), generator=g))
+            run.snapshot()
+    return run.meta, list(run.rows)
 
 
-def write_run(path: str, windows: int, distinct: int = 4) -> float:
-    """A run of ``windows`` windows: ``distinct`` real windows (one forward of 1x16 tokens each),
-    appended in turn under labels 1..windows through the file writer (so the file is what
-    ``every=1`` writes, without paying for the forwards)."""
-    import torch
+def _relabel(row, step: int):
+    return dataclasses.replace(row, step=step)
 
-    import probe
+
+def bench_commit(n: int, batch: int, seq: int, threads: int, folder: str) -> dict:
     from probe import store
 
-    torch.set_num_threads(2)
-    model = _model()
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad(), probe.capture(model, every=1, seed=0) as c:
-        for _ in range(distinct):
-            model(input_ids=torch.randint(0, 50257, (1, 16), generator=g))
-    meta = c.meta() if callable(c.meta) else c.meta  # a method before schema 2
-    rows = list(c._rows)
+    meta, rows = windows(4, batch, seq, threads)
+    writers = {m: store.Writer(os.path.join(folder, f"commit-{m}.h5"), overwrite=True, **kw)
+               for m, kw in MODES.items()}
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    order = list(MODES)
+    try:
+        for i in range(n + 1):
+            row = _relabel(rows[i % len(rows)], i + 1)
+            for m in order[i % len(order):] + order[:i % len(order)]:
+                t = time.perf_counter()
+                writers[m].append(meta, row)
+                if i:  # the first window creates the datasets: a warm-up
+                    times[m].append(time.perf_counter() - t)
+    finally:
+        for w in writers.values():
+            w.close()
+    med = {m: statistics.median(v) for m, v in times.items()}
+    size = os.path.getsize(writers["default"].path)
+    return {"windows": n, "shape": f"{batch}x{seq}", "threads": threads,
+            "commit_ms": {m: 1e3 * v for m, v in med.items()},
+            "commit_ms_p25_p75": {m: [1e3 * q for q in statistics.quantiles(v, n=4)[::2]] for m, v in times.items()},
+            "ratio_to_inline": {m: med[m] / med["inline"] for m in MODES},
+            "bytes_per_window": size / (n + 1)}
+
+
+def write_run(path: str, n: int, batch: int, seq: int, threads: int) -> float:
+    """A run of ``n`` windows appended through :class:`probe.store.Writer`; seconds taken."""
+    from probe import store
+
+    meta, rows = windows(4, batch, seq, threads)
     t = time.perf_counter()
-    writer = store.Writer(path, overwrite=True)
-    for i in range(windows):
-        writer.append(meta, dict(rows[i % distinct], step=i + 1))
+    w = store.Writer(path, overwrite=True)
+    try:
+        for i in range(n):
+            w.append(meta, _relabel(rows[i % len(rows)], i + 1))
+    finally:
+        w.close()
     return time.perf_counter() - t
 
 
-def _rss_mb() -> tuple[float, float]:
-    """(current, peak) resident set size of this process in MB (Linux /proc; else ru_maxrss)."""
-    try:
-        with open("/proc/self/status") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-    except (OSError, KeyError, ValueError):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return peak, peak
-
-
-def read_run(path: str) -> dict:
-    """In a fresh process: the cost of opening a run and reading every site's std and quantile."""
-    import numpy  # noqa: F401  (imports are not the reads' cost)
-
+def _read_everything(path: str) -> float:
     import probe
 
-    try:  # reset the peak RSS so it measures the reads alone (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    rss0, _ = _rss_mb()
     t = time.perf_counter()
     run = probe.load(path)
-    values = [(run[name].std, run[name].quantile(0.999)) for name in run.sites]
-    wall = time.perf_counter() - t
-    rss1, peak = _rss_mb()
-    return {"load_std_quantile_s": wall, "extra_rss_mb": rss1 - rss0, "extra_peak_rss_mb": peak - rss0,
-            "sites": len(values), "windows": len(run.steps)}
+    for _ in run.rows:  # each window read (and checked)
+        pass
+    for name in run.sites:
+        _ = run[name].std
+    return time.perf_counter() - t
 
 
-def bench_load(windows: int, folder: str | None) -> dict:
-    folder = folder or tempfile.mkdtemp()
-    path = os.path.join(folder, f"long{windows}.h5")
-    write_s = write_run(path, windows)
-    child = subprocess.run([sys.executable, __file__, "_read", path], capture_output=True, text=True, check=True)
-    out = json.loads(child.stdout.strip().splitlines()[-1])
-    size = os.path.getsize(path)
-    out.update({"write_s": write_s, "file_bytes": size, "bytes_per_window": size / windows})
-    return out
+def bench_load(n: int, repeats: int, batch: int, seq: int, threads: int, folder: str) -> dict:
+    from probe.store import reader, schema
+
+    path = os.path.join(folder, f"long{n}.h5")
+    write_s = write_run(path, n, batch, seq, threads)
+    real = (reader.validate, reader.check)
+
+    def unchecked(on: bool) -> None:
+        reader.validate, reader.check = real if on else (lambda kind, state, where: state, lambda ds: None)
+
+    times: dict[str, list[float]] = {"validated": [], "unvalidated": []}
+    try:
+        for i in range(repeats):
+            for on in ((True, False) if i % 2 == 0 else (False, True)):
+                unchecked(on)
+                times["validated" if on else "unvalidated"].append(_read_everything(path))
+    finally:
+        unchecked(True)
+    assert schema.validate is real[0]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"windows": n, "repeats": repeats, "write_s": write_s, "file_bytes": os.path.getsize(path),
+            "load_read_s": med, "validated_over_unvalidated": med["validated"] / med["unvalidated"]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["commit", "load", "all", "_read"])
-    p.add_argument("path", nargs="?")
-    p.add_argument("--windows", type=int, default=1000)
-    p.add_argument("--shape", default="4x128", help="batch x sequence of the commit benchmark")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("what", choices=["commit", "load", "all"])
+    p.add_argument("--windows", type=int, default=None, help="windows (default: commit 40, load 1000)")
+    p.add_argument("--repeats", type=int, default=4, help="load: reads of the whole file per setting")
+    p.add_argument("--shape", default="1x128", help="batch x sequence of each captured window's forward")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--folder", default=None)
+    p.add_argument("--folder", default=None, help="where the files go (default: a new temp folder)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    if args.what == "_read":
-        print(json.dumps(read_run(args.path)))
-        return
     import probe
 
-    results: dict = {"probe": probe.__version__, "python": sys.version.split()[0]}
+    folder = args.folder or tempfile.mkdtemp()
+    b, s = (int(v) for v in args.shape.split("x"))
+    results: dict = {"probe": probe.__version__, "python": sys.version.split()[0], "load_average": os.getloadavg()}
     if args.what in ("commit", "all"):
-        b, s = (int(v) for v in args.shape.split("x"))
-        results["commit"] = r = bench_commit(b, s, args.repeats, args.threads)
-        print(f"commit at every=1, {r['shape']}: plain forward {r['plain_ms']:.1f} ms, forward under capture "
-              f"{r['capture_ms']:.1f} ms, commit {r['commit_ms']:.1f} ms ({r['commit_over_plain']:.2f}x plain); "
-              f"{r['bytes_per_window'] / 1e6:.2f} MB per window")
+        results["commit"] = r = bench_commit(args.windows or 40, b, s, args.threads, folder)
+        print(f"commit of one window ({r['windows']} windows, {r['bytes_per_window'] / 1e6:.2f} MB each): "
+              + ", ".join(f"{m} {ms:.1f} ms ({r['ratio_to_inline'][m]:.2f}x inline)"
+                          for m, ms in r["commit_ms"].items()))
     if args.what in ("load", "all"):
-        results["load"] = r = bench_load(args.windows, args.folder)
-        print(f"{r['windows']} windows: file {r['file_bytes'] / 1e6:.1f} MB ({r['bytes_per_window'] / 1e3:.0f} kB "
-              f"per window), appended in {r['write_s']:.1f} s; load + std + quantile of {r['sites']} sites: "
-              f"{r['load_std_quantile_s']:.3f} s, {r['extra_rss_mb']:.1f} MB extra RSS "
-              f"({r['extra_peak_rss_mb']:.1f} MB at the peak)")
+        results["load"] = r = bench_load(args.windows or 1000, args.repeats, b, s, args.threads, folder)
+        print(f"{r['windows']} windows ({r['file_bytes'] / 1e6:.1f} MB, appended in {r['write_s']:.1f} s): "
+              f"probe.load + every window + std: {r['load_read_s']['validated']:.2f} s validated, "
+              f"{r['load_read_s']['unvalidated']:.2f} s with validation patched out "
+              f"({r['validated_over_unvalidated']:.3f}x)")
+    print(f"load average {results['load_average'][0]:.1f}: timings on shared cores are noisy; compare the ratios")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -101,6 +101,7 @@ def test_norm_buckets_sparse_and_the_dense_layout_still_read(tiny, tmp_path, mon
 
     live = _run(tiny, tmp_path / "sparse.h5", n=3)
     monkeypatch.setattr(store, "SPARSE", ("histogram",))  # the earlier layout: counts in the record
+    monkeypatch.setenv("PROBE_COMMIT", "inline")  # written by this process, which holds the patch
     _run(tiny, tmp_path / "dense.h5", n=3, seed=live.seed)
     monkeypatch.undo()
     with h5py.File(tmp_path / "sparse.h5", "r") as f:
@@ -248,3 +249,42 @@ def test_default_runs_merge_into_one_run_over_both_inputs(tiny, tmp_path):
         np.testing.assert_array_equal(a.position.tokens, b.position.tokens)
         assert len(a.sample) == len(b.sample)
     np.testing.assert_allclose(merged.cross.cov, one.cross.cov, rtol=1e-9, atol=1e-12)
+
+
+def test_labels_in_any_order_are_kept_in_commit_order(tiny, tmp_path):
+    """``snapshot(step)`` takes any new label (a job resumed from an earlier checkpoint labels its
+    windows below the last one): the file keeps them in commit order and reads them back, since the
+    readers check labels to be unique integers, not increasing ones (docs/format.md, Root)."""
+    model = tiny("gpt2")
+    ids, _ = batch()
+    with probe.capture(model, out=tmp_path / "r.h5", stats=("moments",)) as run:
+        for label in (100, 200, 150):
+            with torch.no_grad():
+                model(input_ids=ids)
+            run.snapshot(label)
+    assert run.steps == [100, 200, 150]
+    again = probe.load(tmp_path / "r.h5")
+    assert again.steps == [100, 200, 150] and [r.step for r in again.rows] == [100, 200, 150]
+    assert again.at(150)["hidden_states.1"].tokens == ids.numel()
+
+
+def test_relative_path_is_the_file_in_the_folder_at_creation(tiny, tmp_path, monkeypatch):
+    """probe's writer process outlives the folder it started in: a relative ``out`` is the file in
+    the current folder when the capture begins, whatever the writer process's own folder."""
+    from probe.store import Writer, _server
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    _server.Server._at_exit()
+    monkeypatch.chdir(first)
+    Writer("started-here.h5").close()  # the writer process starts in the first folder
+    monkeypatch.chdir(second)
+    model = tiny("gpt2")
+    ids, _ = batch()
+    with probe.capture(model, out="r.h5", every=1, stats=("moments",)) as run:
+        with torch.no_grad():
+            model(input_ids=ids)
+            model(input_ids=ids)
+    assert run.steps == [1, 2] and probe.load(second / "r.h5").steps == [1, 2]
+    assert not (first / "r.h5").exists()

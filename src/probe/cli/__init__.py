@@ -21,7 +21,7 @@ import sys
 import warnings
 
 from ..errors import ProbeError
-from . import cache, diff, export, merge, plot, report, run, show, timeline, watch
+from . import cache, diff, export, merge, plot, repair, report, run, show, timeline, watch
 
 __all__ = ["main", "build_parser", "COMMANDS", "one_line"]
 
@@ -35,7 +35,8 @@ class _Parser(argparse.ArgumentParser):
 
 #: every subcommand, in ``probe -h`` order: each adds its parser (and its command via set_defaults)
 COMMANDS = (run.add_parser, show.add_parser, plot.add_parser, diff.add_parser, merge.add_parser,
-            export.add_parser, cache.add_parser, report.add_parser, timeline.add_parser, watch.add_parser)
+            export.add_parser, cache.add_parser, report.add_parser, repair.add_parser,
+            timeline.add_parser, watch.add_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

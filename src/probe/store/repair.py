@@ -8,7 +8,10 @@ schema.open_file` calls it when no live writer holds the file, and :func:`repair
 for a file a reader may not write::
 
     from probe.store import repair
-    repair("run.h5")   # 'cleared the open-for-write flag' / 'nothing to repair'
+    repair("run.h5")   # 'cleared the open-for-write flag ...' / 'nothing to repair'
+
+or, from the shell, ``probe repair run.h5`` (:mod:`probe.cli.repair`), which also reads every
+record back to check it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import os
 
 from ..errors import FileFormatError, ProbeError
-from .lock import Lock
+from .lock import Lock, lock_path
 
 __all__ = ["repair", "clear_flag", "lookup3"]
 
@@ -110,7 +113,8 @@ def repair(path: str | os.PathLike) -> str:
         path: the run file.
 
     Returns:
-        What was done, one phrase.
+        What was done, one phrase: the flag cleared, a dead writer's lock file removed, or
+        ``"nothing to repair"``.
 
     Raises:
         ProbeError: another live process writes the file, or it is not an HDF5 file probe can mend.
@@ -118,6 +122,7 @@ def repair(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ProbeError(f"no such file: {path!r}; expected a run file; check the path")
+    stale = os.path.exists(lock_path(path))
     lock = Lock(path)  # refuses while a live writer holds the file
     try:
         cleared = clear_flag(path)
@@ -125,5 +130,8 @@ def repair(path: str | os.PathLike) -> str:
         raise ProbeError(f"cannot repair {path!r} ({err}); expected a file you can write; copy it somewhere "
                          "writable and repair the copy") from err
     finally:
-        lock.release()
-    return "cleared the open-for-write flag left by a writer that died" if cleared else "nothing to repair"
+        lock.release()  # a dead writer's lock file goes with it
+    done = ["cleared the open-for-write flag left by a writer that died"] if cleared else []
+    if stale:
+        done.append("removed the lock file a dead writer left")
+    return "; ".join(done) or "nothing to repair"

@@ -15,15 +15,29 @@ exactly ``committed`` windows and a cumulative state it can prove is theirs, or 
 
 One writer per file: a lock file beside it (``<path>.lock``, holding ``pid@host``) is locked
 with ``flock`` for the writer's life (:mod:`.lock`), so a second writer (``overwrite=True``
-included) is refused before it touches the file. A failed commit never crashes the process:
-HDF5 cannot close a file whose write failed (its close crashes in the cache teardown), so a
-commit is refused before it starts when the disk lacks room for it, written in a forked child
-when the disk is nearly full, and otherwise, failing anyway, its handle is detached and never
-closed (:func:`_abandon`); the writer raises :class:`StoreError` with the file as committed.
+included) is refused before it touches the file.
 
-``PROBE_FAULT=<phase>[:<commit>]`` (tests only) ends the process with ``os._exit`` at a phase of
-a commit: ``begin``, ``rows``, ``rows-flushed``, ``total``, ``total-flushed``, ``marker``,
-``closed``.
+A failed commit never crashes the process. HDF5 cannot tear down a file whose write failed: any
+later flush or close of it, the one HDF5 itself runs at interpreter exit included, crashes the
+process (SIGSEGV). So the host process never holds the file open for writing: each commit is
+written by probe's writer process (:mod:`._server`, one per host process), which reports success
+or the error and, after a failure, ends with ``os._exit`` (the next commit starts a new one). A
+commit is also refused before it starts when the file was deleted or replaced, or the disk lacks
+room for it. Where no writer process can start (no Python executable), or with
+``PROBE_COMMIT=inline``, commits are written in this process, and a handle whose write failed is
+detached and never closed (:func:`_abandon`): the crash at exit is then still possible.
+
+Durability (``fsync``, on by default; ``PROBE_FSYNC=0`` turns it off): the file's data reach the
+disk (``fsync``) after phase 2 and again after the marker, so a power loss keeps every window
+whose commit returned, and the marker can never reach the disk before the rows and ``/total`` it
+counts. The folder is synced once when the file is created.
+
+``PROBE_FAULT=<fault>[:<commit>[:<file name>]]`` (tests only): at a phase of a commit (``begin``,
+``rows``, ``rows-flushed``, ``total``, ``total-flushed``, ``marker``, ``closed``) the writing
+process ends with ``os._exit``; ``ioerror-<phase>`` (``rows``, ``total`` or ``marker``) instead
+makes every later write of that commit fail in HDF5 (``EBADF``: its descriptor is swapped for a
+read-only one), as a failing disk would. ``PROBE_COMMIT=inline`` writes commits in this process
+(benchmarks).
 """
 
 from __future__ import annotations
@@ -47,11 +61,15 @@ __all__ = ["Writer", "StoreError", "write_run", "check_writable", "annotate", "l
 
 #: the named instants of a commit, in order (fault injection in tests: :data:`FAULT_ENV`)
 PHASES = ("begin", "rows", "rows-flushed", "total", "total-flushed", "marker", "closed")
+#: the phases where ``ioerror-<phase>`` makes HDF5's writes fail (:data:`FAULT_ENV`)
+IO_PHASES = ("rows", "total", "marker")
 FAULT_ENV = "PROBE_FAULT"
 #: exit status of a process ended by :data:`FAULT_ENV`
 FAULT_EXIT = 86
-#: with less free space than this (plus 16 windows) a commit is written in a forked process
-ISOLATE_BELOW = 256 << 20
+#: ``inline``: commits are written in this process instead of probe's writer process (module docstring)
+COMMIT_ENV = "PROBE_COMMIT"
+#: ``0``: no ``fsync`` at the commit point (module docstring)
+FSYNC_ENV = "PROBE_FSYNC"
 
 
 class StoreError(ProbeError):
@@ -59,13 +77,50 @@ class StoreError(ProbeError):
     replaced, another writer); the file holds the windows committed before it."""
 
 
-def _fault(phase: str, commit: int) -> None:
-    """End the process at ``phase`` of commit number ``commit`` when :data:`FAULT_ENV` asks (tests)."""
+def _fault(phase: str, commit: int, path: str = "", f=None) -> None:
+    """The fault :data:`FAULT_ENV` asks for at ``phase`` of commit number ``commit`` of ``path``
+    (tests): end the process (the instant after ``phase``), or, called with the open file ``f``
+    as ``phase`` begins, make every HDF5 write to it fail from there on (``ioerror-<phase>``)."""
     want = os.environ.get(FAULT_ENV)
-    if want:
-        name, _, at = want.partition(":")
-        if name == phase and (not at or int(at) == commit):
-            os._exit(FAULT_EXIT)
+    if not want:
+        return
+    name, _, rest = want.partition(":")
+    at, _, file = rest.partition(":")
+    if (at and int(at) != commit) or (file and os.path.basename(path) != file):
+        return
+    if name == phase and f is None:
+        os._exit(FAULT_EXIT)
+    if name == f"ioerror-{phase}" and f is not None:
+        fd = f.id.get_vfd_handle()
+        read_only = os.open(path, os.O_RDONLY)
+        os.dup2(read_only, fd)  # reads still work; every write now fails with EBADF
+        os.close(read_only)
+
+
+def _fsync_default() -> bool:
+    return os.environ.get(FSYNC_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _sync(f) -> None:
+    """``fsync`` the open file ``f`` (after its flush): its data are on the disk."""
+    fd = f.id.get_vfd_handle()
+    if isinstance(fd, int) and fd >= 0:
+        os.fsync(fd)
+
+
+def _sync_folder(path: str) -> None:
+    """``fsync`` the folder of ``path``, so the file's name survives a power loss (best effort:
+    some filesystems refuse to sync a folder)."""
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 #: handles of failed commits, never closed (see :func:`_abandon`)
@@ -166,15 +221,27 @@ class Writer:
     docstring). The cumulative state is merged here in numpy from the statistics' declared
     reductions.
 
+    Args:
+        path: the run file, created (and its folder synced, with ``fsync``).
+        overwrite: replace an existing file (never one another live process writes).
+        fsync: ``fsync`` the file at each commit (default: on, unless ``PROBE_FSYNC=0``): a
+            power loss then keeps every acknowledged window (``docs/format.md``, Durability).
+        isolate: write each commit in probe's writer process (:mod:`._server`; default: on,
+            unless ``PROBE_COMMIT=inline``), so a failed HDF5 write cannot crash this process.
+
     Raises (``__init__``):
         ProbeError: ``path`` cannot be created, or another live process writes it.
     """
 
-    def __init__(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False, *, fsync: bool | None = None,
+                 isolate: bool | None = None) -> None:
         path = os.fspath(path)
         check_writable(path, overwrite)
         self.path = path
-        self._lock = Lock(path)
+        #: the file's absolute path: every later open, here or in the writer process, is of this file
+        self._where = os.path.abspath(path)
+        self._settings(fsync, isolate)
+        self._lock = Lock(self._where)
         try:
             with open_file(path, "w") as f:
                 f.attrs["schema"] = SCHEMA
@@ -183,6 +250,13 @@ class Writer:
                 f.create_dataset(STEPS, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,),
                                  fletcher32=True)
             self._id = _identity(path)
+            if self.fsync:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                _sync_folder(path)
         except OSError as err:
             self._lock.release()
             raise ProbeError(f"cannot create out={path!r}: {err}; choose a writable path") from err
@@ -191,6 +265,16 @@ class Writer:
         #: why this process may no longer write the file (a failed write), or ``None``
         self._broken: str | None = None
         self._forget()
+
+    def _settings(self, fsync: bool | None, isolate: bool | None) -> None:
+        #: whether each commit is synced to the disk (:data:`FSYNC_ENV`)
+        self.fsync = _fsync_default() if fsync is None else bool(fsync)
+        #: whether each commit is written by probe's writer process (:data:`COMMIT_ENV`)
+        self.isolate = os.environ.get(COMMIT_ENV, "").strip().lower() != "inline" if isolate is None else bool(isolate)
+        if self.isolate:
+            from ._server import Server
+
+            Server.get()  # started now, ready by the first commit
 
     def _forget(self) -> None:
         """Drop what this writer believes the file already holds (after a failed commit)."""
@@ -264,13 +348,12 @@ class Writer:
             sg.attrs[DIGEST] = digest(rows, self._put_total(sg, CROSS, total.cross or {}, samples))
 
     # ------------------------------------------------------------------------------ a window
-    def _check(self, row: WindowState, total: WindowState) -> bool:
+    def _check(self, row: WindowState, total: WindowState) -> None:
         """Refuse a commit before touching the file: the file deleted or replaced since this
         writer created it, or less free space than the commit could need (a write that fails
-        half-way is the one HDF5 handles worst). Returns whether to write it apart (little room
-        left: :meth:`_append_apart`)."""
+        half-way leaves the most to clean up)."""
         try:
-            same = _identity(self.path) == self._id
+            same = _identity(self._where) == self._id
         except OSError:
             same = False
         if not same:
@@ -280,15 +363,14 @@ class Writer:
         buckets = _stored_bytes([total.state(n, k) for n in total.sites for k in SPARSE])
         need = 2 * window + buckets + (256 << 10)  # twice the window, for HDF5's chunks and metadata
         try:
-            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+            st = os.statvfs(os.path.dirname(self._where))
             free = st.f_bavail * st.f_frsize
         except (OSError, AttributeError):
-            return False
+            return
         if free < need:
             raise StoreError(f"out={self.path!r}: {free} bytes free on its filesystem; expected at least {need} for "
                              "the next window; free some space (the windows stay in memory)")
         self._reserve(need)
-        return free < ISOLATE_BELOW + 16 * need and hasattr(os, "fork")
 
     def _reserve(self, need: int) -> None:
         """Allocate ``need`` bytes past the file's end before HDF5 writes: HDF5 places new data at
@@ -299,7 +381,7 @@ class Writer:
         if fallocate is None:
             return
         try:
-            fd = os.open(self.path, os.O_WRONLY)
+            fd = os.open(self._where, os.O_WRONLY)
             try:
                 fallocate(fd, os.fstat(fd).st_size, need)
             finally:
@@ -314,7 +396,8 @@ class Writer:
                                  "writable file; check the disk and permissions (the windows stay in memory)") from None
 
     def append(self, meta: dict[str, Any], row: WindowState) -> None:
-        """Commit one window.
+        """Commit one window: when this returns, the file holds it (and, with ``fsync``, so does
+        the disk).
 
         Raises:
             StoreError: nothing was committed (see the message); the file holds the windows
@@ -323,26 +406,28 @@ class Writer:
         cross_sites = meta.get("cross_sites", [])
         total = merge_rows([row] if self.total is None else [self.total, row], cross_sites)
         commit = self.rows + 1
-        isolate = self._check(row, total)
-        _fault("begin", commit)
-        if isolate and self._broken is None:
-            self._append_apart(meta, row, total, commit)
-        else:
+        self._check(row, total)
+        _fault("begin", commit, self.path)
+        if not (self.isolate and self._broken is None and self._append_apart(meta, row, total, commit)):
             self._append_here(meta, row, total, commit)
         self.rows = commit  # committed: the marker's flush returned
         self.total = total
-        _fault("closed", commit)
+        _fault("closed", commit, self.path)
 
     def _open(self):
         try:
-            return open_file(self.path, "r+", writer=True)
+            return open_file(self._where, "r+", writer=True)
         except (OSError, ProbeError) as err:
             raise StoreError(f"cannot write out={self.path!r} ({str(err).splitlines()[0]}); expected a writable "
                              "file; check the disk and permissions (the windows stay in memory)") from err
 
     def _failed(self, err: BaseException) -> StoreError:
+        return self._failed_at(self.path, err)
+
+    @staticmethod
+    def _failed_at(path: str, err: BaseException) -> StoreError:
         text = str(err).splitlines()[0] if str(err) else ""
-        return StoreError(f"cannot write out={self.path!r} ({type(err).__name__}: {text}); expected a writable "
+        return StoreError(f"cannot write out={path!r} ({type(err).__name__}: {text}); expected a writable "
                           "file with free space; the file holds the windows committed before (the rest stay in "
                           "memory)")
 
@@ -367,41 +452,63 @@ class Writer:
         except Exception:  # noqa: BLE001 - committed already; the handle only goes
             _abandon(f)
 
-    def _append_apart(self, meta: dict[str, Any], row: WindowState, total: WindowState, commit: int) -> None:
-        """The commit in a forked child process, when the disk is nearly full: a write that fails
-        there leaves HDF5 broken in the child only (closing such a file crashes), and this process
-        never held the file open. Costs a fork per commit, only below :data:`ISOLATE_BELOW`."""
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: write, report, and leave without running any exit handler
-            code = 0
-            try:
-                os.close(read)
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, 2)  # HDF5's diagnostics of a failed write are the parent's to say
-                self._forget()
-                f = self._open()
-                self._append(f, meta, row, total, commit)
-                f.close()
-            except BaseException as err:  # noqa: BLE001 - everything is reported to the parent
-                os.write(write, str(self._failed(err) if not isinstance(err, StoreError) else err).encode()[:4000])
-                code = 1
-            os._exit(code)
-        os.close(write)
-        chunks = []
-        while chunk := os.read(read, 4096):
-            chunks.append(chunk)
-        os.close(read)
-        _, status = os.waitpid(pid, 0)
-        self._forget()  # the child wrote the description and site attributes
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-            return
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == FAULT_EXIT:
-            os._exit(FAULT_EXIT)  # a test's fault point ended the child: end as the writer would have
-        message = b"".join(chunks).decode(errors="replace")
-        raise StoreError(message or f"cannot write out={self.path!r}: the writing process ended with status "
-                                    f"{status}; expected a writable file with free space; the file holds the "
-                                    "windows committed before (the rest stay in memory)")
+    def _append_apart(self, meta: dict[str, Any], row: WindowState, total: WindowState, commit: int) -> bool:
+        """The commit written by probe's writer process (:mod:`._server`): a write that fails
+        there breaks HDF5 in that process only, and this one never holds the file open. Returns
+        ``False`` when no writer process can run here (the caller then writes it in this process).
+
+        Raises:
+            StoreError: the writer process did not commit the window (its message, or how it ended).
+        """
+        from . import _server
+
+        server = _server.Server.get()
+        if server is None:
+            return False
+        text, site_attrs = self._describe(meta)
+        job = {"path": self._where, "rows": self.rows, "fsync": self.fsync, "meta": json.loads(text),
+               "known": [self._meta_json == text, [k for k, v in site_attrs.items() if self._site_attrs.get(k) == v]],
+               "row": row, "total": total, "commit": commit}
+        try:
+            error = server.commit(job)
+        except _server.Unavailable:
+            self.isolate = False  # e.g. a statistic registered at run time: this writer writes here
+            return False
+        if error is not None:
+            self._forget()
+            raise StoreError(error)
+        self._remember(meta)  # what the writer process wrote once need not be written again
+        return True
+
+    @classmethod
+    def _shell(cls, job: dict) -> Writer:
+        """In the writer process: a writer holding the host writer's state for one commit."""
+        self = cls.__new__(cls)
+        self.path = self._where = job["path"]
+        self.rows = int(job["rows"])
+        self.fsync = bool(job["fsync"])
+        self.isolate = False
+        self._broken = None
+        text, site_attrs = self._describe(job["meta"])
+        same_meta, same_sites = job["known"]
+        self._meta_json = text if same_meta else None
+        self._site_attrs = {k: site_attrs[k] for k in same_sites if k in site_attrs}
+        return self
+
+    @staticmethod
+    def _describe(meta: dict[str, Any]) -> tuple[str, dict[str, dict[str, str | int]]]:
+        """The root ``meta`` attribute's text and each site group's attributes, by group path."""
+        sites = meta["sites"]
+        attrs: dict[str, dict[str, str | int]] = {}
+        for i, info in enumerate(sites):
+            a: dict[str, str | int] = {key: str(info.get(key, "")) for key in SITE_ATTRS}
+            a["hf_index"] = -1 if info.get("hf_index") is None else int(info["hf_index"])
+            attrs[f"/{SITES}/{site_key(i, len(sites))}"] = a
+        return json.dumps(_jsonable(meta)), attrs
+
+    def _remember(self, meta: dict[str, Any]) -> None:
+        """The file holds ``meta``'s description (a child committed it)."""
+        self._meta_json, self._site_attrs = self._describe(meta)
 
     def _append(self, f, meta: dict[str, Any], row: WindowState, total: WindowState, commit: int) -> None:
         committed = int(f.attrs.get(COMMITTED, -1))
@@ -411,7 +518,8 @@ class Writer:
             raise StoreError(f"out={self.path!r} commits {f.attrs.get(COMMITTED)} windows, this writer "
                              f"{self.rows}; expected its own file; another process changed it")
         # 1. rows: the window's records and its label, past the committed rows
-        text = json.dumps(_jsonable(meta))
+        _fault("rows", commit, self.path, f)
+        text, site_attrs = self._describe(meta)
         if text != self._meta_json:
             f.attrs["meta"] = text
             self._meta_json = text
@@ -419,8 +527,7 @@ class Writer:
         samples = WindowSamples(f)
         for i, info in enumerate(meta["sites"]):
             g = sites.require_group(site_key(i, len(meta["sites"])))
-            attrs: dict[str, str | int] = {key: str(info.get(key, "")) for key in SITE_ATTRS}
-            attrs["hf_index"] = -1 if info.get("hf_index") is None else int(info["hf_index"])
+            attrs = site_attrs[g.name]
             if self._site_attrs.get(g.name) != attrs:
                 g.attrs.update(attrs)
                 self._site_attrs[g.name] = attrs
@@ -433,19 +540,25 @@ class Writer:
         steps = f[STEPS]
         steps.resize(self.rows + 1, axis=0)
         steps[self.rows] = int(row.step)
-        _fault("rows", commit)
+        _fault("rows", commit, self.path)
         f.flush()
-        _fault("rows-flushed", commit)
+        _fault("rows-flushed", commit, self.path)
         # 2. total: rewritten in place, each site with its digest
+        _fault("total", commit, self.path, f)
         self._total(f, meta, total)
-        _fault("total", commit)
+        _fault("total", commit, self.path)
         f.flush()
-        _fault("total-flushed", commit)
+        if self.fsync:  # rows and /total on the disk before the marker can be
+            _sync(f)
+        _fault("total-flushed", commit, self.path)
         # 3. marker: the commit point
+        _fault("marker", commit, self.path, f)
         f[TOTAL].attrs["rows"] = commit
         f.attrs[COMMITTED] = commit
-        _fault("marker", commit)
+        _fault("marker", commit, self.path)
         f.flush()
+        if self.fsync:  # the commit on the disk before append returns
+            _sync(f)
 
     def close(self) -> None:
         """Release the file to other writers (its lock file goes)."""
@@ -453,10 +566,10 @@ class Writer:
 
     def abort(self) -> None:
         """Remove the file if no window was committed (nothing stays open between windows)."""
-        if self.rows == 0 and os.path.exists(self.path):
+        if self.rows == 0 and os.path.exists(self._where):
             try:
-                if _identity(self.path) == self._id:
-                    os.remove(self.path)
+                if _identity(self._where) == self._id:
+                    os.remove(self._where)
             except OSError:
                 pass
         self.close()
@@ -475,19 +588,19 @@ class Writer:
         """
         stem = os.path.splitext(os.path.basename(self.path))[0]
         tried = []
-        for folder in (os.path.dirname(os.path.abspath(self.path)), tempfile.gettempdir()):
+        for folder in (os.path.dirname(self._where), tempfile.gettempdir()):
             target, n = os.path.join(folder, f"{stem}.recovered-{os.getpid()}.h5"), 1
             while os.path.exists(target):  # never replace an earlier recovery
                 target, n = os.path.join(folder, f"{stem}.recovered-{os.getpid()}-{n}.h5"), n + 1
             for keep in (True, False):
                 try:
                     if keep:
-                        if self.rows == 0 or _identity(self.path) != self._id:
+                        if self.rows == 0 or _identity(self._where) != self._id:
                             continue  # nothing committed, or the file is gone or another one
-                        shutil.copyfile(self.path, target)
-                        w = Writer._resume(target, self.rows, self.total)
+                        shutil.copyfile(self._where, target)
+                        w = Writer._resume(target, self.rows, self.total, self.fsync, self.isolate)
                     else:
-                        w = Writer(target, overwrite=True)
+                        w = Writer(target, overwrite=True, fsync=self.fsync, isolate=self.isolate)
                     try:
                         for row in rows:
                             w.append(meta, row)
@@ -507,11 +620,15 @@ class Writer:
                          "folder; they are lost")
 
     @classmethod
-    def _resume(cls, path: str, rows: int, total: WindowState | None) -> Writer:
+    def _resume(cls, path: str, rows: int, total: WindowState | None, fsync: bool | None = None,
+                isolate: bool | None = None) -> Writer:
         """A writer appending to ``path``, a copy of a run file that commits ``rows`` windows."""
         self = cls.__new__(cls)
         self.path = path
-        self._lock = Lock(path)
+        #: the file's absolute path: every later open, here or in the writer process, is of this file
+        self._where = os.path.abspath(path)
+        self._settings(fsync, isolate)
+        self._lock = Lock(self._where)
         self._id = _identity(path)
         self.rows = rows
         self.total = total
