@@ -315,10 +315,18 @@ def test_sink_rows_name_their_channel_and_token(sink):
     assert hits[0]["absmax"] == head.max() == SINK
 
 
-def test_report_rows_show_every_row_and_agree_with_their_colour(sink, tmp_path):
-    pytest.importorskip("matplotlib")
+def _no_figures(monkeypatch) -> None:
+    """The report's tables alone: its figures are tested in test_report_is_self_contained."""
+    import probe.present.plot as plot
+
+    monkeypatch.setattr(plot, "figures", lambda run: {})
+    monkeypatch.setattr(plot, "_diff_figure", lambda a, b: (_ for _ in ()).throw(ProbeError("matplotlib")))
+
+
+def test_report_rows_show_every_row_and_agree_with_their_colour(sink, tmp_path, monkeypatch):
     from probe.present.html import _CSS, report_html
 
+    _no_figures(monkeypatch)
     run, x, _ = sink
     page = report_html(run)
     assert "max-height" not in _CSS and "max-height" not in page  # nothing hides rows
@@ -337,10 +345,10 @@ def test_report_rows_show_every_row_and_agree_with_their_colour(sink, tmp_path):
         assert re.search(rf"<h2[^>]*>{heading} — run [^<]*s\.h5", page), heading
 
 
-def test_report_sections_name_runs_a_and_b(pair):
-    pytest.importorskip("matplotlib")
+def test_report_sections_name_runs_a_and_b(pair, monkeypatch):
     from probe.present.html import report_html
 
+    _no_figures(monkeypatch)
     page = report_html(pair[0], pair[1])
     for heading in ("Summary — run A (a.h5)", "Summary — run B (b.h5)", "Massive activations — run A (a.h5)",
                     "Figures — run A (a.h5)", "Shift from run A (a.h5) to run B (b.h5)"):

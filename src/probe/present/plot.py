@@ -32,7 +32,12 @@ per unit of x (each curve integrates to 1), never a share per bin: asinh bins wi
 ``|x|``, and a share per bin would draw a unimodal distribution as two humps. Colour scales
 clip nothing, or their colour bar carries an arrow where they do. ``linear=True`` draws the
 histograms on a linear axis instead; ``format=`` (png, pdf, svg), ``dpi=`` and ``size=``
-(``column``, ``page``, ``slide``) size the files for a paper or a talk. Figures are drawn on a bare
+(``column``, ``page``, ``slide``) size the files for a paper or a talk: at a column's width panels
+stack, grids take fewer columns and legends go below the data, and at every size tick labels that
+would overlap are thinned (:func:`_declutter`). On the asinh axis a wide site's density, spread over
+a logarithmic x, reads as a plateau; ``hist_overlay`` says so under its axis (:data:`ASINH_NOTE`)
+rather than adding a linear panel, which at a column's width could show neither the peak nor
+the tails the figure exists for (``linear=True`` draws that view whole). Figures are drawn on a bare
 :class:`matplotlib.figure.Figure`, never through ``pyplot``: nothing global changes (a notebook
 keeps its backend) and no display is needed. matplotlib is optional
 (``pip install "probe[plot]"``) and imported only when drawing; :func:`figures` returns the
@@ -139,8 +144,6 @@ def _resize(fig, size: str) -> None:
     width = SIZES.get(size)
     if width is None:
         return
-    from matplotlib.lines import Line2D
-    from matplotlib.text import Text
 
     w, h = fig.get_size_inches()
     ratio = width / w
@@ -151,7 +154,7 @@ def _resize(fig, size: str) -> None:
                  for ax in fig.axes for axis, which in ((ax.xaxis, "x"), (ax.yaxis, "y")) if axis.get_major_ticks()]
         import textwrap
 
-        for text in fig.findobj(Text):
+        for text in _texts(fig):
             text.set_fontsize(text.get_fontsize() * shrink)
             # a label written for the wide figure is wrapped to the narrow one's width
             span = h * ratio if text.get_rotation() in (90.0, 270.0) else width
@@ -160,10 +163,40 @@ def _resize(fig, size: str) -> None:
                 text.set_text(textwrap.fill(text.get_text(), room))
         for ax, which, points in ticks:
             ax.tick_params(axis=which, which="both", labelsize=points * shrink)
-        for line in fig.findobj(Line2D):
+            ax.tick_params(axis=which, which="major", length=3.5 * shrink, width=0.8 * shrink)
+            ax.tick_params(axis=which, which="minor", length=2.0 * shrink, width=0.6 * shrink)
+        for line in _lines(fig):
             line.set_markersize(line.get_markersize() * shrink)
             line.set_linewidth(line.get_linewidth() * shrink)
     fig.set_size_inches(width, h * ratio)
+
+
+def _walk(artist, kind):
+    """Every ``kind`` artist under ``artist``, without entering an axis' ticks (asking an
+    :class:`~matplotlib.axis.Axis` for its children makes every tick, minor ones included: seconds
+    on a grid of log axes); an axis contributes its label and offset text. Tick labels and tick
+    marks are sized through ``tick_params`` instead."""
+    from matplotlib.axis import Axis
+
+    if isinstance(artist, Axis):
+        yield from (t for t in (artist.label, artist.offsetText) if isinstance(t, kind))
+        return
+    if isinstance(artist, kind):
+        yield artist
+    for child in artist.get_children():
+        yield from _walk(child, kind)
+
+
+def _texts(fig) -> list:
+    from matplotlib.text import Text
+
+    return list(_walk(fig, Text))
+
+
+def _lines(fig) -> list:
+    from matplotlib.lines import Line2D
+
+    return list(_walk(fig, Line2D))
 
 
 def _declutter(fig, pad: float = 3.0, rounds: int = 3) -> None:
@@ -197,7 +230,7 @@ def _declutter(fig, pad: float = 3.0, rounds: int = 3) -> None:
                     kept: list = []
                     for i in sorted(range(len(shown)), key=lambda i: (abs(locs[i]) > 0, abs(locs[i]))):
                         if not _overlap(sorted([shown[j][1] for j in kept] + [shown[i][1]],
-                                               key=lambda b: b.extents[k]), k, gap):
+                                               key=lambda b: b.extents[k] + b.extents[k + 2]), k, gap):
                             kept.append(i)
                     chosen = sorted(locs[i] for i in kept)
                 else:
@@ -224,7 +257,7 @@ def _shown_labels(axis, k: int, renderer) -> list:
                 hi + 1e-12 * max(1.0, abs(hi))):
             continue
         out.append((loc, label.get_window_extent(renderer)))
-    return sorted(out, key=lambda o: o[1].extents[k])
+    return sorted(out, key=lambda o: o[1].extents[k] + o[1].extents[k + 2])  # by centre: widths differ
 
 
 def _overlap(boxes: Sequence, k: int, gap: float) -> bool:
@@ -452,6 +485,8 @@ def _hist_sites(run: Run) -> list[str]:
 
 def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     _, Figure, colors, cm = _mpl()
+    from matplotlib.ticker import NullLocator
+
     names = _hist_sites(run)
     labels, axis_label = _labels(run.sites)
     index = {n: i for i, n in enumerate(run.sites)}
@@ -480,6 +515,8 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     for ax, s, lo, hi, width, edges, density in drawn:
         ax.stairs(density, edges, fill=True, color="#3b6ea5", alpha=0.85, baseline=floor * 0.5)
         ax.set_yscale("log")
+        # a panel spans ~10 decades in an inch: minor ticks would be a grey comb (and cost seconds to lay out)
+        ax.yaxis.set_minor_locator(NullLocator())
         _value_axis(ax, lo, hi, width, linear=linear)
         _mark_extremes(ax, s, "#c44e52")
         ax.set_title(f"{labels[index[s.name]]}: σ={s.std:.3g} κ={s.kurtosis:.3g}", fontsize=7, pad=2)
@@ -933,7 +970,8 @@ def _steps(run: Run, out: _Out, opts: dict) -> list[str]:
             ax.set_yscale("log")
         ax.set_title(what, fontsize=9)
         ax.set_ylabel(f"{what} ({scale})", fontsize=8)
-        ax.set_xlabel("step (window label)", fontsize=8)
+        if not out.narrow or ax is axes[-1]:  # stacked panels share the bottom one's x axis
+            ax.set_xlabel("step (window label)", fontsize=8)
         ax.grid(alpha=0.25, lw=0.5)
         ax.tick_params(labelsize=7)
     fig.suptitle(f"Per-window statistics over {len(steps)} windows — {_title(run)}", fontsize=10)
