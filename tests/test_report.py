@@ -353,6 +353,8 @@ def test_report_sections_name_runs_a_and_b(pair, monkeypatch):
     for heading in ("Summary — run A (a.h5)", "Summary — run B (b.h5)", "Massive activations — run A (a.h5)",
                     "Figures — run A (a.h5)", "Shift from run A (a.h5) to run B (b.h5)"):
         assert heading in page, heading
+    links = re.findall(r'<a href="#([^"]+)"', page)
+    assert len(links) == 5 and all(f'id="{target}"' in page for target in links), links
 
 
 def test_diff_names_skip_first_not_the_token_count(tmp_path):

@@ -199,12 +199,12 @@ def _figures_section(run: Run, dpi: int, tag: str = "") -> str:
     except ProbeError as err:
         if "matplotlib" not in str(err):
             raise
-        return f'<h2 id="figures">Figures — {_which(run, tag)}</h2><p class="warn">{_e(str(err))}</p>'
+        return f'<h2 id="figures{tag}">Figures — {_which(run, tag)}</h2><p class="warn">{_e(str(err))}</p>'
     try:
         body = "".join(_figure(name, fig, dpi) for name, fig in figs.items())
     finally:
         figs.clear()
-    return f'<h2 id="figures">Figures — {_which(run, tag)}</h2>{body or "<p class=note>The run holds no data a figure draws.</p>"}'
+    return f'<h2 id="figures{tag}">Figures — {_which(run, tag)}</h2>{body or "<p class=note>The run holds no data a figure draws.</p>"}'
 
 
 def _diff_section(a: Run, b: Run, dpi: int) -> str:
