@@ -362,8 +362,8 @@ def describe(run: Run) -> dict[str, Any]:
 
     Example:
         >>> d = describe(run)
-        >>> d["skip_first"], d["kept_tokens"], len(d["sites"])
-        (1, 10, 3)
+        >>> d["skip_first"], d["kept_tokens"] == d["real_tokens"] == run[0].tokens, len(d["sites"])
+        (0, True, 3)
     """
     m = run.meta.get("model", {})
     first = run[run.sites[0]] if run.sites else None
