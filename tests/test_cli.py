@@ -420,3 +420,15 @@ def test_show_marks_sites_that_recorded_nothing(capsys):
     assert "1 site(s) recorded nothing or were disabled: unused (never fired)" in out
     assert main(["show", "r.h5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["disabled"] == {"unused": "never fired"}
+
+
+def test_max_tokens_beyond_the_texts_says_so_in_one_line(tiny_dir, tmp_path, capsys):
+    out = str(tmp_path / "r.h5")
+    assert main(["run", tiny_dir, "--text", "hello world, this is a test", "-o", out, "--max-tokens", "3000"]) == 0
+    err = capsys.readouterr().err
+    tokens = int(probe.load(out)["hidden_states.0"].position.tokens.sum())  # every real token captured
+    lines = [line for line in err.splitlines() if "warning" in line]
+    assert len(lines) == 1 and f"ran out at {tokens} tokens" in lines[0] and "--max-tokens 3000" in lines[0]
+    assert main(["run", tiny_dir, "--text", "hello world, this is a test", "-o", out, "--overwrite",
+                 "--max-tokens", str(tokens)]) == 0
+    assert "ran out" not in capsys.readouterr().err  # the limit reached: nothing to say

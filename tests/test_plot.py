@@ -108,7 +108,7 @@ def test_two_windows_draw_steps(two, tmp_path):
 
 
 def test_steps_asked_for_on_one_window_is_refused(one, tmp_path):
-    with pytest.raises(ProbeError, match=r"'steps' needs two or more windows.*snapshot"):
+    with pytest.raises(ProbeError, match=r"'steps' needs two or more windows.*every=N.*snapshot"):
         plot_run(one, tmp_path, kinds=["steps"])
 
 
@@ -479,3 +479,135 @@ def test_plot_into_an_existing_file_is_one_line(one, tmp_path, capsys):
     assert main(["plot", one.path, "-o", str(tmp_path / "f"), "--kind", "depth", "--format", "svg",
                  "--dpi", "80", "--size", "column"]) == 0
     assert capsys.readouterr().out.strip().endswith("depth.svg")
+
+
+# ----------------------------------------------------------------------- layout at every size
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """31 sites (a 30-block GPT-2: the bundled model's depth) and two windows, so every kind draws."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=30, n_embd=16, n_head=2, vocab_size=100, n_positions=64)).eval()
+    path = tmp_path_factory.mktemp("deep") / "r.h5"
+    with probe.capture(model, out=path, skip_first=1, sample_size=2000, seed=0) as run:
+        for i, batch in enumerate(_batches(2)):
+            with torch.no_grad():
+                model(**batch)
+            if i == 0:
+                run.snapshot(step=1)
+    return probe.load(path)
+
+
+def _tick_overlaps(fig) -> list:
+    """Pairs of drawn tick labels, on any one axis of ``fig``, whose boxes intersect."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    found = []
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            boxes = []
+            for tick in axis.get_major_ticks():
+                for label in (tick.label1, tick.label2):
+                    if label.get_visible() and label.get_text() and lo <= tick.get_loc() <= hi:
+                        boxes.append((label.get_text(), label.get_window_extent(renderer)))
+            found += [(a[0], b[0]) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+                      if a[1].x0 < b[1].x1 and b[1].x0 < a[1].x1 and a[1].y0 < b[1].y1 and b[1].y0 < a[1].y1]
+    return found
+
+
+@pytest.mark.parametrize("size", ["column", "page", pytest.param("screen", marks=pytest.mark.slow),
+                                  pytest.param("slide", marks=pytest.mark.slow)])
+def test_every_kind_lays_out_at_every_size(deep, size):
+    """No collapsed constrained layout and no two tick labels over each other, for every figure
+    at every size, on a run as deep as the bundled model (31 sites). About 10 s of CPU per size:
+    the narrow sizes run in the fast suite, screen and slide (the widest, least crowded) with
+    ``-m slow``."""
+    import warnings
+
+    from probe.present.plot import SIZES, figures
+
+    assert len(deep.sites) == 31
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "constrained_layout not applied ..." fails the test
+        figs = figures(deep, size=size)
+    assert sorted(figs) == sorted(f for files in FILES.values() for f in files), size
+    for name, fig in figs.items():
+        # laid out as it will be saved (the last layout figures() ran; savefig's is the same)
+        assert not _tick_overlaps(fig), (size, name, _tick_overlaps(fig))
+        if SIZES[size]:
+            assert abs(fig.get_size_inches()[0] - SIZES[size]) < 1e-9
+
+
+def test_declutter_thins_crowded_asinh_ticks_nearest_zero_first():
+    """The thinning itself: crowded asinh ticks lose the far ones, zero stays; other axes keep
+    every k-th tick; what is left does not overlap."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator
+
+    from probe.present.plot import _declutter
+
+    fig = Figure(figsize=(2.0, 1.5))
+    ax, lin = fig.subplots(1, 2)
+    ax.set_xscale("asinh", linear_width=0.1)
+    ax.set_xlim(-500, 500)
+    ticks = [-500, -200, -100, -50, -20, -10, -5, -2, -1, -0.5, -0.2, 0, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    lin.set_xlim(0, 30)
+    lin.xaxis.set_major_locator(FixedLocator(list(range(31))))
+    fig.draw_without_rendering()
+    assert _tick_overlaps(fig)  # the test can fail: the labels start crowded
+    _declutter(fig)
+    fig.draw_without_rendering()
+    assert not _tick_overlaps(fig)
+    kept = list(ax.xaxis.get_major_locator().tick_values(-500, 500))
+    assert 0 in kept and len(kept) < len(ticks)
+    steps = np.diff(lin.xaxis.get_major_locator().tick_values(0, 30))
+    assert len(set(steps)) == 1 and steps[0] > 1  # every k-th tick, evenly
+
+
+def test_overlay_says_what_the_asinh_axis_does_to_a_density(one):
+    from probe.present.plot import figures
+
+    label = figures(one, "histograms")["hist_overlay.png"].axes[0].get_xlabel()
+    assert "plateau" in label.replace("\n", " ") and "--linear" in label
+    linear = figures(one, "histograms", linear=True)["hist_overlay.png"].axes[0].get_xlabel()
+    assert "plateau" not in linear
+
+
+def test_a_one_window_run_says_why_steps_is_not_drawn(one, tmp_path, capsys, monkeypatch):
+    import probe.present.plot as plot
+    from probe.cli import main
+
+    # only the steps drawer is under test: the others draw nothing (they are tested above)
+    monkeypatch.setattr(plot, "_DRAW", {k: (f if k == "steps" else (lambda run, out, opts: []))
+                                        for k, f in plot._DRAW.items()})
+    said = []
+    paths = plot_run(one, tmp_path / "a", skipped=lambda kind, why: said.append((kind, why)))
+    assert "steps.png" not in [os.path.basename(p) for p in paths]
+    assert [k for k, _ in said] == ["steps"] and "every=" in said[0][1] and "1 window" in said[0][1]
+    assert main(["plot", one.path, "-o", str(tmp_path / "b"), "--kind", "depth"]) == 0
+    assert "skipped" not in capsys.readouterr().err  # asked for by name: nothing else is tried
+    assert main(["plot", one.path, "-o", str(tmp_path / "c"), "--kind", "steps"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "every=" in errors[0] and "got [" not in errors[0]
+
+
+def test_diff_figure_carries_the_caveat(tmp_path):
+    """Runs that differ only in skip_first: the figure names skip_first, not the token count."""
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    _capture(a)
+    model = _model()
+    with probe.capture(model, out=b, skip_first=0):
+        for batch in _batches():
+            with torch.no_grad():
+                model(**batch)
+    from probe.present.plot import _diff_figure
+
+    title = _diff_figure(probe.load(a), probe.load(b)).get_suptitle().replace("\n", " ")
+    assert "caveat" in title and "skip_first (1 vs 0)" in title and "different numbers of tokens" not in title
+    one = probe.load(a)
+    assert "caveat" not in _diff_figure(one, one).get_suptitle()

@@ -269,3 +269,159 @@ def test_report_renders_in_headless_chromium(pair, tmp_path):
     assert run.returncode == 0 and shot.stat().st_size > 20_000, run.stderr[-2000:]
     if os.environ.get("PROBE_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["PROBE_KEEP_SCREENSHOT"])
+
+
+# ----------------------------------------------------------------- sinks, report rows, diffs
+SINK = 9000.0
+
+
+@pytest.fixture(scope="module")
+def sink(tmp_path_factory):
+    """A tiny GPT-2 whose first block outputs N(0, 1) with one large value at the first position
+    of every row (the largest, ``SINK``, at row 2 channel 7): an attention sink the kept tokens
+    (skip_first=1) exclude. Returns the run, the tensor and the input ids."""
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100,
+                                                           n_positions=64)).eval()
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 24, 32)).astype(np.float32)
+    for row, channel in enumerate((3, 11, 7, 20)):
+        x[row, 0, channel] = 2000.0 + 1000.0 * row if row != 2 else SINK
+    ids = torch.randint(0, 100, (4, 24), generator=torch.Generator().manual_seed(5))
+
+    def inject(module, args, output):
+        (output[0] if isinstance(output, tuple) else output).copy_(torch.from_numpy(x))
+
+    handle = model.h[0].register_forward_hook(inject)
+    path = str(tmp_path_factory.mktemp("sink") / "s.h5")
+    try:
+        with probe.capture(model, out=path, skip_first=1, seed=0):
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=torch.ones(4, 24, dtype=torch.long))
+    finally:
+        handle.remove()
+    return probe.load(path), x.astype(np.float64), ids.numpy()
+
+
+def test_sink_rows_name_their_channel_and_token(sink):
+    from probe.present.report import massive
+
+    run, x, ids = sink
+    hits = [m for m in massive(run) if m["site"] == "hidden_states.1" and m["kind"] == "sink"]
+    assert len(hits) == 1
+    head = np.abs(x[:, 0, :])  # the reference: the largest |x| at position 0, by numpy
+    row, channel = np.unravel_index(np.argmax(head), head.shape)
+    assert (hits[0]["row"], hits[0]["channel"], hits[0]["token"]) == (row, channel, ids[row, 0])
+    assert hits[0]["absmax"] == head.max() == SINK
+
+
+def _no_figures(monkeypatch) -> None:
+    """The report's tables alone: its figures are tested in test_report_is_self_contained."""
+    import probe.present.plot as plot
+
+    monkeypatch.setattr(plot, "figures", lambda run: {})
+    monkeypatch.setattr(plot, "_diff_figure", lambda a, b: (_ for _ in ()).throw(ProbeError("matplotlib")))
+
+
+def test_report_rows_show_every_row_and_agree_with_their_colour(sink, tmp_path, monkeypatch):
+    from probe.present.html import _CSS, report_html
+
+    _no_figures(monkeypatch)
+    run, x, _ = sink
+    page = report_html(run)
+    assert "max-height" not in _CSS and "max-height" not in page  # nothing hides rows
+    summary = page.split('id="summary"', 1)[1].split("</table>", 1)[0]
+    row = next(r for r in summary.split("<tr>") if "<td class=\"l\">hidden_states.1</td>" in r)
+    kept = np.abs(x[:, 1:, :]).max()  # the kept tokens' absmax (skip_first=1) excludes the sink
+    assert f"{kept:.4g}" in row
+    # the red is on the number that earns it, and says where it is
+    assert re.search(r'color:#b00020[^>]*>9000</span> \(sink p0 c7\)', row), row
+    assert 'class="flag"' not in summary  # no whole row red beside a kept absmax that is not massive
+    massive = page.split('id="massive"', 1)[1].split("</table>", 1)[0]
+    sink_row = next(r for r in massive.split("<tr>") if ">sink<" in r and "hidden_states.1<" in r)
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", sink_row)
+    assert cells[5:7] == ["0", "7"] and cells[7] != "–"  # position, channel, token
+    for heading in ("Summary", "Massive activations", "Outlier channels", "Figures"):
+        assert re.search(rf"<h2[^>]*>{heading} — run [^<]*s\.h5", page), heading
+
+
+def test_report_sections_name_runs_a_and_b(pair, monkeypatch):
+    from probe.present.html import report_html
+
+    _no_figures(monkeypatch)
+    page = report_html(pair[0], pair[1])
+    for heading in ("Summary — run A (a.h5)", "Summary — run B (b.h5)", "Massive activations — run A (a.h5)",
+                    "Figures — run A (a.h5)", "Shift from run A (a.h5) to run B (b.h5)"):
+        assert heading in page, heading
+    links = re.findall(r'<a href="#([^"]+)"', page)
+    assert len(links) == 5 and all(f'id="{target}"' in page for target in links), links
+
+
+def test_diff_names_skip_first_not_the_token_count(tmp_path):
+    from probe.present.report import describe, diff_warnings
+
+    a, _ = _run(str(tmp_path / "a.h5"), 1, skip_first=1)
+    b, _ = _run(str(tmp_path / "b.h5"), 1, skip_first=0)
+    d = describe(a)
+    assert d["real_tokens"] == int(_batch(1)["attention_mask"].sum()) and d["kept_tokens"] == d["real_tokens"] - 4
+    lines = diff_warnings(a, b)
+    assert len(lines) == 1 and "skip_first (1 vs 0)" in lines[0], lines
+    assert f"{d['kept_tokens']} vs {d['real_tokens']} kept of the same {d['real_tokens']} real tokens" in lines[0]
+    c_path = str(tmp_path / "c.h5")
+    model = _model()
+    with probe.capture(model, out=c_path, skip_first=1, stats=("moments", "histogram"), sites=["transformer.h.0"]):
+        with torch.no_grad():
+            model(**_batch(1))
+    text = " | ".join(diff_warnings(a, probe.load(c_path)))
+    assert "different sites" in text and "different statistics" in text and "skip_first" not in text
+
+
+def test_values_below_the_resolution_print_as_zero():
+    from rich.console import Console
+
+    from probe.present.report import RESOLUTION, print_diff, resolution, shown
+
+    row = {"site": "s", "mean_a": 9e-41, "mean_b": 0.25, "std_a": 1.0, "std_b": 2.0, "std_ratio": 2.0, "js": 0.1,
+           "quantile_shift_bounds": {"0.001": [-0.5, -0.25], "0.5": [-9e-41, 9e-41], "0.999": [-1e-3, 3e-3]}}
+    assert resolution(row) == 2.0 * RESOLUTION
+    assert shown(1.9 * RESOLUTION, resolution(row)) == 0.0 and shown(2.1 * RESOLUTION, resolution(row)) != 0.0
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))
+    print_diff([row], console)
+    text = console.export_text()
+    assert "e-41" not in text and "-0.5 … -0.25" in text and "-0.001 … +0.003" in text
+    cells = [c.strip() for c in next(t for t in text.splitlines() if "│ s " in t).split("│")]
+    assert cells[2] == "0" and cells[3] == "0.25"  # mean A: 9e-41 is below the resolution
+    assert cells[7] == "+0"  # the median's interval: both ends below the resolution
+
+
+def test_show_names_sites_one_way_and_block_influence_only_with_cos(tmp_path, capsys):
+    from probe.cli import main
+
+    path = str(tmp_path / "c.h5")
+    model = _model()
+    with probe.capture(model, out=path, skip_first=1, stats=("moments", "histogram", "cross", "cos", "norm")):
+        with torch.no_grad():
+            model(**_batch(1))
+    assert main(["show", path]) == 0
+    out = capsys.readouterr().out
+    assert "hidden_states." not in out.split("hidden-state geometry", 1)[1].split("massive", 1)[0]
+    run = probe.load(path)
+    assert "block infl." in out
+    for v in run.cross.block_influence:
+        assert f"{v:.4g}" in out
+    a, _ = _run(str(tmp_path / "a.h5"), 1)
+    assert main(["show", a.path]) == 0
+    assert "block infl." not in capsys.readouterr().out  # no cosines: no column of dashes
+
+
+def test_cli_one_liners_for_an_html_report_and_a_lone_diff_argument(pair, tmp_path, capsys):
+    from probe.cli import main
+
+    page = tmp_path / "report.html"
+    page.write_text("<!DOCTYPE html>\n<html><body>report</body></html>\n")
+    assert main(["show", str(page)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is an HTML report (probe report), not an HDF5 run" in err
+    assert main(["diff", pair[0].path]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "expected two runs, A and B; got one" in err and "required" not in err

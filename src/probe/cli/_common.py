@@ -16,6 +16,7 @@ def load(path: str):
     from ..errors import FileFormatError, ProbeError
     from ..store import read
 
+    _refuse_html(path)
     try:
         return read(path)
     except (ProbeError, OSError):
@@ -23,6 +24,20 @@ def load(path: str):
     except Exception as err:  # e.g. RecursionError from deeply nested JSON, TypeError from odd types
         raise FileFormatError(f"{path!r} is not a readable probe run ({type(err).__name__}: {err}); "
                               "the file is damaged or was not written by probe") from err
+
+
+def _refuse_html(path: str) -> None:
+    """One line for a ``probe report`` page given where a run is expected."""
+    from ..errors import ProbeError
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip().lower()
+    except OSError:
+        return  # the reader says what is wrong with the path
+    if head.startswith((b"<!doctype html", b"<html")):
+        raise ProbeError(f"{path!r} is an HTML report (probe report), not an HDF5 run; open it in a browser, "
+                         "or pass the .h5 run it was made from")
 
 
 def check_out(out: str, overwrite: bool) -> None:

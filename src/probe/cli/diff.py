@@ -13,8 +13,8 @@ __all__ = ["add_parser", "command"]
 
 def add_parser(sub) -> None:
     p = sub.add_parser("diff", help="per-site distribution shift between two runs")
-    p.add_argument("a")
-    p.add_argument("b")
+    p.add_argument("a", help="the reference run (.h5)")
+    p.add_argument("b", nargs="?", default=None, help="the run compared with it (.h5)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None, metavar="FILE",
                    help="also draw the shift to this file (.png, .pdf or .svg by its suffix), with the quantile "
@@ -24,8 +24,11 @@ def add_parser(sub) -> None:
 
 
 def command(args) -> int:
+    from ..errors import ProbeError
     from ..present.report import diff, diff_warnings, print_diff
 
+    if args.b is None:
+        raise ProbeError(f"expected two runs, A and B; got one ({args.a}); pass e.g. probe diff {args.a} other.h5")
     a, b = load(args.a), load(args.b)
     rows = diff(a, b)  # raises when the runs share no site
     for line in diff_warnings(a, b):

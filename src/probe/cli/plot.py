@@ -46,8 +46,11 @@ def command(args) -> int:
     def progress(kind: str, i: int, n: int) -> None:
         console.print(f"[dim]{time.perf_counter() - started:5.1f}s[/] drawing {kind} ({i}/{n}) …")
 
+    def skipped(kind: str, why: str) -> None:
+        console.print(f"[yellow]skipped[/] {kind}: {why}", soft_wrap=True)
+
     paths = plot_run(run, args.out, kinds=args.kind, layers=layers, shared=args.shared, linear=args.linear,
-                     format=args.format, dpi=args.dpi, size=args.size, progress=progress)
+                     format=args.format, dpi=args.dpi, size=args.size, progress=progress, skipped=skipped)
     for path in paths:
         print(path)
     console.print(f"[green]drew[/] {len(paths)} figure(s) in {time.perf_counter() - started:.1f}s")

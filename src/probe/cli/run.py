@@ -211,6 +211,10 @@ def _finish(args, run: Capture, tokenizer, texts: int, got: _Progress, console) 
                              "--debug shows the traceback") from got.failure
         return 130
     elapsed, tokens = got.seconds, got.tokens
+    if args.max_tokens is not None and tokens < args.max_tokens:  # every document ran before the limit
+        console.print(f"[yellow]warning[/]: the texts ran out at {tokens} tokens ({got.documents} documents, each cut to "
+                      f"--max-length {args.max_length}), below --max-tokens {args.max_tokens}; add text with --file "
+                      "or --text", soft_wrap=True)
     console.print(f"[green]wrote[/] {args.out}: {len(result.sites)} sites, {got.documents} documents, {tokens} tokens "
                   f"in {elapsed:.1f}s ({tokens / max(elapsed, 1e-9):,.0f} tok/s)")
     return 0

@@ -32,7 +32,12 @@ per unit of x (each curve integrates to 1), never a share per bin: asinh bins wi
 ``|x|``, and a share per bin would draw a unimodal distribution as two humps. Colour scales
 clip nothing, or their colour bar carries an arrow where they do. ``linear=True`` draws the
 histograms on a linear axis instead; ``format=`` (png, pdf, svg), ``dpi=`` and ``size=``
-(``column``, ``page``, ``slide``) size the files for a paper or a talk. Figures are drawn on a bare
+(``column``, ``page``, ``slide``) size the files for a paper or a talk: at a column's width panels
+stack, grids take fewer columns and legends go below the data, and at every size tick labels that
+would overlap are thinned (:func:`_declutter`). On the asinh axis a wide site's density, spread over
+a logarithmic x, reads as a plateau; ``hist_overlay`` says so under its axis (:data:`ASINH_NOTE`)
+rather than adding a linear panel, which at a column's width could show neither the peak nor
+the tails the figure exists for (``linear=True`` draws that view whole). Figures are drawn on a bare
 :class:`matplotlib.figure.Figure`, never through ``pyplot``: nothing global changes (a notebook
 keeps its backend) and no display is needed. matplotlib is optional
 (``pip install "probe[plot]"``) and imported only when drawing; :func:`figures` returns the
@@ -61,6 +66,10 @@ Kind = Literal["histograms", "depth", "cross", "scatter", "channels", "positions
 KINDS: tuple[str, ...] = ("histograms", "depth", "cross", "scatter", "channels", "positions", "steps", "timeline")
 
 DPI = 110
+#: what the asinh axis does to a density, printed under the overlay and in the report's caption
+ASINH_NOTE = ("Reading note: past ±{width} the axis is logarithmic, so it squeezes wide x ranges; a density "
+              "that falls slowly there draws as a plateau. The heights are true; the shape near the peak "
+              "reads best with --linear.")
 HIST_BINS = 201  # bins per histogram panel, equal width on the panel's asinh axis
 CMAP_DEPTH = "viridis"
 
@@ -77,6 +86,11 @@ FORMATS: tuple[str, ...] = ("png", "pdf", "svg")
 #: figure widths in inches: a paper's single column (3.5 in, 89 mm), a full page width (7 in),
 #: a 16:9 slide (13.33 in); ``screen`` keeps each figure's own size
 SIZES: dict[str, float | None] = {"screen": None, "column": 3.5, "page": 7.0, "slide": 13.33}
+#: a target width (inches) at or below which figures take their narrow layout (:attr:`_Out.narrow`)
+NARROW = 5.0
+#: the width (inches) a narrow figure is drawn at before :func:`_resize` brings it to the column:
+#: text then shrinks to about 80 %, not to the 55 % a full-width design would need
+NARROW_DESIGN = 5.5
 
 
 class _Out:
@@ -89,8 +103,32 @@ class _Out:
         self.kept: dict[str, Any] | None = {} if keep else None
         self.fmt, self.dpi, self.size = fmt, dpi or DPI, size
 
+    @property
+    def narrow(self) -> bool:
+        """Whether the figures are for a paper column (:data:`NARROW` inches or less): panels then
+        stack, grids take fewer columns and legends go below the data."""
+        width = SIZES.get(self.size)
+        return width is not None and width <= NARROW
+
+    def cols(self, ideal: int, panel: float) -> int:
+        """Grid columns: ``ideal``, or fewer, so that each panel keeps at least ``panel`` inches
+        of the target width (:data:`SIZES`)."""
+        width = SIZES.get(self.size)
+        if width is None:
+            return ideal
+        return max(1, min(ideal, int(width // panel)))
+
+    def chars(self, design: float, points: float) -> int:
+        """How many characters of ``points``-sized text fit across a figure drawn ``design`` inches
+        wide, once :func:`_resize` has brought it (and its text) to the target width."""
+        width = SIZES.get(self.size) or design
+        ratio = min(1.0, width / design)
+        shrink = max(0.55, math.sqrt(ratio)) if ratio < 1 else 1.0
+        return max(20, int(0.9 * width * 72 / (0.55 * points * shrink)))
+
     def save(self, fig, name: str) -> str:
         _resize(fig, self.size)
+        _declutter(fig)
         if self.kept is not None:
             self.kept[name] = fig
         if self.folder is None:
@@ -106,8 +144,6 @@ def _resize(fig, size: str) -> None:
     width = SIZES.get(size)
     if width is None:
         return
-    from matplotlib.lines import Line2D
-    from matplotlib.text import Text
 
     w, h = fig.get_size_inches()
     ratio = width / w
@@ -118,7 +154,7 @@ def _resize(fig, size: str) -> None:
                  for ax in fig.axes for axis, which in ((ax.xaxis, "x"), (ax.yaxis, "y")) if axis.get_major_ticks()]
         import textwrap
 
-        for text in fig.findobj(Text):
+        for text in _texts(fig):
             text.set_fontsize(text.get_fontsize() * shrink)
             # a label written for the wide figure is wrapped to the narrow one's width
             span = h * ratio if text.get_rotation() in (90.0, 270.0) else width
@@ -127,10 +163,110 @@ def _resize(fig, size: str) -> None:
                 text.set_text(textwrap.fill(text.get_text(), room))
         for ax, which, points in ticks:
             ax.tick_params(axis=which, which="both", labelsize=points * shrink)
-        for line in fig.findobj(Line2D):
+            ax.tick_params(axis=which, which="major", length=3.5 * shrink, width=0.8 * shrink)
+            ax.tick_params(axis=which, which="minor", length=2.0 * shrink, width=0.6 * shrink)
+        for line in _lines(fig):
             line.set_markersize(line.get_markersize() * shrink)
             line.set_linewidth(line.get_linewidth() * shrink)
     fig.set_size_inches(width, h * ratio)
+
+
+def _walk(artist, kind):
+    """Every ``kind`` artist under ``artist``, without entering an axis' ticks (asking an
+    :class:`~matplotlib.axis.Axis` for its children makes every tick, minor ones included: seconds
+    on a grid of log axes); an axis contributes its label and offset text. Tick labels and tick
+    marks are sized through ``tick_params`` instead."""
+    from matplotlib.axis import Axis
+
+    if isinstance(artist, Axis):
+        yield from (t for t in (artist.label, artist.offsetText) if isinstance(t, kind))
+        return
+    if isinstance(artist, kind):
+        yield artist
+    for child in artist.get_children():
+        yield from _walk(child, kind)
+
+
+def _texts(fig) -> list:
+    from matplotlib.text import Text
+
+    return list(_walk(fig, Text))
+
+
+def _lines(fig) -> list:
+    from matplotlib.lines import Line2D
+
+    return list(_walk(fig, Line2D))
+
+
+def _declutter(fig, pad: float = 3.0, rounds: int = 3) -> None:
+    """Drop tick labels that would overlap, on every axis of ``fig`` (colour bars included).
+
+    The figure is laid out (no pixels drawn) and each axis' visible tick labels are measured;
+    where two come closer than ``pad`` points, the axis keeps fewer ticks: on an ``asinh`` axis
+    the ticks nearest zero win (0 first, then by ``|value|``: zero and the linear region are
+    what the axis is read by), on any other axis every k-th tick is kept, the smallest k whose
+    labels are apart. Repeated while the layout moves (at most ``rounds`` times)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.ticker import FixedLocator, NullFormatter
+
+    canvas = FigureCanvasAgg(fig)
+    for _ in range(rounds):
+        fig.draw_without_rendering()
+        renderer = canvas.get_renderer()
+        gap = pad * fig.dpi / 72
+        changed = False
+        for ax in fig.axes:
+            if not ax.get_visible():
+                continue
+            for axis, k in ((ax.xaxis, 0), (ax.yaxis, 1)):
+                if isinstance(axis.get_major_formatter(), NullFormatter):
+                    continue
+                shown = _shown_labels(axis, k, renderer)
+                if len(shown) < 2 or not _overlap([b for _, b in shown], k, gap):
+                    continue
+                locs = [v for v, _ in shown]
+                if axis.get_scale() == "asinh":
+                    kept: list = []
+                    for i in sorted(range(len(shown)), key=lambda i: (abs(locs[i]) > 0, abs(locs[i]))):
+                        if not _overlap(sorted([shown[j][1] for j in kept] + [shown[i][1]],
+                                               key=lambda b: b.extents[k] + b.extents[k + 2]), k, gap):
+                            kept.append(i)
+                    chosen = sorted(locs[i] for i in kept)
+                else:
+                    anchor = min(range(len(locs)), key=lambda i: abs(locs[i])) if 0.0 in locs else 0
+                    for step in range(2, len(locs) + 1):
+                        idx = [i for i in range(len(locs)) if (i - anchor) % step == 0]
+                        if len(idx) < 2 or not _overlap([shown[i][1] for i in idx], k, gap):
+                            break
+                    chosen = [locs[i] for i in idx]
+                axis.set_major_locator(FixedLocator(chosen))
+                changed = True
+        if not changed:
+            return
+
+
+def _shown_labels(axis, k: int, renderer) -> list:
+    """``(tick value, label box in pixels)`` of the axis' drawn major tick labels, in axis order."""
+    lo, hi = sorted(axis.get_view_interval())
+    out = []
+    for tick in axis.get_major_ticks():
+        label = tick.label1 if tick.label1.get_visible() else tick.label2
+        loc = float(tick.get_loc())
+        if not (label.get_visible() and label.get_text() and lo - 1e-12 * max(1.0, abs(lo)) <= loc <=
+                hi + 1e-12 * max(1.0, abs(hi))):
+            continue
+        out.append((loc, label.get_window_extent(renderer)))
+    return sorted(out, key=lambda o: o[1].extents[k] + o[1].extents[k + 2])  # by centre: widths differ
+
+
+def _overlap(boxes: Sequence, k: int, gap: float) -> bool:
+    """Whether two consecutive boxes (sorted along dimension ``k``: 0 = x, 1 = y) come closer than
+    ``gap`` pixels."""
+    for a, b in zip(boxes, boxes[1:]):
+        if a.extents[k + 2] + gap > b.extents[k]:
+            return True
+    return False
 
 
 def _mpl():
@@ -349,6 +485,8 @@ def _hist_sites(run: Run) -> list[str]:
 
 def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     _, Figure, colors, cm = _mpl()
+    from matplotlib.ticker import NullLocator
+
     names = _hist_sites(run)
     labels, axis_label = _labels(run.sites)
     index = {n: i for i, n in enumerate(run.sites)}
@@ -362,7 +500,8 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     # grid: one panel per site; each on its own axis from its exact min to its exact max, or
     # (shared=True) all on one axis from the smallest min to the largest max
     n = len(views)
-    cols = min(n, max(1, math.ceil(math.sqrt(n * 1.6))))
+    # panels at least 1.1 in wide in the target width: a column holds three across
+    cols = out.cols(min(n, max(1, math.ceil(math.sqrt(n * 1.6)))), 1.1)
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(1.9 * cols, 1.45 * rows + 0.7), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False, sharex=shared, sharey=shared)).ravel()
@@ -376,6 +515,8 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     for ax, s, lo, hi, width, edges, density in drawn:
         ax.stairs(density, edges, fill=True, color="#3b6ea5", alpha=0.85, baseline=floor * 0.5)
         ax.set_yscale("log")
+        # a panel spans ~10 decades in an inch: minor ticks would be a grey comb (and cost seconds to lay out)
+        ax.yaxis.set_minor_locator(NullLocator())
         _value_axis(ax, lo, hi, width, linear=linear)
         _mark_extremes(ax, s, "#c44e52")
         ax.set_title(f"{labels[index[s.name]]}: σ={s.std:.3g} κ={s.kurtosis:.3g}", fontsize=7, pad=2)
@@ -405,7 +546,7 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     cviews = [run[n] for n in chosen]
     lo, hi, width = min(v.min for v in cviews), max(v.max for v in cviews), _scale_of(cviews)
     edges = _edges(lo, hi, width, 2 * HIST_BINS - 1, linear)
-    fig = Figure(figsize=(9, 4.8), layout="constrained")
+    fig = Figure(figsize=(NARROW_DESIGN, 6.6) if out.narrow else (9, 4.8), layout="constrained")
     ax = fig.subplots()
     palette = _palette(len(chosen))
     curves = [_hist_density(s, edges) for s in cviews]
@@ -419,11 +560,21 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     _value_axis(ax, lo, hi, width, linear=linear)
     if not linear:
         ax.xaxis.set_major_locator(_asinh_locator(lo, hi, width))
-    ax.legend(fontsize=7, title=axis_label.split(" (")[0], title_fontsize=7, loc="upper left",
-              bbox_to_anchor=(1.01, 1.0))
+    if out.narrow:  # beside the axis, the legend would take half a column's width
+        fig.legend(fontsize=7, title=axis_label.split(" (")[0], title_fontsize=7, loc="outside lower center",
+                   ncol=2)
+    else:
+        ax.legend(fontsize=7, title=axis_label.split(" (")[0], title_fontsize=7, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0))
     reach = "linear" if linear else f"asinh scale: linear within ±{width:.2g}, logarithmic beyond"
-    ax.set_xlabel(f"activation value ({reach}; axis from the smallest min to the largest max; "
-                  "▲: each site's exact min and max)", fontsize=8)
+    label = (f"activation value ({reach}; axis from the smallest min to the largest max; "
+             "▲: each site's exact min and max)")
+    if not linear:  # the note under the label, each wrapped to the width the file will have
+        import textwrap
+
+        room = out.chars(fig.get_size_inches()[0], 8)
+        label = textwrap.fill(label, room) + "\n" + textwrap.fill(ASINH_NOTE.format(width=f"{width:.2g}"), room)
+    ax.set_xlabel(label, fontsize=8)
     ax.set_ylabel("density per unit of x (log; each curve integrates to 1)", fontsize=8)
     ax.set_title(f"Histograms of {len(chosen)} of {len(names)} sites (choose with --layers) — {_title(run)}",
                  fontsize=10)
@@ -480,7 +631,7 @@ def _depth(run: Run, out: _Out, opts: dict) -> list[str]:
     table = np.array([v.quantile(qs) for v in views])  # [sites, len(qs)]
     col = {q: table[:, i] for i, q in enumerate(qs)}
     width = _scale_of(views)
-    fig = Figure(figsize=(11, 7.2), layout="constrained")
+    fig = Figure(figsize=(NARROW_DESIGN, 7.6) if out.narrow else (11, 7.2), layout="constrained")
     top, mid, low = fig.subplots(3, 1, sharex=True, height_ratios=(3, 1.2, 1.2))
     shades = ("#c6dbef", "#6baed6", "#2171b5")
     for (a, b), shade in zip(DEPTH_BANDS, shades):
@@ -497,7 +648,10 @@ def _depth(run: Run, out: _Out, opts: dict) -> list[str]:
 
     top.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
     top.set_ylabel(f"activation value\n(asinh: linear within ±{width:.2g})", fontsize=8)
-    top.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if out.narrow:
+        fig.legend(*top.get_legend_handles_labels(), fontsize=7, loc="outside lower center", ncol=3)
+    else:
+        top.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     top.set_title("quantile bands of the kept values per site", fontsize=9)
     mid.plot(x, [v.std for v in views], color="#3b6ea5", marker="o", ms=3, lw=1)
     mid.set_yscale("log")
@@ -536,8 +690,11 @@ def _cross(run: Run, out: _Out, opts: dict) -> list[str]:
     fs = 6 if len(labels) > 24 else 7
 
     def grid(values, norm, cmap, label, title, name, signed=False, extend="neither"):
-        fig = Figure(figsize=(size * len(panels) + 1.2, size + 0.5), layout="constrained")
-        axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
+        stack = out.narrow and len(panels) > 1  # one above the other in a column
+        shape = (len(panels), 1) if stack else (1, len(panels))
+        fig = Figure(figsize=(size + 1.2, size * len(panels) + 0.5) if stack else
+                     (size * len(panels) + 1.2, size + 0.5), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(*shape, squeeze=False)).ravel()
         im = None
         for ax, (what, v) in zip(axes, values):
             im = ax.imshow(np.ma.masked_invalid(np.abs(v) if signed else v), norm=norm, cmap=cmap,
@@ -630,7 +787,7 @@ def _scatter(run: Run, out: _Out, opts: dict) -> list[str]:
     labels, axis_label = _labels(run.sites)
     what = axis_label.split(" (")[0]
     index = {n: i for i, n in enumerate(run.sites)}
-    cols = min(len(chosen), 4 if len(chosen) > 4 else len(chosen))
+    cols = out.cols(min(len(chosen), 4), 1.6)  # panels at least 1.6 in wide: two across a column
     rows = math.ceil(len(chosen) / cols)
     paths = []
     for x_name, col, xlabel, file in (("position", 0, "token position", "scatter_position.png"),
@@ -694,7 +851,8 @@ def _channels(run: Run, out: _Out, opts: dict) -> list[str]:
     top = float(pos.max())
     low, extend = _log_limits(pos, top, 1e-6)
     labels, axis_label = _labels(run.sites)
-    fig = Figure(figsize=(11, max(3.2, 0.17 * len(run.sites) + 1.4)), layout="constrained")
+    fig = Figure(figsize=(NARROW_DESIGN if out.narrow else 11, max(3.2, 0.17 * len(run.sites) + 1.4)),
+                 layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(np.ma.masked_invalid(np.where(grid > 0, grid, np.nan)), aspect="auto",
                    interpolation="nearest", cmap=_cmap("magma"), norm=colors.LogNorm(vmin=low, vmax=top))
@@ -725,8 +883,15 @@ def _positions(run: Run, out: _Out, opts: dict) -> list[str]:
     _, axis_label = _labels(run.sites)
     index = {n: i for i, n in enumerate(run.sites)}
     cmap = _cmap(CMAP_DEPTH)
-    fig = Figure(figsize=(12, 6.2), layout="constrained")
-    axes = fig.subplots(2, 2, sharex=True, height_ratios=(4, 1))
+    if out.narrow:  # the two profiles one above the other, each over its token counts
+        fig = Figure(figsize=(NARROW_DESIGN, 8.4), layout="constrained")
+        col = fig.subplots(4, 1, height_ratios=(4, 1, 4, 1))
+        for upper, lower in ((col[0], col[1]), (col[2], col[3])):
+            upper.sharex(lower)
+        axes = np.array([[col[0], col[2]], [col[1], col[3]]])
+    else:
+        fig = Figure(figsize=(12, 6.2), layout="constrained")
+        axes = fig.subplots(2, 2, sharex=True, height_ratios=(4, 1))
     norm = _depth_colorbar(fig, list(axes.ravel()), cm, colors, run.sites, axis_label)
     longest = max(len(p) for _, p in views)
     for name, p in views:
@@ -777,9 +942,10 @@ def _steps(run: Run, out: _Out, opts: dict) -> list[str]:
             windows.append((int(row.step), window))
     windows.sort(key=lambda w: w[0])
     if len(windows) < 2:
-        raise _Missing(f"plot kind 'steps' needs two or more windows with tokens; expected run.steps with 2+ "
-                       f"entries; got {run.steps}; call run.snapshot(step) inside the capture block, or leave out "
-                       "kind 'steps'")
+        got = f"{len(windows)} window" + ("" if len(windows) == 1 else "s")
+        raise _Missing(f"plot kind 'steps' needs two or more windows with tokens; this run has {got}; capture "
+                       "with probe.capture(..., every=N) (a window per N forwards) or call run.snapshot(step) in "
+                       "the capture block")
     steps = [w[0] for w in windows]
     table = {n: np.full((3, len(steps)), np.nan) for n in names}
     for j, (_, window) in enumerate(windows):
@@ -789,8 +955,8 @@ def _steps(run: Run, out: _Out, opts: dict) -> list[str]:
     _, axis_label = _labels(run.sites)
     index = {n: i for i, n in enumerate(run.sites)}
     cmap = _cmap(CMAP_DEPTH)
-    fig = Figure(figsize=(13, 4.2), layout="constrained")
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(NARROW_DESIGN, 8.0) if out.narrow else (13, 4.2), layout="constrained")
+    axes = fig.subplots(3, 1, sharex=True) if out.narrow else fig.subplots(1, 3)
     norm = _depth_colorbar(fig, list(axes), cm, colors, run.sites, axis_label)
     marker = "o" if len(steps) <= 30 else None
     for n in names:
@@ -804,7 +970,8 @@ def _steps(run: Run, out: _Out, opts: dict) -> list[str]:
             ax.set_yscale("log")
         ax.set_title(what, fontsize=9)
         ax.set_ylabel(f"{what} ({scale})", fontsize=8)
-        ax.set_xlabel("step (window label)", fontsize=8)
+        if not out.narrow or ax is axes[-1]:  # stacked panels share the bottom one's x axis
+            ax.set_xlabel("step (window label)", fontsize=8)
         ax.grid(alpha=0.25, lw=0.5)
         ax.tick_params(labelsize=7)
     fig.suptitle(f"Per-window statistics over {len(steps)} windows — {_title(run)}", fontsize=10)
@@ -897,7 +1064,8 @@ def _plan(run, kinds) -> tuple[Run, list[str], bool]:
     return run, [k for k in KINDS if k in chosen], asked
 
 
-def _draw(run, kinds, out: _Out, layers, shared: bool, progress, linear: bool = False) -> list[str]:
+def _draw(run, kinds, out: _Out, layers, shared: bool, progress, linear: bool = False,
+          skipped: Callable[[str, str], None] | None = None) -> list[str]:
     run, chosen, asked = _plan(run, kinds)
     opts = {"layers": parse_layers(run, layers) if layers is not None else None, "shared": shared, "linear": linear}
     paths: list[str] = []
@@ -906,9 +1074,11 @@ def _draw(run, kinds, out: _Out, layers, shared: bool, progress, linear: bool = 
             progress(kind, i, len(chosen))
         try:
             paths += _DRAW[kind](run, out, opts)
-        except _Missing:
+        except _Missing as err:
             if asked:
                 raise
+            if skipped is not None:
+                skipped(kind, str(err))
     return paths
 
 
@@ -925,7 +1095,8 @@ def _check_output(fmt: str, dpi: int | None, size: str) -> None:
 def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind | None = None, *,
              layers: str | Sequence[str] | None = None, shared: bool = False, linear: bool = False,
              format: Format = "png", dpi: int | None = None, size: Size = "screen",
-             progress: Callable[[str, int, int], None] | None = None) -> list[str]:
+             progress: Callable[[str, int, int], None] | None = None,
+             skipped: Callable[[str, str], None] | None = None) -> list[str]:
     """Draw a run's figures as files in ``out_dir`` (created if missing).
 
     Args:
@@ -944,6 +1115,9 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
         size: ``"screen"`` (each figure's own size), ``"column"`` (3.5 in wide, a paper's
             column), ``"page"`` (7 in) or ``"slide"`` (13.33 in, 16:9): :data:`SIZES`.
         progress: called as ``progress(kind, i, n)`` before each kind is drawn.
+        skipped: called as ``skipped(kind, why)`` for each kind left out because the run lacks
+            its data (``kinds=None`` only; a kind asked for by name raises instead): e.g.
+            ``steps`` on a run with one window, ``why`` naming the fix (``every=``).
 
     Returns:
         The paths written, in the order of :data:`KINDS`.
@@ -966,7 +1140,8 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
         raise ProbeError(f"-o {out}: is an existing file; expected a folder for the figures; "
                          "pass a folder name (created if missing)")
     os.makedirs(out, exist_ok=True)
-    return _draw(run, kinds, _Out(out, fmt=format, dpi=dpi or DPI, size=size), layers, shared, progress, linear)
+    return _draw(run, kinds, _Out(out, fmt=format, dpi=dpi or DPI, size=size), layers, shared, progress, linear,
+                 skipped)
 
 
 def figures(run: Run, kinds: Sequence[Kind] | Kind | None = None, *, layers: str | Sequence[str] | None = None,
@@ -1026,7 +1201,7 @@ def plot_diff(a: Run, b: Run, path: str | os.PathLike, *, dpi: int | None = None
 
 
 def _diff_figure(a: Run, b: Run):
-    from .report import DIFF_QUANTILES, diff
+    from .report import DIFF_QUANTILES, diff, diff_warnings
 
     _, Figure, colors, cm = _mpl()
     from matplotlib.ticker import FuncFormatter, MaxNLocator
@@ -1090,5 +1265,14 @@ def _diff_figure(a: Run, b: Run):
     _index_ticks(axes[-1].xaxis, labels, most=48, fontsize=7)
     axes[-1].set_xlabel(axis_label, fontsize=8)
     axes[-1].set_xlim(-0.6, len(rows) - 0.4)
-    fig.suptitle(f"Shift from a = {a.path or 'run a'} to b = {b.path or 'run b'}", fontsize=10)
+    title = f"Shift from a = {a.path or 'run a'} to b = {b.path or 'run b'}"
+    caveats = diff_warnings(a, b)
+    if caveats:  # the figure travels without the terminal's warnings: it carries them itself
+        import textwrap
+
+        room = int(0.9 * fig.get_size_inches()[0] * 72 / (0.55 * 8))
+        lines = [textwrap.fill(f"caveat: {c}", room) for c in caveats]
+        fig.suptitle(title + "\n" + "\n".join(lines), fontsize=8, color="#8a1c1c")
+    else:
+        fig.suptitle(title, fontsize=10)
     return fig

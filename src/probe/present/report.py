@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ..results.run import Run
 
 __all__ = ["summary", "outlier_channels", "massive", "diff", "diff_warnings", "resolve_site", "print_summary",
-           "print_diff", "DIFF_QUANTILES", "quantile_bounds", "print_quant", "MASSIVE_VALUE", "MASSIVE_RATIO"]
+           "print_diff", "describe", "DIFF_QUANTILES", "resolution", "shown", "quantile_bounds", "print_quant", "MASSIVE_VALUE", "MASSIVE_RATIO"]
 
 OUTLIER_VALUE, OUTLIER_TOKENS, OUTLIER_SITES, OUTLIER_RMS = 6.0, 0.06, 0.25, 4.0
 QUANTILES = (0.001, 0.01, 0.5, 0.99, 0.999)
@@ -182,9 +182,10 @@ def massive(run: Run) -> list[dict[str, Any]]:
 
     Returns:
         One entry per site and kind: ``kind="sink"`` for the first ``max(skip_first, 1)``
-        positions (``position`` is the one holding the largest value; ``channel`` is None, the
-        per-position statistic does not keep it), ``kind="token"`` for the rest (with ``row``,
-        ``channel``, ``token`` when the site's absmax is that value). ``absmax`` and
+        positions (``position`` is the one holding the largest value), ``kind="token"`` for the
+        rest; each with ``row``, ``channel`` and ``token`` of the value: from the site's absmax, or
+        from the top-k entry of that magnitude at that position (the per-position statistic keeps
+        neither), ``None`` where neither holds it. ``absmax`` and
         ``median_abs`` are in activation units; ``ratio`` is ``absmax / median_abs``.
 
     Example:
@@ -210,19 +211,35 @@ def massive(run: Run) -> list[dict[str, Any]]:
             p = int(np.argmax(first))
             if hit(float(first[p])):
                 out.append({"site": name, "kind": "sink", "absmax": float(first[p]), "median_abs": med,
-                            "ratio": float(first[p]) / med, "position": p, "channel": None})
+                            "ratio": float(first[p]) / med, "position": p,
+                            **_stored_at(s, p, float(first[p]))})
         where: dict[str, int | None]
         if s.absmax_at["position"] >= head or per_pos is None:
             value, where = s.absmax, dict(s.absmax_at)
         elif len(per_pos) > head:  # the site's absmax is in the sink: the largest elsewhere
             p = head + int(np.argmax(per_pos[head:]))
-            value, where = float(per_pos[p]), {"row": None, "position": p, "channel": None, "token": None}
+            value = float(per_pos[p])
+            where = {"position": p, **_stored_at(s, p, value)}
         else:
             continue
         if hit(value):
             out.append({"site": name, "kind": "token", "absmax": value, "median_abs": med, "ratio": value / med,
                         **where})
     return out
+
+
+def _stored_at(s: Any, position: int, magnitude: float) -> dict[str, int | None]:
+    """``row``, ``channel`` and ``token`` of the top-k entry at ``position`` whose ``|value|`` is
+    ``magnitude`` (the per-position absmax keeps neither channel nor token; the top-k, over every
+    real token, holds them when the value is among the site's k largest); ``None`` each without one."""
+    if s.has("topk") and len(s.topk):
+        t = s.topk
+        match = np.flatnonzero((t["position"] == position)
+                               & np.isclose(np.abs(t["value"].astype(np.float64)), magnitude, rtol=1e-6, atol=0))
+        if match.size:
+            e = t[int(match[0])]
+            return {"row": int(e["row"]), "channel": int(e["channel"]), "token": int(e["token"])}
+    return {"row": None, "channel": None, "token": None}
 
 
 def _js(p: np.ndarray, q: np.ndarray) -> float:
@@ -330,39 +347,79 @@ def diff(a: Run, b: Run) -> list[dict[str, Any]]:
     return rows
 
 
+def describe(run: Run) -> dict[str, Any]:
+    """What a run was captured with, as :func:`diff_warnings` compares it.
+
+    Args:
+        run: the run.
+
+    Returns:
+        ``{"model", "skip_first", "sites", "stats", "mask_policy", "dtype", "kept_tokens",
+        "real_tokens"}``: the model's name, ``skip_first``, the site names, the statistics
+        captured (sorted), the padding rule, the sites' dtypes (sorted), the kept tokens (those
+        the statistics cover) and the real tokens (every non-padding token, from the
+        per-position counts; ``None`` without ``position``) of the first site.
+
+    Example:
+        >>> d = describe(run)
+        >>> d["skip_first"], d["kept_tokens"] == d["real_tokens"] == run[0].tokens, len(d["sites"])
+        (0, True, 3)
+    """
+    m = run.meta.get("model", {})
+    first = run[run.sites[0]] if run.sites else None
+    real = None
+    if first is not None and first.has("position") and len(first.position):
+        real = int(np.asarray(first.position.tokens).sum())
+    return {"model": str(m.get("name_or_path") or m.get("class") or "?"), "skip_first": run.meta.get("skip_first"),
+            "sites": list(run.sites), "stats": sorted(run.meta.get("stats") or []),
+            "mask_policy": run.meta.get("mask_policy"), "dtype": sorted({run[n].dtype for n in run.sites} - {""}),
+            "kept_tokens": first.tokens if first is not None else 0, "real_tokens": real}
+
+
 def diff_warnings(a: Run, b: Run) -> list[str]:
-    """What makes runs ``a`` and ``b`` hard to compare: another model, dtype, token count,
-    ``skip_first``, or a partial run.
+    """What makes runs ``a`` and ``b`` hard to compare, from their descriptions (:func:`describe`):
+    another model, dtype, ``skip_first``, site list, statistics, padding rule, or number of
+    tokens, and a partial run. A token count that differs only because ``skip_first`` does is
+    said as such (the same real tokens, a different share of them kept), not blamed on the data.
 
     Args:
         a, b: the runs to compare.
 
     Returns:
-        One line per difference; empty when they match.
+        One line per difference, naming it and what it does to the shifts; empty when they match.
 
     Example:
         >>> diff_warnings(run, run)
         []
     """
     out = []
-
-    def model(r: Run) -> str:
-        m = r.meta.get("model", {})
-        return str(m.get("name_or_path") or m.get("class") or "?")
-
-    if model(a) != model(b):
-        out.append(f"the runs come from different models ({model(a)} vs {model(b)})")
-    common = [n for n in a.sites if n in set(b.sites)]
-    da = sorted({a[n].dtype for n in common} - {""})
-    db = sorted({b[n].dtype for n in common} - {""})
-    if da != db:
-        out.append(f"the runs differ in dtype ({', '.join(da) or '?'} vs {', '.join(db) or '?'})")
-    if common:
-        ta, tb = a[common[0]].tokens, b[common[0]].tokens
-        if ta != tb:
-            out.append(f"the runs saw different numbers of tokens ({ta} vs {tb}): shifts mix data and model")
-    if a.meta.get("skip_first") != b.meta.get("skip_first"):
-        out.append(f"the runs differ in skip_first ({a.meta.get('skip_first')} vs {b.meta.get('skip_first')})")
+    da, db = describe(a), describe(b)
+    if da["model"] != db["model"]:
+        out.append(f"the runs come from different models ({da['model']} vs {db['model']})")
+    if da["dtype"] != db["dtype"]:
+        out.append(f"the runs differ in dtype ({', '.join(da['dtype']) or '?'} vs {', '.join(db['dtype']) or '?'})")
+    if da["mask_policy"] != db["mask_policy"]:
+        out.append(f"the runs treat padding differently ({da['mask_policy']!r} vs {db['mask_policy']!r})")
+    if da["skip_first"] != db["skip_first"]:
+        same = da["real_tokens"] is not None and da["real_tokens"] == db["real_tokens"]
+        out.append(f"the runs differ in skip_first ({da['skip_first']} vs {db['skip_first']}): their statistics "
+                   f"cover different tokens ({da['kept_tokens']} vs {db['kept_tokens']} kept"
+                   + (f" of the same {da['real_tokens']} real tokens" if same else "") + "), so the shifts mix the "
+                   "first tokens' effect with the model's; capture both with the same --skip-first")
+    elif da["kept_tokens"] != db["kept_tokens"]:
+        out.append(f"the runs saw different numbers of tokens ({da['kept_tokens']} vs {db['kept_tokens']}): "
+                   "the shifts mix data and model")
+    if da["sites"] != db["sites"]:
+        only_a = [n for n in da["sites"] if n not in set(db["sites"])]
+        only_b = [n for n in db["sites"] if n not in set(da["sites"])]
+        shared = len(da["sites"]) - len(only_a)
+        out.append(f"the runs captured different sites ({len(only_a)} only in a, {len(only_b)} only in b"
+                   + (", the same ones in another order" if not only_a and not only_b else "")
+                   + f"); compared on the {shared} they share")
+    if da["stats"] != db["stats"]:
+        sa, sb = set(da["stats"]), set(db["stats"])
+        out.append("the runs captured different statistics (only in a: " + (", ".join(sorted(sa - sb)) or "none")
+                   + "; only in b: " + (", ".join(sorted(sb - sa)) or "none") + "); what needs them is left out")
     for r, tag in ((a, "a"), (b, "b")):
         if r.meta.get("partial"):
             out.append(f"run {tag} ({r.path}) is partial: {r.meta['partial'].get('reason', 'interrupted')}")
@@ -437,7 +494,8 @@ def _print_massive(console: Any, data: dict[str, Any], site: str | None, prefix:
                           f"({'layer ' + big['site'][len(prefix):] if short else big['site']}, {where})")
         if in_topk:
             console.print(f"  in the top-k: {len(in_topk)}, e.g. "
-                          + ", ".join(f"{h['site']} {h['value']:.4g} at p{h['position']} c{h['channel']}"
+                          + ", ".join(f"{'layer ' + h['site'][len(prefix):] if short else h['site']} "
+                                      f"{h['value']:.4g} at p{h['position']} c{h['channel']}"
                                       + (f" {h['text']!r}" if "text" in h else "") for h in in_topk[:4])
                           + (" …" if len(in_topk) > 4 else ""))
 
@@ -536,24 +594,62 @@ def print_diff(rows: list[dict[str, Any]], console=None) -> None:
     console = console or Console()
     table = Table(title="distribution shift (A → B)", header_style="bold",
                   caption="Δq: quantile of B minus quantile of A, as the interval the histogram buckets bound "
-                          "the exact shift to (dim: it holds 0, the sign is not resolved; one number: exact); "
+                          "the exact shift to (dim: it holds 0, the sign is not resolved; one number: exact; below 2⁻²³ × the "
+                          "larger std: 0); "
                           "JS: Jensen–Shannon divergence of the histograms")
     qcols = [f"Δq{q:g}" for q in DIFF_QUANTILES]
     for col in ("site", "mean A", "mean B", "std B/A", "JS (bits)", *qcols):
         table.add_column(col, justify="left" if col == "site" else "right")
     for r in rows:
         bounds = r.get("quantile_shift_bounds") or {}
-        table.add_row(r["site"], _fmt(r["mean_a"]), _fmt(r["mean_b"]), _fmt(r["std_ratio"]), _fmt(r.get("js")),
-                      *(_interval(bounds.get(str(q))) for q in DIFF_QUANTILES))
+        res = resolution(r)
+        table.add_row(r["site"], _fmt(shown(r["mean_a"], res)), _fmt(shown(r["mean_b"], res)), _fmt(r["std_ratio"]),
+                      _fmt(r.get("js")), *(_interval(bounds.get(str(q)), res) for q in DIFF_QUANTILES))
     console.print(table)
 
 
-def _interval(pair: list[float] | None) -> str:
+#: the relative resolution of a printed shift: float32's machine epsilon (2**-23, about 1.2e-7)
+RESOLUTION = 2.0 ** -23
+
+
+def resolution(row: dict[str, Any]) -> float:
+    """The smallest shift :func:`print_diff` and the report print as other than 0, for one
+    :func:`diff` row: :data:`RESOLUTION` × the larger of the two stds. A float32 activation of
+    the site's scale cannot resolve a difference below it, so a shift such as ±9e-41 (two
+    near-zero quantiles a denormal apart) is no shift at all. The JSON keeps the raw numbers.
+
+    Args:
+        row: one row of :func:`diff`.
+
+    Returns:
+        The resolution in activation units (0 when neither std is finite).
+
+    Example:
+        >>> resolution({"std_a": 2.0, "std_b": 4.0}) == 4.0 * 2.0 ** -23
+        True
+    """
+    stds = [abs(v) for v in (row.get("std_a"), row.get("std_b")) if v is not None and math.isfinite(v)]
+    return RESOLUTION * max(stds, default=0.0)
+
+
+def shown(value: float | None, res: float) -> float | None:
+    """``value`` as printed: 0.0 when its magnitude is below ``res`` (:func:`resolution`).
+
+    Example:
+        >>> shown(9e-41, 1e-7), shown(-3e-3, 1e-7), shown(None, 1e-7)
+        (0.0, -0.003, None)
+    """
+    if value is None or not math.isfinite(value) or abs(value) >= res:
+        return value
+    return 0.0
+
+
+def _interval(pair: list[float] | None, res: float = 0.0) -> str:
     """A shift interval as the table prints it: ``a … b`` (dim when it holds 0), or one number
-    when both ends agree to the digits shown."""
+    when both ends agree to the digits shown; an end below ``res`` (:func:`resolution`) prints as 0."""
     if pair is None or pair[0] is None or pair[1] is None:
         return "–"
-    lo, hi = pair
+    lo, hi = (0.0 if abs(v) < res else v for v in pair)
     if f"{lo:+.3g}" == f"{hi:+.3g}":
         return f"{lo:+.3g}"
     text = f"{lo:+.3g} … {hi:+.3g}"

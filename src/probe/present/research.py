@@ -30,7 +30,7 @@ import numpy as np
 
 from ..results.run import TOPK_DTYPE, Run, SiteView
 
-__all__ = ["summary", "massive_topk", "is_massive", "median_abs", "print_research", "MASSIVE_VALUE",
+__all__ = ["summary", "massive_topk", "is_massive", "median_abs", "print_research", "site_labels", "MASSIVE_VALUE",
            "MASSIVE_RATIO"]
 
 #: Sun et al. (2024): a massive activation is larger than 100 in magnitude ...
@@ -159,6 +159,21 @@ def summary(run: Run, top: int = 5) -> dict[str, Any]:
     return {"sites": sites, "block_influence": influence, "massive_topk": massive_topk(run)}
 
 
+def site_labels(sites: list[str]) -> tuple[dict[str, str], str]:
+    """How ``probe show``'s tables name sites, one way in every table: ``({site: label}, column
+    header)``; the layer number under ``layer`` when every site is ``hidden_states.k``, else the
+    full name under ``site``.
+
+    Example:
+        >>> site_labels(["hidden_states.0", "hidden_states.1"])
+        ({'hidden_states.0': '0', 'hidden_states.1': '1'}, 'layer')
+    """
+    prefix = "hidden_states."
+    if sites and all(n.startswith(prefix) for n in sites):
+        return {n: n[len(prefix):] for n in sites}, "layer"
+    return {n: n for n in sites}, "site"
+
+
 def _fmt(v: Any) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
@@ -192,12 +207,17 @@ def print_research(run: Run, console=None, site: str | None = None) -> None:
         return
     console = console or Console()
     influence = {b["from"]: b["value"] for b in data["block_influence"]}
+    # sites named as the summary table above names them: the layer number when every site is one
+    name, label = site_labels(run.sites)
+    caption = "scale = √d / E‖h‖ · anisotropy = mean cos between tokens · "
+    # block influence needs the opt-in cosines: without them the column would be "–" throughout
+    if influence:
+        caption += "block influence = 1 − E\\[cos(h_l, h_l+1)] to the next site · "
     table = Table(title="hidden-state geometry", header_style="bold", pad_edge=False,
-                  caption="scale = √d / E‖h‖ · anisotropy = mean cos between tokens · "
-                          "block influence = 1 − E\\[cos(h_l, h_l+1)] · top |x| over every real token")
-    columns = ("site", "E‖h‖", "std ‖h‖", "‖h‖ at p0", "scale", "anisotropy", "block infl.", "top |x|", "at")
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("site", "at") else "right")
+                  caption=caption + "top |x| over every real token")
+    columns = [label, "E‖h‖", "std ‖h‖", "‖h‖ at p0", "scale", "anisotropy"] + (["block infl."] if influence else [])
+    for col in columns + ["top |x|", "at"]:
+        table.add_column(col, justify="left" if col in (label, "at") else "right")
     for e in data["sites"]:
         if site is not None and e["site"] != site:
             continue
@@ -207,9 +227,10 @@ def print_research(run: Run, console=None, site: str | None = None) -> None:
         if top is not None:
             at = f"p{top['position']} c{top['channel']}"
             at += f" {top['text']!r}" if "text" in top else (f" #{top['token']}" if top["token"] >= 0 else "")
-        table.add_row(e["site"], _fmt(n.get("mean")), _fmt(n.get("std")), _fmt(n.get("first_position_mean")),
-                      _fmt(n.get("scale")), _fmt(e.get("anisotropy")), _fmt(influence.get(e["site"])),
-                      _fmt(top["value"]) if top else "–", at)
+        cells = [name[e["site"]], _fmt(n.get("mean")), _fmt(n.get("std")), _fmt(n.get("first_position_mean")),
+                 _fmt(n.get("scale")), _fmt(e.get("anisotropy"))]
+        cells += [_fmt(influence.get(e["site"]))] if influence else []
+        table.add_row(*cells, _fmt(top["value"]) if top else "–", at)
     console.print(table)
     if site is not None:
         chosen: dict[str, Any] = next((x for x in data["sites"] if x["site"] == site), {})
