@@ -419,21 +419,27 @@ class Forwards:
         site = self._defs[i]
         if isinstance(x, Tensor) and x.is_nested:
             x = self._unnest(i, x, context)
+        if isinstance(x, str):  # a packed site (probe.capture.moe) that could not read its call
+            raise SiteError(x)
         if not isinstance(x, Tensor):
             raise SiteError(f"the module produced {type(x).__name__}, not a tensor; "
                             "choose a module whose output (or output[0]) is a tensor")
         if not x.is_floating_point():
             raise SiteError(f"expected a floating-point tensor, got {x.dtype}; "
                             "capture a module that outputs activations")
-        if x.dim() < 3:
-            raise SiteError("expected [batch, sequence, ...] activations; "
-                            "capture a module whose output keeps the batch and sequence dims")
+        if x.dim() < 2:
+            raise SiteError("expected [batch, sequence, ...] or [batch·sequence, ...] activations; "
+                            "capture a module whose output keeps the token dims")
         x = x.detach()
         if site.layout is not None:
             x = x.permute(site.layout)
         self.dtypes.setdefault(site.name, str(x.dtype).replace("torch.", ""))
+        if x.dim() == 2:  # [batch·sequence, D]: the tokens of its forward's grid (see tokens.py)
+            x = x.unsqueeze(1)
+            tokens = context.flat_tokens(self._sources[i], x.shape[0], x.device)
+        else:
+            tokens = context.tokens(self._sources[i], x.shape[0], x.shape[1], x.device)
         b, t = x.shape[0], x.shape[1]
-        tokens = context.tokens(self._sources[i], b, t, x.device)
         shape = (b * t, x.shape[2:].numel())
         real = self._real.get(i)
         count = tokens.cache.get("real")
