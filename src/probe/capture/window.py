@@ -207,8 +207,9 @@ class Recorder:
             dist.all_reduce(members, op=dist.ReduceOp.MAX)
             cross.members = [i for i, m in enumerate(members.tolist()) if m]
         stats = self.options.stats
-        return sync.merge_windows(self.rows, self.names, [k for k in stats if k not in ("cross", "cos")],
-                                  "cross" in stats, device)
+        own = [k for k in ("router", "experts") if any(k in (s.stats or ()) for s in self.engine.sites)]
+        return sync.merge_windows(self.rows, self.names, [k for k in stats if k not in ("cross", "cos")]
+                                  + [k for k in own if k not in stats], "cross" in stats, device)
 
     def _finish(self) -> None:
         if self.options.world > 1:

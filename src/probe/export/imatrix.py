@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -45,7 +46,8 @@ from ._collect import ExpertStats, ModuleStats
 __all__ = ["arch_for", "tensor_names", "expert_names", "write"]
 
 #: transformers model_type -> llama.cpp architecture, where the names differ
-_ALIASES = {"mistral": "llama", "mixtral": "llama", "gpt_neox": "gptneox", "gpt_bigcode": "starcoder"}
+_ALIASES = {"mistral": "llama", "mixtral": "llama", "gpt_neox": "gptneox", "gpt_bigcode": "starcoder",
+            "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}
 
 
 def _gguf():
@@ -62,6 +64,8 @@ def arch_for(model_type: str | None, arch: str | None = None):
     gguf = _gguf()
     names = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
     want = arch or _ALIASES.get(model_type or "", model_type or "")
+    if want not in names and arch is None:  # qwen3_moe -> qwen3moe, qwen2_moe -> qwen2moe
+        want = want.replace("_", "")
     if want not in names:
         raise ProbeError(f"no llama.cpp architecture for model_type {model_type!r}"
                          f"{'' if arch is None else f' (arch={arch!r})'}; expected one of gguf.MODEL_ARCH_NAMES; "
@@ -83,7 +87,7 @@ def tensor_names(modules: list[str], model_type: str | None, arch: str | None = 
 
 
 def expert_names(experts: list[ExpertStats], model_type: str | None, arch: str | None = None,
-                 others: list[str] = ()) -> dict[str, str]:
+                 others: Sequence[str] = ()) -> dict[str, str]:
     """``{"<experts>.gate_proj" | ".up_proj": gguf name}`` of the fused experts modules (gguf-py's map
     of the per-projection HF names, e.g. ``blk.0.ffn_gate_exps.weight``)."""
     wanted = [f"{x.module}.{p}" for x in experts for p in ("gate_proj", "up_proj")]
