@@ -298,7 +298,7 @@ def _calibrated(tmp_path):
 def test_imatrix_per_expert_layout(tmp_path):
     gguf = pytest.importorskip("gguf")
     tape, path = _calibrated(tmp_path)
-    with pytest.warns(UserWarning, match="experts without calibration data") if any(
+    with pytest.warns(UserWarning, match="experts with little or no calibration data") if any(
             (_reference(tape, i, False)["counts"] == 0).any() for i in range(2)) else _nothing():
         names = probe.export("imatrix", path, tmp_path / "imatrix.gguf")
     assert names["model.layers.0.mlp.experts.gate_proj"] == "blk.0.ffn_gate_exps.weight"
@@ -349,3 +349,39 @@ def test_smoothquant_amax_and_coverage_per_expert(tmp_path):
         assert rows[i]["zero"] == [int(e) for e in np.flatnonzero(ref["counts"] == 0)]
         assert rows[i]["below"] == [int(e) for e in np.flatnonzero((ref["counts"] > 0) & (ref["counts"] < 4))]
     assert json.loads((tmp_path / "amax.json").read_text())["coverage"][0]["module"] == tape.layers[0].experts
+
+
+def test_show_plot_and_cli_report_the_experts(tmp_path, capsys):
+    from probe.cli import main
+    from probe.present.experts import coverage_table, moe_table
+    from probe.present.plot import figures
+
+    model = _qwen3()
+    with probe.capture(model, tmp_path / "run.h5", sites=["hidden_states", "linear_inputs", "moe"],
+                       stats=("moments", "histogram")):
+        for ids, mask in _batches(1, 9):
+            model(input_ids=ids, attention_mask=mask)
+    run = probe.load(tmp_path / "run.h5")
+    rows = moe_table(run)
+    assert [r["router"] for r in rows] == ["model.layers.0.mlp.gate:router", "model.layers.1.mlp.gate:router"]
+    for r in rows:
+        counts = np.array(r["counts"])
+        assert counts.sum() == r["k"] * r["tokens"] and r["never_routed"] == list(np.flatnonzero(counts == 0))
+    cov = coverage_table(run, 5)
+    for r, c in zip(rows, cov):
+        counts = np.array(r["counts"])
+        assert c["zero"] == list(np.flatnonzero(counts == 0)) and c["below"] == list(
+            np.flatnonzero((counts > 0) & (counts < 5)))
+    assert main(["show", str(tmp_path / "run.h5")]) == 0
+    assert "mixture of experts: routing per layer" in capsys.readouterr().out
+    assert main(["show", str(tmp_path / "run.h5"), "--quant", "int8", "--min-tokens", "5"]) == 0
+    assert "expert coverage" in capsys.readouterr().out
+    assert main(["export", "imatrix", str(tmp_path / "run.h5"), "-o", str(tmp_path / "i.gguf"), "--min-tokens",
+                 "5"]) == 0
+    out = capsys.readouterr().out
+    assert f"model.layers.0.mlp.experts: 12 experts, tokens {cov[0]['least']}..{cov[0]['most']}" in out
+    figs = figures(run, kinds="experts")
+    assert list(figs) == ["experts.png"]
+    image = figs["experts.png"].axes[0].images[0].get_array()
+    want = np.array([np.array(r["counts"]) / (np.sum(r["counts"]) / 12) for r in rows])
+    np.testing.assert_allclose(np.ma.filled(image, 0.0), np.where(want > 0, want, 0.0))

@@ -169,12 +169,16 @@ def resolve(model: nn.Module, sites: SiteSpec = "hidden_states") -> list[Site]:
                             f"{closest(spec, [m for m in modules if m])}")
     found = _place_in_stacks(model, found)
     seen: set[str] = set()
+    unique = []
     for site in found:
         if site.name in seen:
+            if site.stats is not None and site in unique:  # an experts site in both "moe" and "linear_inputs"
+                continue
             raise SiteError(f"site {site.name!r} is listed twice; expected each site once; "
                             "remove the duplicate from sites=")
         seen.add(site.name)
-    return found
+        unique.append(site)
+    return unique
 
 
 def _input_sites(spec: str, modules: dict[str, nn.Module]) -> list[Site]:

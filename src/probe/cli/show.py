@@ -20,6 +20,8 @@ def add_parser(sub) -> None:
                    help="per site: share of values that would clip / flush to zero at per-tensor scale")
     p.add_argument("--scale", type=float, default=None,
                    help="with --quant: one scale for every site (default: each site's amax / qmax)")
+    p.add_argument("--min-tokens", type=int, default=16,
+                   help="with --quant: name the mixture-of-experts experts with fewer tokens (default 16)")
     p.set_defaults(func=command)
 
 
@@ -37,6 +39,10 @@ def command(args) -> int:
         print(json.dumps(summary(run, sites=None if site is None else [site]), indent=1))
         return 0
     print_summary(run, console=stdout(), site=site)
+    from ..present.experts import has_moe, moe_table, print_moe
+
+    if site is None and has_moe(run):
+        print_moe(moe_table(run), console=stdout())
     return 0
 
 
@@ -52,4 +58,7 @@ def _quant(args) -> int:
         print(json.dumps(rows, indent=1))
     else:
         print_quant(rows, console=stdout())  # piped: wide enough for the site names
+        from ..present.experts import coverage_table, print_coverage
+
+        print_coverage(coverage_table(run, getattr(args, "min_tokens", 16)), console=stdout())
     return 0

@@ -68,8 +68,8 @@ def _warn_coverage(experts: list[ExpertStats], min_tokens: int) -> None:
 
         parts = [f"{r['module']}: {len(r['zero'])} of {r['experts']} with no token"
                  + (f", {len(r['below'])} with < {min_tokens}" if r["below"] else "") for r in rows]
-        warnings.warn("probe: experts without calibration data (their entries hold zeros and count 0): "
-                      + "; ".join(parts[:4]) + (" …" if len(parts) > 4 else "")
+        warnings.warn("probe: experts with little or no calibration data (an expert with no token is written "
+                      "as zeros with count 0): " + "; ".join(parts[:4]) + (" …" if len(parts) > 4 else "")
                       + "; calibrate on more or more varied text", stacklevel=3)
 
 

@@ -55,10 +55,10 @@ if TYPE_CHECKING:
 
 __all__ = ["KINDS", "FORMATS", "SIZES", "plot_run", "plot_diff", "figures", "parse_layers", "png_bytes"]
 
-Kind = Literal["histograms", "depth", "cross", "scatter", "channels", "positions", "steps"]
+Kind = Literal["histograms", "depth", "cross", "scatter", "channels", "positions", "steps", "experts"]
 
 #: every figure kind, in the order :func:`plot_run` draws them
-KINDS: tuple[str, ...] = ("histograms", "depth", "cross", "scatter", "channels", "positions", "steps")
+KINDS: tuple[str, ...] = ("histograms", "depth", "cross", "scatter", "channels", "positions", "steps", "experts")
 
 DPI = 110
 HIST_BINS = 201  # bins per histogram panel, equal width on the panel's asinh axis
@@ -826,8 +826,14 @@ def _as_run(run: Any) -> Run:
     raise ProbeError(f"run must be a probe Run; got {type(run).__name__}; pass probe.load('run.h5')")
 
 
+def _experts(run: Run, out: _Out, opts: dict) -> list[str]:  # the figure lives in present/experts.py
+    from .experts import draw_experts
+
+    return draw_experts(run, out, opts, _mpl(), _Missing, _title(run))
+
+
 _DRAW = {"histograms": _histograms, "depth": _depth, "cross": _cross, "scatter": _scatter,
-         "channels": _channels, "positions": _positions, "steps": _steps}
+         "channels": _channels, "positions": _positions, "steps": _steps, "experts": _experts}
 
 
 def parse_layers(run: Run, text: str | Sequence[str]) -> list[str]:
