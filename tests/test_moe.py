@@ -285,19 +285,22 @@ def test_router_site_refuses_an_unknown_output(recwarn):
     assert c.result["model.layers.1.mlp.gate:router"].router.tokens == 3
 
 
-def _calibrated(tmp_path):
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """A calibration run of tiny Qwen3-MoE (linear_inputs: the experts included) and its tape."""
     model = _qwen3()
     batches = _batches(2, 7)
     tape = _Tape(model)
-    with probe.capture(model, tmp_path / "calib.h5", sites="linear_inputs", stats=("moments", "histogram")):
+    path = tmp_path_factory.mktemp("calib") / "calib.h5"
+    with probe.capture(model, path, sites="linear_inputs", stats=("moments", "histogram")):
         tape.run(model, batches)
     tape.remove()
-    return tape, tmp_path / "calib.h5"
+    return tape, path
 
 
-def test_imatrix_per_expert_layout(tmp_path):
+def test_imatrix_per_expert_layout(calibrated, tmp_path):
     gguf = pytest.importorskip("gguf")
-    tape, path = _calibrated(tmp_path)
+    tape, path = calibrated
     with pytest.warns(UserWarning, match="experts with little or no calibration data") if any(
             (_reference(tape, i, False)["counts"] == 0).any() for i in range(2)) else _nothing():
         names = probe.export("imatrix", path, tmp_path / "imatrix.gguf")
@@ -328,8 +331,8 @@ class _nothing:
         return False
 
 
-def test_smoothquant_amax_and_coverage_per_expert(tmp_path):
-    tape, path = _calibrated(tmp_path)
+def test_smoothquant_amax_and_coverage_per_expert(calibrated, tmp_path):
+    tape, path = calibrated
     import warnings
 
     with warnings.catch_warnings():
@@ -374,6 +377,8 @@ def test_show_plot_and_cli_report_the_experts(tmp_path, capsys):
             np.flatnonzero((counts > 0) & (counts < 5)))
     assert main(["show", str(tmp_path / "run.h5")]) == 0
     assert "mixture of experts: routing per layer" in capsys.readouterr().out
+    assert main(["show", str(tmp_path / "run.h5"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["moe"][1]["counts"] == rows[1]["counts"]
     assert main(["show", str(tmp_path / "run.h5"), "--quant", "int8", "--min-tokens", "5"]) == 0
     assert "expert coverage" in capsys.readouterr().out
     assert main(["export", "imatrix", str(tmp_path / "run.h5"), "-o", str(tmp_path / "i.gguf"), "--min-tokens",
@@ -385,3 +390,41 @@ def test_show_plot_and_cli_report_the_experts(tmp_path, capsys):
     image = figs["experts.png"].axes[0].images[0].get_array()
     want = np.array([np.array(r["counts"]) / (np.sum(r["counts"]) / 12) for r in rows])
     np.testing.assert_allclose(np.ma.filled(image, 0.0), np.where(want > 0, want, 0.0))
+
+
+def test_generate_counts_prefill_and_decode_tokens():
+    """Under generate (KV cache) the decode forwards' [batch·1, D] rows are real tokens; the
+    prefill's padding is not."""
+    model = _mixtral()
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1] * 5])
+    with probe.capture(model, sites="moe") as c:
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    for layer in moe_layers(model):
+        r = c.result[layer.router + ":router"].router
+        assert r.tokens == 8 + 2 * 2 and r.counts.sum() == 2 * r.tokens  # 8 real prompt tokens, 2 decode steps
+        assert c.result[layer.experts + ":experts"].experts.tokens.sum() == 2 * r.tokens
+
+
+def test_an_expert_empty_in_one_part_merges_as_the_identity():
+    from probe.stats._state import empty_state, merge_states
+
+    rng = np.random.default_rng(0)
+    xa, xb = rng.normal(size=(5, 4)), rng.normal(size=(7, 4))
+
+    def state(rows_per_expert):
+        s = empty_state("experts", {"E": 2, "D": 4})
+        for e, x in enumerate(rows_per_expert):
+            if len(x):
+                s["tokens"][e], s["n"][e], s["mean"][e] = len(x), len(x), x.mean(0)
+                s["m2"][e], s["absmax"][e] = ((x - x.mean(0)) ** 2).sum(0), np.abs(x).max(0)
+        return s
+
+    merged = merge_states("experts", [state([xa, []]), state([xb, xb])])  # expert 1: no token in part one
+    both = np.concatenate([xa, xb])
+    np.testing.assert_allclose(merged["mean"][0], both.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(merged["m2"][0], ((both - both.mean(0)) ** 2).sum(0), rtol=1e-12)
+    np.testing.assert_allclose(merged["mean"][1], xb.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(merged["m2"][1], ((xb - xb.mean(0)) ** 2).sum(0), rtol=1e-12)
+    np.testing.assert_array_equal(merged["tokens"], [12, 7])
+    np.testing.assert_array_equal(merged["absmax"][1], np.abs(xb).max(0).astype(np.float32))

@@ -36,13 +36,19 @@ def command(args) -> int:
     run = load(args.file)
     site = resolve_site(run, args.site) if args.site is not None else None
     if args.json:
-        print(json.dumps(summary(run, sites=None if site is None else [site]), indent=1))
+        data = summary(run, sites=None if site is None else [site])
+        from ..present.experts import has_moe, moe_table
+
+        if has_moe(run):  # the mixture-of-experts layers' routing, as the table shows it
+            data["moe"] = moe_table(run)
+        print(json.dumps(data, indent=1))
         return 0
     print_summary(run, console=stdout(), site=site)
     from ..present.experts import has_moe, moe_table, print_moe
 
-    if site is None and has_moe(run):
-        print_moe(moe_table(run), console=stdout())
+    if has_moe(run) and (site is None or site.endswith((":router", ":experts"))):
+        rows = [r for r in moe_table(run) if site is None or site in (r["router"], r["experts"])]
+        print_moe(rows, console=stdout())
     return 0
 
 
