@@ -26,6 +26,7 @@ FILES = {
     "channels": ["channels_absmax.png"],
     "positions": ["positions.png"],
     "steps": ["steps.png"],
+    "experts": [],  # a dense model: no mixture-of-experts sites, the figure is skipped (tests/test_moe.py draws it)
 }
 
 
