@@ -27,6 +27,7 @@ FILES = {
     "positions": ["positions.png"],
     "timeline": ["timeline.png"],
     "steps": ["steps.png"],
+    "experts": [],  # a dense model: no mixture-of-experts sites, the figure is skipped (tests/test_moe.py draws it)
 }
 
 

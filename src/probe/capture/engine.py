@@ -96,16 +96,24 @@ class StatEngine:
         self.cross: Cross | None = None
         self._group: _Group | None = None
         self._deferred: list[_Deferred] = []  # CPU: a finished forward's sites, by reference
+        #: window key -> its site, for the sites that run their own statistics (probe.capture.moe)
+        self._own = {n: s for s in sites if s.stats is not None for n in names if n.split("@")[0] == s.name}
         self.new_window()
 
     # ----------------------------------------------------------------------------- windows
     def new_window(self) -> None:
         """Start a window: fresh statistics (the cross-layer members fixed so far carry over)."""
         o = self.options
-        self.window = {name: _stats.site_states(o.stats, histogram_bits=o.histogram_bits,
-                                                max_positions=o.max_positions, sample_size=o.sample_size,
-                                                compile=o.compile)
-                       for name in self.names}
+        shared = tuple(k for k in o.stats if k not in _stats.SITE_ONLY)
+        self.window = {}
+        for name in self.names:
+            own = self._own.get(name)
+            self.window[name] = per = _stats.site_states(
+                shared if own is None else own.stats, histogram_bits=o.histogram_bits,
+                max_positions=o.max_positions, sample_size=o.sample_size, compile=o.compile)
+            if own is not None and own.moe is not None:
+                for stat in per.values():
+                    getattr(stat, "configure", lambda *a: None)(*own.moe)
         old, self.cross = self.cross, None
         if "cross" in o.stats:
             self.cross = Cross([s.name for s in self.sites], budget=o.cross_budget, cosines="cos" in o.stats)
@@ -172,7 +180,7 @@ class StatEngine:
         site is kept by reference and run with the rest of the forward's sites (:meth:`_run_sites`)."""
         if x2.is_inference():
             x2 = x2.clone()
-        if self.cross is not None and phase == "prefill":
+        if self.cross is not None and phase == "prefill" and name not in self._own:
             self.cross.hold(i, x2, tokens)
         limit = self._group_limit(x2.device)
         if limit and 2 * x2.numel() <= limit:

@@ -430,25 +430,30 @@ class Forwards:
                 return  # another rank of its group counts this replica
         if isinstance(x, Tensor) and x.is_nested:
             x = self._unnest(i, x, context)
+        if isinstance(x, str):  # a packed site (probe.capture.moe) that could not read its call
+            raise SiteError(x)
         if not isinstance(x, Tensor):
             raise SiteError(f"the module produced {type(x).__name__}, not a tensor; "
                             "choose a module whose output (or output[0]) is a tensor")
         if not x.is_floating_point():
             raise SiteError(f"expected a floating-point tensor, got {x.dtype}; "
                             "capture a module that outputs activations")
-        if x.dim() < 3:
-            raise SiteError("expected [batch, sequence, ...] activations; "
-                            "capture a module whose output keeps the batch and sequence dims")
+        if x.dim() < 2:
+            raise SiteError("expected [batch, sequence, ...] or [batch·sequence, ...] activations; "
+                            "capture a module whose output keeps the token dims")
         raw, x = x, x.detach()
         if site.layout is not None:
             x = x.permute(site.layout)
         self.dtypes.setdefault(site.name, str(x.dtype).replace("torch.", ""))
-        b, t = x.shape[0], x.shape[1]
-        if placements is not None and place is not None and place.kind == "tokens":
-            tokens = placements.tokens(context, self._sources[i], b, t, x.device, place, length)
+        if x.dim() == 2:  # [batch·sequence, D]: the tokens of its forward's grid (see tokens.py)
+            x = x.unsqueeze(1)
+            tokens = context.flat_tokens(self._sources[i], x.shape[0], x.device)
+        elif placements is not None and place is not None and place.kind == "tokens":
+            tokens = placements.tokens(context, self._sources[i], x.shape[0], x.shape[1], x.device, place, length)
         else:
-            tokens = context.tokens(self._sources[i], b, t, x.device)
-        if self._grads is not None and self._phase == "prefill":
+            tokens = context.tokens(self._sources[i], x.shape[0], x.shape[1], x.device)
+        b, t = x.shape[0], x.shape[1]
+        if self._grads is not None and self._phase == "prefill" and raw.dim() > 2:
             self._grads.watch(i, raw, site.layout, tokens)
         shape = (b * t, x.shape[2:].numel())
         real = self._real.get(i)

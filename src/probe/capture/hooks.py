@@ -60,6 +60,8 @@ def token_source(site: Site) -> str:
 
 def site_tensor(site: Site, args: tuple, kwargs: dict, output: Any = None) -> Any:
     """The object ``site`` reads from one call (a tensor when the model is as discovered)."""
+    if site.pack is not None:  # built from the whole call (probe.capture.moe); never raises
+        return site.pack(args, kwargs, output)
     if site.read == "input":
         if isinstance(site.index, str):
             return kwargs.get(site.index)

@@ -283,7 +283,8 @@ class Capture:
             "phases": o.phases,
             "every": o.every,
             "world_size": o.world,
-            "stats": list(o.stats),
+            "stats": list(o.stats) + [k for k in ("router", "experts")  # mixture-of-experts sites run them
+                                      if k not in o.stats and any(k in (s.stats or ()) for s in self._defs)],
             "mask_policy": "attention_mask zeros are padding and enter no statistic",
             "skip_first": o.skip_first,
             "max_positions": o.max_positions,

@@ -30,8 +30,11 @@ Anything else names modules whose output is captured: exact module paths, glob p
 (``"model.layers.*.mlp"``), or a callable ``(name, module) -> bool``. A name or glob ending in
 ``:input`` captures the module's input (its first positional argument) instead, as site
 ``"<module>:input"``. ``"linear_inputs"`` is the input of every ``nn.Linear`` and transformers
-``Conv1D`` except the output head, one site per module named by its module path: what
-quantization calibration reads (see ``docs/calibration.md``).
+``Conv1D`` except the output head, one site per module named by its module path, and the
+per-expert inputs of every mixture-of-experts layer (``"<experts>:experts"``, see
+:mod:`probe.capture.moe`): what quantization calibration reads (see ``docs/calibration.md``).
+``"moe"`` is every router (``"<router>:router"``) and experts module of a mixture-of-experts model;
+a name or glob ending in ``:router`` or ``:experts`` picks some of them.
 
 Reads of transformers' private internals (the recorder registry, the decorator's closure) are each
 guarded: if a release lacks them, discovery (public API only) takes over.
@@ -43,7 +46,7 @@ import contextvars
 import fnmatch
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -56,7 +59,7 @@ __all__ = ["Site", "SiteSet", "SiteSpec", "resolve", "hidden_state_sites", "disc
 INPUT_SUFFIX = ":input"
 
 #: the named site sets ``capture(sites=...)`` accepts besides module names, globs and callables
-SiteSet = Literal["hidden_states", "linear_inputs"]
+SiteSet = Literal["hidden_states", "linear_inputs", "moe"]
 #: what ``capture(sites=...)`` accepts: a named set, module names or globs (``:input`` suffix:
 #: the module's input), or a predicate ``(name, module) -> bool``
 SiteSpec = SiteSet | str | Sequence[str] | Callable[[str, nn.Module], bool]
@@ -98,6 +101,14 @@ class Site:
     stack: str = ""
     context: str = ""
     source: str = "module"
+    #: the statistics this site runs instead of the capture's (``None``: the capture's; the
+    #: mixture-of-experts sites of :mod:`probe.capture.moe` run ``router`` or ``experts``)
+    stats: tuple[str, ...] | None = None
+    #: ``(experts, top_k)`` of a mixture-of-experts site, told to its statistics
+    moe: tuple[int, int] | None = None
+    #: ``(args, kwargs, output) -> tensor | str``: builds the site's tensor from the module's call
+    #: (a ``str`` says why it cannot); never raises. ``None``: read as ``read``/``index`` say
+    pack: Callable[[tuple, dict, Any], Any] | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         """One line: which module call, which element, which stack."""
@@ -139,6 +150,10 @@ def resolve(model: nn.Module, sites: SiteSpec = "hidden_states") -> list[Site]:
             found += hidden_state_sites(model)
         elif spec == "linear_inputs":
             found += linear_input_sites(model)
+        elif spec == "moe":
+            found += _moe().moe_sites(model)
+        elif spec.endswith(_moe().SUFFIXES):
+            found += _moe().named_sites(spec, model)
         elif spec.endswith(INPUT_SUFFIX):
             found += _input_sites(spec, modules)
         elif any(c in spec for c in "*?["):
@@ -154,12 +169,16 @@ def resolve(model: nn.Module, sites: SiteSpec = "hidden_states") -> list[Site]:
                             f"{closest(spec, [m for m in modules if m])}")
     found = _place_in_stacks(model, found)
     seen: set[str] = set()
+    unique = []
     for site in found:
         if site.name in seen:
+            if site.stats is not None and site in unique:  # an experts site in both "moe" and "linear_inputs"
+                continue
             raise SiteError(f"site {site.name!r} is listed twice; expected each site once; "
                             "remove the duplicate from sites=")
         seen.add(site.name)
-    return found
+        unique.append(site)
+    return unique
 
 
 def _input_sites(spec: str, modules: dict[str, nn.Module]) -> list[Site]:
@@ -217,10 +236,17 @@ def linear_input_sites(model: nn.Module) -> list[Site]:
     heads = _output_head(model)
     found = [Site(name, name, "input") for name, module in model.named_modules()
              if name and isinstance(module, kinds) and id(module) not in heads]
+    found += _moe().expert_sites(model)  # the experts' inputs, split by routing (fused 3-D weights)
     if not found:
         raise SiteError(f"sites='linear_inputs' found no nn.Linear or Conv1D in {type(model).__name__} "
                         "besides the output head; expected at least one; pass module names with ':input'")
     return found
+
+
+def _moe():
+    from . import moe  # moe builds Site values: imported when a site spec needs it
+
+    return moe
 
 
 def _place_in_stacks(model: nn.Module, found: list[Site]) -> list[Site]:
@@ -237,7 +263,7 @@ def _place_in_stacks(model: nn.Module, found: list[Site]) -> list[Site]:
     for s in found:
         ctx = next((c for c in contexts if s.module == c or s.module.startswith(c + ".")), None)
         if s.source == "module" and ctx is not None:
-            s = Site(s.name, s.module, s.read, s.index, s.hf_index, s.call, s.layout, s.stack, ctx, s.source)
+            s = replace(s, context=ctx)
         placed.append(s)
     return placed
 

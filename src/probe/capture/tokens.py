@@ -24,6 +24,14 @@ call's token inputs; when a site's tensor ``[batch, sequence, ...]`` arrives,
   layer's call rank the mask first: there ``position_ids`` may be the model's default ``arange``.
 - **token ids** (``-1`` when unknown) and **rows** (the sequence's index since the capture began).
 
+A **flattened** ``[batch·sequence, ...]`` tensor (a mixture-of-experts router's logits, an experts
+module's input: transformers flattens the tokens before routing) has the same tokens as the
+``[batch, sequence]`` grid of its stack's current call when its leading size is exactly
+``batch · sequence`` (row ``b · sequence + t``, the order of ``view(-1, D)``):
+:meth:`TokenContext.flat_tokens` finds that grid (a site of the stack already seen in this forward,
+else the call's ``input_ids``, mask or ``position_ids``) and answers with its :class:`Tokens`;
+any other leading size is refused with one line.
+
 Nothing here reads a device value on the host; the only host read is the cache length, taken once
 per call from the cache object (shapes for the dynamic caches of transformers).
 """
@@ -233,3 +241,41 @@ class TokenContext:
                         token.reshape(-1), self.forward, self.seed, 0, head_bound, self._cache)
         self._memo[memo] = tokens
         return tokens
+
+    def grid(self, stack: str) -> tuple[int, int] | None:
+        """The ``(batch, sequence)`` of ``stack``'s current call: of a ``[b, t, ...]`` site of it seen
+        in this forward, else of its ``input_ids``, its mask's queries or its ``position_ids``;
+        ``None`` when nothing says."""
+        for key in self._memo:
+            if key[0] == stack:
+                return key[1], key[2]
+        inputs = self.calls.get(stack) or self.calls.get("") or CallInputs()
+        ids, mask, pos = inputs.input_ids, inputs.mask, inputs.position_ids
+        if ids is not None and ids.dim() == 2:
+            return ids.shape[0], ids.shape[1]
+        if mask is not None and mask.dim() == 4:
+            return mask.shape[0], mask.shape[2]
+        if mask is not None and mask.dim() == 2:
+            past = inputs.past if inputs.past is not None and inputs.past < mask.shape[1] else 0
+            return mask.shape[0], mask.shape[1] - past
+        if pos is not None and pos.dim() == 2:
+            return pos.shape[0], pos.shape[1]
+        return None
+
+    def flat_tokens(self, stack: str, n: int, device: torch.device) -> Tokens:
+        """Tokens of a flattened ``[n, ...]`` tensor of ``stack``'s current call, ``n = batch ·
+        sequence`` of its grid (:meth:`grid`): the same :class:`Tokens` as the ``[batch, sequence]``
+        tensors of that call.
+
+        Raises:
+            SiteError: no grid is known, or ``n`` is not its ``batch · sequence`` (the module
+                receives a subset of the tokens, e.g. one expert's), or :meth:`tokens` refuses.
+        """
+        grid = self.grid(stack)
+        if grid is None or grid[0] * grid[1] != n:
+            got = "no [batch, sequence] input" if grid is None else f"{grid[0]} x {grid[1]} = {grid[0] * grid[1]} tokens"
+            raise SiteError(f"the tensor holds {n} rows but its forward has {got}, so which rows are real tokens "
+                            "is unknown; expected [batch, sequence, ...] or [batch·sequence, ...] (flattened); "
+                            "capture a module that sees every token of the batch (an expert's own layers: "
+                            "sites='moe')")
+        return self.tokens(stack, grid[0], grid[1], device)

@@ -237,8 +237,9 @@ class Recorder:
                               "their tokens do not pair up; the cross-layer statistic is left out of this run; "
                               "capture sites of one placement with it (docs/distributed.md)", stacklevel=5)
                 rows = [WindowState(r.step, r.sites, {}) for r in rows]
-        return sync.merge_windows(rows, self.names, [k for k in stats if k not in ("cross", "cos")],
-                                  "cross" in stats, device)
+        own = [k for k in ("router", "experts") if any(k in (s.stats or ()) for s in self.engine.sites)]
+        return sync.merge_windows(rows, self.names, [k for k in stats if k not in ("cross", "cos")]
+                                  + [k for k in own if k not in stats], "cross" in stats, device)
 
     def _finish(self) -> None:
         if self.options.world > 1:

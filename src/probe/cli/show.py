@@ -20,6 +20,8 @@ def add_parser(sub) -> None:
                    help="per site: share of values that would clip / flush to zero at per-tensor scale")
     p.add_argument("--scale", type=float, default=None,
                    help="with --quant: one scale for every site (default: each site's amax / qmax)")
+    p.add_argument("--min-tokens", type=int, default=16,
+                   help="with --quant: name the mixture-of-experts experts with fewer tokens (default 16)")
     p.set_defaults(func=command)
 
 
@@ -34,9 +36,19 @@ def command(args) -> int:
     run = load(args.file)
     site = resolve_site(run, args.site) if args.site is not None else None
     if args.json:
-        print(json.dumps(summary(run, sites=None if site is None else [site]), indent=1))
+        data = summary(run, sites=None if site is None else [site])
+        from ..present.experts import has_moe, moe_table
+
+        if has_moe(run):  # the mixture-of-experts layers' routing, as the table shows it
+            data["moe"] = moe_table(run)
+        print(json.dumps(data, indent=1))
         return 0
     print_summary(run, console=stdout(), site=site)
+    from ..present.experts import has_moe, moe_table, print_moe
+
+    if has_moe(run) and (site is None or site.endswith((":router", ":experts"))):
+        rows = [r for r in moe_table(run) if site is None or site in (r["router"], r["experts"])]
+        print_moe(rows, console=stdout())
     return 0
 
 
@@ -52,4 +64,7 @@ def _quant(args) -> int:
         print(json.dumps(rows, indent=1))
     else:
         print_quant(rows, console=stdout())  # piped: wide enough for the site names
+        from ..present.experts import coverage_table, print_coverage
+
+        print_coverage(coverage_table(run, getattr(args, "min_tokens", 16)), console=stdout())
     return 0

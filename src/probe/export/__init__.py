@@ -11,7 +11,10 @@ Recipe::
     probe.export("tensorboard", "train.h5", "logs/")         # every window at its step (any sites)
 
 Every format reads the input sites of a run (``sites="linear_inputs"`` or ``"<module>:input"``)
-and keys them by module path. Several runs are merged exactly first. See ``docs/calibration.md``.
+and keys them by module path; a mixture-of-experts layer's experts (``"<experts>:experts"``
+sites, included in ``linear_inputs``) are written per expert. Several runs are merged exactly
+first. :func:`expert_coverage` lists the experts that saw no or few tokens (the CLI prints it;
+each export warns). See ``docs/calibration.md`` and ``docs/moe.md``.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from typing import Any, Literal, get_args
 
 from ..errors import ProbeError
 from ..store import check_writable
-from ._collect import ModuleStats, as_runs, collect
+from ._collect import ExpertStats, ModuleStats, as_runs, collect, collect_experts, coverage
 
-__all__ = ["export", "Format", "FORMATS", "collect", "ModuleStats"]
+__all__ = ["export", "Format", "FORMATS", "collect", "ModuleStats", "ExpertStats", "collect_experts",
+           "expert_coverage"]
 
 #: the formats, in one place: the signature's type, the check below and the CLI's choices derive from it
 Format = Literal["smoothquant", "imatrix", "amax", "tensorboard"]
@@ -44,9 +48,34 @@ def _meta(runs) -> dict[str, Any]:
     }
 
 
+def expert_coverage(runs, min_tokens: int = 1) -> list[dict[str, Any]]:
+    """Per mixture-of-experts layer of ``runs`` (merged): the experts that saw no token and those
+    that saw fewer than ``min_tokens`` (:func:`probe.export._collect.coverage`); ``[]`` without
+    experts sites.
+
+    Raises:
+        ProbeError: ``min_tokens`` is not an int >= 1, or the runs do not merge.
+    """
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
+        raise ProbeError(f"min_tokens must be an int >= 1; got {min_tokens!r}; pass e.g. 16")
+    return coverage(collect_experts(runs), min_tokens)
+
+
+def _warn_coverage(experts: list[ExpertStats], min_tokens: int) -> None:
+    rows = [r for r in coverage(experts, min_tokens) if r["zero"] or r["below"]]
+    if rows:
+        import warnings
+
+        parts = [f"{r['module']}: {len(r['zero'])} of {r['experts']} with no token"
+                 + (f", {len(r['below'])} with < {min_tokens}" if r["below"] else "") for r in rows]
+        warnings.warn("probe: experts with little or no calibration data (an expert with no token is written "
+                      "as zeros with count 0): " + "; ".join(parts[:4]) + (" …" if len(parts) > 4 else "")
+                      + "; calibrate on more or more varied text", stacklevel=3)
+
+
 def export(fmt: Format, runs, path: str | os.PathLike, *,
            overwrite: bool = False, arch: str | None = None, datasets: Sequence[str] | None = None,
-           chunk_size: int = 512) -> dict[str, Any]:
+           chunk_size: int = 512, min_tokens: int = 1) -> dict[str, Any]:
     """Write the calibration file ``fmt`` for the linear-layer inputs captured in ``runs``.
 
     Args:
@@ -63,10 +92,13 @@ def export(fmt: Format, runs, path: str | os.PathLike, *,
             ``model_type``), used to map module paths to GGUF tensor names.
         datasets: ``imatrix`` only: ``imatrix.datasets`` (default: the run file names).
         chunk_size: ``imatrix`` only: ``imatrix.chunk_size`` (llama.cpp's default 512).
+        min_tokens: experts that saw fewer tokens are named in the coverage warning.
 
     Returns:
-        What was written: ``{module: tensor}`` (smoothquant), ``{module: gguf name}``
-        (imatrix) or the JSON document (amax).
+        What was written: ``{module: tensor}`` (smoothquant; an experts module's
+        ``"<experts>.gate_up_proj"`` is ``[E, D]``), ``{module: gguf name}`` (imatrix; an experts
+        module's ``"<experts>.gate_proj"`` / ``".up_proj"`` map to ``blk.N.ffn_gate_exps.weight``
+        / ``ffn_up_exps``) or the JSON document (amax; experts under ``"experts"``).
 
     Raises:
         ProbeError: an unknown format, an existing ``path`` without ``overwrite``, runs without
@@ -98,18 +130,25 @@ def export(fmt: Format, runs, path: str | os.PathLike, *,
     check_writable(path, overwrite, name="path", file=FILES[fmt])
     runs = as_runs(runs)
     stats = collect(runs)
+    experts = collect_experts(runs)
+    if not stats and not any(int(x.tokens.sum()) for x in experts):
+        raise ProbeError("no input site saw any token; expected a capture that ran forwards; "
+                         "run the model inside the with-block")
+    expert_coverage(runs, min_tokens)  # validates min_tokens
+    _warn_coverage(experts, min_tokens)
     meta = _meta(runs)
     if fmt == "smoothquant":
         from .smoothquant import write
 
-        return write(stats, path)
+        return write(stats, path, experts)
     if fmt == "imatrix":
         from .imatrix import write as write_imatrix
 
         return write_imatrix(stats, path, {"model": meta["model_meta"], "runs": meta["runs"]}, arch=arch,
-                             datasets=list(datasets) if datasets is not None else None, chunk_size=chunk_size)
+                             datasets=list(datasets) if datasets is not None else None, chunk_size=chunk_size,
+                             experts=experts)
     from .amax import write as write_amax
 
     info = {k: meta[k] for k in ("model", "runs", "skip_first")}
-    return write_amax(stats, path, info)
+    return write_amax(stats, path, info, experts)
 

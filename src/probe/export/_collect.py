@@ -11,6 +11,11 @@ the consumers want are rebuilt from the channel moments in float64:
 
 Several runs are combined exactly as ``probe.merge`` would: sums and counts add, maxima take the
 maximum, histogram counts add.
+
+Mixture-of-experts layers (``"<experts>:experts"`` sites, :mod:`probe.capture.moe`) give one
+:class:`ExpertStats` per experts module: the same sums per expert, ``[E, D]``, and the real tokens
+routed to each expert, ``[E]`` (:func:`collect_experts`); :func:`coverage` says which experts saw
+no or few tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ import numpy as np
 from ..errors import ProbeError
 from ..store import read
 
-__all__ = ["ModuleStats", "collect", "as_runs"]
+__all__ = ["ModuleStats", "ExpertStats", "collect", "collect_experts", "coverage", "as_runs", "EXPERTS_SUFFIX"]
+
+#: the name suffix of an experts site (probe.capture.moe)
+EXPERTS_SUFFIX = ":experts"
 
 
 @dataclass
@@ -62,7 +70,8 @@ def _input_sites(run) -> dict[str, list[str]]:
     """module -> its input sites (a ``phases=True`` run has a separate decode site)."""
     by_module: dict[str, list[str]] = {}
     for info in run.meta.get("sites", []):
-        if info.get("read") == "input" and not str(info.get("name", "")).startswith("hidden_states"):
+        name = str(info.get("name", ""))
+        if info.get("read") == "input" and not name.startswith("hidden_states") and not name.endswith(EXPERTS_SUFFIX):
             by_module.setdefault(info["module"], []).append(info["name"])
     return by_module
 
@@ -89,6 +98,8 @@ def collect(runs) -> list[ModuleStats]:
     runs = as_runs(runs)
     _check_same(runs)
     by_module = _input_sites(runs[0])
+    if not by_module and _experts_sites(runs[0]):
+        return []  # only mixture-of-experts sites: collect_experts has them
     if not by_module:
         raise ProbeError("the run has no input sites; expected a capture with sites='linear_inputs' or "
                          "'<module>:input'; recapture with probe.capture(model, sites='linear_inputs', "
@@ -141,3 +152,86 @@ def collect(runs) -> list[ModuleStats]:
         raise ProbeError("no input site saw any token; expected a capture that ran forwards; "
                          "run the model inside the with-block")
     return out
+
+
+@dataclass
+class ExpertStats:
+    """Input statistics of one fused experts module per expert (``E`` experts, ``D`` channels),
+    over the real tokens routed to each expert in every run."""
+
+    module: str  #: the experts module (``model.layers.0.mlp.experts``)
+    tokens: np.ndarray  #: int64 [E] real tokens routed to each expert
+    count: np.ndarray  #: float64 [E, D] finite values per expert and channel
+    sum_x: np.ndarray  #: float64 [E, D]
+    sum_x2: np.ndarray  #: float64 [E, D]
+    absmax: np.ndarray  #: float64 [E, D]; 0 where an expert saw nothing
+    sites: list[str] = field(default_factory=list)
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def _experts_sites(run) -> dict[str, list[str]]:
+    by_module: dict[str, list[str]] = {}
+    for info in run.meta.get("sites", []):
+        if str(info.get("name", "")).endswith(EXPERTS_SUFFIX):
+            by_module.setdefault(info["module"], []).append(info["name"])
+    return by_module
+
+
+def collect_experts(runs) -> list[ExpertStats]:
+    """The per-expert input statistics of every experts site, merged over ``runs`` (``[]`` when
+    the runs hold none). Sums add, maxima take the maximum: exact.
+
+    Raises:
+        ProbeError: runs of different models or sites, or experts modules whose expert or channel
+            counts differ between runs.
+    """
+    runs = as_runs(runs)
+    _check_same(runs)
+    out = []
+    for module, names in _experts_sites(runs[0]).items():
+        acc: ExpertStats | None = None
+        for r in runs:
+            for name in names:
+                s = r[name]
+                if not s.has("experts"):  # a disabled site
+                    continue
+                v = s.experts
+                part = ExpertStats(module, v.tokens.copy(), v.count, v.sum_x, v.sum_x2, v.absmax, [name])
+                if acc is None:
+                    acc = part
+                elif part.count.shape != acc.count.shape:
+                    raise ProbeError(f"site {name!r} has {part.count.shape} experts x channels in one run and "
+                                     f"{acc.count.shape} in another; expected the same model; export them separately")
+                else:
+                    acc.tokens = acc.tokens + part.tokens
+                    acc.count = acc.count + part.count
+                    acc.sum_x = acc.sum_x + part.sum_x
+                    acc.sum_x2 = acc.sum_x2 + part.sum_x2
+                    acc.absmax = np.maximum(acc.absmax, part.absmax)
+                    if name not in acc.sites:
+                        acc.sites.append(name)
+        if acc is not None:
+            out.append(acc)
+    return out
+
+
+def coverage(experts: list[ExpertStats], min_tokens: int = 1) -> list[dict]:
+    """Per experts module: which experts saw no token, and which fewer than ``min_tokens``.
+
+    Returns:
+        One dict per module: ``module, experts, tokens`` (list per expert), ``zero`` (experts
+        with no token), ``below`` (experts with ``0 < tokens < min_tokens``), ``min_tokens``,
+        ``least`` and ``most`` (token counts).
+    """
+    rows = []
+    for x in experts:
+        t = x.tokens
+        rows.append({"module": x.module, "experts": x.n_experts, "tokens": [int(v) for v in t],
+                     "zero": [int(e) for e in np.flatnonzero(t == 0)],
+                     "below": [int(e) for e in np.flatnonzero((t > 0) & (t < min_tokens))],
+                     "min_tokens": int(min_tokens), "least": int(t.min()) if t.size else 0,
+                     "most": int(t.max()) if t.size else 0})
+    return rows

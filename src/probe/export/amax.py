@@ -21,13 +21,19 @@ field ``constant_amax`` pins that quantizer's amax and skips its calibration, an
 ``quant_cfg`` entry's ``cfg`` replaces the quantizer's attributes, so each entry repeats
 ``num_bits`` and ``axis``. Append the ``modelopt`` list of your format to the ``quant_cfg`` of
 a ModelOpt config.
+
+Mixture-of-experts layers add ``"experts"``: per fused experts parameter
+``"<experts>.gate_up_proj"``, ``{"experts": E, "tokens": [E], "amax": [E], "channel_amax": [E][D],
+"fp8_e4m3_scale": [E], "int8_scale": [E]}`` (an expert with no token: amax 0 and scales 0), and
+``"coverage"``: the experts with no token per module. No ``quant_cfg`` entries are written for
+them (ModelOpt names fused-expert quantizers per implementation).
 """
 
 from __future__ import annotations
 
 import json
 
-from ._collect import ModuleStats
+from ._collect import ExpertStats, ModuleStats, coverage
 
 __all__ = ["FP8_E4M3_MAX", "INT8_MAX", "build", "write"]
 
@@ -54,8 +60,24 @@ def build(stats: list[ModuleStats], meta: dict) -> dict:
             "modules": modules, "modelopt": {"fp8": fp8, "int8": int8}}
 
 
-def write(stats: list[ModuleStats], path: str, meta: dict) -> dict:
+def build_experts(experts: list[ExpertStats]) -> dict:
+    out = {}
+    for x in experts:
+        amax = x.absmax.max(axis=1) if x.absmax.size else x.absmax
+        out[f"{x.module}.gate_up_proj"] = {
+            "experts": x.n_experts, "tokens": [int(t) for t in x.tokens], "amax": [float(a) for a in amax],
+            "fp8_e4m3_scale": [float(a) / FP8_E4M3_MAX for a in amax],
+            "int8_scale": [float(a) / INT8_MAX for a in amax],
+            "channel_amax": [[float(v) for v in row] for row in x.absmax],
+        }
+    return out
+
+
+def write(stats: list[ModuleStats], path: str, meta: dict, experts: list[ExpertStats] | None = None) -> dict:
     data = build(stats, meta)
+    if experts:
+        data["experts"] = build_experts(experts)
+        data["coverage"] = [{k: r[k] for k in ("module", "experts", "zero")} for r in coverage(experts)]
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
         f.write("\n")

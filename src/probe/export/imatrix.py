@@ -18,6 +18,17 @@ so they match what ``convert_hf_to_gguf.py`` names the weights; the output head 
 embedding are never input sites, as ``llama-imatrix`` leaves them out by default. A layer the map
 does not know is left out with a warning. ``chunk_count`` is ``ceil(max tokens / chunk_size)``:
 probe has no chunks, and the number is only reported by llama.cpp.
+
+Mixture-of-experts layers (fused 3-D experts, ``"<experts>:experts"`` sites) are written as
+``llama-imatrix`` writes a ``GGML_OP_MUL_MAT_ID`` weight: ``<name>.in_sum2`` and ``<name>.in_sum``
+F32 ``[E, in_features]`` (numpy order; ggml ``ne = [in_features, E]``), row ``e`` the sums over
+the tokens routed to expert ``e``, and ``<name>.counts`` F32 ``[E, 1]`` the tokens per expert.
+Both ``ffn_gate_exps`` and ``ffn_up_exps`` get the experts' input (they read the same rows), named
+through gguf-py's map of ``<experts>.gate_proj`` / ``<experts>.up_proj`` (what
+``convert_hf_to_gguf.py`` names a fused ``gate_up_proj`` once split). An expert with no token keeps
+zeros and count 0: llama.cpp's GGUF writer keeps such partial entries too (and warns), and
+``llama-quantize`` falls back for them. ``ffn_down_exps`` is not written: the down-projection's
+input is computed inside the fused experts' forward and never captured (see ``docs/moe.md``).
 """
 
 from __future__ import annotations
@@ -25,16 +36,18 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 
 from ..errors import ProbeError
-from ._collect import ModuleStats
+from ._collect import ExpertStats, ModuleStats
 
-__all__ = ["arch_for", "tensor_names", "write"]
+__all__ = ["arch_for", "tensor_names", "expert_names", "write"]
 
 #: transformers model_type -> llama.cpp architecture, where the names differ
-_ALIASES = {"mistral": "llama", "mixtral": "llama", "gpt_neox": "gptneox", "gpt_bigcode": "starcoder"}
+_ALIASES = {"mistral": "llama", "mixtral": "llama", "gpt_neox": "gptneox", "gpt_bigcode": "starcoder",
+            "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}
 
 
 def _gguf():
@@ -51,6 +64,8 @@ def arch_for(model_type: str | None, arch: str | None = None):
     gguf = _gguf()
     names = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
     want = arch or _ALIASES.get(model_type or "", model_type or "")
+    if want not in names and arch is None:  # qwen3_moe -> qwen3moe, qwen2_moe -> qwen2moe
+        want = want.replace("_", "")
     if want not in names:
         raise ProbeError(f"no llama.cpp architecture for model_type {model_type!r}"
                          f"{'' if arch is None else f' (arch={arch!r})'}; expected one of gguf.MODEL_ARCH_NAMES; "
@@ -71,16 +86,31 @@ def tensor_names(modules: list[str], model_type: str | None, arch: str | None = 
     return out
 
 
+def expert_names(experts: list[ExpertStats], model_type: str | None, arch: str | None = None,
+                 others: Sequence[str] = ()) -> dict[str, str]:
+    """``{"<experts>.gate_proj" | ".up_proj": gguf name}`` of the fused experts modules (gguf-py's map
+    of the per-projection HF names, e.g. ``blk.0.ffn_gate_exps.weight``)."""
+    wanted = [f"{x.module}.{p}" for x in experts for p in ("gate_proj", "up_proj")]
+    return tensor_names(wanted + list(others), model_type, arch) if wanted else {}
+
+
 def write(stats: list[ModuleStats], path: str, meta: dict, *, arch: str | None = None,
-          datasets: list[str] | None = None, chunk_size: int = 512) -> dict[str, str]:
+          datasets: list[str] | None = None, chunk_size: int = 512,
+          experts: list[ExpertStats] | None = None) -> dict[str, str]:
     """Write the imatrix GGUF; returns ``{module: gguf weight name}`` of what was written."""
     gguf = _gguf()
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ProbeError(f"chunk_size must be an int >= 1; got {chunk_size!r}; pass 512 (llama-imatrix's default)")
     config = meta.get("model", {}).get("config", {}) or {}
-    names = tensor_names([s.module for s in stats], config.get("model_type"), arch)
+    experts = experts or []
+    names = tensor_names([s.module for s in stats], config.get("model_type"), arch) if stats else {}
+    exp_names = {k: v for k, v in expert_names(experts, config.get("model_type"), arch,
+                                                [s.module for s in stats]).items()
+                 if k.endswith((".gate_proj", ".up_proj")) and k not in names}
+    by_module = {x.module: x for x in experts}
     missing = [s.module for s in stats if s.module not in names]
-    if not names:
+    missing += [x.module for x in experts if not any(k.startswith(x.module + ".") for k in exp_names)]
+    if not names and not exp_names:
         raise ProbeError(f"none of the {len(stats)} modules has a llama.cpp tensor name for model_type "
                          f"{config.get('model_type')!r}; expected module paths of a transformers model; "
                          "pass arch= with the llama.cpp architecture")
@@ -94,7 +124,8 @@ def write(stats: list[ModuleStats], path: str, meta: dict, *, arch: str | None =
         kv.pop(gguf.Keys.General.ARCHITECTURE, None)
     writer.add_type("imatrix")
     writer.add_array("imatrix.datasets", list(datasets or meta.get("runs") or []))
-    tokens = max((s.tokens for s in stats if s.module in names), default=0)
+    tokens = max([s.tokens for s in stats if s.module in names] + [int(x.tokens.max()) for x in experts
+                                                                   if x.tokens.size], default=0)
     writer.add_uint32("imatrix.chunk_count", math.ceil(tokens / chunk_size))
     writer.add_uint32("imatrix.chunk_size", chunk_size)
     for s in sorted((s for s in stats if s.module in names), key=lambda s: names[s.module]):
@@ -106,8 +137,18 @@ def write(stats: list[ModuleStats], path: str, meta: dict, *, arch: str | None =
         writer.add_tensor(f"{name}.in_sum", s.sum_x.astype(np.float32).reshape(1, -1))
         writer.add_tensor(f"{name}.in_sum2", s.sum_x2.astype(np.float32).reshape(1, -1))
         writer.add_tensor(f"{name}.counts", np.array([[s.tokens]], dtype=np.float32))
+    for key, name in sorted(exp_names.items(), key=lambda kv: kv[1]):
+        x = by_module[key.rsplit(".", 1)[0]]
+        if name in seen:
+            raise ProbeError(f"modules {seen[name]!r} and {key!r} both map to {name!r}; expected one "
+                             "module per llama.cpp tensor; pass arch= with the right architecture")
+        seen[name] = key
+        writer.add_tensor(f"{name}.in_sum", x.sum_x.astype(np.float32))
+        writer.add_tensor(f"{name}.in_sum2", x.sum_x2.astype(np.float32))
+        writer.add_tensor(f"{name}.counts", x.tokens.astype(np.float32).reshape(-1, 1))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {m: names[m] for m in seen.values()}
+    every = {**names, **exp_names}
+    return {m: every[m] for m in seen.values()}

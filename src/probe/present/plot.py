@@ -60,10 +60,11 @@ if TYPE_CHECKING:
 
 __all__ = ["KINDS", "FORMATS", "SIZES", "plot_run", "plot_diff", "figures", "parse_layers", "png_bytes"]
 
-Kind = Literal["histograms", "depth", "cross", "scatter", "channels", "positions", "steps", "timeline"]
+Kind = Literal["histograms", "depth", "cross", "scatter", "channels", "positions", "steps", "timeline", "experts"]
 
 #: every figure kind, in the order :func:`plot_run` draws them
-KINDS: tuple[str, ...] = ("histograms", "depth", "cross", "scatter", "channels", "positions", "steps", "timeline")
+KINDS: tuple[str, ...] = ("histograms", "depth", "cross", "scatter", "channels", "positions", "steps", "timeline",
+                          "experts")
 
 DPI = 110
 #: what the asinh axis does to a density, printed under the overlay and in the report's caption
@@ -1003,8 +1004,15 @@ def _as_run(run: Any) -> Run:
     raise ProbeError(f"run must be a probe Run; got {type(run).__name__}; pass probe.load('run.h5')")
 
 
+def _experts(run: Run, out: _Out, opts: dict) -> list[str]:  # the figure lives in present/experts.py
+    from .experts import draw_experts
+
+    return draw_experts(run, out, opts, _mpl(), _Missing, _title(run))
+
+
 _DRAW = {"histograms": _histograms, "depth": _depth, "cross": _cross, "scatter": _scatter,
-         "channels": _channels, "positions": _positions, "steps": _steps, "timeline": _timeline}
+         "channels": _channels, "positions": _positions, "steps": _steps, "timeline": _timeline,
+         "experts": _experts}
 
 
 def parse_layers(run: Run, text: str | Sequence[str]) -> list[str]:

@@ -225,7 +225,7 @@ def report(run, fmt: Literal["fp8", "int8"] = "fp8", *, scale: float | dict[str,
         raise ProbeError(f"quantization format must be one of {sorted(FORMATS)}; got {fmt!r}; pass 'fp8' or 'int8'")
     q = FORMATS[fmt]
     run = run.result if getattr(run, "result", None) is not None else run
-    names = list(sites) if sites is not None else [n for n in run.sites if "histogram" in run.stats]
+    names = list(sites) if sites is not None else [n for n in run.sites if run[n].has("histogram")]
     rows = []
     for name in names:
         s = run[name]

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import ProbeError, closest
 from ..stats._state import SPECS, WindowState, kway_moments, merge_rows
+from .moe import ExpertsView, RouterView
 
 __all__ = ["Run", "SiteView", "ChannelView", "PositionView", "SampleView", "CrossView", "NormView", "TOPK_DTYPE",
            "combine_channels", "merge_rows"]
@@ -720,6 +721,18 @@ class SiteView:
             ['counts', 'lossless']
         """
         return self._need(kind)
+
+    @cached_property
+    def router(self) -> RouterView:
+        """Routing statistics of a mixture-of-experts router site (``"<router>:router"``,
+        :class:`probe.results.moe.RouterView`); raises :class:`ProbeError` elsewhere."""
+        return RouterView(self._need("router"))
+
+    @cached_property
+    def experts(self) -> ExpertsView:
+        """Per-expert input statistics of an experts site (``"<experts>:experts"``,
+        :class:`probe.results.moe.ExpertsView`); raises :class:`ProbeError` elsewhere."""
+        return ExpertsView(self._need("experts"))
 
     @cached_property
     def channel(self) -> ChannelView:

@@ -47,19 +47,24 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "cross": (".cross", "Cross"),
     "topk": (".topk", "TopK"),
     "norm": (".norm", "Norm"),
+    "router": (".router", "Router"),
+    "experts": (".experts", "Experts"),
 }
+#: the statistics that run only at the sites that name them (mixture-of-experts routers and
+#: experts, :mod:`probe.capture.moe`), never at the others and not by default
+SITE_ONLY: tuple[str, ...] = ("router", "experts")
 #: statistic names accepted by ``capture(stats=...)``, in the order they run (registered ones last)
 NAMES: tuple[str, ...] = (*_BUILTIN, "cos")
 #: what ``capture(stats=None)`` runs: all but ``cos`` (the per-token cosines inside ``cross``,
 #: which about double its cost; see benchmarks/research.py)
-DEFAULT: tuple[str, ...] = tuple(_BUILTIN)
+DEFAULT: tuple[str, ...] = tuple(n for n in _BUILTIN if n not in SITE_ONLY)
 
 _LAZY = {"Tokens": "._base", **{cls: module for module, cls in _BUILTIN.values()}}
 #: registered statistics, by name
 _REGISTERED: dict[str, type[StatBase]] = {}
 
-__all__ = ["NAMES", "DEFAULT", "site_states", "register", "unregister", "stat_class", "Cross", "Histogram",
-           "Moments", "Norm", "Position", "Sample", "Tokens", "TopK"]
+__all__ = ["NAMES", "DEFAULT", "SITE_ONLY", "site_states", "register", "unregister", "stat_class", "Cross", "Histogram",
+           "Experts", "Moments", "Norm", "Position", "Router", "Sample", "Tokens", "TopK"]
 
 
 def __getattr__(name: str) -> Any:

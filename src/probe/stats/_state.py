@@ -208,8 +208,34 @@ NORM = State("norm", (
     Field("unit_sum", F64, ("D",), "sum", 0.0, "sum of the unit vectors h / ||h||"),
 ))
 
+#: linear bins of the router statistics' distributions (routing entropy / ln E, top-k weights), over [0, 1]
+ROUTER_BINS = 64
+
+ROUTER = State("router", (
+    Field("tokens", I64, (), "sum", 0, "real tokens routed"),
+    Field("counts", I64, ("E",), "sum", 0, "(real token, top-k slot) assignments per expert"),
+    Field("weight_sum", F64, ("E",), "sum", 0.0, "sum of the top-k routing weights given to each expert"),
+    Field("prob_sum", F64, ("E",), "sum", 0.0, "sum of softmax(router logits) per expert"),
+    Field("entropy_n", F64, (), "moments", 0.0, "real tokens with finite router logits", "entropy"),
+    Field("entropy_mean", F64, (), "moments", 0.0, "routing entropy of softmax(logits), nats", "entropy"),
+    Field("entropy_m2", F64, (), "moments", 0.0, "sum of (entropy - mean)^2, nats^2", "entropy"),
+    Field("entropy_hist", I64, ("R",), "sum", 0, "real tokens per bin of entropy / ln E over [0, 1] (R bins)"),
+    Field("weight_hist", I64, ("R",), "sum", 0, "top-k routing weights per bin over [0, 1] (R bins)"),
+    Field("nonfinite", I64, (), "sum", 0, "real tokens with a non-finite router logit (left out of everything)"),
+))
+
+EXPERTS = State("experts", (
+    Field("tokens", I64, ("E",), "sum", 0, "real tokens routed to each expert (the rows of its input)"),
+    Field("n", F64, ("E", "D"), "moments", 0.0, "finite values per expert and input channel"),
+    Field("mean", F64, ("E", "D"), "moments", 0.0, "activation units"),
+    Field("m2", F64, ("E", "D"), "moments", 0.0, "sum of (x - mean)^2, units^2"),
+    Field("absmax", F32, ("E", "D"), "max", 0.0, "largest finite |x| per expert and channel (0 where empty)"),
+    Field("nonfinite", I64, ("E",), "sum", 0, "non-finite values in each expert's input (left out)"),
+))
+
 #: declared state of every statistic, by name
-SPECS: dict[str, State] = {s.name: s for s in (MOMENTS, POSITION, HISTOGRAM, SAMPLE, CROSS, TOPK, NORM)}
+SPECS: dict[str, State] = {s.name: s for s in (MOMENTS, POSITION, HISTOGRAM, SAMPLE, CROSS, TOPK, NORM, ROUTER,
+                                                EXPERTS)}
 
 
 def dims_of(kind: str, state: dict[str, Any]) -> dict[str, int]:
