@@ -37,7 +37,7 @@ from ..stats import _base as _stats_base
 from .engine import StatEngine
 from .forward import Forwards, forward_signature
 from .hooks import Handle, HookSet
-from .options import CaptureOptions, StatName
+from .options import CaptureOptions, Preset, StatName
 from .sites import Site, SiteSpec, resolve
 from .window import Recorder
 
@@ -49,7 +49,7 @@ def capture(
     out: str | os.PathLike | None = None,
     *,
     sites: SiteSpec = "hidden_states",
-    stats: StatName | Sequence[StatName] | None = None,
+    stats: StatName | Preset | Sequence[StatName] | None = None,
     skip_first: int = 0,
     max_positions: int = 4096,
     histogram_bits: int = 7,
@@ -78,6 +78,9 @@ def capture(
         stats: names from ``("moments", "position", "histogram", "sample", "cross", "topk", "norm",
             "cos")``; all but ``"cos"`` (per-token cosines between sites, inside ``"cross"``) by default,
             and ``("moments", "histogram")`` when every site is a module's input (calibration).
+            ``"calibration"`` (a preset, :data:`probe.stats.PRESETS`) is only what the exports of
+            :mod:`probe.export` read: the per-channel moments (counts, sums of squares through
+            ``M2`` and the mean, minima and maxima), at a fraction of the default's cost.
         skip_first: leave out the real tokens at positions ``0 .. k - 1`` (the first ``k`` of each
             sequence; positions are ``position_ids`` when given, else counted over the mask) from
             the per-site moments (with min, max, ``absmax`` and the non-finite counts), the
