@@ -400,3 +400,26 @@ def test_calibration_preset_holds_what_the_exports_read(tiny):
         assert (got[name].count == x.shape[0]).all()
     with pytest.raises(probe.ProbeError, match="preset"):
         probe.capture(model, stats="calibrate")
+
+
+def test_discovery_runs_once_per_model_structure(tiny, monkeypatch):
+    from probe.capture import sites as _sites
+
+    runs = {"n": 0}
+    original = _sites._run_recorded
+
+    def counted(*a, **k):
+        runs["n"] += 1
+        return original(*a, **k)
+
+    monkeypatch.setattr(_sites, "_run_recorded", counted)
+    model = tiny("gpt2")
+    monkeypatch.setattr(model.config, "probe_test_marker", 1, raising=False)  # a structure no other test used
+    first = probe.capture(model).sites
+    assert runs["n"] == 1  # one tiny forward finds the sites
+    assert probe.capture(model).sites == first and runs["n"] == 1  # the same graph: no forward
+    model.train()  # another graph key (the training flag): resolved afresh
+    assert probe.capture(model).sites == first and runs["n"] == 2
+    model.eval()
+    model.transformer.h[0].forward = model.transformer.h[0].forward  # a forward set on the instance
+    assert probe.capture(model).sites == first and runs["n"] == 3
