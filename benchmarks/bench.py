@@ -12,6 +12,16 @@ median of these pairs' ratios, so load drifts and order effects on a shared mach
     python benchmarks/bench.py --profile        # where probe's overhead goes, by statistic
     python benchmarks/bench.py --parity --device cuda --dtype bfloat16 --arch llama-tiny
 
+Workloads, in one process, settled to a confidence interval (see benchmarks/workloads.py):
+
+    python benchmarks/bench.py --workload all              # gpt2, smollm2, generate, calibration, entry
+    python benchmarks/bench.py --workload generate --half-width 0.02 --max-pairs 60
+
+Each prints ``<workload>: plain <s>, probe <s>, x plain <median> (95% CI lo-hi, n pairs; settled)``:
+the median of interleaved (plain, probe) pair ratios and its distribution-free order-statistic
+interval; pairs are added until the interval is within +-half-width of the median, or the line
+says NOT SETTLED (the exit code is then 1). ``entry`` prints seconds, not a ratio.
+
 See benchmarks/README.md for what each column means.
 """
 
@@ -1019,9 +1029,20 @@ def parse_args(argv=None):
     ap.add_argument("--profile-trace", metavar="PATH", help="also write a chrome trace of the profiled forward")
     ap.add_argument("--parity", action="store_true",
                     help="check probe's per-layer mean/std/min/max against output_hidden_states and exit")
+    ap.add_argument("--workload", metavar="NAMES",
+                    help="gpt2, smollm2, generate, calibration, entry (comma-separated) or all: probe's cost "
+                         "as users meet it, in one process, until the median ratio's 95%% interval is within "
+                         "--half-width (see the module docstring); the bundled model is probe.models.load_model()")
+    ap.add_argument("--half-width", type=float, default=0.02,
+                    help="--workload: stop when the 95%% interval is within this of the median (default 0.02)")
+    ap.add_argument("--min-pairs", type=int, default=8, help="--workload: at least this many pairs (default 8)")
+    ap.add_argument("--max-pairs", type=int, default=60,
+                    help="--workload: at most this many pairs, then NOT SETTLED (default 60)")
+    ap.add_argument("--budget", type=float, default=1800,
+                    help="--workload: seconds per workload before NOT SETTLED (default 1800)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.child:
+    if args.child or args.workload:
         return args
     arch = ARCHS[args.arch]
     args.layers = args.layers or arch["default_layers"]
@@ -1058,6 +1079,11 @@ def main(argv=None) -> int:
         result = child_main(json.loads(args.child))
         print("RESULT " + json.dumps(result), flush=True)
         return 0
+    if args.workload:
+        sys.path.insert(0, str(HERE))
+        from workloads import workload_main
+
+        return workload_main(args)
     if args.parity:
         return parity_main(args)
     if args.profile:

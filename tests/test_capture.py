@@ -308,3 +308,118 @@ def test_public_submodules_are_attributes_of_probe():
     assert probe.present.plot.plot_run is importlib.import_module("probe.present.plot").plot_run
     with pytest.raises(AttributeError, match="no attribute 'no_such_module'"):
         probe.no_such_module
+
+
+def _decode_steps(model, steps=4):
+    """A prompt then ``steps`` one-token forwards over the KV cache; every hidden state in float64."""
+    ids, _ = batch(1, 5)
+    seen = []
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, output_hidden_states=True)
+        seen.append([h[0].double().numpy() for h in out.hidden_states])
+        past = out.past_key_values
+        for s in range(steps):
+            nxt = ids[:, -1:] * 0 + 7 + s
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True, output_hidden_states=True)
+            past = out.past_key_values
+            seen.append([h[0].double().numpy() for h in out.hidden_states])
+    return [np.concatenate([f[i] for f in seen]) for i in range(len(seen[0]))]
+
+
+def test_decode_steps_run_stacked_and_match_float64(tiny, monkeypatch):
+    """One-token forwards (decode steps) reduce all sites of a forward as one stack; every
+    statistic's numbers still equal the float64 reference on the materialized states."""
+    from probe.capture.engine import StatEngine
+
+    model = tiny("llama")
+    stacked = {"calls": 0, "sites": 0}
+    original = StatEngine._run_stack
+
+    def spy(self, batch_):
+        stacked["calls"] += 1
+        stacked["sites"] += len(batch_)
+        return original(self, batch_)
+
+    monkeypatch.setattr(StatEngine, "_run_stack", spy)
+    with probe.capture(model) as run:
+        want = _decode_steps(model)
+    assert stacked["calls"] == 5 and stacked["sites"] == 5 * len(run.sites)
+    for i, ref in enumerate(want):
+        s = run[f"hidden_states.{i}"]
+        assert s.tokens == ref.shape[0] == 9
+        np.testing.assert_allclose(s.channel.mean, ref.mean(0), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(s.channel.var, ref.var(0), rtol=1e-5, atol=1e-9)
+        assert s.min == np.float32(ref.min()) and s.max == np.float32(ref.max())
+        flat = np.sort(np.abs(ref.astype(np.float32)).ravel())[::-1]
+        np.testing.assert_array_equal(np.abs(s.topk["value"]), flat[:len(s.topk)])
+        assert int(s.histogram_counts.sum()) == ref.size
+        np.testing.assert_allclose(s.norm.mean, np.linalg.norm(ref, axis=1).mean(), rtol=1e-6)
+
+
+def test_stacked_update_error_disables_the_stack_with_one_warning(tiny, monkeypatch):
+    from probe.stats.moments import Moments
+
+    model = tiny("llama")
+    ids, _ = batch(1, 3)
+
+    def boom(cls, stats, x, tokens):
+        raise RuntimeError("boom")
+
+    with pytest.warns(UserWarning, match="batched") as got:
+        with probe.capture(model, stats=("moments",)) as run:
+            monkeypatch.setattr(Moments, "update_group", classmethod(boom))
+            with torch.no_grad():
+                model(input_ids=ids)
+    assert len([w for w in got if "boom" in str(w.message)]) == 1
+    assert set(run.result.meta["disabled"]) == set(run.sites)
+
+
+def test_calibration_preset_holds_what_the_exports_read(tiny):
+    """``stats="calibration"``: only the moments; the exports' sums of squares, maxima and counts
+    equal float64 numpy on the linear layers' inputs."""
+    from probe.export._collect import collect
+
+    model = tiny("llama")
+    ids, mask = batch(2, 6)
+    inputs: dict[str, list] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, name=name: inputs.setdefault(name, []).append(
+        a[0].detach().double().reshape(-1, a[0].shape[-1]).numpy()))
+        for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    with probe.capture(model, sites="linear_inputs", stats="calibration") as run:
+        with torch.no_grad():
+            model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    assert run.result.stats == ["moments"] and run.stats == ("moments",)
+    got = {m.module: m for m in collect(run.result)}
+    assert set(got) == set(inputs)
+    for name, parts in inputs.items():
+        x = np.concatenate(parts)
+        np.testing.assert_allclose(got[name].sum_x2, (x * x).sum(0), rtol=1e-6)
+        np.testing.assert_array_equal(got[name].absmax, np.abs(x).max(0))
+        assert (got[name].count == x.shape[0]).all()
+    with pytest.raises(probe.ProbeError, match="preset"):
+        probe.capture(model, stats="calibrate")
+
+
+def test_discovery_runs_once_per_model_structure(tiny, monkeypatch):
+    from probe.capture import sites as _sites
+
+    runs = {"n": 0}
+    original = _sites._run_recorded
+
+    def counted(*a, **k):
+        runs["n"] += 1
+        return original(*a, **k)
+
+    monkeypatch.setattr(_sites, "_run_recorded", counted)
+    model = tiny("gpt2")
+    monkeypatch.setattr(model.config, "probe_test_marker", 1, raising=False)  # a structure no other test used
+    first = probe.capture(model).sites
+    assert runs["n"] == 1  # one tiny forward finds the sites
+    assert probe.capture(model).sites == first and runs["n"] == 1  # the same graph: no forward
+    model.train()  # another graph key (the training flag): resolved afresh
+    assert probe.capture(model).sites == first and runs["n"] == 2
+    model.eval()
+    model.transformer.h[0].forward = model.transformer.h[0].forward  # a forward set on the instance
+    assert probe.capture(model).sites == first and runs["n"] == 3

@@ -400,6 +400,13 @@ def test_merge_of_other_sites_names_what_differs_briefly(tiny_dir, capsys):
     assert "entries vs" in err and len(err) < 1000
 
 
+def test_run_linear_inputs_defaults_to_the_calibration_preset(tiny_dir):
+    assert main(["run", tiny_dir, "--text", "hello world", "--sites", "linear_inputs", "-o", "c.h5"]) == 0
+    assert probe.load("c.h5").stats == ["moments"]
+    assert main(["run", tiny_dir, "--text", "hello world", "--stats", "calibration", "-o", "d.h5"]) == 0
+    assert probe.load("d.h5").stats == ["moments"]
+
+
 
 def test_show_marks_sites_that_recorded_nothing(capsys):
     class Net(torch.nn.Module):

@@ -302,6 +302,9 @@ def test_batched_sites_equal_site_by_site(tiny, group_elements, size, monkeypatc
         original(cls, stats, x, tokens)
 
     monkeypatch.setattr(TopK, "update_group", classmethod(recorded))
+    from probe.capture import engine
+
+    monkeypatch.setattr(engine, "STACK_ELEMENTS", 0)  # the reference run goes site by site, not stacked
     runs = []
     for limit in (0, group_elements):
         c = probe.capture(model, stats=("topk", "norm"), seed=0)

@@ -47,6 +47,10 @@ CHUNK_ELEMENTS_ACCELERATOR = 1 << 26
 #: elements of activations that consecutive sites gather (as a float32 copy) before their
 #: statistics run as one batch, on accelerators (see ``StatEngine._group_limit``)
 GROUP_ELEMENTS_ACCELERATOR = 1 << 26
+#: CPU sites of at most this many elements (a decode step's, a short prompt's) are stacked with the
+#: forward's other sites of the same shape and reduced together (``StatEngine._run_stack``); larger
+#: ones run site by site, each while it is in cache (``StatEngine._run_sites``)
+STACK_ELEMENTS = 1 << 16
 
 
 def describe(x: Any) -> str:
@@ -98,6 +102,7 @@ class StatEngine:
         self._deferred: list[_Deferred] = []  # CPU: a finished forward's sites, by reference
         #: window key -> its site, for the sites that run their own statistics (probe.capture.moe)
         self._own = {n: s for s in sites if s.stats is not None for n in names if n.split("@")[0] == s.name}
+        self._stack_buffer: Tensor | None = None  # CPU: the small sites of a forward, stacked (_run_stack)
         self.new_window()
 
     # ----------------------------------------------------------------------------- windows
@@ -220,10 +225,17 @@ class StatEngine:
             deferred, self._deferred = self._deferred, []
             batches: dict[tuple, list[_Deferred]] = {}
             for item in deferred:
-                batches.setdefault((id(item[2]), tuple(item[1].shape), item[1].dtype), []).append(item)
+                # a site with its own statistics (probe.capture.moe) is never stacked with the others
+                own = item[0] in self._own
+                batches.setdefault((id(item[2]), tuple(item[1].shape), item[1].dtype, own), []).append(item)
             with torch.inference_mode(False), torch.no_grad():  # states stay ordinary tensors (see fold)
-                for batch in batches.values():
-                    self._run_sites(batch)
+                for (*_, own), batch in batches.items():
+                    n, d = batch[0][1].shape
+                    if (not own and len(batch) > 1 and n * d <= STACK_ELEMENTS
+                            and len(batch) * n * d <= CHUNK_ELEMENTS):
+                        self._run_stack(batch)
+                    else:
+                        self._run_sites(batch)
         group, self._group = self._group, None
         if group is None:
             return
@@ -255,6 +267,41 @@ class StatEngine:
         for k in kinds:
             if not pers[0][k].chunked:
                 type(pers[0][k]).update_group([per[k] for per in pers], x, tokens)
+
+    def _run_stack(self, batch: list[_Deferred]) -> None:
+        """Fold small sites ``(name, x[n, D], tokens, hook's tensor)`` of one forward (same tokens,
+        same shape) as one stack ``[G, n, D]``: every statistic runs once for all ``G`` sites
+        (:meth:`_run_stats`), so a decode step's fixed cost is paid once per forward, not per site.
+        States are allocated site by site first (an error there disables that site alone); an
+        error in the batched update disables the sites it batched, with one warning."""
+        live: list[_Deferred] = []
+        for item in batch:
+            name, x2, _, source = item
+            if name in self.disabled:
+                continue
+            try:
+                one = x2.unsqueeze(0)
+                for stat in self.window[name].values():
+                    if stat.empty and x2.numel():
+                        stat._init_like(one)
+            except Exception as err:
+                self.site_failed([name], describe(source), err)
+                continue
+            live.append(item)
+        if not live:
+            return
+        n, d = live[0][1].shape
+        dtype = live[0][1].dtype
+        buffer = self._stack_buffer
+        g = len(live)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < g * n * d:
+            buffer = self._stack_buffer = torch.empty(max(g * n * d, 1 << 12), dtype=dtype)
+        x = torch.stack([item[1] for item in live], out=buffer[: g * n * d].view(g, n, d))
+        names = [item[0] for item in live]
+        try:
+            self._run_stats(names, x, live[0][2])
+        except Exception as err:
+            self.site_failed(names, f"shape {(n, d)}, batched", err)
 
     def _run_sites(self, batch: list[_Deferred]) -> None:
         """Fold sites ``(name, x[n, D], tokens, hook's tensor)`` of one forward (same tokens, same shape) into

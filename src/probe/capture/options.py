@@ -25,10 +25,12 @@ from .parallel import Layout, check_layout
 from .schedule import as_schedule
 from .sites import Site, SiteSpec
 
-__all__ = ["CaptureOptions", "StatName", "check_int", "rank_and_world"]
+__all__ = ["CaptureOptions", "StatName", "Preset", "check_int", "rank_and_world"]
 
 #: the statistics ``capture(stats=...)`` accepts (:data:`probe.stats.NAMES`, in that order)
 StatName = Literal["moments", "position", "histogram", "sample", "cross", "topk", "norm", "cos"]
+#: the names of :data:`probe.stats.PRESETS` (``stats="calibration"``)
+Preset = Literal["calibration"]
 
 #: what a calibration run (every site a module's input) records when ``stats`` is not given
 CALIBRATION: tuple[StatName, ...] = ("moments", "histogram")
@@ -63,12 +65,16 @@ def rank_and_world(distributed: Any) -> tuple[int, int]:
 
 
 def _stat_names(stats: str | Sequence[str] | None) -> tuple[StatName, ...]:
-    """``stats=`` as names in the order they run (:data:`probe.stats.NAMES`)."""
+    """``stats=`` as names in the order they run (:data:`probe.stats.NAMES`); a preset's name
+    (:data:`probe.stats.PRESETS`, e.g. ``"calibration"``) stands for its statistics."""
+    if isinstance(stats, str) and stats in _stats.PRESETS:
+        stats = _stats.PRESETS[stats]
     names = _stats.DEFAULT if stats is None else (stats,) if isinstance(stats, str) else tuple(stats)
     unknown = [s for s in names if s not in _stats.NAMES]
     if unknown or not names:
-        raise ProbeError(f"unknown stats {unknown or names!r}; expected a subset of {list(_stats.NAMES)}; "
-                         "pass e.g. stats=('moments', 'histogram')")
+        raise ProbeError(f"unknown stats {unknown or names!r}; expected a subset of {list(_stats.NAMES)} "
+                         f"or a preset name ({', '.join(repr(p) for p in _stats.PRESETS)}); "
+                         "pass e.g. stats=('moments', 'histogram') or stats='calibration'")
     chosen = cast("tuple[StatName, ...]", tuple(s for s in _stats.NAMES if s in names))
     if "cos" in chosen and "cross" not in chosen:
         raise ProbeError("stats: 'cos' is computed by the cross-layer statistic; expected 'cross' with it; "
@@ -113,7 +119,7 @@ class CaptureOptions:
         out: str | os.PathLike | None = None,
         *,
         sites: SiteSpec = "hidden_states",
-        stats: StatName | Sequence[StatName] | None = None,
+        stats: StatName | Preset | Sequence[StatName] | None = None,
         skip_first: int = 0,
         max_positions: int = 4096,
         histogram_bits: int = 7,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, Literal
@@ -38,7 +39,7 @@ from .engine import StatEngine
 from .grads import SUFFIX, Grads
 from .forward import Forwards, forward_signature
 from .hooks import Handle, HookSet
-from .options import CaptureOptions, StatName
+from .options import CaptureOptions, Preset, StatName
 from .parallel import Placements
 from .sites import Site, SiteSpec, resolve
 from .window import Recorder
@@ -51,7 +52,7 @@ def capture(
     out: str | os.PathLike | None = None,
     *,
     sites: SiteSpec = "hidden_states",
-    stats: StatName | Sequence[StatName] | None = None,
+    stats: StatName | Preset | Sequence[StatName] | None = None,
     skip_first: int = 0,
     max_positions: int = 4096,
     histogram_bits: int = 7,
@@ -82,6 +83,9 @@ def capture(
         stats: names from ``("moments", "position", "histogram", "sample", "cross", "topk", "norm",
             "cos")``; all but ``"cos"`` (per-token cosines between sites, inside ``"cross"``) by default,
             and ``("moments", "histogram")`` when every site is a module's input (calibration).
+            ``"calibration"`` (a preset, :data:`probe.stats.PRESETS`) is only what the exports of
+            :mod:`probe.export` read: the per-channel moments (counts, sums of squares through
+            ``M2`` and the mean, minima and maxima), at a fraction of the default's cost.
         skip_first: leave out the real tokens at positions ``0 .. k - 1`` (the first ``k`` of each
             sequence; positions are ``position_ids`` when given, else counted over the mask) from
             the per-site moments (with min, max, ``absmax`` and the non-finite counts), the
@@ -189,6 +193,51 @@ def check_model(model: Any) -> None:
                          "uncompiled model first, then call torch.compile(model) inside the block")
 
 
+#: sites resolved per (spec, module graph), most recent last (see :func:`resolved`)
+_RESOLVED: OrderedDict[tuple, list[Site]] = OrderedDict()
+_RESOLVED_SIZE = 32
+
+
+def _graph(model: nn.Module) -> tuple:
+    """What the sites of ``model`` depend on, as a hashable key: every module's name, class and
+    ``forward`` (the class's, or one set on the instance), the training flag and the config. Two
+    models with the same key run the same calls, so they have the same sites (weights aside)."""
+    config: Any = getattr(model, "config", None)
+    try:
+        described = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
+    except Exception:  # a config that does not serialise: no caching for this model
+        return (id(model), object())
+    return (model.training, described, tuple(
+        (name, type(m), getattr(type(m), "forward", None), m.__dict__.get("forward"))
+        for name, m in model.named_modules()))
+
+
+def resolved(model: nn.Module, sites: SiteSpec) -> list[Site]:
+    """:func:`probe.capture.sites.resolve`, remembered per site spec and module graph
+    (:func:`_graph`): the discovery forward that finds ``hidden_states`` runs once per model
+    structure in a process, not once per capture. A spec that is a callable is not remembered.
+
+    Raises:
+        SiteError: as :func:`~probe.capture.sites.resolve` (errors are not remembered).
+    """
+    if callable(sites) and not isinstance(sites, str):
+        return resolve(model, sites)
+    spec = sites if isinstance(sites, str) else tuple(sites)
+    try:
+        key = (spec, _graph(model))
+        hash(key)
+    except TypeError:  # an unhashable entry: resolve reports it
+        return resolve(model, sites)
+    hit = _RESOLVED.get(key)
+    if hit is None:
+        hit = _RESOLVED[key] = resolve(model, sites)
+        while len(_RESOLVED) > _RESOLVED_SIZE:
+            _RESOLVED.popitem(last=False)
+    else:
+        _RESOLVED.move_to_end(key)
+    return list(hit)
+
+
 class Capture:
     """A capture session; see :func:`capture`. Results are available after the block.
 
@@ -203,7 +252,7 @@ class Capture:
     def __init__(self, model: nn.Module, options: CaptureOptions) -> None:
         check_model(model)
         self.model = model
-        self._defs: list[Site] = resolve(model, options.sites)
+        self._defs: list[Site] = resolved(model, options.sites)
         self.options = options = options.for_sites(self._defs)
         self._hooks = HookSet(model, self._defs)
         self._names = {"prefill": [s.name for s in self._defs],

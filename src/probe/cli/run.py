@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from ..errors import ProbeError
-from ..stats import NAMES as STATS
+from ..stats import NAMES as STATS, PRESETS
 from ._common import check_out
 
 if TYPE_CHECKING:
@@ -45,7 +45,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1 (default cpu)")
     p.add_argument("--sites", action="append", default=None,
                    help="'hidden_states' (default), module names or globs (repeatable)")
-    p.add_argument("--stats", default=None, help="comma-separated subset of " + ",".join(STATS) + " (default: all but cos)")
+    p.add_argument("--stats", default=None, help="comma-separated subset of " + ",".join(STATS) + ", or 'calibration' (what the exports read: "
+                   "moments) (default: all but cos; 'calibration' with --sites linear_inputs)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the uniform sample (default: probe.capture's default)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
@@ -72,7 +73,11 @@ def _check_run(args) -> tuple[list[str], tuple[str, ...] | None]:
         raise ProbeError(f"--dtype: expected one of float32, bfloat16, float16, got {args.dtype!r}; "
                          "pass e.g. --dtype bfloat16")
     stats = None
-    if args.stats is not None:
+    if args.stats is None and args.sites == ["linear_inputs"]:  # a calibration run: what the exports read
+        stats = PRESETS["calibration"]
+    elif args.stats is not None and args.stats.strip() in PRESETS:
+        stats = PRESETS[args.stats.strip()]
+    elif args.stats is not None:
         stats = tuple(s.strip() for s in args.stats.split(",") if s.strip())
         bad = [s for s in stats if s not in STATS]
         if bad or not stats:

@@ -59,12 +59,18 @@ NAMES: tuple[str, ...] = (*_BUILTIN, "cos")
 #: which about double its cost; see benchmarks/research.py)
 DEFAULT: tuple[str, ...] = tuple(n for n in _BUILTIN if n not in SITE_ONLY)
 
+#: named sets of statistics accepted by ``capture(stats=<name>)``: ``"calibration"`` is what the
+#: exports (``probe.export``: llama.cpp imatrix, SmoothQuant scales, per-channel amax) read, the
+#: per-channel moments (count, mean and M2, i.e. the sums of squares; min and max, i.e. the
+#: maxima of ``|x|``) and nothing else
+PRESETS: dict[str, tuple[str, ...]] = {"calibration": ("moments",)}
+
 _LAZY = {"Tokens": "._base", **{cls: module for module, cls in _BUILTIN.values()}}
 #: registered statistics, by name
 _REGISTERED: dict[str, type[StatBase]] = {}
 
-__all__ = ["NAMES", "DEFAULT", "SITE_ONLY", "site_states", "register", "unregister", "stat_class", "Cross", "Histogram",
-           "Experts", "Moments", "Norm", "Position", "Router", "Sample", "Tokens", "TopK"]
+__all__ = ["NAMES", "DEFAULT", "PRESETS", "SITE_ONLY", "site_states", "register", "unregister", "stat_class", "Cross",
+           "Histogram", "Experts", "Moments", "Norm", "Position", "Router", "Sample", "Tokens", "TopK"]
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,7 @@ from ._state import SPECS, Field, State, merge_moments, merge_states
 
 __all__ = ["Tokens", "Stat", "StatBase", "TORCH_DTYPES", "BatchedStat", "Finite", "Dense", "merge_moments", "SPECS",
            "central_sums", "dense", "finite", "host_reads", "host_checks", "scratch", "release_scratch",
-           "run_compiled", "pow2", "power_of_two", "scaled_central_sums", "tiny_spread", "finite_host", "TINY_SPREAD"]
+           "run_compiled", "stacked", "pow2", "power_of_two", "scaled_central_sums", "tiny_spread", "finite_host", "TINY_SPREAD"]
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+
     from typing_extensions import Self
@@ -289,6 +289,26 @@ class StatBase:
         return True
 
 
+def stacked(parts: list[Tensor]) -> Tensor:
+    """``torch.stack(parts)``, without the copy when ``parts`` are already the rows, in order, of
+    one contiguous tensor (as the states a batched update handed back are: ``unbind`` views of
+    its result). Then the returned tensor is that one (it aliases ``parts``), so that updating
+    ``G`` sites' states every forward does not copy them (a histogram's 65,536 counts per site
+    cost more to stack than a decode step's statistics cost to compute). Callers must not
+    change the result in place unless the parts are theirs to change."""
+    first = parts[0]
+    base = first._base
+    if (base is not None and base.is_contiguous() and base.dtype == first.dtype
+            and base.numel() == len(parts) * first.numel() and first.is_contiguous()):
+        step = first.numel()
+        start = base.storage_offset()
+        last = parts[-1]
+        if ([t.storage_offset() for t in parts if t._base is base] == list(range(start, start + len(parts) * step, step))
+                and last.shape == first.shape and last.is_contiguous()):
+            return base.view(len(parts), *first.shape)
+    return torch.stack(parts)
+
+
 class BatchedStat(StatBase):
     """A statistic whose update is one pure step over a leading site dimension: ``G`` sites'
     states are stacked, stepped together (eagerly or as one compiled graph) and handed back."""
@@ -329,7 +349,7 @@ class BatchedStat(StatBase):
             state = tuple(pairs[0][0].s[f].unsqueeze(0) for f in cls._fields)
             chunk = pairs[0][1]
         else:
-            state = tuple(torch.stack([stat.s[f] for stat, _ in pairs]) for f in cls._fields)
+            state = tuple(stacked([stat.s[f] for stat, _ in pairs]) for f in cls._fields)
             chunk = tuple(torch.cat(column) for column in zip(*(part for _, part in pairs)))
         per_site = [value.unbind(0) for value in cls._merge(state, chunk)]
         for g, (stat, _) in enumerate(pairs):
@@ -342,7 +362,7 @@ class BatchedStat(StatBase):
         if len(stats) == 1:
             state = tuple(stats[0].s[f].unsqueeze(0) for f in cls._fields)
         else:
-            state = tuple(torch.stack([stat.s[f] for stat in stats]) for f in cls._fields)
+            state = tuple(stacked([stat.s[f] for stat in stats]) for f in cls._fields)
         new = cls._run(state, x, finite(x, tokens), tokens, stats[0].compiled(x))
         per_site = [value.unbind(0) for value in new]
         for g, stat in enumerate(stats):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import SPECS, StatBase, Tokens, dense, scratch
+from ._base import SPECS, StatBase, Tokens, dense, scratch, stacked
 from ._buckets import MAX_BITS, Buckets, bucket_edges, quantile, render  # noqa: F401 (re-exported)
 
 __all__ = ["Histogram", "bucket_edges", "quantile", "render"]
@@ -84,16 +84,19 @@ class Histogram(StatBase):
             counts = stats[0].s["counts"]
         else:
             index = index + (torch.arange(g, device=x.device, dtype=index.dtype) * span).view(g, 1, 1)
-            counts = torch.cat([stat.s["counts"] for stat in stats])
+            counts = stacked([stat.s["counts"] for stat in stats]).view(-1)
         # one shared int64 one, expanded: no activation-sized buffer of ones
         one = torch.ones((), dtype=torch.int64, device=x.device).expand(index.numel())
         counts.index_add_(0, index.flatten(), one)
         # lossless is judged on every value of the chunk (excluded ones too): conservative
         exact = torch.count_nonzero((bits & b.low).view(g, -1), dim=1) == 0
-        for i, stat in enumerate(stats):
-            if g > 1:
-                stat.s["counts"] = counts[i * span:(i + 1) * span]
-            stat.s["lossless"] = stat.s["lossless"] & exact[i]
+        if g == 1:
+            stats[0].s["lossless"] = stats[0].s["lossless"] & exact[0]
+            return
+        lossless = (stacked([stat.s["lossless"] for stat in stats]) & exact).unbind(0)
+        for i, (stat, rows) in enumerate(zip(stats, counts.view(g, span).unbind(0))):
+            stat.s["counts"] = rows
+            stat.s["lossless"] = lossless[i]
 
     @staticmethod
     def _dense_update(stat: Histogram, x: Tensor, tokens: Tokens) -> bool:

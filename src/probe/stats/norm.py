@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._base import SPECS, StatBase, Tokens, finite, host_checks, merge_moments
+from ._base import SPECS, StatBase, Tokens, finite, host_checks, merge_moments, stacked
 from ._buckets import Buckets
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+
@@ -133,7 +133,7 @@ class Norm(StatBase):
         states (batched over the sites; no host sync)."""
         g, n = norm.shape
         f64 = torch.float64
-        s = {f: torch.stack([st.s[f] for st in stats]) for f in cls._fields}
+        s = {f: stacked([st.s[f] for st in stats]) for f in cls._fields}
         fin = torch.isfinite(norm)
         zero = torch.zeros((), dtype=norm.dtype, device=norm.device)
         norm0 = torch.where(fin, norm, zero)
@@ -175,5 +175,6 @@ class Norm(StatBase):
                "nonfinite": nonfinite, "counts": counts,
                "pos_n": pos[0], "pos_mean": pos[1], "pos_m2": pos[2],
                "unit_n": s["unit_n"] + unit.to(f64).sum(-1), "unit_sum": s["unit_sum"] + usum.to(f64)}
+        rows = {f: new[f].unbind(0) for f in cls._fields}
         for i, st in enumerate(stats):
-            st._state = {f: new[f][i] for f in cls._fields}
+            st._state = {f: rows[f][i] for f in cls._fields}

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import SPECS, StatBase, Tokens, host_reads
+from ._base import SPECS, StatBase, Tokens, host_reads, stacked
 
 __all__ = ["Sample"]
 
@@ -159,11 +159,12 @@ class Sample(StatBase):
             index, best, meta, empty = lead._shared(n, d, tokens)
             xs = x if len(members) == len(stats) else x[members]
             new = xs.reshape(len(members), -1)[:, index].float()
-            old = torch.stack([stats[g].s["value"] for g in members])
+            old = stacked([stats[g].s["value"] for g in members])
             values = torch.cat((old, new), 1)[:, best].masked_fill(empty, float("nan"))
             history = hash((lead.history, id(tokens), n, d, lead.size, tokens.seed, tokens.forward))
+            rows = values.unbind(0)
             for j, g in enumerate(members):
-                stats[g]._state = {**meta, "value": values[j]}
+                stats[g]._state = {**meta, "value": rows[j]}
                 stats[g].history = history
 
     def _best(self, o: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:

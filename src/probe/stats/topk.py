@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ._base import SPECS, StatBase, Tokens, finite, host_reads
+from ._base import SPECS, StatBase, Tokens, finite, host_reads, stacked
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+
     from typing_extensions import Self
@@ -145,7 +145,7 @@ class TopK(StatBase):
         """Step 3: merge the chunks' top ``k`` (fields ``[G, k]``) with the ``G`` states."""
         k = stats[0].k
         # 3. merge with the state: state entries come earlier in the stream, so they go first
-        old = {f: torch.stack([st.s[f] for st in stats]) for f in cls._fields}
+        old = {f: stacked([st.s[f] for st in stats]) for f in cls._fields}
         both = {f: torch.cat((old[f], new[f]), dim=1) for f in cls._fields}
         v = both["value"]
         filled = ~torch.isnan(v)
