@@ -134,13 +134,7 @@ def collect(runs) -> list[ModuleStats]:
                     raise ProbeError(f"site {name!r} has {len(part.count)} channels in one run and "
                                      f"{len(acc.count)} in another; expected the same model; export them separately")
                 else:
-                    acc.tokens += part.tokens
-                    acc.count = acc.count + part.count
-                    acc.sum_x = acc.sum_x + part.sum_x
-                    acc.sum_x2 = acc.sum_x2 + part.sum_x2
-                    acc.absmax = np.maximum(acc.absmax, part.absmax)
-                    if name not in acc.sites:
-                        acc.sites.append(name)
+                    _absorb(acc, part, name)
         if acc is None:
             empty.append(module)
         else:
@@ -170,6 +164,17 @@ class ExpertStats:
     @property
     def n_experts(self) -> int:
         return int(self.tokens.shape[0])
+
+
+def _absorb(acc: ModuleStats | ExpertStats, part: ModuleStats | ExpertStats, name: str) -> None:
+    """Add ``part``'s sums into ``acc`` (the same module, the same shapes: checked by the caller)."""
+    acc.tokens = acc.tokens + part.tokens  # type: ignore[assignment]
+    acc.count = acc.count + part.count
+    acc.sum_x = acc.sum_x + part.sum_x
+    acc.sum_x2 = acc.sum_x2 + part.sum_x2
+    acc.absmax = np.maximum(acc.absmax, part.absmax)
+    if name not in acc.sites:
+        acc.sites.append(name)
 
 
 def _experts_sites(run) -> dict[str, list[str]]:
@@ -206,13 +211,7 @@ def collect_experts(runs) -> list[ExpertStats]:
                     raise ProbeError(f"site {name!r} has {part.count.shape} experts x channels in one run and "
                                      f"{acc.count.shape} in another; expected the same model; export them separately")
                 else:
-                    acc.tokens = acc.tokens + part.tokens
-                    acc.count = acc.count + part.count
-                    acc.sum_x = acc.sum_x + part.sum_x
-                    acc.sum_x2 = acc.sum_x2 + part.sum_x2
-                    acc.absmax = np.maximum(acc.absmax, part.absmax)
-                    if name not in acc.sites:
-                        acc.sites.append(name)
+                    _absorb(acc, part, name)
         if acc is not None:
             out.append(acc)
     return out
