@@ -164,3 +164,19 @@ def test_one_line_escapes_and_cuts():
     long = one_line("y" * 10_000)
     assert len(long) == 1000 and long.endswith("…")
     assert one_line("\x9b") == "\\x9b"
+
+
+def test_a_reader_that_goes_away_is_not_an_error(good):
+    """`probe show run.h5 --json | head -c 0`: the closed pipe ends the command quietly, status 0."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.Popen([sys.executable, "-m", "probe", "show", str(good), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader goes away before the command writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Error" not in err and "error" not in err, err

@@ -219,3 +219,65 @@ def test_cli_debug_shows_traceback(capsys):
 
     with pytest.raises(probe.ProbeError):
         main(["--debug", "show", "/nonexistent.h5"])
+
+
+def test_ctrl_c_while_a_forward_is_folded_keeps_every_site_whole(tiny, tmp_path, monkeypatch):
+    """A Ctrl-C landing between two statistics' updates of one site is delivered after the fold:
+    the file opens, each site's histogram counts what its moments count, and that count is the
+    float64 reference's (real tokens x channels of the three forwards, the interrupted one included)."""
+    import os
+    import signal
+
+    from probe.stats.histogram import Histogram
+
+    model = tiny("llama")
+    calls = {"n": 0}
+    original = Histogram.update_group.__func__
+
+    def interrupted(cls, stats, x, tokens):
+        calls["n"] += 1
+        if calls["n"] == 1 and armed["on"]:
+            os.kill(os.getpid(), signal.SIGINT)  # the moments of this site are already updated
+        return original(cls, stats, x, tokens)
+
+    armed = {"on": False}
+    monkeypatch.setattr(Histogram, "update_group", classmethod(interrupted))
+    ids, mask = batch(pad="left")
+    out = tmp_path / "run.h5"
+    with pytest.raises(KeyboardInterrupt):
+        with probe.capture(model, out=out, skip_first=0):
+            for k in range(3):
+                armed["on"] = k == 2
+                calls["n"] = 0
+                model(input_ids=ids, attention_mask=mask)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    run = probe.load(out)
+    with torch.no_grad():
+        hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for i, h in enumerate(hs):
+        x = h.double().numpy()[mask.numpy().astype(bool)]  # real tokens x channels
+        want = 3 * np.isfinite(x).sum()
+        moments = run[i].state("moments")
+        counts = run[i].state("histogram")
+        assert moments["n"].sum() == want
+        assert counts["counts"].sum() == want
+
+
+def test_ctrl_c_in_the_first_forward_blames_neither_model_nor_options(tiny, recwarn):
+    """Interrupted before any forward ended: no warning says sites "recorded nothing" or that
+    skip_first left no token (the cut-short forward is the whole story)."""
+    model = tiny("llama")
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    handle = model.model.layers[0].register_forward_hook(stop)
+    ids, mask = batch()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with probe.capture(model, skip_first=4):
+                model(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    said = [str(w.message) for w in recwarn if "probe" in str(w.message)]
+    assert not [m for m in said if "recorded nothing" in m or "left no token" in m], said

@@ -36,6 +36,7 @@ them, by a :class:`ForwardCounter` (:class:`probe.capture.window.Recorder`).
 from __future__ import annotations
 
 import inspect
+import signal
 import sys
 import threading
 import warnings
@@ -84,6 +85,42 @@ def _eager(fn: Callable) -> Callable:
     """Keep torch.compile out of probe's hooks: they run eagerly at a graph break, so a model
     compiled inside the with-block is captured exactly and the hooks' Python is never traced."""
     return torch.compiler.disable(fn, recursive=True)
+
+
+
+class _HeldInterrupt:
+    """While probe folds activations into statistics, a Ctrl-C is held and delivered right after,
+    so a site's statistics are updated together or not at all (a site whose moments saw a chunk
+    that its histogram did not would make the run file fail validation). Only in the main thread
+    and only while SIGINT has Python's default handler; any other handler is left alone."""
+
+    def __init__(self) -> None:
+        self._held: tuple[int, FrameType | None] | None = None
+        self._depth = 0  # nested holds: the outermost one installs and delivers
+        self._active = False
+
+    def _hold(self, signum: int, frame: FrameType | None) -> None:
+        self._held = (signum, frame)
+
+    def __enter__(self) -> _HeldInterrupt:
+        self._depth += 1
+        if self._depth == 1:
+            self._held = None
+            self._active = (threading.current_thread() is threading.main_thread()
+                            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+            if self._active:
+                signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth or not self._active:
+            return
+        self._active = False
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        held, self._held = self._held, None
+        if held is not None and exc[0] is None:
+            signal.default_int_handler(*held)  # raises KeyboardInterrupt, now that the fold is whole
 
 
 def forward_signature(model: nn.Module) -> inspect.Signature | None:
@@ -150,6 +187,7 @@ class Forwards:
     def __init__(self, hooks: HookSet, names: dict[str, list[str]], engine: StatEngine, counter: ForwardCounter,
                  options: CaptureOptions, signature: inspect.Signature | None, grads: Grads | None = None) -> None:
         self._grads = grads  # capture(grads=True): a gradient hook on each site's tensor
+        self._interrupt = _HeldInterrupt()
         self._hooks = hooks
         self._defs = hooks.sites
         self._names = names
@@ -220,8 +258,9 @@ class Forwards:
 
     def _start(self, owner: str | None) -> TokenContext:
         """A forward begins: drop what an unfinished one left, open a token context."""
-        self._engine.flush()
-        self._engine.finish_cross()
+        with self._interrupt:
+            self._engine.flush()
+            self._engine.finish_cross()
         if self._pending:
             self._drop_pending()
         forward = self._counter.count_forward()
@@ -374,19 +413,21 @@ class Forwards:
         self._hooks.reset("")
 
     def _finish(self) -> None:
-        """The forward ended: fold in every site it produced, then close it."""
-        try:
-            self._fold_pending()
-        finally:
-            self._engine.flush()
-            self._engine.finish_cross()
-            if self._context is not None:
-                self._rows_seen += self._context.rows()
-            self.call = None
-            self._context = None
-            self._owner = None
-            self._hooks.active.clear()
-            self._hooks.reset("")  # between forwards no call is counted (see open)
+        """The forward ended: fold in every site it produced, then close it (a Ctrl-C meanwhile
+        is delivered after the fold, see :class:`_HeldInterrupt`)."""
+        with self._interrupt:
+            try:
+                self._fold_pending()
+            finally:
+                self._engine.flush()
+                self._engine.finish_cross()
+                if self._context is not None:
+                    self._rows_seen += self._context.rows()
+                self.call = None
+                self._context = None
+                self._owner = None
+                self._hooks.active.clear()
+                self._hooks.reset("")  # between forwards no call is counted (see open)
         self._counter.forward_ended()
 
     def _fold_pending(self) -> None:
@@ -473,7 +514,7 @@ class Forwards:
         if i in self._copy:
             x2 = x2.clone()
         if now:
-            with torch.inference_mode(False), torch.no_grad():
+            with self._interrupt, torch.inference_mode(False), torch.no_grad():
                 self._engine.fold(i, name, x2, tokens, self._phase)
             return
         self._pending.append((i, name, x2, _version(x2), tokens, x))
@@ -508,7 +549,7 @@ class Forwards:
                             "tokens; expected a dense tensor; build the encoder with enable_nested_tensor=False")
         return torch.nested.to_padded_tensor(x, 0.0, output_size=(mask.shape[0], mask.shape[1], x.size(-1)))
 
-    def report_silent(self) -> None:
+    def report_silent(self, warn: bool = True) -> None:
         """At exit: one warning naming the sites that never fired or saw no real token (the model
         bypasses their modules, e.g. calls ``layer.forward`` directly); recorded as disabled."""
         if self._pending:
@@ -525,6 +566,8 @@ class Forwards:
                 silent[site.name] = "saw no real token"
         if silent:
             self._engine.disabled.update(silent)
+            if not warn:  # the block raised (Ctrl-C): the forward was cut short, not the model's doing
+                return
             names = ", ".join(f"{n} ({why})" for n, why in silent.items())
             warnings.warn(f"probe: {len(silent)} of {len(self._defs)} sites recorded nothing: {names}; their "
                           "modules do not run through __call__ in this model's forward, or every token was "

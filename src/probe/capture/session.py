@@ -368,16 +368,16 @@ class Capture:
         self._active = True
         return self
 
-    def _remove(self) -> None:
+    def _remove(self, warn: bool = True) -> None:
         attached = bool(self._hooks.handles)
         self._hooks.remove()
         if attached:
-            self._forwards.report_silent()
+            self._forwards.report_silent(warn)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> Literal[False]:
         try:
-            self._remove()
+            self._remove(warn=exc is None)  # after an exception (Ctrl-C) silent sites say nothing of the model
         finally:
             self._active = False
             _stats_base.release_scratch()  # the CPU fast paths' reused buffers go with the capture
@@ -391,7 +391,8 @@ class Capture:
                 warnings.warn(f"probe: could not save the last window while handling {name}: {err}",
                               stacklevel=2)
             else:
-                self._recorder.warn_all_skipped()
+                if exc is None:
+                    self._recorder.warn_all_skipped()
         return False
 
     def snapshot(self, step: int | None = None) -> None:

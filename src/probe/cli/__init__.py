@@ -102,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"probe {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`probe show run.h5 | head`): not an error
+        # Python's recipe (docs: signal, "Note on SIGPIPE"): send what is left nowhere, exit quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except Exception as err:  # nothing a command raises reaches the terminal as a traceback
         if debug:
             raise
