@@ -205,8 +205,8 @@ def _declutter(fig, pad: float = 3.0, rounds: int = 3) -> None:
 
     The figure is laid out (no pixels drawn) and each axis' visible tick labels are measured;
     where two come closer than ``pad`` points, the axis keeps fewer ticks: on an ``asinh`` axis
-    the ticks nearest zero win (0 first, then by ``|value|``: zero and the linear region are
-    what the axis is read by), on any other axis every k-th tick is kept, the smallest k whose
+    0 wins, then the outermost tick on each side (so the labels span the range drawn), then the
+    ticks nearest zero (the linear region the axis is read by), on any other axis every k-th tick is kept, the smallest k whose
     labels are apart. Repeated while the layout moves (at most ``rounds`` times)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.ticker import FixedLocator, NullFormatter
@@ -229,7 +229,12 @@ def _declutter(fig, pad: float = 3.0, rounds: int = 3) -> None:
                 locs = [v for v, _ in shown]
                 if axis.get_scale() == "asinh":
                     kept: list = []
-                    for i in sorted(range(len(shown)), key=lambda i: (abs(locs[i]) > 0, abs(locs[i]))):
+                    ends = {locs.index(min(locs)), locs.index(max(locs))}  # the range each side reaches
+
+                    def rank(i: int) -> tuple:
+                        return (locs[i] != 0, i not in ends, abs(locs[i]))
+
+                    for i in sorted(range(len(shown)), key=rank):
                         if not _overlap(sorted([shown[j][1] for j in kept] + [shown[i][1]],
                                                key=lambda b: b.extents[k] + b.extents[k + 2]), k, gap):
                             kept.append(i)
