@@ -42,14 +42,6 @@ class Experts(MoeConfigured):
                              "the site is not an experts module packed by probe.capture.moe")
         return {"E": e, "D": x.shape[-1] - k}
 
-    @classmethod
-    def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
-        """Fold ``x[G, n, k + D]`` into ``G`` experts modules' states (no host sync)."""
-        if not cls._ready(stats, x):
-            return
-        for g, stat in enumerate(stats):
-            stat._fold(x[g], tokens)
-
     def _fold(self, x: Tensor, tokens: Tokens) -> None:
         e, k = self._layer()
         s = self.s

@@ -60,6 +60,19 @@ class MoeConfigured(StatBase):
         if self.experts is None:
             self.experts = dims["E"]
 
+    @classmethod
+    def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
+        """Fold ``x[G, n, ...]``, ``G`` MoE sites' packed rows (``E + 2k`` values per row for a
+        router: logits, indices, weights; ``k + D`` for experts: indices, input), into their
+        states, site by site (each layer routes differently; no host sync)."""
+        if not cls._ready(stats, x):
+            return
+        for g, stat in enumerate(stats):
+            stat._fold(x[g], tokens)
+
+    def _fold(self, x: Tensor, tokens: Tokens) -> None:
+        raise NotImplementedError
+
 
 class Router(MoeConfigured):
     """Routing statistics of one router (``E`` experts, ``R`` bins); fields in
@@ -75,14 +88,6 @@ class Router(MoeConfigured):
             raise ProbeError(f"router rows have {x.shape[-1]} values; expected E + 2k = {e + 2 * k} (logits, "
                              "indices, weights); the site is not a router packed by probe.capture.moe")
         return {"E": e, "R": ROUTER_BINS}
-
-    @classmethod
-    def update_group(cls, stats: list, x: Tensor, tokens: Tokens) -> None:
-        """Fold ``x[G, n, E + 2k]`` into ``G`` routers' states (no host sync)."""
-        if not cls._ready(stats, x):
-            return
-        for g, stat in enumerate(stats):
-            stat._fold(x[g], tokens)
 
     def _fold(self, x: Tensor, tokens: Tokens) -> None:
         e, k = self._layer()
