@@ -109,3 +109,27 @@ def batch(b: int = 3, t: int = 9, pad: str | None = None, seed: int = 0):
             elif pad == "left" and n:
                 mask[i, :n] = 0
     return ids, mask
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a gloo rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker, world: int, folder, *args, timeout: float) -> None:
+    """Run ``worker(rank, world, port, str(folder), *args)`` in ``world`` spawned processes; a rank
+    that fails raises here with every rank's ``folder/error*.txt``."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=(world, free_port(), str(folder), *args), nprocs=world,
+                             join=False, start_method="spawn")
+    try:
+        while not ctx.join(timeout=timeout):
+            pass
+    except Exception as err:
+        errors = [p.read_text() for p in sorted(folder.glob("error*.txt"))]
+        raise AssertionError(f"a rank failed: {err}\n" + "\n".join(errors)) from None

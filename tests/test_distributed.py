@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import traceback
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import probe
+from conftest import spawn_ranks
 
 TIMEOUT = 120  # seconds: a hang fails the test instead of waiting for gloo's 30-minute default
 
@@ -111,21 +110,8 @@ def _finite_max(value) -> float:
     return float(v.max()) if v.size else 0.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world: int, folder, n: int, every: int | None) -> None:
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(folder), n, every), nprocs=world,
-                             join=False, start_method="spawn")
-    try:
-        while not ctx.join(timeout=3 * TIMEOUT):
-            pass
-    except Exception as err:
-        errors = [p.read_text() for p in sorted(folder.glob("error*.txt"))]
-        raise AssertionError(f"a rank failed: {err}\n" + "\n".join(errors)) from None
+    spawn_ranks(_worker, world, folder, n, every, timeout=3 * TIMEOUT)
 
 
 def _one_process(n: int, indices) -> probe.results.run.Run:

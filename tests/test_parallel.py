@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import traceback
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import probe
 from probe.capture.parallel import Layout
 from probe.stats._state import SPECS
+from conftest import spawn_ranks
 
 TIMEOUT = 120
 N = 4  # batches
@@ -162,21 +161,8 @@ def _worker(rank: int, world: int, port: int, folder: str, mode: str, jobs: tupl
         raise
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world: int, folder, mode: str, jobs: tuple[str, ...]) -> None:
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(folder), mode, jobs), nprocs=world,
-                             join=False, start_method="spawn")
-    try:
-        while not ctx.join(timeout=3 * TIMEOUT):
-            pass
-    except Exception as err:
-        errors = [p.read_text() for p in sorted(folder.glob("error*.txt"))]
-        raise AssertionError(f"a rank failed: {err}\n" + "\n".join(errors)) from None
+    spawn_ranks(_worker, world, folder, mode, jobs, timeout=3 * TIMEOUT)
 
 
 def _reference(linear: bool):

@@ -7,7 +7,6 @@ state and nothing else: no file under src/ knows it."""
 from __future__ import annotations
 
 import datetime
-import socket
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ import probe
 from probe import stats as registry
 from probe.stats._base import StatBase, Tokens
 from probe.stats._state import SPECS, Field, State, merge_rows
+from conftest import free_port, spawn_ranks
 
 
 class SumSq(StatBase):
@@ -126,12 +126,6 @@ def test_toy_statistic_capture_file_load_merge(tiny, toy, tmp_path):
         np.testing.assert_array_equal(merged.total.sites[name]["moments"]["n"], once.total.sites[name]["moments"]["n"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_toy_statistic_rank_merge(tiny, toy):
     """probe.capture.sync in a one-process gloo group: the toy state goes through the declared
     reductions (dims agreed, identity states, packed all_reduce) and equals the file merge."""
@@ -145,7 +139,7 @@ def test_toy_statistic_rank_merge(tiny, toy):
     rows = list(c.result.rows)
     # two windows under one label: the rank merges them before reducing
     rows[1] = type(rows[1])(rows[0].step, rows[1].sites, rows[1].cross)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=60))
     try:
         merged = merge_windows(rows, c.sites, [k for k in c.stats if k != "cross"], False)
@@ -205,16 +199,7 @@ def _rank(rank: int, world: int, port: int, folder: str) -> None:
 
 
 def test_toy_statistic_two_ranks(tmp_path):
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    try:
-        while not ctx.join(timeout=240):
-            pass
-    except Exception as err:
-        errors = [p.read_text() for p in sorted(tmp_path.glob("error*.txt"))]
-        raise AssertionError(f"a rank failed: {err}\n" + "\n".join(errors)) from None
+    spawn_ranks(_rank, 2, tmp_path, timeout=240)
 
 
 def test_toy_statistic_unregistered_when_read(tiny, tmp_path):
