@@ -320,3 +320,71 @@ def test_direct_forward_reads_nothing_on_the_host(kind, monkeypatch):
     monkeypatch.undo()
     assert inside[1] > 2 * len(run.sites)
     assert run["hidden_states.1"].tokens == 2 * (int(mask.sum()) - 3)
+
+
+def _module_reference(model, calls, names):
+    """Each named module's output over the real tokens of ``calls``, from hooks on a plain call."""
+    seen: dict[str, list] = {n: [] for n in names}
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(
+        lambda m, a, out, n=n: seen[n].append(out[0] if isinstance(out, tuple) else out)) for n in names]
+    try:
+        chunks = []
+        for ids, mask in calls:
+            for n in names:
+                seen[n].clear()
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+            chunks.append((tuple(seen[n][0] for n in names), mask))
+    finally:
+        for h in handles:
+            h.remove()
+    return chunks
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_named_sites_under_a_direct_forward_read_the_mask(kind):
+    """Modules named in ``sites=`` under ``model.forward(...)``: the forward is followed through the
+    model's frame, so its mask is read (left- and right-padded calls), and each forward counts once."""
+    model = _base(kind)
+    calls = _calls()
+    glob = "layers.*.mlp" if kind == "llama" else "encoder.layer.*.intermediate"
+    with probe.capture(model, sites=[glob], stats=("moments",), strict=True) as run:
+        with torch.no_grad():
+            for ids, mask in calls:
+                model.forward(input_ids=ids, attention_mask=mask)
+            run.snapshot()
+            model.forward(input_ids=calls[0][0], attention_mask=calls[0][1])
+    names = list(run.sites)
+    assert len(names) == 2
+    chunks = _module_reference(model, calls + calls[:1], names)
+    _check(run, chunks, names)
+    assert run.steps == [3, 4]  # the fourth forward was settled at exit, as its own window
+    # default sites and a named one together: the order is unknown, the frame still says it
+    with probe.capture(model, sites=["hidden_states", glob], stats=("moments",), strict=True) as run:
+        with torch.no_grad():
+            for ids, mask in calls:
+                model.forward(input_ids=ids, attention_mask=mask)
+    _check(run, _reference(model, calls))
+    _check(run, _module_reference(model, calls, names), names)
+
+
+@pytest.mark.parametrize("sites", ["hidden_states", "layers.*.mlp"])
+def test_direct_forward_that_raises_on_its_first_call(sites):
+    """The first ``model.forward`` raises half-way: it is left out whole, with one warning."""
+    model = _base("llama")
+    calls = _calls()
+    with probe.capture(model, sites=sites, stats=("moments",), strict=True) as run:
+        with torch.no_grad():
+            boom = model.layers[1].register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+            with pytest.raises(RuntimeError, match="boom"):
+                model.forward(input_ids=calls[0][0], attention_mask=calls[0][1])
+            boom.remove()
+            with pytest.warns(UserWarning, match="stopped before it finished") as caught:
+                for ids, mask in calls[1:]:
+                    model.forward(input_ids=ids, attention_mask=mask)
+    assert sum("stopped before it finished" in str(w.message) for w in caught) == 1
+    names = list(run.sites)
+    chunks = (_reference(model, calls[1:]) if sites == "hidden_states"
+              else _module_reference(model, calls[1:], names))
+    _check(run, chunks, names)

@@ -6,7 +6,7 @@ Recipe (what :class:`probe.capture.session.Capture` does)::
 
     forwards = Forwards(hooks, names, engine, recorder, options, forward_signature(model))
     hooks.attach(forwards.begin, forwards.end, forwards.enter, forwards.leave, forwards.observe,
-                 forwards.open, forwards.close)
+                 forwards.open, forwards.close, forwards.arrive)
 
 A model whose ``forward`` is called directly (not through ``__call__``, so its own hooks do not
 fire) still has one forward per call: it opens at the call of the first site's module inside it
@@ -14,8 +14,12 @@ fire) still has one forward per call: it opens at the call of the first site's m
 per-layer call counting restarts there. Its tokens are described by the arguments of the model's
 ``forward`` as its running frame holds them (the call the model's pre-hook would have read; a
 mask the model replaced by its 4-D form is read as such, see :mod:`probe.capture.tokens`), else
-by the first layer's own call. If such a forward raised, the next one is known
-when the first site's module has been called more often than in a whole forward.
+by the first layer's own call. With modules named in ``sites=`` (whose order in a forward is not
+known) the forward opens at the first site's module that runs inside a frame of the model's
+``forward`` (:meth:`Forwards.arrive`) and is that frame's: it is settled (:meth:`Forwards.settle`)
+once the frame has finished — at the next forward, ``snapshot()`` or exit. A forward that raised
+is known by the next forward's new frame, and left out whole; without a Python frame, when the
+first site's module has been called more often than in a whole forward.
 
 Threads: the statistics are not thread-safe, so only the thread that entered the capture is
 recorded. A forward on any other thread (a background evaluation, ``nn.DataParallel``'s replicas)
@@ -35,6 +39,7 @@ them, by a :class:`ForwardCounter` (:class:`probe.capture.window.Recorder`).
 
 from __future__ import annotations
 
+import dis
 import inspect
 import signal
 import sys
@@ -79,6 +84,8 @@ class ForwardCounter(Protocol):
 
 #: the owner of a forward that the first site's module opened (the model's forward called directly)
 SITES = "<sites>"
+#: the owner of a forward that a frame of the model's ``forward`` holds (called directly, named sites)
+FRAME = "<frame>"
 
 
 def _eager(fn: Callable) -> Callable:
@@ -144,22 +151,55 @@ def _forward_codes(model: nn.Module) -> frozenset:
     return frozenset(codes)
 
 
-def _running_call(model: nn.Module, codes: frozenset) -> dict[str, Any] | None:
-    """The arguments of ``model.forward`` as its running frame holds them now (its ``**kwargs``
-    merged in), when a hook runs inside it; ``None`` when no frame of it is on the stack."""
+def _running_frame(model: nn.Module, codes: frozenset) -> FrameType | None:
+    """The innermost running frame of ``model.forward`` (``codes``: :func:`_forward_codes`) on the
+    calling thread's stack, when a hook runs inside it; ``None`` when none is."""
     frame: FrameType | None = sys._getframe(1)
     for _ in range(64):
         if frame is None:
             return None
         if frame.f_code in codes and frame.f_locals.get("self") is model:
-            local = frame.f_locals
-            call = {k: v for k, v in local.items() if k != "self"}
-            extra = local.get("kwargs")
-            if isinstance(extra, dict):
-                call.update({k: v for k, v in extra.items() if k not in call})
-            return call
+            return frame
         frame = frame.f_back
     return None
+
+
+def _frame_call(frame: FrameType) -> dict[str, Any]:
+    """The arguments of a ``forward`` as its frame holds them now (its ``**kwargs`` merged in)."""
+    local = frame.f_locals
+    call = {k: v for k, v in local.items() if k != "self"}
+    extra = local.get("kwargs")
+    if isinstance(extra, dict):
+        call.update({k: v for k, v in extra.items() if k not in call})
+    return call
+
+
+def _running_call(model: nn.Module, codes: frozenset) -> dict[str, Any] | None:
+    """The arguments of ``model.forward`` as its running frame holds them now, when a hook runs
+    inside it; ``None`` when no frame of it is on the stack."""
+    frame = _running_frame(model, codes)
+    return None if frame is None else _frame_call(frame)
+
+
+def _on_stack(frame: FrameType) -> bool:
+    """Whether ``frame`` is still running on the calling thread."""
+    f: FrameType | None = sys._getframe(1)
+    while f is not None:
+        if f is frame:
+            return True
+        f = f.f_back
+    return False
+
+
+#: the opcodes a function's frame stops at when it returned (not when it raised)
+_RETURNS = frozenset(dis.opmap[n] for n in ("RETURN_VALUE", "RETURN_CONST") if n in dis.opmap)
+
+
+def _returned(frame: FrameType) -> bool:
+    """Whether a finished frame returned; a frame that raised stops at the raising instruction
+    (``f_lasti``, the offset of the last instruction run, in bytes)."""
+    code, last = frame.f_code.co_code, frame.f_lasti
+    return 0 <= last < len(code) and code[last] in _RETURNS
 
 
 def _in_backward() -> bool:
@@ -220,6 +260,8 @@ class Forwards:
         self._codes = _forward_codes(hooks.model)
         self._opener_calls = 0  # calls of the opening module in the forward it opened, so far
         self._opener_whole: int | None = None  # ... and in the last one that ended
+        #: the frame of the model's ``forward`` a SITES or FRAME forward runs in (it ends with it)
+        self._frame: FrameType | None = None
         #: which part of each site's global tensor this rank holds (:mod:`probe.capture.parallel`)
         self.placements: Placements | None = None
 
@@ -302,7 +344,10 @@ class Forwards:
     # the hooks' entry points (kept eager)
     @_eager
     def begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._skip() or self._scheduled_off(""):
+        if self._skip():
+            return
+        self.settle()
+        if self._scheduled_off(""):
             return
         context = self._start("")
         call = self._bind(module, args, kwargs)
@@ -340,22 +385,28 @@ class Forwards:
             return
         if self._skip():
             return
+        frame = _running_frame(self._hooks.model, self._codes)
         if owner == SITES:
             self._opener_calls += 1
             whole = self._opener_whole
-            if whole is None or self._opener_calls <= whole:
+            if self._frame is not None and frame is not None:
+                later = frame is self._frame  # the frame it opened in still runs
+            else:  # no Python frame of the model's forward: a whole forward's calls say it
+                later = whole is None or self._opener_calls <= whole
+            if later:
                 return  # a later call of the module within the same forward
             # the open forward never reached its last site: it raised
+            self._frame = None
             self._close_off() if self._hooks.off else self._abort()
         self._opener_calls = 1
+        self._frame = frame
         # no reset of the call counts here: they restart when a forward ends, so the calls of a
         # module before the first layer (a norm of the embeddings) count in this one
         if self._scheduled_off(SITES):
             return
         context = self._start(SITES)
-        call = _running_call(self._hooks.model, self._codes)
-        if call is None:  # the model's forward is not a Python frame: the first layer's call says it
-            call = self._bind(module, args, kwargs)
+        # the model's forward is not a Python frame: the first layer's call says it
+        call = self._bind(module, args, kwargs) if frame is None else _frame_call(frame)
         inputs = context.calls[""] = read_call(call, layer=True)
         self._phase = "decode" if self._options.phases and inputs.past else "prefill"
 
@@ -365,16 +416,65 @@ class Forwards:
         if self._hooks.off:
             if self._off_owner == SITES and not self._skip():
                 self._opener_whole = self._opener_calls
+                self._frame = None
                 self._close_off()
             return
         if self._owner == SITES and not self._skip():
             self._opener_whole = self._opener_calls
+            self._frame = None
             self._finish()
+
+    @_eager
+    def arrive(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A site's module is called, in a capture whose sites' order is unknown (named modules):
+        inside a frame of the model's ``forward`` with no forward open, the model's ``forward``
+        was called directly, and a forward opens, described by that frame's arguments; it ends
+        with the frame, settled at the next forward, ``snapshot()`` or exit (:meth:`settle`)."""
+        owner = self._off_owner if self._hooks.off else self._owner
+        if owner is not None and owner != FRAME:  # the model's or a stack's forward is open
+            return
+        if self._skip():
+            return
+        frame = _running_frame(self._hooks.model, self._codes)
+        if owner == FRAME:
+            if frame is self._frame:
+                return  # a later site of the same forward
+            self._settle()
+        if frame is None:  # a submodule called on its own: observe folds it in at once
+            return
+        self._frame = frame
+        if self._scheduled_off(FRAME):
+            return
+        context = self._start(FRAME)
+        inputs = context.calls[""] = read_call(_frame_call(frame))
+        self._phase = "decode" if self._options.phases and inputs.past else "prefill"
+
+    def settle(self) -> None:
+        """End a forward that a frame of the model's ``forward`` holds, if that frame finished: folded in
+        if it returned, left out (one warning) if it raised. Called before another forward begins,
+        at ``snapshot()`` and at exit."""
+        frame = self._frame
+        owner = self._off_owner if self._hooks.off else self._owner
+        if frame is None or owner != FRAME or _on_stack(frame):
+            return
+        self._settle()
+
+    def _settle(self) -> None:
+        frame, self._frame = self._frame, None
+        if self._hooks.off:
+            self._close_off()
+        elif frame is not None and _returned(frame):
+            self._finish()
+        else:
+            self._abort()
 
     @_eager
     def enter(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """A stack (encoder, decoder) begins: its own mask describes its tensors."""
-        if self._skip() or self._hooks.off:
+        if self._skip():
+            return
+        self.settle()
+        if self._hooks.off:
             return
         context = self._context
         alone = context is None or self._owner is None
@@ -552,6 +652,8 @@ class Forwards:
     def report_silent(self, warn: bool = True) -> None:
         """At exit: one warning naming the sites that never fired or saw no real token (the model
         bypasses their modules, e.g. calls ``layer.forward`` directly); recorded as disabled."""
+        self.settle()
+        self._frame = None
         if self._pending:
             self._drop_pending()
         if not self._recorded:  # no forward, or the schedule skipped every one: nothing to say

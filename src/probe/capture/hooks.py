@@ -3,7 +3,7 @@
 Recipe::
 
     hooks = HookSet(model, sites)
-    hooks.attach(begin, end, enter, leave, observe, open_, close)   # inside try
+    hooks.attach(begin, end, enter, leave, observe, open_, close, arrive)   # inside try
     ...
     hooks.remove()                                     # in finally; reverse order
 
@@ -18,7 +18,9 @@ The model's own hooks do not fire when its ``forward`` is called directly (sente
 does): then the sites read in the model's own call are one forward from the first of them to the
 last (:attr:`HookSet.opening`, :attr:`HookSet.closing`, in the order the forward runs them; for the
 sites of ``hidden_states``): a pre-hook on the first one's module opens it (``open``, reading that
-call's mask), the last one's hook closes it (``close``). Only the thread that entered the capture
+call's mask), the last one's hook closes it (``close``). When the order is not known (modules named
+in ``sites=``), a pre-hook on every site's module (``arrive``) opens one at the first of them that
+runs inside a frame of the model's ``forward``; it ends with that frame. Only the thread that entered the capture
 counts calls.
 """
 
@@ -130,7 +132,7 @@ class HookSet:
     # ------------------------------------------------------------------------- attaching
     def attach(self, begin: Callable, end: Callable, enter: Callable, leave: Callable,
                observe: Callable[[int, Any], None], open_: Callable | None = None,
-               close: Callable[[], None] | None = None) -> None:
+               close: Callable[[], None] | None = None, arrive: Callable | None = None) -> None:
         """Register every hook (call inside ``try``; :meth:`remove` in ``finally``)."""
         root = self.model
         add = self.handles.append
@@ -149,6 +151,13 @@ class HookSet:
         if opener is not None and open_ is not None and close is not None:
             add(Handle("<forward>", self.sites[self.opening or 0].module, "pre-open",
                        opener.register_forward_pre_hook(open_, with_kwargs=True, prepend=True)))
+        elif arrive is not None:  # the sites' order is unknown: each site's module may open a forward
+            seen: set[int] = set()
+            for site, module in zip(self.sites, self.modules):
+                if site.module and id(module) not in seen:
+                    seen.add(id(module))
+                    add(Handle("<forward>", site.module, "pre-arrive",
+                               module.register_forward_pre_hook(arrive, with_kwargs=True, prepend=True)))
         for name, module in self.contexts.items():
             add(Handle("<stack>", name, "pre-stack", module.register_forward_pre_hook(
                 self._stack_pre(name, enter), with_kwargs=True, prepend=True)))

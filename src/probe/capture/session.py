@@ -360,7 +360,7 @@ class Capture:
         forwards.thread = threading.get_ident()
         try:
             self._hooks.attach(forwards.begin, forwards.end, forwards.enter, forwards.leave, forwards.observe,
-                               forwards.open, forwards.close)
+                               forwards.open, forwards.close, forwards.arrive)
         except BaseException:
             self._remove()
             self._recorder.abort()
@@ -409,6 +409,7 @@ class Capture:
                 nothing is lost). ``snapshot()`` with no new forward since the last window with
                 the same default label does nothing.
         """
+        self._forwards.settle()  # a forward of the model's forward called directly, ended since
         self._recorder.snapshot(step)
 
     # ---------------------------------------------------------------- results after exit
