@@ -388,3 +388,23 @@ def test_direct_forward_that_raises_on_its_first_call(sites):
     chunks = (_reference(model, calls[1:]) if sites == "hidden_states"
               else _module_reference(model, calls[1:], names))
     _check(run, chunks, names)
+
+
+@pytest.mark.parametrize("pad", ["right", "left"])
+def test_a_head_that_does_not_pass_the_mask_on(pad):
+    """``RwkvForCausalLM`` passes its base model the ids but not the mask (RWKV does not use it):
+    the head's call still says which of those very tokens are padding, as for the base model."""
+    torch.manual_seed(0)
+    config = T.RwkvConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                          intermediate_size=64, context_length=64)
+    model = T.RwkvForCausalLM(config).eval()
+    calls = [batch(3, 9, pad, seed=0), batch(2, 7, pad, seed=1)]
+    with torch.no_grad():
+        chunks = [(model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states, mask)
+                  for ids, mask in calls]
+    with probe.capture(model, stats=("moments",), strict=True) as run:
+        with torch.no_grad():
+            for ids, mask in calls:
+                model(input_ids=ids, attention_mask=mask)
+    _check(run, chunks)
+    assert run["hidden_states.2"].tokens == sum(int(m.sum()) for _, m in calls) < sum(m.numel() for _, m in calls)

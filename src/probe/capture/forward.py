@@ -46,6 +46,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from types import FrameType
 from typing import Any, Protocol
 
@@ -483,11 +484,27 @@ class Forwards:
                 return
             context = self._start(name)
         call = self._bind(module, args, kwargs)
-        inputs = context.calls[name] = read_call(call)
+        inputs = read_call(call)
+        outer = context.calls.get("")
+        if (not alone and inputs.mask is None and inputs.unreadable is None and outer is not None
+                and outer.mask is not None and self._same_tokens(call, outer)):
+            # a head that passes the base model its tokens but not the mask (RwkvForCausalLM): the
+            # model's call says which of these very tokens are padding
+            inputs = replace(inputs, mask=outer.mask,
+                             position_ids=outer.position_ids if inputs.position_ids is None else inputs.position_ids)
+        context.calls[name] = inputs
         if alone:
             self._phase = "decode" if self._options.phases and inputs.past else "prefill"
         self._hooks.reset(name)
         self._hooks.active.append(name)
+
+    def _same_tokens(self, call: dict[str, Any], outer: Any) -> bool:
+        """Whether a stack's call gets the very token tensor the model's call got."""
+        ids = call.get("input_ids")
+        if isinstance(ids, Tensor):
+            return ids is outer.input_ids
+        embeds = call.get("inputs_embeds")
+        return isinstance(embeds, Tensor) and self.call is not None and embeds is self.call.get("inputs_embeds")
 
     @_eager
     def leave(self, name: str, output: Any) -> None:
