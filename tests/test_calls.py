@@ -408,3 +408,79 @@ def test_a_head_that_does_not_pass_the_mask_on(pad):
                 model(input_ids=ids, attention_mask=mask)
     _check(run, chunks)
     assert run["hidden_states.2"].tokens == sum(int(m.sum()) for _, m in calls) < sum(m.numel() for _, m in calls)
+
+
+def _padded(b: int, t: int, seed: int):
+    ids, mask = batch(b, t, "right", seed=seed)
+    return ids, mask
+
+
+def test_sequence_first_encoder_layers_as_named_sites():
+    """``nn.TransformerEncoder`` without ``batch_first``: its layers' ``[sequence, batch, D]`` outputs
+    are read batch-major through ``src_key_padding_mask``, so padding is left out and ``skip_first``
+    drops each row's first token, not batch row 0."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    calls = [(torch.randn(7, 3, 16), batch(3, 7, "right", seed=0)[1]),
+             (torch.randn(5, 2, 16), batch(2, 5, "left", seed=1)[1])]
+    names = ["layers.0", "layers.1"]
+    seen: dict[str, list] = {n: [] for n in names}
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: seen[n].append(out))
+               for n in names]
+    with torch.no_grad():
+        for src, mask in calls:
+            model(src, src_key_padding_mask=mask == 0)
+    for h in handles:
+        h.remove()
+    chunks = [(tuple(seen[n][k].transpose(0, 1) for n in names), mask) for k, (_, mask) in enumerate(calls)]
+    for skip in (0, 1):
+        with probe.capture(model, sites=names, stats=("moments", "position"), strict=True,
+                           skip_first=skip) as run:
+            with torch.no_grad():
+                for src, mask in calls:
+                    model(src, src_key_padding_mask=mask == 0)
+        if skip == 0:
+            _check(run, chunks, names)
+            # positions over each row's real tokens: right padding 0..n-1, left padding too
+            expected = np.bincount(np.concatenate([np.arange(int(n)) for _, m in calls for n in m.sum(1)]))
+            np.testing.assert_array_equal(run["layers.1"].position.tokens[:len(expected)], expected)
+        else:
+            assert run["layers.1"].tokens == sum(int(m.sum()) - m.shape[0] for _, m in calls)
+    # a square batch (4 x 4, padded): the layers' batch_first says it
+    src, mask = torch.randn(4, 4, 16), batch(4, 4, "right", seed=2)[1]
+    assert int(mask.sum()) < mask.numel()
+    seen["layers.1"].clear()
+    handle = model.layers[1].register_forward_hook(lambda m, a, out: seen["layers.1"].append(out))
+    with torch.no_grad():
+        model(src, src_key_padding_mask=mask == 0)
+    handle.remove()
+    with probe.capture(model, sites=["layers.1"], stats=("moments",), strict=True) as run:
+        with torch.no_grad():
+            model(src, src_key_padding_mask=mask == 0)
+    _check(run, [((seen["layers.1"][0].transpose(0, 1),), mask)], ["layers.1"])
+
+
+def _xlnet():
+    torch.manual_seed(0)
+    config = T.XLNetConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=2, d_inner=64)
+    return T.XLNetModel(config).eval()
+
+
+def test_xlnet_layers_as_named_sites():
+    """XLNet's layers run ``[sequence, batch, D]``: read batch-major against ``output_hidden_states``;
+    a square batch cannot be told apart and is refused in one line."""
+    model = _xlnet()
+    calls = [batch(3, 9, "right", seed=0), batch(2, 7, "left", seed=1)]
+    chunks = _reference(model, calls)
+    with probe.capture(model, sites=["layer.0", "layer.1"], stats=("moments",), strict=True) as run:
+        with torch.no_grad():
+            for ids, mask in calls:
+                model(input_ids=ids, attention_mask=mask)
+    assert run.sites == ["layer.0", "layer.1"]
+    _check(run, [(h[1:], m) for h, m in chunks], ["layer.0", "layer.1"])
+    ids, mask = batch(4, 4, "right", seed=3)
+    with pytest.raises(probe.ProbeError, match=r"batch size and sequence length are both 4.*pad the batch"):
+        with probe.capture(model, sites=["layer.0", "layer.1"], strict=True):
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)

@@ -203,6 +203,22 @@ def _returned(frame: FrameType) -> bool:
     return 0 <= last < len(code) and code[last] in _RETURNS
 
 
+#: model types whose layers run ``[sequence, batch, ...]`` inside a batch-first model
+_SEQUENCE_FIRST = frozenset({"xlnet", "transfo-xl"})
+
+
+def _batch_first(module: nn.Module) -> bool | None:
+    """A module's own word on its layout: ``batch_first`` of it, its ``self_attn`` or its first
+    layer's (``nn.MultiheadAttention``, ``nn.Transformer*``); ``None`` when it says nothing."""
+    layers = getattr(module, "layers", None)
+    first = layers[0] if isinstance(layers, nn.ModuleList) and len(layers) else None
+    for m in (module, getattr(module, "self_attn", None), first, getattr(first, "self_attn", None)):
+        said = getattr(m, "batch_first", None)
+        if isinstance(said, bool):
+            return said
+    return None
+
+
 def _in_backward() -> bool:
     # gradient checkpointing re-runs forwards of (sub)modules inside the backward pass
     return torch._C._current_graph_task_id() != -1
@@ -258,6 +274,7 @@ class Forwards:
         self._fired: set[int] = set()
         self._real: dict[int, Tensor] = {}  # real tokens seen per site (device counters, read at exit)
         self._signatures: dict[int, inspect.Signature | None] = {}
+        self._seq_first: dict[int, bool] = {}  # named sites whose layout a call's shapes showed
         self._codes = _forward_codes(hooks.model)
         self._opener_calls = 0  # calls of the opening module in the forward it opened, so far
         self._opener_whole: int | None = None  # ... and in the last one that ended
@@ -600,8 +617,11 @@ class Forwards:
             raise SiteError("expected [batch, sequence, ...] or [batch·sequence, ...] activations; "
                             "capture a module whose output keeps the token dims")
         raw, x = x, x.detach()
-        if site.layout is not None:
-            x = x.permute(site.layout)
+        layout = site.layout
+        if layout is None and x.dim() > 2 and self._sequence_first(i, x, context):
+            layout = (1, 0, *range(2, x.dim()))  # [sequence, batch, ...], read batch-major
+        if layout is not None:
+            x = x.permute(layout)
         self.dtypes.setdefault(site.name, str(x.dtype).replace("torch.", ""))
         if x.dim() == 2:  # [batch·sequence, D]: the tokens of its forward's grid (see tokens.py)
             x = x.unsqueeze(1)
@@ -612,7 +632,7 @@ class Forwards:
             tokens = context.tokens(self._sources[i], x.shape[0], x.shape[1], x.device)
         b, t = x.shape[0], x.shape[1]
         if self._grads is not None and self._phase == "prefill" and raw.dim() > 2:
-            self._grads.watch(i, raw, site.layout, tokens)
+            self._grads.watch(i, raw, layout, tokens)
         shape = (b * t, x.shape[2:].numel())
         real = self._real.get(i)
         count = tokens.cache.get("real")
@@ -636,6 +656,33 @@ class Forwards:
             return
         self._pending.append((i, name, x2, _version(x2), tokens, x))
         self._pending_bytes += size
+
+    def _sequence_first(self, i: int, x: Tensor, context: TokenContext) -> bool:
+        """Whether site ``i``'s tensor runs sequence-first (``[sequence, batch, ...]``: XLNet's layers,
+        ``nn.TransformerEncoder`` without ``batch_first``), told from its call's 2-D mask ``[batch,
+        keys]``: the batch is the axis of the mask's size, once the two axes' sizes differ. With
+        both equal to the batch size, what an earlier call showed, else the module's ``batch_first``
+        says it; refused for a model known to run sequence-first, else read batch-major."""
+        inputs = context.calls.get(self._sources[i])
+        mask = None if inputs is None else inputs.mask
+        if mask is None or mask.dim() != 2:
+            return self._seq_first.get(i, False)
+        b, m = mask.shape
+        first, second = x.shape[0], x.shape[1]
+        if first == b and second != b:
+            self._seq_first[i] = False
+        elif second == b and first != b and first <= m:
+            self._seq_first[i] = True
+        elif first == second == b and i not in self._seq_first:
+            said = _batch_first(self._hooks.modules[i])
+            if said is not None:
+                return not said
+            if getattr(getattr(self._hooks.model, "config", None), "model_type", None) in _SEQUENCE_FIRST:
+                raise SiteError(f"the tensor is {tuple(x.shape)}: batch size and sequence length are both {b}, so "
+                                "whether this sequence-first model's tensor is [sequence, batch, ...] cannot be "
+                                "told; expected a batch whose size differs from its sequence length; pad the "
+                                "batch to another length or change its size")
+        return self._seq_first.get(i, False)
 
     def _hold(self, i: int, x: Tensor) -> Tensor:
         """A copy of CPU site ``i``'s tensor ``x`` in a buffer of this capture's, reused across forwards
