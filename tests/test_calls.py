@@ -484,3 +484,36 @@ def test_xlnet_layers_as_named_sites():
         with probe.capture(model, sites=["layer.0", "layer.1"], strict=True):
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_audio_sample_mask_becomes_a_frame_mask(head):
+    """A padded clip's ``attention_mask`` covers its samples; the states are frames: the frames' mask
+    is the model's own (``_get_feature_vector_attention_mask``), in forward and called directly."""
+    torch.manual_seed(0)
+    config = T.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                              conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                              num_conv_pos_embedding_groups=2, feat_extract_norm="layer", do_stable_layer_norm=True,
+                              vocab_size=12)
+    model = (T.Wav2Vec2ForCTC if head else T.Wav2Vec2Model)(config).eval()
+    base = model.wav2vec2 if head else model
+    g = torch.Generator().manual_seed(1)
+    clips = []
+    for b, samples, real in ((2, 400, (400, 250)), (3, 320, (320, 200, 90))):
+        values, mask = torch.randn(b, samples, generator=g), torch.zeros(b, samples, dtype=torch.long)
+        for row, n in enumerate(real):
+            mask[row, :n] = 1
+            values[row, n:] = 0.0
+        clips.append((values, mask))
+    chunks = []
+    with torch.no_grad():
+        for values, mask in clips:
+            hidden = model(values, attention_mask=mask, output_hidden_states=True).hidden_states
+            chunks.append((hidden, base._get_feature_vector_attention_mask(hidden[0].shape[1], mask)))
+    assert all(int(m.sum()) < m.numel() for _, m in chunks)
+    for direct in (False, True):
+        with probe.capture(model, stats=("moments",), strict=True) as run:
+            with torch.no_grad():
+                for values, mask in clips:
+                    (model.forward if direct else model)(values, attention_mask=mask)
+        _check(run, chunks)

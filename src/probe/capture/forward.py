@@ -61,7 +61,7 @@ from .hooks import HookSet, token_source
 from .options import CaptureOptions
 from .parallel import Placements
 from .sites import discovering
-from .tokens import TokenContext, read_call
+from .tokens import CallInputs, TokenContext, read_call
 
 __all__ = ["Forwards", "ForwardCounter", "forward_signature"]
 
@@ -219,6 +219,31 @@ def _batch_first(module: nn.Module) -> bool | None:
     return None
 
 
+def _frames(module: nn.Module, call: dict[str, Any], inputs: CallInputs) -> CallInputs:
+    """An audio model's call whose ``attention_mask`` covers the clip's samples (``input_values``
+    ``[batch, samples]``): its frames' mask, as the model itself derives it
+    (``_get_feature_vector_attention_mask`` of Wav2Vec2 and its kin: the first
+    ``_get_feat_extract_output_lengths(real samples)`` frames of each row are real; no adapter, as
+    for the encoder's states); any other call as it is."""
+    values, mask = call.get("input_values"), call.get("attention_mask")
+    if not (isinstance(values, Tensor) and isinstance(mask, Tensor) and mask.dim() == 2
+            and values.dim() == 2 and tuple(mask.shape) == tuple(values.shape)):
+        return inputs
+    for m in (module, getattr(module, "base_model", None)):
+        to_frames = getattr(m, "_get_feature_vector_attention_mask", None)
+        lengths = getattr(m, "_get_feat_extract_output_lengths", None)
+        if not (callable(to_frames) and callable(lengths)):
+            continue
+        try:
+            frames = lengths(torch.tensor(values.shape[1]), add_adapter=False)
+            frame_mask = to_frames(int(frames), mask, add_adapter=False)
+        except TypeError:  # a model whose helpers take no add_adapter
+            frames = lengths(torch.tensor(values.shape[1]))
+            frame_mask = to_frames(int(frames), mask)
+        return replace(inputs, mask=frame_mask.bool(), position_ids=None)
+    return inputs
+
+
 def _in_backward() -> bool:
     # gradient checkpointing re-runs forwards of (sub)modules inside the backward pass
     return torch._C._current_graph_task_id() != -1
@@ -369,7 +394,7 @@ class Forwards:
             return
         context = self._start("")
         call = self._bind(module, args, kwargs)
-        inputs = read_call(call)
+        inputs = _frames(module, call, read_call(call))
         context.calls[""] = inputs
         if "decoder_" in self._sources:
             context.calls["decoder_"] = read_call(call, "decoder_")
@@ -425,7 +450,7 @@ class Forwards:
         context = self._start(SITES)
         # the model's forward is not a Python frame: the first layer's call says it
         call = self._bind(module, args, kwargs) if frame is None else _frame_call(frame)
-        inputs = context.calls[""] = read_call(call, layer=True)
+        inputs = context.calls[""] = _frames(self._hooks.model, call, read_call(call, layer=True))
         self._phase = "decode" if self._options.phases and inputs.past else "prefill"
 
     @_eager
@@ -464,7 +489,8 @@ class Forwards:
         if self._scheduled_off(FRAME):
             return
         context = self._start(FRAME)
-        inputs = context.calls[""] = read_call(_frame_call(frame))
+        call = _frame_call(frame)
+        inputs = context.calls[""] = _frames(self._hooks.model, call, read_call(call))
         self._phase = "decode" if self._options.phases and inputs.past else "prefill"
 
     def settle(self) -> None:
@@ -501,7 +527,7 @@ class Forwards:
                 return
             context = self._start(name)
         call = self._bind(module, args, kwargs)
-        inputs = read_call(call)
+        inputs = _frames(module, call, read_call(call))
         outer = context.calls.get("")
         if (not alone and inputs.mask is None and inputs.unreadable is None and outer is not None
                 and outer.mask is not None and self._same_tokens(call, outer)):

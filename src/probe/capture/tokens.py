@@ -18,6 +18,8 @@ call's token inputs; when a site's tensor ``[batch, sequence, ...]`` arrives,
   transformers builds (causal, sliding, chunked, bidirectional, padded, packed) lets a real token
   see itself and hides a padding token from everyone. A per-layer-type dict of them is read
   through one of its masks; a flex-attention ``BlockMask`` is refused.
+  An audio model's sample-level mask is mapped to its frames before it gets here
+  (:func:`probe.capture.forward._frames`).
 - **absolute positions**: ``position_ids``, else the mask's running count of real tokens (4-D:
   the keys up to its own that the query attends, which restarts in a packed block-diagonal mask),
   else ``cache_position``, else ``arange`` offset by the KV cache's length. Inputs read from a
