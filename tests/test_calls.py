@@ -349,12 +349,14 @@ def test_named_sites_under_a_direct_forward_read_the_mask(kind):
     model = _base(kind)
     calls = _calls()
     glob = "layers.*.mlp" if kind == "llama" else "encoder.layer.*.intermediate"
+    before = hook_state(model)
     with probe.capture(model, sites=[glob], stats=("moments",), strict=True) as run:
         with torch.no_grad():
             for ids, mask in calls:
                 model.forward(input_ids=ids, attention_mask=mask)
             run.snapshot()
             model.forward(input_ids=calls[0][0], attention_mask=calls[0][1])
+    assert hook_state(model) == before
     names = list(run.sites)
     assert len(names) == 2
     chunks = _module_reference(model, calls + calls[:1], names)
@@ -402,12 +404,14 @@ def test_a_head_that_does_not_pass_the_mask_on(pad):
     with torch.no_grad():
         chunks = [(model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states, mask)
                   for ids, mask in calls]
-    with probe.capture(model, stats=("moments",), strict=True) as run:
-        with torch.no_grad():
-            for ids, mask in calls:
-                model(input_ids=ids, attention_mask=mask)
-    _check(run, chunks)
-    assert run["hidden_states.2"].tokens == sum(int(m.sum()) for _, m in calls) < sum(m.numel() for _, m in calls)
+    for direct in (False, True):
+        with probe.capture(model, stats=("moments",), strict=True) as run:
+            with torch.no_grad():
+                for ids, mask in calls:
+                    (model.forward if direct else model)(input_ids=ids, attention_mask=mask)
+        _check(run, chunks)
+        real = sum(int(m.sum()) for _, m in calls)
+        assert run["hidden_states.2"].tokens == real < sum(m.numel() for _, m in calls)
 
 
 def _padded(b: int, t: int, seed: int):

@@ -528,26 +528,36 @@ class Forwards:
             context = self._start(name)
         call = self._bind(module, args, kwargs)
         inputs = _frames(module, call, read_call(call))
-        outer = context.calls.get("")
-        if (not alone and inputs.mask is None and inputs.unreadable is None and outer is not None
-                and outer.mask is not None and self._same_tokens(call, outer)):
-            # a head that passes the base model its tokens but not the mask (RwkvForCausalLM): the
-            # model's call says which of these very tokens are padding
-            inputs = replace(inputs, mask=outer.mask,
-                             position_ids=outer.position_ids if inputs.position_ids is None else inputs.position_ids)
+        if inputs.mask is None and inputs.unreadable is None:
+            inputs = self._borrow_mask(call, inputs, alone)
         context.calls[name] = inputs
         if alone:
             self._phase = "decode" if self._options.phases and inputs.past else "prefill"
         self._hooks.reset(name)
         self._hooks.active.append(name)
 
-    def _same_tokens(self, call: dict[str, Any], outer: Any) -> bool:
-        """Whether a stack's call gets the very token tensor the model's call got."""
-        ids = call.get("input_ids")
-        if isinstance(ids, Tensor):
-            return ids is outer.input_ids
-        embeds = call.get("inputs_embeds")
-        return isinstance(embeds, Tensor) and self.call is not None and embeds is self.call.get("inputs_embeds")
+    def _borrow_mask(self, call: dict[str, Any], inputs: CallInputs, alone: bool) -> CallInputs:
+        """A stack called without a mask but with the very token tensor the model's call got (a
+        head that passes its base model the ids, not the mask: RwkvForCausalLM): the model's
+        call says which of these tokens are padding. The model's call is its pre-hook's, or, with
+        ``forward`` called directly, its running frame's."""
+        if alone:
+            frame = _running_frame(self._hooks.model, self._codes)
+            outer_call = None if frame is None else _frame_call(frame)
+        else:
+            outer_call = self.call
+        if outer_call is None:
+            return inputs
+        ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
+        same = (ids is outer_call.get("input_ids") if isinstance(ids, Tensor)
+                else isinstance(embeds, Tensor) and embeds is outer_call.get("inputs_embeds"))
+        if not same:
+            return inputs
+        outer = read_call(outer_call)
+        if outer.mask is None or outer.unreadable is not None:
+            return inputs
+        return replace(inputs, mask=outer.mask,
+                       position_ids=outer.position_ids if inputs.position_ids is None else inputs.position_ids)
 
     @_eager
     def leave(self, name: str, output: Any) -> None:
