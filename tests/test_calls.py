@@ -369,6 +369,12 @@ def test_named_sites_under_a_direct_forward_read_the_mask(kind):
                 model.forward(input_ids=ids, attention_mask=mask)
     _check(run, _reference(model, calls))
     _check(run, _module_reference(model, calls, names), names)
+    # a schedule skipping every second forward: each skipped one ends with its frame too
+    with probe.capture(model, sites=[glob], stats=("moments",), strict=True, schedule=lambda n: n % 2 == 0) as run:
+        with torch.no_grad():
+            for ids, mask in calls:
+                model.forward(input_ids=ids, attention_mask=mask)
+    _check(run, _module_reference(model, calls[::2], names), names)
 
 
 @pytest.mark.parametrize("sites", ["hidden_states", "layers.*.mlp"])
