@@ -420,11 +420,6 @@ def test_a_head_that_does_not_pass_the_mask_on(pad):
         assert run["hidden_states.2"].tokens == real < sum(m.numel() for _, m in calls)
 
 
-def _padded(b: int, t: int, seed: int):
-    ids, mask = batch(b, t, "right", seed=seed)
-    return ids, mask
-
-
 def test_sequence_first_encoder_layers_as_named_sites():
     """``nn.TransformerEncoder`` without ``batch_first``: its layers' ``[sequence, batch, D]`` outputs
     are read batch-major through ``src_key_padding_mask``, so padding is left out and ``skip_first``
