@@ -109,6 +109,8 @@ def _setup(mode: str, rank: int, world: int):
         parallelize_module(model, mesh["tp"], _tp_plan())
         layout = Layout(mesh["tp"], {"hidden_states.*": "replicate"})
         batches = [i for i in range(N) if i % 2 == mesh["dp"].get_local_rank()]
+    elif mode == "replicas":  # no model parallelism: every rank runs every batch, described as replicas
+        layout = Layout(None, {"hidden_states.*": "replicate"}, verify=True)
     elif mode in ("fsdp", "fsdp_compile"):
         from torch.distributed.fsdp import fully_shard
 
@@ -204,6 +206,19 @@ def _worker(rank: int, world: int, port: int, folder: str, mode: str, jobs: tupl
                             model(input_ids=data[0][0], attention_mask=data[0][1], use_cache=False)
                 with open(os.path.join(folder, f"mixed{rank}.txt"), "w") as f:
                     f.write(f"{dict(run.result.total.cross)!r}\n" + "\n".join(str(w.message) for w in caught))
+                continue
+            if job in ("same", "differ"):  # Layout(verify=True): replicas checked across the group
+                import warnings
+
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    with probe.capture(model, os.path.join(folder, f"{job}.h5"), parallel=layout, seed=5, **OPTIONS):
+                        for i in batches:
+                            j = (i + rank) % N if job == "differ" else i  # "differ": rank 1 another batch
+                            with torch.no_grad():
+                                model(input_ids=data[j][0], attention_mask=data[j][1], use_cache=False)
+                with open(os.path.join(folder, f"{job}{rank}.txt"), "w") as f:
+                    f.write("\n".join(str(w.message) for w in caught if "replicas" in str(w.message)))
                 continue
             options = LINEAR if job == "linear" else OPTIONS
             with probe.capture(model, os.path.join(folder, f"{job}.h5"), parallel=layout, seed=5, **options):
@@ -346,6 +361,21 @@ def test_fsdp2_compiled_inside_the_block(tmp_path):
 def test_data_and_tensor_parallel(tmp_path):
     _check(tmp_path, 4, "dp_tp", {"hidden": {"hidden_states.1": "replicate"},
                                   "linear": {"down_proj": "features", "up_proj": "replicate"}})
+
+
+@pytest.mark.slow
+def test_replicas_are_verified(tmp_path):
+    """Layout(verify=True): replicas that are equal count once and warn nothing (the file equals one
+    process's); replicas that differ (rank 1 fed other batches) give one warning naming the sites."""
+    _spawn(2, tmp_path, "replicas", ("same", "differ"))
+    run = probe.load(tmp_path / "same.h5")
+    WORST.clear()
+    _compare(run, _reference(False), rows_differ=False)
+    for rank in range(2):
+        assert (tmp_path / f"same{rank}.txt").read_text() == ""
+        warned = [m for m in (tmp_path / f"differ{rank}.txt").read_text().split("\n") if m]
+        assert len(warned) == 1 and "replicas of 3 replicated site(s) differ" in warned[0], warned
+        assert "hidden_states.0, hidden_states.1, hidden_states.2" in warned[0]
 
 
 @pytest.mark.slow

@@ -79,6 +79,12 @@ class Layout:
             matching glob wins.
         default: the placement of a plain site no glob matches; ``None`` (default): such a site
             follows the model (``"data"`` without tensor-parallel modules, refused with them).
+        verify: every rank accumulates a checksum of each replicated site's tensor (its element
+            count, Σ|x| and Σx² in float64, the k-th forward's weighted by k, on the tensor's device,
+            no host sync; two reductions per site and forward), and at exit one ``all_gather`` compares them within each replica
+            group: one warning names the sites whose replicas differ by more than 1e-6 relative
+            (they were not the same tensor, so counting one of them misrepresents the others).
+        pipeline, pipeline_group: see :meth:`pipeline_stage`.
 
     Raises:
         ProbeError: from :func:`check_layout` (``capture(parallel=...)``) for a placement outside
@@ -94,6 +100,9 @@ class Layout:
     #: the pipeline's group (``ProcessGroup``, 1-D ``DeviceMesh`` or ``None``: the whole world); the
     #: stage index is this rank's index in it
     pipeline_group: Any = None
+    #: check that the replicas of every ``"replicate"`` site are equal across their group (see
+    #: :meth:`Placements.localize`): one warning naming the sites whose replicas differ
+    verify: bool = False
 
     @classmethod
     def pipeline_stage(cls, group: Any = None, tensor: Layout | None = None) -> Layout:
@@ -120,10 +129,11 @@ class Layout:
                 run the same batches).
         """
         base = tensor if tensor is not None else cls()
-        return cls(base.group, dict(base.sites), base.default, pipeline=True, pipeline_group=group)
+        return cls(base.group, dict(base.sites), base.default, pipeline=True, pipeline_group=group,
+                   verify=base.verify)
 
     @classmethod
-    def from_plan(cls, group: Any, plan: Mapping[str, Any]) -> Layout:
+    def from_plan(cls, group: Any, plan: Mapping[str, Any], verify: bool = False) -> Layout:
         """The layout of the residual stream for a ``parallelize_module`` plan: ``"tokens"`` when
         the plan holds a ``SequenceParallel`` style (sequence parallelism: the stream between the
         blocks is ``Shard(1)``), else ``"replicate"``; linear inputs carry their own DTensor
@@ -132,7 +142,7 @@ class Layout:
 
         sp = any(isinstance(style, SequenceParallel) for style in plan.values())
         return cls(group, {"hidden_states.*": "tokens" if sp else "replicate",
-                           "*hidden_states.*": "tokens" if sp else "replicate"})
+                           "*hidden_states.*": "tokens" if sp else "replicate"}, verify=verify)
 
     def kind_of(self, name: str, module: str) -> PlacementKind | None:
         """The placement a plain tensor of site ``name`` (of ``module``) has, or ``None``."""
@@ -246,6 +256,11 @@ class Placements:
         self._group = _group_of(layout.group) if (layout is not None and distributed) else None
         #: per site, after :meth:`localize`: (placement, group size) agreed over every rank
         self.agreed: dict[str, tuple[str, int]] = {}
+        #: ``Layout(verify=True)``: per replicated site, this rank's checksum of its replicas
+        self.checksums: dict[int, Tensor] = {}
+        self._calls: dict[int, int] = {}
+        #: the replicated sites whose replicas differed (after :meth:`localize`)
+        self.differ: list[str] = []
         #: a pipeline stage: its decoder layers' count and their container's path
         self.stage: tuple[int, str] | None = None
         #: after :meth:`stages`: what the file records of the pipeline (``meta["parallel"]["pipeline"]``)
@@ -275,6 +290,8 @@ class Placements:
                 found = self._described(i)
         if found is not None:
             self.sites.setdefault(i, found)
+            if found.kind == "replicate" and self.layout is not None and self.layout.verify:
+                self._checksum(i, x)
             if found.kind == "features":
                 whole = [s for s in _WHOLE_TOKEN if s in self.stats]
                 if whole:
@@ -282,6 +299,16 @@ class Placements:
                                     f"1/{found.size} slice of (the site is sharded along features); pass stats "
                                     "without them for this capture")
         return x, found
+
+    def _checksum(self, i: int, x: Tensor) -> None:
+        """Fold replica ``x`` of site ``i`` into its checksum (count, Σ|x|, Σx², float64, on device),
+        the ``k``-th call's weighted by ``k`` (the same batches in another order differ too)."""
+        x = x.detach()
+        self._calls[i] = k = self._calls.get(i, 0) + 1
+        part = torch.stack((torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
+                            x.abs().sum(dtype=torch.float64), x.double().square().sum())) * k
+        known = self.checksums.get(i)
+        self.checksums[i] = part if known is None else known + part
 
     def _described(self, i: int) -> Placement | None:
         name, module = self.names[i], self.modules[i]
@@ -407,6 +434,8 @@ class Placements:
                                  "capture(parallel=...) describing it the same way on every rank")
             if codes:
                 self.agreed[name] = (KINDS[codes.pop() - 1], int(table[:, i, 2].max()))
+        if self.layout is not None and self.layout.verify:
+            self._verify(table, device)
         out = []
         for row in rows:
             sites = dict(row.sites)
@@ -424,6 +453,36 @@ class Placements:
                         sites[name] = {kind: {} for kind in sites[name]}
             out.append(WindowState(row.step, sites, row.cross))
         return out
+
+    def _verify(self, table: np.ndarray, device: torch.device) -> None:
+        """Compare the replicas' checksums within each group (one ``all_gather``; every rank calls it
+        when the layout asks to verify); one warning names the sites whose replicas differ."""
+        import torch.distributed as dist
+
+        n = len(self.names)
+        mine = torch.zeros(max(n, 1), 3, dtype=torch.float64, device=device)
+        for i, c in self.checksums.items():
+            mine[i] = c.to(device)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+        sums = torch.stack(every).cpu().numpy()[:, :n]  # [world, sites, 3]
+        replicate = _CODE["replicate"]
+        self.differ = []
+        for i, name in enumerate(self.names):
+            held = table[:, i, 0] == replicate
+            for leader in sorted(set(table[held, i, 3].tolist())):
+                group = sums[held & (table[:, i, 3] == leader), i]  # [replicas, 3]
+                spread = group.max(0) - group.min(0)
+                if np.any(spread > 1e-6 * np.abs(group).max(0)):
+                    self.differ.append(name)
+                    break
+        if self.differ:
+            shown = ", ".join(self.differ[:4]) + (" …" if len(self.differ) > 4 else "")
+            warnings.warn(f"probe: the replicas of {len(self.differ)} replicated site(s) differ across their group "
+                          f"({shown}): expected every rank of the group to hold the same tensor, but their "
+                          "checksums (count, sum |x|, sum x^2) differ by more than 1e-6 relative; only the group's "
+                          "first rank was counted; describe these sites as 'tokens', 'features' or 'data' "
+                          "(docs/distributed.md)", stacklevel=6)
 
     def _widths(self, rows: list[WindowState]) -> dict[int, int]:
         out = {}
