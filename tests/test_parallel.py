@@ -139,8 +139,9 @@ def _pipeline(rank: int, folder: str, jobs: tuple[str, ...]) -> None:
     """Two stages over the same batches: stage 0 sends its last hidden state to stage 1, which runs
     on ``inputs_embeds`` and the ``attention_mask``."""
     stage, data = _stage(rank), _batches()
-    options = {**OPTIONS, "stats": ("moments", "position", "histogram", "topk", "sample", "cross")}
+    hidden = {**OPTIONS, "stats": ("moments", "position", "histogram", "topk", "sample", "cross")}
     for job in jobs:
+        options = LINEAR if job == "linear" else hidden
         if job == "uneven":  # stage 1 sees one batch fewer: refused at exit
             with torch.no_grad():  # no send/recv: each stage on its own
                 embeds = [stage.embed_tokens(ids) for ids, _ in data]
@@ -161,7 +162,7 @@ def _pipeline(rank: int, folder: str, jobs: tuple[str, ...]) -> None:
                                **options):
                 for ids, mask in data:
                     _stage_forward(stage, rank, ids, mask)
-        with open(os.path.join(folder, f"warnings{rank}.txt"), "w") as f:
+        with open(os.path.join(folder, f"warnings{job}{rank}.txt"), "w") as f:
             f.write("\n".join(str(w.message) for w in caught if "probe" in str(w.message)))
 
 
@@ -363,6 +364,31 @@ def test_data_and_tensor_parallel(tmp_path):
                                   "linear": {"down_proj": "features", "up_proj": "replicate"}})
 
 
+def _compare_stages(run, ref, names: dict[str, str], stats, later) -> None:
+    """Every field of each site ``name`` of ``run`` against site ``names[name]`` of ``ref``; at a
+    ``later(name)`` stage's site the token ids are -1 (no input_ids there)."""
+    for name, ref_name in names.items():
+        for kind in stats:
+            got, want = run.total.sites[name][kind], ref.total.sites[ref_name][kind]
+            assert set(got) == set(want), (name, kind)
+            if kind == "sample":
+                assert np.isfinite(got["key"]).sum() == np.isfinite(want["key"]).sum(), name
+                continue
+            for f in SPECS[kind].fields:
+                what = f"{name}.{kind}.{f.name}"
+                g, w = np.array(got[f.name]), np.array(want[f.name])
+                if later(name) and f.name == "token":
+                    assert (g == -1).all() and (w >= 0).any(), what
+                    continue
+                if later(name) and f.name == "absmax_at":
+                    assert g[3] == -1, what
+                    g, w = g[:3], w[:3]
+                if f.dtype == "float64":
+                    _close(g, w, what, 1e-12, ("pipeline", kind))
+                else:
+                    np.testing.assert_array_equal(g, w, err_msg=what)
+
+
 @pytest.mark.slow
 def test_replicas_are_verified(tmp_path):
     """Layout(verify=True): replicas that are equal count once and warn nothing (the file equals one
@@ -384,7 +410,7 @@ def test_pipeline_stages(tmp_path):
     model order, equal to the one-process file field by field; the later stage's token ids are -1
     (one warning); the cross-layer statistic is left out (one warning); stages that counted
     different tokens are refused in one line."""
-    _spawn(2, tmp_path, "pp", ("hidden", "uneven"))
+    _spawn(2, tmp_path, "pp", ("hidden", "linear", "uneven"))
     run = probe.load(tmp_path / "hidden.h5")
     model, data = _model(), _batches()
     stats = ("moments", "position", "histogram", "topk", "sample")
@@ -401,35 +427,21 @@ def test_pipeline_stages(tmp_path):
     assert [s["name"] for s in run.meta["sites"]] == run.sites and run.meta["cross_sites"] == []
     assert dict(run.total.cross) == {} and run.meta["disabled"] == {}
     WORST.clear()
-    for name in ref.sites:
-        later = name == "hidden_states.2"  # stage 1's: no input_ids there
-        for kind in stats:
-            got, want = run.total.sites[name][kind], ref.total.sites[name][kind]
-            assert set(got) == set(want), (name, kind)
-            if kind == "sample":
-                assert np.isfinite(got["key"]).sum() == np.isfinite(want["key"]).sum(), name
-                continue
-            for f in SPECS[kind].fields:
-                what = f"{name}.{kind}.{f.name}"
-                g, w = np.array(got[f.name]), np.array(want[f.name])
-                if later and f.name == "token":
-                    assert (g == -1).all() and (w >= 0).any(), what
-                    continue
-                if later and f.name == "absmax_at":
-                    assert g[3] == -1, what
-                    g, w = g[:3], w[:3]
-                if f.dtype == "float64":
-                    _close(g, w, what, 1e-12, ("pipeline", kind))
-                else:
-                    np.testing.assert_array_equal(g, w, err_msg=what)
+    _compare_stages(run, ref, {name: name for name in ref.sites}, stats, lambda name: name == "hidden_states.2")
+    # linear inputs: the stages' "layers.0..." are the whole model's "model.layers.<stage>..."
+    linear = probe.load(tmp_path / "linear.h5")
+    ref = _reference(True)
+    names = {name[len("model."):]: name for name in ref.sites if name.startswith("model.layers.")}
+    assert linear.sites == list(names) and linear.sites[0] == "layers.0.self_attn.q_proj"
+    assert [s["module"] for s in linear.meta["sites"]] == linear.sites
+    _compare_stages(linear, ref, names, LINEAR["stats"], lambda name: name.startswith("layers.1."))
     print("\npipeline: largest float64 difference, relative:",
           ", ".join(f"{k} {v:.1e}" for (_, k), v in sorted(WORST.items())))
     for rank in range(2):
-        warned = (tmp_path / f"warnings{rank}.txt").read_text().split("\n")
+        warned = (tmp_path / f"warningshidden{rank}.txt").read_text().split("\n")
         assert sum("ran without input_ids" in m for m in warned) == 1, warned
         assert not any("recorded nothing" in m for m in warned), warned
         assert sum("cross-layer statistic" in m for m in warned) == 1, warned
-        print(f"stage {rank} warned:", warned, "refused:", (tmp_path / f"uneven{rank}.txt").read_text())
         message = (tmp_path / f"uneven{rank}.txt").read_text()
         assert "pipeline stages counted [" in message and "\n" not in message
 
