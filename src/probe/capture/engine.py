@@ -263,7 +263,8 @@ class StatEngine:
         into their statistics: one batched update per statistic, in chunks of tokens."""
         pers = [self.window[name] for name in names]
         kinds = list(pers[0])
-        if _kernels.wanted(x):  # CUDA + Triton: one fused kernel for moments, histogram, position
+        if x.dtype != torch.float64 and _kernels.wanted(x):  # CUDA + Triton: one fused float32 kernel for
+            # moments, histogram, position (a float64 site takes the float64 moment sums instead)
             kinds = _kernels.update(pers, x, tokens)
         g, n, d = x.shape
         chunked = [k for k in kinds if pers[0][k].chunked]
