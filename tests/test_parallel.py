@@ -142,6 +142,8 @@ def _pipeline(rank: int, folder: str, jobs: tuple[str, ...]) -> None:
     hidden = {**OPTIONS, "stats": ("moments", "position", "histogram", "topk", "sample", "cross")}
     for job in jobs:
         options = LINEAR if job == "linear" else hidden
+        if job == "few":  # the stages capture different numbers of sites
+            options = {**LINEAR, "sites": "linear_inputs" if rank == 0 else ["layers.0.mlp.down_proj:input"]}
         if job == "uneven":  # stage 1 sees one batch fewer: refused at exit
             with torch.no_grad():  # no send/recv: each stage on its own
                 embeds = [stage.embed_tokens(ids) for ids, _ in data]
@@ -410,7 +412,7 @@ def test_pipeline_stages(tmp_path):
     model order, equal to the one-process file field by field; the later stage's token ids are -1
     (one warning); the cross-layer statistic is left out (one warning); stages that counted
     different tokens are refused in one line."""
-    _spawn(2, tmp_path, "pp", ("hidden", "linear", "uneven"))
+    _spawn(2, tmp_path, "pp", ("hidden", "linear", "few", "uneven"))
     run = probe.load(tmp_path / "hidden.h5")
     model, data = _model(), _batches()
     stats = ("moments", "position", "histogram", "topk", "sample")
@@ -435,6 +437,10 @@ def test_pipeline_stages(tmp_path):
     assert linear.sites == list(names) and linear.sites[0] == "layers.0.self_attn.q_proj"
     assert [s["module"] for s in linear.meta["sites"]] == linear.sites
     _compare_stages(linear, ref, names, LINEAR["stats"], lambda name: name.startswith("layers.1."))
+    few = probe.load(tmp_path / "few.h5")  # stage 0: 7 sites, stage 1: one
+    assert few.sites == [n for n in names if n.startswith("layers.0.")] + ["layers.1.mlp.down_proj:input"]
+    _compare_stages(few, ref, {n: names[n.split(":")[0]] for n in few.sites}, LINEAR["stats"],
+                    lambda name: name.startswith("layers.1."))
     print("\npipeline: largest float64 difference, relative:",
           ", ".join(f"{k} {v:.1e}" for (_, k), v in sorted(WORST.items())))
     for rank in range(2):

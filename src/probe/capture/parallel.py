@@ -259,6 +259,7 @@ class Placements:
         #: ``Layout(verify=True)``: per replicated site, this rank's checksum of its replicas
         self.checksums: dict[int, Tensor] = {}
         self._calls: dict[int, int] = {}
+        self._width = len(names)  # the sites' count the collectives of localize are padded to
         #: the replicated sites whose replicas differed (after :meth:`localize`)
         self.differ: list[str] = []
         #: a pipeline stage: its decoder layers' count and their container's path
@@ -417,14 +418,23 @@ class Placements:
         """
         import torch.distributed as dist
 
-        n = len(self.names)
-        mine = torch.zeros(max(n, 1), 5, dtype=torch.int64, device=device)
+        n = width = len(self.names)
+        stage = 0
+        if self.stage is not None:  # pipeline stages hold different sites: each is compared within its stage
+            assert self.layout is not None
+            stage = _member(_group_of(self.layout.pipeline_group))[0]
+            most = torch.tensor([n], dtype=torch.int64, device=device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            width = int(most)
+        mine = torch.zeros(max(width, 1), 6, dtype=torch.int64, device=device)
         widths = self._widths(rows)
         for i, place in self.sites.items():
-            mine[i] = torch.tensor([_CODE[place.kind], place.index, place.size, place.leader, widths.get(i, 0)])
+            mine[i] = torch.tensor([_CODE[place.kind], place.index, place.size, place.leader, widths.get(i, 0), stage])
         every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(every, mine)
-        table = torch.stack(every).cpu().numpy()[:, :n]  # [world, sites, 5]
+        table = torch.stack(every).cpu().numpy()[:, :n]  # [world, sites, 6]
+        if self.stage is not None:  # another stage's site i is another site: leave it out
+            table[table[:, :, 5] != stage] = 0
         self.agreed = {}
         for i, name in enumerate(self.names):
             codes = set(table[:, i, 0].tolist()) - {0}
@@ -435,6 +445,7 @@ class Placements:
             if codes:
                 self.agreed[name] = (KINDS[codes.pop() - 1], int(table[:, i, 2].max()))
         if self.layout is not None and self.layout.verify:
+            self._width = width
             self._verify(table, device)
         out = []
         for row in rows:
@@ -459,8 +470,8 @@ class Placements:
         when the layout asks to verify); one warning names the sites whose replicas differ."""
         import torch.distributed as dist
 
-        n = len(self.names)
-        mine = torch.zeros(max(n, 1), 3, dtype=torch.float64, device=device)
+        n = table.shape[1]
+        mine = torch.zeros(max(self._width, 1), 3, dtype=torch.float64, device=device)
         for i, c in self.checksums.items():
             mine[i] = c.to(device)
         every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
@@ -506,12 +517,11 @@ class Placements:
         """The layout the file records (``meta["parallel"]``): per site its placement and group size,
         and for a pipeline the stages (``"pipeline"``: ``stages``, ``layers`` and ``first_layer`` per
         stage)."""
-        rename = self.pipeline.get("rename", {})
-        out: dict[str, Any] = {
-            "placements": {rename.get(name, name): kind for name, (kind, _) in self.agreed.items()},
-            "group_sizes": {rename.get(name, name): size for name, (_, size) in self.agreed.items()}}
+        agreed = self.pipeline.get("agreed", self.agreed)  # a pipeline: every stage's sites, renamed
+        out: dict[str, Any] = {"placements": {name: kind for name, (kind, _) in agreed.items()},
+                               "group_sizes": {name: size for name, (_, size) in agreed.items()}}
         if self.pipeline:
-            out["pipeline"] = {k: v for k, v in self.pipeline.items() if k not in ("rename", "sites", "disabled")}
+            out["pipeline"] = {k: v for k, v in self.pipeline.items() if k not in ("rename", "agreed")}
         return out
 
     # --------------------------------------------------------------------------- pipeline
@@ -575,7 +585,8 @@ class Placements:
             sites.append(info)
         disabled = {_shift_suffixed(k, offset, container): v for k, v in meta.get("disabled", {}).items()}
         # every rank's descriptions, uint8-encoded JSON (no pickling)
-        blob = json.dumps({"stage": index, "sites": sites, "disabled": disabled}).encode()
+        agreed = {_shift(name, offset, container): list(v) for name, v in self.agreed.items()}
+        blob = json.dumps({"stage": index, "sites": sites, "disabled": disabled, "agreed": agreed}).encode()
         length = torch.tensor([len(blob)], dtype=torch.int64, device=device)
         dist.all_reduce(length, op=dist.ReduceOp.MAX)
         padded = torch.zeros(int(length), dtype=torch.uint8, device=device)
@@ -585,7 +596,10 @@ class Placements:
         parts = [json.loads(bytes(g.cpu().numpy().tobytes()).rstrip(b"\0").decode()) for g in gathered]
         holder: dict[str, tuple[int, int, dict]] = {}  # global name -> (stage, its order there, description)
         union_disabled: dict[str, str] = {}
+        union_agreed: dict[str, list] = {}
         for part in parts:
+            for name, v in part["agreed"].items():
+                union_agreed.setdefault(name, v)
             for order, info in enumerate(part["sites"]):
                 key = (part["stage"], order)
                 if info["name"] not in holder or key < holder[info["name"]][:2]:
@@ -606,7 +620,8 @@ class Placements:
                           "the statistics are not affected", stacklevel=6)
         self.pipeline = {"stages": size, "stage_layers": [r[0] for r in table],
                          "first_layer": [sum(r[0] for r in table[:i]) for i in range(size)],
-                         "sites_by_stage": {h[2]["name"]: h[0] for h in ordered}, "rename": rename}
+                         "sites_by_stage": {h[2]["name"]: h[0] for h in ordered}, "rename": rename,
+                         "agreed": union_agreed}
         return out, {"sites": [h[2] for h in ordered], "disabled": union_disabled,
                      "cross_sites": [] if size > 1 else meta.get("cross_sites", [])}
 
