@@ -1,7 +1,7 @@
 """The same numbers at any parallel layout: a tiny Llama captured in one process and under tensor
 parallelism (colwise/rowwise DTensor plan), sequence parallelism, pipeline stages, FSDP2 and mixes with
-data parallelism, on real gloo
-processes (torch.multiprocessing spawn, bounded timeouts).
+data parallelism, on real gloo processes
+(torch.multiprocessing spawn, bounded timeouts).
 
 The model runs in float64, so that the layouts' own arithmetic (a row-parallel layer's partial sums
 added by an all-reduce) moves an activation by ~1e-16 relative: below float32 rounding, which every
