@@ -2,11 +2,16 @@
 
     torchrun --nproc-per-node 2 examples/distributed.py -o dist.h5
     torchrun --nproc-per-node 2 examples/distributed.py -o tp.h5 --tp   # tensor parallel instead
+    torchrun --nproc-per-node 2 examples/distributed.py -o pp.h5 --pp   # pipeline stages instead
     python examples/distributed.py -o single.h5      # the same data in one process
 
 With ``--tp`` the ranks form one tensor-parallel group (a colwise/rowwise plan over every block)
 and all see every batch; the residual stream is replicated on them, so it is described with
 ``Layout.from_plan`` and counted once (docs/distributed.md); the file equals the one-process one.
+With ``--pp`` each rank is one pipeline stage holding consecutive decoder layers (its own
+one-stage ``LlamaModel``): the first runs on the token ids and sends its last hidden state on,
+the later ones run on the activations they receive and the ``attention_mask``; the file has the
+whole model's ``hidden_states.0 .. L`` once, in order (``Layout.pipeline_stage``).
 
 Ranks may run different numbers of batches (``--batches 9`` on 2 ranks gives 5 and 4): each
 rank keeps its windows, labelled by step, and at the end of the ``with`` block all ranks merge
@@ -55,6 +60,35 @@ def tensor_parallel(model: torch.nn.Module):
     return Layout.from_plan(mesh, plan)
 
 
+def pipeline_stage(model: torch.nn.Module) -> torch.nn.Module:
+    """This rank's stage of ``model``: its share of the decoder layers (numbered from 0) as a
+    ``LlamaModel``; no final norm but on the last stage (a manual split, as pipelining libraries do)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    layers = list(model.model.layers)
+    sizes = [len(layers) // world + (i < len(layers) % world) for i in range(world)]  # consecutive layers
+    start = sum(sizes[:rank])
+    mine = layers[start:start + sizes[rank]]
+    config = transformers.LlamaConfig(**{**model.config.to_dict(), "num_hidden_layers": len(mine)})
+    stage = transformers.LlamaModel(config).eval()
+    stage.embed_tokens, stage.rotary_emb = model.model.embed_tokens, model.model.rotary_emb
+    stage.layers = torch.nn.ModuleList(mine)
+    stage.norm = model.model.norm if rank == world - 1 else torch.nn.Identity()
+    return stage
+
+
+def run_stage(stage: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """One batch through this rank's stage: token ids on the first, received activations after."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        hidden = stage(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    else:
+        hidden = torch.empty(*ids.shape, stage.config.hidden_size)
+        dist.recv(hidden, rank - 1)
+        hidden = stage(inputs_embeds=hidden, attention_mask=mask, use_cache=False).last_hidden_state
+    if rank < world - 1:
+        dist.send(hidden.contiguous(), rank + 1)
+
+
 def batches(n: int):
     """The whole dataset: n padded batches, identical in every process."""
     g = torch.Generator().manual_seed(1)
@@ -71,15 +105,26 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--every", type=int, default=None, help="commit a window every N forwards per rank")
     parser.add_argument("--tp", action="store_true", help="tensor parallel over all ranks instead of data parallel")
+    parser.add_argument("--pp", action="store_true", help="one pipeline stage per rank instead of data parallel")
     args = parser.parse_args()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model = build_model()
     layout = tensor_parallel(model) if args.tp and world > 1 else None
-    with probe.capture(model, args.out, skip_first=1, every=args.every, overwrite=True, parallel=layout) as run:
+    staged = args.pp and world > 1
+    if staged:
+        from probe.capture.parallel import Layout
+
+        model, layout = pipeline_stage(model), Layout.pipeline_stage()
+    stats = ("moments", "position", "histogram", "sample", "topk") if staged else None  # no cross-layer R²
+    with probe.capture(model, args.out, skip_first=1, every=args.every, overwrite=True, parallel=layout,
+                       **({"stats": stats} if stats else {})) as run:
         for i, (ids, mask) in enumerate(batches(args.batches)):
-            if layout is not None or i % world == rank:  # tensor parallel: every batch; else this rank's shard
+            if staged:  # every stage: every batch
+                with torch.no_grad():
+                    run_stage(model, ids, mask)
+            elif layout is not None or i % world == rank:  # tensor parallel: every batch; else this rank's shard
                 with torch.no_grad():
                     model(input_ids=ids, attention_mask=mask)
     if rank == 0:

@@ -1,6 +1,7 @@
 """The same numbers at any parallel layout: a tiny Llama captured in one process and under tensor
-parallelism (colwise/rowwise DTensor plan), FSDP2 and their mix with data parallelism, on real gloo
-processes (torch.multiprocessing spawn, bounded timeouts).
+parallelism (colwise/rowwise DTensor plan), sequence parallelism, pipeline stages, FSDP2 and mixes with
+data parallelism, on real gloo processes
+(torch.multiprocessing spawn, bounded timeouts).
 
 The model runs in float64, so that the layouts' own arithmetic (a row-parallel layer's partial sums
 added by an all-reduce) moves an activation by ~1e-16 relative: below float32 rounding, which every
@@ -109,6 +110,8 @@ def _setup(mode: str, rank: int, world: int):
         parallelize_module(model, mesh["tp"], _tp_plan())
         layout = Layout(mesh["tp"], {"hidden_states.*": "replicate"})
         batches = [i for i in range(N) if i % 2 == mesh["dp"].get_local_rank()]
+    elif mode == "replicas":  # no model parallelism: every rank runs every batch, described as replicas
+        layout = Layout(None, {"hidden_states.*": "replicate"}, verify=True)
     elif mode in ("fsdp", "fsdp_compile"):
         from torch.distributed.fsdp import fully_shard
 
@@ -119,11 +122,72 @@ def _setup(mode: str, rank: int, world: int):
     return model, layout, batches
 
 
+def _stage(rank: int):
+    """Pipeline stage ``rank`` of two: the whole model's decoder layer ``rank`` as its own LlamaModel
+    (one layer, numbered 0), stage 0 with the embeddings and no final norm, stage 1 with the norm."""
+    import transformers
+
+    full = _model().model
+    config = transformers.LlamaConfig(**{**full.config.to_dict(), "num_hidden_layers": 1})
+    stage = transformers.LlamaModel(config).double().eval()
+    stage.embed_tokens, stage.rotary_emb = full.embed_tokens, full.rotary_emb
+    stage.layers = torch.nn.ModuleList([full.layers[rank]])
+    stage.norm = full.norm if rank == 1 else torch.nn.Identity()
+    return stage
+
+
+def _pipeline(rank: int, folder: str, jobs: tuple[str, ...]) -> None:
+    """Two stages over the same batches: stage 0 sends its last hidden state to stage 1, which runs
+    on ``inputs_embeds`` and the ``attention_mask``."""
+    stage, data = _stage(rank), _batches()
+    hidden = {**OPTIONS, "stats": ("moments", "position", "histogram", "topk", "sample", "cross")}
+    for job in jobs:
+        options = LINEAR if job == "linear" else hidden
+        if job == "few":  # the stages capture different numbers of sites
+            options = {**LINEAR, "sites": "linear_inputs" if rank == 0 else ["layers.0.mlp.down_proj:input"]}
+        if job == "uneven":  # stage 1 sees one batch fewer: refused at exit
+            with torch.no_grad():  # no send/recv: each stage on its own
+                embeds = [stage.embed_tokens(ids) for ids, _ in data]
+            try:
+                with probe.capture(stage, parallel=Layout.pipeline_stage(), **options):
+                    for (_, mask), h in list(zip(data, embeds))[:len(data) - rank]:
+                        with torch.no_grad():
+                            stage(inputs_embeds=h, attention_mask=mask, use_cache=False)
+            except probe.ProbeError as err:
+                with open(os.path.join(folder, f"uneven{rank}.txt"), "w") as f:
+                    f.write(str(err))
+            continue
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with probe.capture(stage, os.path.join(folder, f"{job}.h5"), parallel=Layout.pipeline_stage(), seed=5,
+                               **options):
+                for ids, mask in data:
+                    _stage_forward(stage, rank, ids, mask)
+        with open(os.path.join(folder, f"warnings{job}{rank}.txt"), "w") as f:
+            f.write("\n".join(str(w.message) for w in caught if "probe" in str(w.message)))
+
+
+def _stage_forward(stage, rank: int, ids, mask) -> None:
+    with torch.no_grad():
+        if rank == 0:
+            dist.send(stage(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.contiguous(), 1)
+        else:
+            received = torch.empty(*ids.shape, stage.config.hidden_size, dtype=torch.float64)
+            dist.recv(received, 0)
+            stage(inputs_embeds=received, attention_mask=mask, use_cache=False)
+
+
 def _worker(rank: int, world: int, port: int, folder: str, mode: str, jobs: tuple[str, ...]) -> None:
     try:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=TIMEOUT))
+        if mode == "pp":
+            _pipeline(rank, folder, jobs)
+            dist.destroy_process_group()
+            return
         model, layout, batches = _setup(mode, rank, world)
         data = _batches()
         for job in jobs:
@@ -146,6 +210,19 @@ def _worker(rank: int, world: int, port: int, folder: str, mode: str, jobs: tupl
                             model(input_ids=data[0][0], attention_mask=data[0][1], use_cache=False)
                 with open(os.path.join(folder, f"mixed{rank}.txt"), "w") as f:
                     f.write(f"{dict(run.result.total.cross)!r}\n" + "\n".join(str(w.message) for w in caught))
+                continue
+            if job in ("same", "differ"):  # Layout(verify=True): replicas checked across the group
+                import warnings
+
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    with probe.capture(model, os.path.join(folder, f"{job}.h5"), parallel=layout, seed=5, **OPTIONS):
+                        for i in batches:
+                            j = (i + rank) % N if job == "differ" else i  # "differ": rank 1 another batch
+                            with torch.no_grad():
+                                model(input_ids=data[j][0], attention_mask=data[j][1], use_cache=False)
+                with open(os.path.join(folder, f"{job}{rank}.txt"), "w") as f:
+                    f.write("\n".join(str(w.message) for w in caught if "replicas" in str(w.message)))
                 continue
             options = LINEAR if job == "linear" else OPTIONS
             with probe.capture(model, os.path.join(folder, f"{job}.h5"), parallel=layout, seed=5, **options):
@@ -193,13 +270,14 @@ def _close(got, want, what: str, rtol: float = 1e-12, tag: tuple[str, str] = (""
         assert np.all(err <= rtol * (np.abs(want[finite]) + scale)), (what, float(err.max()))
 
 
-#: float64 fields at a sharded (features or tokens) site: the per-chunk moments form float32
-#: deviations from the chunk's float32 center and sum their powers with torch's blocked float32
-#: reductions; a shard is another chunk (16 of 32 channels: another reduction order; half the tokens:
-#: another center), so they agree to float32 arithmetic, ~1e-7 relative, the moments' own guarantee
-#: against float64 (docs/statistics.md), not to 1e-12 (test_feature_shards_merge_to_the_whole checks
-#: both against float64 numpy)
-SHARD_RTOL = 1e-6
+#: float64 fields at a sharded (features or tokens) site: a shard is another chunk (16 of 32 channels:
+#: another reduction order; half the tokens: another mean), and a float64 site's chunk moments are
+#: formed in float64 (probe.stats._base.wide_sums), so they agree to float64 rounding, as the
+#: replicated sites do
+SHARD_RTOL = 1e-12
+#: the per-token norm statistic ("norm") forms each token's norm and unit vector in float32 at any
+#: site dtype, so at a token-sharded site (other chunks) it agrees to float32 rounding
+NORM_SHARD_RTOL = 1e-6
 
 
 def _compare(run, ref, rows_differ: bool) -> None:
@@ -208,8 +286,9 @@ def _compare(run, ref, rows_differ: bool) -> None:
     got_all, want_all = run.total, ref.total
     placed = run.meta["parallel"].get("placements", {})
     for name in ref.sites:
-        rtol = SHARD_RTOL if placed.get(name) in ("features", "tokens") else 1e-12
+        sharded = placed.get(name) in ("features", "tokens")
         for kind, want in want_all.sites[name].items():
+            rtol = NORM_SHARD_RTOL if sharded and kind == "norm" else 1e-12
             got = got_all.sites[name][kind]
             assert set(got) == set(want), (name, kind)
             if kind == "sample":  # the law: as many filled slots, each a value the site took
@@ -288,6 +367,92 @@ def test_data_and_tensor_parallel(tmp_path):
                                   "linear": {"down_proj": "features", "up_proj": "replicate"}})
 
 
+def _compare_stages(run, ref, names: dict[str, str], stats, later) -> None:
+    """Every field of each site ``name`` of ``run`` against site ``names[name]`` of ``ref``; at a
+    ``later(name)`` stage's site the token ids are -1 (no input_ids there)."""
+    for name, ref_name in names.items():
+        for kind in stats:
+            got, want = run.total.sites[name][kind], ref.total.sites[ref_name][kind]
+            assert set(got) == set(want), (name, kind)
+            if kind == "sample":
+                assert np.isfinite(got["key"]).sum() == np.isfinite(want["key"]).sum(), name
+                continue
+            for f in SPECS[kind].fields:
+                what = f"{name}.{kind}.{f.name}"
+                g, w = np.array(got[f.name]), np.array(want[f.name])
+                if later(name) and f.name == "token":
+                    assert (g == -1).all() and (w >= 0).any(), what
+                    continue
+                if later(name) and f.name == "absmax_at":
+                    assert g[3] == -1, what
+                    g, w = g[:3], w[:3]
+                if f.dtype == "float64":
+                    _close(g, w, what, 1e-12, ("pipeline", kind))
+                else:
+                    np.testing.assert_array_equal(g, w, err_msg=what)
+
+
+@pytest.mark.slow
+def test_replicas_are_verified(tmp_path):
+    """Layout(verify=True): replicas that are equal count once and warn nothing (the file equals one
+    process's); replicas that differ (rank 1 fed other batches) give one warning naming the sites."""
+    _spawn(2, tmp_path, "replicas", ("same", "differ"))
+    run = probe.load(tmp_path / "same.h5")
+    WORST.clear()
+    _compare(run, _reference(False), rows_differ=False)
+    for rank in range(2):
+        assert (tmp_path / f"same{rank}.txt").read_text() == ""
+        warned = [m for m in (tmp_path / f"differ{rank}.txt").read_text().split("\n") if m]
+        assert len(warned) == 1 and "replicas of 3 replicated site(s) differ" in warned[0], warned
+        assert "hidden_states.0, hidden_states.1, hidden_states.2" in warned[0]
+
+
+@pytest.mark.slow
+def test_pipeline_stages(tmp_path):
+    """PP=2, one decoder layer per stage: the merged file has the whole model's sites once, in
+    model order, equal to the one-process file field by field; the later stage's token ids are -1
+    (one warning); the cross-layer statistic is left out (one warning); stages that counted
+    different tokens are refused in one line."""
+    _spawn(2, tmp_path, "pp", ("hidden", "linear", "few", "uneven"))
+    run = probe.load(tmp_path / "hidden.h5")
+    model, data = _model(), _batches()
+    stats = ("moments", "position", "histogram", "topk", "sample")
+    with probe.capture(model, distributed=False, seed=5, **{**OPTIONS, "stats": stats}) as ref:
+        for ids, mask in data:
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+    ref = ref.result
+    assert run.sites == ref.sites == ["hidden_states.0", "hidden_states.1", "hidden_states.2"]
+    meta = run.meta["parallel"]
+    assert meta["pipeline"]["stages"] == 2 and meta["pipeline"]["stage_layers"] == [1, 1]
+    assert meta["pipeline"]["first_layer"] == [0, 1]
+    assert meta["pipeline"]["sites_by_stage"] == {"hidden_states.0": 0, "hidden_states.1": 0, "hidden_states.2": 1}
+    assert [s["name"] for s in run.meta["sites"]] == run.sites and run.meta["cross_sites"] == []
+    assert dict(run.total.cross) == {} and run.meta["disabled"] == {}
+    WORST.clear()
+    _compare_stages(run, ref, {name: name for name in ref.sites}, stats, lambda name: name == "hidden_states.2")
+    # linear inputs: the stages' "layers.0..." are the whole model's "model.layers.<stage>..."
+    linear = probe.load(tmp_path / "linear.h5")
+    ref = _reference(True)
+    names = {name[len("model."):]: name for name in ref.sites if name.startswith("model.layers.")}
+    assert linear.sites == list(names) and linear.sites[0] == "layers.0.self_attn.q_proj"
+    assert [s["module"] for s in linear.meta["sites"]] == linear.sites
+    _compare_stages(linear, ref, names, LINEAR["stats"], lambda name: name.startswith("layers.1."))
+    few = probe.load(tmp_path / "few.h5")  # stage 0: 7 sites, stage 1: one
+    assert few.sites == [n for n in names if n.startswith("layers.0.")] + ["layers.1.mlp.down_proj:input"]
+    _compare_stages(few, ref, {n: names[n.split(":")[0]] for n in few.sites}, LINEAR["stats"],
+                    lambda name: name.startswith("layers.1."))
+    print("\npipeline: largest float64 difference, relative:",
+          ", ".join(f"{k} {v:.1e}" for (_, k), v in sorted(WORST.items())))
+    for rank in range(2):
+        warned = (tmp_path / f"warningshidden{rank}.txt").read_text().split("\n")
+        assert sum("ran without input_ids" in m for m in warned) == 1, warned
+        assert not any("recorded nothing" in m for m in warned), warned
+        assert sum("cross-layer statistic" in m for m in warned) == 1, warned
+        message = (tmp_path / f"uneven{rank}.txt").read_text()
+        assert "pipeline stages counted [" in message and "\n" not in message
+
+
 # ------------------------------------------------------------------ one process: the algebra, refusals
 class _Emit(torch.nn.Module):
     """Emits a fixed ``[b, t, d]`` tensor through a named submodule (the site)."""
@@ -313,13 +478,13 @@ def _capture_piece(x, mask, stats):
 def test_feature_shards_merge_to_the_whole():
     """Two channel halves captured apart, widened at their offsets (the exit step of a features site)
     and merged, equal the whole tensor's capture: exact for every count, extreme, histogram bucket,
-    top-k entry (global channels) and location; float64 fields to the moments' float32 arithmetic,
-    and both within it of float64 numpy."""
+    top-k entry (global channels) and location; float64 fields to 1e-12 (a float64 site's chunks
+    are summed in float64), and both to float64 numpy on the float32 values the statistics read."""
     from probe.capture.parallel import _widen
     from probe.stats._state import merge_states
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 11, 32, generator=g) * torch.linspace(0.1, 4, 32)
+    x = (torch.randn(3, 11, 32, generator=g) * torch.linspace(0.1, 4, 32)).double()  # float64 moment sums
     x[1, 4, 27] = 50.0  # the absmax lies in the second shard
     mask = torch.ones(3, 11, dtype=torch.long)
     mask[2, 7:] = 0
@@ -340,7 +505,7 @@ def test_feature_shards_merge_to_the_whole():
             else:
                 np.testing.assert_array_equal(got, want, err_msg=f"{kind}.{f.name}")
     assert tuple(whole["moments"]["absmax_at"][[1, 2]]) == (4, 27)
-    kept = x.double().numpy()[mask.bool().numpy()]  # [tokens, 32]
+    kept = x.float().double().numpy()[mask.bool().numpy()]  # [tokens, 32], the float32 values read
     np.testing.assert_allclose(merged_m2 := merge_states("moments", [_widen("moments", p["moments"], 16 * j, 32, j == 0)
                                                           for j, p in enumerate(parts)])["m2"],
                                ((kept - kept.mean(0)) ** 2).sum(0), rtol=SHARD_RTOL)

@@ -21,6 +21,7 @@ warning (``strict``: raises :class:`~probe.errors.SiteError`); the host's forwar
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from torch import Tensor
 from . import kernels as _kernels
 from .. import stats as _stats
 from ..errors import ProbeError, SiteError
-from ..stats._base import StatBase, Tokens
+from ..stats._base import StatBase, Tokens, wide_sums
 from ..stats._state import WindowState
 from ..stats.cross import Cross
 from .options import CaptureOptions
@@ -73,6 +74,15 @@ class _Group:
     tokens: Tokens
     buffer: Tensor  # [capacity, n, D]
     names: list[str] = field(default_factory=list)
+
+
+_PLAIN = contextlib.nullcontext()
+
+
+def _wide(x: Tensor) -> Any:
+    """Float64 moment sums for a float64 site (:func:`probe.stats._base.wide_sums`); nothing (a
+    reused null context, no cost to speak of) for the float32 and bfloat16 ones."""
+    return wide_sums(True) if x.dtype == torch.float64 else _PLAIN
 
 
 #: a CPU site of an ended forward, held by reference: name, ``x[n, D]``, its tokens, the hook's tensor
@@ -206,12 +216,14 @@ class StatEngine:
     def _group_add(self, name: str, x2: Tensor, tokens: Tokens, limit: int) -> None:
         """Copy ``x2`` (upcast to float32) into the pending group; run the group when it is full.
         A copy, not a reference: the module may change its output in place after the hook."""
-        key = (id(tokens), tuple(x2.shape), x2.device)
+        key = (id(tokens), tuple(x2.shape), x2.device, x2.dtype == torch.float64)
         if self._group is not None and self._group.key != key:
             self.flush()
         if self._group is None:
             capacity = max(1, min(len(self.sites), limit // max(1, x2.numel())))
-            buffer = torch.empty((capacity, *x2.shape), dtype=torch.float32, device=x2.device)
+            # float64 sites keep float64 (their moment sums are float64, see wide_sums)
+            dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
+            buffer = torch.empty((capacity, *x2.shape), dtype=dtype, device=x2.device)
             self._group = _Group(key, tokens, buffer)
         group = self._group
         group.buffer[len(group.names)].copy_(x2)
@@ -251,19 +263,21 @@ class StatEngine:
         into their statistics: one batched update per statistic, in chunks of tokens."""
         pers = [self.window[name] for name in names]
         kinds = list(pers[0])
-        if _kernels.wanted(x):  # CUDA + Triton: one fused kernel for moments, histogram, position
+        if x.dtype != torch.float64 and _kernels.wanted(x):  # CUDA + Triton: one fused float32 kernel for
+            # moments, histogram, position (a float64 site takes the float64 moment sums instead)
             kinds = _kernels.update(pers, x, tokens)
         g, n, d = x.shape
         chunked = [k for k in kinds if pers[0][k].chunked]
         if chunked:
             budget = CHUNK_ELEMENTS if x.device.type == "cpu" else CHUNK_ELEMENTS_ACCELERATOR
             step = max(1, budget // max(1, g * d))
-            for a in range(0, n, step):
-                xc = x[:, a:a + step]
-                xc = xc.float() if xc.dtype != torch.float32 else xc
-                tc = tokens.slice(a, a + step)
-                for k in chunked:
-                    type(pers[0][k]).update_group([per[k] for per in pers], xc, tc)
+            with _wide(x):
+                for a in range(0, n, step):
+                    xc = x[:, a:a + step]
+                    xc = xc.float() if xc.dtype != torch.float32 else xc
+                    tc = tokens.slice(a, a + step)
+                    for k in chunked:
+                        type(pers[0][k]).update_group([per[k] for per in pers], xc, tc)
         for k in kinds:
             if not pers[0][k].chunked:
                 type(pers[0][k]).update_group([per[k] for per in pers], x, tokens)
@@ -333,7 +347,8 @@ class StatEngine:
                 try:
                     for k, stat in per.items():
                         if stat.chunked:
-                            part = type(stat).partial(stat, xc, tc)
+                            with _wide(x2):
+                                part = type(stat).partial(stat, xc, tc)
                             names, stats, chunks = parts.setdefault(k, ([], [], []))
                             names.append(name)
                             stats.append(stat)

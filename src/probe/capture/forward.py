@@ -297,6 +297,8 @@ class Forwards:
         self._copy: set[int] = set()  # sites whose tensor the model modifies in place: copied at the hook
         self._held: dict[int, Tensor] = {}  # CPU: each site's reused buffer (see _hold)
         self._fired: set[int] = set()
+        #: a forward of the model had no input_ids (a later pipeline stage: token ids are -1)
+        self.without_ids = False
         self._real: dict[int, Tensor] = {}  # real tokens seen per site (device counters, read at exit)
         self._signatures: dict[int, inspect.Signature | None] = {}
         self._seq_first: dict[int, bool] = {}  # named sites whose layout a call's shapes showed
@@ -396,6 +398,7 @@ class Forwards:
         call = self._bind(module, args, kwargs)
         inputs = _frames(module, call, read_call(call))
         context.calls[""] = inputs
+        self.without_ids = self.without_ids or inputs.input_ids is None
         if "decoder_" in self._sources:
             context.calls["decoder_"] = read_call(call, "decoder_")
         self.call = {k: call.get(k) for k in ("attention_mask", "position_ids", "cache_position",
@@ -762,6 +765,8 @@ class Forwards:
         for i, site in enumerate(self._defs):
             if site.name in self._engine.disabled:
                 continue
+            if i not in self._fired and self.placements is not None and self.placements.held_earlier(site.name):
+                continue  # a later pipeline stage's input: the stage before it records it
             if i not in self._fired:
                 silent[site.name] = "never fired"
             elif i in self._real and int(self._real[i]) == 0:

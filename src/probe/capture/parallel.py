@@ -38,7 +38,10 @@ statistics that need a token's whole feature vector (``"norm"``, ``"cos"``) are 
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
+import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -76,6 +79,12 @@ class Layout:
             matching glob wins.
         default: the placement of a plain site no glob matches; ``None`` (default): such a site
             follows the model (``"data"`` without tensor-parallel modules, refused with them).
+        verify: every rank accumulates a checksum of each replicated site's tensor (its element
+            count, Σ|x| and Σx² in float64, the k-th forward's weighted by k, on the tensor's device,
+            no host sync; two reductions per site and forward), and at exit one ``all_gather`` compares them within each replica
+            group: one warning names the sites whose replicas differ by more than 1e-6 relative
+            (they were not the same tensor, so counting one of them misrepresents the others).
+        pipeline, pipeline_group: see :meth:`pipeline_stage`.
 
     Raises:
         ProbeError: from :func:`check_layout` (``capture(parallel=...)``) for a placement outside
@@ -85,9 +94,46 @@ class Layout:
     group: Any = None
     sites: Mapping[str, PlacementKind] = field(default_factory=dict)
     default: PlacementKind | None = None
+    #: this rank holds one pipeline stage (its own layers) of the stages over ``pipeline_group``
+    #: (see :meth:`pipeline_stage`)
+    pipeline: bool = False
+    #: the pipeline's group (``ProcessGroup``, 1-D ``DeviceMesh`` or ``None``: the whole world); the
+    #: stage index is this rank's index in it
+    pipeline_group: Any = None
+    #: check that the replicas of every ``"replicate"`` site are equal across their group (see
+    #: :meth:`Placements.localize`): one warning naming the sites whose replicas differ
+    verify: bool = False
 
     @classmethod
-    def from_plan(cls, group: Any, plan: Mapping[str, Any]) -> Layout:
+    def pipeline_stage(cls, group: Any = None, tensor: Layout | None = None) -> Layout:
+        """The layout of a pipeline stage: this rank runs some consecutive decoder layers of the model
+        (stage ``i`` = this rank's index in ``group``), as its own module (an HF model built with its
+        stage's layers, numbered from 0, its ``num_hidden_layers`` their count), called with
+        ``input_ids`` on the first stage and ``inputs_embeds`` (the activations received) plus the
+        ``attention_mask`` on the later ones.
+
+        At exit every stage's sites are renamed to the whole model's (``hidden_states.j`` → ``j`` plus
+        the layers of the stages before it; a path ``<layers>.j...`` likewise), the ranks agree on
+        the union of the site descriptions (one ``all_gather`` of uint8-encoded JSON, no pickling), a
+        site two stages hold (a later stage's ``hidden_states.0``, its predecessor's last) counts
+        from the earlier one, and the file has every site once, in model order. Sites are data
+        within a stage (pipeline × data parallel merges the stage's replicas as rows).
+
+        Args:
+            group: the pipeline group (``ProcessGroup``, 1-D ``DeviceMesh`` such as ``mesh["pp"]``,
+                or ``None``: the whole world, one rank per stage).
+            tensor: a tensor-parallel layout inside each stage (its group and site globs), or ``None``.
+
+        Raises:
+            ProbeError: at exit, when the stages counted different numbers of real tokens (they must
+                run the same batches).
+        """
+        base = tensor if tensor is not None else cls()
+        return cls(base.group, dict(base.sites), base.default, pipeline=True, pipeline_group=group,
+                   verify=base.verify)
+
+    @classmethod
+    def from_plan(cls, group: Any, plan: Mapping[str, Any], verify: bool = False) -> Layout:
         """The layout of the residual stream for a ``parallelize_module`` plan: ``"tokens"`` when
         the plan holds a ``SequenceParallel`` style (sequence parallelism: the stream between the
         blocks is ``Shard(1)``), else ``"replicate"``; linear inputs carry their own DTensor
@@ -96,7 +142,7 @@ class Layout:
 
         sp = any(isinstance(style, SequenceParallel) for style in plan.values())
         return cls(group, {"hidden_states.*": "tokens" if sp else "replicate",
-                           "*hidden_states.*": "tokens" if sp else "replicate"})
+                           "*hidden_states.*": "tokens" if sp else "replicate"}, verify=verify)
 
     def kind_of(self, name: str, module: str) -> PlacementKind | None:
         """The placement a plain tensor of site ``name`` (of ``module``) has, or ``None``."""
@@ -128,6 +174,7 @@ def check_layout(value: Any) -> Layout | None:
                              "pass 'replicate' (every rank holds it), 'tokens' (split along the sequence) or "
                              "'features' (split along channels)")
     _group_of(value.group)
+    _group_of(value.pipeline_group)
     return value
 
 
@@ -209,6 +256,18 @@ class Placements:
         self._group = _group_of(layout.group) if (layout is not None and distributed) else None
         #: per site, after :meth:`localize`: (placement, group size) agreed over every rank
         self.agreed: dict[str, tuple[str, int]] = {}
+        #: ``Layout(verify=True)``: per replicated site, this rank's checksum of its replicas
+        self.checksums: dict[int, Tensor] = {}
+        self._calls: dict[int, int] = {}
+        self._width = len(names)  # the sites' count the collectives of localize are padded to
+        #: the replicated sites whose replicas differed (after :meth:`localize`)
+        self.differ: list[str] = []
+        #: a pipeline stage: its decoder layers' count and their container's path
+        self.stage: tuple[int, str] | None = None
+        #: after :meth:`stages`: what the file records of the pipeline (``meta["parallel"]["pipeline"]``)
+        self.pipeline: dict[str, Any] = {}
+        if layout is not None and layout.pipeline and distributed:
+            self.stage = _stage_layers(model)
 
     # ------------------------------------------------------------------------------ hooks
     def local(self, i: int, x: Tensor) -> tuple[Tensor, Placement | None]:
@@ -232,6 +291,8 @@ class Placements:
                 found = self._described(i)
         if found is not None:
             self.sites.setdefault(i, found)
+            if found.kind == "replicate" and self.layout is not None and self.layout.verify:
+                self._checksum(i, x)
             if found.kind == "features":
                 whole = [s for s in _WHOLE_TOKEN if s in self.stats]
                 if whole:
@@ -239,6 +300,16 @@ class Placements:
                                     f"1/{found.size} slice of (the site is sharded along features); pass stats "
                                     "without them for this capture")
         return x, found
+
+    def _checksum(self, i: int, x: Tensor) -> None:
+        """Fold replica ``x`` of site ``i`` into its checksum (count, Σ|x|, Σx², float64, on device),
+        the ``k``-th call's weighted by ``k`` (the same batches in another order differ too)."""
+        x = x.detach()
+        self._calls[i] = k = self._calls.get(i, 0) + 1
+        part = torch.stack((torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
+                            x.abs().sum(dtype=torch.float64), x.double().square().sum())) * k
+        known = self.checksums.get(i)
+        self.checksums[i] = part if known is None else known + part
 
     def _described(self, i: int) -> Placement | None:
         name, module = self.names[i], self.modules[i]
@@ -347,14 +418,23 @@ class Placements:
         """
         import torch.distributed as dist
 
-        n = len(self.names)
-        mine = torch.zeros(max(n, 1), 5, dtype=torch.int64, device=device)
+        n = width = len(self.names)
+        stage = 0
+        if self.stage is not None:  # pipeline stages hold different sites: each is compared within its stage
+            assert self.layout is not None
+            stage = _member(_group_of(self.layout.pipeline_group))[0]
+            most = torch.tensor([n], dtype=torch.int64, device=device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            width = int(most)
+        mine = torch.zeros(max(width, 1), 6, dtype=torch.int64, device=device)
         widths = self._widths(rows)
         for i, place in self.sites.items():
-            mine[i] = torch.tensor([_CODE[place.kind], place.index, place.size, place.leader, widths.get(i, 0)])
+            mine[i] = torch.tensor([_CODE[place.kind], place.index, place.size, place.leader, widths.get(i, 0), stage])
         every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(every, mine)
-        table = torch.stack(every).cpu().numpy()[:, :n]  # [world, sites, 5]
+        table = torch.stack(every).cpu().numpy()[:, :n]  # [world, sites, 6]
+        if self.stage is not None:  # another stage's site i is another site: leave it out
+            table[table[:, :, 5] != stage] = 0
         self.agreed = {}
         for i, name in enumerate(self.names):
             codes = set(table[:, i, 0].tolist()) - {0}
@@ -364,6 +444,9 @@ class Placements:
                                  "capture(parallel=...) describing it the same way on every rank")
             if codes:
                 self.agreed[name] = (KINDS[codes.pop() - 1], int(table[:, i, 2].max()))
+        if self.layout is not None and self.layout.verify:
+            self._width = width
+            self._verify(table, device)
         out = []
         for row in rows:
             sites = dict(row.sites)
@@ -381,6 +464,36 @@ class Placements:
                         sites[name] = {kind: {} for kind in sites[name]}
             out.append(WindowState(row.step, sites, row.cross))
         return out
+
+    def _verify(self, table: np.ndarray, device: torch.device) -> None:
+        """Compare the replicas' checksums within each group (one ``all_gather``; every rank calls it
+        when the layout asks to verify); one warning names the sites whose replicas differ."""
+        import torch.distributed as dist
+
+        n = table.shape[1]
+        mine = torch.zeros(max(self._width, 1), 3, dtype=torch.float64, device=device)
+        for i, c in self.checksums.items():
+            mine[i] = c.to(device)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+        sums = torch.stack(every).cpu().numpy()[:, :n]  # [world, sites, 3]
+        replicate = _CODE["replicate"]
+        self.differ = []
+        for i, name in enumerate(self.names):
+            held = table[:, i, 0] == replicate
+            for leader in sorted(set(table[held, i, 3].tolist())):
+                group = sums[held & (table[:, i, 3] == leader), i]  # [replicas, 3]
+                spread = group.max(0) - group.min(0)
+                if np.any(spread > 1e-6 * np.abs(group).max(0)):
+                    self.differ.append(name)
+                    break
+        if self.differ:
+            shown = ", ".join(self.differ[:4]) + (" …" if len(self.differ) > 4 else "")
+            warnings.warn(f"probe: the replicas of {len(self.differ)} replicated site(s) differ across their group "
+                          f"({shown}): expected every rank of the group to hold the same tensor, but their "
+                          "checksums (count, sum |x|, sum x^2) differ by more than 1e-6 relative; only the group's "
+                          "first rank was counted; describe these sites as 'tokens', 'features' or 'data' "
+                          "(docs/distributed.md)", stacklevel=6)
 
     def _widths(self, rows: list[WindowState]) -> dict[int, int]:
         out = {}
@@ -401,9 +514,152 @@ class Placements:
         return kinds if len(kinds) > 1 else None
 
     def describe(self) -> dict[str, Any]:
-        """The layout the file records (``meta["parallel"]``): per site its placement and group size."""
-        return {"placements": {name: kind for name, (kind, _) in self.agreed.items()},
-                "group_sizes": {name: size for name, (_, size) in self.agreed.items()}}
+        """The layout the file records (``meta["parallel"]``): per site its placement and group size,
+        and for a pipeline the stages (``"pipeline"``: ``stages``, ``layers`` and ``first_layer`` per
+        stage)."""
+        agreed = self.pipeline.get("agreed", self.agreed)  # a pipeline: every stage's sites, renamed
+        out: dict[str, Any] = {"placements": {name: kind for name, (kind, _) in agreed.items()},
+                               "group_sizes": {name: size for name, (_, size) in agreed.items()}}
+        if self.pipeline:
+            out["pipeline"] = {k: v for k, v in self.pipeline.items() if k not in ("rename", "agreed")}
+        return out
+
+    # --------------------------------------------------------------------------- pipeline
+    def held_earlier(self, name: str) -> bool:
+        """Whether site ``name`` of this pipeline stage is the previous stage's last one (a later
+        stage's ``hidden_states.0``: the activations it received), which that stage records."""
+        if self.stage is None or name != "hidden_states.0":
+            return False
+        assert self.layout is not None
+        return _member(_group_of(self.layout.pipeline_group))[0] > 0
+
+    def stages(self, rows: list[WindowState], meta: dict[str, Any], real: int, no_ids: bool,
+               device: torch.device) -> tuple[list[WindowState], dict[str, Any]]:
+        """A pipeline stage's windows under the whole model's site names, and the union of every
+        stage's site descriptions (``meta["sites"]``, ``meta["disabled"]``) in model order (see
+        :meth:`Layout.pipeline_stage`). Every rank calls it: one ``all_gather`` of each stage's
+        layer count, real tokens and whether it lacked ``input_ids`` over the pipeline group, two
+        collectives for the descriptions over the world.
+
+        Args:
+            rows: this rank's windows (localized).
+            meta: this rank's run description (``Capture.meta``).
+            real: the real tokens this stage's sites saw (``-1``: no site fired).
+            no_ids: a forward of this stage had no ``input_ids`` (its token ids are ``-1``).
+
+        Returns:
+            The windows renamed, a site held by an earlier stage emptied here; the descriptions'
+            patch (``sites``, ``disabled``, ``cross_sites``).
+
+        Raises:
+            ProbeError: the stages counted different numbers of real tokens.
+        """
+        import torch.distributed as dist
+
+        assert self.layout is not None and self.stage is not None
+        group = _group_of(self.layout.pipeline_group)
+        index, size, _ = _member(group)
+        layers, container = self.stage
+        mine = torch.tensor([layers, real, int(no_ids)], dtype=torch.int64, device=device)
+        every = [torch.empty_like(mine) for _ in range(size)]
+        dist.all_gather(every, mine, group=group)
+        table = torch.stack(every).cpu().tolist()  # [stage, 3]
+        counted = sorted({r[1] for r in table if r[1] >= 0})
+        if len(counted) > 1:
+            raise ProbeError(f"pipeline stages counted {[r[1] for r in table]} real tokens (stage by stage); "
+                             "expected the same tokens at every stage; run every stage over the same batches "
+                             "with the same attention_mask")
+        offset = sum(r[0] for r in table[:index])
+        rename = {}
+        for name in self.names:
+            shifted = _shift(name, offset, container)
+            for suffix in ("", "@decode", "@grad"):
+                rename[name + suffix] = shifted + suffix
+        sites = []
+        for info in meta["sites"]:
+            info = dict(info)
+            info["name"] = _shift_suffixed(info["name"], offset, container)
+            info["module"] = _shift(info["module"], offset, container) if info.get("module") else info.get("module")
+            if info.get("stack") == "hidden_states" and isinstance(info.get("hf_index"), int):
+                info["hf_index"] += offset
+            sites.append(info)
+        disabled = {_shift_suffixed(k, offset, container): v for k, v in meta.get("disabled", {}).items()}
+        # every rank's descriptions, uint8-encoded JSON (no pickling)
+        agreed = {_shift(name, offset, container): list(v) for name, v in self.agreed.items()}
+        blob = json.dumps({"stage": index, "sites": sites, "disabled": disabled, "agreed": agreed}).encode()
+        length = torch.tensor([len(blob)], dtype=torch.int64, device=device)
+        dist.all_reduce(length, op=dist.ReduceOp.MAX)
+        padded = torch.zeros(int(length), dtype=torch.uint8, device=device)
+        padded[:len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        gathered = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, padded)
+        parts = [json.loads(bytes(g.cpu().numpy().tobytes()).rstrip(b"\0").decode()) for g in gathered]
+        holder: dict[str, tuple[int, int, dict]] = {}  # global name -> (stage, its order there, description)
+        union_disabled: dict[str, str] = {}
+        union_agreed: dict[str, list] = {}
+        for part in parts:
+            for name, v in part["agreed"].items():
+                union_agreed.setdefault(name, v)
+            for order, info in enumerate(part["sites"]):
+                key = (part["stage"], order)
+                if info["name"] not in holder or key < holder[info["name"]][:2]:
+                    holder[info["name"]] = (*key, info)
+            union_disabled.update(part["disabled"])
+        ordered = sorted(holder.values(), key=lambda h: (h[0], h[1]))
+        out = []
+        for row in rows:
+            renamed = {}
+            for name, states in row.sites.items():
+                new = _shift_suffixed(name, offset, container)
+                renamed[new] = states if holder.get(new, (index,))[0] == index else {k: {} for k in states}
+            out.append(WindowState(row.step, renamed, {} if size > 1 else row.cross))
+        lacking = [i for i, r in enumerate(table) if r[2]]
+        if lacking:
+            warnings.warn(f"probe: pipeline stage(s) {lacking} ran without input_ids (the activations they "
+                          "received), so the token ids at their sites are recorded as -1 (top-k, absmax_at); "
+                          "the statistics are not affected", stacklevel=6)
+        self.pipeline = {"stages": size, "stage_layers": [r[0] for r in table],
+                         "first_layer": [sum(r[0] for r in table[:i]) for i in range(size)],
+                         "sites_by_stage": {h[2]["name"]: h[0] for h in ordered}, "rename": rename,
+                         "agreed": union_agreed}
+        return out, {"sites": [h[2] for h in ordered], "disabled": union_disabled,
+                     "cross_sites": [] if size > 1 else meta.get("cross_sites", [])}
+
+
+def _stage_layers(model: nn.Module) -> tuple[int, str]:
+    """A pipeline stage's decoder layer count and the path of the module list holding them."""
+    from .sites import _hidden_state_sites
+
+    try:
+        found = _hidden_state_sites(model)
+    except SiteError as err:
+        raise ProbeError(f"a pipeline stage needs its decoder layers located; got {type(model).__name__}: {err}; "
+                         "pass the stage as a model whose layers probe finds with sites='hidden_states'") from None
+    layers = max((s.hf_index for s in found if s.hf_index is not None), default=0)
+    # the module list of the decoder layers, whose indices the whole model's paths shift
+    container = next((name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == layers
+                      and layers), "")
+    return layers, container
+
+
+def _shift(name: str, offset: int, container: str) -> str:
+    """``name`` (a site name or module path of a stage) in the whole model: ``hidden_states.j`` and
+    ``<container>.j...`` with ``j`` moved by ``offset``."""
+    if not offset:
+        return name
+    found = re.fullmatch(r"hidden_states\.(\d+)", name)
+    if found:
+        return f"hidden_states.{int(found.group(1)) + offset}"
+    if container:
+        found = re.fullmatch(re.escape(container) + r"\.(\d+)((?:\..*)?)", name)
+        if found:
+            return f"{container}.{int(found.group(1)) + offset}{found.group(2)}"
+    return name
+
+
+def _shift_suffixed(name: str, offset: int, container: str) -> str:
+    base, at, suffix = name.partition("@")
+    return _shift(base, offset, container) + at + suffix
 
 
 def _widen(kind: str, state: dict, offset: int, total: int, first: bool) -> dict:

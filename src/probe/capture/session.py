@@ -270,6 +270,9 @@ class Capture:
                                   forward_signature(model),
                                   Grads(self._engine, self._names["grad"]) if options.grads else None)
         self._forwards.placements = self._placements if options.world > 1 else None
+        forwards = self._forwards
+        self._recorder.stage_inputs = lambda: (max((int(c) for c in forwards._real.values()), default=-1),
+                                               forwards.without_ids)
 
     # ------------------------------------------------------------------------ description
     @property

@@ -77,11 +77,17 @@ class Recorder:
         #: grads=True: the label of a window every= closed, committed when the next forward begins
         #: (after the backward of its own forwards) or at exit
         self._due: int | None = None
+        #: a pipeline stage: (real tokens its sites saw, -1 if none; whether a forward lacked input_ids),
+        #: read at exit (set by the capture)
+        self.stage_inputs: Callable[[], tuple[int, bool]] = lambda: (-1, False)
+        #: a pipeline stage, after the merge: the whole model's site descriptions (``meta`` keys)
+        self._stage_meta: dict[str, Any] = {}
 
     def _describe(self) -> dict[str, Any]:
         """The run's description, with the parallel layout it was captured under (``meta["parallel"]``:
         the world size and, once the ranks agreed at exit, each site's placement and group size)."""
         meta = self._description()
+        meta.update(self._stage_meta)
         if self.options.world > 1 and "parallel" not in meta:
             placed = self.placements.describe() if self.placements is not None else {}
             meta["parallel"] = {"world_size": self.options.world, **placed}
@@ -222,7 +228,8 @@ class Recorder:
         dist.all_reduce(seed)
         self.seed = int(seed)
         cross = self.engine.cross
-        if cross is not None:
+        staged = self.placements is not None and self.placements.stage is not None
+        if cross is not None and not staged:
             members = torch.zeros(len(cross.candidates), dtype=torch.int64, device=device)
             members[list(cross.members or [])] = 1
             dist.all_reduce(members, op=dist.ReduceOp.MAX)
@@ -237,8 +244,17 @@ class Recorder:
                               "their tokens do not pair up; the cross-layer statistic is left out of this run; "
                               "capture sites of one placement with it (docs/distributed.md)", stacklevel=5)
                 rows = [WindowState(r.step, r.sites, {}) for r in rows]
+        names = self.names
+        if self.placements is not None and staged:  # every stage's sites under the whole model's names
+            real, no_ids = self.stage_inputs()
+            rows, self._stage_meta = self.placements.stages(rows, self._description(), real, no_ids, device)
+            names = [s["name"] for s in self._stage_meta["sites"]]
+            if self.placements.pipeline["stages"] > 1 and "cross" in self.options.stats:
+                warnings.warn("probe: the cross-layer statistic pairs each token across layers that different "
+                              "pipeline stages hold, which no rank sees together; it is left out of this run "
+                              "(docs/distributed.md)", stacklevel=5)
         own = [k for k in ("router", "experts") if any(k in (s.stats or ()) for s in self.engine.sites)]
-        return sync.merge_windows(rows, self.names, [k for k in stats if k not in ("cross", "cos")]
+        return sync.merge_windows(rows, names, [k for k in stats if k not in ("cross", "cos")]
                                   + [k for k in own if k not in stats], "cross" in stats, device)
 
     def _finish(self) -> None:

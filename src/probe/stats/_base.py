@@ -8,11 +8,12 @@ device of the activations it saw; nothing in ``update`` synchronises with the ho
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import warnings
 from dataclasses import dataclass, field
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import numpy as np
@@ -23,7 +24,8 @@ from ._state import SPECS, Field, State, merge_moments, merge_states
 
 __all__ = ["Tokens", "Stat", "StatBase", "TORCH_DTYPES", "BatchedStat", "Finite", "Dense", "merge_moments", "SPECS",
            "central_sums", "dense", "finite", "host_reads", "host_checks", "scratch", "release_scratch",
-           "run_compiled", "stacked", "pow2", "power_of_two", "scaled_central_sums", "tiny_spread", "finite_host", "TINY_SPREAD"]
+           "run_compiled", "stacked", "pow2", "power_of_two", "scaled_central_sums", "tiny_spread", "finite_host", "TINY_SPREAD",
+           "wide_sums", "wide"]
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+
     from typing_extensions import Self
@@ -581,6 +583,31 @@ def host_reads(x: Tensor) -> bool:
     tensor (nothing to wait for) while :data:`DENSE_CPU` is on, and not one autograd is recording
     (the fast paths write into reused buffers). Never on an accelerator."""
     return DENSE_CPU and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+
+
+#: per thread: whether the chunks being folded come from a float64 site (see :func:`wide_sums`)
+_WIDE = threading.local()
+
+
+@contextlib.contextmanager
+def wide_sums(on: bool) -> Iterator[None]:
+    """Within the block, the moment statistics (``moments``, ``position``) form their chunks'
+    deviations and power sums in float64 rather than float32 when ``on``: the engine sets it for a
+    site whose tensor is float64, whose chunks then agree with float64 arithmetic to ~1e-16 relative
+    whatever their size or split (a shard of a layout is another chunk), not ~1e-7. The values
+    themselves are the float32 copies every statistic reads; float32 and bfloat16 sites keep the
+    float32 sums."""
+    before = getattr(_WIDE, "on", False)
+    _WIDE.on = bool(on)
+    try:
+        yield
+    finally:
+        _WIDE.on = before
+
+
+def wide() -> bool:
+    """Whether :func:`wide_sums` is on (on this thread)."""
+    return getattr(_WIDE, "on", False)
 
 
 def host_checks(x: Tensor) -> bool:

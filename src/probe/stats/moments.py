@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._base import (SPECS, BatchedStat, Dense, Finite, Tokens, central_sums, dense, finite_host, host_checks,
-                    merge_moments, run_compiled, scaled_central_sums, scratch, shift_moments, tiny_spread)
+                    merge_moments, run_compiled, scaled_central_sums, scratch, shift_moments, tiny_spread, wide)
 
 from ._state import argmax_better
 
@@ -104,23 +104,32 @@ def _chunk(x: Tensor, xs: Tensor | None, fm: Tensor | None, mag: Tensor | None, 
     return (*moments, lo, hi, nan, pos.round().long(), -neg.round().long(), kept.expand(g), value, at, large)
 
 
-def _dense_chunk(view: Dense) -> tuple[Tensor, ...]:
+def _dense_chunk(view: Dense, wide: bool = False) -> tuple[Tensor, ...]:
     """:func:`_chunk` over the kept tokens of a chunk whose kept values are all finite (see
     :func:`probe.stats._base.dense`): the same quantities with the masks and the non-finite
     counts (all zero) left out, from the float64 column sums :class:`Finite` already holds, with
-    two reused buffers as the only activation-sized temporaries."""
+    two reused buffers as the only activation-sized temporaries. ``wide``: the deviations from the
+    float64 mean, their powers and sums in float64 (two more float64 buffers)."""
     x = view.x
     g, t = x.shape[0], x.shape[-2]
     mean = view.parts.colsum / t
     n = torch.full_like(mean, float(t))
-    center = mean.to(x.dtype)
-    d = torch.sub(x, center.unsqueeze(-2), out=scratch("moments.d", x.shape, x.dtype))
-    p = torch.mul(d, d, out=scratch("moments.p", x.shape, x.dtype))
-    # float32 powers and sums, as in central_sums
-    s2 = p.sum(-2).double()
-    s3 = p.mul_(d).sum(-2).double()
-    s4 = p.mul_(d).sum(-2).double()
-    moments = (n, mean, *shift_moments(n, mean - center.double(), s2, s3, s4))
+    moments: tuple[Tensor, ...]
+    if wide:
+        f64 = torch.float64
+        d64 = torch.sub(x, mean.unsqueeze(-2), out=scratch("moments.d64", x.shape, f64))
+        p64 = torch.mul(d64, d64, out=scratch("moments.p64", x.shape, f64))
+        moments = (n, mean, p64.sum(-2), p64.mul_(d64).sum(-2), p64.mul_(d64).sum(-2))
+        d = scratch("moments.d", x.shape, x.dtype)
+    else:
+        center = mean.to(x.dtype)
+        d = torch.sub(x, center.unsqueeze(-2), out=scratch("moments.d", x.shape, x.dtype))
+        p = torch.mul(d, d, out=scratch("moments.p", x.shape, x.dtype))
+        # float32 powers and sums, as in central_sums
+        s2 = p.sum(-2).double()
+        s3 = p.mul_(d).sum(-2).double()
+        s4 = p.mul_(d).sum(-2).double()
+        moments = (n, mean, *shift_moments(n, mean - center.double(), s2, s3, s4))
     mag = torch.abs(x, out=d)
     rowmax = mag.amax(-1)  # [G, t]
     if view.parts._rowmax is None:  # the per-position statistic and the top-k read it too
@@ -190,6 +199,8 @@ class Moments(BatchedStat):
                           tokens.token, wide, not checks)
 
         view = dense(x, tokens)
+        if wide():  # a float64 site: deviations and power sums in float64 (see wide_sums)
+            return _dense_chunk(view, True) if view is not None else masked(True)
         chunk = _dense_chunk(view) if view is not None else masked()
         if checks and (not finite_host(chunk[4]) or tiny_spread(chunk[5], chunk[6])):
             # float32 fourth powers overflow once |x - mean| passes ~1.8e9 and leave the normal

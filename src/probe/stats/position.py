@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._base import (SPECS, BatchedStat, Finite, Tokens, host_checks, host_reads, merge_moments, pow2, power_of_two,
-                    run_compiled, scratch)
+                    run_compiled, scratch, wide)
 
 __all__ = ["Position"]
 
@@ -66,11 +66,12 @@ def _chunk(x: Tensor, xs: Tensor | None, fm: Tensor | None, rowmax: Tensor | Non
     return tokens, n, mean, m2, absmax, overflow
 
 
-def _dense_chunk(x: Tensor, parts: Finite, valid: Tensor, position: Tensor, p: int) -> tuple[Tensor, ...] | None:
+def _dense_chunk(x: Tensor, parts: Finite, valid: Tensor, position: Tensor, p: int,
+                 wide: bool = False) -> tuple[Tensor, ...] | None:
     """:func:`_chunk` of a CPU chunk whose tokens are all real and values all finite (read on the
     host, free on CPU), with reused buffers for the temporaries; ``None`` otherwise. Its per-token
     largest ``|x|`` is handed to ``parts`` (the top-k reads it), and ``parts`` learns that ``x``
-    is finite."""
+    is finite. ``wide``: the deviations from the float64 means and their squares in float64."""
     if not host_reads(x) or not bool(valid.all()):
         return None
     f64 = torch.float64
@@ -87,9 +88,14 @@ def _dense_chunk(x: Tensor, parts: Finite, valid: Tensor, position: Tensor, p: i
     zeros = torch.zeros(g, p, dtype=f64)
     n = zeros.index_add(1, index, (inside64 * d).expand(g, -1))
     mean = zeros.index_add(1, index, total * inside64) / n.clamp(min=1)
-    mu = mean.index_select(1, index).unsqueeze(-1).to(x.dtype)  # each token's position mean, [G, n, 1]
-    dev = torch.sub(x, mu, out=scratch("position.d", x.shape, x.dtype))
-    m2 = zeros.index_add(1, index, dev.mul_(dev).sum(-1).double() * inside64)  # float32 squares and sums
+    if wide:
+        dev64 = torch.sub(x, mean.index_select(1, index).unsqueeze(-1), out=scratch("position.d64", x.shape, f64))
+        m2 = zeros.index_add(1, index, dev64.mul_(dev64).sum(-1) * inside64)
+        dev = scratch("position.d", x.shape, x.dtype)
+    else:
+        mu = mean.index_select(1, index).unsqueeze(-1).to(x.dtype)  # each token's position mean, [G, n, 1]
+        dev = torch.sub(x, mu, out=scratch("position.d", x.shape, x.dtype))
+        m2 = zeros.index_add(1, index, dev.mul_(dev).sum(-1).double() * inside64)  # float32 squares and sums
     tokens = torch.zeros(g, p, dtype=torch.int64).index_add_(1, index, inside.long().expand(g, -1))
     rowmax = parts.rowmax_into(dev)
     mag = torch.where(inside, rowmax, float("-inf"))
@@ -143,7 +149,7 @@ class Position(BatchedStat):
         if compiled:
             return run_compiled(_step, state, x, None, None, None, tokens.valid, tokens.position, True)
         return _merge(state, _chunk(x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position,
-                                    state[0].shape[-1]))
+                                    state[0].shape[-1], wide()))
 
     def _chunk(self, x: Tensor, parts, tokens: Tokens) -> tuple[Tensor, ...]:
         checks = host_checks(x)
@@ -152,6 +158,8 @@ class Position(BatchedStat):
             return _chunk(x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position, self.max_positions,
                           wide, not checks)
 
+        if wide():  # a float64 site: deviations and squares in float64 (see wide_sums)
+            return _dense_chunk(x, parts, tokens.valid, tokens.position, self.max_positions, True) or masked(True)
         chunk = _dense_chunk(x, parts, tokens.valid, tokens.position, self.max_positions)
         if chunk is None:
             chunk = masked()
