@@ -105,10 +105,15 @@ class Site:
     #: mixture-of-experts sites of :mod:`probe.capture.moe` run ``router`` or ``experts``)
     stats: tuple[str, ...] | None = None
     #: ``(experts, top_k)`` of a mixture-of-experts site, told to its statistics
-    moe: tuple[int, int] | None = None
+    moe: tuple[int, ...] | None = None
     #: ``(args, kwargs, output) -> tensor | str``: builds the site's tensor from the module's call
     #: (a ``str`` says why it cannot); never raises. ``None``: read as ``read``/``index`` say
     pack: Callable[[tuple, dict, Any], Any] | None = field(default=None, compare=False, repr=False)
+    #: ``(module, args, kwargs) -> None``: a pre-hook that starts following the call before its
+    #: output is read (the down projection's input of fused experts, :mod:`probe.capture.moe`);
+    #: ``disarm`` ends it after the call, also when the call raises. Neither ever raises
+    arm: Callable[[Any, tuple, dict], None] | None = field(default=None, compare=False, repr=False)
+    disarm: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         """One line: which module call, which element, which stack."""

@@ -27,8 +27,10 @@ Both ``ffn_gate_exps`` and ``ffn_up_exps`` get the experts' input (they read the
 through gguf-py's map of ``<experts>.gate_proj`` / ``<experts>.up_proj`` (what
 ``convert_hf_to_gguf.py`` names a fused ``gate_up_proj`` once split). An expert with no token keeps
 zeros and count 0: llama.cpp's GGUF writer keeps such partial entries too (and warns), and
-``llama-quantize`` falls back for them. ``ffn_down_exps`` is not written: the down-projection's
-input is computed inside the fused experts' forward and never captured (see ``docs/moe.md``).
+``llama-quantize`` falls back for them. ``ffn_down_exps`` (gguf-py's name of
+``<experts>.down_proj``) gets the down projection's input ``act(gate) · up`` per expert
+(``"<experts>:down_proj"`` sites, ``[E, I]``, ``I`` the experts' intermediate size) in the same
+layout.
 """
 
 from __future__ import annotations
@@ -88,9 +90,11 @@ def tensor_names(modules: list[str], model_type: str | None, arch: str | None = 
 
 def expert_names(experts: list[ExpertStats], model_type: str | None, arch: str | None = None,
                  others: Sequence[str] = ()) -> dict[str, str]:
-    """``{"<experts>.gate_proj" | ".up_proj": gguf name}`` of the fused experts modules (gguf-py's map
-    of the per-projection HF names, e.g. ``blk.0.ffn_gate_exps.weight``)."""
-    wanted = [f"{x.module}.{p}" for x in experts for p in ("gate_proj", "up_proj")]
+    """``{"<experts>.gate_proj" | ".up_proj" | ".down_proj": gguf name}`` of the fused experts
+    modules (gguf-py's map of the per-projection HF names, e.g. ``blk.0.ffn_gate_exps.weight``;
+    ``.down_proj`` where its input was captured)."""
+    wanted = [f"{x.module}.{p}" for x in experts for p in
+              (("gate_proj", "up_proj") if x.proj == "gate_up" else ("down_proj",))]
     return tensor_names(wanted + list(others), model_type, arch) if wanted else {}
 
 
@@ -106,10 +110,11 @@ def write(stats: list[ModuleStats], path: str, meta: dict, *, arch: str | None =
     names = tensor_names([s.module for s in stats], config.get("model_type"), arch) if stats else {}
     exp_names = {k: v for k, v in expert_names(experts, config.get("model_type"), arch,
                                                 [s.module for s in stats]).items()
-                 if k.endswith((".gate_proj", ".up_proj")) and k not in names}
-    by_module = {x.module: x for x in experts}
+                 if k.endswith((".gate_proj", ".up_proj", ".down_proj")) and k not in names}
+    by_key = {f"{x.module}.{p}": x for x in experts
+              for p in (("gate_proj", "up_proj") if x.proj == "gate_up" else ("down_proj",))}
     missing = [s.module for s in stats if s.module not in names]
-    missing += [x.module for x in experts if not any(k.startswith(x.module + ".") for k in exp_names)]
+    missing += [x.module for x in experts if not any(by_key.get(k) is x for k in exp_names)]
     if not names and not exp_names:
         raise ProbeError(f"none of the {len(stats)} modules has a llama.cpp tensor name for model_type "
                          f"{config.get('model_type')!r}; expected module paths of a transformers model; "
@@ -138,7 +143,7 @@ def write(stats: list[ModuleStats], path: str, meta: dict, *, arch: str | None =
         writer.add_tensor(f"{name}.in_sum2", s.sum_x2.astype(np.float32).reshape(1, -1))
         writer.add_tensor(f"{name}.counts", np.array([[s.tokens]], dtype=np.float32))
     for key, name in sorted(exp_names.items(), key=lambda kv: kv[1]):
-        x = by_module[key.rsplit(".", 1)[0]]
+        x = by_key[key]
         if name in seen:
             raise ProbeError(f"modules {seen[name]!r} and {key!r} both map to {name!r}; expected one "
                              "module per llama.cpp tensor; pass arch= with the right architecture")
