@@ -491,6 +491,31 @@ def test_show_plot_and_cli_report_the_experts(tmp_path, capsys):
     np.testing.assert_allclose(np.ma.filled(image, 0.0), np.where(want > 0, want, 0.0))
 
 
+def test_general_tables_reprs_and_grads_leave_the_moe_sites_to_their_own(tmp_path):
+    """probe show's moments and geometry tables leave out the MoE sites (their table shows them),
+    the views' reprs show routing, a grads run has no gradient site for them, and the Capture's
+    repr names the statistics its MoE sites run."""
+    from probe.present import report, research
+
+    model = _qwen3().train()
+    c = probe.capture(model, tmp_path / "g.h5", sites=["hidden_states", "moe"], grads=True)
+    assert "'router', 'experts']" in repr(c).splitlines()[0]
+    with c:
+        for ids, mask in _batches(1, 4):
+            model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    run = probe.load(tmp_path / "g.h5")
+    assert not [n for n in run.sites if "@grad" in n and ":" in n] and not run.meta.get("disabled")
+    assert run["hidden_states.1"].grad is not None and run["model.layers.0.mlp.gate:router"].grad is None
+    general = [e["site"] for e in report.summary(run)["sites"]]
+    assert general and all(n.startswith("hidden_states") for n in general)
+    assert all(e["site"].startswith("hidden_states") for e in research.summary(run)["sites"])
+    r = run["model.layers.0.mlp.gate:router"]
+    assert repr(r) == f"SiteView('model.layers.0.mlp.gate:router', {r.router!r})"
+    assert f"tokens={r.router.tokens}," in repr(r) and "nan" not in repr(r)
+    x = run["model.layers.0.mlp.experts:down_proj"]
+    assert repr(x).startswith("SiteView('model.layers.0.mlp.experts:down_proj', ExpertsView(E=12, D=12, tokens=")
+
+
 def test_generate_counts_prefill_and_decode_tokens():
     """Under generate (KV cache) the decode forwards' [batch·1, D] rows are real tokens; the
     prefill's padding is not."""

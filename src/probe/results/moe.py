@@ -29,11 +29,23 @@ import numpy as np
 
 from ..stats._state import ROUTER_BINS
 
-__all__ = ["RouterView", "ExpertsView", "MoeLayerView", "moe_layers", "ROUTER_SUFFIX", "EXPERTS_SUFFIX", "DOWN_SUFFIX"]
+__all__ = ["RouterView", "ExpertsView", "MoeLayerView", "moe_layers", "is_moe_site", "ROUTER_SUFFIX",
+           "EXPERTS_SUFFIX", "DOWN_SUFFIX"]
 
 ROUTER_SUFFIX = ":router"
 EXPERTS_SUFFIX = ":experts"
 DOWN_SUFFIX = ":down_proj"
+
+
+def is_moe_site(name: str) -> bool:
+    """Whether ``name`` is a mixture-of-experts site (router, experts or down projection), which
+    holds only its own statistic (no moments: the general tables leave it out).
+
+    Example:
+        >>> is_moe_site("model.layers.0.mlp.gate:router"), is_moe_site("hidden_states.1")
+        (True, False)
+    """
+    return name.endswith((ROUTER_SUFFIX, EXPERTS_SUFFIX, DOWN_SUFFIX))
 
 
 class RouterView:
