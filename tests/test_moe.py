@@ -552,3 +552,65 @@ def test_an_expert_empty_in_one_part_merges_as_the_identity():
     np.testing.assert_allclose(merged["m2"][1], ((xb - xb.mean(0)) ** 2).sum(0), rtol=1e-12)
     np.testing.assert_array_equal(merged["tokens"], [12, 7])
     np.testing.assert_array_equal(merged["absmax"][1], np.abs(xb).max(0).astype(np.float32))
+
+
+def _switch():
+    torch.manual_seed(2)
+    cfg = transformers.SwitchTransformersConfig(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=2,
+                                                num_decoder_layers=2, num_heads=2, num_experts=4, encoder_sparse_step=1,
+                                                decoder_sparse_step=1, expert_capacity=64)
+    return transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
+
+
+def test_experts_held_as_modules_per_expert_over_real_tokens():
+    """Switch Transformers holds its experts as a ModuleDict of MLPs (``wi``, ``wo``): per-expert
+    inputs of the first and the last Linear, over real tokens, against float64 numpy that
+    recomputes the top-1 routing from the router logits; the output is bitwise unchanged."""
+    model = _switch()
+    layers = moe_layers(model)
+    assert [(x.experts, x.n_experts, x.top_k, x.router) for x in layers][:1] == [
+        ("encoder.block.0.layer.1.mlp.experts", 4, 1, None)]
+    modules = dict(model.named_modules())
+    seen: list[dict] = []
+    hooks = []
+    for i, layer in enumerate(layers):
+        router = modules[layer.experts.rsplit(".", 1)[0] + ".router"]
+        hooks.append(router.register_forward_hook(
+            lambda m, a, out, i=i: (seen[-1] if seen else {}).__setitem__(("logits", i), out[2].detach().double().numpy().reshape(
+                -1, out[2].shape[-1]))))
+        hooks.append(modules[layer.experts].register_forward_pre_hook(
+            lambda m, a, i=i: (seen[-1] if seen else {}).__setitem__(("x", i), a[0].detach().double().numpy().copy())))
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for j in range(2):
+        ids = torch.randint(3, VOCAB, (3, 7), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 5 - j:] = 0
+        batches.append((ids, mask, torch.randint(3, VOCAB, (3, 4), generator=g)))
+    with torch.no_grad():
+        plain = [model(input_ids=i, attention_mask=a, decoder_input_ids=d).logits for i, a, d in batches]
+    seen.clear()
+    picked = [x.name for x in resolve(model, "linear_inputs")]
+    assert "encoder.block.0.layer.1.mlp.experts:down_proj" in picked and not [n for n in picked if ".expert_" in n]
+    with probe.capture(model, sites="moe") as c:
+        with torch.no_grad():
+            for ids, mask, dec in batches:
+                seen.append({"enc": mask.numpy().reshape(-1).astype(bool), "dec": np.ones(dec.numel(), bool)})
+                assert torch.equal(model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits,
+                                   plain[len(seen) - 1])
+    for h in hooks:
+        h.remove()
+    assert not c.result.meta.get("disabled")
+    for i, layer in enumerate(layers):
+        experts = modules[layer.experts]
+        wi = [experts[f"expert_{e}"].wi.weight.detach().double().numpy() for e in range(4)]
+        ref: dict = {"x": [[] for _ in range(4)], "down": [[] for _ in range(4)]}
+        for f in seen:
+            real = f["enc" if layer.experts.startswith("encoder") else "dec"]
+            top = np.argmax(f[("logits", i)], -1)  # top-1, capacity 64: no token dropped
+            for t in np.flatnonzero(real):
+                x = f[("x", i)][t]
+                ref["x"][top[t]].append(x)
+                ref["down"][top[t]].append(np.maximum(wi[top[t]] @ x, 0.0))  # relu(wi x), dropout off
+        _check_experts(c.result[layer.experts + ":experts"].experts, ref)
+        _check_down(c.result[layer.experts + ":down_proj"].experts, ref)

@@ -35,14 +35,17 @@ transformers' ``router_logits`` recorder class, or else a child with a ``[E, D]`
 ``router``). A call that does not look as described (a router returning only logits, a custom
 experts signature) is refused at its site with one line; the model's forward goes on.
 
-Not covered: experts held as a ``ModuleList``/``ModuleDict`` of modules (Switch
-Transformers, NLLB-MoE), whose per-expert ``nn.Linear`` inputs hold only their tokens and are
-refused by the token check.
+Experts held as modules (a ``ModuleList``/``ModuleDict`` named ``*expert*``: Switch
+Transformers, NLLB-MoE) get both expert sites from the container's call followed by
+:class:`_ListMode` (each expert's first and last ``nn.Linear`` input, by weight identity); their
+routers are not read (each expert's own ``nn.Linear`` input holds only its tokens, and is
+refused by the token check when named alone).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import re
 from typing import Any
 
 import torch
@@ -63,14 +66,42 @@ SUFFIXES = (ROUTER_SUFFIX, EXPERTS_SUFFIX, DOWN_SUFFIX)
 class MoeLayer:
     """One mixture-of-experts layer: its experts module, its router (if found), ``E`` and ``k``."""
 
-    def __init__(self, experts: str, router: str | None, n_experts: int, top_k: int) -> None:
+    def __init__(self, experts: str, router: str | None, n_experts: int, top_k: int,
+                 linears: list[tuple[nn.Linear, nn.Linear]] | None = None) -> None:
         self.experts = experts
         self.router = router
         self.n_experts = n_experts
         self.top_k = top_k
+        #: experts held as modules: each expert's first and last ``nn.Linear`` (``None``: fused)
+        self.linears = linears
 
     def __repr__(self) -> str:
-        return f"MoeLayer({self.experts!r}, router={self.router!r}, E={self.n_experts}, k={self.top_k})"
+        kind = "" if self.linears is None else ", modules"
+        return f"MoeLayer({self.experts!r}, router={self.router!r}, E={self.n_experts}, k={self.top_k}{kind})"
+
+
+def _module_experts(name: str, module: nn.Module) -> list[tuple[nn.Linear, nn.Linear]] | None:
+    """Each expert's first and last ``nn.Linear`` of an experts container (a ``ModuleList`` /
+    ``ModuleDict`` named ``*expert*`` of at least two modules of one class, each with a first
+    ``Linear`` reading ``D`` and a last one writing ``D``: Switch Transformers, NLLB-MoE), else ``None``."""
+    if not isinstance(module, (nn.ModuleList, nn.ModuleDict)) or "expert" not in name.rsplit(".", 1)[-1].lower():
+        return None
+    members = list(module.children())
+    if len(members) < 2 or len({type(m) for m in members}) != 1:
+        return None
+    out = []
+    for m in members:
+        lin = [x for x in m.modules() if isinstance(x, nn.Linear)]
+        if len(lin) < 2 or lin[0].in_features != lin[-1].out_features:
+            return None
+        out.append((lin[0], lin[-1]))
+    return out
+
+
+def _router_k(router: nn.Module | None) -> int | None:
+    """Experts per token of a router that says it only in its class name (``...Top2Router``)."""
+    found = re.search(r"Top(\d+)", type(router).__name__) if router is not None else None
+    return int(found.group(1)) if found else None
 
 
 def _fused(module: nn.Module) -> int | None:
@@ -117,6 +148,9 @@ def moe_layers(model: nn.Module) -> list[MoeLayer]:
     out = []
     for name, module in modules.items():
         e = _fused(module) if name else None
+        linears = _module_experts(name, module) if name and e is None else None
+        if linears is not None:
+            e = len(linears)
         if e is None:
             continue
         parent = name.rsplit(".", 1)[0] if "." in name else ""
@@ -126,14 +160,20 @@ def moe_layers(model: nn.Module) -> list[MoeLayer]:
             if path == name:
                 continue
             weight = getattr(m, "weight", None)
-            if (routers and isinstance(m, routers)) or (
+            if linears is not None:  # a router of its own kind (one-hot masks): found by name, never read
+                if "router" in child or "gate" in child:
+                    router = path
+                    break
+            elif (routers and isinstance(m, routers)) or (
                     not routers and isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] == e):
                 router = path
                 break
         k = _top_k(model, modules.get(router) if router else None, module)
+        if k is None and linears is not None:
+            k = _router_k(modules.get(router) if router else None)
         if k is None:
             continue
-        out.append(MoeLayer(name, router, e, k))
+        out.append(MoeLayer(name, None if linears is not None else router, e, k, linears))
     return out
 
 
@@ -362,9 +402,92 @@ class _DownTap:
             return f"the down projection's input could not be packed ({type(err).__name__}: {err})"
 
 
+class _ListMode(_DownMode):
+    """Follows one call of an experts container (experts held as modules) and keeps the input of
+    each expert's first (``which="in"``) or last (``"down"``) ``nn.Linear``, by the identity of its
+    weight, with the token of each row (the last gather of ``hidden_states``)."""
+
+    def __init__(self, hidden: Tensor, weights: dict[int, tuple[Tensor, int]]) -> None:
+        super().__init__(hidden, hidden, len(weights))
+        self.weights = weights
+
+    def _see(self, func, args: tuple, kwargs: dict, out: Any) -> None:
+        a = args[0]
+        if func in _GATHERS or func in _REPEATS:
+            if a is self.hidden:
+                super()._see(func, args, kwargs, out)
+            return
+        if func in self.linear:
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            hit = self.weights.get(id(w))
+            if hit is not None and hit[0] is w and isinstance(a, Tensor):
+                x = a.reshape(-1, a.shape[-1])
+                self._keep(x, torch.full((x.shape[0],), hit[1], dtype=torch.int64, device=x.device))
+
+
+class _ListTap(_DownTap):
+    """A site of experts held as modules: ``which="in"`` (``<experts>:experts``, each expert's
+    first ``Linear``'s input) or ``"down"`` (``<experts>:down_proj``, its last ``Linear``'s input),
+    packed as ``[n, k + k·W]``: per slot the expert (``E`` where the slot holds none: a token
+    dropped by capacity, or fewer than ``k`` experts) and its input (NaN where none)."""
+
+    def __init__(self, layer: MoeLayer, which: str) -> None:
+        super().__init__(layer.n_experts, layer.top_k)
+        assert layer.linears is not None
+        pick = 0 if which == "in" else 1
+        self.params = [pair[pick].weight for pair in layer.linears]
+
+    def arm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.disarm()
+        try:
+            x = args[0] if args else kwargs.get("hidden_states")
+            if not isinstance(x, Tensor) or x.dim() != 2:
+                self.why = ("the experts container was called without hidden_states [n, D]; expected "
+                            "Switch Transformers' / NLLB-MoE's experts(hidden_states, mask, weights)")
+                return
+            self.why, self.index, self.impl = None, x, None
+            self.mode = _ListMode(x, {id(w): (w, e) for e, w in enumerate(self.params)})
+            self.mode.__enter__()
+        except Exception as err:  # never into the model's forward
+            self.mode, self.why = None, f"the experts call could not be followed ({type(err).__name__}: {err})"
+
+    def pack(self, args: tuple, kwargs: dict, output: Any) -> Tensor | str:
+        mode, x = self.mode, self.index
+        self.disarm()
+        self.index = None
+        if mode is None:
+            return self.why or "the experts call was not followed (no pre-hook ran)"
+        if mode.error is not None:
+            return (f"the experts' inputs could not be followed ({mode.error}); expected each expert called on "
+                    "hidden_states[token_idx]; capture each expert's modules by name instead")
+        try:
+            assert x is not None
+            with torch.no_grad():
+                n, k, e = x.shape[0], self.k, self.e
+                width = mode.parts[0][0].shape[-1] if mode.parts else int(self.params[0].shape[-1])
+                chosen = torch.full((n, k + 1), e, dtype=torch.int64, device=x.device)
+                buf = torch.full((n, k + 1, width), float("nan"), dtype=torch.float32, device=x.device)
+                used = torch.zeros(n, dtype=torch.int64, device=x.device)
+                for rows, tok, ex in mode.parts:  # a token is at most once in one expert's call
+                    slot = used[tok].clamp(max=k)
+                    chosen[tok, slot] = ex
+                    buf[tok, slot] = rows.float()
+                    used[tok] += 1
+                return torch.cat((chosen[:, :k].float(), buf[:, :k].reshape(n, k * width)), -1)
+        except Exception as err:  # never into the model's forward
+            return f"the experts' inputs could not be packed ({type(err).__name__}: {err})"
+
+
 def _sites(layer: MoeLayer, which: tuple[str, ...]) -> list[Site]:
     moe = (layer.n_experts, layer.top_k)
     out = []
+    if layer.linears is not None:  # experts held as modules: both sites follow the container's call
+        for kind, suffix, part in (("experts", EXPERTS_SUFFIX, "in"), ("down_proj", DOWN_SUFFIX, "down")):
+            if kind in which:
+                tap: _DownTap = _ListTap(layer, part)
+                out.append(Site(layer.experts + suffix, layer.experts, "output", None, stats=("experts",),
+                                moe=(*moe, 1), pack=tap.pack, arm=tap.arm, disarm=tap.disarm))
+        return out
     if "router" in which and layer.router is not None:
         out.append(Site(layer.router + ROUTER_SUFFIX, layer.router, "output", None, stats=("router",), moe=moe,
                         pack=_pack_router(*moe)))

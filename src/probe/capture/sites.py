@@ -239,9 +239,13 @@ def linear_input_sites(model: nn.Module) -> list[Site]:
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
     heads = _output_head(model)
+    # the layers of experts held as modules see only their own tokens: the experts sites hold them
+    held = {id(lin) for layer in _moe().moe_layers(model) for pair in (layer.linears or []) for lin in pair}
+    held |= {id(m) for layer in _moe().moe_layers(model) if layer.linears is not None
+             for m in dict(model.named_modules())[layer.experts].modules()}
     found = [Site(name, name, "input") for name, module in model.named_modules()
-             if name and isinstance(module, kinds) and id(module) not in heads]
-    found += _moe().expert_sites(model)  # the experts' inputs, split by routing (fused 3-D weights)
+             if name and isinstance(module, kinds) and id(module) not in heads and id(module) not in held]
+    found += _moe().expert_sites(model)  # the experts' inputs, split by routing (fused 3-D weights or modules)
     if not found:
         raise SiteError(f"sites='linear_inputs' found no nn.Linear or Conv1D in {type(model).__name__} "
                         "besides the output head; expected at least one; pass module names with ':input'")

@@ -57,7 +57,9 @@ class Experts(MoeConfigured):
         fins = [torch.isfinite(v) for v in parts]
         v0s = [torch.where(fin, v, 0.0).to(f64) for v, fin in zip(parts, fins)]
         ffs = [fin.to(f64) for fin in fins]
-        slots = [torch.where(tokens.valid, x[:, j].long().clamp(0, e - 1), e) for j in range(k)]
+        # an index outside [0, E) is a slot that holds no expert (experts held as modules)
+        slots = [torch.where(tokens.valid & (x[:, j] >= 0) & (x[:, j] < e), x[:, j].long().clamp(0, e - 1), e)
+                 for j in range(k)]
         at = (lambda j: j) if self.per_slot else (lambda j: 0)
         zeros = torch.zeros(e + 1, d, dtype=f64, device=x.device)
         cn, s1 = zeros.clone(), zeros.clone()
