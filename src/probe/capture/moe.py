@@ -82,11 +82,13 @@ class MoeLayer:
 
 def _module_experts(name: str, module: nn.Module) -> list[tuple[nn.Linear, nn.Linear]] | None:
     """Each expert's first and last ``nn.Linear`` of an experts container (a ``ModuleList`` /
-    ``ModuleDict`` named ``*expert*`` of at least two modules of one class, each with a first
+    ``ModuleDict`` named ``*expert*`` of at least two modules of one class (its children that hold
+    an ``nn.Linear``), each with a first
     ``Linear`` reading ``D`` and a last one writing ``D``: Switch Transformers, NLLB-MoE), else ``None``."""
     if not isinstance(module, (nn.ModuleList, nn.ModuleDict)) or "expert" not in name.rsplit(".", 1)[-1].lower():
         return None
-    members = list(module.children())
+    # the experts: the children holding Linear layers (NLLB-MoE's container also holds a Dropout)
+    members = [m for m in module.children() if any(isinstance(x, nn.Linear) for x in m.modules())]
     if len(members) < 2 or len({type(m) for m in members}) != 1:
         return None
     out = []
