@@ -416,6 +416,54 @@ def test_imatrix_per_expert_layout(calibrated, tmp_path):
     assert f"blk.0.attn_q.weight.in_sum2" in tensors
 
 
+def _read_legacy(path) -> tuple[dict, int, str]:
+    """llama-imatrix's legacy .dat, read field by field (tools/imatrix/imatrix.cpp)."""
+    buf = open(path, "rb").read()
+    at = 0
+
+    def i32():
+        nonlocal at
+        at += 4
+        return int(np.frombuffer(buf, "<i4", 1, at - 4)[0])
+
+    out = {}
+    for _ in range(i32()):
+        n = i32()
+        name = buf[at:at + n].decode()
+        at += n
+        ncall, nval = i32(), i32()
+        out[name] = (ncall, np.frombuffer(buf, "<f4", nval, at).copy())
+        at += 4 * nval
+    chunks, n = i32(), i32()
+    dataset = buf[at:at + n].decode()
+    assert at + n == len(buf)
+    return out, chunks, dataset
+
+
+def test_imatrix_legacy_dat_per_expert(calibrated, tmp_path):
+    """The legacy .dat holds each expert's mean x² row scaled by ncall (no per-expert counts: an
+    expert with no token is 1 · ncall, as llama-imatrix writes partial data)."""
+    pytest.importorskip("gguf")
+    tape, path = calibrated
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe.export("imatrix", path, tmp_path / "imatrix.dat", chunk_size=4)
+    entries, chunks, dataset = _read_legacy(tmp_path / "imatrix.dat")
+    assert list(entries) == sorted(entries) and dataset == path.name  # the runs as imatrix.datasets names them
+    for i, layer in enumerate(tape.layers):
+        ref = _reference(tape, i, False)
+        counts = ref["counts"]
+        ncall = math.ceil(counts.max() / 4)
+        for proj, rows, d in (("gate", ref["x"], 16), ("up", ref["x"], 16), ("down", ref["down"], 12)):
+            got_ncall, values = entries[f"blk.{i}.ffn_{proj}_exps.weight"]
+            want = np.array([np.square(np.array(r)).mean(0) if r else np.ones(d) for r in rows]) * ncall
+            assert got_ncall == ncall and values.shape == (layer.n_experts * d,)
+            np.testing.assert_allclose(values.reshape(-1, d), want, rtol=1e-4 if proj == "down" else 1e-6)
+    assert chunks >= 1 and "blk.0.attn_q.weight" in entries
+
+
 class _nothing:
     def __enter__(self):
         return self
