@@ -492,7 +492,8 @@ def test_smoothquant_amax_and_coverage_per_expert(calibrated, tmp_path):
         np.testing.assert_array_equal(np.array(entry["amax"], np.float32), absmax.max(1))
         down = np.array([np.abs(np.array(r)).max(0) if r else np.zeros(12) for r in ref["down"]])
         assert scales[layer.experts + ".down_proj"].shape == (layer.n_experts, 12)
-        np.testing.assert_allclose(scales[layer.experts + ".down_proj"].numpy(), down, rtol=1e-5, atol=1e-6 * down.max())
+        np.testing.assert_allclose(scales[layer.experts + ".down_proj"].numpy(), down, rtol=1e-5,
+                                   atol=1e-6 * down.max())
         entry = doc["experts"][layer.experts + ".down_proj"]
         assert entry["tokens"] == ref["counts"].tolist() and np.shape(entry["channel_amax"]) == (layer.n_experts, 12)
         np.testing.assert_allclose(entry["amax"], down.max(1), rtol=1e-5, atol=1e-6 * down.max())
@@ -623,9 +624,9 @@ def test_experts_held_as_modules_per_expert_over_real_tokens():
     hooks = []
     for i, layer in enumerate(layers):
         router = modules[layer.experts.rsplit(".", 1)[0] + ".router"]
-        hooks.append(router.register_forward_hook(
-            lambda m, a, out, i=i: (seen[-1] if seen else {}).__setitem__(("logits", i), out[2].detach().double().numpy().reshape(
-                -1, out[2].shape[-1]))))
+        hooks.append(router.register_forward_hook(  # logits [batch, seq, E] -> [n, E]
+            lambda m, a, out, i=i: (seen[-1] if seen else {}).__setitem__(
+                ("logits", i), out[2].detach().double().numpy().reshape(-1, out[2].shape[-1]))))
         hooks.append(modules[layer.experts].register_forward_pre_hook(
             lambda m, a, i=i: (seen[-1] if seen else {}).__setitem__(("x", i), a[0].detach().double().numpy().copy())))
     g = torch.Generator().manual_seed(3)

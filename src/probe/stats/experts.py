@@ -12,9 +12,9 @@ and ``Σ x = n · mean`` follow exactly.
 Padding routed to an expert never counts (``tokens.valid``); ``skip_first`` does not apply (a
 quantizer calibrates on every token). At a ``<experts>:down_proj`` site (configured ``per_slot``)
 the rows are ``[n, k + k·I]``: the indices, then one ``I``-wide input per slot — the down
-projection's input ``act(gate) · up`` of that (token, expert) pair. The update scatters each top-k slot's rows into per-expert
-sums (``index_add_``): ``O(k · n · D)`` work, as much as reading the rows each expert computes once
-— not ``E`` passes. No host sync.
+projection's input ``act(gate) · up`` of that (token, expert) pair. The update scatters each
+top-k slot's rows into per-expert sums (``index_add_``): ``O(k · n · D)`` work, as much as reading
+the rows each expert computes once — not ``E`` passes. No host sync.
 """
 
 from __future__ import annotations
