@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Cost of the mixture-of-experts statistics (router + per-expert input) against the hidden-state
-capture of the same MoE model, on CPU, in one process.
+"""Cost of the mixture-of-experts statistics (router + per-expert inputs: the experts' and the down
+projection's) against the hidden-state capture of the same MoE model, on CPU, in one process.
 
 Each round opens one capture per method and times forwards inside it (the capture's own setup,
 a discovery forward, is not timed), methods in alternating order (ABBA) so that load drift on a
@@ -36,6 +36,9 @@ METHODS = {
     "plain": None,
     "hidden": {"sites": "hidden_states"},
     "hidden+moe": {"sites": ["hidden_states", "moe"]},
+    # the same without the down projection's input (followed inside the experts' forward)
+    "hidden+moe-down": {"sites": ["hidden_states", "model.layers.*.mlp.gate:router",
+                                  "model.layers.*.mlp.experts:experts"]},
     "moe": {"sites": "moe"},
 }
 
@@ -82,15 +85,17 @@ def main() -> None:
             times[m].append(_time(model, batch, m, args.forwards))
     med = {m: statistics.median(v) for m, v in times.items()}
     extra = statistics.median(b / a - 1 for a, b in zip(times["hidden"], times["hidden+moe"]))
+    no_down = statistics.median(b / a - 1 for a, b in zip(times["hidden"], times["hidden+moe-down"]))
     moe_vs_plain = statistics.median(b / a - 1 for a, b in zip(times["plain"], times["moe"]))
     hidden_vs_plain = statistics.median(b / a - 1 for a, b in zip(times["plain"], times["hidden"]))
     out = {"shape": [args.batch, args.seq], "model": vars(args), "median_s": med,
-           "moe_extra_over_hidden": extra, "moe_alone_over_plain": moe_vs_plain,
+           "moe_extra_over_hidden": extra, "moe_extra_without_down_proj": no_down, "moe_alone_over_plain": moe_vs_plain,
            "hidden_over_plain": hidden_vs_plain, "torch_threads": torch.get_num_threads()}
     for m, t in med.items():
-        print(f"{m:>11}: {t * 1e3:8.1f} ms / forward")
+        print(f"{m:>15}: {t * 1e3:8.1f} ms / forward")
     print(f"router + per-expert statistics: {100 * extra:+.1f} % over the hidden-state capture "
-          f"(median of {args.rounds} interleaved rounds); moe sites alone {100 * moe_vs_plain:+.1f} % over a plain "
+          f"(median of {args.rounds} interleaved rounds; {100 * no_down:+.1f} % without the down projection's "
+          f"input); moe sites alone {100 * moe_vs_plain:+.1f} % over a plain "
           f"forward; hidden-state capture {100 * hidden_vs_plain:+.1f} % over a plain forward")
     if args.json:
         with open(args.json, "w") as f:

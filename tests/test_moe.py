@@ -61,6 +61,8 @@ class _Tape:
     def __init__(self, model):
         self.layers = moe_layers(model)
         modules = dict(model.named_modules())
+        #: each layer's fused gate/up weights [E, 2I, D] in float64: the down input recomputed here
+        self.gate_up = [modules[layer.experts].gate_up_proj.detach().double().numpy() for layer in self.layers]
         self.seen: list[dict] = []
         self.handles = []
         for i, layer in enumerate(self.layers):
@@ -98,7 +100,8 @@ def _reference(tape: _Tape, i: int, normalized: bool, forwards=None) -> dict:
     """float64 numpy: routing recomputed from the logits; per-expert sums over the real tokens."""
     e, k = tape.layers[i].n_experts, tape.layers[i].top_k
     ref = {"tokens": 0, "counts": np.zeros(e, np.int64), "weight_sum": np.zeros(e), "prob_sum": np.zeros(e),
-           "ent": [], "weights": [], "x": [[] for _ in range(e)]}
+           "ent": [], "weights": [], "x": [[] for _ in range(e)], "down": [[] for _ in range(e)]}
+    gate_up = tape.gate_up[i]
     for f in (tape.seen if forwards is None else [tape.seen[j] for j in forwards]):
         real = f["mask"]
         logits, _, index = f[("router", i)]
@@ -119,6 +122,8 @@ def _reference(tape: _Tape, i: int, normalized: bool, forwards=None) -> dict:
                 ref["weight_sum"][top[t, j]] += w[t, j]
                 ref["weights"].append(f[("router", i)][1][t, list(index[t]).index(top[t, j])])
                 ref["x"][top[t, j]].append(x[t])
+                gate, up = np.split(gate_up[top[t, j]] @ x[t], 2)
+                ref["down"][top[t, j]].append(gate / (1 + np.exp(-gate)) * up)  # silu(gate) * up
     return ref
 
 
@@ -136,6 +141,26 @@ def _check_router(state: dict, ref: dict) -> None:
     np.testing.assert_array_equal(state["entropy_hist"], np.bincount(ebins, minlength=ROUTER_BINS))
     wbins = np.clip(np.floor(np.array(ref["weights"]) * ROUTER_BINS), 0, ROUTER_BINS - 1).astype(int)
     np.testing.assert_array_equal(state["weight_hist"], np.bincount(wbins, minlength=ROUTER_BINS))
+
+
+def _check_down(view, ref: dict) -> None:
+    """The down projection's input, recomputed here in float64 from the experts' input and weights:
+    the model computed it in float32 (gate/up sums over D = 16 terms), so values agree to ~1e-6 of
+    their scale; counts exactly."""
+    counts = np.array([len(r) for r in ref["down"]])
+    np.testing.assert_array_equal(view.tokens, counts)
+    assert view.nonfinite.sum() == 0
+    scale = max(np.abs(np.array(r)).max() for r in ref["down"] if r)
+    for e, rows in enumerate(ref["down"]):
+        if not rows:
+            assert (view.count[e] == 0).all() and (view.absmax[e] == 0).all()
+            continue
+        x = np.array(rows)
+        np.testing.assert_array_equal(view.count[e], np.full(x.shape[1], len(rows)))
+        np.testing.assert_allclose(view.mean[e], x.mean(0), rtol=1e-5, atol=1e-5 * scale)
+        np.testing.assert_allclose(view.var[e], x.var(0), rtol=1e-4, atol=1e-5 * scale ** 2)
+        np.testing.assert_allclose(view.sum_x2[e], (x * x).sum(0), rtol=1e-4, atol=1e-5 * scale ** 2)
+        np.testing.assert_allclose(view.absmax[e], np.abs(x).max(0), rtol=1e-5, atol=1e-6 * scale)
 
 
 def _check_experts(view, ref: dict) -> None:
@@ -163,13 +188,15 @@ def test_routing_and_experts_exact_over_real_tokens(kind, tmp_path):
         tape.run(model, batches)
     tape.remove()
     run = probe.load(tmp_path / "moe.h5")
-    assert run.sites == [s for layer in tape.layers for s in (layer.router + ":router", layer.experts + ":experts")]
+    assert run.sites == [s for layer in tape.layers for s in (
+        layer.router + ":router", layer.experts + ":experts", layer.experts + ":down_proj")]
     assert {"router", "experts"} <= set(run.stats)
     for i, layer in enumerate(tape.layers):
         ref = _reference(tape, i, normalized)
         _check_router(run[layer.router + ":router"].state("router"), ref)
         _check_router(c.result[layer.router + ":router"].state("router"), ref)
         _check_experts(run[layer.experts + ":experts"].experts, ref)
+        _check_down(run[layer.experts + ":down_proj"].experts, ref)
         r = run[layer.router + ":router"].router
         assert r.top_k == layer.top_k and r.never_routed == [int(e) for e in np.flatnonzero(ref["counts"] == 0)]
         mean = ref["counts"].mean()
@@ -180,6 +207,61 @@ def test_routing_and_experts_exact_over_real_tokens(kind, tmp_path):
             one = _reference(tape, i, normalized, [w])
             np.testing.assert_array_equal(run.rows[w].state(layer.router + ":router", "router")["counts"],
                                           one["counts"])
+
+
+@pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_down_projection_input_per_expert_for_every_implementation(kind, impl):
+    """transformers runs fused experts as a loop per expert (eager), one batched matmul or one
+    grouped matmul: the down projection's input is followed inside each, the model's output is
+    bitwise what it is without probe, and padding never counts."""
+    make, normalized = MODELS[kind]
+    model = make()
+    model.set_experts_implementation(impl)
+    batches = _batches(2, 11)
+    with torch.no_grad():
+        plain = [model(input_ids=ids, attention_mask=mask).logits for ids, mask in batches]
+    tape = _Tape(model)
+    with probe.capture(model, sites="model.layers.*.mlp.experts:down_proj") as c:
+        tape.run(model, batches)
+        with torch.no_grad():
+            seen = [model(input_ids=ids, attention_mask=mask).logits for ids, mask in batches]
+    tape.remove()
+    assert all(torch.equal(a, b) for a, b in zip(plain, seen))
+    assert not c.result.meta.get("disabled")
+    for i, layer in enumerate(tape.layers):
+        ref = _reference(tape, i, normalized)
+        v = c.result[layer.experts + ":down_proj"].experts
+        assert v.channels == tape.gate_up[i].shape[1] // 2
+        # the second pass of the batches doubles every sum; the reference holds the first
+        doubled = {"down": [r + r for r in ref["down"]]}
+        _check_down(v, doubled)
+
+
+def test_down_projection_of_an_unknown_forward_is_refused(recwarn):
+    """An experts forward that never multiplies by down_proj: its site is disabled with one line,
+    the experts' input site and the forward go on."""
+    model = _mixtral()
+    experts = model.model.layers[0].mlp.experts
+    with probe.capture(model, sites="moe") as c:
+        experts.forward = lambda h, i, w: torch.zeros_like(h)  # noqa: E731
+        try:
+            model(input_ids=torch.tensor([[3, 4, 5]]))
+        finally:
+            del experts.forward
+    why = c.result.meta["disabled"]["model.layers.0.mlp.experts:down_proj"]
+    assert "no multiplication by down_proj seen" in why and "capture '<experts>:experts' only" in why
+    assert c.result["model.layers.0.mlp.experts:experts"].experts.tokens.sum() == 3 * 2
+    assert c.result["model.layers.1.mlp.experts:down_proj"].experts.tokens.sum() == 3 * 2
+    assert torch.overrides._get_current_function_mode_stack() == []
+    with probe.capture(model, sites="moe"):  # a forward that raises inside the experts leaves nothing pushed
+        experts.forward = lambda h, i, w: 1 / 0  # noqa: E731
+        try:
+            with pytest.raises(ZeroDivisionError):
+                model(input_ids=torch.tensor([[3, 4, 5]]))
+        finally:
+            del experts.forward
+        assert torch.overrides._get_current_function_mode_stack() == []
 
 
 def test_files_and_ranks_merge_exactly(tmp_path):
@@ -253,6 +335,9 @@ def test_site_names_and_selection():
     model = _qwen3()
     names = [s.name for s in resolve(model, "linear_inputs")]
     assert "model.layers.0.mlp.experts:experts" in names and "model.layers.1.mlp.experts:experts" in names
+    assert "model.layers.0.mlp.experts:down_proj" in names and "model.layers.1.mlp.experts:down_proj" in names
+    assert [s.name for s in resolve(model, "model.layers.*.mlp.experts:down_proj")] == [
+        "model.layers.0.mlp.experts:down_proj", "model.layers.1.mlp.experts:down_proj"]
     assert [s.name for s in resolve(model, "model.layers.*.mlp.gate:router")] == [
         "model.layers.0.mlp.gate:router", "model.layers.1.mlp.gate:router"]
     assert [s.name for s in resolve(model, "model.layers.1.mlp.experts:experts")] == [
@@ -319,8 +404,64 @@ def test_imatrix_per_expert_layout(calibrated, tmp_path):
             assert list(t2.shape) == [d, e] and list(tc.shape) == [1, e]
             np.testing.assert_allclose(np.asarray(t2.data).reshape(e, d), sum2, rtol=1e-6, atol=1e-30)
             np.testing.assert_array_equal(np.asarray(tc.data).reshape(e), ref["counts"].astype(np.float32))
-        assert f"blk.{i}.ffn_down_exps.weight.in_sum2" not in tensors  # never captured (docs/moe.md)
+        # the down projection's input per expert, [I, E] in ggml order (I = 12, moe_intermediate_size)
+        down2 = np.array([np.square(np.array(r)).sum(0) if r else np.zeros(12) for r in ref["down"]])
+        base = f"blk.{i}.ffn_down_exps.weight"
+        t2, tc = tensors[base + ".in_sum2"], tensors[base + ".counts"]
+        assert list(t2.shape) == [12, e] and list(tc.shape) == [1, e]
+        # float32 model vs float64 recompute (see _check_down)
+        np.testing.assert_allclose(np.asarray(t2.data).reshape(e, 12), down2, rtol=1e-4, atol=1e-5 * down2.max())
+        np.testing.assert_array_equal(np.asarray(tc.data).reshape(e), ref["counts"].astype(np.float32))
+        assert names[layer.experts + ".down_proj"] == base
     assert f"blk.0.attn_q.weight.in_sum2" in tensors
+
+
+def _read_legacy(path) -> tuple[dict, int, str]:
+    """llama-imatrix's legacy .dat, read field by field (tools/imatrix/imatrix.cpp)."""
+    buf = open(path, "rb").read()
+    at = 0
+
+    def i32():
+        nonlocal at
+        at += 4
+        return int(np.frombuffer(buf, "<i4", 1, at - 4)[0])
+
+    out = {}
+    for _ in range(i32()):
+        n = i32()
+        name = buf[at:at + n].decode()
+        at += n
+        ncall, nval = i32(), i32()
+        out[name] = (ncall, np.frombuffer(buf, "<f4", nval, at).copy())
+        at += 4 * nval
+    chunks, n = i32(), i32()
+    dataset = buf[at:at + n].decode()
+    assert at + n == len(buf)
+    return out, chunks, dataset
+
+
+def test_imatrix_legacy_dat_per_expert(calibrated, tmp_path):
+    """The legacy .dat holds each expert's mean x² row scaled by ncall (no per-expert counts: an
+    expert with no token is 1 · ncall, as llama-imatrix writes partial data)."""
+    pytest.importorskip("gguf")
+    tape, path = calibrated
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe.export("imatrix", path, tmp_path / "imatrix.dat", chunk_size=4)
+    entries, chunks, dataset = _read_legacy(tmp_path / "imatrix.dat")
+    assert list(entries) == sorted(entries) and dataset == path.name  # the runs as imatrix.datasets names them
+    for i, layer in enumerate(tape.layers):
+        ref = _reference(tape, i, False)
+        counts = ref["counts"]
+        ncall = math.ceil(counts.max() / 4)
+        for proj, rows, d in (("gate", ref["x"], 16), ("up", ref["x"], 16), ("down", ref["down"], 12)):
+            got_ncall, values = entries[f"blk.{i}.ffn_{proj}_exps.weight"]
+            want = np.array([np.square(np.array(r)).mean(0) if r else np.ones(d) for r in rows]) * ncall
+            assert got_ncall == ncall and values.shape == (layer.n_experts * d,)
+            np.testing.assert_allclose(values.reshape(-1, d), want, rtol=1e-4 if proj == "down" else 1e-6)
+    assert chunks >= 1 and "blk.0.attn_q.weight" in entries
 
 
 class _nothing:
@@ -349,6 +490,13 @@ def test_smoothquant_amax_and_coverage_per_expert(calibrated, tmp_path):
         entry = doc["experts"][layer.experts + ".gate_up_proj"]
         assert entry["tokens"] == ref["counts"].tolist()
         np.testing.assert_array_equal(np.array(entry["amax"], np.float32), absmax.max(1))
+        down = np.array([np.abs(np.array(r)).max(0) if r else np.zeros(12) for r in ref["down"]])
+        assert scales[layer.experts + ".down_proj"].shape == (layer.n_experts, 12)
+        np.testing.assert_allclose(scales[layer.experts + ".down_proj"].numpy(), down, rtol=1e-5,
+                                   atol=1e-6 * down.max())
+        entry = doc["experts"][layer.experts + ".down_proj"]
+        assert entry["tokens"] == ref["counts"].tolist() and np.shape(entry["channel_amax"]) == (layer.n_experts, 12)
+        np.testing.assert_allclose(entry["amax"], down.max(1), rtol=1e-5, atol=1e-6 * down.max())
         assert rows[i]["zero"] == [int(e) for e in np.flatnonzero(ref["counts"] == 0)]
         assert rows[i]["below"] == [int(e) for e in np.flatnonzero((ref["counts"] > 0) & (ref["counts"] < 4))]
     assert json.loads((tmp_path / "amax.json").read_text())["coverage"][0]["module"] == tape.layers[0].experts
@@ -392,6 +540,31 @@ def test_show_plot_and_cli_report_the_experts(tmp_path, capsys):
     np.testing.assert_allclose(np.ma.filled(image, 0.0), np.where(want > 0, want, 0.0))
 
 
+def test_general_tables_reprs_and_grads_leave_the_moe_sites_to_their_own(tmp_path):
+    """probe show's moments and geometry tables leave out the MoE sites (their table shows them),
+    the views' reprs show routing, a grads run has no gradient site for them, and the Capture's
+    repr names the statistics its MoE sites run."""
+    from probe.present import report, research
+
+    model = _qwen3().train()
+    c = probe.capture(model, tmp_path / "g.h5", sites=["hidden_states", "moe"], grads=True)
+    assert "'router', 'experts']" in repr(c).splitlines()[0]
+    with c:
+        for ids, mask in _batches(1, 4):
+            model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    run = probe.load(tmp_path / "g.h5")
+    assert not [n for n in run.sites if "@grad" in n and ":" in n] and not run.meta.get("disabled")
+    assert run["hidden_states.1"].grad is not None and run["model.layers.0.mlp.gate:router"].grad is None
+    general = [e["site"] for e in report.summary(run)["sites"]]
+    assert general and all(n.startswith("hidden_states") for n in general)
+    assert all(e["site"].startswith("hidden_states") for e in research.summary(run)["sites"])
+    r = run["model.layers.0.mlp.gate:router"]
+    assert repr(r) == f"SiteView('model.layers.0.mlp.gate:router', {r.router!r})"
+    assert f"tokens={r.router.tokens}," in repr(r) and "nan" not in repr(r)
+    x = run["model.layers.0.mlp.experts:down_proj"]
+    assert repr(x).startswith("SiteView('model.layers.0.mlp.experts:down_proj', ExpertsView(E=12, D=12, tokens=")
+
+
 def test_generate_counts_prefill_and_decode_tokens():
     """Under generate (KV cache) the decode forwards' [batch·1, D] rows are real tokens; the
     prefill's padding is not."""
@@ -428,3 +601,65 @@ def test_an_expert_empty_in_one_part_merges_as_the_identity():
     np.testing.assert_allclose(merged["m2"][1], ((xb - xb.mean(0)) ** 2).sum(0), rtol=1e-12)
     np.testing.assert_array_equal(merged["tokens"], [12, 7])
     np.testing.assert_array_equal(merged["absmax"][1], np.abs(xb).max(0).astype(np.float32))
+
+
+def _switch():
+    torch.manual_seed(2)
+    cfg = transformers.SwitchTransformersConfig(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=2,
+                                                num_decoder_layers=2, num_heads=2, num_experts=4, encoder_sparse_step=1,
+                                                decoder_sparse_step=1, expert_capacity=64)
+    return transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
+
+
+def test_experts_held_as_modules_per_expert_over_real_tokens():
+    """Switch Transformers holds its experts as a ModuleDict of MLPs (``wi``, ``wo``): per-expert
+    inputs of the first and the last Linear, over real tokens, against float64 numpy that
+    recomputes the top-1 routing from the router logits; the output is bitwise unchanged."""
+    model = _switch()
+    layers = moe_layers(model)
+    assert [(x.experts, x.n_experts, x.top_k, x.router) for x in layers][:1] == [
+        ("encoder.block.0.layer.1.mlp.experts", 4, 1, None)]
+    modules = dict(model.named_modules())
+    seen: list[dict] = []
+    hooks = []
+    for i, layer in enumerate(layers):
+        router = modules[layer.experts.rsplit(".", 1)[0] + ".router"]
+        hooks.append(router.register_forward_hook(  # logits [batch, seq, E] -> [n, E]
+            lambda m, a, out, i=i: (seen[-1] if seen else {}).__setitem__(
+                ("logits", i), out[2].detach().double().numpy().reshape(-1, out[2].shape[-1]))))
+        hooks.append(modules[layer.experts].register_forward_pre_hook(
+            lambda m, a, i=i: (seen[-1] if seen else {}).__setitem__(("x", i), a[0].detach().double().numpy().copy())))
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for j in range(2):
+        ids = torch.randint(3, VOCAB, (3, 7), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 5 - j:] = 0
+        batches.append((ids, mask, torch.randint(3, VOCAB, (3, 4), generator=g)))
+    with torch.no_grad():
+        plain = [model(input_ids=i, attention_mask=a, decoder_input_ids=d).logits for i, a, d in batches]
+    seen.clear()
+    picked = [x.name for x in resolve(model, "linear_inputs")]
+    assert "encoder.block.0.layer.1.mlp.experts:down_proj" in picked and not [n for n in picked if ".expert_" in n]
+    with probe.capture(model, sites="moe") as c:
+        with torch.no_grad():
+            for ids, mask, dec in batches:
+                seen.append({"enc": mask.numpy().reshape(-1).astype(bool), "dec": np.ones(dec.numel(), bool)})
+                assert torch.equal(model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits,
+                                   plain[len(seen) - 1])
+    for h in hooks:
+        h.remove()
+    assert not c.result.meta.get("disabled")
+    for i, layer in enumerate(layers):
+        experts = modules[layer.experts]
+        wi = [experts[f"expert_{e}"].wi.weight.detach().double().numpy() for e in range(4)]
+        ref: dict = {"x": [[] for _ in range(4)], "down": [[] for _ in range(4)]}
+        for f in seen:
+            real = f["enc" if layer.experts.startswith("encoder") else "dec"]
+            top = np.argmax(f[("logits", i)], -1)  # top-1, capacity 64: no token dropped
+            for t in np.flatnonzero(real):
+                x = f[("x", i)][t]
+                ref["x"][top[t]].append(x)
+                ref["down"][top[t]].append(np.maximum(wi[top[t]] @ x, 0.0))  # relu(wi x), dropout off
+        _check_experts(c.result[layer.experts + ":experts"].experts, ref)
+        _check_down(c.result[layer.experts + ":down_proj"].experts, ref)

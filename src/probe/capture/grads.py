@@ -55,7 +55,8 @@ class Grads:
 
     Args:
         engine: the statistics the gradients are folded into (the capture's own).
-        names: the gradient window key of each site, by site index.
+        names: the gradient window key of each site, by site index (``""``: none, a
+            mixture-of-experts site).
     """
 
     def __init__(self, engine: StatEngine, names: list[str]) -> None:
@@ -70,7 +71,7 @@ class Grads:
         if not (isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled()):
             return
         name = self.names[i]
-        if name in self.engine.disabled:
+        if not name or name in self.engine.disabled:  # "": a site without a gradient site
             return
         x.register_hook(self._hook(i, name, layout, tokens))
 

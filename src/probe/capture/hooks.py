@@ -11,7 +11,9 @@ Hooks per capture: the model's pre- and post-hook (``begin``/``end``: one forwar
 post-hook on each stack that reads its own mask (``enter``/``leave``: an encoder or decoder call;
 called alone it is a forward of its own), a counting pre-hook on each module whose sites are the
 ``n``-th call of it (a shared layer), and one hook per site, which picks the site's tensor out of the
-call (:func:`site_tensor`) and hands it to ``observe``. The site hooks never raise into the
+call (:func:`site_tensor`) and hands it to ``observe`` — plus, for a site that follows its call from
+inside (``Site.arm``: the down projection's input of fused experts), a pre-hook that starts following
+and a post-hook, called also when the call raises, that stops. The site hooks never raise into the
 model's forward on their own account: ``observe`` catches and reports.
 
 The model's own hooks do not fire when its ``forward`` is called directly (sentence-transformers
@@ -170,6 +172,13 @@ class HookSet:
                 h = module.register_forward_hook(self._post(i, observe))
                 kind = "post"
             add(Handle(site.name, site.module, kind, h))
+        for i, (site, module) in enumerate(zip(self.sites, self.modules)):
+            if site.arm is not None and site.disarm is not None:
+                add(Handle(site.name, site.module, "pre-arm", module.register_forward_pre_hook(
+                    self._arm(i), with_kwargs=True)))
+                # after the site's own post-hook (which reads what was followed); also when the call raises
+                add(Handle(site.name, site.module, "post-disarm", module.register_forward_hook(
+                    lambda module, args, output, d=site.disarm: d(), always_call=True)))
         for name, module in self.contexts.items():
             add(Handle("<stack>", name, "post-stack", module.register_forward_hook(
                 self._stack_post(name, leave), always_call=True)))
@@ -211,6 +220,20 @@ class HookSet:
     def _stack_post(self, name: str, leave: Callable):
         def hook(module, args, output):
             leave(name, output)
+
+        return hook
+
+    def _arm(self, i: int):
+        site = self.sites[i]
+        arm = site.arm
+        ident = threading.get_ident
+        compiling = torch.compiler.is_compiling
+
+        def hook(module, args, kwargs):
+            if self.off or compiling() or ident() != self.thread or arm is None:
+                return
+            if self._current(site, module):
+                arm(module, args, kwargs)
 
         return hook
 

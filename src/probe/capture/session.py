@@ -255,9 +255,12 @@ class Capture:
         self._defs: list[Site] = resolved(model, options.sites)
         self.options = options = options.for_sites(self._defs)
         self._hooks = HookSet(model, self._defs)
+        #: the sites with a gradient site: not the mixture-of-experts ones (their own statistics
+        #: read packed copies of the router's and experts' calls, which carry no gradient)
+        self._grad_defs = [s for s in self._defs if s.stats is None]
         self._names = {"prefill": [s.name for s in self._defs],
                        "decode": [f"{s.name}@decode" for s in self._defs] if options.phases else [],
-                       "grad": [f"{s.name}{SUFFIX}" for s in self._defs] if options.grads else []}
+                       "grad": [f"{s.name}{SUFFIX}" for s in self._grad_defs] if options.grads else []}
         if options.out is not None and options.rank == 0:
             store.check_writable(options.out, options.overwrite)
         self._active = False
@@ -268,7 +271,8 @@ class Capture:
                                   placements=self._placements)
         self._forwards = Forwards(self._hooks, self._names, self._engine, self._recorder, options,
                                   forward_signature(model),
-                                  Grads(self._engine, self._names["grad"]) if options.grads else None)
+                                  Grads(self._engine, [f"{s.name}{SUFFIX}" if s.stats is None else ""
+                                                       for s in self._defs]) if options.grads else None)
         self._forwards.placements = self._placements if options.world > 1 else None
         forwards = self._forwards
         self._recorder.stage_inputs = lambda: (max((int(c) for c in forwards._real.values()), default=-1),
@@ -330,7 +334,8 @@ class Capture:
                 {"name": name, "module": s.module, "read": s.read, "index": s.index,
                  "hf_index": s.hf_index, "dtype": dtypes.get(s.name, ""), "phase": phase,
                  "call": s.call, "stack": s.stack, "source": s.source, "what": s.describe()}
-                for phase in ("prefill", "decode", "grad") for name, s in zip(self._names[phase], self._defs)
+                for phase in ("prefill", "decode", "grad")
+                for name, s in zip(self._names[phase], self._grad_defs if phase == "grad" else self._defs)
             ],
             "phases": o.phases,
             "every": o.every,
@@ -348,8 +353,10 @@ class Capture:
 
     def __repr__(self) -> str:
         state = "attached" if self._active else "detached"
+        stats: list[str] = list(self.stats)  # and what sites run on their own (mixture-of-experts: router, experts)
+        stats += [k for k in dict.fromkeys(k for s in self._defs for k in (s.stats or ())) if k not in stats]
         lines = [f"Capture({type(self.model).__name__}, {len(self._defs)} sites, {state}, "
-                 f"stats={list(self.stats)}, out={self.out!r})"]
+                 f"stats={stats}, out={self.out!r})"]
         lines += [f"  {h.site:<24} {h.kind:<12} {h.module or '<root>'}" for h in self._hooks.handles]
         return "\n".join(lines)
 

@@ -105,10 +105,15 @@ class Site:
     #: mixture-of-experts sites of :mod:`probe.capture.moe` run ``router`` or ``experts``)
     stats: tuple[str, ...] | None = None
     #: ``(experts, top_k)`` of a mixture-of-experts site, told to its statistics
-    moe: tuple[int, int] | None = None
+    moe: tuple[int, ...] | None = None
     #: ``(args, kwargs, output) -> tensor | str``: builds the site's tensor from the module's call
     #: (a ``str`` says why it cannot); never raises. ``None``: read as ``read``/``index`` say
     pack: Callable[[tuple, dict, Any], Any] | None = field(default=None, compare=False, repr=False)
+    #: ``(module, args, kwargs) -> None``: a pre-hook that starts following the call before its
+    #: output is read (the down projection's input of fused experts, :mod:`probe.capture.moe`);
+    #: ``disarm`` ends it after the call, also when the call raises. Neither ever raises
+    arm: Callable[[Any, tuple, dict], None] | None = field(default=None, compare=False, repr=False)
+    disarm: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         """One line: which module call, which element, which stack."""
@@ -234,9 +239,13 @@ def linear_input_sites(model: nn.Module) -> list[Site]:
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
     heads = _output_head(model)
+    # the layers of experts held as modules see only their own tokens: the experts sites hold them
+    held = {id(lin) for layer in _moe().moe_layers(model) for pair in (layer.linears or []) for lin in pair}
+    held |= {id(m) for layer in _moe().moe_layers(model) if layer.linears is not None
+             for m in dict(model.named_modules())[layer.experts].modules()}
     found = [Site(name, name, "input") for name, module in model.named_modules()
-             if name and isinstance(module, kinds) and id(module) not in heads]
-    found += _moe().expert_sites(model)  # the experts' inputs, split by routing (fused 3-D weights)
+             if name and isinstance(module, kinds) and id(module) not in heads and id(module) not in held]
+    found += _moe().expert_sites(model)  # the experts' inputs, split by routing (fused 3-D weights or modules)
     if not found:
         raise SiteError(f"sites='linear_inputs' found no nn.Linear or Conv1D in {type(model).__name__} "
                         "besides the output head; expected at least one; pass module names with ':input'")

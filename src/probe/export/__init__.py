@@ -11,10 +11,10 @@ Recipe::
     probe.export("tensorboard", "train.h5", "logs/")         # every window at its step (any sites)
 
 Every format reads the input sites of a run (``sites="linear_inputs"`` or ``"<module>:input"``)
-and keys them by module path; a mixture-of-experts layer's experts (``"<experts>:experts"``
-sites, included in ``linear_inputs``) are written per expert. Several runs are merged exactly
-first. :func:`expert_coverage` lists the experts that saw no or few tokens (the CLI prints it;
-each export warns). See ``docs/calibration.md`` and ``docs/moe.md``.
+and keys them by module path; a mixture-of-experts layer's experts (``"<experts>:experts"`` and
+``":down_proj"`` sites, included in ``linear_inputs``) are written per expert. Several runs are
+merged exactly first. :func:`expert_coverage` lists the experts that saw no or few tokens (the
+CLI prints it; each export warns). See ``docs/calibration.md`` and ``docs/moe.md``.
 """
 
 from __future__ import annotations
@@ -96,9 +96,11 @@ def export(fmt: Format, runs, path: str | os.PathLike, *,
 
     Returns:
         What was written: ``{module: tensor}`` (smoothquant; an experts module's
-        ``"<experts>.gate_up_proj"`` is ``[E, D]``), ``{module: gguf name}`` (imatrix; an experts
-        module's ``"<experts>.gate_proj"`` / ``".up_proj"`` map to ``blk.N.ffn_gate_exps.weight``
-        / ``ffn_up_exps``) or the JSON document (amax; experts under ``"experts"``).
+        ``"<experts>.gate_up_proj"`` is ``[E, D]`` and ``"<experts>.down_proj"`` ``[E, I]``),
+        ``{module: gguf name}`` (imatrix; an experts module's ``"<experts>.gate_proj"`` /
+        ``".up_proj"`` / ``".down_proj"`` map to ``blk.N.ffn_gate_exps.weight`` / ``ffn_up_exps``
+        / ``ffn_down_exps``; a ``path`` ending in ``.dat`` gets llama-imatrix's legacy format) or
+        the JSON document (amax; experts under ``"experts"``).
 
     Raises:
         ProbeError: an unknown format, an existing ``path`` without ``overwrite``, runs without

@@ -29,10 +29,13 @@ import numpy as np
 from ..errors import ProbeError
 from ..store import read
 
-__all__ = ["ModuleStats", "ExpertStats", "collect", "collect_experts", "coverage", "as_runs", "EXPERTS_SUFFIX"]
+__all__ = ["ModuleStats", "ExpertStats", "collect", "collect_experts", "coverage", "as_runs", "EXPERTS_SUFFIX",
+           "DOWN_SUFFIX"]
 
 #: the name suffix of an experts site (probe.capture.moe)
 EXPERTS_SUFFIX = ":experts"
+#: the name suffix of an experts module's down-projection input site (probe.capture.moe)
+DOWN_SUFFIX = ":down_proj"
 
 
 @dataclass
@@ -71,7 +74,8 @@ def _input_sites(run) -> dict[str, list[str]]:
     by_module: dict[str, list[str]] = {}
     for info in run.meta.get("sites", []):
         name = str(info.get("name", ""))
-        if info.get("read") == "input" and not name.startswith("hidden_states") and not name.endswith(EXPERTS_SUFFIX):
+        if info.get("read") == "input" and not name.startswith("hidden_states") \
+                and not name.endswith((EXPERTS_SUFFIX, DOWN_SUFFIX)):
             by_module.setdefault(info["module"], []).append(info["name"])
     return by_module
 
@@ -160,6 +164,9 @@ class ExpertStats:
     sum_x2: np.ndarray  #: float64 [E, D]
     absmax: np.ndarray  #: float64 [E, D]; 0 where an expert saw nothing
     sites: list[str] = field(default_factory=list)
+    #: which projections read these inputs: ``"gate_up"`` (the experts' input, ``D`` = hidden size)
+    #: or ``"down"`` (the down projection's input ``act(gate) · up``, ``D`` = the experts' intermediate size)
+    proj: str = "gate_up"
 
     @property
     def n_experts(self) -> int:
@@ -177,11 +184,14 @@ def _absorb(acc: ModuleStats | ExpertStats, part: ModuleStats | ExpertStats, nam
         acc.sites.append(name)
 
 
-def _experts_sites(run) -> dict[str, list[str]]:
-    by_module: dict[str, list[str]] = {}
+def _experts_sites(run) -> dict[tuple[str, str], list[str]]:
+    """``(module, "gate_up" | "down")`` -> its sites, in site order."""
+    by_module: dict[tuple[str, str], list[str]] = {}
     for info in run.meta.get("sites", []):
-        if str(info.get("name", "")).endswith(EXPERTS_SUFFIX):
-            by_module.setdefault(info["module"], []).append(info["name"])
+        name = str(info.get("name", ""))
+        for suffix, proj in ((EXPERTS_SUFFIX, "gate_up"), (DOWN_SUFFIX, "down")):
+            if name.endswith(suffix):
+                by_module.setdefault((info["module"], proj), []).append(name)
     return by_module
 
 
@@ -196,7 +206,7 @@ def collect_experts(runs) -> list[ExpertStats]:
     runs = as_runs(runs)
     _check_same(runs)
     out = []
-    for module, names in _experts_sites(runs[0]).items():
+    for (module, proj), names in _experts_sites(runs[0]).items():
         acc: ExpertStats | None = None
         for r in runs:
             for name in names:
@@ -204,7 +214,7 @@ def collect_experts(runs) -> list[ExpertStats]:
                 if not s.has("experts"):  # a disabled site
                     continue
                 v = s.experts
-                part = ExpertStats(module, v.tokens.copy(), v.count, v.sum_x, v.sum_x2, v.absmax, [name])
+                part = ExpertStats(module, v.tokens.copy(), v.count, v.sum_x, v.sum_x2, v.absmax, [name], proj)
                 if acc is None:
                     acc = part
                 elif part.count.shape != acc.count.shape:
@@ -226,7 +236,10 @@ def coverage(experts: list[ExpertStats], min_tokens: int = 1) -> list[dict]:
         ``least`` and ``most`` (token counts).
     """
     rows = []
+    inputs = {x.module for x in experts if x.proj == "gate_up"}
     for x in experts:
+        if x.proj != "gate_up" and x.module in inputs:
+            continue  # the same tokens as the module's input: one row per module
         t = x.tokens
         rows.append({"module": x.module, "experts": x.n_experts, "tokens": [int(v) for v in t],
                      "zero": [int(e) for e in np.flatnonzero(t == 0)],

@@ -24,7 +24,8 @@ a ModelOpt config.
 
 Mixture-of-experts layers add ``"experts"``: per fused experts parameter
 ``"<experts>.gate_up_proj"``, ``{"experts": E, "tokens": [E], "amax": [E], "channel_amax": [E][D],
-"fp8_e4m3_scale": [E], "int8_scale": [E]}`` (an expert with no token: amax 0 and scales 0), and
+"fp8_e4m3_scale": [E], "int8_scale": [E]}`` (an expert with no token: amax 0 and scales 0), the
+same for ``"<experts>.down_proj"`` (``channel_amax`` ``[E][I]``) where its input was captured, and
 ``"coverage"``: the experts with no token per module. No ``quant_cfg`` entries are written for
 them (ModelOpt names fused-expert quantizers per implementation).
 """
@@ -64,7 +65,7 @@ def build_experts(experts: list[ExpertStats]) -> dict:
     out = {}
     for x in experts:
         amax = x.absmax.max(axis=1) if x.absmax.size else x.absmax
-        out[f"{x.module}.gate_up_proj"] = {
+        out[f"{x.module}.{x.proj}_proj"] = {
             "experts": x.n_experts, "tokens": [int(t) for t in x.tokens], "amax": [float(a) for a in amax],
             "fp8_e4m3_scale": [float(a) / FP8_E4M3_MAX for a in amax],
             "int8_scale": [float(a) / INT8_MAX for a in amax],

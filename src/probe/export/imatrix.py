@@ -27,8 +27,14 @@ Both ``ffn_gate_exps`` and ``ffn_up_exps`` get the experts' input (they read the
 through gguf-py's map of ``<experts>.gate_proj`` / ``<experts>.up_proj`` (what
 ``convert_hf_to_gguf.py`` names a fused ``gate_up_proj`` once split). An expert with no token keeps
 zeros and count 0: llama.cpp's GGUF writer keeps such partial entries too (and warns), and
-``llama-quantize`` falls back for them. ``ffn_down_exps`` is not written: the down-projection's
-input is computed inside the fused experts' forward and never captured (see ``docs/moe.md``).
+``llama-quantize`` falls back for them. ``ffn_down_exps`` (gguf-py's name of
+``<experts>.down_proj``) gets the down projection's input ``act(gate) · up`` per expert
+(``"<experts>:down_proj"`` sites, ``[E, I]``, ``I`` the experts' intermediate size) in the same
+layout.
+
+A path ending in ``.dat`` gets the legacy format instead (:func:`write_legacy`): it can hold the
+per-expert rows (``values`` of ``E · in_features``, each expert's mean ``x²``), but not the
+per-expert counts, so an expert with no token is written as llama-imatrix writes partial data.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import numpy as np
 from ..errors import ProbeError
 from ._collect import ExpertStats, ModuleStats
 
-__all__ = ["arch_for", "tensor_names", "expert_names", "write"]
+__all__ = ["arch_for", "tensor_names", "expert_names", "write", "write_legacy"]
 
 #: transformers model_type -> llama.cpp architecture, where the names differ
 _ALIASES = {"mistral": "llama", "mixtral": "llama", "gpt_neox": "gptneox", "gpt_bigcode": "starcoder",
@@ -88,9 +94,11 @@ def tensor_names(modules: list[str], model_type: str | None, arch: str | None = 
 
 def expert_names(experts: list[ExpertStats], model_type: str | None, arch: str | None = None,
                  others: Sequence[str] = ()) -> dict[str, str]:
-    """``{"<experts>.gate_proj" | ".up_proj": gguf name}`` of the fused experts modules (gguf-py's map
-    of the per-projection HF names, e.g. ``blk.0.ffn_gate_exps.weight``)."""
-    wanted = [f"{x.module}.{p}" for x in experts for p in ("gate_proj", "up_proj")]
+    """``{"<experts>.gate_proj" | ".up_proj" | ".down_proj": gguf name}`` of the fused experts
+    modules (gguf-py's map of the per-projection HF names, e.g. ``blk.0.ffn_gate_exps.weight``;
+    ``.down_proj`` where its input was captured)."""
+    wanted = [f"{x.module}.{p}" for x in experts for p in
+              (("gate_proj", "up_proj") if x.proj == "gate_up" else ("down_proj",))]
     return tensor_names(wanted + list(others), model_type, arch) if wanted else {}
 
 
@@ -106,10 +114,11 @@ def write(stats: list[ModuleStats], path: str, meta: dict, *, arch: str | None =
     names = tensor_names([s.module for s in stats], config.get("model_type"), arch) if stats else {}
     exp_names = {k: v for k, v in expert_names(experts, config.get("model_type"), arch,
                                                 [s.module for s in stats]).items()
-                 if k.endswith((".gate_proj", ".up_proj")) and k not in names}
-    by_module = {x.module: x for x in experts}
+                 if k.endswith((".gate_proj", ".up_proj", ".down_proj")) and k not in names}
+    by_key = {f"{x.module}.{p}": x for x in experts
+              for p in (("gate_proj", "up_proj") if x.proj == "gate_up" else ("down_proj",))}
     missing = [s.module for s in stats if s.module not in names]
-    missing += [x.module for x in experts if not any(k.startswith(x.module + ".") for k in exp_names)]
+    missing += [x.module for x in experts if not any(by_key.get(k) is x for k in exp_names)]
     if not names and not exp_names:
         raise ProbeError(f"none of the {len(stats)} modules has a llama.cpp tensor name for model_type "
                          f"{config.get('model_type')!r}; expected module paths of a transformers model; "
@@ -118,37 +127,74 @@ def write(stats: list[ModuleStats], path: str, meta: dict, *, arch: str | None =
         warnings.warn(f"probe: {len(missing)} module(s) have no llama.cpp tensor name and are left out of the "
                       "imatrix: " + ", ".join(missing[:5]) + (" …" if len(missing) > 5 else ""), stacklevel=3)
     seen: dict[str, str] = {}
-    writer = gguf.GGUFWriter(path, arch=gguf.MODEL_ARCH_NAMES[arch_for(config.get("model_type"), arch)])
-    # llama-imatrix writes no general.architecture: drop the key the writer adds by itself
-    for kv in getattr(writer, "kv_data", []):
-        kv.pop(gguf.Keys.General.ARCHITECTURE, None)
-    writer.add_type("imatrix")
-    writer.add_array("imatrix.datasets", list(datasets or meta.get("runs") or []))
+    # name -> (in_sum [M, n], in_sum2 [M, n], counts [M]): M = 1, or E for an experts weight
+    entries: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     tokens = max([s.tokens for s in stats if s.module in names] + [int(x.tokens.max()) for x in experts
                                                                    if x.tokens.size], default=0)
-    writer.add_uint32("imatrix.chunk_count", math.ceil(tokens / chunk_size))
-    writer.add_uint32("imatrix.chunk_size", chunk_size)
     for s in sorted((s for s in stats if s.module in names), key=lambda s: names[s.module]):
         name = names[s.module]
         if name in seen:
             raise ProbeError(f"modules {seen[name]!r} and {s.module!r} both map to {name!r}; expected one "
                              "module per llama.cpp tensor; pass arch= with the right architecture")
         seen[name] = s.module
-        writer.add_tensor(f"{name}.in_sum", s.sum_x.astype(np.float32).reshape(1, -1))
-        writer.add_tensor(f"{name}.in_sum2", s.sum_x2.astype(np.float32).reshape(1, -1))
-        writer.add_tensor(f"{name}.counts", np.array([[s.tokens]], dtype=np.float32))
+        entries[name] = (s.sum_x.reshape(1, -1), s.sum_x2.reshape(1, -1), np.array([s.tokens]))
     for key, name in sorted(exp_names.items(), key=lambda kv: kv[1]):
-        x = by_module[key.rsplit(".", 1)[0]]
+        x = by_key[key]
         if name in seen:
             raise ProbeError(f"modules {seen[name]!r} and {key!r} both map to {name!r}; expected one "
                              "module per llama.cpp tensor; pass arch= with the right architecture")
         seen[name] = key
-        writer.add_tensor(f"{name}.in_sum", x.sum_x.astype(np.float32))
-        writer.add_tensor(f"{name}.in_sum2", x.sum_x2.astype(np.float32))
-        writer.add_tensor(f"{name}.counts", x.tokens.astype(np.float32).reshape(-1, 1))
+        entries[name] = (x.sum_x, x.sum_x2, x.tokens)
+    every = {**names, **exp_names}
+    datasets = list(datasets or meta.get("runs") or [])
+    if str(path).endswith(".dat"):
+        write_legacy(entries, path, chunk_size, math.ceil(tokens / chunk_size), datasets)
+        return {m: every[m] for m in seen.values()}
+    writer = gguf.GGUFWriter(path, arch=gguf.MODEL_ARCH_NAMES[arch_for(config.get("model_type"), arch)])
+    # llama-imatrix writes no general.architecture: drop the key the writer adds by itself
+    for kv in getattr(writer, "kv_data", []):
+        kv.pop(gguf.Keys.General.ARCHITECTURE, None)
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", datasets)
+    writer.add_uint32("imatrix.chunk_count", math.ceil(tokens / chunk_size))
+    writer.add_uint32("imatrix.chunk_size", chunk_size)
+    for name, (sum_x, sum_x2, counts) in entries.items():
+        writer.add_tensor(f"{name}.in_sum", sum_x.astype(np.float32))
+        writer.add_tensor(f"{name}.in_sum2", sum_x2.astype(np.float32))
+        writer.add_tensor(f"{name}.counts", counts.astype(np.float32).reshape(-1, 1))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    every = {**names, **exp_names}
     return {m: every[m] for m in seen.values()}
+
+
+def write_legacy(entries: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: str, chunk_size: int,
+                 chunk_count: int, datasets: list[str]) -> None:
+    """Write the legacy ``imatrix.dat`` (``llama-imatrix --output-format dat``,
+    ``save_imatrix_legacy`` in ``tools/imatrix/imatrix.cpp``), little-endian::
+
+        int32 n_entries
+        per entry, sorted by name: int32 len, name, int32 ncall, int32 nval, float32 values[nval]
+        int32 chunk_count, int32 len, the last dataset's name
+
+    ``ncall = ceil(max(counts) / chunk_size)`` and ``values[e·n + i] = in_sum2[e, i] / counts[e] ·
+    ncall``: the mean of ``x²`` per expert row, scaled by ``ncall``. It holds per-expert values
+    but no per-expert counts; a row with no token is written as 1 (``ncall`` after scaling), as
+    llama-imatrix writes partial data, and an entry with no token at all is left out."""
+    import struct
+
+    with open(path, "wb") as f:
+        kept = sorted(name for name, (_, _, counts) in entries.items() if np.asarray(counts).sum() > 0)
+        f.write(struct.pack("<i", len(kept)))
+        for name in kept:
+            _, sum_x2, counts = entries[name]
+            counts = np.asarray(counts, np.float64).reshape(-1)
+            ncall = int(-(-int(counts.max()) // chunk_size))
+            seen = (counts > 0)[:, None]
+            values = np.where(seen, sum_x2 / np.maximum(counts, 1)[:, None], 1.0) * ncall
+            raw = name.encode()
+            f.write(struct.pack("<i", len(raw)) + raw + struct.pack("<ii", ncall, values.size))
+            f.write(values.astype("<f4").tobytes())
+        last = (datasets[-1] if datasets else "").encode()
+        f.write(struct.pack("<ii", chunk_count, len(last)) + last)

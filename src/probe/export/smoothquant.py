@@ -9,7 +9,10 @@ also sees padding when a batch is padded.
 A mixture-of-experts layer with fused 3-D expert weights adds one entry under the name of its
 fused parameter, ``"<experts>.gate_up_proj"`` (or ``".up_proj"``): float32 ``[E, in_features]``,
 row ``e`` the per-channel max ``|x|`` over the real tokens routed to expert ``e`` (zeros for an
-expert that saw none) — the per-expert scales ``smooth_lm`` would divide each expert's input by.
+expert that saw none) — the per-expert scales ``smooth_lm`` would divide each expert's input by;
+and where the down projection's input was captured (``"<experts>:down_proj"`` sites),
+``"<experts>.down_proj"``: float32 ``[E, I]`` over the same tokens, ``I`` the experts'
+intermediate size.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ def scales(stats: list[ModuleStats]) -> dict[str, torch.Tensor]:
 
 
 def expert_scales(experts: list[ExpertStats]) -> dict[str, torch.Tensor]:
-    """``{"<experts>.gate_up_proj": float32 tensor [E, D]}`` of per-expert per-channel max |x|."""
-    return {f"{x.module}.gate_up_proj": torch.from_numpy(x.absmax.astype("float32")) for x in experts}
+    """``{"<experts>.gate_up_proj": float32 [E, D], "<experts>.down_proj": float32 [E, I]}`` of
+    per-expert per-channel max |x| (``down_proj``: where its input was captured)."""
+    return {f"{x.module}.{x.proj}_proj": torch.from_numpy(x.absmax.astype("float32")) for x in experts}
 
 
 def write(stats: list[ModuleStats], path: str, experts: list[ExpertStats] | None = None) -> dict[str, torch.Tensor]:

@@ -34,6 +34,8 @@ def _counts(run, layer) -> np.ndarray | None:
         return run[layer.router].router.counts
     if layer.experts is not None and run[layer.experts].has("experts"):
         return run[layer.experts].experts.tokens
+    if layer.down is not None and run[layer.down].has("experts"):
+        return run[layer.down].experts.tokens
     return None
 
 

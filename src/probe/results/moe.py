@@ -29,10 +29,23 @@ import numpy as np
 
 from ..stats._state import ROUTER_BINS
 
-__all__ = ["RouterView", "ExpertsView", "MoeLayerView", "moe_layers", "ROUTER_SUFFIX", "EXPERTS_SUFFIX"]
+__all__ = ["RouterView", "ExpertsView", "MoeLayerView", "moe_layers", "is_moe_site", "ROUTER_SUFFIX",
+           "EXPERTS_SUFFIX", "DOWN_SUFFIX"]
 
 ROUTER_SUFFIX = ":router"
 EXPERTS_SUFFIX = ":experts"
+DOWN_SUFFIX = ":down_proj"
+
+
+def is_moe_site(name: str) -> bool:
+    """Whether ``name`` is a mixture-of-experts site (router, experts or down projection), which
+    holds only its own statistic (no moments: the general tables leave it out).
+
+    Example:
+        >>> is_moe_site("model.layers.0.mlp.gate:router"), is_moe_site("hidden_states.1")
+        (True, False)
+    """
+    return name.endswith((ROUTER_SUFFIX, EXPERTS_SUFFIX, DOWN_SUFFIX))
 
 
 class RouterView:
@@ -126,6 +139,8 @@ class MoeLayerView:
     router: str | None
     experts: str | None
     experts_module: str | None
+    #: the down projection's input site (``"<experts>:down_proj"``), if captured
+    down: str | None = None
 
 
 def _layer_index(module: str) -> int | None:
@@ -140,13 +155,13 @@ def moe_layers(run: Any) -> list[MoeLayerView]:
         name = str(info.get("name", ""))
         if info.get("phase", "prefill") != "prefill":
             continue
-        for suffix, key in ((ROUTER_SUFFIX, "router"), (EXPERTS_SUFFIX, "experts")):
+        for suffix, key in ((ROUTER_SUFFIX, "router"), (EXPERTS_SUFFIX, "experts"), (DOWN_SUFFIX, "down")):
             if name.endswith(suffix):
                 module = str(info.get("module", ""))
                 parent = module.rsplit(".", 1)[0] if "." in module else ""
                 slot = by_parent.setdefault(parent, {})
                 slot[key] = name
-                if key == "experts":
+                if key != "router":
                     slot["module"] = module
-    return [MoeLayerView(_layer_index(p), v.get("router"), v.get("experts"), v.get("module"))
+    return [MoeLayerView(_layer_index(p), v.get("router"), v.get("experts"), v.get("module"), v.get("down"))
             for p, v in by_parent.items()]

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import ProbeError, closest
 from ..stats._state import SPECS, WindowState, kway_moments, merge_rows
-from .moe import ExpertsView, RouterView
+from .moe import ExpertsView, RouterView, is_moe_site
 
 __all__ = ["Run", "SiteView", "ChannelView", "PositionView", "SampleView", "CrossView", "NormView", "TOPK_DTYPE",
            "combine_channels", "merge_rows"]
@@ -668,6 +668,12 @@ class SiteView:
             self.nan, self.posinf, self.neginf = int(m["nan"]), int(m["posinf"]), int(m["neginf"])
 
     def __repr__(self) -> str:
+        if self.has("router"):  # a mixture-of-experts site holds only its own statistic
+            return f"SiteView({self.name!r}, {self.router!r})"
+        if self.has("experts"):
+            return f"SiteView({self.name!r}, {self.experts!r})"
+        if is_moe_site(self.name):
+            return f"SiteView({self.name!r}, nothing recorded)"
         return (f"SiteView({self.name!r}, tokens={self.tokens}, mean={self.mean:.4g}, std={self.std:.4g}, "
                 f"absmax={self.absmax:.4g})")
 

@@ -45,10 +45,12 @@ class MoeConfigured(StatBase):
         super().__init__()
         self.experts: int | None = None
         self.top_k: int | None = None
+        self.per_slot = False
 
-    def configure(self, experts: int, top_k: int) -> None:
-        """The layer's number of experts and experts per token."""
-        self.experts, self.top_k = int(experts), int(top_k)
+    def configure(self, experts: int, top_k: int, per_slot: int = 0) -> None:
+        """The layer's number of experts and experts per token; ``per_slot``: each row holds one
+        input per top-k slot (the down projection's input), not one shared by all slots."""
+        self.experts, self.top_k, self.per_slot = int(experts), int(top_k), bool(per_slot)
 
     def _layer(self) -> tuple[int, int]:
         if self.experts is None or self.top_k is None:
