@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .. import stats as _stats
 from .. import store
 from ..errors import ProbeError
 from ..stats._state import WindowState
@@ -237,7 +238,7 @@ class Recorder:
                               "their tokens do not pair up; the cross-layer statistic is left out of this run; "
                               "capture sites of one placement with it (docs/distributed.md)", stacklevel=5)
                 rows = [WindowState(r.step, r.sites, {}) for r in rows]
-        own = [k for k in ("router", "experts") if any(k in (s.stats or ()) for s in self.engine.sites)]
+        own = [k for k in _stats.SITE_ONLY if any(k in (s.stats or ()) for s in self.engine.sites)]
         return sync.merge_windows(rows, self.names, [k for k in stats if k not in ("cross", "cos")]
                                   + [k for k in own if k not in stats], "cross" in stats, device)
 
