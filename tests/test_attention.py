@@ -1,0 +1,274 @@
+"""Attention sites (probe.capture.attention, probe.stats.attention) against attention recomputed
+explicitly in float64 from the layers' weights and inputs.
+
+Tolerances. The model runs in float32: its q and k come from float32 projections (D = 32 terms)
+and its logits from float32 dots (d = 8 terms); each rounding is at most n·2^-24 of the sum of
+the |terms| (Higham, Accuracy and Stability, eq. 3.5), so the logits agree with float64 to about
+(32 + 8)·2^-24 ≈ 2.4e-6 of their scale; MaxLogit is compared at 1e-5 of the largest |logit| (+1e-6).
+Entropies and probabilities are computed from those logits in float32 (a log-sum-exp over at most
+12 keys): they agree to ~1e-6 absolute; compared at 2e-5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import probe
+from probe.capture import attention as attn_mod
+from probe.errors import SiteError
+
+transformers = pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.modeling_utils import AttentionInterface  # noqa: E402
+
+V, D, H = 97, 32, 4
+
+
+def llama(impl: str, kv: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=H,
+                      num_key_value_heads=kv, max_position_embeddings=64, attn_implementation=impl)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def gpt2(impl: str) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=V, n_embd=D, n_layer=2, n_head=H, n_positions=64, attn_implementation=impl)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def batch(side: str, b: int = 3, t: int = 12) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    if side == "left":
+        mask[1, :3] = 0
+        mask[2, :7] = 0
+    elif side == "right":
+        mask[1, -4:] = 0
+        mask[2, -8:] = 0
+    out = {"input_ids": ids, "attention_mask": mask}
+    if side == "left":
+        out["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return out
+
+
+# ------------------------------------------------------------------ float64 reference q and k
+def _rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), -1)
+    return x * cos + rot * sin
+
+
+def reference_qk(model: nn.Module, inputs: dict) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """Per attention module path: q [B, H, T, d] and k [B, H, T, d] (kv heads repeated), float64,
+    from the module's own input (a pre-hook of this test) and its weights, and the scaling."""
+    found: dict[str, tuple] = {}
+    handles = []
+    for path in attn_mod.attention_modules(model):
+        module = model.get_submodule(path)
+
+        def hook(mod, args, kwargs, path=path):
+            x = (args[0] if args else kwargs["hidden_states"]).detach().double()
+            b, t, _ = x.shape
+            if hasattr(mod, "c_attn"):  # GPT-2: Conv1D, x @ W + b
+                w, bias = mod.c_attn.weight.detach().double(), mod.c_attn.bias.detach().double()
+                q, k, _ = (x @ w + bias).split(D, dim=2)
+                q = q.view(b, t, H, -1).transpose(1, 2)
+                k = k.view(b, t, H, -1).transpose(1, 2)
+            else:  # Llama: projections then rotary embeddings, kv heads repeated
+                d = mod.head_dim
+                q = (x @ mod.q_proj.weight.detach().double().T).view(b, t, -1, d).transpose(1, 2)
+                k = (x @ mod.k_proj.weight.detach().double().T).view(b, t, -1, d).transpose(1, 2)
+                cos, sin = (v.detach().double().unsqueeze(1) for v in kwargs["position_embeddings"])
+                q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            found[path] = (q.numpy(), k.numpy(), float(mod.scaling) if hasattr(mod, "scaling")
+                           else q.shape[-1] ** -0.5)
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def reference_stats(q: np.ndarray, k: np.ndarray, scale: float, mask2d: np.ndarray, ids: np.ndarray) -> dict:
+    """Per head over real queries (causal, keys real): max logit and where, entropies, sink mass."""
+    b, h, t, _ = q.shape
+    logits = np.einsum("bhtd,bhsd->bhts", q, k) * scale
+    real = mask2d.astype(bool)
+    allowed = np.tril(np.ones((t, t), bool))[None, None] & real[:, None, None, :]
+    pos = np.cumsum(real, -1) - 1
+    out = {"maxlogit": np.full(h, -np.inf), "at": np.full((h, 4), -1), "entropy": [[] for _ in range(h)],
+           "norm": [[] for _ in range(h)], "sink": np.zeros((h, 4)), "n": 0, "scale": np.abs(logits).max()}
+    for bi in range(b):
+        for ti in range(t):
+            if not real[bi, ti]:
+                continue
+            out["n"] += 1
+            keys = np.flatnonzero(allowed[bi, 0, ti])
+            for hi in range(h):
+                z = logits[bi, hi, ti, keys]
+                j = int(np.argmax(z))
+                if z[j] > out["maxlogit"][hi]:
+                    out["maxlogit"][hi] = z[j]
+                    out["at"][hi] = (bi, pos[bi, ti], pos[bi, keys[j]], ids[bi, ti])
+                p = np.exp(z - z.max())
+                p /= p.sum()
+                ent = float(-(p * np.log(p)).sum())
+                out["entropy"][hi].append(ent)
+                out["norm"][hi].append(ent / np.log(len(keys)) if len(keys) > 1 else 0.0)
+                for jj in range(min(4, len(keys))):
+                    out["sink"][hi, jj] += p[jj]
+    return out
+
+
+def check_site(view_state: dict, ref: dict) -> None:
+    s = view_state
+    assert int(s["tokens"]) == ref["n"]
+    tol = 1e-5 * ref["scale"] + 1e-6
+    np.testing.assert_allclose(s["maxlogit"], ref["maxlogit"], rtol=0, atol=tol)
+    np.testing.assert_array_equal(s["maxlogit_at"], ref["at"])
+    for hi in range(len(ref["entropy"])):
+        e = np.array(ref["entropy"][hi])
+        assert s["entropy_n"][hi] == len(e)
+        np.testing.assert_allclose(s["entropy_mean"][hi], e.mean(), atol=2e-5)
+        c = e - e.mean()
+        np.testing.assert_allclose(s["entropy_m2"][hi] / len(e), (c ** 2).mean(), atol=2e-5)
+        np.testing.assert_allclose(s["entropy_m3"][hi] / len(e), (c ** 3).mean(), atol=2e-5)
+        np.testing.assert_allclose(s["entropy_m4"][hi] / len(e), (c ** 4).mean(), atol=2e-5)
+        nrm = np.array(ref["norm"][hi])
+        bins = np.clip(np.floor(nrm * 64), 0, 63).astype(int)
+        near = np.abs(nrm * 64 - np.round(nrm * 64)) < 1e-3
+        hist = np.asarray(s["entropy_hist"][hi])
+        assert hist.sum() == len(nrm)
+        assert np.abs(hist - np.bincount(bins, minlength=64)).sum() <= 2 * near.sum()
+    np.testing.assert_allclose(s["sink"], ref["sink"], atol=2e-5 * ref["n"])
+    assert (np.asarray(s["nonfinite"]) == 0).all()
+
+
+CASES = [(make, impl, side) for make in ("llama", "gpt2") for impl in ("eager", "sdpa")
+         for side in ("none", "left", "right")]
+
+
+@pytest.mark.parametrize("make,impl,side", CASES)
+def test_against_float64(make, impl, side):
+    model = llama(impl) if make == "llama" else gpt2(impl)
+    inputs = batch(side)
+    refs = reference_qk(model, inputs)
+    with probe.capture(model, sites="attention") as cap:
+        with torch.no_grad():
+            model(**inputs)
+    run = _run(cap)
+    assert sorted(refs) == sorted(n[: -len(":attention")] for n in run.sites)
+    for path, (q, k, scale) in refs.items():
+        ref = reference_stats(q, k, scale, inputs["attention_mask"].numpy(), inputs["input_ids"].numpy())
+        check_site(run[path + ":attention"].state("attention"), ref)
+
+
+def _run(cap):
+    return cap.result if getattr(cap, "result", None) is not None else cap
+
+
+def test_gqa_grouped_heads():
+    """Llama with 4 query heads over 1 kv head (MQA) and 2 (GQA): query heads of one group differ."""
+    for kv in (1, 2):
+        model = llama("sdpa", kv=kv)
+        inputs = batch("left")
+        refs = reference_qk(model, inputs)
+        with probe.capture(model, sites="model.layers.1.*:attention") as cap, torch.no_grad():
+            model(**inputs)
+        run = _run(cap)
+        assert list(run.sites) == ["model.layers.1.self_attn:attention"]
+        q, k, scale = refs["model.layers.1.self_attn"]
+        check_site(run["model.layers.1.self_attn:attention"].state("attention"),
+                   reference_stats(q, k, scale, inputs["attention_mask"].numpy(), inputs["input_ids"].numpy()))
+
+
+def test_chunks_agree(monkeypatch):
+    """Small chunks of query rows give the same statistics as one chunk."""
+    model = llama("eager")
+    inputs = batch("right")
+    states = []
+    for chunk in (1 << 22, 3 * H * 12):  # one chunk; three query rows per chunk
+        monkeypatch.setattr(attn_mod, "CHUNK_ELEMENTS", chunk)
+        with probe.capture(model, sites="attention") as cap, torch.no_grad():
+            model(**inputs)
+        states.append(_run(cap)["model.layers.0.self_attn:attention"].state("attention"))
+    for name in states[0]:
+        np.testing.assert_allclose(states[0][name], states[1][name], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_output_bitwise_and_restored(impl):
+    model = gpt2(impl)
+    inputs = batch("left")
+    original = AttentionInterface.__dict__["get_interface"]
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with probe.capture(model, sites="attention"):
+            assert AttentionInterface.__dict__["get_interface"] is not original
+            seen = model(**inputs).logits
+    assert torch.equal(plain, seen)
+    assert AttentionInterface.__dict__["get_interface"] is original
+    with pytest.raises(RuntimeError, match="boom"):
+        with probe.capture(model, sites="attention"):
+            raise RuntimeError("boom")
+    assert AttentionInterface.__dict__["get_interface"] is original
+    assert not attn_mod._WATCHED and not attn_mod._CALLS
+
+
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_counts_once(reentrant):
+    """A training step with gradient checkpointing re-runs each attention in backward: not counted twice."""
+    model = llama("eager")
+    model.train()
+    model.config.attention_dropout = 0.0
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    inputs = batch("right")
+    calls = []
+    handle = model.model.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
+    with probe.capture(model, sites="attention") as cap:
+        out = model(**inputs, labels=inputs["input_ids"])
+        out.loss.backward()
+    handle.remove()
+    assert len(calls) == 2  # the forward and its recompute in backward
+    run = _run(cap)
+    real = int(inputs["attention_mask"].sum())
+    for name in run.sites:
+        s = run[name].state("attention")
+        assert int(s["tokens"]) == real
+        assert (s["entropy_n"] == real).all()
+
+
+def test_view_and_schedule():
+    model = gpt2("sdpa")
+    inputs = batch("none")
+    with probe.capture(model, sites="attention", every=1) as cap, torch.no_grad():
+        model(**inputs)
+        model(**inputs)
+    run = _run(cap)
+    view = run["transformer.h.0.attn:attention"].attention
+    assert view.heads == H
+    assert view.maxlogit.shape == (H,)
+    assert view.tokens == 2 * 3 * 12
+    np.testing.assert_allclose(view.sink_mass.sum(-1) <= 1 + 1e-6, True)
+    assert len(view.entropy_mean) == H
+
+
+def test_errors():
+    model = gpt2("eager")
+    with pytest.raises(SiteError, match="matches no attention module"):
+        probe.capture(model, sites="transformer.h.9.*:attention")
+    model.transformer.h[0].attn.reorder_and_upcast_attn = True  # GPT-2's path that bypasses the interface
+    with pytest.warns(UserWarning, match="did not call transformers' attention interface"):
+        with probe.capture(model, sites="transformer.h.0.attn:attention"), torch.no_grad():
+            model(**batch("none"))
