@@ -272,3 +272,93 @@ def test_errors():
     with pytest.warns(UserWarning, match="did not call transformers' attention interface"):
         with probe.capture(model, sites="transformer.h.0.attn:attention"), torch.no_grad():
             model(**batch("none"))
+
+
+def test_file_roundtrip_and_window_merge(tmp_path):
+    """Two forwards in two windows of a file merge to the state of one window over both."""
+    model = llama("eager")
+    a, b = batch("left"), batch("right")
+    path = str(tmp_path / "attn.h5")
+    with probe.capture(model, path, sites="attention", every=1), torch.no_grad():
+        model(**a)
+        model(**b)
+    with probe.capture(model, sites="attention") as cap, torch.no_grad():
+        model(**a)
+        model(**b)
+    run = probe.load(path)
+    assert len(run.steps) == 2
+    for name in run.sites:
+        got, want = run[name].state("attention"), _run(cap)[name].state("attention")
+        for field in want:
+            if got[field].dtype.kind == "i":  # counts and the MaxLogit's location: exact
+                np.testing.assert_array_equal(got[field], want[field])
+            else:
+                np.testing.assert_allclose(got[field], want[field], rtol=1e-9, atol=1e-9)
+
+
+def _planted(tmp_path, spike_step: int = 11, steps: int = 14):
+    """A run of ``steps`` forwards (every=1) where the forward ``spike_step`` (1-based) has layer 1's
+    queries scaled by 30, so its logits (q·k, linear in q, RoPE included) are 30 times larger."""
+    model = llama("eager")
+    path = str(tmp_path / "spike.h5")
+    g = torch.Generator().manual_seed(5)
+    q_proj = model.model.layers[1].self_attn.q_proj
+    batches = [{"input_ids": torch.randint(0, V, (2, 12), generator=g),
+                "attention_mask": torch.ones(2, 12, dtype=torch.long)} for _ in range(steps)]
+    spiked = batches[spike_step - 1]
+    original = q_proj.weight.detach().clone()
+    with torch.no_grad():  # the float64 reference of the spiked forward, outside the capture
+        q_proj.weight.mul_(30.0)
+        q, k, scale = reference_qk(model, spiked)["model.layers.1.self_attn"]
+        q_proj.weight.copy_(original)
+    planted = reference_stats(q, k, scale, spiked["attention_mask"].numpy(), spiked["input_ids"].numpy())
+    with probe.capture(model, path, sites="attention", every=1), torch.no_grad():
+        for s, inputs in enumerate(batches, 1):
+            if s == spike_step:
+                q_proj.weight.mul_(30.0)
+            model(**inputs)
+            if s == spike_step:
+                q_proj.weight.copy_(original)
+    return path, planted
+
+
+def test_timeline_finds_planted_maxlogit(tmp_path):
+    from probe.present.timeline import timeline
+
+    path, planted = _planted(tmp_path)
+    run = probe.load(path)
+    tl = timeline(run)
+    site = "model.layers.1.self_attn:attention"
+    series = tl.series["maxlogit"][site]
+    assert len(series) == 14
+    np.testing.assert_allclose(series[10], planted["maxlogit"].max(), rtol=1e-5)
+    events = [e for e in tl.events if e.series == "maxlogit"]
+    assert [e.step for e in events] == [11]
+    e = events[0]
+    head = int(np.argmax(planted["maxlogit"]))
+    assert (e.site, e.channel) == (site, head)
+    # the row counts sequences since the capture began: forward 11's rows are 20 and 21
+    row, pos, _, tok = planted["at"][head]
+    assert (e.row, e.position, e.token) == (20 + row, pos, tok)
+
+
+def test_tensorboard_carries_maxlogit(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from probe.export.tensorboard import write_tensorboard
+
+    path, planted = _planted(tmp_path, spike_step=3, steps=4)
+    run = probe.load(path)
+    write_tensorboard(run, tmp_path / "tb")
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    site = "model.layers.1.self_attn:attention"
+    got = acc.Scalars(f"probe/maxlogit/{site}")
+    assert [s.step for s in got] == list(run.steps)
+    from probe.results.run import Run
+
+    want = [Run(run.meta, [row])[site].attention.max for row in run.rows]
+    np.testing.assert_allclose([s.value for s in got], want, rtol=1e-6)  # TensorBoard stores float32
+    np.testing.assert_allclose(got[2].value, planted["maxlogit"].max(), rtol=1e-5)
+    assert f"probe/attention_entropy/{site}" in acc.Tags()["scalars"]
