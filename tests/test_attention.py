@@ -156,10 +156,14 @@ def check_site(view_state: dict, ref: dict) -> None:
 
 CASES = [(make, impl, side) for make in ("llama", "gpt2") for impl in ("eager", "sdpa")
          for side in ("none", "left", "right")]
+# flex attention on CPU (GPT-2 has no flex path): its BlockMask is read through its mask_mod
+CASES += [("llama", "flex_attention", side) for side in ("none", "left", "right")]
 
 
 @pytest.mark.parametrize("make,impl,side", CASES)
 def test_against_float64(make, impl, side):
+    if impl == "flex_attention":
+        pytest.importorskip("torch.nn.attention.flex_attention")
     model = llama(impl) if make == "llama" else gpt2(impl)
     inputs = batch(side)
     refs = reference_qk(model, inputs)

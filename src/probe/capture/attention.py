@@ -30,8 +30,8 @@ above half its dtype's minimum (transformers writes the minimum where attention 
 no mask: every key for ``eager``, and for the other functions the causal pattern
 ``key index <= query index`` when ``module.is_causal`` and ``T > 1`` (SDPA's ``is_causal``,
 aligned top-left as torch does, the keys cut to ``T``, as transformers' SDPA path does). A
-``BlockMask`` (flex attention) and learned sink logits (``s_aux``) are refused at their site with one
-line. The probabilities are those before dropout. Under gradient checkpointing the recompute of the
+``BlockMask`` (flex attention), flash and paged attention (no 4-D mask) and learned sink logits
+(``s_aux``) are refused at their site with one line. The probabilities are those before dropout. Under gradient checkpointing the recompute of the
 module (inside backward) is not noted, so nothing is counted twice.
 """
 
@@ -227,9 +227,15 @@ def _pack(path: str):
         query, key, mask, scaling, softcap, is_causal, s_aux, implementation = call
         if s_aux is not None:
             return "the attention has learned sink logits (s_aux), which these statistics do not model"
-        if mask is not None and not isinstance(mask, Tensor):
-            return (f"the attention mask is a {type(mask).__name__} (flex attention's BlockMask), not a 4-D "
-                    "tensor; expected eager or sdpa attention; load the model with attn_implementation='sdpa'")
+        if "flash" in implementation or "paged" in implementation:
+            return (f"attention implementation {implementation!r} passes no 4-D mask (packed or paged sequences); "
+                    "expected eager or sdpa; load the model with attn_implementation='sdpa' for these statistics")
+        if isinstance(mask, Tensor) and mask.dim() != 4:
+            return (f"the attention mask has shape {tuple(mask.shape)}; expected a 4-D [batch, 1 or heads, queries, "
+                    "keys] mask; load the model with attn_implementation='sdpa'")
+        if mask is not None and not isinstance(mask, Tensor) and not callable(getattr(mask, "mask_mod", None)):
+            return (f"the attention mask is a {type(mask).__name__}; expected a 4-D tensor or flex attention's "
+                    "BlockMask; load the model with attn_implementation='sdpa'")
         try:
             causal = mask is None and implementation != "eager" and bool(is_causal)
             with torch.no_grad():
@@ -240,14 +246,40 @@ def _pack(path: str):
     return pack
 
 
-def rows(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None = None,
+def _allowed(mask: Any, b: int, h: int, t0: int, t1: int, s: int, offset: int, causal: bool,
+             device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """Which keys the query rows ``t0:t1`` may attend to (bool, broadcastable to ``[B, H, c, S]``)
+    and the additive bias of a float mask (``None`` otherwise)."""
+    keys = torch.arange(s, device=device)
+    queries = torch.arange(t0, t1, device=device).unsqueeze(-1)
+    if mask is None:
+        if causal:
+            return (keys <= queries + offset).expand(1, 1, t1 - t0, s), None
+        return torch.ones(1, 1, t1 - t0, s, dtype=torch.bool, device=device), None
+    if not isinstance(mask, Tensor):  # flex attention's BlockMask: its mask_mod, on local indices
+        allowed = mask.mask_mod(torch.arange(b, device=device).view(-1, 1, 1, 1),
+                                torch.arange(h, device=device).view(1, -1, 1, 1),
+                                queries.view(1, 1, -1, 1), keys.view(1, 1, 1, -1))
+        return allowed.to(torch.bool), None
+    m = mask[..., t0:t1, :s]
+    if m.dtype == torch.bool:
+        return m, None
+    return m > torch.finfo(m.dtype).min / 2, m.float()
+
+
+#: the logit written where a key is not allowed: exp() of it is 0, and 0 times it is 0 (not NaN)
+_NEG = -1e30
+
+
+def rows(query: Tensor, key: Tensor, mask: Any, scaling: float | None = None,
          softcap: float | None = None, causal: bool = False) -> Tensor:
     """Per query token and head, what :class:`probe.stats.attention.Attention` folds in.
 
     Args:
         query: ``[B, H, T, d]``.
         key: ``[B, H_kv, S, d]`` (``H`` a multiple of ``H_kv``: grouped-query keys are repeated).
-        mask: ``[B or 1, 1 or H, T, S]`` boolean (``True``: may attend) or additive float, or ``None``.
+        mask: ``[B or 1, 1 or H, T, S]`` boolean (``True``: may attend) or additive float, a
+            flex-attention ``BlockMask`` (its ``mask_mod``), or ``None``.
         scaling: the logits' scale (``d ** -0.5`` when ``None``, as transformers' functions do).
         softcap: ``logits = softcap · tanh(logits / softcap)`` before the mask (Gemma 2), or ``None``.
         causal: with ``mask=None``, key ``j`` is allowed for query ``t`` iff ``j <= t`` (keys cut to ``T``).
@@ -256,7 +288,11 @@ def rows(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None 
         float32 ``[B·T, F·H]`` laid out ``[B·T, F, H]``: max logit (raw ``q·k · scaling``), the query
         index minus the key index of that maximum (cache coordinates), entropy (nats), entropy /
         ``ln(allowed keys)``, and the probability on each of the first ``K`` allowed keys. Rows
-        with no allowed key hold NaN entropy.
+        with no allowed key hold ``-inf`` and NaN.
+
+    Cost per chunk of ``c`` query rows: one ``[B, H, c, S]`` matmul and about five elementwise
+    passes over it (mask, max, shift, exp, product); the sink keys are found on the mask's own
+    shape (``searchsorted`` on its running count) and gathered, not summed over all keys.
     """
     b, h, t, d = query.shape
     hkv, s = key.shape[1], key.shape[2]
@@ -275,43 +311,41 @@ def rows(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None 
     nk = ATTENTION_SINKS
     out = torch.empty(b, t, 4 + nk, h, dtype=torch.float32, device=q.device)
     step = max(1, CHUNK_ELEMENTS // max(1, b * h * s))
-    keys = torch.arange(s, device=q.device)
+    targets = torch.arange(1, nk + 1, device=q.device)
     for t0 in range(0, t, step):
         t1 = min(t, t0 + step)
-        raw = torch.matmul(q[:, :, t0:t1], kt) * scale  # [B, H, c, S]
-        queries = torch.arange(t0, t1, device=q.device).unsqueeze(-1)
-        if mask is None:
-            allowed = (keys <= queries + offset) if causal else torch.ones(t1 - t0, s, dtype=torch.bool,
-                                                                           device=q.device)
-            allowed = allowed.expand(1, 1, t1 - t0, s)
-            bias = None
+        c = t1 - t0
+        allowed, bias = _allowed(mask, b, h, t0, t1, s, offset, causal, q.device)
+        z = torch.matmul(q[:, :, t0:t1], kt).mul_(scale)  # [B, H, c, S]: the raw logits
+        if softcap is None and bias is None:
+            top = z.masked_fill_(~allowed, _NEG).max(-1)
+            shift = top.values
         else:
-            m = mask[..., t0:t1, :s]
-            if m.dtype == torch.bool:
-                allowed, bias = m, None
-            else:
-                allowed, bias = m > torch.finfo(m.dtype).min / 2, m.float()
-        z = raw if softcap is None else torch.tanh(raw / softcap) * softcap
-        if bias is not None:
-            z = z + bias
-        z = z.masked_fill(~allowed, float("-inf"))
-        top = raw.masked_fill(~allowed, float("-inf")).max(-1)
-        shift = z.amax(-1, keepdim=True)
-        zs = z - torch.where(torch.isfinite(shift), shift, 0.0)
-        lse = torch.logsumexp(zs, -1, keepdim=True)
-        p = torch.exp(zs - lse)
-        ent = lse.squeeze(-1) - (p * zs.masked_fill(~allowed, 0.0)).sum(-1)  # -Σ p ln p
-        count = allowed.sum(-1).expand(b, h, t1 - t0)
+            top = z.masked_fill(~allowed, _NEG).max(-1)
+            if softcap is not None:
+                z = torch.tanh(z / softcap) * softcap
+            if bias is not None:
+                z = z + bias
+            z = z.masked_fill_(~allowed, _NEG)
+            shift = z.amax(-1)
+        zs = z.sub_(shift.unsqueeze(-1))
+        e = zs.exp()
+        total = e.sum(-1)  # [B, H, c]
+        ent = torch.log(total) - (e * zs).sum(-1) / total  # -Σ p ln p with p = e / total
+        count = allowed.sum(-1)
         norm = torch.where(count > 1, ent / torch.log(count.clamp(min=2).float()), torch.zeros_like(ent))
-        rank = torch.cumsum(allowed, -1) - 1
+        # the index of each query's j-th allowed key: the first where the running count reaches j + 1
+        running = torch.cumsum(allowed, -1)
+        first = torch.searchsorted(running.contiguous(), targets.expand(*running.shape[:-1], nk).contiguous())
+        first = first.expand(b, h, c, nk)
+        sink = e.gather(-1, first.clamp(max=s - 1)) / total.unsqueeze(-1)
+        sink = sink.masked_fill_(first >= s, 0.0)
+        none = (count == 0).expand(b, h, c)
         o = out[:, t0:t1]  # [B, c, F, H]
-        o[:, :, 0] = top.values.transpose(1, 2)
-        o[:, :, 1] = (queries.squeeze(-1) + offset - top.indices).float().transpose(1, 2)
-        o[:, :, 2] = ent.transpose(1, 2)
-        o[:, :, 3] = norm.transpose(1, 2)
-        for j in range(nk):
-            o[:, :, 4 + j] = (p * (rank == j)).sum(-1).transpose(1, 2)
-        del raw, z, zs, p
-    bad = ~torch.isfinite(out[:, :, 0])  # a query with no allowed key
-    out[:, :, 2:] = out[:, :, 2:].masked_fill(bad.unsqueeze(2), float("nan"))
+        o[:, :, 0] = top.values.masked_fill(none, float("-inf")).transpose(1, 2)
+        o[:, :, 1] = (torch.arange(t0, t1, device=q.device) + offset - top.indices).float().transpose(1, 2)
+        o[:, :, 2] = ent.masked_fill(none, float("nan")).transpose(1, 2)
+        o[:, :, 3] = norm.masked_fill(none, float("nan")).transpose(1, 2)
+        o[:, :, 4:] = sink.masked_fill_(none.unsqueeze(-1), float("nan")).permute(0, 2, 3, 1)
+        del z, zs, e
     return out.reshape(b * t, (4 + nk) * h)

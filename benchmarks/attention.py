@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Cost of the attention statistics (``sites="attention"``: per-head MaxLogit, entropy, sink mass)
+on a recorded forward, against the plain forward of the same model, on CPU, in one process.
+
+The model is GPT-2 small's layer shape (768 wide, 12 heads, head dim 64) with fewer layers
+(``--layers``, default 4), random-init, SDPA attention, eval and no_grad, batch x sequence 4 x 256
+by default, one padded row. Each round times ``--forwards`` forwards of each method (the
+capture's setup is not timed), methods in alternating order (ABBA) so that load drift on a shared
+machine cancels; ``extra`` is the median over rounds of ``t(attention) / t(plain) - 1``, the cost
+of a forward the schedule records (a forward it skips only runs the gated hooks).
+
+    python benchmarks/attention.py
+    python benchmarks/attention.py --layers 12 --batch 4 --seq 256 --rounds 7 --json attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import transformers
+
+import probe
+
+
+def _model(args):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=768, n_head=12, n_layer=args.layers, n_positions=max(1024, args.seq),
+                                  vocab_size=50257, attn_implementation=args.attn)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+METHODS = {"plain": None, "attention": {"sites": "attention"}}
+
+
+def _time(model, batch, method: str, forwards: int) -> float:
+    spec = METHODS[method]
+    with torch.no_grad():
+        if spec is None:
+            model(**batch)
+            t = time.perf_counter()
+            for _ in range(forwards):
+                model(**batch)
+            return (time.perf_counter() - t) / forwards
+        with probe.capture(model, **spec):
+            model(**batch)  # warm
+            t = time.perf_counter()
+            for _ in range(forwards):
+                model(**batch)
+            return (time.perf_counter() - t) / forwards
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--forwards", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = _model(args)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 50257, (args.batch, args.seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, args.seq // 2:] = 0  # one padded row
+    batch = {"input_ids": ids, "attention_mask": mask}
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    order = list(METHODS)
+    for r in range(args.rounds):
+        for m in order if r % 2 == 0 else order[::-1]:
+            times[m].append(_time(model, batch, m, args.forwards))
+    ratios = [a / b - 1 for a, b in zip(times["attention"], times["plain"])]
+    out = {"shape": f"{args.batch}x{args.seq}", "layers": args.layers, "attn": args.attn,
+           "plain_s": statistics.median(times["plain"]), "attention_s": statistics.median(times["attention"]),
+           "extra": statistics.median(ratios), "ratios": ratios, "torch": torch.__version__,
+           "transformers": transformers.__version__}
+    print(f"GPT-2 small layers x{args.layers}, {args.attn}, {out['shape']}: plain {out['plain_s'] * 1e3:.1f} ms, "
+          f"with attention statistics {out['attention_s'] * 1e3:.1f} ms per recorded forward "
+          f"(+{out['extra'] * 100:.1f} %, median of {args.rounds} rounds)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
