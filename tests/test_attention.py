@@ -366,3 +366,36 @@ def test_tensorboard_carries_maxlogit(tmp_path):
     np.testing.assert_allclose([s.value for s in got], want, rtol=1e-6)  # TensorBoard stores float32
     np.testing.assert_allclose(got[2].value, planted["maxlogit"].max(), rtol=1e-5)
     assert f"probe/attention_entropy/{site}" in acc.Tags()["scalars"]
+
+
+def test_nested_captures_both_record():
+    model = gpt2("eager")
+    inputs = batch("left")
+    with probe.capture(model, sites="attention") as outer:
+        with probe.capture(model, sites="transformer.h.1.*:attention") as inner, torch.no_grad():
+            model(**inputs)
+        assert AttentionInterface.__dict__["get_interface"] is not attn_mod._PATCH[0]  # the outer's still on
+    assert not attn_mod._CALLS and not attn_mod._PATCH
+    a = _run(outer)["transformer.h.1.attn:attention"].state("attention")
+    b = _run(inner)["transformer.h.1.attn:attention"].state("attention")
+    for field in a:
+        np.testing.assert_array_equal(a[field], b[field])
+    assert int(a["tokens"]) == int(inputs["attention_mask"].sum())
+
+
+def test_show_prints_maxlogit_table(tmp_path, capsys):
+    import json
+
+    from probe.cli import main
+
+    path, planted = _planted(tmp_path, spike_step=2, steps=2)
+    assert main(["show", path]) == 0
+    text = capsys.readouterr().out
+    assert "MaxLogit" in text and "model.layers.1.self_attn:attention" in text
+    assert main(["show", path, "--json"]) == 0
+    rows = {r["site"]: r for r in json.loads(capsys.readouterr().out)["attention"]}
+    r = rows["model.layers.1.self_attn:attention"]
+    head = int(np.argmax(planted["maxlogit"]))
+    np.testing.assert_allclose(r["maxlogit"], planted["maxlogit"].max(), rtol=1e-5)
+    assert r["head"] == head
+    assert (r["query"], r["key"], r["token"]) == tuple(int(v) for v in planted["at"][head][1:])

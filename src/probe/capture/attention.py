@@ -27,11 +27,12 @@ only the real query tokens. Grouped-query keys are repeated to the query heads (
 
 Which keys a query may attend to: a boolean mask's ``True``; a float (additive) mask's entries
 above half its dtype's minimum (transformers writes the minimum where attention is not allowed);
-no mask: every key for ``eager``, and for the other functions the causal pattern
+a flex-attention ``BlockMask``'s ``mask_mod`` evaluated on the chunk's (batch, head, query, key)
+indices; no mask: every key for ``eager``, and for the other functions the causal pattern
 ``key index <= query index`` when ``module.is_causal`` and ``T > 1`` (SDPA's ``is_causal``,
-aligned top-left as torch does, the keys cut to ``T``, as transformers' SDPA path does). A
-``BlockMask`` (flex attention), flash and paged attention (no 4-D mask) and learned sink logits
-(``s_aux``) are refused at their site with one line. The probabilities are those before dropout. Under gradient checkpointing the recompute of the
+aligned top-left as torch does, the keys cut to ``T``, as transformers' SDPA path does). Flash
+and paged attention (no 4-D mask) and learned sink logits (``s_aux``) are refused at their site
+with one line; a flex ``score_mod`` other than the soft cap is not applied. The probabilities are those before dropout. Under gradient checkpointing the recompute of the
 module (inside backward) is not noted, so nothing is counted twice.
 """
 
@@ -56,10 +57,11 @@ SUFFIX = ":attention"
 #: logits computed at once per chunk of query rows (``B · H · rows · S``): 4 Mi float32, 16 MiB per temporary
 CHUNK_ELEMENTS = 1 << 22
 
-#: (thread, module path) -> the module's call in the running forward, until the site's post-hook
-#: takes it (at once: attention modules do not nest). Sites are shared by models of one structure
-#: (the capture remembers resolved sites), so they name their module by path, not identity
-_CALLS: dict[tuple[int, str], tuple] = {}
+#: (thread, module path) -> [captures yet to read it, the module's call in the running forward],
+#: until the last recording capture's post-hook takes it (at once: attention modules do not nest).
+#: Sites are shared by models of one structure (the capture remembers resolved sites), so they
+#: name their module by path, not identity
+_CALLS: dict[tuple[int, str], list] = {}
 #: id(attention module) -> its path and, per capture watching it, whether its forward is recorded
 _WATCHED: dict[int, tuple[str, list[Callable[[], bool]]]] = {}
 #: the unpatched ``AttentionInterface.get_interface`` while any capture watches, and how many do
@@ -152,19 +154,20 @@ def _wrap(fn: Callable, implementation: str) -> Callable:
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         watched = _WATCHED.get(id(module))
-        if watched is not None and not _in_backward() and any(w() for w in watched[1]):
+        readers = sum(1 for w in watched[1] if w()) if watched is not None and not _in_backward() else 0
+        if readers:  # the captures recording this forward: each site's post-hook takes the call once
             where = (threading.get_ident(), watched[0])
             try:
                 extra = dict(kwargs)
                 if args and signature is not None:
                     extra.update(signature.bind_partial(module, query, key, value, attention_mask, *args,
                                                         **kwargs).arguments)
-                _CALLS[where] = (query.detach(), key.detach(), attention_mask, extra.get("scaling"),
+                _CALLS[where] = [readers, (query.detach(), key.detach(), attention_mask, extra.get("scaling"),
                                       extra.get("softcap"), extra.get("is_causal", getattr(module, "is_causal", True)),
                                       extra.get("s_aux"),
-                                      implementation)
+                                      implementation)]
             except Exception as err:  # never into the model's forward
-                _CALLS[where] = (f"the attention call could not be read ({type(err).__name__}: {err})",)
+                _CALLS[where] = [readers, (f"the attention call could not be read ({type(err).__name__}: {err})",)]
         return fn(module, query, key, value, attention_mask, *args, **kwargs)
 
     _WRAPPED[key] = attention
@@ -215,7 +218,14 @@ def watch(model: nn.Module, sites: list[Site], recorded: Callable[[], bool]) -> 
 # --------------------------------------------------------------------------- the statistics
 def _pack(path: str):
     def pack(args: tuple, kwargs: dict, output: Any) -> Tensor | str:
-        call = _CALLS.pop((threading.get_ident(), path), None)
+        where = (threading.get_ident(), path)
+        entry = _CALLS.get(where)
+        call = None
+        if entry is not None:
+            entry[0] -= 1
+            call = entry[1]
+            if entry[0] <= 0:  # the last capture recording it: the references go now
+                del _CALLS[where]
         if _in_backward():  # a gradient-checkpointing recompute: dropped by the capture
             return "recompute"
         if call is None:
