@@ -399,3 +399,48 @@ def test_show_prints_maxlogit_table(tmp_path, capsys):
     np.testing.assert_allclose(r["maxlogit"], planted["maxlogit"].max(), rtol=1e-5)
     assert r["head"] == head
     assert (r["query"], r["key"], r["token"]) == tuple(int(v) for v in planted["at"][head][1:])
+
+
+def _rank(rank: int, world: int, port: int, folder: str) -> None:
+    """One rank: rebuilds every rank's attention windows (uneven batch counts), merges its own across
+    the gloo group with the tensor collectives; the result must equal the file merge of all of them
+    (the MaxLogit argmax per head included), on every rank."""
+    import datetime
+    import traceback
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from probe.capture.sync import merge_windows
+    from probe.stats._state import merge_rows
+
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=120))
+        model = llama("eager")
+        rows = []
+        for r in range(world):
+            g = torch.Generator().manual_seed(10 + r)
+            with probe.capture(model, sites="attention", every=1, distributed=False) as c, torch.no_grad():
+                for _ in range(2 + r):
+                    model(input_ids=torch.randint(0, V, (2, 9), generator=g))
+            rows.append(list(c.result.rows))
+        merged = merge_windows(rows[rank], c.sites, ["attention"], False)
+        for got in merged:
+            want = merge_rows([w for rs in rows for w in rs if w.step == got.step])
+            for name in c.sites:
+                mine, ref = got.sites[name]["attention"], want.sites[name]["attention"]
+                for field in ref:
+                    np.testing.assert_allclose(mine[field], ref[field], rtol=1e-9, err_msg=f"{name}.{field}")
+        dist.destroy_process_group()
+    except Exception:
+        Path(folder, f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+@pytest.mark.slow
+def test_two_ranks_merge_like_files(tmp_path):
+    from conftest import spawn_ranks
+
+    spawn_ranks(_rank, 2, tmp_path, timeout=240)
