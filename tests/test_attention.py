@@ -444,3 +444,36 @@ def test_two_ranks_merge_like_files(tmp_path):
     from conftest import spawn_ranks
 
     spawn_ranks(_rank, 2, tmp_path, timeout=240)
+
+
+def test_bert_bidirectional_against_eager_probabilities():
+    """An encoder (non-causal, right padding): entropies and sink masses against the probabilities
+    eager attention returns (output_attentions=True), taken to float64."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=H,
+                                 intermediate_size=64, max_position_embeddings=64,
+                                 attn_implementation="eager")).eval()
+    inputs = batch("right")
+    with torch.no_grad():
+        probs = [p.double().numpy() for p in model(**inputs, output_attentions=True).attentions]
+    with probe.capture(model, sites="attention") as cap, torch.no_grad():
+        model(**inputs)
+    run = _run(cap)
+    names = [n for n in run.sites]
+    assert len(names) == 2
+    real = inputs["attention_mask"].numpy().astype(bool)
+    for name, p in zip(names, probs):
+        s = run[name].state("attention")
+        ent, sink = [], np.zeros((H, 4))
+        for b in range(p.shape[0]):
+            keys = np.flatnonzero(real[b])
+            for t in np.flatnonzero(real[b]):
+                q = p[b][:, t][:, keys]  # [H, allowed]
+                ent.append(-(q * np.log(np.maximum(q, 1e-300))).sum(-1))
+                sink += q[:, :4]
+        ent = np.array(ent)  # [n, H]
+        np.testing.assert_allclose(s["entropy_mean"], ent.mean(0), atol=2e-5)
+        np.testing.assert_allclose(s["sink"], sink, atol=2e-5 * len(ent))
+        assert int(s["tokens"]) == int(real.sum())

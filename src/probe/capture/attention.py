@@ -162,8 +162,11 @@ def _wrap(fn: Callable, implementation: str) -> Callable:
                 if args and signature is not None:
                     extra.update(signature.bind_partial(module, query, key, value, attention_mask, *args,
                                                         **kwargs).arguments)
+                causal = extra.get("is_causal")
+                if causal is None:  # as transformers' SDPA path: the call's flag, else the module's
+                    causal = getattr(module, "is_causal", True)
                 _CALLS[where] = [readers, (query.detach(), key.detach(), attention_mask, extra.get("scaling"),
-                                      extra.get("softcap"), extra.get("is_causal", getattr(module, "is_causal", True)),
+                                      extra.get("softcap"), causal,
                                       extra.get("s_aux"),
                                       implementation)]
             except Exception as err:  # never into the model's forward
