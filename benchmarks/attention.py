@@ -6,7 +6,8 @@ The model is GPT-2 small's layer shape (768 wide, 12 heads, head dim 64) with fe
 (``--layers``, default 4), random-init, SDPA attention, eval and no_grad, batch x sequence 4 x 256
 by default, one padded row. Each round times ``--forwards`` forwards of each method (the
 capture's setup is not timed), methods in alternating order (ABBA) so that load drift on a shared
-machine cancels; ``extra`` is the median over rounds of ``t(attention) / t(plain) - 1``, the cost
+machine cancels; times are the process's CPU time by default (``--clock wall`` for wall time), which
+other processes on a shared machine move less; ``extra`` is the median over rounds of ``t(attention) / t(plain) - 1``, the cost
 of a forward the schedule records; ``skipped_extra`` the same for a forward the schedule skips
 (the wrapper's and the hooks' flag checks), and ``one_in_25`` their mix at one forward in 25.
 
@@ -39,21 +40,25 @@ METHODS = {"plain": None, "attention": {"sites": "attention"},
            "skipped": {"sites": "attention", "schedule": lambda i: False}}
 
 
+CLOCK = time.process_time  # CPU seconds of this process: less moved by other load than wall time
+
+
 def _time(model, batch, method: str, forwards: int) -> float:
     spec = METHODS[method]
+    perf = CLOCK
     with torch.no_grad():
         if spec is None:
             model(**batch)
-            t = time.perf_counter()
+            t = perf()
             for _ in range(forwards):
                 model(**batch)
-            return (time.perf_counter() - t) / forwards
+            return (perf() - t) / forwards
         with probe.capture(model, **spec):
             model(**batch)  # warm
-            t = time.perf_counter()
+            t = perf()
             for _ in range(forwards):
                 model(**batch)
-            return (time.perf_counter() - t) / forwards
+            return (perf() - t) / forwards
 
 
 def main() -> None:
@@ -65,8 +70,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--forwards", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="cpu: process CPU time (default; steadier on a shared machine); wall: perf_counter")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     model = _model(args)
     g = torch.Generator().manual_seed(0)
@@ -82,7 +91,8 @@ def main() -> None:
     ratios = [a / b - 1 for a, b in zip(times["attention"], times["plain"])]
     skipped = [a / b - 1 for a, b in zip(times["skipped"], times["plain"])]
     extra, idle = statistics.median(ratios), statistics.median(skipped)
-    out = {"shape": f"{args.batch}x{args.seq}", "layers": args.layers, "attn": args.attn,
+    out = {"shape": f"{args.batch}x{args.seq}", "layers": args.layers, "attn": args.attn, "clock": args.clock,
+           "threads": args.threads,
            "plain_s": statistics.median(times["plain"]), "attention_s": statistics.median(times["attention"]),
            "extra": extra, "ratios": ratios, "skipped_extra": idle, "skipped_ratios": skipped,
            "one_in_25": (extra + 24 * idle) / 25, "torch": torch.__version__,
@@ -90,7 +100,8 @@ def main() -> None:
     print(f"GPT-2 small layers x{args.layers}, {args.attn}, {out['shape']}: plain {out['plain_s'] * 1e3:.1f} ms, "
           f"with attention statistics {out['attention_s'] * 1e3:.1f} ms per recorded forward "
           f"(+{extra * 100:.1f} %), a skipped forward +{idle * 100:.2f} %, so a 1-in-25 schedule "
-          f"+{out['one_in_25'] * 100:.2f} % (medians of {args.rounds} rounds)")
+          f"+{out['one_in_25'] * 100:.2f} % (medians of {args.rounds} rounds, {args.clock} time, "
+          f"{args.threads} threads)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
