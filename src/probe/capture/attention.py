@@ -280,8 +280,12 @@ def _allowed(mask: Any, b: int, h: int, t0: int, t1: int, s: int, offset: int, c
     return m > torch.finfo(m.dtype).min / 2, m.float()
 
 
-#: the logit written where a key is not allowed: exp() of it is 0, and 0 times it is 0 (not NaN)
-_NEG = -1e30
+#: what a logit becomes where the key is not allowed: exp() of it is 0. -inf rather than a large
+#: finite value: torch's CPU exp takes a slow path for finite arguments below its range (3x slower)
+_NEG = float("-inf")
+#: the shifted logits are clamped to this before ``p · z``, so that a not-allowed key's ``0 · -inf``
+#: is 0, not NaN (an allowed key this far below the maximum has ``p < 1e-4000``: it adds nothing)
+_FLOOR = -1e4
 
 
 def rows(query: Tensor, key: Tensor, mask: Any, scaling: float | None = None,
@@ -312,7 +316,7 @@ def rows(query: Tensor, key: Tensor, mask: Any, scaling: float | None = None,
     if h % hkv or key.shape[0] not in (b, 1) or key.shape[-1] != d:
         raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} do not pair up")
     scale = float(scaling) if scaling is not None else d ** -0.5
-    q = query.float()
+    q = query.float() * scale  # scaled once here rather than each chunk's logits
     k = key.float()
     if hkv != h:
         k = k[:, :, None].expand(k.shape[0], hkv, h // hkv, s, d).reshape(k.shape[0], h, s, d)
@@ -329,22 +333,26 @@ def rows(query: Tensor, key: Tensor, mask: Any, scaling: float | None = None,
         t1 = min(t, t0 + step)
         c = t1 - t0
         allowed, bias = _allowed(mask, b, h, t0, t1, s, offset, causal, q.device)
-        z = torch.matmul(q[:, :, t0:t1], kt).mul_(scale)  # [B, H, c, S]: the raw logits
+        z = torch.matmul(q[:, :, t0:t1], kt)  # [B, H, c, S]: the raw logits, (q · scaling) · k
+        # not allowed: + _NEG, which absorbs any logit (an add broadcast from the mask's shape is
+        # several times cheaper than masked_fill with a broadcast mask)
+        off = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device).masked_fill_(~allowed, _NEG)
         if softcap is None and bias is None:
-            top = z.masked_fill_(~allowed, _NEG).max(-1)
+            top = z.add_(off).max(-1)
             shift = top.values
         else:
-            top = z.masked_fill(~allowed, _NEG).max(-1)
+            top = (z + off).max(-1)
             if softcap is not None:
                 z = torch.tanh(z / softcap) * softcap
             if bias is not None:
                 z = z + bias
-            z = z.masked_fill_(~allowed, _NEG)
+            z = z.add_(off)
             shift = z.amax(-1)
+        shift = torch.where(torch.isfinite(shift), shift, 0.0)  # a row with no allowed key stays -inf
         zs = z.sub_(shift.unsqueeze(-1))
         e = zs.exp()
         total = e.sum(-1)  # [B, H, c]
-        ent = torch.log(total) - (e * zs).sum(-1) / total  # -Σ p ln p with p = e / total
+        ent = torch.log(total) - torch.linalg.vecdot(e, zs.clamp_(min=_FLOOR)) / total  # -Σ p ln p, p = e / total
         count = allowed.sum(-1)
         norm = torch.where(count > 1, ent / torch.log(count.clamp(min=2).float()), torch.zeros_like(ent))
         # the index of each query's j-th allowed key: the first where the running count reaches j + 1
