@@ -307,8 +307,8 @@ def rows(query: Tensor, key: Tensor, mask: Any, scaling: float | None = None,
         ``ln(allowed keys)``, and the probability on each of the first ``K`` allowed keys. Rows
         with no allowed key hold ``-inf`` and NaN.
 
-    Cost per chunk of ``c`` query rows: one ``[B, H, c, S]`` matmul and about five elementwise
-    passes over it (mask, max, shift, exp, product); the sink keys are found on the mask's own
+    Cost per chunk of ``c`` query rows: one ``[B, H, c, S]`` matmul and six elementwise passes
+    over it (mask, max, shift, exp, clamp, product); the sink keys are found on the mask's own
     shape (``searchsorted`` on its running count) and gathered, not summed over all keys.
     """
     b, h, t, d = query.shape
