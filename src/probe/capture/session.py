@@ -25,13 +25,14 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from .. import stats as _stats
 from .. import store
 from ..errors import ProbeError
 from ..stats import _base as _stats_base
@@ -264,6 +265,8 @@ class Capture:
         if options.out is not None and options.rank == 0:
             store.check_writable(options.out, options.overwrite)
         self._active = False
+        #: restores transformers' attention interface (attention sites only; see probe.capture.attention)
+        self._unwatch: Callable[[], None] | None = None
         self._engine = StatEngine(options, self._defs, self.sites)
         self._placements = Placements(model, options.parallel, [s.name for s in self._defs],
                                       [s.module for s in self._defs], options.stats, options.world > 1)
@@ -340,7 +343,7 @@ class Capture:
             "phases": o.phases,
             "every": o.every,
             "world_size": o.world,
-            "stats": list(o.stats) + [k for k in ("router", "experts")  # mixture-of-experts sites run them
+            "stats": list(o.stats) + [k for k in _stats.SITE_ONLY  # mixture-of-experts and attention sites run them
                                       if k not in o.stats and any(k in (s.stats or ()) for s in self._defs)],
             "mask_policy": "attention_mask zeros are padding and enter no statistic",
             "skip_first": o.skip_first,
@@ -371,6 +374,11 @@ class Capture:
         try:
             self._hooks.attach(forwards.begin, forwards.end, forwards.enter, forwards.leave, forwards.observe,
                                forwards.open, forwards.close, forwards.arrive)
+            if any(s.stats == ("attention",) for s in self._defs):  # probe.capture.attention: the calls noted
+                from .attention import watch
+
+                hooks = self._hooks
+                self._unwatch = watch(self.model, self._defs, lambda: not hooks.off)
         except BaseException:
             self._remove()
             self._recorder.abort()
@@ -379,6 +387,9 @@ class Capture:
         return self
 
     def _remove(self, warn: bool = True) -> None:
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
+            unwatch()
         attached = bool(self._hooks.handles)
         self._hooks.remove()
         if attached:

@@ -34,7 +34,9 @@ Anything else names modules whose output is captured: exact module paths, glob p
 per-expert inputs of every mixture-of-experts layer (``"<experts>:experts"``, see
 :mod:`probe.capture.moe`): what quantization calibration reads (see ``docs/calibration.md``).
 ``"moe"`` is every router (``"<router>:router"``) and experts module of a mixture-of-experts model;
-a name or glob ending in ``:router`` or ``:experts`` picks some of them.
+a name or glob ending in ``:router`` or ``:experts`` picks some of them. ``"attention"`` is every
+self-attention module (``"<module>:attention"``: per-head MaxLogit, entropy and sink mass, see
+:mod:`probe.capture.attention`); a name or glob ending in ``:attention`` picks some of them.
 
 Reads of transformers' private internals (the recorder registry, the decorator's closure) are each
 guarded: if a release lacks them, discovery (public API only) takes over.
@@ -59,7 +61,7 @@ __all__ = ["Site", "SiteSet", "SiteSpec", "resolve", "hidden_state_sites", "disc
 INPUT_SUFFIX = ":input"
 
 #: the named site sets ``capture(sites=...)`` accepts besides module names, globs and callables
-SiteSet = Literal["hidden_states", "linear_inputs", "moe"]
+SiteSet = Literal["hidden_states", "linear_inputs", "moe", "attention"]
 #: what ``capture(sites=...)`` accepts: a named set, module names or globs (``:input`` suffix:
 #: the module's input), or a predicate ``(name, module) -> bool``
 SiteSpec = SiteSet | str | Sequence[str] | Callable[[str, nn.Module], bool]
@@ -157,6 +159,10 @@ def resolve(model: nn.Module, sites: SiteSpec = "hidden_states") -> list[Site]:
             found += linear_input_sites(model)
         elif spec == "moe":
             found += _moe().moe_sites(model)
+        elif spec == "attention":
+            found += _attention().attention_sites(model)
+        elif spec.endswith(_attention().SUFFIX):
+            found += _attention().named_sites(spec, model)
         elif spec.endswith(_moe().SUFFIXES):
             found += _moe().named_sites(spec, model)
         elif spec.endswith(INPUT_SUFFIX):
@@ -250,6 +256,12 @@ def linear_input_sites(model: nn.Module) -> list[Site]:
         raise SiteError(f"sites='linear_inputs' found no nn.Linear or Conv1D in {type(model).__name__} "
                         "besides the output head; expected at least one; pass module names with ':input'")
     return found
+
+
+def _attention():
+    from . import attention  # attention builds Site values: imported when a site spec needs it
+
+    return attention
 
 
 def _moe():

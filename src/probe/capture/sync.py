@@ -248,13 +248,13 @@ def _reduce(items: list[tuple[tuple, str, dict]], device, group) -> list[dict]:
         idx = []
         for j, (i, names, _) in enumerate(argmaxes):
             at = tensors[i][names[1]]
-            idx.append(rnd.add("min", torch.where(alive[j], at[c], torch.full_like(at[c], _BIG))))
+            idx.append(rnd.add("min", torch.where(alive[j], at[..., c], torch.full_like(at[..., c], _BIG))))
         got = rnd.run()
         for j, (i, names, _) in enumerate(argmaxes):
             chosen[j].append(got[idx[j]])
-            alive[j] = alive[j] & (tensors[i][names[1]][c] == got[idx[j]])
-    for j, (i, names, _) in enumerate(argmaxes):
-        results[i][names[1]] = torch.stack(chosen[j])
+            alive[j] = alive[j] & (tensors[i][names[1]][..., c] == got[idx[j]])
+    for j, (i, names, _) in enumerate(argmaxes):  # elementwise: one argmax per head for attention
+        results[i][names[1]] = torch.stack(chosen[j], -1)
     _gather_topk(items, tensors, results, group)
     out = []
     for (_, kind, _), res in zip(items, results):

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .. import stats as _stats
 from .. import store
 from ..errors import ProbeError
 from ..stats._state import WindowState
@@ -253,7 +254,7 @@ class Recorder:
                 warnings.warn("probe: the cross-layer statistic pairs each token across layers that different "
                               "pipeline stages hold, which no rank sees together; it is left out of this run "
                               "(docs/distributed.md)", stacklevel=5)
-        own = [k for k in ("router", "experts") if any(k in (s.stats or ()) for s in self.engine.sites)]
+        own = [k for k in _stats.SITE_ONLY if any(k in (s.stats or ()) for s in self.engine.sites)]
         return sync.merge_windows(rows, names, [k for k in stats if k not in ("cross", "cos")]
                                   + [k for k in own if k not in stats], "cross" in stats, device)
 

@@ -41,6 +41,10 @@ def command(args) -> int:
 
         if has_moe(run):  # the mixture-of-experts layers' routing, as the table shows it
             data["moe"] = moe_table(run)
+        from ..present.attention import attention_table, has_attention
+
+        if has_attention(run):  # the attention sites' MaxLogit, as the table shows it
+            data["attention"] = [r for r in attention_table(run) if site is None or r["site"] == site]
         print(json.dumps(data, indent=1))
         return 0
     print_summary(run, console=stdout(), site=site)
@@ -49,6 +53,10 @@ def command(args) -> int:
     if has_moe(run) and (site is None or site.endswith((":router", ":experts"))):
         rows = [r for r in moe_table(run) if site is None or site in (r["router"], r["experts"])]
         print_moe(rows, console=stdout())
+    from ..present.attention import attention_table, has_attention, print_attention
+
+    if has_attention(run) and (site is None or site.endswith(":attention")):
+        print_attention([r for r in attention_table(run) if site is None or r["site"] == site], console=stdout())
     return 0
 
 

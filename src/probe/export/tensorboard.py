@@ -16,7 +16,10 @@ For each window (``run.rows``, labelled by ``run.steps``) and each site with dat
 - ``norm``: the same for the per-token L2 norms (when the ``norm`` statistic was captured);
 - scalars (stored by TensorBoard as float32): ``std``, ``kurtosis`` (excess), ``absmax``,
   ``nan``, ``posinf``, ``neginf``; with ``norm``: ``norm_mean``, ``anisotropy``; with ``cross``:
-  ``block_influence`` (``1 - E[cos]`` from this site to the next, under the earlier site's name).
+  ``block_influence`` (``1 - E[cos]`` from this site to the next, under the earlier site's name);
+  at an attention site (``sites="attention"``): ``maxlogit`` (the largest MaxLogit over heads),
+  ``attention_entropy`` (the mean over heads of the mean entropy, nats) and ``attention_sink``
+  (the mean over heads of the mean probability on the first allowed key).
 
 Needs the ``tensorboard`` package (``pip install "probe[tensorboard]"``); the writer is
 ``torch.utils.tensorboard.SummaryWriter``.
@@ -107,6 +110,14 @@ def log_window(writer, window, step: int, prefix: str = "probe") -> None:
                 for key, value in (("norm_mean", s.norm.mean), ("anisotropy", s.norm.anisotropy)):
                     if math.isfinite(value):
                         writer.add_scalar(f"{prefix}/{key}/{name}", value, global_step=step)
+        if s.has("attention") and s.attention.tokens:  # an attention site (sites="attention")
+            a = s.attention
+            seen = np.isfinite(a.entropy_mean)
+            for key, value in (("maxlogit", a.max),
+                               ("attention_entropy", float(np.mean(a.entropy_mean[seen])) if seen.any() else math.nan),
+                               ("attention_sink", float(np.mean(a.sink_mass[seen, 0])) if seen.any() else math.nan)):
+                if math.isfinite(value):
+                    writer.add_scalar(f"{prefix}/{key}/{name}", value, global_step=step)
     cross = window.cross
     for name, value in zip(cross.sites, cross.block_influence if "cos" in cross else ()):
         if math.isfinite(value):

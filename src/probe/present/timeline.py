@@ -12,7 +12,11 @@ Recipe::
 ``probe watch`` read them): ``absmax``, ``std`` and excess ``kurtosis`` of the kept values
 (the ``moments`` statistic); ``norm_p50``, ``norm_p99`` and ``norm_max`` of the per-token L2
 norms (``norm``); ``nonfinite``, the NaN and ±Inf values over every real token (``position``,
-else the kept values of ``moments``). A site without the statistic has NaN there.
+else the kept values of ``moments``); ``grad_*`` the same of the site's gradient; ``maxlogit``, at
+an attention site (``sites="attention"``), the window's largest MaxLogit over its heads (the
+series QK-Clip keeps below a threshold), with ``nonfinite`` its query rows left out. A site
+without the statistic has NaN there. An event at an attention site names the head as its
+``channel`` and the MaxLogit's query position, row and query token.
 
 **Jump score** (robust z-score against the trailing window). For a series ``x`` at window
 ``t``, with ``H = x[t-W : t]`` the finite values of the previous ``W`` windows::
@@ -79,9 +83,10 @@ GRAD = "@grad"
 
 #: every series, per site per window
 SERIES: tuple[str, ...] = ("absmax", "std", "kurtosis", "norm_p50", "norm_p99", "norm_max", "nonfinite",
-                           "grad_absmax", "grad_std", "grad_norm_p99")
+                           "grad_absmax", "grad_std", "grad_norm_p99", "maxlogit")
 #: the series whose jumps make events (``nonfinite`` has its own rule: the first non-zero)
-SCORED: tuple[str, ...] = ("absmax", "std", "kurtosis", "norm_p99", "norm_max", "grad_absmax", "grad_norm_p99")
+SCORED: tuple[str, ...] = ("absmax", "std", "kurtosis", "norm_p99", "norm_max", "grad_absmax", "grad_norm_p99",
+                           "maxlogit")
 
 
 @dataclass(frozen=True)
@@ -211,6 +216,9 @@ def _values(view: SiteView, dim: int) -> dict[str, float]:
     if view.has("norm") and view.norm.count:
         q = view.norm.quantile([0.5, 0.99])
         out.update(norm_p50=float(q[0]), norm_p99=float(q[1]), norm_max=view.norm.max)
+    if view.has("attention") and view.attention.tokens:  # an attention site: the largest MaxLogit over heads
+        out["maxlogit"] = view.attention.max
+        out["nonfinite"] = float(view.attention.nonfinite.sum())
     grad = getattr(view, "grad", None)  # activation gradients, when the run recorded them
     if grad is not None and grad.has("moments") and grad.count:
         out.update(grad_absmax=grad.absmax, grad_std=grad.std)
@@ -220,7 +228,13 @@ def _values(view: SiteView, dim: int) -> dict[str, float]:
 
 
 def _culprit(view: SiteView, skip_first: int) -> tuple[int, int, int, int, float | None]:
-    """(channel, position, row, token, value) of the window's largest kept top-k entry."""
+    """(channel, position, row, token, value) of the window's largest kept top-k entry; at an
+    attention site, (head, query position, row, query token, MaxLogit) of its largest MaxLogit."""
+    if view.has("attention") and view.attention.tokens:
+        att = view.attention
+        h = att.argmax_head
+        row, pos, _, tok = (int(v) for v in att.maxlogit_at[h])
+        return h, pos, row, tok, att.max
     if view.has("topk"):
         t = view.topk
         kept = t[t["position"] >= skip_first] if len(t) else t
@@ -262,7 +276,8 @@ def _window_views(run: Run, last: int | None = None) -> list[tuple[int, dict[str
         for n, view in views.items():  # a site's gradient (capture(grads=True)) is its series, not a site
             view.grad = views.get(f"{n}{GRAD}")
         views = {n: v for n, v in views.items() if not n.endswith(GRAD)}
-        if any(v.tokens or (v.has("position") and int(v.state("position")["tokens"].sum())) for v in views.values()):
+        if any(v.tokens or (v.has("position") and int(v.state("position")["tokens"].sum()))
+               or (v.has("attention") and v.attention.tokens) for v in views.values()):
             out.append((int(row.step), views))
     out.sort(key=lambda w: w[0])  # stable: equal labels keep commit order
     return out

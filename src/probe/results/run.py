@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import ProbeError, closest
 from ..stats._state import SPECS, WindowState, kway_moments, merge_rows
+from .attention import AttentionView
 from .moe import ExpertsView, RouterView, is_moe_site
 
 __all__ = ["Run", "SiteView", "ChannelView", "PositionView", "SampleView", "CrossView", "NormView", "TOPK_DTYPE",
@@ -733,6 +734,13 @@ class SiteView:
         """Routing statistics of a mixture-of-experts router site (``"<router>:router"``,
         :class:`probe.results.moe.RouterView`); raises :class:`ProbeError` elsewhere."""
         return RouterView(self._need("router"))
+
+    @cached_property
+    def attention(self) -> AttentionView:
+        """Per-head MaxLogit, attention entropy and sink mass of an attention site
+        (``"<module>:attention"``, :class:`probe.results.attention.AttentionView`); raises
+        :class:`ProbeError` elsewhere."""
+        return AttentionView(self._need("attention"))
 
     @cached_property
     def experts(self) -> ExpertsView:

@@ -49,10 +49,12 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "norm": (".norm", "Norm"),
     "router": (".router", "Router"),
     "experts": (".experts", "Experts"),
+    "attention": (".attention", "Attention"),
 }
 #: the statistics that run only at the sites that name them (mixture-of-experts routers and
-#: experts, :mod:`probe.capture.moe`), never at the others and not by default
-SITE_ONLY: tuple[str, ...] = ("router", "experts")
+#: experts, :mod:`probe.capture.moe`; attention modules, :mod:`probe.capture.attention`), never at
+#: the others and not by default
+SITE_ONLY: tuple[str, ...] = ("router", "experts", "attention")
 #: statistic names accepted by ``capture(stats=...)``, in the order they run (registered ones last)
 NAMES: tuple[str, ...] = (*_BUILTIN, "cos")
 #: what ``capture(stats=None)`` runs: all but ``cos`` (the per-token cosines inside ``cross``,
@@ -69,7 +71,7 @@ _LAZY = {"Tokens": "._base", **{cls: module for module, cls in _BUILTIN.values()
 #: registered statistics, by name
 _REGISTERED: dict[str, type[StatBase]] = {}
 
-__all__ = ["NAMES", "DEFAULT", "PRESETS", "SITE_ONLY", "site_states", "register", "unregister", "stat_class", "Cross",
+__all__ = ["NAMES", "DEFAULT", "PRESETS", "SITE_ONLY", "site_states", "register", "unregister", "stat_class", "Attention", "Cross",
            "Histogram", "Experts", "Moments", "Norm", "Position", "Router", "Sample", "Tokens", "TopK"]
 
 

@@ -233,9 +233,30 @@ EXPERTS = State("experts", (
     Field("nonfinite", I64, ("E",), "sum", 0, "non-finite values in each expert's input (left out)"),
 ))
 
+#: linear bins of the attention entropy histogram (entropy / ln(allowed keys)), over [0, 1]
+ATTENTION_BINS = 64
+#: the first keys whose attention mass is kept (the sink: key 0 .. ATTENTION_SINKS - 1 of each query)
+ATTENTION_SINKS = 4
+
+ATTENTION = State("attention", (
+    Field("tokens", I64, (), "sum", 0, "real query tokens"),
+    Field("maxlogit", F32, ("H",), "argmax", -_INF, "largest q.k * scaling over real queries and allowed keys "
+          "(QK-Clip's MaxLogit; -inf where empty)"),
+    Field("maxlogit_at", I64, ("H", "4"), "argmax", -1, "(row, query position, key position, query token id)"),
+    Field("entropy_n", F64, ("H",), "moments", 0.0, "real queries with finite logits", "entropy"),
+    Field("entropy_mean", F64, ("H",), "moments", 0.0, "attention entropy -sum p ln p, nats", "entropy"),
+    Field("entropy_m2", F64, ("H",), "moments", 0.0, "sum of (entropy - mean)^2, nats^2", "entropy"),
+    Field("entropy_m3", F64, ("H",), "moments", 0.0, "sum of (entropy - mean)^3, nats^3", "entropy"),
+    Field("entropy_m4", F64, ("H",), "moments", 0.0, "sum of (entropy - mean)^4, nats^4", "entropy"),
+    Field("entropy_hist", I64, ("H", "R"), "sum", 0, "real queries per bin of entropy / ln(allowed keys) over [0, 1]"),
+    Field("sink", F64, ("H", "K"), "sum", 0.0, "sum over real queries of the attention probability on the "
+          "query's j-th allowed key (j < K: the first real tokens)"),
+    Field("nonfinite", I64, ("H",), "sum", 0, "real queries with a non-finite logit or no allowed key (left out)"),
+))
+
 #: declared state of every statistic, by name
 SPECS: dict[str, State] = {s.name: s for s in (MOMENTS, POSITION, HISTOGRAM, SAMPLE, CROSS, TOPK, NORM, ROUTER,
-                                                EXPERTS)}
+                                                EXPERTS, ATTENTION)}
 
 
 def dims_of(kind: str, state: dict[str, Any]) -> dict[str, int]:
@@ -333,12 +354,13 @@ def argmax_better(value: Any, at: Any, old: Any, old_at: Any) -> Any:
 
 
 def _argmax(values: list, ats: list) -> tuple:
-    """The best ``(value, at)`` of the parts by :func:`argmax_better`."""
+    """The best ``(value, at)`` of the parts by :func:`argmax_better`, elementwise over any leading
+    dims (one argmax per head of the attention statistic)."""
     best_v, best_at = np.asarray(values[0]), np.asarray(ats[0])
     for v, at in zip(values[1:], ats[1:]):
         v, at = np.asarray(v), np.asarray(at)
-        if argmax_better(v, at, best_v, best_at):
-            best_v, best_at = v, at
+        better = np.asarray(argmax_better(v, at, best_v, best_at))
+        best_v, best_at = np.where(better, v, best_v), np.where(better[..., None], at, best_at)
     return best_v, best_at
 
 
