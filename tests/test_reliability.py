@@ -49,8 +49,10 @@ def test_sigkill_keeps_committed_windows(tmp_path):
     proc.wait(timeout=120)
     assert proc.returncode == -9
     run = probe.load(tmp_path / "live.h5")
-    assert run.steps == [1, 2, 3]
-    assert run["hidden_states.1"].tokens == 3 * 16
+    # windows 1 and 2 were acknowledged (the third commit waited for the second); the third was in
+    # probe's writer process beside the forward when the job died: in the file only if it finished
+    assert run.steps in ([1, 2], [1, 2, 3])
+    assert run["hidden_states.1"].tokens == len(run.steps) * 16
 
 
 def test_show_and_watch_say_the_writer_is_gone(tmp_path, capsys):
