@@ -18,7 +18,10 @@ order that rotates, so drifting load hits every mode alike), and reports the med
 - ``default``: each commit written by probe's writer process, ``fsync`` at the commit point;
 - ``no-fsync``: in the writer process, without ``fsync`` (``PROBE_FSYNC=0``);
 - ``inline``: written in this process, without ``fsync`` (``PROBE_COMMIT=inline PROBE_FSYNC=0``),
-  how commits were written before the writer process.
+  how commits were written before the writer process;
+- ``pipelined``: as ``default``, appended with ``wait=False`` as ``every=`` and schedule commits
+  are: the time the host spends, the acknowledgement of the window before included (it arrived
+  while the other modes were appending, as it does while the next forwards run).
 
 ``load`` writes a run of N windows (the captured windows relabelled 1..N), then times, in one
 process and interleaved (A B B A ...), ``probe.load`` plus reading every window's records
@@ -44,6 +47,8 @@ import tempfile
 import time
 
 MODES = {"default": {}, "no-fsync": {"fsync": False}, "inline": {"isolate": False, "fsync": False}}
+#: modes whose appends return before the writer process acknowledges (what ``every=`` commits do)
+PIPELINED = {"pipelined": {}}
 
 
 def _model():
@@ -81,16 +86,17 @@ def bench_commit(n: int, batch: int, seq: int, threads: int, folder: str) -> dic
     from probe import store
 
     meta, rows = windows(4, batch, seq, threads)
+    modes = {**MODES, **PIPELINED}
     writers = {m: store.Writer(os.path.join(folder, f"commit-{m}.h5"), overwrite=True, **kw)
-               for m, kw in MODES.items()}
-    times: dict[str, list[float]] = {m: [] for m in MODES}
-    order = list(MODES)
+               for m, kw in modes.items()}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    order = list(modes)
     try:
         for i in range(n + 1):
             row = _relabel(rows[i % len(rows)], i + 1)
             for m in order[i % len(order):] + order[:i % len(order)]:
                 t = time.perf_counter()
-                writers[m].append(meta, row)
+                writers[m].append(meta, row, wait=m not in PIPELINED)
                 if i:  # the first window creates the datasets: a warm-up
                     times[m].append(time.perf_counter() - t)
     finally:
@@ -101,7 +107,7 @@ def bench_commit(n: int, batch: int, seq: int, threads: int, folder: str) -> dic
     return {"windows": n, "shape": f"{batch}x{seq}", "threads": threads,
             "commit_ms": {m: 1e3 * v for m, v in med.items()},
             "commit_ms_p25_p75": {m: [1e3 * q for q in statistics.quantiles(v, n=4)[::2]] for m, v in times.items()},
-            "ratio_to_inline": {m: med[m] / med["inline"] for m in MODES},
+            "ratio_to_inline": {m: med[m] / med["inline"] for m in modes},
             "bytes_per_window": size / (n + 1)}
 
 

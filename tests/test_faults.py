@@ -325,8 +325,10 @@ def test_deleted_file_warns_and_recovers_the_rest(tiny, tmp_path):
     assert any("deleted or replaced" in t for t in texts)
     recovered = run._recorder.recovered
     assert recovered is not None and Path(recovered).parent == tmp_path
-    assert any(recovered in t and "the last 2 window(s) only" in t for t in texts)
-    assert run.steps == [3, 4] and probe.load(recovered).steps == [3, 4]
+    # the window in flight when the file went (its commit runs beside the forward) is rescued too
+    # when its commit had not finished by then
+    assert run.steps in ([3, 4], [2, 3, 4]) and probe.load(recovered).steps == run.steps
+    assert any(recovered in t and f"the last {len(run.steps)} window(s) only" in t for t in texts)
     assert not os.path.exists(lock_path(str(out)))
 
 
@@ -344,7 +346,20 @@ def test_replaced_file_is_never_written(tiny, tmp_path):
                 with torch.no_grad():
                     model(input_ids=ids, attention_mask=mask)
     assert out.read_bytes() == b"someone else's file"
-    assert probe.load(run._recorder.recovered).steps == [3]
+    assert probe.load(run._recorder.recovered).steps in ([3], [2, 3])  # [2, 3]: window 2 was in flight
+
+
+def _remount_read_only(folder) -> None:
+    """``mount -o remount,ro``, retried while a file there is open for writing ("busy": the
+    writer process finishing the window in flight, which it closes within milliseconds)."""
+    deadline = time.monotonic() + 30
+    while True:
+        done = subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        if "busy" not in done.stderr or time.monotonic() > deadline:
+            raise AssertionError(f"remount failed: {done.stderr}")
+        time.sleep(0.01)
 
 
 def test_read_only_filesystem_mid_run(small_disk, tiny):
@@ -355,7 +370,7 @@ def test_read_only_filesystem_mid_run(small_disk, tiny):
                            stats=("moments",)) as run:
             for i in range(4):
                 if i == 2:
-                    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+                    _remount_read_only(small_disk)
                 ids, mask = batch(2, 8, "right", seed=i)
                 with torch.no_grad():
                     model(input_ids=ids, attention_mask=mask)

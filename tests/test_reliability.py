@@ -49,8 +49,42 @@ def test_sigkill_keeps_committed_windows(tmp_path):
     proc.wait(timeout=120)
     assert proc.returncode == -9
     run = probe.load(tmp_path / "live.h5")
-    assert run.steps == [1, 2, 3]
-    assert run["hidden_states.1"].tokens == 3 * 16
+    # windows 1 and 2 were acknowledged (the third commit waited for the second); the third was in
+    # probe's writer process beside the forward when the job died: in the file only if it finished
+    assert run.steps in ([1, 2], [1, 2, 3])
+    assert run["hidden_states.1"].tokens == len(run.steps) * 16
+
+
+def test_show_and_watch_say_the_writer_is_gone(tmp_path, capsys):
+    from probe.cli import main
+
+    proc = _writer(tmp_path, kill_after=2)
+    proc.wait(timeout=120)
+    path = str(tmp_path / "live.h5")
+    assert main(["show", path, "--json"]) == 0
+    err = capsys.readouterr().err
+    assert f"the writer of {path!r} (pid {proc.pid}@" in err and f"run `probe repair {path}`" in err
+    assert main(["watch", path, "--interval", "0.01"]) == 1  # not polling forever: the job is gone
+    assert "is gone without closing the file" in capsys.readouterr().err
+    assert main(["repair", path]) == 0
+    capsys.readouterr()
+    assert main(["show", path, "--json"]) == 0  # repaired: no lock file, no note
+    assert capsys.readouterr().err == ""
+
+
+def test_show_says_nothing_of_a_live_or_closed_writer(tmp_path, capsys):
+    from probe.cli import main
+
+    proc = _writer(tmp_path, kill_after=1000, pause=0.05)
+    try:
+        for line in proc.stdout:
+            if line.strip() == "committed 2":
+                break
+        assert main(["show", str(tmp_path / "live.h5"), "--json"]) == 0
+        assert "gone" not in capsys.readouterr().err  # a live writer holds its lock
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_live_file_is_readable_while_written(tmp_path, capsys):

@@ -75,6 +75,8 @@ class Recorder:
         #: where the windows went when ``out`` could not take them all (``None``: all in ``out``)
         self.recovered: str | None = None
         self._warned = False
+        #: whether ``pending[0]`` is in probe's writer process, not yet acknowledged (``_store``)
+        self._sent = False
         #: grads=True: the label of a window every= closed, committed when the next forward begins
         #: (after the backward of its own forwards) or at exit
         self._due: int | None = None
@@ -105,26 +107,42 @@ class Recorder:
         if self.writer is not None:
             self.writer.abort()
 
-    def _store(self, rows: list[WindowState]) -> bool:
+    def _store(self, rows: list[WindowState], wait: bool = True) -> bool:
         """Append ``rows`` after the pending ones; whether the file took them all. A failure keeps
-        them pending with one warning (``strict``: raises), so the host's forward goes on."""
+        them pending with one warning (``strict``: raises), so the host's forward goes on.
+
+        ``wait=False`` (the commits of ``every=`` and schedules) hands the last window to probe's
+        writer process and returns: it stays pending until the writer acknowledges it, at the next
+        commit or at exit, so the forward does not wait for HDF5 and the disk."""
         self.pending.extend(rows)
-        assert self.writer is not None
-        while self.pending:
+        writer = self.writer
+        assert writer is not None
+        while True:
             try:
-                self.writer.append(self._describe(), self.pending[0])
+                writer.settle()  # the window in flight, if any, is pending[0]
+                if writer.in_flight == 0 and self._sent:
+                    self.pending.pop(0)
+                self._sent = False
+                if not self.pending:
+                    return True
+                last = len(self.pending) == 1
+                writer.append(self._describe(), self.pending[0], wait=wait or not last)
+                self._sent = writer.in_flight == 1
+                if not self._sent:
+                    self.pending.pop(0)  # written and acknowledged already
+                elif last:
+                    return True
             except store.StoreError as err:
+                self._sent = False
                 if self.options.strict:
                     raise
                 if not self._warned:
                     self._warned = True
                     warnings.warn(f"probe: window step={self.pending[0].step} was not written: {err}; probe keeps "
                                   "it and retries at each commit, and at exit writes what the file lacks to a "
-                                  f"recovery file beside {self.writer.path!r} or in the temp folder "
+                                  f"recovery file beside {writer.path!r} or in the temp folder "
                                   "(strict=True raises instead)", stacklevel=4)
                 return False
-            self.pending.pop(0)
-        return True
 
     def _rescue(self) -> None:
         """At exit: the windows ``out`` never took go to a recovery file (one warning names it)."""
@@ -146,7 +164,7 @@ class Recorder:
     def count_forward(self) -> int:
         """A forward of the model begins (recorded or skipped by the schedule); its number."""
         if self._due is not None:
-            self.commit(step=self._due)
+            self.commit(step=self._due, wait=False)
         self.forwards += 1
         return self.forwards
 
@@ -157,7 +175,9 @@ class Recorder:
             if self.options.grads:  # the backward of this window's forwards is still to come
                 self._due = self.forwards
             else:
-                self.commit()
+                self.commit(wait=False)
+        elif self._sent and self.writer is not None and self.writer.answered():
+            self._store([], wait=False)  # acknowledged already: reading the answer costs nothing
 
     # ---------------------------------------------------------------------------- windows
     def snapshot(self, step: int | None = None) -> None:
@@ -175,23 +195,28 @@ class Recorder:
                              "under the number of forwards")
         self.commit(step=label)
 
-    def commit(self, step: int | None = None, final: bool = False) -> None:
+    def commit(self, step: int | None = None, final: bool = False, wait: bool = True) -> None:
         """Commit the current window under ``step`` (default: the number of forwards) and start a
-        new one; ``final``: the capture exits, so also merge the ranks and build the result.
+        new one; ``final``: the capture exits, so also merge the ranks and build the result;
+        ``wait=False``: return before the writer process acknowledges the window (``_store``).
 
         Raises:
             StoreError: with ``strict=True`` only, the file refused the window (it stays pending).
         """
         if not final:
-            self._commit(step, final)
+            self._commit(step, final, wait or self.options.strict)
             return
         try:
-            self._commit(step, final)
+            self._commit(step, final, True)
         finally:
             if self.writer is not None:
-                self.writer.close()  # the file is free for other writers, whatever happened
+                try:
+                    self.writer.close()  # the file is free for other writers, whatever happened
+                except store.StoreError as err:  # a window in flight failed, and exit came first
+                    warnings.warn(f"probe: window step={self.pending[0].step if self.pending else '?'} was not "
+                                  f"written: {err}", stacklevel=3)
 
-    def _commit(self, step: int | None, final: bool) -> None:
+    def _commit(self, step: int | None, final: bool, wait: bool) -> None:
         self._due = None
         self.engine.flush()
         self.engine.finish_cross()
@@ -209,7 +234,7 @@ class Recorder:
         if world > 1 or self.writer is None:  # ranks merge their windows at exit
             self.rows.append(row)
         else:
-            self._store([row])  # the window is the store's now, written or pending (strict: raises)
+            self._store([row], wait)  # the window is the store's now, written or pending (strict: raises)
         if final:
             self._finish()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["load", "check_out", "stdout"]
+__all__ = ["load", "check_out", "stdout", "writer_gone"]
 
 
 def load(path: str):
@@ -54,3 +54,16 @@ def stdout():
 
     console = Console()
     return console if console.is_terminal else Console(width=max(console.width, 160))
+
+
+def writer_gone(path: str) -> str | None:
+    """One line when the writer of ``path`` died with it open (:func:`probe.store.lock.orphaned`):
+    the file holds what that writer committed, nothing more will come, and ``probe repair`` clears
+    what it left; None otherwise."""
+    from ..store.lock import orphaned
+
+    owner = orphaned(path)
+    if owner is None:
+        return None
+    return (f"the writer of {path!r} ({owner}) is gone without closing the file: it holds the windows that "
+            f"writer committed and will not grow; run `probe repair {path}` to clear what it left")

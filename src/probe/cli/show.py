@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from ..errors import ProbeError
-from ._common import load, stdout
+from ._common import load, stdout, writer_gone
 
 __all__ = ["add_parser", "command"]
 
@@ -34,6 +35,9 @@ def command(args) -> int:
     from ..present.report import print_summary, resolve_site, summary
 
     run = load(args.file)
+    gone = writer_gone(args.file)
+    if gone is not None:  # on stderr: --json stays parseable
+        print(f"probe show: note: {gone}", file=sys.stderr)
     site = resolve_site(run, args.site) if args.site is not None else None
     if args.json:
         data = summary(run, sites=None if site is None else [site])

@@ -1,14 +1,16 @@
 """``probe watch RUN [--interval S] [--once] [--last N]``: follow a run file being written, a live
 table of its latest window (per site: absmax, std, kurtosis, norm p99, non-finite values,
-gradient absmax, and the largest jump score; a jump in red). Ctrl-C stops it."""
+gradient absmax, and the largest jump score; a jump in red). Ctrl-C stops it; when the file's
+writer died without closing it (a killed job), it says so and exits with status 1."""
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from ..errors import ProbeError
-from ._common import load, stdout
+from ._common import load, stdout, writer_gone
 
 __all__ = ["add_parser", "command"]
 
@@ -48,12 +50,26 @@ def command(args) -> int:
     console = stdout()
     if args.once:
         console.print(_table(args))
+        gone = writer_gone(args.file)
+        if gone is not None:
+            print(f"probe watch: note: {gone}", file=sys.stderr)
         return 0
     from rich.live import Live
 
     seen = None
+    dead = 0
     with Live(console=console, auto_refresh=False) as live:
-        while True:  # until Ctrl-C (status 130)
+        while True:  # until Ctrl-C (status 130), or the writer is gone
+            gone = writer_gone(args.file)
+            dead = dead + 1 if gone is not None else 0
+            if dead >= 2:  # twice in a row: not a writer between creating its lock file and taking it
+                try:
+                    live.update(_table(args), refresh=True)
+                except ProbeError:
+                    pass
+                live.stop()
+                print(f"probe watch: {gone}", file=sys.stderr)
+                return 1
             try:
                 stamp = os.stat(args.file).st_mtime_ns
             except FileNotFoundError:
@@ -66,4 +82,4 @@ def command(args) -> int:
                     live.update(f"[yellow]waiting[/]: {err}", refresh=True)
             elif stamp is None:
                 live.update(f"[yellow]waiting[/] for {args.file} to appear", refresh=True)
-            time.sleep(args.interval)
+            time.sleep(args.interval if not dead else min(args.interval, 0.2))

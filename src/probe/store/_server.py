@@ -157,6 +157,9 @@ class Server:
                 _widen(stream.fileno())
         self.ready = False
         self.lock = threading.Lock()
+        #: the commit in flight: its sender's token and path; answers read early, by token id
+        self._due: tuple[object, str] | None = None
+        self._answers: dict[int, dict] = {}
         #: seconds the writer process spent on the last commit, from the decoded job to its answer
         self.last_s = 0.0
         if not Server._exit_hook:
@@ -225,37 +228,93 @@ class Server:
         return True
 
     def commit(self, job: dict) -> str | None:
-        """Run one commit; ``None`` when it committed, else the error's one-line message.
+        """Run one commit and wait for it; ``None`` when it committed, else the error's one-line
+        message.
 
         Raises:
-            _Unavailable: the writer process never started (the caller writes in this process).
+            Unavailable: the writer process never started, or cannot write this job (the caller
+                writes it in this process).
+        """
+        token = object()
+        self.send(token, job)
+        return self.answer(token)
+
+    def send(self, token: object, job: dict) -> None:
+        """Hand one commit to the writer process and return at once; :meth:`answer` with the same
+        ``token`` waits for its outcome. Another commit's answer still due is read first and kept
+        for its owner (one commit at a time in the writer process, in order).
+
+        Raises:
+            Unavailable: the writer process never started (the caller writes in this process).
         """
         with self.lock:
             if not self._wait_ready():
                 raise Unavailable(Server._unavailable or "")
+            if self._due is not None:
+                self._answers[id(self._due[0])] = self._read(self._due[1])
+                self._due = None
             header, buffers = encode(job)
-            assert self.proc.stdin is not None and self.proc.stdout is not None
+            assert self.proc.stdin is not None
             try:
                 _send(self.proc.stdin, header, buffers)
-                answer = self.proc.stdout.readline()
             except (BrokenPipeError, OSError):
-                answer = b""
-            if not answer:  # the process ended mid-commit
-                code = self.proc.wait()
-                from .writer import FAULT_EXIT
+                pass  # the process ended: its answer reads as empty
+            self._due = (token, str(job["path"]))
 
-                if code == FAULT_EXIT:
-                    os._exit(FAULT_EXIT)  # a test's fault point ended it: end as the writer would have
-                return f"cannot write out={job['path']!r}: probe's writer process ended with status {code}; " \
-                       "expected a writable file; the file holds the windows committed before (the rest stay in memory)"
-            reply = json.loads(answer)
-            if reply.get("inline"):
-                raise Unavailable(str(reply["inline"]))
-            if reply.get("ok"):
-                self.last_s = float(reply.get("s", 0.0))
-                return None
-            self.proc.wait()  # it ends after a failed commit: its HDF5 may be broken
-            return str(reply.get("error") or "the commit failed")
+    def answer(self, token: object) -> str | None:
+        """The outcome of the commit :meth:`send` handed over under ``token``, waiting for it:
+        ``None`` when it committed, else the error's one-line message.
+
+        Raises:
+            Unavailable: the writer process cannot write this job (the caller writes it here).
+        """
+        with self.lock:
+            if id(token) in self._answers:
+                reply = self._answers.pop(id(token))
+            else:
+                assert self._due is not None and self._due[0] is token, "no commit sent under this token"
+                reply = self._read(self._due[1])
+                self._due = None
+        if "inline" in reply:
+            raise Unavailable(str(reply["inline"]))
+        return reply.get("error")
+
+    def ready_answer(self) -> bool:
+        """Whether the commit in flight has answered already (reading it costs no wait)."""
+        import select
+
+        with self.lock:
+            if self._due is None or self.proc.stdout is None:
+                return True
+            try:
+                return bool(select.select([self.proc.stdout], [], [], 0)[0])
+            except (OSError, ValueError):
+                return True
+
+    def _read(self, path: str) -> dict:
+        """The writer process's answer to the commit in flight (the lock held)."""
+        assert self.proc.stdout is not None
+        try:
+            answer = self.proc.stdout.readline()
+        except OSError:
+            answer = b""
+        if not answer:  # the process ended mid-commit
+            code = self.proc.wait()
+            from .writer import FAULT_EXIT
+
+            if code == FAULT_EXIT:
+                os._exit(FAULT_EXIT)  # a test's fault point ended it: end as the writer would have
+            return {"error": f"cannot write out={path!r}: probe's writer process ended with status {code}; "
+                             "expected a writable file; the file holds the windows committed before (the rest stay "
+                             "in memory)"}
+        reply = json.loads(answer)
+        if reply.get("inline"):
+            return {"inline": reply["inline"]}
+        if reply.get("ok"):
+            self.last_s = float(reply.get("s", 0.0))
+            return {}
+        self.proc.wait()  # it ends after a failed commit: its HDF5 may be broken
+        return {"error": str(reply.get("error") or "the commit failed")}
 
 
 class Unavailable(Exception):
@@ -309,11 +368,19 @@ def main() -> None:
             continue
         try:
             w = Writer._shell(job)
+            w._same_file(job.get("id"))
             f = w._open()
             w._append(f, job["meta"], job["row"], job["total"], int(job["commit"]))
             f.close()
+            w._same_file(job.get("id"))  # replaced while it was written: that window is not in the run's file
         except BaseException as err:  # noqa: BLE001 - every failure is the host's to report
             text = str(err) if isinstance(err, StoreError) else str(Writer._failed_at(job["path"], err))
+            try:
+                Writer._shell(job)._same_file(job.get("id"))
+            except StoreError as gone:  # the cause: the file went (or was replaced) during the commit
+                text = str(gone)
+            except Exception:  # noqa: BLE001 - the first error stands
+                pass
             out.write(json.dumps({"ok": False, "error": text[:4000]}).encode() + b"\n")
             out.flush()
             os._exit(1)  # HDF5 may be broken in this process now: never touch it again

@@ -15,7 +15,7 @@ import socket
 
 from ..errors import ProbeError
 
-__all__ = ["Lock", "lock_path", "held"]
+__all__ = ["Lock", "lock_path", "held", "orphaned"]
 
 
 def lock_path(path: str) -> str:
@@ -115,5 +115,35 @@ def held(path: str) -> bool:
         return False
     except ImportError:
         return False
+    finally:
+        os.close(fd)
+
+
+def orphaned(path: str) -> str | None:
+    """The ``pid <pid>@<host>`` of a writer that died with the run file ``path`` open, else None.
+
+    A lock file that no process holds was left by a writer that never closed the file (killed,
+    out of memory, its machine lost): the file keeps every window that writer committed, and
+    ``probe repair`` clears what it left. None when there is no lock file, a live writer holds it,
+    or this filesystem has no ``flock`` and the entry cannot be told dead (another host's pid)."""
+    try:
+        fd = os.open(lock_path(path), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(os.dup(fd), encoding="utf-8", errors="replace") as f:
+            owner = f.read(200).strip() or "pid unknown"
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (ImportError, AttributeError, OSError) as err:
+            if isinstance(err, OSError) and err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return None  # a live writer
+            pid, _, host = owner.removeprefix("pid ").partition("@")  # no flock: the entry decides
+            dead = pid.isdigit() and host == socket.gethostname() and not _alive(int(pid))
+            return owner if dead else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return owner
     finally:
         os.close(fd)

@@ -135,7 +135,7 @@ def _abandon(f) -> None:
     writes. So the handle is never closed: its file descriptor is pointed at an unlinked scratch
     file (nothing more reaches the run file, which stays as the last flush left it) and the
     handle is kept alive for the life of the process. Commits near a full disk do not come here:
-    they run in a child process (:meth:`Writer._append_apart`)."""
+    they run in a child process (:meth:`Writer._send_apart`)."""
     fd = None
     try:
         fd = f.id.get_vfd_handle()
@@ -264,6 +264,7 @@ class Writer:
         self.total: WindowState | None = None
         #: why this process may no longer write the file (a failed write), or ``None``
         self._broken: str | None = None
+        self._unsent()
         self._forget()
 
     def _settings(self, fsync: bool | None, isolate: bool | None) -> None:
@@ -275,6 +276,13 @@ class Writer:
             from ._server import Server
 
             Server.get()  # started now, ready by the first commit
+
+    def _unsent(self) -> None:
+        """No commit in flight (:meth:`append` with ``wait=False``)."""
+        #: the commit in flight: its number, the cumulative state it writes, its meta
+        self._flight: tuple[int, WindowState, dict[str, Any]] | None = None
+        self._token: object | None = None
+        self._inflight_row: WindowState | None = None
 
     def _forget(self) -> None:
         """Drop what this writer believes the file already holds (after a failed commit)."""
@@ -395,21 +403,79 @@ class Writer:
                 raise StoreError(f"cannot write out={self.path!r} ({os.strerror(err.errno or 0)}); expected a "
                                  "writable file; check the disk and permissions (the windows stay in memory)") from None
 
-    def append(self, meta: dict[str, Any], row: WindowState) -> None:
+    def append(self, meta: dict[str, Any], row: WindowState, wait: bool = True) -> None:
         """Commit one window: when this returns, the file holds it (and, with ``fsync``, so does
-        the disk).
+        the disk). With ``wait=False`` the commit is handed to probe's writer process and this
+        returns at once: it is acknowledged by :meth:`settle`, which the next ``append`` (and
+        :meth:`close`) calls first; until then :attr:`in_flight` is 1 and :attr:`rows` does not
+        count it.
 
         Raises:
-            StoreError: nothing was committed (see the message); the file holds the windows
-                committed before, and this writer can be retried with the same or a later window.
+            StoreError: nothing was committed (see the message): this window, or the one still in
+                flight from an earlier ``append(wait=False)`` (then this one was not begun). The
+                file holds the windows committed before, and this writer can be retried with the
+                same or a later window.
         """
+        self.settle()
         cross_sites = meta.get("cross_sites", [])
         total = merge_rows([row] if self.total is None else [self.total, row], cross_sites)
         commit = self.rows + 1
         self._check(row, total)
         _fault("begin", commit, self.path)
-        if not (self.isolate and self._broken is None and self._append_apart(meta, row, total, commit)):
-            self._append_here(meta, row, total, commit)
+        if self.isolate and self._broken is None and self._send_apart(meta, row, total, commit):
+            self._flight = (commit, total, meta)
+            if wait:
+                self.settle()
+            return
+        self._append_here(meta, row, total, commit)
+        self._acknowledge(commit, total)
+
+    @property
+    def in_flight(self) -> int:
+        """Windows handed to the writer process and not yet acknowledged (0 or 1)."""
+        return 0 if self._flight is None else 1
+
+    def answered(self) -> bool:
+        """Whether :meth:`settle` would return without waiting."""
+        if self._flight is None:
+            return True
+        from ._server import Server
+
+        server = Server._current
+        return server is None or server.ready_answer()
+
+    def settle(self) -> None:
+        """Wait for the commit in flight, if any (:meth:`append` with ``wait=False``).
+
+        Raises:
+            StoreError: the writer process did not commit it (:attr:`rows` stays the windows
+                committed before; the window can be appended again).
+        """
+        if self._flight is None:
+            return
+        from . import _server
+
+        commit, total, meta = self._flight
+        token, self._token = self._token, None
+        self._flight = None
+        server = _server.Server._current
+        try:
+            error = server.answer(token) if server is not None else "probe's writer process is gone"
+        except _server.Unavailable:
+            # e.g. a statistic registered at run time: this writer writes here from now on
+            self.isolate = False
+            assert self._inflight_row is not None
+            self._append_here(meta, self._inflight_row, total, commit)
+            error = None
+        finally:
+            self._inflight_row = None
+        if error is not None:
+            self._forget()
+            raise StoreError(error)
+        self._remember(meta)  # what the writer process wrote once need not be written again
+        self._acknowledge(commit, total)
+
+    def _acknowledge(self, commit: int, total: WindowState) -> None:
         self.rows = commit  # committed: the marker's flush returned
         self.total = total
         _fault("closed", commit, self.path)
@@ -452,33 +518,40 @@ class Writer:
         except Exception:  # noqa: BLE001 - committed already; the handle only goes
             _abandon(f)
 
-    def _append_apart(self, meta: dict[str, Any], row: WindowState, total: WindowState, commit: int) -> bool:
-        """The commit written by probe's writer process (:mod:`._server`): a write that fails
-        there breaks HDF5 in that process only, and this one never holds the file open. Returns
-        ``False`` when no writer process can run here (the caller then writes it in this process).
-
-        Raises:
-            StoreError: the writer process did not commit the window (its message, or how it ended).
-        """
+    def _send_apart(self, meta: dict[str, Any], row: WindowState, total: WindowState, commit: int) -> bool:
+        """Hand the commit to probe's writer process (:mod:`._server`): a write that fails there
+        breaks HDF5 in that process only, and this one never holds the file open. Returns
+        ``False`` when no writer process can run here (the caller then writes it in this
+        process); :meth:`settle` reads the outcome."""
         from . import _server
 
         server = _server.Server.get()
         if server is None:
             return False
         text, site_attrs = self._describe(meta)
-        job = {"path": self._where, "rows": self.rows, "fsync": self.fsync, "meta": json.loads(text),
+        job = {"path": self._where, "id": list(self._id), "rows": self.rows, "fsync": self.fsync,
+               "meta": json.loads(text),
                "known": [self._meta_json == text, [k for k, v in site_attrs.items() if self._site_attrs.get(k) == v]],
                "row": row, "total": total, "commit": commit}
+        token = object()
         try:
-            error = server.commit(job)
+            server.send(token, job)
         except _server.Unavailable:
-            self.isolate = False  # e.g. a statistic registered at run time: this writer writes here
+            self.isolate = False
             return False
-        if error is not None:
-            self._forget()
-            raise StoreError(error)
-        self._remember(meta)  # what the writer process wrote once need not be written again
+        self._token, self._inflight_row = token, row
         return True
+
+    def _same_file(self, ident: list | None) -> None:
+        """In the writer process: refuse a file deleted or replaced since the host's writer
+        created it (``ident``: its device and inode), before the commit and after it."""
+        try:
+            same = ident is None or list(_identity(self._where)) == list(ident)
+        except OSError:
+            same = False
+        if not same:
+            raise StoreError(f"out={self.path!r} was deleted or replaced by another file since the capture began; "
+                             "expected the file probe created; the windows stay in memory")
 
     @classmethod
     def _shell(cls, job: dict) -> Writer:
@@ -561,11 +634,23 @@ class Writer:
             _sync(f)
 
     def close(self) -> None:
-        """Release the file to other writers (its lock file goes)."""
-        self._lock.release()
+        """Wait for the commit in flight, then release the file to other writers (its lock file
+        goes).
+
+        Raises:
+            StoreError: the commit in flight failed (the file is released all the same).
+        """
+        try:
+            self.settle()
+        finally:
+            self._lock.release()
 
     def abort(self) -> None:
         """Remove the file if no window was committed (nothing stays open between windows)."""
+        try:
+            self.settle()
+        except StoreError:
+            pass  # nothing more to keep: the capture failed to start
         if self.rows == 0 and os.path.exists(self._where):
             try:
                 if _identity(self._where) == self._id:
@@ -633,6 +718,7 @@ class Writer:
         self.rows = rows
         self.total = total
         self._broken = None
+        self._unsent()
         self._forget()
         return self
 
