@@ -66,7 +66,8 @@ def test_show_and_watch_say_the_writer_is_gone(tmp_path, capsys):
     assert f"the writer of {path!r} (pid {proc.pid}@" in err and f"run `probe repair {path}`" in err
     assert main(["watch", path, "--interval", "0.01"]) == 1  # not polling forever: the job is gone
     assert "is gone without closing the file" in capsys.readouterr().err
-    assert main(["repair", path]) == 0
+    code = main(["repair", path])
+    assert code == 0, capsys.readouterr()
     capsys.readouterr()
     assert main(["show", path, "--json"]) == 0  # repaired: no lock file, no note
     assert capsys.readouterr().err == ""

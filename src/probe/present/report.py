@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ProbeError, closest
+from ..results.attention import is_attention_site
 from ..results.moe import is_moe_site
 from . import research
 from .research import MASSIVE_RATIO, MASSIVE_VALUE, is_massive, median_abs
@@ -110,7 +111,7 @@ def summary(run: Run, sites: list[str] | None = None) -> dict[str, Any]:
     token_text = run.meta.get("token_text", {})
     rows = []
     for name in run.sites if sites is None else sites:
-        if is_moe_site(name):  # routing and per-expert statistics only: the MoE table shows them
+        if is_moe_site(name) or is_attention_site(name):  # their own statistic only: their own tables show it
             continue
         s = run[name]
         entry = {

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ..results.attention import is_attention_site
 from ..results.moe import is_moe_site
 from ..results.run import TOPK_DTYPE, Run, SiteView
 
@@ -138,7 +139,7 @@ def summary(run: Run, top: int = 5) -> dict[str, Any]:
     """
     sites = []
     for site in run:
-        if is_moe_site(site.name):  # routing and per-expert statistics only: the MoE table shows them
+        if is_moe_site(site.name) or is_attention_site(site.name):  # their own statistic only: their tables
             continue
         entry: dict[str, Any] = {"site": site.name}
         if site.has("topk"):
@@ -211,7 +212,7 @@ def print_research(run: Run, console=None, site: str | None = None) -> None:
     console = console or Console()
     influence = {b["from"]: b["value"] for b in data["block_influence"]}
     # sites named as the summary table above names them: the layer number when every site is one
-    name, label = site_labels([n for n in run.sites if not is_moe_site(n)])
+    name, label = site_labels([n for n in run.sites if not (is_moe_site(n) or is_attention_site(n))])
     caption = "scale = √d / E‖h‖ · anisotropy = mean cos between tokens · "
     # block influence needs the opt-in cosines: without them the column would be "–" throughout
     if influence:

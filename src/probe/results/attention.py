@@ -21,9 +21,20 @@ import numpy as np
 
 from ..stats._state import ATTENTION_BINS
 
-__all__ = ["AttentionView", "SUFFIX"]
+__all__ = ["AttentionView", "SUFFIX", "is_attention_site"]
 
 SUFFIX = ":attention"
+
+
+def is_attention_site(name: str) -> bool:
+    """Whether ``name`` is an attention site, which holds only its own statistic (no moments: the
+    general tables leave it out; ``probe show`` prints its MaxLogit table).
+
+    Example:
+        >>> is_attention_site("model.layers.0.self_attn:attention"), is_attention_site("hidden_states.1")
+        (True, False)
+    """
+    return name.endswith(SUFFIX)
 
 
 class AttentionView:

@@ -673,7 +673,9 @@ class SiteView:
             return f"SiteView({self.name!r}, {self.router!r})"
         if self.has("experts"):
             return f"SiteView({self.name!r}, {self.experts!r})"
-        if is_moe_site(self.name):
+        if self.has("attention"):
+            return f"SiteView({self.name!r}, {self.attention!r})"
+        if is_moe_site(self.name) or self.name.endswith(":attention"):
             return f"SiteView({self.name!r}, nothing recorded)"
         return (f"SiteView({self.name!r}, tokens={self.tokens}, mean={self.mean:.4g}, std={self.std:.4g}, "
                 f"absmax={self.absmax:.4g})")
