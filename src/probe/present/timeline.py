@@ -422,13 +422,14 @@ def print_window(tl: Timeline):
 
 
 def plot_timeline(tl: Timeline, *, series: Sequence[str] = ("absmax", "std", "kurtosis", "norm_p99"),
-                  title: str = ""):
+                  title: str = "", columns: int | None = None):
     """The series over steps, one line per site coloured by depth, each jump a dashed red line.
 
     Args:
         tl: a :class:`Timeline`.
         series: the panels, from :data:`SERIES` (those with no finite value are left out).
         title: the figure's title.
+        columns: panels per row (default: all in one row); ``probe plot --size column`` draws two.
 
     Returns:
         A matplotlib ``Figure``.
@@ -447,8 +448,14 @@ def plot_timeline(tl: Timeline, *, series: Sequence[str] = ("absmax", "std", "ku
     panels = [k for k in series if any(np.isfinite(tl.series[k][n]).any() for n in tl.sites)]
     if not panels:
         raise ProbeError(f"no series with data among {list(series)}; expected a run with moments or norm")
-    fig = Figure(figsize=(3.6 * len(panels) + 1.2, 3.8), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    if columns is None:
+        columns = len(panels)
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(3.6 * columns + 1.2, 3.4 * rows + 0.4), layout="constrained")
+    grid = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
+    for ax in grid[len(panels):]:
+        ax.set_visible(False)
+    axes = grid[:len(panels)]
     cmap = colormaps["viridis"]
     depth = max(len(tl.sites) - 1, 1)
     for ax, k in zip(axes, panels):
@@ -470,6 +477,8 @@ def plot_timeline(tl: Timeline, *, series: Sequence[str] = ("absmax", "std", "ku
     bar = fig.colorbar(sm, ax=list(axes), fraction=0.03, pad=0.01)
     ticks = np.unique(np.linspace(0, len(tl.sites) - 1, min(len(tl.sites), 8)).round().astype(int))
     bar.set_ticks(ticks.tolist(), labels=[tl.sites[i] for i in ticks])
+    for axis in (bar.ax.xaxis, bar.ax.yaxis):  # names, not values: no end labels added
+        setattr(axis, "probe_names", True)
     bar.set_label("site (model order)", fontsize=8)
     bar.ax.tick_params(labelsize=7)
     marks = "dashed red: jumps" + ("; dotted black: first NaN/Inf" if tl.first_nonfinite is not None else "")
