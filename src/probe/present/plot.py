@@ -415,6 +415,8 @@ class _EndFormatter:
                     return "0"
                 e = math.floor(math.log10(abs(x)))
                 m = float(f"{x / 10.0**e:.2g}")
+                if abs(m) == 1 and old(x, pos):  # a decade: as the axis writes its own
+                    return old(x, pos)
                 return f"$\\mathdefault{{{m:g}\\times10^{{{e}}}}}$" if not -2 <= e <= 2 else _number(float(f"{x:.2g}"))
 
         ends = Ends()

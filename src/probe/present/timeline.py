@@ -421,6 +421,16 @@ def print_window(tl: Timeline):
     return table
 
 
+def _tick(v: float) -> str:
+    """A kurtosis tick label: three significant digits, ``10^k`` from 10**5 on."""
+    text = f"{v:.3g}"
+    if "e" not in text:
+        return text
+    if abs(v) < 1e5:
+        return f"{v:.0f}"
+    return f"{'-' if v < 0 else ''}$10^{{{math.log10(abs(v)):.3g}}}$"
+
+
 def plot_timeline(tl: Timeline, *, series: Sequence[str] = ("absmax", "std", "kurtosis", "norm_p99"),
                   title: str = "", columns: int | None = None):
     """The series over steps, one line per site coloured by depth, each jump a dashed red line.
@@ -440,6 +450,7 @@ def plot_timeline(tl: Timeline, *, series: Sequence[str] = ("absmax", "std", "ku
     try:
         from matplotlib import colormaps
         from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter
     except ImportError as err:  # pragma: no cover - the plot extra
         raise ProbeError('plotting needs matplotlib; expected it installed; pip install "probe[plot]"') from err
     if len(tl.steps) < 2:
@@ -469,6 +480,8 @@ def plot_timeline(tl: Timeline, *, series: Sequence[str] = ("absmax", "std", "ku
             ax.set_yscale("log")
         else:
             ax.set_yscale("symlog", linthresh=1.0)
+            # symlog's own labels write every digit of the view's ends (-4.5008×10^-1) in its linear part
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick(v)))
         ax.set_title(k.replace("_", " "), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.25, lw=0.5)
