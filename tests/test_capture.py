@@ -221,7 +221,7 @@ def test_user_exception_keeps_collected_data(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("content, match", [
-    (b"not hdf5 at all", "not a readable HDF5 file"),
+    (b"not hdf5 at all", "is not an HDF5 file \\(no HDF5 signature\\)"),
     (None, "not a probe run"),
     ("newer", "schema version 99; this probe reads up to 2"),
 ])

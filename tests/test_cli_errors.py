@@ -14,7 +14,7 @@ import torch
 
 import probe
 from probe.cli import main, one_line
-from conftest import batch
+from conftest import VOCAB, batch
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +180,70 @@ def test_a_reader_that_goes_away_is_not_an_error(good):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, err
     assert "Error" not in err and "error" not in err, err
+
+
+def test_a_reader_that_stops_after_one_line_is_not_an_error(good):
+    """`probe show run.h5 | head -1`: rich's own closed-pipe exit (status 1) becomes a quiet 0."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run(f"{sys.executable} -m probe show {str(good)!r} | head -1; exit ${{PIPESTATUS[0]}}",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 1 and proc.stderr == "", proc.stderr
+
+
+def test_repair_of_a_folder_says_it_is_a_folder(tmp_path, capsys):
+    assert main(["repair", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a folder; expected a run file" in err[0] and "no such file" not in err[0]
+    assert main(["show", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_hdf5_is_one_line_without_hdf5s_words(tmp_path, capsys):
+    text = tmp_path / "x.txt"
+    text.write_text("hello\n")
+    assert main(["show", str(text)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not an HDF5 file (no HDF5 signature)" in err[0], err
+    assert "signature not found" not in err[0] and "synchronously" not in err[0]  # HDF5's own text
+
+
+def test_an_unknown_plot_kind_is_named_in_the_commands_words(good, tmp_path, capsys):
+    assert main(["plot", str(good), "--kind", "foo", "-o", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--kind foo: unknown plot kind" in err[0] and "--kind histograms" in err[0]
+    assert "kinds=" not in err[0]  # the Python form belongs to plot_run
+    assert main(["plot", str(good), "--kind", "histogram", "-o", str(tmp_path / "g")]) == 2
+    assert "closest: histograms" in capsys.readouterr().err
+
+
+def test_python_errors_name_the_presets_and_the_tuple(tiny):
+    model = tiny("gpt2")
+    with pytest.raises(probe.ProbeError, match=r"unknown site 'hidden_state'.*closest: hidden_states"):
+        probe.capture(model, sites="hidden_state").__enter__()
+    with pytest.raises(probe.ProbeError, match=r"closest: linear_inputs"):
+        probe.capture(model, sites="linear_input").__enter__()
+    with pytest.raises(probe.ProbeError, match=r"stats: got one string 'moments,histogram'; expected a tuple.*"
+                                               r"pass stats=\('moments', 'histogram'\)"):
+        probe.capture(model, stats="moments,histogram")
+
+
+def test_diff_of_two_models_of_different_widths_is_refused(good, tmp_path, capsys):
+    import transformers
+
+    torch.manual_seed(0)
+    narrow = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, n_positions=64, vocab_size=VOCAB)).eval()
+    other = tmp_path / "narrow.h5"
+    ids, mask = batch(2, 6)
+    with probe.capture(narrow, out=other):
+        with torch.no_grad():
+            narrow(input_ids=ids, attention_mask=mask)
+    assert main(["diff", str(good), str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "channels wide" in err[0] and "32" in err[0] and "16" in err[0], err
+    assert "expected runs of the same model" in err[0]

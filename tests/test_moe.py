@@ -538,6 +538,15 @@ def test_show_plot_and_cli_report_the_experts(tmp_path, capsys):
     image = figs["experts.png"].axes[0].images[0].get_array()
     want = np.array([np.array(r["counts"]) / (np.sum(r["counts"]) / 12) for r in rows])
     np.testing.assert_allclose(np.ma.filled(image, 0.0), np.where(want > 0, want, 0.0))
+    # the colour bar lies under the heat map (beside it, its label took the bar chart's place), and
+    # the bar chart's own axis says it counts layers
+    fig = figs["experts.png"]
+    heat, bars, colour = fig.axes[0], fig.axes[1], fig.axes[2]
+    fig.draw_without_rendering()
+    hb, cb = heat.get_position(), colour.get_position()
+    assert cb.y1 <= hb.y0 and cb.x0 >= hb.x0 - 0.02 and cb.x1 <= hb.x1 + 0.02, (hb, cb)
+    assert bars.get_ylabel() == "layer" and heat.get_ylabel() == "layer"
+    assert colour.get_xlabel().startswith("share") and not colour.get_ylabel()
 
 
 def test_general_tables_reprs_and_grads_leave_the_moe_sites_to_their_own(tmp_path):

@@ -520,6 +520,42 @@ def _tick_overlaps(fig) -> list:
     return found
 
 
+def _uncovered(fig) -> list:
+    """Value axes of ``fig`` whose outermost tick labels stop short of an end of the view by more
+    than one tick step: the median space between neighbouring labels, measured along the drawn
+    scale, and at most a tenth of the axis on a log, asinh or symlog scale (round ticks there may
+    lie decades apart). Axes labelled with names (site indices) are not value axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.ticker import FixedFormatter, NullFormatter
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw_without_rendering()
+    found = []
+    for i, ax in enumerate(fig.axes):
+        if not ax.get_visible():
+            continue
+        for axis, which in ((ax.xaxis, "x"), (ax.yaxis, "y")):
+            if getattr(axis, "probe_names", False) or \
+                    isinstance(axis.get_major_formatter(), (NullFormatter, FixedFormatter)):
+                continue
+            lo, hi = sorted(axis.get_view_interval())
+            tol = 1e-9 * max(1.0, abs(lo), abs(hi))
+            locs = sorted({float(t.get_loc()) for t in [*axis.get_major_ticks(), *axis.get_minor_ticks()]
+                           if lo - tol <= t.get_loc() <= hi + tol
+                           and any(lab.get_visible() and lab.get_text() for lab in (t.label1, t.label2))})
+            if not locs:
+                continue  # an inner panel of shared axes: its neighbour carries the labels
+            t = axis.get_transform()
+            a, b = t.transform(np.array([lo, hi]))
+            f = (t.transform(np.array(locs)) - a) / (b - a)
+            step = float(np.median(np.diff(f))) if len(f) > 1 else 0.0
+            if axis.get_scale() != "linear":
+                step = min(step, 0.1)
+            if len(f) < 2 or f[0] > step + 1e-6 or 1 - f[-1] > step + 1e-6:
+                found.append((i, which, locs, (lo, hi)))
+    return found
+
+
 @pytest.mark.parametrize("size", ["column", "page", pytest.param("screen", marks=pytest.mark.slow),
                                   pytest.param("slide", marks=pytest.mark.slow)])
 def test_every_kind_lays_out_at_every_size(deep, size):
@@ -529,7 +565,7 @@ def test_every_kind_lays_out_at_every_size(deep, size):
     ``-m slow``."""
     import warnings
 
-    from probe.present.plot import SIZES, figures
+    from probe.present.plot import SIZES, _texts, figures
 
     assert len(deep.sites) == 31
     with warnings.catch_warnings():
@@ -539,7 +575,13 @@ def test_every_kind_lays_out_at_every_size(deep, size):
     for name, fig in figs.items():
         # laid out as it will be saved (the last layout figures() ran; savefig's is the same)
         assert not _tick_overlaps(fig), (size, name, _tick_overlaps(fig))
-        if SIZES[size]:
+        assert not _uncovered(fig), (size, name, _uncovered(fig))
+        if SIZES[size]:  # resized for print: no text smaller than 6 pt (tick labels included)
+            small = [(t.get_text()[:20], t.get_fontsize()) for t in _texts(fig) if t.get_text() and t.get_fontsize() < 6]
+            small += [(ax.get_title()[:20], axis.get_major_ticks()[0].label1.get_fontsize()) for ax in fig.axes
+                      for axis in (ax.xaxis, ax.yaxis) if axis.get_major_ticks()
+                      and axis.get_major_ticks()[0].label1.get_fontsize() < 6]
+            assert not small, (size, name, small[:5])
             assert abs(fig.get_size_inches()[0] - SIZES[size]) < 1e-9
 
 
@@ -577,6 +619,25 @@ def test_overlay_says_what_the_asinh_axis_does_to_a_density(one):
     assert "plateau" in label.replace("\n", " ") and "--linear" in label
     linear = figures(one, "histograms", linear=True)["hist_overlay.png"].axes[0].get_xlabel()
     assert "plateau" not in linear
+    # at a column's width the note leaves the figure and becomes its caption
+    column = figures(one, "histograms", size="column")["hist_overlay.png"]
+    assert "plateau" not in column.axes[0].get_xlabel().replace("\n", " ")
+    assert "plateau" in column.probe_caption and "--linear" in column.probe_caption
+
+
+def test_column_overlay_caption_is_returned_and_printed(one, tmp_path, capsys):
+    from probe.cli import main
+
+    said = []
+    paths = plot_run(one, tmp_path / "a", kinds="histograms", size="column",
+                     caption=lambda path, text: said.append((os.path.basename(path), text)))
+    assert [os.path.basename(p) for p in paths] == ["hist_grid.png", "hist_overlay.png"]
+    assert [name for name, _ in said] == ["hist_overlay.png"] and "plateau" in said[0][1]
+    assert main(["plot", one.path, "-o", str(tmp_path / "b"), "--kind", "histograms", "--size", "column"]) == 0
+    err = capsys.readouterr().err
+    assert "caption of" in err and "hist_overlay.png" in err and "plateau" in err
+    plot_run(one, tmp_path / "c", kinds="histograms", caption=lambda path, text: said.append(path))
+    assert len(said) == 1  # at screen size the note stays in the figure
 
 
 def test_a_one_window_run_says_why_steps_is_not_drawn(one, tmp_path, capsys, monkeypatch):
@@ -608,7 +669,49 @@ def test_diff_figure_carries_the_caveat(tmp_path):
                 model(**batch)
     from probe.present.plot import _diff_figure
 
-    title = _diff_figure(probe.load(a), probe.load(b)).get_suptitle().replace("\n", " ")
+    fig = _diff_figure(probe.load(a), probe.load(b))
+    title = fig.get_suptitle().replace("\n", " ")
+    # the std-ratio panel is symmetric about 1 (log 0), with a label on either side however one-sided the bars
+    ratio = fig.axes[0]
+    lo, hi = ratio.get_ylim()
+    assert lo == pytest.approx(-hi) and hi > 0
+    fig.draw_without_rendering()
+    shown = [float(t.get_loc()) for t in ratio.yaxis.get_major_ticks() if t.label1.get_text() and lo <= t.get_loc() <= hi]
+    assert min(shown) < 0 < max(shown)
+    assert not _uncovered(fig) and not _tick_overlaps(fig)
     assert "caveat" in title and "skip_first (1 vs 0)" in title and "different numbers of tokens" not in title
     one = probe.load(a)
     assert "caveat" not in _diff_figure(one, one).get_suptitle()
+
+
+def test_axes_are_labelled_to_both_ends_of_their_view():
+    """An asinh axis reaching -183 whose locator stops at -20, and a log axis over ten decades
+    whose labels stop four decades short of its top: each gets a round label near its end, and the
+    added labels overlap no neighbour (at a column's font sizes, where crowding happens)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+
+    from probe.present.plot import _declutter, _label_ends
+
+    fig = Figure(figsize=(2.2, 1.6))
+    ax, lg = fig.subplots(1, 2)
+    ax.set_xscale("asinh", linear_width=1.0)
+    ax.set_xlim(-183.4, 25.0)
+    ax.xaxis.set_major_locator(FixedLocator([-20, 0, 2, 20]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    lg.set_yscale("log")
+    lg.set_ylim(2.5e-13, 0.89)
+    lg.yaxis.set_major_locator(FixedLocator([1e-12, 1e-8, 1e-4]))
+    for a in (ax, lg):
+        a.tick_params(labelsize=6)
+    assert _uncovered(fig)  # the test can fail: both axes start short of their ends
+    _declutter(fig)
+    _label_ends(fig)
+    fig.draw_without_rendering()
+    assert not _uncovered(fig) and not _tick_overlaps(fig)
+    xs = [float(t) for t in ax.xaxis.get_majorticklocs()]
+    assert min(xs) <= -100 and min(xs) >= -183.4  # a round value inside the view, near its end
+    tops = [float(t) for t in lg.yaxis.get_majorticklocs()]
+    assert 0.1 <= max(tops) <= 0.89
+    texts = [t.get_text() for t in lg.get_yticklabels() if t.get_text()]
+    assert len(texts) >= 2 and all(texts)  # the added non-decade tick is labelled (a log axis labels decades)

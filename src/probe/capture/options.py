@@ -69,6 +69,10 @@ def _stat_names(stats: str | Sequence[str] | None) -> tuple[StatName, ...]:
     (:data:`probe.stats.PRESETS`, e.g. ``"calibration"``) stands for its statistics."""
     if isinstance(stats, str) and stats in _stats.PRESETS:
         stats = _stats.PRESETS[stats]
+    if isinstance(stats, str) and "," in stats:  # the CLI's --stats form, given to the Python API
+        parts = tuple(p.strip() for p in stats.split(",") if p.strip())
+        raise ProbeError(f"stats: got one string {stats!r}; expected a tuple of statistic names; "
+                         f"pass stats={parts!r}")
     names = _stats.DEFAULT if stats is None else (stats,) if isinstance(stats, str) else tuple(stats)
     unknown = [s for s in names if s not in _stats.NAMES]
     if unknown or not names:

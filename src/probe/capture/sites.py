@@ -73,6 +73,10 @@ _DISCOVERING: contextvars.ContextVar[bool] = contextvars.ContextVar("probe_disco
 _B, _T, _T_DEC = 2, 5, 3
 
 
+#: the site names that stand for a set of modules (``sites="hidden_states"``)
+PRESETS = ("hidden_states", "linear_inputs", "moe")
+
+
 def discovering() -> bool:
     """True while probe's discovery forward runs (hooks of active captures skip it)."""
     return _DISCOVERING.get()
@@ -176,8 +180,8 @@ def resolve(model: nn.Module, sites: SiteSpec = "hidden_states") -> list[Site]:
         elif spec in modules and spec:
             found.append(Site(spec, spec))
         else:
-            raise SiteError(f"unknown site {spec!r}; expected 'hidden_states', 'linear_inputs' or a module name"
-                            f"{closest(spec, [m for m in modules if m])}")
+            raise SiteError(f"unknown site {spec!r}; expected 'hidden_states', 'linear_inputs', 'moe' or a module "
+                            f"name{closest(spec, [*PRESETS, *(m for m in modules if m)])}")
     found = _place_in_stacks(model, found)
     seen: set[str] = set()
     unique = []

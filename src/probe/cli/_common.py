@@ -52,8 +52,15 @@ def stdout():
     width to respect there, and a script should not get fewer columns than a person)."""
     from rich.console import Console
 
-    console = Console()
-    return console if console.is_terminal else Console(width=max(console.width, 160))
+    class PipeConsole(Console):
+        def on_broken_pipe(self) -> None:
+            # rich exits with status 1 here; a reader that stops early (`probe show run.h5 | head -1`)
+            # is no error: raise what probe.cli.main turns into a quiet exit 0
+            self.quiet = True
+            raise BrokenPipeError
+
+    console = PipeConsole()
+    return console if console.is_terminal else PipeConsole(width=max(console.width, 160))
 
 
 def writer_gone(path: str) -> str | None:

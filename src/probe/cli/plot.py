@@ -36,9 +36,14 @@ def add_parser(sub) -> None:
 def command(args) -> int:
     from rich.console import Console
 
-    from ..present.plot import parse_layers, plot_run
+    from ..errors import ProbeError, closest
+    from ..present.plot import KINDS, parse_layers, plot_run
 
     console = Console(stderr=True)
+    unknown = [k for k in args.kind or () if k not in KINDS]
+    if unknown:  # in the command's words, not plot_run's kinds=[...]
+        raise ProbeError(f"--kind {unknown[0]}: unknown plot kind; expected one of {', '.join(KINDS)}"
+                         f"{closest(unknown[0], KINDS)}; pass e.g. --kind histograms --kind depth")
     run = load(args.file)
     layers = parse_layers(run, args.layers) if args.layers is not None else None
     started = time.perf_counter()
@@ -47,6 +52,7 @@ def command(args) -> int:
         console.print(f"[dim]{time.perf_counter() - started:5.1f}s[/] drawing {kind} ({i}/{n}) …")
 
     moe = any(name.endswith((":router", ":experts")) for name in run.sites)
+    captions: dict[str, str] = {}
 
     def skipped(kind: str, why: str) -> None:
         if kind == "experts" and args.kind is None and not moe:
@@ -54,8 +60,11 @@ def command(args) -> int:
         console.print(f"[yellow]skipped[/] {kind}: {why}", soft_wrap=True)
 
     paths = plot_run(run, args.out, kinds=args.kind, layers=layers, shared=args.shared, linear=args.linear,
-                     format=args.format, dpi=args.dpi, size=args.size, progress=progress, skipped=skipped)
+                     format=args.format, dpi=args.dpi, size=args.size, progress=progress, skipped=skipped,
+                     caption=captions.__setitem__)
     for path in paths:
         print(path)
+        if path in captions:  # a note too tall for a column's figure: its caption, to print with it
+            console.print(f"[dim]caption of {path}:[/] {captions[path]}", soft_wrap=True)
     console.print(f"[green]drew[/] {len(paths)} figure(s) in {time.perf_counter() - started:.1f}s")
     return 0

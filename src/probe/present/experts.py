@@ -135,8 +135,8 @@ def print_coverage(rows: list[dict[str, Any]], console=None) -> None:
 
 def draw_experts(run, out, opts: dict, mpl, missing, title: str) -> list[str]:
     """``experts.png``: tokens per expert per layer as a heat map (share of the layer's
-    assignments relative to uniform, log colour scale, no token marked ×), and per layer the
-    max/mean and coefficient of variation of the counts.
+    assignments relative to uniform, log colour scale under the map, no token marked ×), and per
+    layer the max/mean and coefficient of variation of the counts.
 
     Args:
         run: the run; out: the figure sink (``out.save(fig, name)``); opts: unused plot options;
@@ -162,8 +162,12 @@ def draw_experts(run, out, opts: dict, mpl, missing, title: str) -> list[str]:
     norm = colors.LogNorm(vmin=2.0 ** -span, vmax=2.0 ** span)
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#dddddd")
     height = 1.6 + 0.32 * len(layers)
-    fig = Figure(figsize=(min(4 + 0.28 * width, 16) + 3.2, max(2.8, height)), layout="constrained")
-    left, right = fig.subplots(1, 2, width_ratios=[max(3.0, 0.28 * width), 3.0])
+    if getattr(out, "narrow", False):  # a paper's column: the map above the bars, each the column's width
+        fig = Figure(figsize=(5.5, 2 * max(2.8, height) + 0.8), layout="constrained")
+        left, right = fig.subplots(2, 1)
+    else:
+        fig = Figure(figsize=(min(4 + 0.28 * width, 16) + 3.2, max(2.8, height)), layout="constrained")
+        left, right = fig.subplots(1, 2, width_ratios=[max(3.0, 0.28 * width), 3.0])
     shown = np.where(grid > 0, grid, np.nan)
     im = left.imshow(shown, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     for i, j in zip(*np.nonzero(grid == 0)):
@@ -176,10 +180,11 @@ def draw_experts(run, out, opts: dict, mpl, missing, title: str) -> list[str]:
     left.set_xlabel("expert", fontsize=8)
     left.set_ylabel("layer", fontsize=8)
     left.set_title("tokens per expert ÷ uniform share (× = no token)", fontsize=9)
-    bar = fig.colorbar(im, ax=left, fraction=0.05, pad=0.02)
+    # under the heat map: beside it, the bar's label would sit where the bar chart's layer label goes
+    bar = fig.colorbar(im, ax=left, location="bottom", fraction=0.05, pad=0.02, aspect=30)
     bar.set_label("share ÷ 1/E (log)", fontsize=8)
     ticks = [2.0 ** p for p in range(-int(span), int(span) + 1)]
-    bar.ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    bar.ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
     bar.ax.tick_params(which="both", labelsize=7)
     y = np.arange(len(layers))
@@ -189,6 +194,7 @@ def draw_experts(run, out, opts: dict, mpl, missing, title: str) -> list[str]:
     right.barh(y + 0.2, cv, height=0.38, color="#dd8452", label="coefficient of variation")
     right.axvline(1.0, color="#4c72b0", lw=0.7, ls="--")
     right.set_yticks(y, labels, fontsize=7)
+    right.set_ylabel("layer", fontsize=8)
     right.invert_yaxis()
     right.set_xlabel("load imbalance (1 / 0 when balanced)", fontsize=8)
     right.tick_params(labelsize=7)

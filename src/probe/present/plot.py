@@ -36,8 +36,9 @@ histograms on a linear axis instead; ``format=`` (png, pdf, svg), ``dpi=`` and `
 stack, grids take fewer columns and legends go below the data, and at every size tick labels that
 would overlap are thinned (:func:`_declutter`). On the asinh axis a wide site's density, spread over
 a logarithmic x, reads as a plateau; ``hist_overlay`` says so under its axis (:data:`ASINH_NOTE`)
-rather than adding a linear panel, which at a column's width could show neither the peak nor
-the tails the figure exists for (``linear=True`` draws that view whole). Figures are drawn on a bare
+(at a column's width, as the file's caption instead: ``plot_run(..., caption=)``, printed by
+``probe plot --size column``) rather than adding a linear panel, which at a column's width could
+show neither the peak nor the tails the figure exists for (``linear=True`` draws that view whole). Figures are drawn on a bare
 :class:`matplotlib.figure.Figure`, never through ``pyplot``: nothing global changes (a notebook
 keeps its backend) and no display is needed. matplotlib is optional
 (``pip install "probe[plot]"``) and imported only when drawing; :func:`figures` returns the
@@ -103,6 +104,7 @@ class _Out:
         self.folder = folder
         self.kept: dict[str, Any] | None = {} if keep else None
         self.fmt, self.dpi, self.size = fmt, dpi or DPI, size
+        self.caption: Callable[[str, str], None] | None = None
 
     @property
     def narrow(self) -> bool:
@@ -125,23 +127,28 @@ class _Out:
         width = SIZES.get(self.size) or design
         ratio = min(1.0, width / design)
         shrink = max(0.55, math.sqrt(ratio)) if ratio < 1 else 1.0
-        return max(20, int(0.9 * width * 72 / (0.55 * points * shrink)))
+        return max(20, int(0.9 * width * 72 / (0.55 * _shrunk(points, shrink))))
 
     def save(self, fig, name: str) -> str:
         _resize(fig, self.size)
         _declutter(fig)
+        _label_ends(fig)
         if self.kept is not None:
             self.kept[name] = fig
         if self.folder is None:
             return name
         stem = os.path.splitext(name)[0]
-        return _save(fig, os.path.join(self.folder, f"{stem}.{self.fmt}"), self.fmt, self.dpi)
+        path = _save(fig, os.path.join(self.folder, f"{stem}.{self.fmt}"), self.fmt, self.dpi)
+        if getattr(fig, "probe_caption", None) and self.caption is not None:
+            self.caption(path, fig.probe_caption)
+        return path
 
 
 def _resize(fig, size: str) -> None:
     """Scale ``fig`` to the width of ``size`` (:data:`SIZES`), keeping its aspect ratio. Text
-    shrinks with the square root of the scale (never below 55 %, never grown), so a figure made
-    narrower keeps room for its data while its labels stay legible in print."""
+    shrinks with the square root of the scale (never below 55 %, never grown, never below
+    :data:`MIN_POINTS`), so a figure made narrower keeps room for its data while its labels stay
+    legible in print."""
     width = SIZES.get(size)
     if width is None:
         return
@@ -156,20 +163,29 @@ def _resize(fig, size: str) -> None:
         import textwrap
 
         for text in _texts(fig):
-            text.set_fontsize(text.get_fontsize() * shrink)
+            text.set_fontsize(_shrunk(text.get_fontsize(), shrink))
             # a label written for the wide figure is wrapped to the narrow one's width
             span = h * ratio if text.get_rotation() in (90.0, 270.0) else width
             room = int(0.9 * span * 72 / (0.55 * text.get_fontsize()))
             if len(text.get_text()) > room and "\n" not in text.get_text():
                 text.set_text(textwrap.fill(text.get_text(), room))
         for ax, which, points in ticks:
-            ax.tick_params(axis=which, which="both", labelsize=points * shrink)
+            ax.tick_params(axis=which, which="both", labelsize=_shrunk(points, shrink))
             ax.tick_params(axis=which, which="major", length=3.5 * shrink, width=0.8 * shrink)
             ax.tick_params(axis=which, which="minor", length=2.0 * shrink, width=0.6 * shrink)
         for line in _lines(fig):
             line.set_markersize(line.get_markersize() * shrink)
             line.set_linewidth(line.get_linewidth() * shrink)
     fig.set_size_inches(width, h * ratio)
+
+
+#: the smallest text (points) :func:`_resize` makes: print stays legible without a loupe
+MIN_POINTS = 6.0
+
+
+def _shrunk(points: float, shrink: float) -> float:
+    """``points`` scaled by ``shrink``, but never below :data:`MIN_POINTS` (nor above ``points``)."""
+    return min(points, max(MIN_POINTS, points * shrink))
 
 
 def _walk(artist, kind):
@@ -275,6 +291,177 @@ def _overlap(boxes: Sequence, k: int, gap: float) -> bool:
     return False
 
 
+def _labelled(axis, k: int, renderer) -> list:
+    """``(tick value, label box)`` of every drawn tick label, major and minor, inside the view."""
+    lo, hi = sorted(axis.get_view_interval())
+    tol = 1e-9 * max(1.0, abs(lo), abs(hi))
+    out = []
+    for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]:
+        loc = float(tick.get_loc())
+        for label in (tick.label1, tick.label2):
+            if label.get_visible() and label.get_text() and lo - tol <= loc <= hi + tol:
+                out.append((loc, label.get_window_extent(renderer)))
+                break
+    return sorted(out, key=lambda o: o[0])
+
+
+def _fraction(axis, values) -> np.ndarray:
+    """Where ``values`` lie along ``axis``' view, 0 at its low end and 1 at its high end, in the
+    axis' own scale (asinh, log, symlog or linear)."""
+    t = axis.get_transform()
+    lo, hi = sorted(axis.get_view_interval())
+    a, b = (float(v) for v in t.transform(np.array([lo, hi])))
+    return (np.asarray(t.transform(np.asarray(values, dtype=np.float64)), dtype=np.float64) - a) / ((b - a) or 1.0)
+
+
+def _inward(end: float, other: float, axis, slack: float) -> float | None:
+    """A round value inside the view near ``end`` (``other`` is the view's other end): ``end``
+    rounded toward the inside to as few significant digits as keep it within ``slack`` (a share
+    of the axis) of the end. ``None`` where no such value exists."""
+    for digits in range(1, 6):
+        if end == 0:
+            return 0.0
+        step = 10.0 ** (math.floor(math.log10(abs(end))) - digits + 1)
+        value = (math.ceil(end / step) if other > end else math.floor(end / step)) * step
+        value = float(f"{value:.{digits + 1}g}")
+        lo, hi = sorted((end, other))
+        if lo <= value <= hi:
+            f = float(_fraction(axis, [value])[0])
+            if min(f, 1 - f) <= slack:
+                return value
+    return None
+
+
+def _label_ends(fig, pad: float = 3.0, rounds: int = 3) -> None:
+    """Give each value axis of ``fig`` a tick label near both ends of its view.
+
+    Run after :func:`_declutter`: a locator puts ticks at round values only (decades on a log axis,
+    1, 2, 5 × 10**k on an asinh one), so a view ending at -180 may carry no label past -20 and be
+    read as ending there. Wherever the space from an end of the view to the outermost label is
+    larger than one tick step (measured along the drawn scale, :func:`_end_step`), a tick at a
+    round value just inside that end is added (:func:`_inward`). Where the added label would come
+    within ``pad`` points of its neighbour, the neighbour gives way (:func:`_make_room`). Axes whose labels are names (site indices, colour bars
+    of depth) are left alone. The figure is laid out twice a round, whatever its number of axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
+
+    canvas = FigureCanvasAgg(fig)
+    refused: dict[int, set] = {}
+    for _ in range(rounds):
+        fig.draw_without_rendering()
+        renderer = canvas.get_renderer()
+        plan = []
+        for ax in fig.axes:
+            if not ax.get_visible():
+                continue
+            for axis, k in ((ax.xaxis, 0), (ax.yaxis, 1)):
+                if getattr(axis, "probe_names", False) or \
+                        isinstance(axis.get_major_formatter(), (NullFormatter, FixedFormatter)):
+                    continue
+                shown = _labelled(axis, k, renderer)
+                if not shown:
+                    continue  # labels hidden (an inner panel of shared axes)
+                locs = [v for v, _ in shown]
+                f = _fraction(axis, locs)
+                step = _end_step(axis, f)
+                lo, hi = sorted(axis.get_view_interval())
+                added = []
+                for end, other, space in ((lo, hi, float(f[0])), (hi, lo, 1 - float(f[-1]))):
+                    if space > step + 1e-9:
+                        value = _inward(end, other, axis, max(step, 0.05) / 2)
+                        if value is not None and value not in locs and value not in refused.get(id(axis), ()):
+                            added.append(value)
+                if not added:
+                    continue
+                majors = [float(v) for v in axis.get_majorticklocs() if lo <= v <= hi]
+                axis.set_major_locator(FixedLocator(sorted({*majors, *added})))
+                axis.set_major_formatter(_EndFormatter.wrap(axis, added))
+                plan.append((axis, k, added))
+        if not plan:
+            return
+        fig.draw_without_rendering()
+        renderer = canvas.get_renderer()
+        for axis, k, added in plan:
+            refused.setdefault(id(axis), set()).update(_make_room(axis, k, added, renderer, pad * fig.dpi / 72))
+
+
+class _EndFormatter:
+    """The axis' own formatter, except that on a log or symlog axis (whose formatter labels
+    decades only, or writes every digit of other values) a tick :func:`_label_ends` added is
+    written with two significant digits: ``0.45``, ``30``, ``3×10^-10``."""
+
+    @classmethod
+    def wrap(cls, axis, added: list):
+        from matplotlib.ticker import Formatter
+
+        old = axis.get_major_formatter()
+        if isinstance(old, Formatter) and hasattr(old, "_probe_extra"):
+            old._probe_extra.update(added)
+            return old
+
+        class Ends(Formatter):
+            _probe_extra = set(added)
+
+            def set_locs(self, locs):
+                old.set_locs(locs)
+                super().set_locs(locs)
+
+            def __call__(self, x, pos=None):
+                if not any(math.isclose(x, e, rel_tol=1e-9) for e in self._probe_extra):
+                    return old(x, pos)
+                if axis.get_scale() not in ("log", "symlog"):
+                    return old(x, pos) or f"{x:.3g}"
+                if x == 0:
+                    return "0"
+                e = math.floor(math.log10(abs(x)))
+                m = float(f"{x / 10.0**e:.2g}")
+                if abs(m) == 1 and old(x, pos):  # a decade: as the axis writes its own
+                    return old(x, pos)
+                return f"$\\mathdefault{{{m:g}\\times10^{{{e}}}}}$" if not -2 <= e <= 2 else _number(float(f"{x:.2g}"))
+
+        ends = Ends()
+        ends.axis = axis
+        return ends
+
+
+def _end_step(axis, fractions) -> float:
+    """How far (a share of the axis) the outermost label may lie from an end of the view: one
+    tick step, the median space between neighbouring labels; on a log, asinh or symlog scale, whose
+    round ticks may lie a decade or more apart, at most a tenth of the axis. 0 with one label."""
+    if len(fractions) < 2:
+        return 0.0
+    step = float(np.median(np.diff(np.sort(fractions))))
+    return step if axis.get_scale() == "linear" else min(step, 0.1)
+
+
+def _make_room(axis, k: int, added: list, renderer, gap: float) -> set:
+    """Drop the major ticks whose labels come within ``gap`` pixels of an ``added`` one's: the
+    neighbour gives way (0 too: the view's reach matters more), unless it is the last other label;
+    then the added tick does. Returns the added values dropped."""
+    from matplotlib.ticker import FixedLocator
+
+    shown = _shown_labels(axis, k, renderer)
+    locs = [v for v, _ in shown]
+    drop: set = set()
+    for value in added:
+        if value not in locs:
+            continue
+        i = locs.index(value)
+        box = shown[i][1]
+        for j, (v, other) in enumerate(shown):
+            if j == i or v in drop or v in added:
+                continue
+            if other.extents[k] - gap < box.extents[k + 2] and box.extents[k] - gap < other.extents[k + 2]:
+                left = [w for w in locs if w not in drop and w != v]
+                if len(left) < 2:
+                    drop.add(value)
+                    break
+                drop.add(v)
+    if drop:
+        axis.set_major_locator(FixedLocator([v for v in axis.get_majorticklocs() if float(v) not in drop]))
+    return {v for v in added if v in drop}
+
+
 def _mpl():
     """Import matplotlib lazily; the ``Figure`` class and the modules the figures need."""
     try:
@@ -312,6 +499,7 @@ def _index_ticks(axis, labels: Sequence[str], most: int = 32, fontsize: float = 
     idx = list(range(0, len(labels), step))
     axis.set_ticks(idx)
     axis.set_ticklabels([labels[i] for i in idx], fontsize=fontsize)
+    axis.probe_names = True  # labelled with names, not values: :func:`_label_ends` leaves it alone
 
 
 #: a PNG larger than this is re-encoded with a 256-colour palette
@@ -390,6 +578,7 @@ def _depth_colorbar(fig, ax, cm, colors, names: Sequence[str], label: str):
     ticks = list(range(0, len(names), step))
     bar.set_ticks(ticks)
     bar.set_ticklabels([labels[i] for i in ticks], fontsize=7)
+    bar.ax.xaxis.probe_names = bar.ax.yaxis.probe_names = True
     bar.set_label(label, fontsize=8)
     return norm
 
@@ -466,8 +655,14 @@ def _value_axis(ax, lo: float, hi: float, width: float, axis: str = "x", linear:
     else:
         setter("asinh", linear_width=width)
     (ax.set_xlim if axis == "x" else ax.set_ylim)(lo, hi)
-    fmt = FuncFormatter(lambda v, _: f"{v:.3g}")
-    (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(fmt)
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(FuncFormatter(lambda v, _: _number(v)))
+
+
+def _number(v: float) -> str:
+    """A value-axis tick label: three significant digits, without an exponent below 10**5
+    (``3000``, not ``3e+03``)."""
+    text = f"{v:.3g}"
+    return f"{v:.0f}" if "e+" in text and abs(v) < 1e5 else text
 
 
 def _floor(curves: Sequence[np.ndarray]) -> float:
@@ -578,8 +773,13 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     if not linear:  # the note under the label, each wrapped to the width the file will have
         import textwrap
 
+        note = ASINH_NOTE.format(width=f"{width:.2g}")
         room = out.chars(fig.get_size_inches()[0], 8)
-        label = textwrap.fill(label, room) + "\n" + textwrap.fill(ASINH_NOTE.format(width=f"{width:.2g}"), room)
+        if out.narrow:  # in a column, five lines of note would be as tall as the plot: it becomes the caption
+            fig.probe_caption = note
+            label = textwrap.fill(label, room)
+        else:
+            label = textwrap.fill(label, room) + "\n" + textwrap.fill(note, room)
     ax.set_xlabel(label, fontsize=8)
     ax.set_ylabel("density per unit of x (log; each curve integrates to 1)", fontsize=8)
     ax.set_title(f"Histograms of {len(chosen)} of {len(names)} sites (choose with --layers) — {_title(run)}",
@@ -652,7 +852,7 @@ def _depth(run: Run, out: _Out, opts: dict) -> list[str]:
     top.yaxis.set_major_locator(_asinh_locator(lo, hi, width, most=13))
     from matplotlib.ticker import FuncFormatter
 
-    top.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    top.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _number(v)))
     top.set_ylabel(f"activation value\n(asinh: linear within ±{width:.2g})", fontsize=8)
     if out.narrow:
         fig.legend(*top.get_legend_handles_labels(), fontsize=7, loc="outside lower center", ncol=3)
@@ -668,7 +868,7 @@ def _depth(run: Run, out: _Out, opts: dict) -> list[str]:
     low.set_yscale("symlog", linthresh=1.0)
     finite = kurt[np.isfinite(kurt)]
     if finite.size:
-        low.set_ylim(min(-1.0, float(finite.min()) * 1.5), max(1.0, float(finite.max()) * 3))
+        low.set_ylim(min(-0.3, float(finite.min()) * 1.5), max(1.0, float(finite.max()) * 3))
     low.set_ylabel("excess kurtosis\n(symlog; 0 = normal)", fontsize=8)
     for ax in (top, mid, low):
         ax.grid(alpha=0.25, lw=0.5)
@@ -818,7 +1018,7 @@ def _scatter(run: Run, out: _Out, opts: dict) -> list[str]:
             pad = 0.04 * (np.arcsinh(hi / width) - np.arcsinh(lo / width)) or 0.1
             ax.set_ylim(np.sinh(np.arcsinh(lo / width) - pad) * width, np.sinh(np.arcsinh(hi / width) + pad) * width)
             ax.yaxis.set_major_locator(_asinh_locator(lo, hi, width))
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _number(v)))
             tag = " (heaviest tail)" if name == heavy and name not in _pick(list(found)) else ""
             ax.set_title(f"{what} {labels[index[name]]}{tag}: {len(values):,} values", fontsize=9)
             ax.set_xlabel(xlabel, fontsize=8)
@@ -826,7 +1026,8 @@ def _scatter(run: Run, out: _Out, opts: dict) -> list[str]:
             ax.grid(alpha=0.25, lw=0.5)
         for ax in axes[len(chosen):]:
             ax.set_visible(False)
-        axes[0].set_ylabel("activation value (asinh: linear within ±std)", fontsize=8)
+        # one label for every row of panels (on the first panel alone it named only that one)
+        fig.supylabel("activation value (asinh: linear within ±std)", fontsize=8)
         handles, names = axes[0].get_legend_handles_labels()
         if handles:  # outside the panels: inside one, the legend would cover the extremes it names
             fig.legend(handles, names, fontsize=7, loc="outside lower center", ncol=len(handles), markerscale=1.0)
@@ -877,7 +1078,7 @@ def _channels(run: Run, out: _Out, opts: dict) -> list[str]:
 # ----------------------------------------------------------------------------- positions
 def _positions(run: Run, out: _Out, opts: dict) -> list[str]:
     _, Figure, colors, cm = _mpl()
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter
 
     views = []
     for name in _sites_with(run, "position"):
@@ -924,6 +1125,9 @@ def _positions(run: Run, out: _Out, opts: dict) -> list[str]:
         # their own, and a 4096-token context still fits
         low.set_xscale("symlog", linthresh=1, linscale=0.4)
         low.set_xlim(-0.5, max(longest, 2))
+        # 1, 2, 5 x 10**k: the default symlog ticks are decades, 0, 1 and 10 for 50 positions
+        low.xaxis.set_major_locator(FixedLocator([0.0, *[m * 10.0**e for e in range(int(math.log10(max(longest, 2))) + 1)
+                                                         for m in (1, 2, 5) if m * 10.0**e <= longest]]))
         low.xaxis.set_major_formatter(plain)
         low.set_xlabel("token position (log scale past 1)", fontsize=8)
     fig.suptitle(f"Per-position profile over every real token (skip_first does not apply) — {_title(run)}",
@@ -988,7 +1192,7 @@ def _timeline(run: Run, out: _Out, opts: dict) -> list[str]:
     from .timeline import plot_timeline, timeline  # the figure lives with its rules
 
     try:
-        fig = plot_timeline(timeline(run), title=_title(run))
+        fig = plot_timeline(timeline(run), title=_title(run), columns=2 if out.narrow else None)
     except ProbeError as err:
         raise _Missing(str(err)) from err
     return [out.save(fig, "timeline.png")]
@@ -1109,7 +1313,8 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
              layers: str | Sequence[str] | None = None, shared: bool = False, linear: bool = False,
              format: Format = "png", dpi: int | None = None, size: Size = "screen",
              progress: Callable[[str, int, int], None] | None = None,
-             skipped: Callable[[str, str], None] | None = None) -> list[str]:
+             skipped: Callable[[str, str], None] | None = None,
+             caption: Callable[[str, str], None] | None = None) -> list[str]:
     """Draw a run's figures as files in ``out_dir`` (created if missing).
 
     Args:
@@ -1131,6 +1336,10 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
         skipped: called as ``skipped(kind, why)`` for each kind left out because the run lacks
             its data (``kinds=None`` only; a kind asked for by name raises instead): e.g.
             ``steps`` on a run with one window, ``why`` naming the fix (``every=``).
+        caption: called as ``caption(path, text)`` for a file whose reading note was left out of
+            the figure to be its caption: ``hist_overlay``'s :data:`ASINH_NOTE` at a column's
+            width (``size="column"``), where its five lines would be as tall as the plot
+            (:func:`figures` leaves it on the figure as ``fig.probe_caption``).
 
     Returns:
         The paths written, in the order of :data:`KINDS`.
@@ -1153,8 +1362,9 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
         raise ProbeError(f"-o {out}: is an existing file; expected a folder for the figures; "
                          "pass a folder name (created if missing)")
     os.makedirs(out, exist_ok=True)
-    return _draw(run, kinds, _Out(out, fmt=format, dpi=dpi or DPI, size=size), layers, shared, progress, linear,
-                 skipped)
+    sink = _Out(out, fmt=format, dpi=dpi or DPI, size=size)
+    sink.caption = caption
+    return _draw(run, kinds, sink, layers, shared, progress, linear, skipped)
 
 
 def figures(run: Run, kinds: Sequence[Kind] | Kind | None = None, *, layers: str | Sequence[str] | None = None,
@@ -1251,6 +1461,9 @@ def _diff_figure(a: Run, b: Run):
             # bars are log10(ratio), so up and down are symmetric; ticks read as the change itself
             small = logr.size == 0 or float(np.max(np.abs(logr))) < np.log10(2)
             fmt = (lambda t, _: f"{(10 ** t - 1) * 100:+.2g} %") if small else (lambda t, _: f"×{10 ** t:.3g}")
+            # a symmetric view: a tick on either side of 1, however one-sided the bars
+            reach = float(np.max(np.abs(logr))) if logr.size and np.max(np.abs(logr)) > 0 else np.log10(1.01)
+            ax.set_ylim(-1.15 * reach, 1.15 * reach)
             ax.yaxis.set_major_locator(MaxNLocator(nbins=6, symmetric=True))
             ax.yaxis.set_major_formatter(FuncFormatter(fmt))
             ax.set_ylabel("std_b / std_a\n(log scale)", fontsize=8)
@@ -1288,4 +1501,6 @@ def _diff_figure(a: Run, b: Run):
         fig.suptitle(title + "\n" + "\n".join(lines), fontsize=8, color="#8a1c1c")
     else:
         fig.suptitle(title, fontsize=10)
+    _declutter(fig)
+    _label_ends(fig)
     return fig

@@ -321,7 +321,8 @@ def diff(a: Run, b: Run) -> list[dict[str, Any]]:
         the sign unresolved).
 
     Raises:
-        ProbeError: the runs share no site.
+        ProbeError: the runs share no site; a site of both has different widths (channels) in
+            each: runs of two different models.
 
     Example:
         >>> rows = diff(run, run)
@@ -333,6 +334,14 @@ def diff(a: Run, b: Run) -> list[dict[str, Any]]:
         raise ProbeError(f"the runs share no site; expected common site names; got {a.sites[:3]} in "
                          f"{a.path or 'run a'} and {b.sites[:3]} in {b.path or 'run b'}; compare runs captured "
                          "with the same sites=")
+    for name in common:  # same-named sites of two different models are no comparison
+        sa, sb = a[name], b[name]
+        if sa.has("moments") and sb.has("moments") and sa.count and sb.count:
+            wa, wb = len(sa.channel), len(sb.channel)
+            if wa != wb:
+                raise ProbeError(f"site {name!r} is {wa} channels wide in {a.path or 'run a'} and {wb} in "
+                                 f"{b.path or 'run b'}; expected runs of the same model (same widths); compare "
+                                 "runs captured from one model")
     rows = []
     for name in common:
         sa, sb = a[name], b[name]

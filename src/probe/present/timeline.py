@@ -436,14 +436,25 @@ def print_window(tl: Timeline):
     return table
 
 
+def _tick(v: float) -> str:
+    """A kurtosis tick label: three significant digits, ``10^k`` from 10**5 on."""
+    text = f"{v:.3g}"
+    if "e" not in text:
+        return text
+    if abs(v) < 1e5:
+        return f"{v:.0f}"
+    return f"{'-' if v < 0 else ''}$10^{{{math.log10(abs(v)):.3g}}}$"
+
+
 def plot_timeline(tl: Timeline, *, series: Sequence[str] = ("absmax", "std", "kurtosis", "norm_p99"),
-                  title: str = ""):
+                  title: str = "", columns: int | None = None):
     """The series over steps, one line per site coloured by depth, each jump a dashed red line.
 
     Args:
         tl: a :class:`Timeline`.
         series: the panels, from :data:`SERIES` (those with no finite value are left out).
         title: the figure's title.
+        columns: panels per row (default: all in one row); ``probe plot --size column`` draws two.
 
     Returns:
         A matplotlib ``Figure``.
@@ -454,6 +465,7 @@ def plot_timeline(tl: Timeline, *, series: Sequence[str] = ("absmax", "std", "ku
     try:
         from matplotlib import colormaps
         from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter
     except ImportError as err:  # pragma: no cover - the plot extra
         raise ProbeError('plotting needs matplotlib; expected it installed; pip install "probe[plot]"') from err
     if len(tl.steps) < 2:
@@ -462,8 +474,14 @@ def plot_timeline(tl: Timeline, *, series: Sequence[str] = ("absmax", "std", "ku
     panels = [k for k in series if any(np.isfinite(tl.series[k][n]).any() for n in tl.sites)]
     if not panels:
         raise ProbeError(f"no series with data among {list(series)}; expected a run with moments or norm")
-    fig = Figure(figsize=(3.6 * len(panels) + 1.2, 3.8), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    if columns is None:
+        columns = len(panels)
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(3.6 * columns + 1.2, 3.4 * rows + 0.4), layout="constrained")
+    grid = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
+    for ax in grid[len(panels):]:
+        ax.set_visible(False)
+    axes = grid[:len(panels)]
     cmap = colormaps["viridis"]
     depth = max(len(tl.sites) - 1, 1)
     for ax, k in zip(axes, panels):
@@ -477,6 +495,8 @@ def plot_timeline(tl: Timeline, *, series: Sequence[str] = ("absmax", "std", "ku
             ax.set_yscale("log")
         else:
             ax.set_yscale("symlog", linthresh=1.0)
+            # symlog's own labels write every digit of the view's ends (-4.5008×10^-1) in its linear part
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick(v)))
         ax.set_title(k.replace("_", " "), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.25, lw=0.5)
@@ -485,6 +505,8 @@ def plot_timeline(tl: Timeline, *, series: Sequence[str] = ("absmax", "std", "ku
     bar = fig.colorbar(sm, ax=list(axes), fraction=0.03, pad=0.01)
     ticks = np.unique(np.linspace(0, len(tl.sites) - 1, min(len(tl.sites), 8)).round().astype(int))
     bar.set_ticks(ticks.tolist(), labels=[tl.sites[i] for i in ticks])
+    for axis in (bar.ax.xaxis, bar.ax.yaxis):  # names, not values: no end labels added
+        setattr(axis, "probe_names", True)
     bar.set_label("site (model order)", fontsize=8)
     bar.ax.tick_params(labelsize=7)
     marks = "dashed red: jumps" + ("; dotted black: first NaN/Inf" if tl.first_nonfinite is not None else "")

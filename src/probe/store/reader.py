@@ -237,12 +237,36 @@ class FileSource:
         return state if proven else self._all_windows().cross
 
 
+#: the 8 bytes an HDF5 file starts with, at offset 0 or (after a user block) 512, 1024, 2048, ...
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _has_hdf5_signature(path: str) -> bool:
+    """Whether the HDF5 format signature is where the HDF5 specification puts it (section II.A:
+    offset 0, 512, 1024, 2048, ...). Unreadable files pass: opening them says why."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            offset = 0
+            while offset + 8 <= size:
+                f.seek(offset)
+                if f.read(8) == HDF5_SIGNATURE:
+                    return True
+                offset = 512 if offset == 0 else offset * 2
+    except OSError:
+        return True
+    return False
+
+
 def _open_run(path: str):
     """The file at ``path`` open for reading, or a one-line error saying why it cannot be."""
     if not os.path.exists(path):
         raise ProbeError(f"no such file: {path!r}; expected a run written by probe; check the path")
     if os.path.isdir(path):
         raise ProbeError(f"{path!r} is a folder; expected a run file written by probe; pass the .h5 file inside it")
+    if not _has_hdf5_signature(path):
+        raise FileFormatError(f"{path!r} is not an HDF5 file (no HDF5 signature); expected a probe run (.h5); "
+                              "pass the run file probe wrote")
     try:
         return open_file(path, "r")
     except OSError as err:

@@ -120,6 +120,8 @@ def repair(path: str | os.PathLike) -> str:
         ProbeError: another live process writes the file, or it is not an HDF5 file probe can mend.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ProbeError(f"{path!r} is a folder; expected a run file written by probe; pass the .h5 file inside it")
     if not os.path.isfile(path):
         raise ProbeError(f"no such file: {path!r}; expected a run file; check the path")
     stale = os.path.exists(lock_path(path))
