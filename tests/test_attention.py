@@ -399,6 +399,11 @@ def test_show_prints_maxlogit_table(tmp_path, capsys):
     np.testing.assert_allclose(r["maxlogit"], planted["maxlogit"].max(), rtol=1e-5)
     assert r["head"] == head
     assert (r["query"], r["key"], r["token"]) == tuple(int(v) for v in planted["at"][head][1:])
+    site = "model.layers.1.self_attn:attention"
+    assert main(["show", path, "--site", site]) == 0  # a site with only its own statistic: its own table
+    text = capsys.readouterr().out
+    assert site in text and "MaxLogit" in text and "hidden-state geometry" not in text
+    assert probe.load(path)[site].tokens == r["tokens"] == probe.load(path)[site].attention.tokens > 0
 
 
 def _rank(rank: int, world: int, port: int, folder: str) -> None:

@@ -527,6 +527,13 @@ def test_show_plot_and_cli_report_the_experts(tmp_path, capsys):
     assert "mixture of experts: routing per layer" in capsys.readouterr().out
     assert main(["show", str(tmp_path / "run.h5"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["moe"][1]["counts"] == rows[1]["counts"]
+    for site in ("model.layers.1.mlp.gate:router", "model.layers.1.mlp.experts:down_proj"):
+        assert main(["show", str(tmp_path / "run.h5"), "--site", site]) == 0  # its layer's routing row
+        text = capsys.readouterr().out
+        assert "mixture of experts: routing per layer" in text and "model.layers.1.mlp.gate:router" in text
+    assert run["model.layers.1.mlp.gate:router"].tokens == rows[1]["tokens"]
+    with pytest.raises(probe.ProbeError, match="the run captured 'experts', but at other sites"):
+        run["model.layers.1.mlp.gate:router"].experts
     assert main(["show", str(tmp_path / "run.h5"), "--quant", "int8", "--min-tokens", "5"]) == 0
     assert "expert coverage" in capsys.readouterr().out
     assert main(["export", "imatrix", str(tmp_path / "run.h5"), "-o", str(tmp_path / "i.gguf"), "--min-tokens",

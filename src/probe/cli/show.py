@@ -54,8 +54,8 @@ def command(args) -> int:
     print_summary(run, console=stdout(), site=site)
     from ..present.experts import has_moe, moe_table, print_moe
 
-    if has_moe(run) and (site is None or site.endswith((":router", ":experts"))):
-        rows = [r for r in moe_table(run) if site is None or site in (r["router"], r["experts"])]
+    if has_moe(run) and (site is None or site.endswith((":router", ":experts", ":down_proj"))):
+        rows = [r for r in moe_table(run) if site is None or site in (r["router"], r["experts"], r.get("down"))]
         print_moe(rows, console=stdout())
     from ..present.attention import attention_table, has_attention, print_attention
 

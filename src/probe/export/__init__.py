@@ -61,15 +61,15 @@ def expert_coverage(runs, min_tokens: int = 1) -> list[dict[str, Any]]:
     return coverage(collect_experts(runs), min_tokens)
 
 
-def _warn_coverage(experts: list[ExpertStats], min_tokens: int) -> None:
+def _warn_coverage(experts: list[ExpertStats], min_tokens: int, empty: str = "as zeros with count 0") -> None:
     rows = [r for r in coverage(experts, min_tokens) if r["zero"] or r["below"]]
     if rows:
         import warnings
 
         parts = [f"{r['module']}: {len(r['zero'])} of {r['experts']} with no token"
                  + (f", {len(r['below'])} with < {min_tokens}" if r["below"] else "") for r in rows]
-        warnings.warn("probe: experts with little or no calibration data (an expert with no token is written "
-                      "as zeros with count 0): " + "; ".join(parts[:4]) + (" …" if len(parts) > 4 else "")
+        warnings.warn(f"probe: experts with little or no calibration data (an expert with no token is written "
+                      f"{empty}): " + "; ".join(parts[:4]) + (" …" if len(parts) > 4 else "")
                       + "; calibrate on more or more varied text", stacklevel=3)
 
 
@@ -137,7 +137,9 @@ def export(fmt: Format, runs, path: str | os.PathLike, *,
         raise ProbeError("no input site saw any token; expected a capture that ran forwards; "
                          "run the model inside the with-block")
     expert_coverage(runs, min_tokens)  # validates min_tokens
-    _warn_coverage(experts, min_tokens)
+    legacy = fmt == "imatrix" and path.endswith(".dat")  # llama.cpp's legacy file has no per-expert counts
+    _warn_coverage(experts, min_tokens, "as 1 per call, as llama.cpp's legacy writer does" if legacy
+                   else "as zeros with count 0")
     meta = _meta(runs)
     if fmt == "smoothquant":
         from .smoothquant import write

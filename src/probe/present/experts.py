@@ -40,11 +40,12 @@ def _counts(run, layer) -> np.ndarray | None:
 
 
 def moe_table(run) -> list[dict[str, Any]]:
-    """One dict per mixture-of-experts layer: ``layer, router, experts, E, k, tokens, max_over_mean,
+    """One dict per mixture-of-experts layer: ``layer, router, experts, down, E, k, tokens, max_over_mean,
     cv, entropy, entropy_max, never_routed, counts`` (``None`` where not captured)."""
     rows = []
     for layer in moe_layers(run):
         row: dict[str, Any] = {"layer": layer.layer, "router": layer.router, "experts": layer.experts,
+                               "down": layer.down,
                                "E": None, "k": None, "tokens": None, "max_over_mean": None, "cv": None,
                                "entropy": None, "entropy_max": None, "never_routed": None, "counts": None}
         if layer.router is not None and run[layer.router].has("router"):

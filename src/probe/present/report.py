@@ -477,6 +477,14 @@ def _compact(names: list[str]) -> str:
     return ", ".join(parts)
 
 
+def _cut(text: str, width: int) -> str:
+    """``text`` cut at a word boundary to at most ``width`` characters, with ``…`` when cut."""
+    if len(text) <= width:
+        return text
+    head = text[: width - 1]
+    return (head.rsplit(" ", 1)[0] if " " in head else head) + "…"
+
+
 def _partial_line(partial: dict[str, Any]) -> str:
     done = partial.get("batches")
     return (f"[bold yellow]partial run[/]: {partial.get('reason', 'interrupted')}"
@@ -552,6 +560,8 @@ def print_summary(run: Run, console=None, site: str | None = None) -> None:
     for col in cols:
         table.add_column(col, justify="left" if col in ("site", "at") else "right", no_wrap=col != "at")
     table.columns[0].justify = "left"
+    # sites with only their own statistic (attention, mixture of experts) have their own tables
+    general = [e for e in data["sites"] if site is None or e["site"] == site]
     flagged = {m["site"] for m in data["massive"]}
     for e in data["sites"]:
         if site is not None and e["site"] != site:
@@ -561,16 +571,22 @@ def print_summary(run: Run, console=None, site: str | None = None) -> None:
         cells = [name, _fmt(e["tokens"]), _fmt(e["mean"]), _fmt(e["std"]), _fmt(e["skew"]), _fmt(e["kurtosis"])]
         cells += [_fmt(e["min"]), _fmt(e["max"])] if wide else []
         table.add_row(*cells, _fmt(e["absmax"]), _where(e["absmax_at"], wide))
-    console.print(table)
-    research.print_research(run, console, site)
+    if general:
+        console.print(table)
+        research.print_research(run, console, site)
+    else:
+        console.print(f"[bold]{title}[/]")
     if data["partial"]:
         console.print(_partial_line(data["partial"]))
     if data["disabled"]:
-        items = [f"{n} ({why.splitlines()[0][:80] if why else 'disabled'})" for n, why in data["disabled"].items()]
+        from rich.markup import escape
+
+        items = [escape(f"{n} ({_cut(why.splitlines()[0], 100) if why else 'disabled'})")
+                 for n, why in data["disabled"].items()]
         console.print(f"[bold yellow]{len(items)} site(s) recorded nothing or were disabled:[/] "
                       + "; ".join(items[:8]) + (" …" if len(items) > 8 else ""), soft_wrap=True)
-    if site is not None:
-        e = next(x for x in data["sites"] if x["site"] == site)
+    if site is not None and general:
+        e = general[0]
         if "quantiles" in e:
             console.print("quantiles: " + ", ".join(f"q{q}={_fmt(v)}" for q, v in e["quantiles"].items()))
         s = run[site]

@@ -205,6 +205,8 @@ def print_research(run: Run, console=None, site: str | None = None) -> None:
     from rich.table import Table
 
     data = summary(run, top=10 if site else 1)
+    if not data["sites"] or (site is not None and all(e["site"] != site for e in data["sites"])):
+        return  # only sites with their own tables (attention, mixture of experts)
     has_norm = any("norm" in e for e in data["sites"])
     has_topk = any("topk" in e for e in data["sites"])
     if not (has_norm or has_topk or data["block_influence"]):

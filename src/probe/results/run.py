@@ -601,6 +601,10 @@ def not_captured(what: str, kind: str, stats: Sequence[str] | None = None) -> Pr
         >>> print(not_captured("site 'x'", "cos", ["moments"]))
         site 'x' has no 'cos' statistic (not captured); expected 'cos' in stats, got ['moments']; ...
     """
+    if stats is not None and kind in stats:  # the run has it, elsewhere: say so rather than "capture it"
+        return ProbeError(f"{what} has no {kind!r} state: the run captured {kind!r}, but at other sites (this "
+                          f"site does not record it, or was disabled); expected a site holding it; read it where "
+                          f"`{kind!r} in run[site]`")
     got = "" if stats is None else f", got {list(stats)!r}"
     return ProbeError(f"{what} has no {kind!r} statistic (not captured); expected {kind!r} in stats{got}; "
                       f"capture with stats including {kind!r}")
@@ -667,6 +671,10 @@ class SiteView:
             row, pos, ch, tok = (int(v) for v in m["absmax_at"])
             self.absmax_at = {"row": row, "position": pos, "channel": ch, "token": tok}
             self.nan, self.posinf, self.neginf = int(m["nan"]), int(m["posinf"]), int(m["neginf"])
+        else:  # a site with only its own statistic: its real tokens (a router's or attention's queries)
+            own = state.get("attention") or state.get("router")
+            if own and "tokens" in own:
+                self.tokens = int(np.asarray(own["tokens"]))
 
     def __repr__(self) -> str:
         if self.has("router"):  # a mixture-of-experts site holds only its own statistic
