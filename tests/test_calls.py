@@ -522,3 +522,78 @@ def test_audio_sample_mask_becomes_a_frame_mask(head):
                 for values, mask in clips:
                     (model.forward if direct else model)(values, attention_mask=mask)
         _check(run, chunks)
+
+
+def _head_llama(attn: str = "eager"):
+    torch.manual_seed(0)
+    config = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=VOCAB, attn_implementation=attn)
+    return T.LlamaForCausalLM(config).eval()
+
+
+def test_head_model_direct_forward_hidden_states_with_named_sites():
+    """``LlamaForCausalLM.forward(...)`` with the default sites and a named glob: the base model's
+    pre-hook opens the forward, which is the head's frame's, so the named modules (read in the
+    head's own call) also count only real tokens (left- and right-padded), and each forward once."""
+    model = _head_llama()
+    calls = _calls()
+    names = ["model.layers.0.mlp", "model.layers.1.mlp"]
+    with probe.capture(model, sites=["hidden_states", "model.layers.*.mlp"], stats=STATS, strict=True,
+                       every=1) as run:
+        with torch.no_grad():
+            for ids, mask in calls:
+                model.forward(input_ids=ids, attention_mask=mask)
+    assert list(run.sites) == [f"hidden_states.{i}" for i in range(3)] + names
+    _check(run, _reference(model, calls))
+    _check(run, _module_reference(model, calls, names), names)
+    assert run.steps == [1, 2, 3]  # one window a forward: each forward counted once
+
+
+def test_head_model_direct_forward_hidden_states_with_attention():
+    """``sites=["hidden_states", "attention"]`` under ``LlamaForCausalLM.forward(...)``: the
+    attention sites read the head's mask (no site is disabled), exact against float64 numpy."""
+    from test_attention import batch as attention_batch
+    from test_attention import check_site, reference_qk, reference_stats
+
+    model = _head_llama()
+    for side in ("left", "right"):
+        inputs = attention_batch(side)
+        refs = reference_qk(model, inputs)
+        with probe.capture(model, sites=["hidden_states", "attention"], stats=STATS) as run:
+            with torch.no_grad():
+                model.forward(**inputs)
+        assert run.meta["disabled"] == {}
+        assert sorted(n for n in run.sites if n.endswith(":attention")) == sorted(p + ":attention" for p in refs)
+        mask = inputs["attention_mask"]
+        _check(run, _reference(model, [(inputs["input_ids"], mask)], position_ids=inputs.get("position_ids")))
+        for path, (q, k, scale) in refs.items():
+            ref = reference_stats(q, k, scale, mask.numpy(), inputs["input_ids"].numpy())
+            check_site(run[path + ":attention"].state("attention"), ref)
+
+
+def test_head_model_direct_forward_hidden_states_with_moe():
+    """``sites=["hidden_states", "moe"]`` under ``MixtralForCausalLM.forward(...)``: routers,
+    experts and down projections count only real tokens (left- and right-padded), exact against
+    float64 numpy, none disabled."""
+    from test_moe import _batches, _check_down, _check_experts, _check_router, _mixtral, _Tape
+    from test_moe import _reference as _moe_reference
+
+    model = _mixtral()
+    batches = _batches(3, 5)
+    tape = _Tape(model)
+    try:
+        tape.run(model, batches)
+    finally:
+        tape.remove()
+    with probe.capture(model, sites=["hidden_states", "moe"], every=1) as run:
+        with torch.no_grad():
+            for ids, mask in batches:
+                model.forward(input_ids=ids, attention_mask=mask)
+    assert run.meta["disabled"] == {}
+    assert run.steps == [1, 2, 3]
+    _check(run, _reference(model, batches))
+    for i, layer in enumerate(tape.layers):
+        ref = _moe_reference(tape, i, normalized=True)
+        _check_router(run[layer.router + ":router"].state("router"), ref)
+        _check_experts(run[layer.experts + ":experts"].experts, ref)
+        _check_down(run[layer.experts + ":down_proj"].experts, ref)

@@ -16,7 +16,9 @@ per-layer call counting restarts there. Its tokens are described by the argument
 mask the model replaced by its 4-D form is read as such, see :mod:`probe.capture.tokens`), else
 by the first layer's own call. With modules named in ``sites=`` (whose order in a forward is not
 known) the forward opens at the first site's module that runs inside a frame of the model's
-``forward`` (:meth:`Forwards.arrive`) and is that frame's: it is settled (:meth:`Forwards.settle`)
+``forward`` (:meth:`Forwards.arrive`), or at a stack called inside that frame (a head's base model,
+whose pre-hook runs before any site's: :meth:`Forwards.enter`), and is that frame's, described by
+its arguments: it is settled (:meth:`Forwards.settle`)
 once the frame has finished — at the next forward, ``snapshot()`` or exit. A forward that raised
 is known by the next forward's new frame, and left out whole; without a Python frame, when the
 first site's module has been called more often than in a whole forward.
@@ -488,13 +490,21 @@ class Forwards:
             self._settle()
         if frame is None:  # a submodule called on its own: observe folds it in at once
             return
+        self._open_frame(frame)
+
+    def _open_frame(self, frame: FrameType) -> TokenContext | None:
+        """Open the forward that ``frame`` (a running frame of the model's ``forward``) holds, described
+        by the frame's arguments; ``None`` when the schedule skips it. Opened by the first named site's
+        module (:meth:`arrive`) or by a stack called inside the frame (:meth:`enter`: a head model's
+        base model, whose own mask describes only its stack's sites)."""
         self._frame = frame
         if self._scheduled_off(FRAME):
-            return
+            return None
         context = self._start(FRAME)
         call = _frame_call(frame)
         inputs = context.calls[""] = _frames(self._hooks.model, call, read_call(call))
         self._phase = "decode" if self._options.phases and inputs.past else "prefill"
+        return context
 
     def settle(self) -> None:
         """End a forward that a frame of the model's ``forward`` holds, if that frame finished: folded in
@@ -525,10 +535,18 @@ class Forwards:
             return
         context = self._context
         alone = context is None or self._owner is None
-        if context is None or self._owner is None:  # the stack called on its own: a forward of its own
-            if self._scheduled_off(name):
-                return
-            context = self._start(name)
+        if alone:
+            frame = _running_frame(self._hooks.model, self._codes) if self._hooks.opener is None else None
+            if frame is not None:  # the model's forward called directly, with named sites: its frame's forward
+                context = self._open_frame(frame)
+                if context is None:
+                    return
+                alone = False
+            else:  # the stack called on its own: a forward of its own
+                if self._scheduled_off(name):
+                    return
+                context = self._start(name)
+        assert context is not None
         call = self._bind(module, args, kwargs)
         inputs = _frames(module, call, read_call(call))
         if inputs.mask is None and inputs.unreadable is None:
@@ -544,11 +562,10 @@ class Forwards:
         head that passes its base model the ids, not the mask: RwkvForCausalLM): the model's
         call says which of these tokens are padding. The model's call is its pre-hook's, or, with
         ``forward`` called directly, its running frame's."""
-        if alone:
+        outer_call = None if alone else self.call
+        if outer_call is None:  # called alone, or in a forward its frame holds (FRAME)
             frame = _running_frame(self._hooks.model, self._codes)
             outer_call = None if frame is None else _frame_call(frame)
-        else:
-            outer_call = self.call
         if outer_call is None:
             return inputs
         ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
