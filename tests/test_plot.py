@@ -462,11 +462,16 @@ def test_formats_dpi_and_sizes(one, tmp_path):
     assert 0.8 * 350 <= column.shape[1] <= 1.25 * 350  # 3.5 in at 100 dpi (tight bbox trims a little)
     fig = figures(one, "depth", size="slide")["depth.png"]
     assert abs(fig.get_size_inches()[0] - 13.33) < 1e-9
-    for bad, match in (({"format": "jpg"}, "format: expected one of png, pdf, svg"),
-                       ({"dpi": 5}, "dpi: expected an integer from 10 to 1200"),
-                       ({"size": "poster"}, "size: expected one of screen, column, page, slide")):
+    for bad, match in (({"format": "jpg"}, r"format \(--format\): expected one of png, pdf, svg"),
+                       ({"dpi": 5}, r"dpi \(--dpi\): expected an integer from 10 to 1200"),
+                       ({"size": "poster"}, r"size \(--size\): expected one of screen, column, page, slide")):
         with pytest.raises(ProbeError, match=match):
             plot_run(one, tmp_path / "x", kinds="depth", **bad)
+    with pytest.raises(ProbeError, match=r"--layers 2-0: a reversed range; expected low-high; pass e.g. --layers 0-2"):
+        parse_layers(one, "2-0")
+    with pytest.raises(ProbeError, match="needs two or more windows"):  # nothing drawn: no empty folder left
+        plot_run(one, tmp_path / "steps", kinds="steps")
+    assert not (tmp_path / "steps").exists()
 
 
 def test_plot_into_an_existing_file_is_one_line(one, tmp_path, capsys):

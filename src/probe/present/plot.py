@@ -1254,6 +1254,9 @@ def parse_layers(run: Run, text: str | Sequence[str]) -> list[str]:
             continue
         a, dash, b = part.partition("-")
         if dash and a.strip().isdigit() and b.strip().isdigit():
+            if int(a) > int(b):
+                raise ProbeError(f"--layers {part}: a reversed range; expected low-high; pass e.g. "
+                                 f"--layers {b.strip()}-{a.strip()}")
             out += [resolve_site(run, str(k), "--layers") for k in range(int(a), int(b) + 1)]
         else:
             out.append(resolve_site(run, part, "--layers"))
@@ -1301,11 +1304,11 @@ def _draw(run, kinds, out: _Out, layers, shared: bool, progress, linear: bool = 
 
 def _check_output(fmt: str, dpi: int | None, size: str) -> None:
     if fmt not in FORMATS:
-        raise ProbeError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}; pass e.g. --format pdf")
+        raise ProbeError(f"format (--format): expected one of {', '.join(FORMATS)}, got {fmt!r}; pass e.g. --format pdf")
     if dpi is not None and not (isinstance(dpi, int) and 10 <= dpi <= 1200):
-        raise ProbeError(f"dpi: expected an integer from 10 to 1200, got {dpi!r}; pass e.g. --dpi 300")
+        raise ProbeError(f"dpi (--dpi): expected an integer from 10 to 1200, got {dpi!r}; pass e.g. --dpi 300")
     if size not in SIZES:
-        raise ProbeError(f"size: expected one of {', '.join(SIZES)}, got {size!r}; pass e.g. --size column")
+        raise ProbeError(f"size (--size): expected one of {', '.join(SIZES)}, got {size!r}; pass e.g. --size column")
 
 
 # ---------------------------------------------------------------------------------- public
@@ -1361,10 +1364,19 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
     if os.path.exists(out) and not os.path.isdir(out):
         raise ProbeError(f"-o {out}: is an existing file; expected a folder for the figures; "
                          "pass a folder name (created if missing)")
+    made = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     sink = _Out(out, fmt=format, dpi=dpi or DPI, size=size)
     sink.caption = caption
-    return _draw(run, kinds, sink, layers, shared, progress, linear, skipped)
+    try:
+        return _draw(run, kinds, sink, layers, shared, progress, linear, skipped)
+    except BaseException:
+        if made:  # a folder this call made and nothing was drawn into: not left behind
+            try:
+                os.rmdir(out)
+            except OSError:
+                pass
+        raise
 
 
 def figures(run: Run, kinds: Sequence[Kind] | Kind | None = None, *, layers: str | Sequence[str] | None = None,
