@@ -459,7 +459,7 @@ def test_formats_dpi_and_sizes(one, tmp_path):
     high = imread(plot_run(one, tmp_path / "b", kinds="depth", dpi=180)[0])
     assert abs(high.shape[1] / low.shape[1] - 3.0) < 0.1
     column = imread(plot_run(one, tmp_path / "c", kinds="depth", size="column", dpi=100)[0])
-    assert 0.8 * 350 <= column.shape[1] <= 1.25 * 350  # 3.5 in at 100 dpi (tight bbox trims a little)
+    assert column.shape[1] == 350  # 3.5 in at 100 dpi: a print size is saved at its own size
     fig = figures(one, "depth", size="slide")["depth.png"]
     assert abs(fig.get_size_inches()[0] - 13.33) < 1e-9
     for bad, match in (({"format": "jpg"}, r"format \(--format\): expected one of png, pdf, svg"),
@@ -588,6 +588,20 @@ def test_every_kind_lays_out_at_every_size(deep, size):
                       and axis.get_major_ticks()[0].label1.get_fontsize() < 6]
             assert not small, (size, name, small[:5])
             assert abs(fig.get_size_inches()[0] - SIZES[size]) < 1e-9
+            # saved at its own size (no tight bbox): nothing may hang past the edge and be cut off
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+            box = fig.get_tightbbox(FigureCanvasAgg(fig).get_renderer())
+            w, h = fig.get_size_inches()
+            assert box.x0 >= -0.01 and box.y0 >= -0.01 and box.x1 <= w + 0.01 and box.y1 <= h + 0.01, \
+                (size, name, box.bounds)
+            # mathtext sets a superscript (10^n) at 70 % of its label: it too stays at 6 pt or more
+            tiny = [(t.get_text()[:20], t.get_fontsize()) for t in _texts(fig) if "^" in t.get_text()
+                    and t.get_text().count("$") >= 2 and 0.7 * t.get_fontsize() < 6]
+            tiny += [(lab.get_text(), lab.get_fontsize()) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+                     for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()] for lab in (tick.label1,)
+                     if lab.get_visible() and "^" in lab.get_text() and 0.7 * lab.get_fontsize() < 6]
+            assert not tiny, (size, name, tiny[:5])
 
 
 def test_declutter_thins_crowded_asinh_ticks_nearest_zero_first():
@@ -720,3 +734,63 @@ def test_axes_are_labelled_to_both_ends_of_their_view():
     assert 0.1 <= max(tops) <= 0.89
     texts = [t.get_text() for t in lg.get_yticklabels() if t.get_text()]
     assert len(texts) >= 2 and all(texts)  # the added non-decade tick is labelled (a log axis labels decades)
+
+
+def _pdf_facts(path) -> tuple[float, bool, list]:
+    """A PDF's page width (pt, from its MediaBox), whether it embeds a Type 3 font, and the size
+    (pt) of every font its content streams set (``Tf``): mathtext superscripts are set in their own."""
+    import re
+    import zlib
+
+    data = open(path, "rb").read()
+    box = [float(v) for v in re.search(rb"/MediaBox\s*\[([^\]]*)\]", data).group(1).split()]
+    sizes = []
+    for m in re.finditer(rb"stream\r?\n(.*?)endstream", data, re.S):
+        try:
+            sizes += [float(v) for v in re.findall(rb"([\d.]+) Tf\b", zlib.decompress(m.group(1)))]
+        except zlib.error:
+            continue  # an image or font program, not a content stream
+    return box[2] - box[0], b"/Type3" in data, sizes
+
+
+def test_column_files_are_a_column_wide_with_print_fonts_and_dpi(deep, tmp_path):
+    """At ``--size column``: a PDF page and a 300 dpi PNG no wider than 3.5 in (252 pt, 1050 px),
+    TrueType fonts (no Type 3), every glyph (10^n exponents included) at 6 pt or more, and the
+    PNG records its dpi. The kinds with log axes and the ones palette-encoded."""
+    from PIL import Image
+
+    kinds = ["histograms", "scatter", "positions", "timeline"]
+    pdfs = plot_run(deep, tmp_path / "pdf", kinds=kinds, size="column", format="pdf")
+    assert len(pdfs) == 6
+    for p in pdfs:
+        width, type3, sizes = _pdf_facts(p)
+        assert width <= 252 + 1e-6, (p, width)
+        assert not type3, p
+        assert sizes and min(sizes) >= 6 - 1e-6, (p, sorted(sizes)[:3])
+    for p in plot_run(deep, tmp_path / "png", kinds=kinds, size="column", dpi=300):
+        with Image.open(p) as im:
+            assert im.size[0] <= 1050, (p, im.size)
+            assert im.info.get("dpi") and abs(im.info["dpi"][0] - 300) < 0.01, (p, im.info.get("dpi"))
+
+
+def test_printed_grid_fits_a_page_and_says_what_it_left_out(deep, tmp_path):
+    """31 panels at a column's width would be 10.2 in tall: 27 evenly spread ones are drawn (first
+    and last kept), the figure is at most 8.5 in tall, and the caption counts what was left out."""
+    from probe.present.plot import PAGE_HEIGHT
+
+    figs = figures(deep, "histograms", size="column")
+    grid = figs["hist_grid.png"]
+    assert grid.get_size_inches()[1] <= PAGE_HEIGHT + 1e-9
+    shown = [ax for ax in grid.axes if ax.get_visible()]
+    assert 20 <= len(shown) < 31
+    assert shown[0].get_title().startswith("0:") and shown[-1].get_title().startswith("30:")
+    assert f"{len(shown)} of 31 sites" in grid.probe_caption
+    assert "asinh scale" in grid.get_supxlabel().replace("\n", " ")
+    assert len([ax for ax in figures(deep, "histograms", size="page")["hist_grid.png"].axes if ax.get_visible()]) == 31
+
+
+def test_report_figures_leave_the_reading_note_to_the_caption(one):
+    overlay = figures(one, "histograms", notes=False)["hist_overlay.png"]
+    assert "Reading note" in overlay.probe_caption
+    assert "Reading note" not in overlay.axes[0].get_xlabel()
+    assert "Reading note" in figures(one, "histograms")["hist_overlay.png"].axes[0].get_xlabel()

@@ -319,7 +319,7 @@ def _no_figures(monkeypatch) -> None:
     """The report's tables alone: its figures are tested in test_report_is_self_contained."""
     import probe.present.plot as plot
 
-    monkeypatch.setattr(plot, "figures", lambda run: {})
+    monkeypatch.setattr(plot, "figures", lambda run, **kw: {})
     monkeypatch.setattr(plot, "_diff_figure", lambda a, b: (_ for _ in ()).throw(ProbeError("matplotlib")))
 
 

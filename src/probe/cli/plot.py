@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
                    help=" | ".join(KINDS) + " (repeatable; default all the run has data for)")
     p.add_argument("--layers", default=None,
                    help="layers for the overlay and scatter figures: e.g. 0,5,10-12 or all "
-                        "(default: a spread of about six)")
+                        "(default: a spread of about six); at a print --size, also the histogram grid's "
+                        "panels when all would be taller than a page (then a spread of those that fit)")
     p.add_argument("--shared", action="store_true",
                    help="histogram grid on one shared x and y axis (default: each panel its own)")
     p.add_argument("--linear", action="store_true",

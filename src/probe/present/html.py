@@ -195,7 +195,7 @@ def _figure(name: str, fig: Any, dpi: int) -> str:
 def _figures_section(run: Run, dpi: int, tag: str = "") -> str:
     try:
         from .plot import figures
-        figs = figures(run)
+        figs = figures(run, notes=False)  # the captions carry the reading notes
     except ProbeError as err:
         if "matplotlib" not in str(err):
             raise

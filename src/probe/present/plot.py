@@ -105,6 +105,9 @@ class _Out:
         self.kept: dict[str, Any] | None = {} if keep else None
         self.fmt, self.dpi, self.size = fmt, dpi or DPI, size
         self.caption: Callable[[str, str], None] | None = None
+        #: reading notes go to ``fig.probe_caption`` rather than into the figure (a column's width,
+        #: or a report whose captions carry them)
+        self.notes_apart = False
 
     @property
     def narrow(self) -> bool:
@@ -133,15 +136,47 @@ class _Out:
         _resize(fig, self.size)
         _declutter(fig)
         _label_ends(fig)
+        if SIZES.get(self.size) is not None and _fit(fig):  # narrower axes: thin and end their ticks again
+            _declutter(fig)
+            _label_ends(fig)
+            _fit(fig)
         if self.kept is not None:
             self.kept[name] = fig
         if self.folder is None:
             return name
         stem = os.path.splitext(name)[0]
-        path = _save(fig, os.path.join(self.folder, f"{stem}.{self.fmt}"), self.fmt, self.dpi)
+        path = _save(fig, os.path.join(self.folder, f"{stem}.{self.fmt}"), self.fmt, self.dpi,
+                     fixed=SIZES.get(self.size) is not None)
         if getattr(fig, "probe_caption", None) and self.caption is not None:
             self.caption(path, fig.probe_caption)
         return path
+
+
+def _fit(fig, rounds: int = 3) -> bool:
+    """Bring whatever overhangs the figure's edges (an end tick label centred on an axis' end)
+    inside, by narrowing the rectangle constrained layout fills: a print size is saved at exactly
+    its own size, so an overhang would be cut off. Returns whether it moved anything."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    engine = fig.get_layout_engine()
+    if engine is None or not hasattr(engine, "set"):
+        return False
+    moved = False
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    w, h = fig.get_size_inches()
+    x0, y0, x1, y1 = 0.0, 0.0, 1.0, 1.0
+    for _ in range(rounds):
+        fig.draw_without_rendering()
+        box = fig.get_tightbbox(renderer)
+        over = (max(0.0, -box.x0) / w, max(0.0, -box.y0) / h, max(0.0, box.x1 - w) / w, max(0.0, box.y1 - h) / h)
+        if max(over) <= 1e-3:
+            return moved
+        moved = True
+        pad = 0.02 / w  # inches clear of the edge
+        x0, y0 = x0 + over[0] + (pad if over[0] else 0), y0 + over[1] + (pad if over[1] else 0)
+        x1, y1 = x1 - over[2] - (pad if over[2] else 0), y1 - over[3] - (pad if over[3] else 0)
+        engine.set(rect=(x0, y0, x1 - x0, y1 - y0))
+    return moved
 
 
 def _resize(fig, size: str) -> None:
@@ -177,7 +212,59 @@ def _resize(fig, size: str) -> None:
             line.set_markersize(line.get_markersize() * shrink)
             line.set_linewidth(line.get_linewidth() * shrink)
     fig.set_size_inches(width, h * ratio)
+    _plain_decades(fig)
 
+
+def _plain_decades(fig) -> None:
+    """Write the decades of log axes whose labels would be set below :data:`MIN_POINTS` as
+    ``1e-3`` rather than ``10^-3``: mathtext sets a superscript at 70 % of the label's size
+    (``matplotlib._mathtext.SHRINK_FACTOR``), so a 6 pt tick label would carry a 4.2 pt exponent."""
+    from matplotlib.ticker import LogFormatterMathtext
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            ticks = axis.get_major_ticks()
+            if not ticks or ticks[0].label1.get_fontsize() * SUPERSCRIPT >= MIN_POINTS:
+                continue
+            for old, put in ((axis.get_major_formatter(), axis.set_major_formatter),
+                             (axis.get_minor_formatter(), axis.set_minor_formatter)):  # minor: 2×10^-2 …
+                if isinstance(old, LogFormatterMathtext):
+                    put(_PlainLog(base=getattr(old, "_base", 10.0), labelOnlyBase=old.labelOnlyBase,
+                                  minor_thresholds=old.minor_thresholds, linthresh=getattr(old, "_linthresh", None)))
+                    axis.probe_plain = True  # :class:`_EndFormatter` writes its added ends the same way
+
+
+#: the size of a mathtext superscript relative to its text (``matplotlib._mathtext.SHRINK_FACTOR``)
+SUPERSCRIPT = 0.7
+
+
+def _plain(x: float) -> str:
+    """``x`` (two significant digits) without a superscript: ``0.01``, ``100``, ``3e-10``."""
+    if x == 0:
+        return "0"
+    e = math.floor(math.log10(abs(x)))
+    m = float(f"{x / 10.0**e:.2g}")
+    return _number(float(f"{x:.2g}")) if -2 <= e <= 2 else f"{m:g}e{e}"
+
+
+def _log_formatter():
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLog(LogFormatter):
+        """A log axis' labels (decades, as its default formatter labels them) with no superscript."""
+
+        def _num_to_string(self, x, vmin, vmax):
+            return _plain(x)
+
+    return PlainLog
+
+
+def _PlainLog(**kw):
+    return _log_formatter()(**kw)
+
+
+#: the tallest (inches) a printed figure is made: a page's text height, about 9 in, less a caption's lines
+PAGE_HEIGHT = 8.5
 
 #: the smallest text (points) :func:`_resize` makes: print stays legible without a loupe
 MIN_POINTS = 6.0
@@ -417,6 +504,8 @@ class _EndFormatter:
                 m = float(f"{x / 10.0**e:.2g}")
                 if abs(m) == 1 and old(x, pos):  # a decade: as the axis writes its own
                     return old(x, pos)
+                if getattr(axis, "probe_plain", False):
+                    return _plain(x)
                 return f"$\\mathdefault{{{m:g}\\times10^{{{e}}}}}$" if not -2 <= e <= 2 else _number(float(f"{x:.2g}"))
 
         ends = Ends()
@@ -506,19 +595,35 @@ def _index_ticks(axis, labels: Sequence[str], most: int = 32, fontsize: float = 
 PNG_BUDGET = 250_000
 
 
-def _save(fig, path: str, fmt: str = "png", dpi: int = DPI) -> str:
+#: rc settings for every saved file: TrueType (Type 42) fonts in PDF and PS, not Type 3 (which
+#: IEEE PDF eXpress and ACM's checks reject)
+SAVE_RC: dict[str, Any] = {"pdf.fonttype": 42, "ps.fonttype": 42}
+
+
+def _savefig(fig, target, fmt: str, dpi: int, fixed: bool) -> None:
+    """``fig.savefig`` under :data:`SAVE_RC`. ``fixed``: keep the figure's own size (a print size,
+    laid out by constrained layout) instead of the tight bounding box, which can grow the canvas
+    past the column's width by the few points an artist overhangs."""
+    import matplotlib
+
+    with matplotlib.rc_context(SAVE_RC):  # type: ignore[arg-type]
+        fig.savefig(target, format=fmt, dpi=dpi, bbox_inches=None if fixed else "tight", facecolor="white")
+
+
+def _save(fig, path: str, fmt: str = "png", dpi: int = DPI, fixed: bool = False) -> str:
     """Write ``fig`` as ``fmt``: a PNG (:func:`png_bytes`), or a PDF or SVG, vector files whose
-    scatter clouds stay rasterized at ``dpi``."""
+    scatter clouds stay rasterized at ``dpi``; ``fixed``: exactly the figure's size (:func:`_savefig`)."""
     if fmt != "png":
-        fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight", facecolor="white")
+        _savefig(fig, path, fmt, dpi, fixed)
         return path
     with open(path, "wb") as f:
-        f.write(png_bytes(fig, dpi))
+        f.write(png_bytes(fig, dpi, fixed=fixed))
     return path
 
 
-def png_bytes(fig, dpi: int = DPI) -> bytes:
-    """``fig`` as PNG bytes, palette-encoded when the full-colour image is large.
+def png_bytes(fig, dpi: int = DPI, *, fixed: bool = False) -> bytes:
+    """``fig`` as PNG bytes, palette-encoded when the full-colour image is large; either way the
+    file records ``dpi`` (its ``pHYs`` chunk).
 
     Scatter clouds drawn with alpha make thousands of distinct shades that PNG compresses badly
     (450 KB for one figure); an adaptive 256-colour palette brings them to a third, invisibly.
@@ -527,6 +632,7 @@ def png_bytes(fig, dpi: int = DPI) -> bytes:
     Args:
         fig: a matplotlib figure (e.g. from :func:`figures`).
         dpi: pixels per inch.
+        fixed: keep the figure's own size rather than its tight bounding box (:func:`_savefig`).
 
     Returns:
         The PNG file's bytes.
@@ -538,7 +644,7 @@ def png_bytes(fig, dpi: int = DPI) -> bytes:
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+    _savefig(fig, buf, "png", dpi, fixed)
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - matplotlib depends on pillow
@@ -549,7 +655,7 @@ def png_bytes(fig, dpi: int = DPI) -> bytes:
     out = io.BytesIO()
     with Image.open(buf) as im:
         im.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE) \
-            .save(out, format="PNG", optimize=True)
+            .save(out, format="PNG", optimize=True, dpi=(dpi, dpi))
     return out.getvalue()
 
 
@@ -704,6 +810,14 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     # panels at least 1.1 in wide in the target width: a column holds three across
     cols = out.cols(min(n, max(1, math.ceil(math.sqrt(n * 1.6)))), 1.1)
     rows = math.ceil(n / cols)
+    width = SIZES.get(out.size)
+    if width is not None:  # a printed grid fits a page's text height: the rows beyond it are left out
+        ratio = min(1.0, width / (1.9 * cols))  # what :func:`_resize` scales the grid by
+        most = max(1, int((PAGE_HEIGHT / ratio - 0.7) / 1.45))
+        if rows > most:
+            keep = [v for v in views if v.name in (opts.get("layers") or ())] or views
+            views = [run[x] for x in _pick([v.name for v in keep], min(len(keep), cols * most))]
+            n, rows = len(views), math.ceil(len(views) / cols)
     fig = Figure(figsize=(1.9 * cols, 1.45 * rows + 0.7), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False, sharex=shared, sharey=shared)).ravel()
     drawn = []
@@ -734,8 +848,12 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     fig.supxlabel(f"activation value ({scale} scale, {how}; {HIST_BINS} {binned}; "
                   "red ▲: exact min and max)", fontsize=9)
     fig.supylabel("density per unit of x (log; integrates to 1)", fontsize=9)
-    fig.suptitle(f"Per-site histograms — panel title: {axis_label.split(' (')[0]}: σ = std, κ = excess kurtosis "
+    fig.suptitle(f"{'' if n == len(names) else f'{n} of {len(names)} sites (choose with --layers): '}"
+                 f"Per-site histograms — panel title: {axis_label.split(' (')[0]}: σ = std, κ = excess kurtosis "
                  f"— {_title(run)}", fontsize=10)
+    if n < len(names):
+        fig.probe_caption = (f"{n} of {len(names)} sites, evenly spaced with the first and last: a {out.size}-wide "
+                             f"grid of all would be taller than a page ({PAGE_HEIGHT:g} in); choose with --layers")
     paths = [out.save(fig, "hist_grid.png")]
 
     # overlay: a few chosen sites, distinct colours, one shared axis reaching every min and max
@@ -762,8 +880,9 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     if not linear:
         ax.xaxis.set_major_locator(_asinh_locator(lo, hi, width))
     if out.narrow:  # beside the axis, the legend would take half a column's width
+        # one column: two of "k: σ=…, range […]" would be wider than the column itself
         fig.legend(fontsize=7, title=axis_label.split(" (")[0], title_fontsize=7, loc="outside lower center",
-                   ncol=2)
+                   ncol=1)
     else:
         ax.legend(fontsize=7, title=axis_label.split(" (")[0], title_fontsize=7, loc="upper left",
                   bbox_to_anchor=(1.01, 1.0))
@@ -775,7 +894,8 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
 
         note = ASINH_NOTE.format(width=f"{width:.2g}")
         room = out.chars(fig.get_size_inches()[0], 8)
-        if out.narrow:  # in a column, five lines of note would be as tall as the plot: it becomes the caption
+        # in a column, five lines of note would be as tall as the plot: it becomes the caption
+        if out.narrow or out.notes_apart:
             fig.probe_caption = note
             label = textwrap.fill(label, room)
         else:
@@ -1330,7 +1450,10 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
             ``channels_absmax.png`` only).
         layers: the sites of ``hist_overlay.png`` and the scatter figures, as for
             :func:`parse_layers` (``"all"`` for every site); default: about six evenly spread
-            for the overlay; first, middle, last and the heaviest-tailed for the scatter.
+            for the overlay; first, middle, last and the heaviest-tailed for the scatter. At a
+            print size, ``hist_grid.png`` holds at most as many rows as fit :data:`PAGE_HEIGHT`
+            (27 panels at ``"column"``): past that, evenly spaced sites of ``layers`` (default:
+            of all), first and last included, and a caption saying so.
         shared: draw every ``hist_grid.png`` panel on one shared x and y axis.
         linear: histograms on a linear value axis with equal-width bins (default: asinh).
         format: ``"png"``, ``"pdf"`` or ``"svg"`` (:data:`FORMATS`); the files' suffix.
@@ -1344,7 +1467,8 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
         caption: called as ``caption(path, text)`` for a file whose reading note was left out of
             the figure to be its caption: ``hist_overlay``'s :data:`ASINH_NOTE` at a column's
             width (``size="column"``), where its five lines would be as tall as the plot
-            (:func:`figures` leaves it on the figure as ``fig.probe_caption``).
+            (:func:`figures` leaves it on the figure as ``fig.probe_caption``); and
+            ``hist_grid``'s count of the sites it left out to fit a page's height.
 
     Returns:
         The paths written, in the order of :data:`KINDS`.
@@ -1382,11 +1506,14 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
 
 
 def figures(run: Run, kinds: Sequence[Kind] | Kind | None = None, *, layers: str | Sequence[str] | None = None,
-            shared: bool = False, linear: bool = False, size: Size = "screen") -> dict[str, Any]:
+            shared: bool = False, linear: bool = False, size: Size = "screen",
+            notes: bool = True) -> dict[str, Any]:
     """The figures :func:`plot_run` would write, as ``{file name: matplotlib Figure}``, unsaved.
 
     Same arguments and errors as :func:`plot_run`; for inspecting what is drawn, or saving in
-    another format (``fig.savefig("hist_grid.svg")``).
+    another format (``fig.savefig("hist_grid.svg")``). ``notes=False`` leaves every reading note
+    (``hist_overlay``'s :data:`ASINH_NOTE`) out of the figure, as ``fig.probe_caption``, for a
+    caption that carries it (the HTML report's); at a column's width it is left out anyway.
 
     Returns:
         ``{file name: matplotlib.figure.Figure}`` in the order of :data:`KINDS`.
@@ -1398,6 +1525,7 @@ def figures(run: Run, kinds: Sequence[Kind] | Kind | None = None, *, layers: str
     """
     _check_output("png", None, size)
     out = _Out(None, keep=True, size=size)
+    out.notes_apart = not notes
     _draw(run, kinds, out, layers, shared, None, linear)
     return dict(out.kept or {})
 
