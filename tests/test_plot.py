@@ -460,6 +460,8 @@ def test_formats_dpi_and_sizes(one, tmp_path):
     assert abs(high.shape[1] / low.shape[1] - 3.0) < 0.1
     column = imread(plot_run(one, tmp_path / "c", kinds="depth", size="column", dpi=100)[0])
     assert column.shape[1] == 350  # 3.5 in at 100 dpi: a print size is saved at its own size
+    default = imread(plot_run(one, tmp_path / "d", kinds="depth", size="column")[0])
+    assert default.shape[1] == 1050  # a print size's default is 300 dpi (PRINT_DPI), not the screen's 110
     fig = figures(one, "depth", size="slide")["depth.png"]
     assert abs(fig.get_size_inches()[0] - 13.33) < 1e-9
     for bad, match in (({"format": "jpg"}, r"format \(--format\): expected one of png, pdf, svg"),

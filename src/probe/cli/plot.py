@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--linear", action="store_true",
                    help="histograms on a linear value axis with equal-width bins (default: asinh axis)")
     p.add_argument("--format", choices=FORMATS, default="png", help="file format (default png)")
-    p.add_argument("--dpi", type=int, default=None, help="pixels per inch of PNGs (default 110; 300 for print)")
+    p.add_argument("--dpi", type=int, default=None, help="pixels per inch of PNGs and of the rasterised parts of PDF/SVG "
+                        "(default 110 at --size screen, 300 at the print sizes)")
     p.add_argument("--size", choices=tuple(SIZES), default="screen",
                    help="figure width: screen (each figure's own), column (3.5 in, a paper's column), "
                         "page (7 in), slide (13.33 in, 16:9) (default screen)")

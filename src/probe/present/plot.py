@@ -68,6 +68,9 @@ KINDS: tuple[str, ...] = ("histograms", "depth", "cross", "scatter", "channels",
                           "experts")
 
 DPI = 110
+#: the default dpi at the print sizes (``column``, ``page``, ``slide``): PNGs and the rasterised parts
+#: of PDF/SVG (scatter clouds, heat maps) at the resolution print asks for
+PRINT_DPI = 300
 #: what the asinh axis does to a density, printed under the overlay and in the report's caption
 ASINH_NOTE = ("Reading note: past ±{width} the axis is logarithmic, so it squeezes wide x ranges; a density "
               "that falls slowly there draws as a plateau. The heights are true; the shape near the peak "
@@ -1457,7 +1460,8 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
         shared: draw every ``hist_grid.png`` panel on one shared x and y axis.
         linear: histograms on a linear value axis with equal-width bins (default: asinh).
         format: ``"png"``, ``"pdf"`` or ``"svg"`` (:data:`FORMATS`); the files' suffix.
-        dpi: pixels per inch of PNGs (and of the rasterized scatter clouds in PDF/SVG); default 110.
+        dpi: pixels per inch of PNGs (and of the rasterized scatter clouds and heat maps in PDF/SVG);
+            default 110 at ``size="screen"``, 300 (:data:`PRINT_DPI`) at the print sizes.
         size: ``"screen"`` (each figure's own size), ``"column"`` (3.5 in wide, a paper's
             column), ``"page"`` (7 in) or ``"slide"`` (13.33 in, 16:9): :data:`SIZES`.
         progress: called as ``progress(kind, i, n)`` before each kind is drawn.
@@ -1492,7 +1496,7 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
                          "pass a folder name (created if missing)")
     made = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
-    sink = _Out(out, fmt=format, dpi=dpi or DPI, size=size)
+    sink = _Out(out, fmt=format, dpi=dpi or (DPI if size == "screen" else PRINT_DPI), size=size)
     sink.caption = caption
     try:
         return _draw(run, kinds, sink, layers, shared, progress, linear, skipped)
