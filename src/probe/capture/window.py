@@ -75,8 +75,6 @@ class Recorder:
         #: where the windows went when ``out`` could not take them all (``None``: all in ``out``)
         self.recovered: str | None = None
         self._warned = False
-        #: whether ``pending[0]`` is in probe's writer process, not yet acknowledged (``_store``)
-        self._sent = False
         #: grads=True: the label of a window every= closed, committed when the next forward begins
         #: (after the backward of its own forwards) or at exit
         self._due: int | None = None
@@ -119,21 +117,19 @@ class Recorder:
         assert writer is not None
         while True:
             try:
-                writer.settle()  # the window in flight, if any, is pending[0]
-                if writer.in_flight == 0 and self._sent:
+                acknowledged = writer.in_flight  # the window in flight, if any, is pending[0]
+                writer.settle()
+                if acknowledged:
                     self.pending.pop(0)
-                self._sent = False
                 if not self.pending:
                     return True
                 last = len(self.pending) == 1
                 writer.append(self._describe(), self.pending[0], wait=wait or not last)
-                self._sent = writer.in_flight == 1
-                if not self._sent:
+                if not writer.in_flight:
                     self.pending.pop(0)  # written and acknowledged already
                 elif last:
                     return True
             except store.StoreError as err:
-                self._sent = False
                 if self.options.strict:
                     raise
                 if not self._warned:
@@ -176,7 +172,7 @@ class Recorder:
                 self._due = self.forwards
             else:
                 self.commit(wait=False)
-        elif self._sent and self.writer is not None and self.writer.answered():
+        elif self.writer is not None and self.writer.in_flight and self.writer.answered():
             self._store([], wait=False)  # acknowledged already: reading the answer costs nothing
 
     # ---------------------------------------------------------------------------- windows

@@ -227,18 +227,6 @@ class Server:
             self.ready = True
         return True
 
-    def commit(self, job: dict) -> str | None:
-        """Run one commit and wait for it; ``None`` when it committed, else the error's one-line
-        message.
-
-        Raises:
-            Unavailable: the writer process never started, or cannot write this job (the caller
-                writes it in this process).
-        """
-        token = object()
-        self.send(token, job)
-        return self.answer(token)
-
     def send(self, token: object, job: dict) -> None:
         """Hand one commit to the writer process and return at once; :meth:`answer` with the same
         ``token`` waits for its outcome. Another commit's answer still due is read first and kept

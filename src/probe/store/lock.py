@@ -96,6 +96,21 @@ class Lock:
 
 
 
+def _holder(fd: int) -> bool | None:
+    """Whether another process holds the ``flock`` of the open lock file ``fd``: ``True``,
+    ``False`` (taken and released at once), or ``None`` where this filesystem has no ``flock``."""
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (ImportError, AttributeError):
+        return None
+    except OSError as err:
+        return True if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
+
+
 def held(path: str) -> bool:
     """Whether a live writer (another open lock) holds the run file ``path``."""
     try:
@@ -103,18 +118,7 @@ def held(path: str) -> bool:
     except OSError:
         return False  # no lock file: no probe writer
     try:
-        import fcntl
-
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return True
-            return False  # no flock on this filesystem: nothing to tell by
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    except ImportError:
-        return False
+        return _holder(fd) is True  # no flock on this filesystem: nothing to tell by
     finally:
         os.close(fd)
 
@@ -133,17 +137,11 @@ def orphaned(path: str) -> str | None:
     try:
         with os.fdopen(os.dup(fd), encoding="utf-8", errors="replace") as f:
             owner = f.read(200).strip() or "pid unknown"
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (ImportError, AttributeError, OSError) as err:
-            if isinstance(err, OSError) and err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return None  # a live writer
-            pid, _, host = owner.removeprefix("pid ").partition("@")  # no flock: the entry decides
+        holder = _holder(fd)
+        if holder is None:  # no flock: the entry decides
+            pid, _, host = owner.removeprefix("pid ").partition("@")
             dead = pid.isdigit() and host == socket.gethostname() and not _alive(int(pid))
             return owner if dead else None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return owner
+        return None if holder else owner
     finally:
         os.close(fd)
