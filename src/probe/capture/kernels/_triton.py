@@ -44,6 +44,20 @@ def _pebay(na, ma, m2a, m3a, m4a, nb, mb, m2b, m3b, m4b):
     return n, mean, m2, m3, m4
 
 
+@triton.jit
+def _unit(amax):
+    # the power of two 2**k that brings the largest |deviation| into [1, 2), within k in
+    # [-126, 126] (a subnormal one lands in [2**-23, 1)), as a float32 factor ``up`` (exact: only
+    # the exponent moves) and its float64 inverse ``down``, which unscales the sums of powers: the
+    # float32 powers of the scaled deviations neither underflow nor overflow (the eager path's
+    # scaling, probe.stats._base.scaled_central_sums)
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 255
+    k = tl.minimum(tl.maximum(127 - e, -126), 126)
+    up = ((k + 127) << 23).to(tl.float32, bitcast=True)
+    down = ((1023 - k).to(tl.int64) << 52).to(tl.float64, bitcast=True)
+    return up, down
+
+
 # sizes equal to 1 (a one-token decode step) must not become compile-time constants
 @triton.jit(do_not_specialize=["n_tokens", "d_model", "n_rblocks", "n_cblocks"])
 def _fused(x_ptr, keep_ptr, mom_ptr, ext_ptr, large_ptr, tok_ptr, rowmax_ptr, best_ptr, where_ptr,
@@ -101,10 +115,12 @@ def _fused(x_ptr, keep_ptr, mom_ptr, ext_ptr, large_ptr, tok_ptr, rowmax_ptr, be
         tmean = tl.sum(xs.to(tl.float64), axis=0) / tl.maximum(tn, 1.0)
         center = tmean.to(tl.float32)
         d = tl.where(w, x - center[None, :], 0.0)
+        up, down = _unit(tl.max(tl.abs(d), axis=0))
+        d = d * up[None, :]
         d2 = d * d
-        s2 = tl.sum(d2, axis=0).to(tl.float64)
-        s3 = tl.sum(d2 * d, axis=0).to(tl.float64)
-        s4 = tl.sum(d2 * d2, axis=0).to(tl.float64)
+        s2 = tl.sum(d2, axis=0).to(tl.float64) * down * down
+        s3 = tl.sum(d2 * d, axis=0).to(tl.float64) * down * down * down
+        s4 = tl.sum(d2 * d2, axis=0).to(tl.float64) * (down * down) * (down * down)
         delta = tmean - center.to(tl.float64)
         t2 = s2 - tn * delta * delta
         t3 = s3 - 3.0 * delta * s2 + 2.0 * tn * delta * delta * delta
@@ -122,8 +138,10 @@ def _fused(x_ptr, keep_ptr, mom_ptr, ext_ptr, large_ptr, tok_ptr, rowmax_ptr, be
         rmean = tl.sum(xf.to(tl.float64), axis=1) / tl.maximum(rn, 1.0)
         rcenter = rmean.to(tl.float32)
         rd = tl.where(fin, x - rcenter[:, None], 0.0)
+        rup, rdown = _unit(tl.max(tl.abs(rd), axis=1))
+        rd = rd * rup[:, None]
         rdelta = rmean - rcenter.to(tl.float64)
-        rm2 = tl.sum(rd * rd, axis=1).to(tl.float64) - rn * rdelta * rdelta
+        rm2 = tl.sum(rd * rd, axis=1).to(tl.float64) * rdown * rdown - rn * rdelta * rdelta
         rmax = tl.max(tl.where(fin, tl.abs(x), float("-inf")), axis=1)
         tok = tok_ptr + ((g * n_cblocks + cb) * 3).to(tl.int64) * n_tokens + rows
         tl.store(tok, rn, mask=row_in)
