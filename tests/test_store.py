@@ -288,3 +288,37 @@ def test_relative_path_is_the_file_in_the_folder_at_creation(tiny, tmp_path, mon
             model(input_ids=ids)
     assert run.steps == [1, 2] and probe.load(second / "r.h5").steps == [1, 2]
     assert not (first / "r.h5").exists()
+
+
+def test_two_captures_share_the_writer_process(tiny, tmp_path):
+    """Two captures open at once in one process, each committing beside its forwards (``every=1``),
+    share probe's writer process: each file holds exactly its own windows, and each window's
+    numbers are float64 numpy's on that forward's hidden states over the real tokens."""
+    models = {"gpt2": tiny("gpt2"), "llama": tiny("llama")}
+    seeds = {"gpt2": (0, 1, 2), "llama": (10, 11, 12)}
+    with probe.capture(models["gpt2"], out=tmp_path / "a.h5", every=1, sample_size=32) as a, \
+            probe.capture(models["llama"], out=tmp_path / "b.h5", every=1, sample_size=32) as b:
+        for i in range(3):  # interleaved: a commit of one is in flight while the other's runs
+            for kind in models:
+                ids, mask = batch(2, 8, "right", seed=seeds[kind][i])
+                with torch.no_grad():
+                    models[kind](input_ids=ids, attention_mask=mask)
+    assert a.path != b.path
+    for kind, path in (("gpt2", tmp_path / "a.h5"), ("llama", tmp_path / "b.h5")):
+        run = probe.load(path)
+        assert run.steps == [1, 2, 3], kind
+        assert run.meta["model"]["class"] == type(models[kind]).__name__
+        for step, seed in zip(run.steps, seeds[kind]):
+            ids, mask = batch(2, 8, "right", seed=seed)
+            with torch.no_grad():
+                hs = models[kind](input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            real = mask.bool().numpy()
+            window = run.at(step)
+            for j, h in enumerate(hs):
+                v = h.double().numpy()[real]
+                s = window[f"hidden_states.{j}"]
+                assert s.count == v.size, (kind, step, j)
+                # float64 sums of float32 values: 1e-12; the std's float32 squares: 1e-6 relative
+                np.testing.assert_allclose(s.mean, v.mean(), rtol=1e-9, atol=1e-12, err_msg=f"{kind} {step} {j}")
+                np.testing.assert_allclose(s.std, v.std(), rtol=1e-6, err_msg=f"{kind} {step} {j}")
+                assert (s.min, s.max) == (np.float32(v.min()), np.float32(v.max()))
