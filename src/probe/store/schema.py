@@ -415,8 +415,10 @@ def json_depth(obj: Any) -> int:
 
 #: fields holding counts (>= 0) besides the integer ``sum`` fields: the moment and co-moment counts
 _COUNTS = {"n", "pos_n", "keep_n", "all_n", "keep_cos_n", "all_cos_n", "unit_n"}
-#: fields holding locations: ``-1`` (empty slot) or an index
+#: fields holding locations: ``-1`` (empty slot) or an index; besides these, every integer field
+#: that follows an argmax or a top-k (``absmax_at``, ``maxlogit_at``, ...)
 _INDICES = {"row", "position", "channel", "token", "absmax_at"}
+_LOCATED = {"argmax", "topk", "bottomk"}
 
 
 def validate(kind: str, state: StatState, where: str) -> StatState:
@@ -455,7 +457,7 @@ def validate(kind: str, state: StatState, where: str) -> StatState:
             if not (np.isfinite(a).all() and (a >= 0).all()):
                 raise FileFormatError(f"{where}: field {f.name!r} holds a negative or non-finite count; "
                                       "expected counts >= 0; the file is damaged or hostile")
-        elif f.name in _INDICES and (a < -1).any():
+        elif (f.name in _INDICES or (a.dtype.kind in "iu" and f.reduce in _LOCATED)) and (a < -1).any():
             raise FileFormatError(f"{where}: field {f.name!r} holds an index below -1; expected -1 (empty) or an "
                                   "index; the file is damaged or hostile")
         elif kind == "sample" and f.name == "key" and not (((a >= 0) & (a < 1)) | np.isposinf(a)).all():
