@@ -11,7 +11,8 @@ and all see every batch; the residual stream is replicated on them, so it is des
 With ``--pp`` each rank is one pipeline stage holding consecutive decoder layers (its own
 one-stage ``LlamaModel``): the first runs on the token ids and sends its last hidden state on,
 the later ones run on the activations they receive and the ``attention_mask``; the file has the
-whole model's ``hidden_states.0 .. L`` once, in order (``Layout.pipeline_stage``).
+whole model's ``hidden_states.0 .. L`` once, in order (``Layout.pipeline_stage``), and the
+cross-layer R² over every pair of them (the stages relay their sites to the last).
 
 Ranks may run different numbers of batches (``--batches 9`` on 2 ranks gives 5 and 4): each
 rank keeps its windows, labelled by step, and at the end of the ``with`` block all ranks merge
@@ -117,9 +118,7 @@ def main() -> None:
         from probe.capture.parallel import Layout
 
         model, layout = pipeline_stage(model), Layout.pipeline_stage()
-    stats = ("moments", "position", "histogram", "sample", "topk") if staged else None  # no cross-layer R²
-    with probe.capture(model, args.out, skip_first=1, every=args.every, overwrite=True, parallel=layout,
-                       **({"stats": stats} if stats else {})) as run:
+    with probe.capture(model, args.out, skip_first=1, every=args.every, overwrite=True, parallel=layout) as run:
         for i, (ids, mask) in enumerate(batches(args.batches)):
             if staged:  # every stage: every batch
                 with torch.no_grad():
@@ -129,7 +128,9 @@ def main() -> None:
                     model(input_ids=ids, attention_mask=mask)
     if rank == 0:
         s = run["hidden_states.2"]
-        print(f"{world} rank(s): wrote {args.out}: tokens={s.tokens} mean={s.mean:.6g} std={s.std:.6g}")
+        r2 = run.cross.r2[0, -1] if run.cross.sites else float("nan")
+        print(f"{world} rank(s): wrote {args.out}: tokens={s.tokens} mean={s.mean:.6g} std={s.std:.6g} "
+              f"R2(first, last)={r2:.6g}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

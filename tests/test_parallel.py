@@ -411,13 +411,14 @@ def test_replicas_are_verified(tmp_path):
 def test_pipeline_stages(tmp_path):
     """PP=2, one decoder layer per stage: the merged file has the whole model's sites once, in
     model order, equal to the one-process file field by field; the later stage's token ids are -1
-    (one warning); the cross-layer statistic is left out (one warning); stages that counted
-    different tokens are refused in one line."""
+    (one warning); the cross-layer statistic, relayed stage to stage, equals the one-process one
+    over every pair of layers, those two stages hold included; stages that counted different tokens
+    are refused in one line."""
     _spawn(2, tmp_path, "pp", ("hidden", "linear", "few", "uneven"))
     run = probe.load(tmp_path / "hidden.h5")
     model, data = _model(), _batches()
     stats = ("moments", "position", "histogram", "topk", "sample")
-    with probe.capture(model, distributed=False, seed=5, **{**OPTIONS, "stats": stats}) as ref:
+    with probe.capture(model, distributed=False, seed=5, **{**OPTIONS, "stats": (*stats, "cross")}) as ref:
         for ids, mask in data:
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=mask)
@@ -427,9 +428,19 @@ def test_pipeline_stages(tmp_path):
     assert meta["pipeline"]["stages"] == 2 and meta["pipeline"]["stage_layers"] == [1, 1]
     assert meta["pipeline"]["first_layer"] == [0, 1]
     assert meta["pipeline"]["sites_by_stage"] == {"hidden_states.0": 0, "hidden_states.1": 0, "hidden_states.2": 1}
-    assert [s["name"] for s in run.meta["sites"]] == run.sites and run.meta["cross_sites"] == []
-    assert dict(run.total.cross) == {} and run.meta["disabled"] == {}
+    assert [s["name"] for s in run.meta["sites"]] == run.sites and run.meta["disabled"] == {}
+    assert run.meta["cross_sites"] == ref.meta["cross_sites"] == run.sites
     WORST.clear()
+    cross, want = run.total.cross, ref.total.cross
+    assert set(cross) == set(want) and cross["keep_c"].shape == (3, 3)
+    for f in SPECS["cross"].fields:
+        if f.dtype == "float64":
+            _close(np.array(cross[f.name]), np.array(want[f.name]), f"cross.{f.name}", 1e-12, ("pipeline", "cross"))
+        else:
+            np.testing.assert_array_equal(cross[f.name], want[f.name], err_msg=f"cross.{f.name}")
+    # R² of every pair, (hidden_states.0 or .1, hidden_states.2) among them: layers no stage holds together
+    np.testing.assert_allclose(run.cross.r2, ref.cross.r2, rtol=1e-12, atol=0)
+    assert np.all(run.cross.r2[:2, 2] > 0) and np.all(run.cross.r2[:2, 2] < 1)
     _compare_stages(run, ref, {name: name for name in ref.sites}, stats, lambda name: name == "hidden_states.2")
     # linear inputs: the stages' "layers.0..." are the whole model's "model.layers.<stage>..."
     linear = probe.load(tmp_path / "linear.h5")
@@ -448,7 +459,7 @@ def test_pipeline_stages(tmp_path):
         warned = (tmp_path / f"warningshidden{rank}.txt").read_text().split("\n")
         assert sum("ran without input_ids" in m for m in warned) == 1, warned
         assert not any("recorded nothing" in m for m in warned), warned
-        assert sum("cross-layer statistic" in m for m in warned) == 1, warned
+        assert not any("cross-layer" in m for m in warned), warned
         message = (tmp_path / f"uneven{rank}.txt").read_text()
         assert "pipeline stages counted [" in message and "\n" not in message
 

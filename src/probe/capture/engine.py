@@ -108,6 +108,8 @@ class StatEngine:
         self.group_elements: int | None = None
         self.window: dict[str, dict[str, StatBase]] = {}
         self.cross: Cross | None = None
+        #: a pipeline stage's relay of the cross-layer statistic (set by the capture; see Relay)
+        self.relay: Any = None
         self._group: _Group | None = None
         self._deferred: list[_Deferred] = []  # CPU: a finished forward's sites, by reference
         #: window key -> its site, for the sites that run their own statistics (probe.capture.moe)
@@ -133,6 +135,7 @@ class StatEngine:
         if "cross" in o.stats:
             self.cross = Cross([s.name for s in self.sites], budget=o.cross_budget, cosines="cos" in o.stats)
             self.cross.members = old.members if old is not None else None
+            self.cross.relay = self.relay
 
     @property
     def empty(self) -> bool:

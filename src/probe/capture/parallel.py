@@ -525,6 +525,31 @@ class Placements:
         return out
 
     # --------------------------------------------------------------------------- pipeline
+    def relay(self, device: torch.device) -> Relay | None:
+        """A pipeline stage's :class:`Relay` for the cross-layer statistic, or ``None`` (one stage,
+        or no pipeline). Every rank calls it at capture entry: one ``all_gather`` of the pipeline
+        groups' ranks over the world, then one ``new_group`` per pipeline, in one order everywhere."""
+        import torch.distributed as dist
+
+        if self.stage is None or self.layout is None:
+            return None
+        group = _group_of(self.layout.pipeline_group)
+        world = dist.get_world_size()
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
+        if len(ranks) < 2:
+            return None
+        mine = torch.full((world,), -1, dtype=torch.int64, device=device)
+        mine[:len(ranks)] = torch.tensor(ranks, dtype=torch.int64)
+        every = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine)
+        pipelines = tuple(sorted({tuple(r for r in t.tolist() if r >= 0) for t in every}))
+        if pipelines not in _RELAY_GROUPS:  # the same on every rank: every rank makes them, or none
+            _RELAY_GROUPS[pipelines] = [dist.new_group(list(members)) for members in pipelines]
+        own = _RELAY_GROUPS[pipelines][pipelines.index(tuple(ranks))]
+        index = ranks.index(dist.get_rank())
+        drop = self.names.index("hidden_states.0") if index > 0 and "hidden_states.0" in self.names else None
+        return Relay(own, ranks, index, drop)
+
     def held_earlier(self, name: str) -> bool:
         """Whether site ``name`` of this pipeline stage is the previous stage's last one (a later
         stage's ``hidden_states.0``: the activations it received), which that stage records."""
@@ -534,7 +559,7 @@ class Placements:
         return _member(_group_of(self.layout.pipeline_group))[0] > 0
 
     def stages(self, rows: list[WindowState], meta: dict[str, Any], real: int, no_ids: bool,
-               device: torch.device) -> tuple[list[WindowState], dict[str, Any]]:
+               device: torch.device, relay: Relay | None = None) -> tuple[list[WindowState], dict[str, Any]]:
         """A pipeline stage's windows under the whole model's site names, and the union of every
         stage's site descriptions (``meta["sites"]``, ``meta["disabled"]``) in model order (see
         :meth:`Layout.pipeline_stage`). Every rank calls it: one ``all_gather`` of each stage's
@@ -586,7 +611,9 @@ class Placements:
         disabled = {_shift_suffixed(k, offset, container): v for k, v in meta.get("disabled", {}).items()}
         # every rank's descriptions, uint8-encoded JSON (no pickling)
         agreed = {_shift(name, offset, container): list(v) for name, v in self.agreed.items()}
-        blob = json.dumps({"stage": index, "sites": sites, "disabled": disabled, "agreed": agreed}).encode()
+        cross = [_shift(name, offset, container) for name in meta.get("cross_sites", [])]
+        blob = json.dumps({"stage": index, "sites": sites, "disabled": disabled, "agreed": agreed,
+                           "cross": cross}).encode()
         length = torch.tensor([len(blob)], dtype=torch.int64, device=device)
         dist.all_reduce(length, op=dist.ReduceOp.MAX)
         padded = torch.zeros(int(length), dtype=torch.uint8, device=device)
@@ -606,13 +633,17 @@ class Placements:
                     holder[info["name"]] = (*key, info)
             union_disabled.update(part["disabled"])
         ordered = sorted(holder.values(), key=lambda h: (h[0], h[1]))
+        by_stage = {part["stage"]: part["cross"] for part in reversed(parts)}  # each stage's first rank's
+        cross_sites = [name for stage in sorted(by_stage) for name in by_stage[stage]] if relay is not None else []
         out = []
         for row in rows:
             renamed = {}
             for name, states in row.sites.items():
                 new = _shift_suffixed(name, offset, container)
                 renamed[new] = states if holder.get(new, (index,))[0] == index else {k: {} for k in states}
-            out.append(WindowState(row.step, renamed, {} if size > 1 else row.cross))
+            # a pipeline's cross-layer statistic is the last stage's, over every stage's sites (Relay)
+            kept = size == 1 or (relay is not None and relay.last)
+            out.append(WindowState(row.step, renamed, row.cross if kept else {}))
         lacking = [i for i, r in enumerate(table) if r[2]]
         if lacking:
             warnings.warn(f"probe: pipeline stage(s) {lacking} ran without input_ids (the activations they "
@@ -623,7 +654,77 @@ class Placements:
                          "sites_by_stage": {h[2]["name"]: h[0] for h in ordered}, "rename": rename,
                          "agreed": union_agreed}
         return out, {"sites": [h[2] for h in ordered], "disabled": union_disabled,
-                     "cross_sites": [] if size > 1 else meta.get("cross_sites", [])}
+                     "cross_sites": meta.get("cross_sites", []) if size == 1 else cross_sites}
+
+
+#: the relay groups made so far, per set of pipelines (later captures over the same ranks reuse them)
+_RELAY_GROUPS: dict[tuple, list] = {}
+
+
+class Relay:
+    """The cross-layer statistic across pipeline stages. Its co-moments pair each token's values at
+    every two sites, which stages hold apart: at the end of every forward a stage receives the
+    earlier stages' held sites of that forward from its predecessor, and passes them on with its
+    own (``[K, n, D]``, in float32, exact for float32, bfloat16 and float16 activations; float64
+    stays float64) to its successor; the last stage folds all of them, its matrices in model order.
+    A stage whose sites of a forward are not whole (over ``cross_budget``, modified in place, not
+    fired) passes on ``K = 0``, and the last stage counts the forward's tokens as skipped. The
+    messages go over a process group of the pipeline's ranks made for this (at capture entry, by
+    every rank: :meth:`Placements.relay`), never the group the model's own activations travel on.
+
+    Cost: each stage sends, per recorded forward, every earlier stage's sites with its own (the
+    sites' size times the stages before the last, at most ``cross_budget`` bytes a forward)."""
+
+    def __init__(self, group: Any, ranks: list[int], index: int, drop: int | None) -> None:
+        self.group = group
+        self.ranks = ranks
+        self.index = index
+        self.last = index == len(ranks) - 1
+        #: the local site that repeats the previous stage's last (a later stage's ``hidden_states.0``)
+        self.drop = drop
+        self._sent: list[tuple[Any, Tensor, Tensor]] = []  # (work, header, data) until delivered
+
+    def pass_on(self, xs: list[Tensor] | None, tokens: Any, budget: int) -> list[Tensor] | None:
+        """This stage's sites of a forward (``None``: not whole) -> on the last stage, every stage's
+        (``None``: some stage's were not whole); elsewhere ``None``, after sending them on."""
+        import torch.distributed as dist
+
+        n = int(tokens.keep.shape[0])
+        device = tokens.keep.device
+        upstream: list[Tensor] | None = []
+        if self.index > 0:
+            head = torch.zeros(4, dtype=torch.int64, device=device)
+            dist.recv(head, src=self.ranks[self.index - 1], group=self.group)
+            k, rows, width, wide = head.tolist()
+            upstream = None
+            if k > 0:
+                data = torch.empty(k, rows, width, dtype=torch.float64 if wide else torch.float32, device=device)
+                dist.recv(data, src=self.ranks[self.index - 1], group=self.group)
+                upstream = list(data.unbind(0)) if rows == n else None
+        both = None if xs is None or upstream is None else [*upstream, *xs]
+        if both and (len({x.shape for x in both}) > 1
+                     or sum(x.numel() for x in both) * (8 if both[0].dtype == torch.float64 else 4) > budget):
+            both = None
+        if self.last:
+            return both
+        wide = bool(both) and any(x.dtype == torch.float64 for x in both)
+        data = (torch.stack([x.to(torch.float64 if wide else torch.float32) for x in both]) if both
+                else torch.zeros(0, device=device))
+        head = torch.tensor([len(both or ()), n, data.shape[-1] if both else 0, int(wide)], dtype=torch.int64,
+                            device=device)
+        while len(self._sent) > 1:  # at most two forwards in flight to the next stage
+            self._sent.pop(0)[0].wait()
+        work = dist.isend(head, dst=self.ranks[self.index + 1], group=self.group)
+        self._sent.append((work, head, data))
+        if both:
+            self._sent.append((dist.isend(data, dst=self.ranks[self.index + 1], group=self.group), head, data))
+        return None
+
+    def close(self) -> None:
+        """Wait until the next stage has received every forward sent (at exit, after the stages
+        agreed on their tokens, so every message sent has its receiver)."""
+        while self._sent:
+            self._sent.pop(0)[0].wait()
 
 
 def _stage_layers(model: nn.Module) -> tuple[int, str]:

@@ -277,6 +277,10 @@ class Capture:
                                   Grads(self._engine, [f"{s.name}{SUFFIX}" if s.stats is None else ""
                                                        for s in self._defs]) if options.grads else None)
         self._forwards.placements = self._placements if options.world > 1 else None
+        if options.world > 1 and "cross" in options.stats:  # every rank: the relay's groups are collective
+            self._engine.relay = self._placements.relay(_collective_device())
+            if self._engine.cross is not None:
+                self._engine.cross.relay = self._engine.relay
         forwards = self._forwards
         self._recorder.stage_inputs = lambda: (max((int(c) for c in forwards._real.values()), default=-1),
                                                forwards.without_ids)
@@ -491,3 +495,12 @@ class Capture:
     def sites(self) -> list[str]:
         """Site names in capture order (available before, during and after the block)."""
         return self._names["prefill"] + self._names["decode"] + self._names["grad"]
+
+
+def _collective_device() -> torch.device:
+    """Where this process's collectives run: its CUDA device under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

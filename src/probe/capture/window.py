@@ -269,12 +269,11 @@ class Recorder:
         names = self.names
         if self.placements is not None and staged:  # every stage's sites under the whole model's names
             real, no_ids = self.stage_inputs()
-            rows, self._stage_meta = self.placements.stages(rows, self._description(), real, no_ids, device)
+            rows, self._stage_meta = self.placements.stages(rows, self._description(), real, no_ids, device,
+                                                            self.engine.relay)
             names = [s["name"] for s in self._stage_meta["sites"]]
-            if self.placements.pipeline["stages"] > 1 and "cross" in self.options.stats:
-                warnings.warn("probe: the cross-layer statistic pairs each token across layers that different "
-                              "pipeline stages hold, which no rank sees together; it is left out of this run "
-                              "(docs/distributed.md)", stacklevel=5)
+            if self.engine.relay is not None:  # the stages agreed on their tokens: every message has its receiver
+                self.engine.relay.close()
         own = [k for k in _stats.SITE_ONLY if any(k in (s.stats or ()) for s in self.engine.sites)]
         return sync.merge_windows(rows, names, [k for k in stats if k not in ("cross", "cos")]
                                   + [k for k in own if k not in stats], "cross" in stats, device)

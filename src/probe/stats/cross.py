@@ -30,6 +30,7 @@ scalar.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -133,16 +134,23 @@ class Cross(StatBase):
         self._over = False
         self._warned = False
         self._tokens: Tokens | None = None
+        #: a pipeline stage's relay (:class:`probe.capture.parallel.Relay`): every forward's sites
+        #: go on to the next stage, and the last stage folds all of them; ``None``: one model
+        self.relay: Any = None
+        #: with a relay, on the last stage: the earlier stages' sites, first in the matrices
+        self.upstream = 0
+        self._early = 0  # tokens skipped before the matrices could be sized (a pipeline's first forwards)
 
     @property
     def sites(self) -> list[str]:
-        """Names of the sites in matrix order."""
+        """Names of this process's sites in matrix order (a pipeline stage's own, after the
+        earlier stages' ``upstream`` ones)."""
         return [self.candidates[i] for i in (self.members or [])]
 
     def dims(self, x: Tensor | None = None) -> dict[str, int]:
         # row l of keep_cos_hist: the pair (l, l + 1); S rows (the last stays 0) so that one
         # site gives no empty dim
-        return {"S": len(self.sites), "C": COS_BUCKETS.count}
+        return {"S": self.upstream + len(self.sites), "C": COS_BUCKETS.count}
 
     def hold(self, index: int, x: Tensor, tokens: Tokens) -> None:
         """Keep a reference to site ``index``'s ``[n, D]`` tensor until :meth:`finish`."""
@@ -168,20 +176,42 @@ class Cross(StatBase):
         if tokens is None:
             return
         device = tokens.keep.device
-        if self.members is None:
-            if not widths:
-                return
+        if self.members is None and widths:
             width = widths[min(widths)]
-            self.members = sorted(i for i, w in widths.items() if w == width)
+            drop = self.relay.drop if self.relay is not None else None
+            self.members = sorted(i for i, w in widths.items() if w == width and i != drop)
+        if self.relay is not None:  # a pipeline stage: every stage passes every forward on
+            stale = [self.candidates[i] for i, (x, v) in held.items() if x._version != v]
+            whole = self.members is not None and not over and not stale and all(i in held for i in self.members)
+            xs = self.relay.pass_on([held[i][0] for i in self.members] if whole else None, tokens, self.budget)
+            if not self.relay.last:
+                return
+            if xs is not None:
+                self.upstream = len(xs) - len(self.members or ())
+                held = {i: (x, x._version) for i, x in enumerate(xs)}
+            over, stale = xs is None, []
+            members = list(range(len(xs or ())))
+        elif self.members is None:
+            return
+        else:
+            members = self.members
+            stale = [self.candidates[i] for i, (x, v) in held.items() if x._version != v]
         if self._state is None:
+            if self.relay is not None and over:  # nothing arrived whole yet: no matrix size to allocate
+                self._early += int(tokens.keep.sum())
+                self._warn_skip("a pipeline stage's sites of this forward did not reach the last stage whole "
+                                "(one was over cross_budget, modified in place or did not fire)")
+                return
             self._allocate(self.dims(), device)
+            self.s["skipped_tokens"] += self._early
         s = self.s
-        stale = [self.candidates[i] for i, (x, v) in held.items() if x._version != v]
-        if over or any(i not in held for i in self.members) or stale:
+        if over or any(i not in held for i in members) or stale:
             s["skipped_tokens"] += tokens.keep.sum().to(device)
             if not self._warned:
-                self._warned = True
-                if over:
+                if self.relay is not None:
+                    why = ("a pipeline stage's sites of this forward did not reach the last stage whole (one "
+                           "was over cross_budget, modified in place or did not fire)")
+                elif over:
                     why = (f"holding {len(self.candidates)} sites of this forward needs more than "
                            f"cross_budget={self.budget} bytes; pass a larger cross_budget= or smaller batches")
                 elif stale:
@@ -190,10 +220,9 @@ class Cross(StatBase):
                     missing = [i for i in self.members if i not in held]
                     why = (f"sites {[self.candidates[i] for i in missing]} did not fire in this forward; "
                            "pass sites that run in every forward")
-                warnings.warn(f"probe: cross-layer statistics skip a forward: {why} "
-                              "(skipped tokens are counted in cross.skipped_tokens)", stacklevel=2)
+                self._warn_skip(why)
             return
-        xs = [held[i][0] for i in self.members]
+        xs = [held[i][0] for i in members]
         n_tok, d = xs[0].shape
         if n_tok == 0 or d == 0:
             return
@@ -240,6 +269,12 @@ class Cross(StatBase):
         for v in ("keep", "all"):
             s[f"{v}_cos_n"] = s[f"{v}_cos_n"] + cos[v][0]
             s[f"{v}_cos"] = s[f"{v}_cos"] + cos[v][1]
+
+    def _warn_skip(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"probe: cross-layer statistics skip a forward: {why} "
+                          "(skipped tokens are counted in cross.skipped_tokens)", stacklevel=3)
 
     @staticmethod
     def _stack(xs: list[Tensor], rows, device, clean: bool = False) -> tuple[Tensor, Tensor]:
