@@ -427,6 +427,7 @@ def test_pipeline_stages(tmp_path):
     meta = run.meta["parallel"]
     assert meta["pipeline"]["stages"] == 2 and meta["pipeline"]["stage_layers"] == [1, 1]
     assert meta["pipeline"]["first_layer"] == [0, 1]
+    assert run.meta["model"]["config"]["num_hidden_layers"] == 2  # the whole model's, not a stage's
     assert meta["pipeline"]["sites_by_stage"] == {"hidden_states.0": 0, "hidden_states.1": 0, "hidden_states.2": 1}
     assert [s["name"] for s in run.meta["sites"]] == run.sites and run.meta["disabled"] == {}
     assert run.meta["cross_sites"] == ref.meta["cross_sites"] == run.sites

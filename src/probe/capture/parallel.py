@@ -653,7 +653,10 @@ class Placements:
                          "first_layer": [sum(r[0] for r in table[:i]) for i in range(size)],
                          "sites_by_stage": {h[2]["name"]: h[0] for h in ordered}, "rename": rename,
                          "agreed": union_agreed}
-        return out, {"sites": [h[2] for h in ordered], "disabled": union_disabled,
+        model = dict(meta.get("model") or {})  # the whole model's layer count, not this stage's
+        if isinstance(model.get("config"), dict) and "num_hidden_layers" in model["config"]:
+            model["config"] = {**model["config"], "num_hidden_layers": sum(r[0] for r in table)}
+        return out, {"sites": [h[2] for h in ordered], "disabled": union_disabled, "model": model,
                      "cross_sites": meta.get("cross_sites", []) if size == 1 else cross_sites}
 
 
