@@ -304,6 +304,90 @@ def test_files_and_ranks_merge_exactly(tmp_path):
             np.testing.assert_allclose(total.sites[name][kind][f], v, rtol=1e-12, atol=1e-12)
 
 
+def _ranked(rank: int, world: int, port: int, folder: str) -> None:
+    """One rank of test_counts_per_rank: its own batches (seed 10 + rank), one merged file."""
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=120))
+        model = _mixtral()
+        with probe.capture(model, os.path.join(folder, "ranks.h5"), sites="moe", every=1):
+            for ids, mask in _batches(2 + rank, 10 + rank):  # uneven: rank 1 runs one batch more
+                with torch.no_grad():
+                    model(input_ids=ids, attention_mask=mask)
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(folder, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def test_counts_per_rank(tmp_path, capsys):
+    """Under torch.distributed each router site records its counts per capturing rank
+    (``rank_counts[r]``, per window and in total), equal to the routing recomputed in float64 from
+    each rank's own router logits; their sum is the merged counts; ``probe show`` names the
+    experts some rank never routed to."""
+    from conftest import spawn_ranks
+
+    spawn_ranks(_ranked, 2, tmp_path, timeout=300)
+    run = probe.load(tmp_path / "ranks.h5")
+    model = _mixtral()
+    refs = []
+    for rank in range(2):
+        tape = _Tape(model)
+        tape.run(model, _batches(2 + rank, 10 + rank))
+        tape.remove()
+        refs.append(tape)
+    layers = refs[0].layers
+    for i, layer in enumerate(layers):
+        r = run[layer.router + ":router"].router
+        want = np.stack([_reference(tape, i, True)["counts"] for tape in refs])
+        np.testing.assert_array_equal(r.rank_counts, want)
+        np.testing.assert_array_equal(r.counts, want.sum(0))
+        assert r.idle_on_a_rank == [int(e) for e in np.flatnonzero((want == 0).any(0) & (want.sum(0) > 0))]
+        # per window: window 3 is rank 1's third batch alone
+        third = run.at(3)[layer.router + ":router"].router
+        np.testing.assert_array_equal(third.rank_counts[0], 0)
+        np.testing.assert_array_equal(third.rank_counts[1], _reference(refs[1], i, True, forwards=[2])["counts"])
+    from probe.cli import main
+    from probe.present.experts import moe_table
+
+    rows = moe_table(run)
+    assert [r["ranks"] for r in rows] == [2, 2] and rows[0]["rank_counts"] == run[rows[0]["router"]].router.rank_counts.tolist()
+    assert main(["show", str(tmp_path / "ranks.h5")]) == 0
+    assert "idle on a rank" in capsys.readouterr().out
+    # a one-process file merges with it rank by rank (its one row is rank 0's)
+    with probe.capture(model, tmp_path / "one.h5", sites="moe") as one:
+        for ids, mask in _batches(1, 20):
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+    both = probe.merge([tmp_path / "ranks.h5", tmp_path / "one.h5"], tmp_path / "both.h5")
+    for layer in layers:
+        site = layer.router + ":router"
+        a, b = run[site].router, one.result[site].router
+        assert b.rank_counts.shape == (1, a.n_experts)
+        np.testing.assert_array_equal(both[site].router.rank_counts,
+                                      a.rank_counts + np.pad(b.rank_counts, ((0, 1), (0, 0))))
+
+
+def test_idle_on_a_rank_named():
+    from probe.results.moe import RouterView
+
+    state = {"tokens": np.int64(5), "counts": np.array([6, 4, 0]), "weight_sum": np.ones(3), "prob_sum": np.ones(3),
+             "entropy_n": np.float64(5), "entropy_mean": np.float64(0.5), "entropy_m2": np.float64(0.1),
+             "entropy_hist": np.zeros(64, np.int64), "weight_hist": np.zeros(64, np.int64),
+             "nonfinite": np.int64(0), "rank_counts": np.array([[6, 0, 0], [0, 4, 0]])}
+    r = RouterView(state)
+    assert r.idle_on_a_rank == [0, 1] and r.never_routed == [2]
+    del state["rank_counts"]  # a file written before the field: one row, the counts
+    assert RouterView(state).rank_counts.tolist() == [[6, 4, 0]] and RouterView(state).idle_on_a_rank == []
+
+
 def test_flattened_tensors_read_the_forward_tokens():
     """A plain site on the router (its logits, [batch·seq, E]) and on the experts' input
     ([batch·seq, D]) gets the tokens of the forward: padding is left out."""

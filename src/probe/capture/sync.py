@@ -292,6 +292,29 @@ def _gather_topk(items: list, tensors: list[dict], results: list[dict], group) -
             results[i][name] = torch.from_numpy(merged[name])
 
 
+def per_rank(rows: list[WindowState], rank: int, world: int) -> list[WindowState]:
+    """``rows`` with every per-rank field (a leading dim ``W``, such as the router's
+    ``rank_counts``) widened from this process's one row to ``[world, ...]``, its own at row
+    ``rank`` and zeros elsewhere: the rank merge's sum then holds every rank's row."""
+    out = []
+    for row in rows:
+        sites = {}
+        for name, states in row.sites.items():
+            sites[name] = {}
+            for kind, state in states.items():
+                fields = [f.name for f in SPECS[kind].fields if f.shape[:1] == ("W",)] if state and kind in SPECS else []
+                if fields:
+                    state = dict(state)
+                    for f in fields:
+                        a = np.asarray(state[f])
+                        wide = np.zeros((world, *a.shape[1:]), a.dtype)
+                        wide[rank] = a.sum(0)
+                        state[f] = wide
+                sites[name][kind] = state
+        out.append(WindowState(row.step, sites, row.cross))
+    return out
+
+
 def merge_windows(rows: list[WindowState], sites: Sequence[str], kinds: Sequence[str], cross: bool,
                   device: torch.device | str = "cpu", group=None, batch_bytes: int = 256 << 20) -> list[WindowState]:
     """Merge every rank's windows (``rows``, each labelled by its ``step``) across the process group.
@@ -308,6 +331,7 @@ def merge_windows(rows: list[WindowState], sites: Sequence[str], kinds: Sequence
         The merged windows in step order, the same on every rank.
     """
     device = torch.device(device)
+    rows = per_rank(rows, dist.get_rank(group), dist.get_world_size(group))
     steps = agree_steps([int(r.step) for r in rows], device, group)
     slots: list[tuple] = [(name, kind) for name in sites for kind in kinds if kind != "cross"]
     if cross:

@@ -41,18 +41,21 @@ def _counts(run, layer) -> np.ndarray | None:
 
 def moe_table(run) -> list[dict[str, Any]]:
     """One dict per mixture-of-experts layer: ``layer, router, experts, down, E, k, tokens, max_over_mean,
-    cv, entropy, entropy_max, never_routed, counts`` (``None`` where not captured)."""
+    cv, entropy, entropy_max, never_routed, counts, ranks, idle_on_a_rank, rank_counts`` (``None`` where
+    not captured; ``rank_counts`` ``[ranks][E]``, ``idle_on_a_rank`` the experts some rank never routed to)."""
     rows = []
     for layer in moe_layers(run):
         row: dict[str, Any] = {"layer": layer.layer, "router": layer.router, "experts": layer.experts,
                                "down": layer.down,
                                "E": None, "k": None, "tokens": None, "max_over_mean": None, "cv": None,
-                               "entropy": None, "entropy_max": None, "never_routed": None, "counts": None}
+                               "entropy": None, "entropy_max": None, "never_routed": None, "counts": None,
+                               "ranks": 1, "idle_on_a_rank": None, "rank_counts": None}
         if layer.router is not None and run[layer.router].has("router"):
             r = run[layer.router].router
             row.update(E=r.n_experts, k=r.top_k, tokens=r.tokens, max_over_mean=r.max_over_mean, cv=r.cv,
                        entropy=r.entropy_mean, entropy_max=r.entropy_max, never_routed=r.never_routed,
-                       counts=[int(c) for c in r.counts])
+                       counts=[int(c) for c in r.counts], ranks=int(r.rank_counts.shape[0]),
+                       idle_on_a_rank=r.idle_on_a_rank, rank_counts=r.rank_counts.tolist())
         elif layer.experts is not None and run[layer.experts].has("experts"):
             t = run[layer.experts].experts.tokens
             mean = t.mean() if t.size else float("nan")
@@ -87,12 +90,18 @@ def print_moe(rows: list[dict[str, Any]], console=None) -> None:
     table = Table(title="mixture of experts: routing per layer", header_style="bold", pad_edge=False,
                   caption="max/mean, cv: of the tokens per expert (1 and 0 when balanced) · entropy of softmax("
                           "router logits), nats (of ln E) · over real tokens")
-    for col in ("site", "E", "k", "tokens", "max/mean", "cv", "entropy", "never routed"):
-        table.add_column(col, justify="left" if col in ("site", "never routed") else "right", no_wrap=True)
+    ranked = any((r.get("ranks") or 1) > 1 for r in rows)
+    cols = ("site", "E", "k", "tokens", "max/mean", "cv", "entropy", "never routed") + (("idle on a rank",) if ranked else ())
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("site", "never routed", "idle on a rank") else "right",
+                         no_wrap=True)
     for r in rows:
         ent = "–" if r["entropy"] is None else f"{r['entropy']:.3g} / {r['entropy_max']:.3g}"
-        table.add_row(str(r["router"] or r["experts"]), _num(r["E"]), _num(r["k"]), _num(r["tokens"]),
-                      _num(r["max_over_mean"]), _num(r["cv"]), ent, _experts_list(r["never_routed"]))
+        cells = [str(r["router"] or r["experts"]), _num(r["E"]), _num(r["k"]), _num(r["tokens"]),
+                 _num(r["max_over_mean"]), _num(r["cv"]), ent, _experts_list(r["never_routed"])]
+        if ranked:
+            cells.append(_experts_list(r.get("idle_on_a_rank")))
+        table.add_row(*cells)
     console.print(table)
 
 

@@ -16,7 +16,9 @@ one expert takes everything at ``k = 1``); ``cv`` the coefficient of variation
 ``std(counts) / mean(counts)`` (population std); ``balance_loss = E · Σ_e f_e P_e`` with ``f_e =
 counts[e] / tokens`` and ``P_e`` the mean router probability of ``e`` (Switch Transformer's
 auxiliary loss, Fedus et al. 2021, eq. 4, with top-k dispatch as transformers'
-``load_balancing_loss_func`` counts it).
+``load_balancing_loss_func`` counts it). ``rank_counts[r, e]`` is ``counts`` on capturing rank
+``r`` (under ``torch.distributed``; one row in one process), and ``idle_on_a_rank`` the experts
+some rank never routed a token to while others did (the case that stalls per-rank calibration).
 """
 
 from __future__ import annotations
@@ -95,6 +97,12 @@ class RouterView:
         self.weight_hist = np.asarray(state["weight_hist"], np.int64)
         self.edges = np.linspace(0.0, 1.0, self.entropy_hist.shape[0] + 1 if self.entropy_hist.size else ROUTER_BINS + 1)
         self.nonfinite = int(state["nonfinite"])
+        #: int64 [W, E]: ``counts`` per capturing rank (row ``r``: rank ``r`` under torch.distributed;
+        #: one row in one process; files written before it: one row, the counts)
+        self.rank_counts = np.asarray(state.get("rank_counts", self.counts[None]), np.int64).reshape(-1, self.n_experts)
+        #: experts that some rank routed no real token to, while another did (under torch.distributed)
+        self.idle_on_a_rank = ([int(e) for e in np.flatnonzero((self.rank_counts == 0).any(0) & (self.counts > 0))]
+                               if self.rank_counts.shape[0] > 1 else [])
         f = self.counts / max(self.tokens, 1)
         self.balance_loss = float(self.n_experts * np.sum(f * self.mean_prob)) if self.tokens else float("nan")
 

@@ -222,6 +222,8 @@ ROUTER = State("router", (
     Field("entropy_hist", I64, ("R",), "sum", 0, "real tokens per bin of entropy / ln E over [0, 1] (R bins)"),
     Field("weight_hist", I64, ("R",), "sum", 0, "top-k routing weights per bin over [0, 1] (R bins)"),
     Field("nonfinite", I64, (), "sum", 0, "real tokens with a non-finite router logit (left out of everything)"),
+    Field("rank_counts", I64, ("W", "E"), "sum", 0, "counts per capturing rank: row r is rank r's under "
+          "torch.distributed (W = world size); one row in one process"),
 ))
 
 EXPERTS = State("experts", (
@@ -429,6 +431,24 @@ def _complete(spec: State, state: dict) -> dict:
     return out
 
 
+def _same_ranks(spec: State, states: list[dict]) -> list[dict]:
+    """``states`` with every per-rank field (dim ``W``, leading) padded with zero rows to the most
+    ranks among them: runs captured at other world sizes merge rank by rank."""
+    fields = [f for f in spec.fields if f.shape[:1] == ("W",)]
+    if not fields or len(states) < 2:
+        return states
+    out = []
+    for s in states:
+        s = dict(s)
+        for f in fields:
+            most = max(np.shape(t[f.name])[0] for t in states)
+            a = np.asarray(s[f.name])
+            if a.shape[0] < most:
+                s[f.name] = np.concatenate([a, np.zeros((most - a.shape[0], *a.shape[1:]), a.dtype)])
+        out.append(s)
+    return out
+
+
 def merge_states(kind: str, states: list[dict[str, Any]], sample_order: np.ndarray | None = None) -> dict:
     """Exact merge of several states of statistic ``kind`` (numpy; empty dicts are skipped).
 
@@ -449,7 +469,7 @@ def merge_states(kind: str, states: list[dict[str, Any]], sample_order: np.ndarr
     if not states:
         return {}
     spec = SPECS[kind]
-    states = [_complete(spec, s) for s in states]
+    states = _same_ranks(spec, [_complete(spec, s) for s in states])
     first = states[0]
     for s in states[1:]:
         for f in spec.fields:

@@ -13,7 +13,9 @@ sum, or moments merged by Pébay/Chan):
 - routing entropy ``H = -Σ p log p`` of ``p = softmax(logits)`` (nats, float64) per token: its
   moments and a histogram of ``H / ln E`` in ``R`` linear bins over ``[0, 1]``;
 - a histogram of the top-k routing weights in ``R`` linear bins over ``[0, 1]`` (a weight of
-  exactly 1 falls in the last bin).
+  exactly 1 falls in the last bin);
+- ``rank_counts[r, e]``: ``counts`` per capturing rank (one row in one process; under
+  ``torch.distributed`` the rank merge gives rank ``r`` row ``r``, :func:`probe.capture.sync.per_rank`).
 
 Padding is never counted (``tokens.valid``); ``skip_first`` does not apply (a quantizer calibrates
 on every token, and the first token's routing is part of the load). A token with a non-finite
@@ -89,7 +91,7 @@ class Router(MoeConfigured):
         if x.shape[-1] != e + 2 * k:
             raise ProbeError(f"router rows have {x.shape[-1]} values; expected E + 2k = {e + 2 * k} (logits, "
                              "indices, weights); the site is not a router packed by probe.capture.moe")
-        return {"E": e, "R": ROUTER_BINS}
+        return {"E": e, "R": ROUTER_BINS, "W": 1}  # W: one rank's row (widened at the rank merge)
 
     def _fold(self, x: Tensor, tokens: Tokens) -> None:
         e, k = self._layer()
@@ -123,4 +125,5 @@ class Router(MoeConfigured):
             "entropy_n": n1, "entropy_mean": mean1, "entropy_m2": m21,
             "entropy_hist": s["entropy_hist"] + ehist, "weight_hist": s["weight_hist"] + whist,
             "nonfinite": s["nonfinite"] + (tokens.valid & ~fin).sum(),
+            "rank_counts": s["rank_counts"] + counts.unsqueeze(0),
         }
