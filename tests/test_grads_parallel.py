@@ -123,7 +123,9 @@ def _worker(rank: int, world: int, port: int, folder: str, mode: str) -> None:
             fully_shard(model)
             runner = torch.compile(model, backend="aot_eager") if mode == "fsdp_compile" else model
         got = {}
-        with probe.capture(model, os.path.join(folder, "g.h5"), grads=True, every=1, strict=True) as c:
+        # DDP: the wrapper is what a training loop holds and hands to probe (its sites are the model's)
+        watched = runner if mode == "ddp" else model
+        with probe.capture(watched, os.path.join(folder, "g.h5"), grads=True, every=1, strict=True) as c:
             for k, seed in enumerate(_rank_batches(rank)):
                 ids, mask = _batch(seed)
                 for i, g in enumerate(_retained(model, runner, ids, mask)):
