@@ -49,6 +49,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def fresh_compiler():
+    """Dynamo's caches emptied before and after: a frame compiled by an earlier test (or one past
+    its recompile limit, which then runs eagerly) would otherwise decide what this test sees."""
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
 def _retained(model, runner, ids, mask) -> list[np.ndarray]:
     """One forward and backward through ``runner``; per site, float64 [real tokens, D] of autograd's
     .grad of the hidden states it returned (``model``'s parameter gradients are zeroed first)."""
@@ -74,7 +83,7 @@ def _near(view, g: np.ndarray) -> None:
 
 # ---------------------------------------------------------------------------- torch.compile
 @pytest.mark.parametrize("how", ["model", pytest.param("layers", marks=pytest.mark.slow)])
-def test_grads_under_torch_compile_inside_the_block(how):
+def test_grads_under_torch_compile_inside_the_block(how, fresh_compiler):
     """Compiled inside the block (the whole model, or each decoder layer): probe's hooks run
     eagerly at graph breaks, the gradient hook sits on the compiled region's output, and the
     backward (AOT autograd's compiled one) hands it that output's gradient."""
@@ -100,6 +109,21 @@ def test_grads_under_torch_compile_inside_the_block(how):
             _near(view, want[k][i])  # the uncompiled run's: float32 reassociation only
     for i, site in enumerate(SITES):
         _check(c.result[site].grad, np.concatenate([s[i] for s in same]))
+
+
+def test_fullgraph_compile_says_why_it_cannot_break(fresh_compiler):
+    """fullgraph=True forbids the graph breaks probe's hooks need: the compiler's own error
+    says so and names the fix (probe.capture.forward.EAGER_REASON)."""
+    from torch._dynamo.exc import Unsupported
+
+    model = _model()
+    runner = torch.compile(model, backend="aot_eager", fullgraph=True)
+    ids, mask = _batch(22)
+    with pytest.warns(UserWarning, match="3 of 3 sites recorded nothing"):  # the forward stopped at its first hook
+        with probe.capture(model, grads=True) as c:
+            with pytest.raises(Unsupported, match="compile without fullgraph=True while probe.capture is open"):
+                runner(input_ids=ids, attention_mask=mask, labels=ids)
+    assert c.result[SITES[1]].tokens == 0
 
 
 # ---------------------------------------------------------------------------- DDP and FSDP2
