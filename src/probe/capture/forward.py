@@ -91,10 +91,18 @@ SITES = "<sites>"
 FRAME = "<frame>"
 
 
+#: what torch.compile(..., fullgraph=True) says when it meets one of probe's hooks (it cannot break there)
+EAGER_REASON = ("probe's hooks run eagerly at a graph break; compile without fullgraph=True while "
+                "probe.capture is open")
+
+
 def _eager(fn: Callable) -> Callable:
     """Keep torch.compile out of probe's hooks: they run eagerly at a graph break, so a model
     compiled inside the with-block is captured exactly and the hooks' Python is never traced."""
-    return torch.compiler.disable(fn, recursive=True)
+    try:
+        return torch.compiler.disable(fn, recursive=True, reason=EAGER_REASON)
+    except TypeError:  # an older torch takes no reason
+        return torch.compiler.disable(fn, recursive=True)
 
 
 
