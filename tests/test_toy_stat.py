@@ -221,3 +221,25 @@ def test_toy_statistic_unregistered_when_read(tiny, tmp_path):
         run[1].state("toy")
     with pytest.raises(probe.ProbeError, match=r"statistics \['toy'\] that this process has not registered"):
         probe.merge(paths, tmp_path / "m.h5")
+
+
+def test_registered_statistic_is_written_by_the_writer_process(tiny, toy, tmp_path, monkeypatch):
+    """The host sends the declaration of a statistic registered at run time with each commit, so
+    probe's writer process writes it too: no commit falls back to the host process (where a failed
+    HDF5 write could still crash the job at exit)."""
+    from probe.store.writer import Writer
+
+    def here(*args, **kwargs):
+        raise AssertionError("a commit was written in the host process")
+
+    monkeypatch.setattr(Writer, "_append_here", here)
+    model = tiny("llama")
+    data = _batches(3, 4)
+    with probe.capture(model, tmp_path / "w.h5", stats=STATS, every=1):
+        for ids, mask in data:
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+    run = probe.load(tmp_path / "w.h5")
+    assert run.steps == [1, 2, 3]
+    for name, ref in _reference(model, data).items():
+        _check(run.total.sites[name]["toy"], ref)

@@ -259,6 +259,19 @@ ATTENTION = State("attention", (
 #: declared state of every statistic, by name
 SPECS: dict[str, State] = {s.name: s for s in (MOMENTS, POSITION, HISTOGRAM, SAMPLE, CROSS, TOPK, NORM, ROUTER,
                                                 EXPERTS, ATTENTION)}
+#: the statistics probe declares itself (every process knows them); others are registered at run time
+BUILTIN = frozenset(SPECS)
+
+
+def spec_json(spec: State) -> dict[str, Any]:
+    """``spec`` as plain JSON data (what :func:`spec_from_json` reads back): how a statistic
+    registered in one process is declared to another (probe's writer process)."""
+    return {"name": spec.name, "fields": [dict(vars(f), shape=list(f.shape)) for f in spec.fields]}
+
+
+def spec_from_json(data: dict[str, Any]) -> State:
+    """The :class:`State` that :func:`spec_json` wrote."""
+    return State(str(data["name"]), tuple(Field(**{**f, "shape": tuple(f["shape"])}) for f in data["fields"]))
 
 
 def dims_of(kind: str, state: dict[str, Any]) -> dict[str, int]:

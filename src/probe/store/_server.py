@@ -327,8 +327,16 @@ def _die_with(host: int) -> None:
 
 
 def _unknown(job: dict) -> list[str]:
-    """The statistics of ``job`` this process does not know (registered in the host at run time)."""
-    from ..stats._state import SPECS
+    """The statistics of ``job`` this process does not know, after adopting the declarations the
+    host sent of those it registered at run time (``job["specs"]``)."""
+    from ..stats._state import SPECS, spec_from_json
+
+    for data in job.get("specs") or ():
+        try:
+            spec = spec_from_json(data)
+        except (KeyError, TypeError, ValueError):
+            continue  # not a declaration: the host writes this one itself
+        SPECS.setdefault(spec.name, spec)
 
     kinds = {kind for row in (job["row"], job["total"]) for states in row.sites.values() for kind in states}
     return sorted(k for k in kinds if k not in SPECS)

@@ -532,7 +532,7 @@ class Writer:
         job = {"path": self._where, "id": list(self._id), "rows": self.rows, "fsync": self.fsync,
                "meta": json.loads(text),
                "known": [self._meta_json == text, [k for k, v in site_attrs.items() if self._site_attrs.get(k) == v]],
-               "row": row, "total": total, "commit": commit}
+               "row": row, "total": total, "commit": commit, "specs": _registered(row, total)}
         token = object()
         try:
             server.send(token, job)
@@ -739,3 +739,12 @@ def annotate(path: str, **entries: Any) -> None:
         meta = json.loads(f.attrs.get("meta", "{}"))
         meta.update(_jsonable(entries))
         f.attrs["meta"] = json.dumps(meta)
+
+
+def _registered(*rows: WindowState) -> list[dict[str, Any]]:
+    """The declarations of the statistics in ``rows`` that were registered at run time (see
+    :func:`probe.stats.register`), for the writer process, which knows the built-in ones only."""
+    from ..stats._state import BUILTIN, SPECS, spec_json
+
+    kinds = sorted({k for row in rows for states in row.sites.values() for k in states if k not in BUILTIN})
+    return [spec_json(SPECS[k]) for k in kinds if k in SPECS]
