@@ -506,11 +506,13 @@ def deep(tmp_path_factory):
     return probe.load(path)
 
 
-def _tick_overlaps(fig) -> list:
-    """Pairs of drawn tick labels, on any one axis of ``fig``, whose boxes intersect."""
+def _tick_overlaps(fig, gap: float = 0.0) -> list:
+    """Pairs of drawn tick labels, on any one axis of ``fig``, whose boxes intersect or come closer
+    than ``gap`` points ("0 5" reads as one number at 1 pt)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     renderer = FigureCanvasAgg(fig).get_renderer()
+    g = gap * fig.dpi / 72 / 2  # each box grown by half the gap
     found = []
     for ax in fig.axes:
         if not ax.get_visible():
@@ -521,9 +523,48 @@ def _tick_overlaps(fig) -> list:
             for tick in axis.get_major_ticks():
                 for label in (tick.label1, tick.label2):
                     if label.get_visible() and label.get_text() and lo <= tick.get_loc() <= hi:
-                        boxes.append((label.get_text(), label.get_window_extent(renderer)))
+                        boxes.append((label.get_text(), label.get_window_extent(renderer).expanded(1, 1)
+                                      .padded(g)))
             found += [(a[0], b[0]) for i, a in enumerate(boxes) for b in boxes[i + 1:]
                       if a[1].x0 < b[1].x1 and b[1].x0 < a[1].x1 and a[1].y0 < b[1].y1 and b[1].y0 < a[1].y1]
+    return found
+
+
+def _text_overlaps(fig) -> list:
+    """Pairs of texts of ``fig`` whose boxes intersect, where at least one is an axis label or a
+    title (an axes' title, the figure's suptitle, supxlabel and supylabel, a colour bar's label, a
+    legend): each is checked against every other such text and every drawn tick label, on any
+    axes. Tick labels among themselves are :func:`_tick_overlaps`' business."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw_without_rendering()
+    named, ticks = [], []
+    for t in (getattr(fig, "_suptitle", None), getattr(fig, "_supxlabel", None), getattr(fig, "_supylabel", None)):
+        if t is not None and t.get_visible() and t.get_text():
+            named.append((t.get_text()[:30], t.get_window_extent(renderer)))
+    for leg in fig.legends:
+        named.append(("legend", leg.get_window_extent(renderer)))
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        for t in (ax.xaxis.label, ax.yaxis.label, ax.title, ax._left_title, ax._right_title):
+            if t.get_visible() and t.get_text():
+                named.append((t.get_text()[:30], t.get_window_extent(renderer)))
+        if ax.get_legend() is not None:
+            named.append(("legend", ax.get_legend().get_window_extent(renderer)))
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            for tick in axis.get_major_ticks():
+                for label in (tick.label1, tick.label2):
+                    if label.get_visible() and label.get_text() and lo <= tick.get_loc() <= hi:
+                        ticks.append((label.get_text(), label.get_window_extent(renderer)))
+
+    def meet(a, b) -> bool:
+        return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+    found = [(a[0], b[0]) for i, a in enumerate(named) for b in named[i + 1:] if meet(a[1], b[1])]
+    found += [(a[0], b[0]) for a in named for b in ticks if meet(a[1], b[1])]
     return found
 
 
@@ -581,7 +622,8 @@ def test_every_kind_lays_out_at_every_size(deep, size):
     assert sorted(figs) == sorted(f for files in FILES.values() for f in files), size
     for name, fig in figs.items():
         # laid out as it will be saved (the last layout figures() ran; savefig's is the same)
-        assert not _tick_overlaps(fig), (size, name, _tick_overlaps(fig))
+        assert not _tick_overlaps(fig, gap=1.0), (size, name, _tick_overlaps(fig, gap=1.0))
+        assert not _text_overlaps(fig), (size, name, _text_overlaps(fig))
         assert not _uncovered(fig), (size, name, _uncovered(fig))
         if SIZES[size]:  # resized for print: no text smaller than 6 pt (tick labels included)
             small = [(t.get_text()[:20], t.get_fontsize()) for t in _texts(fig) if t.get_text() and t.get_fontsize() < 6]
@@ -653,12 +695,15 @@ def test_column_overlay_caption_is_returned_and_printed(one, tmp_path, capsys):
     paths = plot_run(one, tmp_path / "a", kinds="histograms", size="column",
                      caption=lambda path, text: said.append((os.path.basename(path), text)))
     assert [os.path.basename(p) for p in paths] == ["hist_grid.png", "hist_overlay.png"]
-    assert [name for name, _ in said] == ["hist_overlay.png"] and "plateau" in said[0][1]
+    notes = dict(said)  # both say which tokens were kept; the overlay's opens with the reading note
+    assert sorted(notes) == ["hist_grid.png", "hist_overlay.png"] and "plateau" in notes["hist_overlay.png"]
+    assert "plateau" not in notes["hist_grid.png"] and all("skip_first=1" in t for t in notes.values())
     assert main(["plot", one.path, "-o", str(tmp_path / "b"), "--kind", "histograms", "--size", "column"]) == 0
     err = capsys.readouterr().err
     assert "caption of" in err and "hist_overlay.png" in err and "plateau" in err
-    plot_run(one, tmp_path / "c", kinds="histograms", caption=lambda path, text: said.append(path))
-    assert len(said) == 1  # at screen size the note stays in the figure
+    said.clear()
+    plot_run(one, tmp_path / "c", kinds="histograms", caption=lambda path, text: said.append(text))
+    assert said and not any("plateau" in t for t in said)  # at screen size the note stays in the figure
 
 
 def test_a_one_window_run_says_why_steps_is_not_drawn(one, tmp_path, capsys, monkeypatch):
@@ -776,19 +821,190 @@ def test_column_files_are_a_column_wide_with_print_fonts_and_dpi(deep, tmp_path)
 
 
 def test_printed_grid_fits_a_page_and_says_what_it_left_out(deep, tmp_path):
-    """31 panels at a column's width would be 10.2 in tall: 27 evenly spread ones are drawn (first
-    and last kept), the figure is at most 8.5 in tall, and the caption counts what was left out."""
-    from probe.present.plot import PAGE_HEIGHT
+    """31 panels at a column's width would be 10.2 in tall: evenly spread ones are drawn (first
+    and last kept), the figure is at most 6.5 in tall (a column, with room for its caption), and
+    the caption names every site left out; the panels' titles keep apart."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from probe.present.plot import COLUMN_HEIGHT
 
     figs = figures(deep, "histograms", size="column")
     grid = figs["hist_grid.png"]
-    assert grid.get_size_inches()[1] <= PAGE_HEIGHT + 1e-9
+    assert grid.get_size_inches()[1] <= COLUMN_HEIGHT + 1e-9
     shown = [ax for ax in grid.axes if ax.get_visible()]
-    assert 20 <= len(shown) < 31
+    assert 18 <= len(shown) < 31
     assert shown[0].get_title().startswith("0:") and shown[-1].get_title().startswith("30:")
     assert f"{len(shown)} of 31 sites" in grid.probe_caption
+    drawn = {int(ax.get_title().split(":")[0]) for ax in shown}
+    left = grid.probe_caption.split("left out: ")[1].split(" (")[0]
+    assert [int(v) for v in left.split(", ")] == [i for i in range(31) if i not in drawn]
+    assert "--layers" not in grid.get_suptitle() and "--layers" in grid.probe_caption
+    # neighbouring panel titles: at least 2 pt apart
+    renderer = FigureCanvasAgg(grid).get_renderer()
+    boxes = sorted((ax.title.get_window_extent(renderer) for ax in shown), key=lambda b: (round(b.y0), b.x0))
+    for a, b in zip(boxes, boxes[1:]):
+        if abs(a.y0 - b.y0) < 1:  # one row
+            assert b.x0 - a.x1 >= 2 * grid.dpi / 72, (a, b)
     assert "asinh scale" in grid.get_supxlabel().replace("\n", " ")
     assert len([ax for ax in figures(deep, "histograms", size="page")["hist_grid.png"].axes if ax.get_visible()]) == 31
+
+
+def test_titles_carry_no_tool_text_and_can_be_left_out(deep, tmp_path, capsys):
+    """Titles name what is drawn, not the options that chose it: no ``--layers``, ``skip_first=``
+    or doubled parentheses in any title; those go to the caption. ``titles=False`` (``probe plot
+    --no-title``) draws no suptitle and opens the caption with its text."""
+    from probe.cli import main
+
+    with_titles = figures(deep, size="column")
+    bare = figures(deep, size="column", titles=False)
+    assert sorted(with_titles) == sorted(bare)
+    for name, fig in with_titles.items():
+        titles = [fig.get_suptitle()] + [ax.get_title() for ax in fig.axes if ax.get_visible()]
+        for t in titles:
+            flat = " ".join(t.split())
+            assert "--" not in flat and "skip_first" not in flat and "((" not in flat and "))" not in flat, \
+                (name, flat)
+        text = " ".join(fig.get_suptitle().split())
+        assert text, name  # every figure has a title
+        other = bare[name]
+        assert not other.get_suptitle(), name
+        assert other.probe_caption.startswith(text), (name, other.probe_caption[:80], text)
+    assert "skip_first=1" in with_titles["depth.png"].probe_caption
+    assert main(["plot", deep.path, "-o", str(tmp_path / "f"), "--kind", "depth", "--no-title"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "caption of" in err and "Width by depth" in err
+
+
+def test_text_overlaps_catch_stacked_axis_labels():
+    """The check itself can fail: two stacked axes whose long y labels run into each other."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.5, 2.0))  # placed by hand: no layout engine moves a label aside
+    top, low = fig.add_axes((0.2, 0.45, 0.75, 0.5)), fig.add_axes((0.2, 0.1, 0.75, 0.25))
+    top.set_ylabel("std over channels and tokens per position (log)", fontsize=8)
+    low.set_ylabel("real tokens", fontsize=8)
+    for ax in (top, low):
+        ax.yaxis.set_label_coords(-0.17, 0.5)  # one x, as aligned labels of stacked panels have
+    assert _text_overlaps(fig)
+    top.set_ylabel("std (log)", fontsize=8)
+    assert not _text_overlaps(fig)
+    ax = Figure(figsize=(1.0, 1.0)).subplots()
+    ax.set_xlim(0, 10)
+    ax.set_xticks([0, 5])
+    ax.tick_params(labelsize=10)
+    ax.figure.draw_without_rendering()
+    # "0" and "5" about 0.39 in apart: clear of each other, not of a 40 pt gap
+    assert not _tick_overlaps(ax.figure, gap=1.0) and _tick_overlaps(ax.figure, gap=40.0)
+
+
+def _reach(axis, lo: float, hi: float, width: float) -> list:
+    """What is wrong with the outermost labels of an asinh ``axis`` for data from ``lo`` to ``hi``:
+    each side's outermost label must lie at or past halfway (on the axis' asinh scale) from the
+    last 1, 2, 5 × 10**k value before the data's end to that end; the labels inside the shorter
+    side's reach must be the same either side of 0."""
+    import math
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = axis.figure
+    fig.draw_without_rendering()
+    FigureCanvasAgg(fig).get_renderer()
+    v0, v1 = sorted(axis.get_view_interval())
+    locs = [float(t.get_loc()) for t in axis.get_major_ticks()
+            if t.label1.get_visible() and t.label1.get_text() and v0 <= t.get_loc() <= v1]
+    wrong = []
+    for end in (lo, hi):
+        side = [v for v in locs if v * end > 0]
+        if abs(end) <= width:
+            continue
+        e = math.floor(math.log10(abs(end)))
+        nice = max(m * 10.0**k for k in (e - 1, e) for m in (1, 2, 5) if m * 10.0**k <= abs(end))
+        half = np.sinh((np.arcsinh(abs(end) / width) + np.arcsinh(nice / width)) / 2) * width
+        far = max((abs(v) for v in side), default=0.0)
+        if not far >= half * (1 - 1e-9):
+            wrong.append(("short", end, far, half))
+    neg, pos = [-v for v in locs if v < 0], [v for v in locs if v > 0]
+    if neg and pos:
+        reach = min(max(neg), max(pos))
+        if sorted(v for v in neg if v < reach) != sorted(v for v in pos if v < reach):
+            wrong.append(("asymmetric", sorted(neg), sorted(pos)))
+    return wrong
+
+
+@pytest.mark.parametrize("size", ["column", "page"])
+def test_asinh_axes_label_the_datas_far_ends_symmetrically(heavy, size):
+    """hist_overlay's x axis and depth's value axis, for a Student-t sample with one massive value
+    (5000): the outermost labels reach at least halfway from the last round 1-2-5 value to the
+    tensor's exact min and max (np.min/np.max of the float64 reference), and the ticks inside are
+    mirrored about 0."""
+    from probe.present.plot import _scale_of
+
+    run, x = heavy
+    s = run["hidden_states.1"]
+    assert s.min == x.min() and s.max == x.max() == MASSIVE  # the references: exact
+    overlay = figures(run, "histograms", layers="1", size=size)["hist_overlay.png"]
+    (ax,) = [a for a in overlay.axes if _stairs(a)]
+    assert not _reach(ax.xaxis, float(x.min()), float(x.max()), _scale_of([s])), \
+        _reach(ax.xaxis, float(x.min()), float(x.max()), _scale_of([s]))
+    depth = figures(run, "depth", size=size)["depth.png"]
+    views = [run[n] for n in run.sites]
+    lo, hi = min(v.min for v in views), max(v.max for v in views)
+    assert lo <= x.min() and hi == MASSIVE
+    wrong = _reach(depth.axes[0].yaxis, lo, hi, _scale_of(views))
+    assert not wrong, wrong
+
+
+def test_far_end_rule_can_fail():
+    """The rule the test above checks, on the case it was written for: data to 843 labelled 500."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+
+    from probe.present.plot import _asinh_locator
+
+    ax = Figure(figsize=(3.5, 2)).subplots()
+    ax.set_xscale("asinh", linear_width=0.11)
+    ax.set_xlim(-151, 843)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.xaxis.set_major_locator(FixedLocator([-50, -2, 0, 2, 20, 500]))
+    assert _reach(ax.xaxis, -151, 843, 0.11)  # short of 843 and -151, and 20 vs -50
+    ax.xaxis.set_major_locator(_asinh_locator(-151, 843, 0.11))
+    assert not _reach(ax.xaxis, -151, 843, 0.11), _reach(ax.xaxis, -151, 843, 0.11)
+
+
+def test_cross_cov_panels_have_their_own_colour_scale(deep):
+    """Kept-token and all-token covariances differ by the first token's massive values: each panel
+    is coloured from its own smallest to its own largest |cov| (float64 numpy on the stored matrix),
+    with a colour bar of its own."""
+    fig = figures(deep, "cross", size="column")["cross_cov.png"]
+    ims = [im for ax in fig.axes for im in ax.images]
+    assert len(ims) == 2
+    for im, matrix in zip(ims, (deep.cross.cov, deep.cross.cov_all)):
+        mags = np.abs(np.asarray(matrix, dtype=np.float64))
+        mags = mags[np.isfinite(mags) & (mags > 0)]
+        assert im.norm.vmax == pytest.approx(mags.max(), rel=1e-12)
+        assert im.norm.vmin == pytest.approx(max(mags.min(), 1e-12 * mags.max()), rel=1e-12)
+    assert ims[0].colorbar is not None and ims[1].colorbar is not None and ims[0].colorbar is not ims[1].colorbar
+    assert "own colour scale" in fig.probe_caption
+
+
+def test_positions_draws_a_few_named_sites(deep):
+    """Six evenly spread sites (first and last) plus the heaviest, in distinct colours named in a
+    legend, rather than 31 shades of one colour map; the caption says how many of how many."""
+    fig = figures(deep, "positions", size="column")["positions.png"]
+    top = fig.axes[0]
+    lines = [line for line in top.lines if line.get_label() and not line.get_label().startswith("_")]
+    assert 2 <= len(lines) <= 7
+    names = [line.get_label() for line in lines]
+    assert names[0] == "0" and names[-1] == "30"
+    heaviest = max(deep.sites, key=lambda n: float(np.nanmax(deep[n].position.absmax)))
+    assert heaviest.split(".")[-1] in names
+    assert len({line.get_color() for line in lines}) == len(lines)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == names
+    assert f"{len(lines)} of 31 sites" in fig.probe_caption
+    for line, name in zip(lines, names):  # each line is that site's per-position absmax
+        p = deep[f"hidden_states.{name}"].position
+        np.testing.assert_array_equal(line.get_ydata(), np.where(p.absmax > 0, p.absmax, np.nan))
 
 
 def test_report_figures_leave_the_reading_note_to_the_caption(one):

@@ -1,5 +1,5 @@
 """``probe plot RUN [-o figures/] [--kind K] [--layers L] [--shared] [--linear] [--format F] [--dpi N]
-[--size S]``: a run's figures as files."""
+[--size S] [--no-title]``: a run's figures as files."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
     p.add_argument("--size", choices=tuple(SIZES), default="screen",
                    help="figure width: screen (each figure's own), column (3.5 in, a paper's column), "
                         "page (7 in), slide (13.33 in, 16:9) (default screen)")
+    p.add_argument("--no-title", dest="titles", action="store_false",
+                   help="leave each figure's title out, for a paper whose caption says it; the title's text is "
+                        "printed as the start of the file's caption (default: titles drawn)")
     p.set_defaults(func=command)
 
 
@@ -62,11 +65,12 @@ def command(args) -> int:
         console.print(f"[yellow]skipped[/] {kind}: {why}", soft_wrap=True)
 
     paths = plot_run(run, args.out, kinds=args.kind, layers=layers, shared=args.shared, linear=args.linear,
-                     format=args.format, dpi=args.dpi, size=args.size, progress=progress, skipped=skipped,
+                     format=args.format, dpi=args.dpi, size=args.size, titles=args.titles, progress=progress,
+                     skipped=skipped,
                      caption=captions.__setitem__)
     for path in paths:
         print(path)
-        if path in captions:  # a note too tall for a column's figure: its caption, to print with it
+        if path in captions:  # what the figure leaves to its caption: printed with it
             console.print(f"[dim]caption of {path}:[/] {captions[path]}", soft_wrap=True)
     console.print(f"[green]drew[/] {len(paths)} figure(s) in {time.perf_counter() - started:.1f}s")
     return 0

@@ -77,6 +77,8 @@ ASINH_NOTE = ("Reading note: past ±{width} the axis is logarithmic, so it squee
               "reads best with --linear.")
 HIST_BINS = 201  # bins per histogram panel, equal width on the panel's asinh axis
 CMAP_DEPTH = "viridis"
+#: how many sites ``positions.png`` draws when ``layers`` chooses none (plus the heaviest-tailed)
+POSITION_LINES = 6
 
 
 class _Missing(ProbeError):
@@ -111,6 +113,9 @@ class _Out:
         #: reading notes go to ``fig.probe_caption`` rather than into the figure (a column's width,
         #: or a report whose captions carry them)
         self.notes_apart = False
+        #: each figure's title drawn on it; ``False`` (``titles=False``, ``probe plot --no-title``):
+        #: left out, its text the first sentence of ``fig.probe_caption``
+        self.titles = True
 
     @property
     def narrow(self) -> bool:
@@ -136,13 +141,19 @@ class _Out:
         return max(20, int(0.9 * width * 72 / (0.55 * _shrunk(points, shrink))))
 
     def save(self, fig, name: str) -> str:
+        sup = getattr(fig, "_suptitle", None)
+        if not self.titles and sup is not None and sup.get_text():  # a paper's caption carries it instead
+            _note(fig, " ".join(sup.get_text().split()), first=True)
+            sup.remove()
+            fig._suptitle = None
         _resize(fig, self.size)
         _declutter(fig)
         _label_ends(fig)
-        if SIZES.get(self.size) is not None and _fit(fig):  # narrower axes: thin and end their ticks again
+        for _ in range(3):  # narrower axes: thin and end their ticks again, until nothing moves
+            if SIZES.get(self.size) is None or not _fit(fig):
+                break
             _declutter(fig)
             _label_ends(fig)
-            _fit(fig)
         if self.kept is not None:
             self.kept[name] = fig
         if self.folder is None:
@@ -153,6 +164,19 @@ class _Out:
         if getattr(fig, "probe_caption", None) and self.caption is not None:
             self.caption(path, fig.probe_caption)
         return path
+
+
+def _note(fig, text: str, first: bool = False) -> None:
+    """Add ``text`` to the figure's caption (``fig.probe_caption``): what the figure leaves out of
+    its title and axes, such as the tool's options that choose what it shows, printed by
+    ``probe plot`` beside the file's path. ``first``: put it before what is there (a title)."""
+    text = text.strip()
+    if not text:
+        return
+    if text[-1] not in ".!?":
+        text += "."
+    old = getattr(fig, "probe_caption", None) or ""
+    fig.probe_caption = " ".join(p for p in ((text, old) if first else (old, text)) if p)
 
 
 def _fit(fig, rounds: int = 3) -> bool:
@@ -272,6 +296,21 @@ PAGE_HEIGHT = 8.5
 #: the smallest text (points) :func:`_resize` makes: print stays legible without a loupe
 MIN_POINTS = 6.0
 
+#: the tallest (inches) a column-wide histogram grid is made: a column's height less room for its caption
+COLUMN_HEIGHT = 6.5
+
+
+def _short(v: float, digits: int = 3) -> str:
+    """A statistic in a panel title, in few characters: ``6.6``, ``327``, ``6.9e3``; below 1 in
+    ``digits`` significant digits (``0.0064`` at 2)."""
+    if not np.isfinite(v):
+        return str(v)
+    text = f"{v:.{digits if abs(v) < 1 else 3}g}"
+    if "e" not in text:
+        return text
+    m, e = f"{v:.1e}".split("e")
+    return f"{m}e{int(e)}"
+
 
 def _shrunk(points: float, shrink: float) -> float:
     """``points`` scaled by ``shrink``, but never below :data:`MIN_POINTS` (nor above ``points``)."""
@@ -340,10 +379,17 @@ def _declutter(fig, pad: float = 3.0, rounds: int = 3) -> None:
                     def rank(i: int) -> tuple:
                         return (locs[i] != 0, i not in ends, abs(locs[i]))
 
+                    seen: set = set()
                     for i in sorted(range(len(shown)), key=rank):
-                        if not _overlap(sorted([shown[j][1] for j in kept] + [shown[i][1]],
+                        if i in seen:
+                            continue
+                        # a magnitude either side of 0 is kept or dropped on both (the ends alone)
+                        mirror = [j for j in range(len(locs)) if locs[j] == -locs[i] != 0 and j not in ends]
+                        group = [i, *mirror] if i not in ends else [i]
+                        seen.update(group)
+                        if not _overlap(sorted([shown[j][1] for j in kept] + [shown[j][1] for j in group],
                                                key=lambda b: b.extents[k] + b.extents[k + 2]), k, gap):
-                            kept.append(i)
+                            kept += group
                     chosen = sorted(locs[i] for i in kept)
                 else:
                     anchor = min(range(len(locs)), key=lambda i: abs(locs[i])) if 0.0 in locs else 0
@@ -693,9 +739,17 @@ def _depth_colorbar(fig, ax, cm, colors, names: Sequence[str], label: str):
 
 
 def _title(run: Run) -> str:
+    """The model's name, for a figure's title (what the figure shows of it goes before)."""
     model = run.meta.get("model", {})
-    name = model.get("name_or_path") or model.get("class") or "model"
-    return f"{name} · skip_first={run.meta.get('skip_first', '?')}"
+    return str(model.get("name_or_path") or model.get("class") or "model")
+
+
+def _kept(run: Run) -> str:
+    """Which tokens a figure of the kept values counts, for its caption (the title names no option)."""
+    skip = run.meta.get("skip_first", 0)
+    if not skip:
+        return "Every real token is counted (skip_first=0)"
+    return f"The first {skip} position(s) of each sequence are left out (skip_first={skip})"
 
 
 def _sites_with(run: Run, kind: str) -> list[str]:
@@ -814,14 +868,16 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     cols = out.cols(min(n, max(1, math.ceil(math.sqrt(n * 1.6)))), 1.1)
     rows = math.ceil(n / cols)
     width = SIZES.get(out.size)
-    if width is not None:  # a printed grid fits a page's text height: the rows beyond it are left out
+    row = 1.3 if out.narrow else 1.45  # design inches a row of panels takes
+    tallest = COLUMN_HEIGHT if out.narrow else PAGE_HEIGHT
+    if width is not None:  # a printed grid fits a column's (or page's) height: the rows beyond it are left out
         ratio = min(1.0, width / (1.9 * cols))  # what :func:`_resize` scales the grid by
-        most = max(1, int((PAGE_HEIGHT / ratio - 0.7) / 1.45))
+        most = max(1, int((tallest / ratio - 0.7) / row))
         if rows > most:
             keep = [v for v in views if v.name in (opts.get("layers") or ())] or views
             views = [run[x] for x in _pick([v.name for v in keep], min(len(keep), cols * most))]
             n, rows = len(views), math.ceil(len(views) / cols)
-    fig = Figure(figsize=(1.9 * cols, 1.45 * rows + 0.7), layout="constrained")
+    fig = Figure(figsize=(1.9 * cols, row * rows + 0.7), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False, sharex=shared, sharey=shared)).ravel()
     drawn = []
     for ax, s in zip(axes, views):
@@ -837,7 +893,8 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
         ax.yaxis.set_minor_locator(NullLocator())
         _value_axis(ax, lo, hi, width, linear=linear)
         _mark_extremes(ax, s, "#c44e52")
-        ax.set_title(f"{labels[index[s.name]]}: σ={s.std:.3g} κ={s.kurtosis:.3g}", fontsize=7, pad=2)
+        # pad: clear of the top y tick label, which stands half above the panel's top
+        ax.set_title(f"{labels[index[s.name]]}: σ={_short(s.std)} κ={_short(s.kurtosis, 2)}", fontsize=7, pad=4.5)
         ax.tick_params(labelsize=6, pad=1)
         if not linear:
             ax.xaxis.set_major_locator(_asinh_locator(lo, hi, width, most=5))
@@ -851,12 +908,16 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     fig.supxlabel(f"activation value ({scale} scale, {how}; {HIST_BINS} {binned}; "
                   "red ▲: exact min and max)", fontsize=9)
     fig.supylabel("density per unit of x (log; integrates to 1)", fontsize=9)
-    fig.suptitle(f"{'' if n == len(names) else f'{n} of {len(names)} sites (choose with --layers): '}"
-                 f"Per-site histograms — panel title: {axis_label.split(' (')[0]}: σ = std, κ = excess kurtosis "
-                 f"— {_title(run)}", fontsize=10)
+    which = "Histogram per site" if n == len(names) else f"Histograms of {n} of {len(names)} sites"
+    fig.suptitle(f"{which} — {_title(run)}\npanel: {axis_label.split(' (')[0]}, σ = std, κ = excess kurtosis",
+                 fontsize=10)
     if n < len(names):
-        fig.probe_caption = (f"{n} of {len(names)} sites, evenly spaced with the first and last: a {out.size}-wide "
-                             f"grid of all would be taller than a page ({PAGE_HEIGHT:g} in); choose with --layers")
+        shown = {v.name for v in views}
+        left = [labels[index[x]] for x in names if x not in shown]
+        _note(fig, f"{n} of {len(names)} sites, evenly spaced with the first and last; left out: "
+                   f"{', '.join(left)} (a {out.size}-wide grid of all would be taller than {tallest:g} in); "
+                   "choose the sites with --layers")
+    _note(fig, _kept(run))
     paths = [out.save(fig, "hist_grid.png")]
 
     # overlay: a few chosen sites, distinct colours, one shared axis reaching every min and max
@@ -899,14 +960,16 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
         room = out.chars(fig.get_size_inches()[0], 8)
         # in a column, five lines of note would be as tall as the plot: it becomes the caption
         if out.narrow or out.notes_apart:
-            fig.probe_caption = note
+            _note(fig, note, first=True)
             label = textwrap.fill(label, room)
         else:
             label = textwrap.fill(label, room) + "\n" + textwrap.fill(note, room)
     ax.set_xlabel(label, fontsize=8)
     ax.set_ylabel("density per unit of x (log; each curve integrates to 1)", fontsize=8)
-    ax.set_title(f"Histograms of {len(chosen)} of {len(names)} sites (choose with --layers) — {_title(run)}",
-                 fontsize=10)
+    fig.suptitle(f"Histograms of {len(chosen)} of {len(names)} sites — {_title(run)}", fontsize=10)
+    if len(chosen) < len(names):
+        _note(fig, "Choose the sites with --layers")
+    _note(fig, _kept(run))
     ax.grid(alpha=0.25, lw=0.5)
     paths.append(out.save(fig, "hist_overlay.png"))
     return paths
@@ -919,22 +982,60 @@ def _linear_locator(most: int):
 
 
 def _asinh_locator(lo: float, hi: float, width: float, most: int = 9):
-    """Ticks at 0 and at ±1, 2, 5 × powers of ten inside [lo, hi], thinned to ``most``."""
+    """Ticks at 0 and at ±1, 2, 5 × powers of ten inside [lo, hi], thinned to ``most``, and a round
+    value near each end of the data (:func:`_far_end`).
+
+    The thinning drops a magnitude on both sides at once (the tick farther from zero of the two
+    closest), so where the data reach both sides the ticks are the same either side of 0 (not 20
+    above and -50 below); the end labels then say how far each side reaches."""
     from matplotlib.ticker import FixedLocator
 
     big = max(abs(lo), abs(hi), width)
     mags = [m * 10.0**e for e in range(int(np.floor(np.log10(width))) - 1, int(np.ceil(np.log10(big))) + 1)
             for m in (1, 2, 5)]
-    ticks = sorted({0.0, *[t for m in mags for t in (m, -m) if lo <= t <= hi]})
-    while len(ticks) > most:
-        pos = np.arcsinh(np.asarray(ticks) / width)
-        gaps = np.diff(pos)
-        i = int(np.argmin(gaps))
-        drop = i if abs(ticks[i]) > abs(ticks[i + 1]) else i + 1  # keep the tick nearer zero
-        if ticks[drop] == 0.0:
-            drop = i + 1 if drop == i else i
-        ticks.pop(drop)
-    return FixedLocator(ticks)
+    inside = [m for m in mags if lo <= m <= hi or lo <= -m <= hi]
+    room = max(1, (most - 1) // 2)  # magnitudes, with 0 and the two ends
+    while len(inside) > room:
+        pos = np.arcsinh(np.asarray(inside) / width)
+        i = int(np.argmin(np.diff(pos))) if len(inside) > 1 else 0
+        inside.pop(i + 1 if len(inside) > 1 else 0)  # keep the magnitude nearer zero
+    ticks = {0.0, *[t for m in inside for t in (m, -m) if lo <= t <= hi]}
+    for end in (lo, hi):
+        value = _far_end(end, [t for t in ticks if t * end > 0], width)
+        if value is not None:
+            ticks.add(value)
+    return FixedLocator(sorted(ticks))
+
+
+def _far_end(end: float, side: Sequence[float], width: float) -> float | None:
+    """A round value between ``end`` (where the data stop) and halfway (on the asinh axis) to the
+    last 1, 2, 5 × 10**k value before it: ``end`` rounded toward zero to the fewest significant
+    digits that reach that far (843, past 500: 800; -182, past -100: -180). ``None`` where a tick
+    of ``side`` (those on its side of 0) already reaches, or the end lies in the linear region."""
+    if end == 0 or abs(end) <= width:
+        return None
+    e = math.floor(math.log10(abs(end)))
+    nice = max(m * 10.0**k for k in (e - 1, e) for m in (1, 2, 5) if m * 10.0**k <= abs(end) * (1 + 1e-12))
+    half = float(np.sinh((np.arcsinh(abs(end) / width) + np.arcsinh(nice / width)) / 2) * width)
+    if any(abs(t) >= half for t in side):
+        return None
+    for digits in range(1, 6):
+        step = 10.0 ** (e - digits + 1)
+        value = float(f"{math.trunc(end / step) * step:.{digits + 1}g}")  # toward zero: inside the data
+        if abs(value) >= half:
+            return value
+    return None
+    last = max(side, key=abs) if side else 0.0
+    t_end, t_last = np.arcsinh(end / width), np.arcsinh(last / width)
+    half = float(np.sinh((t_end + t_last) / 2) * width)
+    if abs(last) >= abs(half):
+        return None
+    for digits in range(1, 6):
+        step = 10.0 ** (math.floor(math.log10(abs(end))) - digits + 1)
+        value = float(f"{math.trunc(end / step) * step:.{digits + 1}g}")  # toward zero: inside the data
+        if abs(value) >= abs(half) and value != last:
+            return value
+    return None
 
 
 def _palette(n: int) -> list:
@@ -1001,6 +1102,7 @@ def _depth(run: Run, out: _Out, opts: dict) -> list[str]:
     _index_ticks(low.xaxis, labels, most=40)
     low.set_xlabel(axis_label, fontsize=8)
     fig.suptitle(f"Width by depth — {_title(run)}", fontsize=10)
+    _note(fig, _kept(run))
     return [out.save(fig, "depth.png")]
 
 
@@ -1012,7 +1114,7 @@ def _cross(run: Run, out: _Out, opts: dict) -> list[str]:
         raise _missing("cross", "cross", run)
     labels, axis_label = _labels(cross.sites)
     skip = run.meta.get("skip_first", 0)
-    kept = f"kept tokens (first {skip} of each sequence excluded)" if skip else "kept tokens (skip_first=0)"
+    kept = f"kept tokens (first {skip} of each sequence excluded)" if skip else "kept tokens (every token)"
     panels = [(kept, cross.cov, cross.r2, cross.n), ("all real tokens", cross.cov_all, cross.r2_all, cross.n_all)]
     # with nothing skipped both halves are the same matrix: draw it once
     panels = [p for p in panels if p[3] > 0] if cross.n != cross.n_all else panels[1:]
@@ -1021,15 +1123,22 @@ def _cross(run: Run, out: _Out, opts: dict) -> list[str]:
     fs = 6 if len(labels) > 24 else 7
 
     def grid(values, norm, cmap, label, title, name, signed=False, extend="neither"):
+        """``values``: ``(panel title, matrix)``, or ``(panel title, matrix, norm, extend)`` for a
+        panel on its own colour scale, which then gets a colour bar of its own."""
         stack = out.narrow and len(panels) > 1  # one above the other in a column
         shape = (len(panels), 1) if stack else (1, len(panels))
         fig = Figure(figsize=(size + 1.2, size * len(panels) + 0.5) if stack else
                      (size * len(panels) + 1.2, size + 0.5), layout="constrained")
         axes = np.atleast_1d(fig.subplots(*shape, squeeze=False)).ravel()
         im = None
-        for ax, (what, v) in zip(axes, values):
-            im = ax.imshow(np.ma.masked_invalid(np.abs(v) if signed else v), norm=norm, cmap=cmap,
-                           interpolation="nearest")
+        own = any(len(p) > 2 for p in values)
+        for ax, (what, v, *scale) in zip(axes, values):
+            im = ax.imshow(np.ma.masked_invalid(np.abs(v) if signed else v), norm=scale[0] if scale else norm,
+                           cmap=cmap, interpolation="nearest")
+            if own:
+                bar = fig.colorbar(im, ax=ax, shrink=0.85, pad=0.02, extend=scale[1] if scale else extend)
+                bar.set_label(label, fontsize=8)
+                bar.ax.tick_params(labelsize=7)
             if signed:
                 yy, xx = np.nonzero(np.nan_to_num(v) < 0)
                 ax.scatter(xx, yy, marker="_", s=12 if len(labels) <= 40 else 4, color="white", lw=0.9)
@@ -1039,26 +1148,35 @@ def _cross(run: Run, out: _Out, opts: dict) -> list[str]:
             ax.tick_params(axis="x", labelrotation=90)
             ax.set_xlabel(axis_label, fontsize=8)
             ax.set_ylabel(axis_label, fontsize=8)
-        bar = fig.colorbar(im, ax=list(axes), shrink=0.85, pad=0.02, extend=extend)
-        bar.set_label(label, fontsize=8)
-        bar.ax.tick_params(labelsize=7)
+        if own and len(values) > 1:
+            _note(fig, "Each panel has its own colour scale (its colour bar beside it)")
+        if not own:
+            bar = fig.colorbar(im, ax=list(axes), shrink=0.85, pad=0.02, extend=extend)
+            bar.set_label(label, fontsize=8)
+            bar.ax.tick_params(labelsize=7)
         fig.suptitle(f"{title} — {_title(run)}", fontsize=10)
         return out.save(fig, name)
 
     # Covariances run from ~1e-4 (embeddings) to ~1e4 (massive-activation layers): the colour is
-    # log10 |cov| on one norm shared by both panels, and the few negative entries (all tiny in
-    # practice) are marked rather than given half of a diverging colormap.
-    mags = np.concatenate([np.abs(p[1][np.isfinite(p[1])]).ravel() for p in panels])
-    mags = mags[mags > 0]
-    top = float(mags.max()) if mags.size else 1.0
-    # every entry on the scale: from the smallest |cov| up, unless that is below 1e-12 of the
-    # largest (then the colour bar's arrow says the few entries below are clipped)
-    low, extend = _log_limits(mags, top, 1e-12)
-    norm = colors.LogNorm(vmin=low, vmax=top)
-    paths = [grid([(p[0], p[1]) for p in panels], norm, _cmap("viridis"),
-                  "|covariance| (log scale; white dash = negative entry)",
+    # log10 |cov|, and the few negative entries (all tiny in practice) are marked rather than given
+    # half of a diverging colormap. Each panel has its own scale and colour bar: the first token's
+    # massive activations put the all-token panel 10-100x above the kept one, whose structure a
+    # shared scale would paint in one flat colour.
+    def scale(matrix):
+        mags = np.abs(matrix[np.isfinite(matrix)]).ravel()
+        mags = mags[mags > 0]
+        top = float(mags.max()) if mags.size else 1.0
+        # every entry on the scale: from the smallest |cov| up, unless that is below 1e-12 of the
+        # largest (then the colour bar's arrow says the few entries below are clipped)
+        low, extend = _log_limits(mags, top, 1e-12)
+        return colors.LogNorm(vmin=low, vmax=top), extend
+
+    covs = [(p[0], p[1], *scale(p[1])) for p in panels]
+    paths = [grid(covs, covs[0][2], _cmap("viridis"),
+                  "|covariance| (log scale;\nwhite dash = negative entry)",
                   f"{noun} × {noun.lower()} covariance (population, per channel-token observation)", "cross_cov.png",
-                  signed=True, extend=extend)]
+                  signed=True, extend=covs[0][3])]
+
     paths.append(grid([(p[0], p[2]) for p in panels], colors.Normalize(0, 1), _cmap("magma"),
                       "R² (squared Pearson correlation, linear 0–1)", f"{noun} × {noun.lower()} R²",
                       "cross_r2.png"))
@@ -1156,10 +1274,11 @@ def _scatter(run: Run, out: _Out, opts: dict) -> list[str]:
         handles, names = axes[0].get_legend_handles_labels()
         if handles:  # outside the panels: inside one, the legend would cover the extremes it names
             fig.legend(handles, names, fontsize=7, loc="outside lower center", ncol=len(handles), markerscale=1.0)
-        skip = run.meta.get("skip_first", 0)
-        kept = f"first {skip} position(s) not sampled (skip_first)" if skip else "every real token"
-        fig.suptitle(f"Uniform sample of kept values vs {x_name} ({kept}); {len(chosen)} of {len(found)} sites "
-                     f"(--layers) — {_title(run)}", fontsize=10)
+        fig.suptitle(f"Uniform sample of kept values vs {x_name}, {len(chosen)} of {len(found)} sites — "
+                     f"{_title(run)}", fontsize=10)
+        _note(fig, _kept(run))
+        if len(chosen) < len(found):
+            _note(fig, "Choose the sites with --layers")
         paths.append(out.save(fig, file))
     return paths
 
@@ -1196,7 +1315,8 @@ def _channels(run: Run, out: _Out, opts: dict) -> list[str]:
     bar.set_label("max |activation| over kept tokens (log scale"
                   + ("; ▼: below 1e-6 of the largest, clipped)" if extend == "min" else ")"), fontsize=8)
     bar.ax.tick_params(labelsize=7)
-    ax.set_title(f"Per-channel absmax — {_title(run)}", fontsize=10)
+    fig.suptitle(f"Per-channel absmax — {_title(run)}", fontsize=10)
+    _note(fig, _kept(run))
     return [out.save(fig, "channels_absmax.png")]
 
 
@@ -1212,9 +1332,19 @@ def _positions(run: Run, out: _Out, opts: dict) -> list[str]:
             views.append((name, p))
     if not views:
         raise _missing("positions", "position", run)
-    _, axis_label = _labels(run.sites)
+    labels, axis_label = _labels(run.sites)
     index = {n: i for i, n in enumerate(run.sites)}
-    cmap = _cmap(CMAP_DEPTH)
+    # a few sites in distinct colours, not 31 shades of one colour map: evenly spaced with the first
+    # and last, plus the one with the largest max |x| (the massive activation the figure is read for)
+    every = [n for n, _ in views]
+    if opts.get("layers"):
+        chosen = [n for n in opts["layers"] if n in every] or every
+    else:
+        chosen = _pick(every, POSITION_LINES)
+        heaviest = max(views, key=lambda v: float(np.nanmax(v[1].absmax)))[0]
+        if heaviest not in chosen:
+            chosen = sorted([*chosen, heaviest], key=run.sites.index)
+    views = [v for v in views if v[0] in chosen]
     if out.narrow:  # the two profiles one above the other, each over its token counts
         fig = Figure(figsize=(NARROW_DESIGN, 8.4), layout="constrained")
         col = fig.subplots(4, 1, height_ratios=(4, 1, 4, 1))
@@ -1224,26 +1354,35 @@ def _positions(run: Run, out: _Out, opts: dict) -> list[str]:
     else:
         fig = Figure(figsize=(12, 6.2), layout="constrained")
         axes = fig.subplots(2, 2, sharex=True, height_ratios=(4, 1))
-    norm = _depth_colorbar(fig, list(axes.ravel()), cm, colors, run.sites, axis_label)
     longest = max(len(p) for _, p in views)
-    for name, p in views:
+    for (name, p), c in zip(views, _palette(len(views))):
         x = np.arange(len(p))
-        c = cmap(norm(index[name]))
-        axes[0, 0].plot(x, np.where(p.absmax > 0, p.absmax, np.nan), color=c, lw=0.9)
+        axes[0, 0].plot(x, np.where(p.absmax > 0, p.absmax, np.nan), color=c, lw=0.9, label=labels[index[name]])
         axes[0, 1].plot(x, np.where(p.std > 0, p.std, np.nan), color=c, lw=0.9)
+    what = axis_label.split(" (")[0]
+    if out.narrow:  # below the panels: beside them it would take a third of the column
+        fig.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=7, title=what, title_fontsize=7,
+                   loc="outside lower center", ncol=min(len(views), 7))
+    else:
+        fig.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=7, title=what, title_fontsize=7,
+                   loc="outside right upper")
+    if len(views) < len(every):
+        _note(fig, f"{len(views)} of {len(every)} sites: evenly spaced with the first and last, and the one "
+                   "with the largest max |activation|; choose the sites with --layers")
     # every site sees the same tokens: one count says how noisy each position's numbers are
     tokens = views[0][1].tokens
     plain = FuncFormatter(lambda v, _: f"{v:g}")
-    for j, what in enumerate(("max |activation|", "std over channels and tokens")):
+    for j, (what, short) in enumerate((("max |activation|", "max |x| (log)"),
+                                       ("std over channels and tokens", "std (log)"))):
         ax, low = axes[0, j], axes[1, j]
         ax.set_yscale("log")
         ax.set_title(f"{what} per position", fontsize=9)
-        ax.set_ylabel(f"{what} (log)", fontsize=8)
+        ax.set_ylabel(short, fontsize=8)
         ax.grid(alpha=0.25, lw=0.5)
         ax.tick_params(labelsize=7)
         low.stairs(tokens, np.arange(len(tokens) + 1) - 0.5, fill=True, color="0.6")
         low.set_ylim(bottom=0)
-        low.set_ylabel("real tokens", fontsize=8)
+        low.set_ylabel("tokens", fontsize=8)
         low.tick_params(labelsize=7)
         low.grid(alpha=0.25, lw=0.5)
         # symlog x: position 0 (the first-token effect) and the first few positions get room of
@@ -1255,8 +1394,8 @@ def _positions(run: Run, out: _Out, opts: dict) -> list[str]:
                                                          for m in (1, 2, 5) if m * 10.0**e <= longest]]))
         low.xaxis.set_major_formatter(plain)
         low.set_xlabel("token position (log scale past 1)", fontsize=8)
-    fig.suptitle(f"Per-position profile over every real token (skip_first does not apply) — {_title(run)}",
-                 fontsize=10)
+    fig.suptitle(f"Per-position profile over every real token — {_title(run)}", fontsize=10)
+    _note(fig, "Every real token is counted here: skip_first does not apply to the per-position statistics")
     return [out.save(fig, "positions.png")]
 
 
@@ -1440,7 +1579,7 @@ def _check_output(fmt: str, dpi: int | None, size: str) -> None:
 def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind | None = None, *,
              layers: str | Sequence[str] | None = None, shared: bool = False, linear: bool = False,
              format: Format = "png", dpi: int | None = None, size: Size = "screen",
-             progress: Callable[[str, int, int], None] | None = None,
+             titles: bool = True, progress: Callable[[str, int, int], None] | None = None,
              skipped: Callable[[str, str], None] | None = None,
              caption: Callable[[str, str], None] | None = None) -> list[str]:
     """Draw a run's figures as files in ``out_dir`` (created if missing).
@@ -1454,8 +1593,9 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
         layers: the sites of ``hist_overlay.png`` and the scatter figures, as for
             :func:`parse_layers` (``"all"`` for every site); default: about six evenly spread
             for the overlay; first, middle, last and the heaviest-tailed for the scatter. At a
-            print size, ``hist_grid.png`` holds at most as many rows as fit :data:`PAGE_HEIGHT`
-            (27 panels at ``"column"``): past that, evenly spaced sites of ``layers`` (default:
+            print size, ``hist_grid.png`` holds at most as many rows as fit :data:`COLUMN_HEIGHT`
+            at ``"column"`` (21 panels, leaving a column room for its caption) or
+            :data:`PAGE_HEIGHT` at ``"page"``: past that, evenly spaced sites of ``layers`` (default:
             of all), first and last included, and a caption saying so.
         shared: draw every ``hist_grid.png`` panel on one shared x and y axis.
         linear: histograms on a linear value axis with equal-width bins (default: asinh).
@@ -1464,15 +1604,19 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
             default 110 at ``size="screen"``, 300 (:data:`PRINT_DPI`) at the print sizes.
         size: ``"screen"`` (each figure's own size), ``"column"`` (3.5 in wide, a paper's
             column), ``"page"`` (7 in) or ``"slide"`` (13.33 in, 16:9): :data:`SIZES`.
+        titles: draw each figure's title; ``False`` (``probe plot --no-title``) leaves it out for a
+            paper, whose caption says it: the title's text then opens the file's caption.
         progress: called as ``progress(kind, i, n)`` before each kind is drawn.
         skipped: called as ``skipped(kind, why)`` for each kind left out because the run lacks
             its data (``kinds=None`` only; a kind asked for by name raises instead): e.g.
             ``steps`` on a run with one window, ``why`` naming the fix (``every=``).
-        caption: called as ``caption(path, text)`` for a file whose reading note was left out of
-            the figure to be its caption: ``hist_overlay``'s :data:`ASINH_NOTE` at a column's
-            width (``size="column"``), where its five lines would be as tall as the plot
-            (:func:`figures` leaves it on the figure as ``fig.probe_caption``); and
-            ``hist_grid``'s count of the sites it left out to fit a page's height.
+        caption: called as ``caption(path, text)`` for a file with a caption, the text a figure
+            leaves to it (:func:`figures` leaves it on the figure as ``fig.probe_caption``): which
+            sites a figure of a subset shows and the option that chooses them (``--layers``),
+            which tokens were kept (``skip_first``), ``hist_overlay``'s :data:`ASINH_NOTE` at a
+            column's width (``size="column"``), where its five lines would be as tall as the plot,
+            ``hist_grid``'s list of the sites it left out to fit the height, and with
+            ``titles=False`` the title.
 
     Returns:
         The paths written, in the order of :data:`KINDS`.
@@ -1498,6 +1642,7 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
     os.makedirs(out, exist_ok=True)
     sink = _Out(out, fmt=format, dpi=dpi or (DPI if size == "screen" else PRINT_DPI), size=size)
     sink.caption = caption
+    sink.titles = bool(titles)
     try:
         return _draw(run, kinds, sink, layers, shared, progress, linear, skipped)
     except BaseException:
@@ -1511,13 +1656,14 @@ def plot_run(run: Run, out_dir: str | os.PathLike, kinds: Sequence[Kind] | Kind 
 
 def figures(run: Run, kinds: Sequence[Kind] | Kind | None = None, *, layers: str | Sequence[str] | None = None,
             shared: bool = False, linear: bool = False, size: Size = "screen",
-            notes: bool = True) -> dict[str, Any]:
+            notes: bool = True, titles: bool = True) -> dict[str, Any]:
     """The figures :func:`plot_run` would write, as ``{file name: matplotlib Figure}``, unsaved.
 
     Same arguments and errors as :func:`plot_run`; for inspecting what is drawn, or saving in
     another format (``fig.savefig("hist_grid.svg")``). ``notes=False`` leaves every reading note
     (``hist_overlay``'s :data:`ASINH_NOTE`) out of the figure, as ``fig.probe_caption``, for a
     caption that carries it (the HTML report's); at a column's width it is left out anyway.
+    ``titles=False`` leaves each title out too, its text the caption's first sentence.
 
     Returns:
         ``{file name: matplotlib.figure.Figure}`` in the order of :data:`KINDS`.
@@ -1530,6 +1676,7 @@ def figures(run: Run, kinds: Sequence[Kind] | Kind | None = None, *, layers: str
     _check_output("png", None, size)
     out = _Out(None, keep=True, size=size)
     out.notes_apart = not notes
+    out.titles = bool(titles)
     _draw(run, kinds, out, layers, shared, None, linear)
     return dict(out.kept or {})
 
