@@ -53,8 +53,9 @@ def test_every_window_at_its_step_exactly(tiny, tmp_path):
             np.testing.assert_allclose(h.sum_squares, (x * x).sum(), rtol=1e-6)
             # the event file holds exactly what probe computed
             m = run.rows[run.steps.index(step)].sites[name]["moments"]
-            assert h.sum == float((m["n"] * m["mean"]).sum())
-            assert h.sum_squares == float((m["m2"] + m["n"] * m["mean"] ** 2).sum())
+            # (the same float64 formula; numpy's summation order may move the last bit: 1e-14 relative)
+            assert h.sum == pytest.approx(float((m["n"] * m["mean"]).sum()), rel=1e-14, abs=1e-300)
+            assert h.sum_squares == pytest.approx(float((m["m2"] + m["n"] * m["mean"] ** 2).sum()), rel=1e-14)
             # buckets: counts add up; every value lies in its bucket (limits are upper edges;
             # a negative float-bit bucket holds (-hi, -lo], a positive one [lo, hi))
             limits, counts = np.asarray(h.bucket_limit), np.asarray(h.bucket)
