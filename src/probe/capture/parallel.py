@@ -710,7 +710,7 @@ class Relay:
             both = None
         if self.last:
             return both
-        wide = bool(both) and any(x.dtype == torch.float64 for x in both)
+        wide = any(x.dtype == torch.float64 for x in both or ())
         data = (torch.stack([x.to(torch.float64 if wide else torch.float32) for x in both]) if both
                 else torch.zeros(0, device=device))
         head = torch.tensor([len(both or ()), n, data.shape[-1] if both else 0, int(wide)], dtype=torch.int64,

@@ -298,7 +298,7 @@ def per_rank(rows: list[WindowState], rank: int, world: int) -> list[WindowState
     ``rank`` and zeros elsewhere: the rank merge's sum then holds every rank's row."""
     out = []
     for row in rows:
-        sites = {}
+        sites: dict[str, dict[str, Any]] = {}
         for name, states in row.sites.items():
             sites[name] = {}
             for kind, state in states.items():

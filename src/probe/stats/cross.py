@@ -183,7 +183,8 @@ class Cross(StatBase):
         if self.relay is not None:  # a pipeline stage: every stage passes every forward on
             stale = [self.candidates[i] for i, (x, v) in held.items() if x._version != v]
             whole = self.members is not None and not over and not stale and all(i in held for i in self.members)
-            xs = self.relay.pass_on([held[i][0] for i in self.members] if whole else None, tokens, self.budget)
+            xs = self.relay.pass_on([held[i][0] for i in self.members or ()] if whole else None, tokens,
+                                    self.budget)
             if not self.relay.last:
                 return
             if xs is not None:
@@ -217,7 +218,7 @@ class Cross(StatBase):
                 elif stale:
                     why = f"sites {stale} were modified in place during the forward; capture other sites"
                 else:
-                    missing = [i for i in self.members if i not in held]
+                    missing = [i for i in members if i not in held]
                     why = (f"sites {[self.candidates[i] for i in missing]} did not fire in this forward; "
                            "pass sites that run in every forward")
                 self._warn_skip(why)
