@@ -268,6 +268,9 @@ def test_ctrl_c_while_a_forward_is_folded_keeps_every_site_whole(tiny, tmp_path,
     # probe holds Ctrl-C only while SIGINT has Python's default handler; an earlier test's library
     # (a compiler or a process pool) may have left another one installed in this process
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python starts; left so after the test
+    from probe.capture import kernels
+
+    monkeypatch.setattr(kernels, "_OFF", True)  # the eager statistics, whose Histogram.update_group is patched
     model = tiny("llama")
     calls = {"n": 0}
     original = Histogram.update_group.__func__
