@@ -133,3 +133,12 @@ def spawn_ranks(worker, world: int, folder, *args, timeout: float) -> None:
     except Exception as err:
         errors = [p.read_text() for p in sorted(folder.glob("error*.txt"))]
         raise AssertionError(f"a rank failed: {err}\n" + "\n".join(errors)) from None
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (tiny models: a second thread only waits), then as before."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -42,11 +42,8 @@ COMPILED_RTOL = 2.0 ** -20
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # width-32 models: a second thread only waits
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Width-32 models: a second thread only waits (conftest's one_thread)."""
 
 
 @pytest.fixture

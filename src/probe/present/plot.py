@@ -1025,17 +1025,6 @@ def _far_end(end: float, side: Sequence[float], width: float) -> float | None:
         if abs(value) >= half:
             return value
     return None
-    last = max(side, key=abs) if side else 0.0
-    t_end, t_last = np.arcsinh(end / width), np.arcsinh(last / width)
-    half = float(np.sinh((t_end + t_last) / 2) * width)
-    if abs(last) >= abs(half):
-        return None
-    for digits in range(1, 6):
-        step = 10.0 ** (math.floor(math.log10(abs(end))) - digits + 1)
-        value = float(f"{math.trunc(end / step) * step:.{digits + 1}g}")  # toward zero: inside the data
-        if abs(value) >= abs(half) and value != last:
-            return value
-    return None
 
 
 def _palette(n: int) -> list:
