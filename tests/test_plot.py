@@ -724,6 +724,73 @@ def test_a_one_window_run_says_why_steps_is_not_drawn(one, tmp_path, capsys, mon
     assert len(errors) == 1 and "every=" in errors[0] and "got [" not in errors[0]
 
 
+def test_a_dense_run_never_starts_the_experts_figure(one, tmp_path, capsys, monkeypatch):
+    """Drawing every kind of a dense model's run: no "drawing experts" line (that figure is never
+    to be expected without mixture-of-experts sites); asked for by name, one line says why not."""
+    import probe.present.plot as plot
+    from probe.cli import main
+
+    monkeypatch.setattr(plot, "_DRAW", {k: (f if k == "experts" else (lambda run, out, opts: []))
+                                        for k, f in plot._DRAW.items()})
+    seen = []
+    plot_run(one, tmp_path / "a", progress=lambda k, i, n: seen.append(k))
+    assert seen == [k for k in plot.KINDS if k != "experts"]
+    assert main(["plot", one.path, "-o", str(tmp_path / "b")]) == 0
+    assert "experts" not in capsys.readouterr().err
+    assert main(["plot", one.path, "-o", str(tmp_path / "c"), "--kind", "experts"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "sites='moe'" in errors[0]
+
+
+def test_symlog_tick_labels_keep_their_sign(one):
+    """matplotlib's ``LogFormatter`` labels ``abs(x)``: on a symlog axis whose labels are set
+    without superscripts (small print) -10 read "10". Every label of the depth figure's kurtosis
+    axis, and of a plain-decade symlog axis, reads as its own tick's value, sign included."""
+    from matplotlib.figure import Figure
+
+    from probe.present.plot import _PlainLog
+
+    def value(text: str) -> float:
+        return float(text.replace("\N{MINUS SIGN}", "-").replace("$", "").replace("\\mathdefault{", "")
+                     .replace("}", ""))
+
+    for size in ("column", "screen"):
+        fig = figures(one, "depth", size=size)["depth.png"]
+        low = fig.axes[2]
+        assert low.get_yscale() == "symlog"
+        fig.draw_without_rendering()
+        lo, hi = low.get_ylim()
+        labels = [(t.get_loc(), t.label1.get_text()) for t in low.yaxis.get_major_ticks()
+                  if t.label1.get_text() and lo <= t.get_loc() <= hi]
+        assert any(loc < 0 for loc, _ in labels), labels  # the view reaches below 0 (to -0.3 at least)
+        for loc, text in labels:
+            assert value(text) == pytest.approx(loc, rel=0.05), (size, loc, text)
+    ax = Figure().subplots()
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(-100, 100)
+    plain = _PlainLog(base=10.0, labelOnlyBase=True, linthresh=1.0)
+    ax.yaxis.set_major_formatter(plain)
+    assert [value(plain(v)) for v in (-100.0, -10.0, 0.0, 10.0)] == [-100.0, -10.0, 0.0, 10.0]
+
+
+@pytest.mark.parametrize("size", ["column", "page"])
+def test_a_shallow_runs_grid_keeps_its_panels_and_labels_apart(one, size):
+    """Three sites in one row of panels at a print width: the title, axis labels and panels do
+    not run into each other, and each panel keeps a readable height (0.5 in of data at least; a
+    one-row grid once drew its panels 0.1 in tall under three lines of x label)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = figures(one, "histograms", size=size)["hist_grid.png"]
+    assert not _text_overlaps(fig), _text_overlaps(fig)
+    assert not _tick_overlaps(fig, gap=1.0), _tick_overlaps(fig, gap=1.0)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    heights = [ax.get_window_extent(renderer).height / fig.dpi for ax in fig.axes if ax.get_visible()]
+    assert len(heights) == 3 and min(heights) >= 0.5, heights
+    # what the column's short labels leave out is said in the caption
+    if size == "column":
+        assert "y: density per unit of x" in fig.probe_caption and "exact min and max" in fig.probe_caption
+
+
 def test_diff_figure_carries_the_caveat(tmp_path):
     """Runs that differ only in skip_first: the figure names skip_first, not the token count."""
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
@@ -868,8 +935,17 @@ def test_titles_carry_no_tool_text_and_can_be_left_out(deep, tmp_path, capsys):
         assert text, name  # every figure has a title
         other = bare[name]
         assert not other.get_suptitle(), name
-        assert other.probe_caption.startswith(text), (name, other.probe_caption[:80], text)
+        # the title's lines, in order, as sentences of the caption's start
+        lines = [" ".join(line.split()) for line in fig.get_suptitle().split("\n") if line.strip()]
+        assert other.probe_caption.startswith(lines[0]), (name, other.probe_caption[:80], text)
+        at = 0
+        for line in lines:
+            at = other.probe_caption.find(line, at)
+            assert at >= 0, (name, other.probe_caption[:120], line)
+            at += len(line)
     assert "skip_first=1" in with_titles["depth.png"].probe_caption
+    # a title's lines become sentences: "Histogram per site — M. Panel: layer, …"
+    assert ". Panel: layer" in bare["hist_grid.png"].probe_caption
     assert main(["plot", deep.path, "-o", str(tmp_path / "f"), "--kind", "depth", "--no-title"]) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "caption of" in err and "Width by depth" in err
@@ -1005,6 +1081,16 @@ def test_positions_draws_a_few_named_sites(deep):
     for line, name in zip(lines, names):  # each line is that site's per-position absmax
         p = deep[f"hidden_states.{name}"].position
         np.testing.assert_array_equal(line.get_ydata(), np.where(p.absmax > 0, p.absmax, np.nan))
+    assert "evenly spaced" in fig.probe_caption
+    chosen = figures(deep, "positions", size="column", layers=["hidden_states.0", "hidden_states.6"])["positions.png"]
+    assert [line.get_label() for line in chosen.axes[0].lines if not line.get_label().startswith("_")] == ["0", "6"]
+    assert "2 of 31 sites, as chosen (--layers)" in chosen.probe_caption and "evenly" not in chosen.probe_caption
+    # positions are whole numbers: every labelled tick of the position axis is one, none below 0
+    low = chosen.axes[2] if len(chosen.axes) > 2 else chosen.axes[1]
+    chosen.draw_without_rendering()
+    lo, hi = low.get_xlim()
+    ticks = [t.get_loc() for t in low.xaxis.get_major_ticks() if t.label1.get_text() and lo <= t.get_loc() <= hi]
+    assert ticks and all(v >= 0 and float(v).is_integer() for v in ticks), ticks
 
 
 def test_report_figures_leave_the_reading_note_to_the_caption(one):

@@ -56,12 +56,9 @@ def command(args) -> int:
     def progress(kind: str, i: int, n: int) -> None:
         console.print(f"[dim]{time.perf_counter() - started:5.1f}s[/] drawing {kind} ({i}/{n}) …")
 
-    moe = any(name.endswith((":router", ":experts")) for name in run.sites)
     captions: dict[str, str] = {}
 
     def skipped(kind: str, why: str) -> None:
-        if kind == "experts" and args.kind is None and not moe:
-            return  # a dense model's run: the figure was never to be expected
         console.print(f"[yellow]skipped[/] {kind}: {why}", soft_wrap=True)
 
     paths = plot_run(run, args.out, kinds=args.kind, layers=layers, shared=args.shared, linear=args.linear,

@@ -143,10 +143,17 @@ class _Out:
     def save(self, fig, name: str) -> str:
         sup = getattr(fig, "_suptitle", None)
         if not self.titles and sup is not None and sup.get_text():  # a paper's caption carries it instead
-            _note(fig, " ".join(sup.get_text().split()), first=True)
+            # a title's lines are sentences of the caption: "Histogram per site — M. panel: …"
+            lines = [" ".join(line.split()) for line in sup.get_text().split("\n") if line.strip()]
+            _note(fig, " ".join(ln if ln[-1] in ".!?:;" or i == len(lines) - 1 else ln + "."
+                                for i, ln in enumerate(lines)), first=True)
             sup.remove()
             fig._suptitle = None
         _resize(fig, self.size)
+        _declutter(fig)
+        _label_ends(fig)
+        # the labels added at the ends widen an axis' tick labels, which narrows its neighbours'
+        # axes (a grid's x axes) and brings their labels closer: thin and end once more
         _declutter(fig)
         _label_ends(fig)
         for _ in range(3):  # narrower axes: thin and end their ticks again, until nothing moves
@@ -282,6 +289,12 @@ def _log_formatter():
 
         def _num_to_string(self, x, vmin, vmax):
             return _plain(x)
+
+        def __call__(self, x, pos=None):
+            # LogFormatter labels abs(x): on a symlog axis -0.3 would read 0.3
+            text = super().__call__(x, pos)
+            text = text.replace("\N{MINUS SIGN}", "-")  # as every other probe label writes it
+            return "-" + text if x < 0 and text and text != "0" else text
 
     return PlainLog
 
@@ -545,7 +558,7 @@ class _EndFormatter:
             def __call__(self, x, pos=None):
                 if not any(math.isclose(x, e, rel_tol=1e-9) for e in self._probe_extra):
                     return old(x, pos)
-                if axis.get_scale() not in ("log", "symlog"):
+                if axis.get_scale() not in ("log", "symlog") or getattr(axis, "probe_numbers", False):
                     return old(x, pos) or f"{x:.3g}"
                 if x == 0:
                     return "0"
@@ -821,6 +834,20 @@ def _value_axis(ax, lo: float, hi: float, width: float, axis: str = "x", linear:
     (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(FuncFormatter(lambda v, _: _number(v)))
 
 
+def _signed(v: float) -> str:
+    """A symlog tick label with its sign always written: ``-0.3``, ``0``, ``10``, ``1000``, and
+    from 10**4 on ``10^4`` or ``-2×10^5``, where a symlog axis' own formatter would write ``10^0``
+    and ``-3×10^-1`` for 1 and -0.3."""
+    if v == 0:
+        return "0"
+    if abs(v) < 1e4:
+        return _number(v)
+    e = math.floor(math.log10(abs(v)))
+    m = float(f"{v / 10.0**e:.2g}")
+    sign = "-" if m < 0 else ""
+    return f"$\\mathdefault{{{sign}10^{{{e}}}}}$" if abs(m) == 1 else f"$\\mathdefault{{{m:g}\\times10^{{{e}}}}}$"
+
+
 def _number(v: float) -> str:
     """A value-axis tick label: three significant digits, without an exponent below 10**5
     (``3000``, not ``3e+03``)."""
@@ -870,14 +897,19 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     width = SIZES.get(out.size)
     row = 1.3 if out.narrow else 1.45  # design inches a row of panels takes
     tallest = COLUMN_HEIGHT if out.narrow else PAGE_HEIGHT
+    # the title's two lines and the x label: at a print size their text shrinks by less than the
+    # figure (:func:`_resize` scales the grid by ``ratio``, its text by ``shrink``), so their room
+    # grows in design inches as the figure narrows
+    ratio = min(1.0, width / (1.9 * cols)) if width is not None else 1.0
+    shrink = max(0.55, math.sqrt(ratio)) if ratio < 1 else 1.0
+    header = max(0.7, ((2 * _shrunk(10, shrink) + _shrunk(9, shrink)) * 1.3 / 72 + 0.25) / ratio)
     if width is not None:  # a printed grid fits a column's (or page's) height: the rows beyond it are left out
-        ratio = min(1.0, width / (1.9 * cols))  # what :func:`_resize` scales the grid by
-        most = max(1, int((tallest / ratio - 0.7) / row))
+        most = max(1, int((tallest / ratio - header) / row))
         if rows > most:
             keep = [v for v in views if v.name in (opts.get("layers") or ())] or views
             views = [run[x] for x in _pick([v.name for v in keep], min(len(keep), cols * most))]
             n, rows = len(views), math.ceil(len(views) / cols)
-    fig = Figure(figsize=(1.9 * cols, row * rows + 0.7), layout="constrained")
+    fig = Figure(figsize=(1.9 * cols, row * rows + header), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False, sharex=shared, sharey=shared)).ravel()
     drawn = []
     for ax, s in zip(axes, views):
@@ -905,11 +937,19 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     for ax in axes[n:]:
         ax.set_visible(False)
     how = ("one shared axis for every panel" if shared else "each panel from its own exact min to max")
-    fig.supxlabel(f"activation value ({scale} scale, {how}; {HIST_BINS} {binned}; "
-                  "red ▲: exact min and max)", fontsize=9)
-    fig.supylabel("density per unit of x (log; integrates to 1)", fontsize=9)
+    xlabel = f"activation value ({scale} scale, {how}; {HIST_BINS} {binned}; red ▲: exact min and max)"
+    ylabel = "density per unit of x (log; integrates to 1)"
+    w, h = fig.get_size_inches()
+    tall = h * (SIZES.get(out.size) or w) / w  # the height :func:`_resize` gives the figure
+    if len(xlabel) > out.chars(w, 9) or len(ylabel) > 0.9 * tall * 72 / (0.55 * _shrunk(9, shrink)):
+        # one line each or the layout has no room for the panels: short labels, the rest in the caption
+        xlabel, ylabel = f"activation value ({scale} scale)", "density (log)"
+        _note(fig, f"y: density per unit of x, each panel's curve integrating to 1 (log scale); x: {scale} "
+                   f"scale, {how}, {HIST_BINS} {binned}; red ▲: exact min and max")
+    fig.supxlabel(xlabel, fontsize=9)
+    fig.supylabel(ylabel, fontsize=9)
     which = "Histogram per site" if n == len(names) else f"Histograms of {n} of {len(names)} sites"
-    fig.suptitle(f"{which} — {_title(run)}\npanel: {axis_label.split(' (')[0]}, σ = std, κ = excess kurtosis",
+    fig.suptitle(f"{which} — {_title(run)}\nPanel: {axis_label.split(' (')[0]}, σ = std, κ = excess kurtosis",
                  fontsize=10)
     if n < len(names):
         shown = {v.name for v in views}
@@ -1084,6 +1124,8 @@ def _depth(run: Run, out: _Out, opts: dict) -> list[str]:
     finite = kurt[np.isfinite(kurt)]
     if finite.size:
         low.set_ylim(min(-0.3, float(finite.min()) * 1.5), max(1.0, float(finite.max()) * 3))
+    low.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _signed(v)))
+    low.yaxis.probe_numbers = True  # :func:`_label_ends`' added ticks: written by this formatter too
     low.set_ylabel("excess kurtosis\n(symlog; 0 = normal)", fontsize=8)
     for ax in (top, mid, low):
         ax.grid(alpha=0.25, lw=0.5)
@@ -1355,7 +1397,9 @@ def _positions(run: Run, out: _Out, opts: dict) -> list[str]:
     else:
         fig.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=7, title=what, title_fontsize=7,
                    loc="outside right upper")
-    if len(views) < len(every):
+    if opts.get("layers"):
+        _note(fig, f"{len(views)} of {len(every)} sites, as chosen (--layers)")
+    elif len(views) < len(every):
         _note(fig, f"{len(views)} of {len(every)} sites: evenly spaced with the first and last, and the one "
                    "with the largest max |activation|; choose the sites with --layers")
     # every site sees the same tokens: one count says how noisy each position's numbers are
@@ -1382,9 +1426,11 @@ def _positions(run: Run, out: _Out, opts: dict) -> list[str]:
         low.xaxis.set_major_locator(FixedLocator([0.0, *[m * 10.0**e for e in range(int(math.log10(max(longest, 2))) + 1)
                                                          for m in (1, 2, 5) if m * 10.0**e <= longest]]))
         low.xaxis.set_major_formatter(plain)
+        for a in (ax, low):  # positions are whole numbers: no end label such as -0.5 (shared x)
+            a.xaxis.probe_names = True
         low.set_xlabel("token position (log scale past 1)", fontsize=8)
     fig.suptitle(f"Per-position profile over every real token — {_title(run)}", fontsize=10)
-    _note(fig, "Every real token is counted here: skip_first does not apply to the per-position statistics")
+    _note(fig, "skip_first does not apply to the per-position statistics")
     return [out.save(fig, "positions.png")]
 
 
@@ -1534,6 +1580,8 @@ def _plan(run, kinds) -> tuple[Run, list[str], bool]:
         raise ProbeError(f"no plot kinds given; expected one or more of {', '.join(KINDS)}; "
                          "pass kinds=None to draw everything")
     _mpl()  # fail on a missing matplotlib before creating the folder
+    if not asked and not any(name.endswith((":router", ":experts")) for name in run.sites):
+        chosen.remove("experts")  # a dense model's run: that figure was never to be expected
     return run, [k for k in KINDS if k in chosen], asked
 
 

@@ -220,9 +220,9 @@ def print_research(run: Run, console=None, site: str | None = None) -> None:
     if influence:
         caption += "block influence = 1 − E\\[cos(h_l, h_l+1)] to the next site · "
     table = Table(title="hidden-state geometry", header_style="bold", pad_edge=False,
-                  caption=caption + "top |x| over every real token")
+                  caption=caption + "top x = the value of largest |x| over every real token, signed")
     columns = [label, "E‖h‖", "std ‖h‖", "‖h‖ at p0", "scale", "anisotropy"] + (["block infl."] if influence else [])
-    for col in columns + ["top |x|", "at"]:
+    for col in columns + ["top x", "at"]:
         table.add_column(col, justify="left" if col in (label, "at") else "right")
     for e in data["sites"]:
         if site is not None and e["site"] != site:
