@@ -1085,6 +1085,9 @@ def test_positions_draws_a_few_named_sites(deep):
     chosen = figures(deep, "positions", size="column", layers=["hidden_states.0", "hidden_states.6"])["positions.png"]
     assert [line.get_label() for line in chosen.axes[0].lines if not line.get_label().startswith("_")] == ["0", "6"]
     assert "2 of 31 sites, as chosen (--layers)" in chosen.probe_caption and "evenly" not in chosen.probe_caption
+    # a figure whose sites were chosen does not tell the user to choose them
+    for name, fig_ in figures(deep, ["histograms", "scatter"], size="column", layers=["hidden_states.0"]).items():
+        assert "choose the sites" not in fig_.probe_caption.lower(), (name, fig_.probe_caption)
     # positions are whole numbers: every labelled tick of the position axis is one, none below 0
     low = chosen.axes[2] if len(chosen.axes) > 2 else chosen.axes[1]
     chosen.draw_without_rendering()

@@ -954,9 +954,12 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     if n < len(names):
         shown = {v.name for v in views}
         left = [labels[index[x]] for x in names if x not in shown]
-        _note(fig, f"{n} of {len(names)} sites, evenly spaced with the first and last; left out: "
-                   f"{', '.join(left)} (a {out.size}-wide grid of all would be taller than {tallest:g} in); "
-                   "choose the sites with --layers")
+        why = f"a {out.size}-wide grid of all would be taller than {tallest:g} in"
+        if opts.get("layers"):
+            _note(fig, f"{n} of {len(names)} sites, as chosen (--layers) and as fit ({why}); left out: {', '.join(left)}")
+        else:
+            _note(fig, f"{n} of {len(names)} sites, evenly spaced with the first and last; left out: "
+                       f"{', '.join(left)} ({why}); choose the sites with --layers")
     _note(fig, _kept(run))
     paths = [out.save(fig, "hist_grid.png")]
 
@@ -1007,7 +1010,7 @@ def _histograms(run: Run, out: _Out, opts: dict) -> list[str]:
     ax.set_xlabel(label, fontsize=8)
     ax.set_ylabel("density per unit of x (log; each curve integrates to 1)", fontsize=8)
     fig.suptitle(f"Histograms of {len(chosen)} of {len(names)} sites — {_title(run)}", fontsize=10)
-    if len(chosen) < len(names):
+    if len(chosen) < len(names) and not opts.get("layers"):
         _note(fig, "Choose the sites with --layers")
     _note(fig, _kept(run))
     ax.grid(alpha=0.25, lw=0.5)
@@ -1308,7 +1311,7 @@ def _scatter(run: Run, out: _Out, opts: dict) -> list[str]:
         fig.suptitle(f"Uniform sample of kept values vs {x_name}, {len(chosen)} of {len(found)} sites — "
                      f"{_title(run)}", fontsize=10)
         _note(fig, _kept(run))
-        if len(chosen) < len(found):
+        if len(chosen) < len(found) and not opts.get("layers"):
             _note(fig, "Choose the sites with --layers")
         paths.append(out.save(fig, file))
     return paths
