@@ -763,3 +763,79 @@ def test_experts_held_as_modules_per_expert_over_real_tokens():
                 ref["down"][top[t]].append(np.maximum(wi[top[t]] @ x, 0.0))  # relu(wi x), dropout off
         _check_experts(c.result[layer.experts + ":experts"].experts, ref)
         _check_down(c.result[layer.experts + ":down_proj"].experts, ref)
+
+
+def _expert_rows(rng, n, e, k, d, per_slot):
+    """Packed experts rows ``[n, k + W]`` (distinct experts per token) and the rows each expert reads."""
+    index = np.stack([rng.permutation(e)[:k] for _ in range(n)])
+    x = rng.normal(size=(n, k, d) if per_slot else (n, d)).astype(np.float32) * 3 + 1
+    return index, x
+
+
+def _pack(index, x):
+    return torch.from_numpy(np.concatenate([index.astype(np.float32), x.reshape(len(x), -1)], 1))
+
+
+def _fold_reference(index, x, valid, e, per_slot):
+    """float64 numpy over the finite values of the rows routed to each expert by real tokens."""
+    n, k = index.shape
+    rows = [[] for _ in range(e)]
+    for t in np.flatnonzero(valid):
+        for j in range(k):
+            rows[index[t, j]].append(x[t, j] if per_slot else x[t])
+    return rows
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+@pytest.mark.parametrize("case", ["plain", "cancellation", "nan_routed", "nan_padding"])
+@pytest.mark.parametrize("host_reads", [True, False])
+def test_expert_fold_paths_against_float64(per_slot, case, host_reads, monkeypatch):
+    """The CPU fast path (shifted one-pass sums by one product with the routing one-hot) and the
+    two-pass masked path give the float64 reference; a chunk the fast path cannot do exactly (a
+    channel whose mean lies ~10⁵ standard deviations from the chunk's, a non-finite routed value) is
+    redone by the two-pass path (a non-finite routed value) or has that expert's rows redone in
+    two passes (cancellation), and a non-finite value in a padding row changes nothing."""
+    from probe.stats import _base
+    from probe.stats._base import Tokens
+    from probe.stats.experts import Experts
+
+    monkeypatch.setattr(_base, "DENSE_CPU", host_reads)
+    two_pass = []
+    orig = Experts._two_pass
+    monkeypatch.setattr(Experts, "_two_pass", lambda self, *a: two_pass.append(1) or orig(self, *a))
+    rng = np.random.default_rng(3)
+    e, k, d, n = 6, 2, 5, 40
+    index, x = _expert_rows(rng, n, e, k, d, per_slot)
+    valid = np.ones(n, bool)
+    valid[30:] = False
+    if case == "cancellation":  # expert 0's tokens hold channel 2 at 1e4 + tiny noise
+        for t in np.flatnonzero((index == 0).any(1)):
+            j = list(index[t]).index(0)
+            if per_slot:
+                x[t, j, 2] = 1e4 + rng.normal() * 1e-1
+            else:
+                x[t, 2] = 1e4 + rng.normal() * 1e-1
+    elif case == "nan_routed":
+        (x[3] if not per_slot else x[3, 1])[1] = np.nan
+    elif case == "nan_padding":
+        (x[35] if not per_slot else x[35, 0])[4] = np.inf
+    stat = Experts()
+    stat.configure(e, k, per_slot)
+    tokens = Tokens(torch.from_numpy(valid), torch.from_numpy(valid), torch.arange(n), torch.zeros(n, dtype=torch.long),
+                    torch.full((n,), -1), 0)
+    for half in (slice(0, 20), slice(20, n)):  # two chunks: the merge too
+        stat.update(_pack(index[half], x[half]), tokens.slice(half.start, half.stop))
+    if case != "nan_padding":  # there either path may run: the numbers are the same
+        assert bool(two_pass) == (not host_reads or case == "nan_routed")
+    st = {f: v.numpy() for f, v in stat.state_dict().items()}
+    rows = _fold_reference(index, x.astype(np.float64), valid, e, per_slot)
+    for ex, r in enumerate(rows):
+        r = np.array(r).reshape(-1, d)
+        fin = np.isfinite(r)
+        assert st["tokens"][ex] == len(r) and st["nonfinite"][ex] == (~fin).sum()
+        np.testing.assert_array_equal(st["n"][ex], fin.sum(0))
+        for c in range(d):
+            v = r[fin[:, c], c]
+            np.testing.assert_allclose(st["mean"][ex, c], v.mean(), rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(st["m2"][ex, c], ((v - v.mean()) ** 2).sum(), rtol=1e-9, atol=1e-12)
+            assert st["absmax"][ex, c] == np.float32(np.abs(v).max())

@@ -336,6 +336,16 @@ class _DownMode(torch.overrides.TorchFunctionMode):
         self.tags = [(u, tag) for u, tag in self.tags if u is not t]
 
 
+def _rows(chosen: Tensor, inputs: Tensor) -> Tensor:
+    """The packed ``[n, k + k·I]`` float32 rows of a ``<experts>:down_proj`` site from the chosen
+    experts ``[n, k]`` and each slot's input ``[n, k, I]``: one copy of each."""
+    n, k, width = inputs.shape
+    out = torch.empty(n, k + k * width, dtype=torch.float32, device=inputs.device)
+    out[:, :k] = chosen
+    out[:, k:].view(n, k, width).copy_(inputs)
+    return out
+
+
 class _DownTap:
     """The ``<experts>:down_proj`` site of one fused experts module: :meth:`arm` (pre-hook) starts a
     :class:`_DownMode` over the call, :meth:`pack` (post-hook) ends it and packs ``[n, k + k·I]``
@@ -399,7 +409,7 @@ class _DownTap:
                     match = chosen[tok] == ex.unsqueeze(-1)  # [R, k]: the slot that chose this expert
                     slot = torch.where(match.any(-1), match.int().argmax(-1), k)
                     buf[tok, slot] = x.float()
-                return torch.cat((chosen.float(), buf[:, :k].reshape(n, k * width)), -1)
+                return _rows(chosen, buf[:, :k])
         except Exception as err:  # never into the model's forward
             return f"the down projection's input could not be packed ({type(err).__name__}: {err})"
 
@@ -475,7 +485,7 @@ class _ListTap(_DownTap):
                     chosen[tok, slot] = ex
                     buf[tok, slot] = rows.float()
                     used[tok] += 1
-                return torch.cat((chosen[:, :k].float(), buf[:, :k].reshape(n, k * width)), -1)
+                return _rows(chosen[:, :k], buf[:, :k])
         except Exception as err:  # never into the model's forward
             return f"the experts' inputs could not be packed ({type(err).__name__}: {err})"
 

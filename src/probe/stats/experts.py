@@ -15,6 +15,16 @@ the rows are ``[n, k + k·I]``: the indices, then one ``I``-wide input per slot 
 projection's input ``act(gate) · up`` of that (token, expert) pair. The update scatters each
 top-k slot's rows into per-expert sums (``index_add_``): ``O(k · n · D)`` work, as much as reading
 the rows each expert computes once — not ``E`` passes. No host sync.
+
+On CPU (:func:`~probe.stats._base.host_reads`) a chunk first takes a shifted one-pass path: the
+float64 deviations ``y = x - c`` from each channel's mean ``c`` over a strided sample of the
+chunk's rows, and their squares, summed per expert by one matrix product with the routing one-hot
+(or one ``index_add_``): ``M2 = Σy² - (Σy)² / n`` (the shifted-data algorithm of Chan, Golub &
+LeVeque 1983). It is kept where every routed value is finite and no expert's ``M2`` lost more than
+four of float64's sixteen digits to the cancellation (``Σy² < 10⁴ · M2``: its mean within 100
+standard deviations of ``c``); an expert past that (two nearly equal values, a channel offset far
+from the rest) has its own rows redone in two passes, and a chunk with a non-finite routed value
+takes the two-pass path above. The host reads cost nothing on CPU.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ProbeError
-from ._base import SPECS, Tokens, merge_moments
+from ._base import SPECS, Tokens, host_reads, merge_moments, scratch
 from .router import MoeConfigured
 
 __all__ = ["Experts"]
@@ -50,8 +60,67 @@ class Experts(MoeConfigured):
     def _fold(self, x: Tensor, tokens: Tokens) -> None:
         e, k = self._layer()
         s = self.s
-        f64 = torch.float64
         d = (x.shape[-1] - k) // k if self.per_slot else x.shape[-1] - k
+        chunk = self._shifted(x, tokens, e, k, d) if host_reads(x) else None
+        count, cn, mean, m2, amax, bad = chunk if chunk is not None else self._two_pass(x, tokens, e, k, d)
+        n1, mean1, m21 = merge_moments((s["n"], s["mean"], s["m2"]), (cn, mean, m2))
+        self._state = {"tokens": s["tokens"] + count, "n": n1, "mean": mean1, "m2": m21,
+                       "absmax": torch.maximum(s["absmax"], amax), "nonfinite": s["nonfinite"] + bad}
+
+    #: the shifted path is kept where every expert's ``Σy²`` is below this many times its ``M2``
+    CANCELLATION = 1e4
+
+    def _shifted(self, x: Tensor, tokens: Tokens, e: int, k: int, d: int) -> tuple[Tensor, ...] | None:
+        """The chunk's ``(tokens [E], n [E, D], mean, M2, absmax, nonfinite)`` by the shifted
+        one-pass sums (a CPU chunk; see the module docstring), or ``None`` where the two-pass path
+        must run (a non-finite value routed to an expert)."""
+        f64 = torch.float64
+        index = x[:, :k].long()
+        ix = torch.where(tokens.valid.unsqueeze(-1) & (x[:, :k] >= 0) & (x[:, :k] < e), index.clamp(0, e - 1), e)
+        n = x.shape[0]
+        rows = x[:, k:].view(n, k, d) if self.per_slot else x[:, k:]  # [n, k, D] or [n, D]: views
+        m = n * k if self.per_slot else n
+        buf = scratch("experts.y", (m, 2 * d), f64)
+        y, y2 = buf[:, :d], buf[:, d:]
+        y.view(rows.shape).copy_(rows)
+        c = y[::max(1, m // 128)].mean(0)  # any shift is exact; one near the means keeps the digits
+        y.sub_(c)
+        torch.mul(y, y, out=y2)
+        flat = ix.reshape(-1)
+        if self.per_slot:  # one expert a row: one scatter of the rows
+            sums = torch.zeros(e + 1, 2 * d, dtype=f64).index_add_(0, flat, buf)[:e]
+        else:  # k experts a row: the routing multi-hot [m, E] times the rows
+            hot = torch.zeros(m, e + 1, dtype=f64).scatter_add_(1, ix, torch.ones(n, k, dtype=f64))
+            sums = hot[:, :e].mT @ buf
+        count = torch.bincount(flat, minlength=e + 1)[:e]
+        cn = count.to(f64).unsqueeze(-1)
+        s1, s2 = sums[:, :d], sums[:, d:]
+        dm = s1 / cn.clamp(min=1)
+        m2 = s2 - s1 * dm
+        one = cn < 2
+        if not bool(torch.isfinite(sums).all()):
+            return None
+        mean = torch.where(cn > 0, c + dm, 0.0)
+        poor = ~((m2 * self.CANCELLATION > s2) | (s2 == 0) | one).all(-1)  # [E]
+        for ex in poor.nonzero().flatten().tolist():  # rare: redo these experts' rows in two passes
+            picked = (flat == ex) if self.per_slot else (ix == ex).any(-1)
+            v = (rows.reshape(m, d) if self.per_slot else rows)[picked].to(f64)
+            mean[ex] = v.mean(0)
+            m2[ex] = (v - mean[ex]).square().sum(0)
+        mags = torch.abs(rows, out=scratch("experts.abs", tuple(rows.shape))).view(m, d)
+        amax = torch.zeros(e + 1, d, dtype=torch.float32)
+        if self.per_slot:
+            amax.scatter_reduce_(0, flat.unsqueeze(-1).expand(-1, d), mags, "amax")
+        else:
+            for j in range(k):
+                amax.scatter_reduce_(0, ix[:, j].contiguous().unsqueeze(-1).expand(-1, d), mags, "amax")
+        m2 = torch.where(one, 0.0, m2)
+        return count, cn.expand(-1, d), mean, m2, amax[:e], torch.zeros_like(count)
+
+    def _two_pass(self, x: Tensor, tokens: Tokens, e: int, k: int, d: int) -> tuple[Tensor, ...]:
+        """The chunk's ``(tokens, n, mean, M2, absmax, nonfinite)`` by two passes in float64 over
+        each slot's rows, masking non-finite values (no host read)."""
+        f64 = torch.float64
         # one input per slot (down projection) or one shared by every slot (gate/up projections)
         parts = [x[:, k + j * d:k + (j + 1) * d] for j in range(k)] if self.per_slot else [x[:, k:]]
         fins = [torch.isfinite(v) for v in parts]
@@ -79,6 +148,4 @@ class Experts(MoeConfigured):
             amax.scatter_reduce_(0, ix.unsqueeze(-1).expand(-1, d), mags[at(j)], "amax")
             count.index_add_(0, ix, torch.ones_like(ix))
             bad.index_add_(0, ix, nonfins[at(j)])
-        n1, mean1, m21 = merge_moments((s["n"], s["mean"], s["m2"]), (cn[:e], mean[:e], m2[:e]))
-        self._state = {"tokens": s["tokens"] + count[:e], "n": n1, "mean": mean1, "m2": m21,
-                       "absmax": torch.maximum(s["absmax"], amax[:e]), "nonfinite": s["nonfinite"] + bad[:e]}
+        return count[:e], cn[:e], mean[:e], m2[:e], amax[:e], bad[:e]
