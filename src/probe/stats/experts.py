@@ -89,9 +89,14 @@ class Experts(MoeConfigured):
         flat = ix.reshape(-1)
         if self.per_slot:  # one expert a row: one scatter of the rows
             sums = torch.zeros(e + 1, 2 * d, dtype=f64).index_add_(0, flat, buf)[:e]
-        else:  # k experts a row: the routing multi-hot [m, E] times the rows
+        elif e <= 16 * k:  # k experts a row: the routing multi-hot [m, E] times the rows (E·m·2D products)
             hot = torch.zeros(m, e + 1, dtype=f64).scatter_add_(1, ix, torch.ones(n, k, dtype=f64))
             sums = hot[:, :e].mT @ buf
+        else:  # many experts: a scatter per slot (k·m·2D additions) costs less than the product
+            sums = torch.zeros(e + 1, 2 * d, dtype=f64)
+            for j in range(k):
+                sums.index_add_(0, ix[:, j].contiguous(), buf)
+            sums = sums[:e]
         count = torch.bincount(flat, minlength=e + 1)[:e]
         cn = count.to(f64).unsqueeze(-1)
         s1, s2 = sums[:, :d], sums[:, d:]
