@@ -643,28 +643,61 @@ def _perms(dim: int) -> list[tuple[int, ...]]:
     return out
 
 
-def _match(target: Tensor, records: list[_Record]) -> tuple[_Record, tuple[int, ...] | None] | None:
+class _Candidates:
+    """The records of one discovery forward indexed by ``(dtype, shape in each axis order of
+    :func:`_perms`)``, so that matching a hidden state compares values only with tensors of its
+    dtype and shape. Records whose tensor was modified in place after it was recorded, and nested
+    tensors, hold no value to compare and are left out."""
+
+    def __init__(self, records: list[_Record]) -> None:
+        self.by_shape: dict[tuple, list[tuple[_Record, tuple[int, ...]]]] = {}
+        self.by_id: dict[int, list[_Record]] = {}
+        for r in records:
+            t = r.tensor
+            if t.is_nested or _version(t) != r.version:
+                continue
+            self.by_id.setdefault(id(t), []).append(r)
+            for p in _perms(t.dim()):
+                self.by_shape.setdefault((t.dtype, tuple(t.shape[i] for i in p)), []).append((r, p))
+        self._corners: dict[int, tuple] = {}
+
+    def corners(self, t: Tensor) -> tuple:
+        """The first and last elements: the same in every axis order (a cheap test before equal)."""
+        hit = self._corners.get(id(t))
+        if hit is None or hit[0] is not t:
+            flat = t.detach()
+            hit = self._corners[id(t)] = (t, flat[(0,) * t.dim()].item() if t.numel() else None,
+                                          flat[(-1,) * t.dim()].item() if t.numel() else None)
+        return hit[1:]
+
+
+def _match(target: Tensor, index: _Candidates) -> tuple[_Record, tuple[int, ...] | None] | None:
     """The record holding ``target``: the same object first, then equal values in some axis order;
     ties go to outputs over inputs, then the shallowest module, then the latest event."""
     best, best_key, best_layout = None, None, None
-    for r in records:
+    corner: tuple | None = None
+    seen: set[int] = set()  # records matched: their first equal axis order stands
+    for r in index.by_id.get(id(target), []):
+        if r.tensor is target:
+            seen.add(r.seq)
+            key = (True, r.read == "output", -r.module.count("."), r.seq)
+            if best_key is None or key > best_key:
+                best, best_key, best_layout = r, key, None
+    for r, p in index.by_shape.get((target.dtype, tuple(target.shape)), []):
         t = r.tensor
-        if t.is_nested or _version(t) != r.version or t.dtype != target.dtype or t.dim() != target.dim():
+        if r.seq in seen or type(t) is not type(target):  # a DTensor compares only with DTensors
             continue
-        if type(t) is not type(target) and t is not target:  # a DTensor compares only with DTensors
-            continue
-        layout: tuple[int, ...] | None = None
-        same = t is target
-        if not same:
-            for p in _perms(t.dim()):
-                if tuple(t.shape[i] for i in p) == tuple(target.shape) and torch.equal(t.permute(p), target):
-                    layout = None if p == tuple(range(t.dim())) else p
-                    break
-            else:
+        key = (False, r.read == "output", -r.module.count("."), r.seq)
+        if best_key is not None and key < best_key:
+            continue  # cannot win: skip the comparison
+        if type(t) is Tensor:  # a plain tensor: its corners first (a DTensor's would communicate)
+            corner = index.corners(target) if corner is None else corner
+            if index.corners(t) != corner:
                 continue
-        key = (same, r.read == "output", -r.module.count("."), r.seq)
-        if best_key is None or key > best_key:
-            best, best_key, best_layout = r, key, layout
+        if not torch.equal(t.permute(p), target):
+            continue
+        seen.add(r.seq)
+        best, best_key, best_layout = r, key, None if p == tuple(range(t.dim())) else p
     return None if best is None else (best, best_layout)
 
 
@@ -716,9 +749,10 @@ def discover(model: nn.Module) -> tuple[list[Site] | None, str | None]:
     if not stacks:
         return None, "the model returned no hidden_states"
     chosen: dict[str, list[tuple[int, _Record, tuple[int, ...] | None]]] = {}
+    index = _Candidates(records)
     for key, tensors in stacks:
         for i, h in enumerate(tensors):
-            hit = _match(h, records)
+            hit = _match(h, index)
             if hit is None:
                 return None, (f"!cannot capture {key}[{i}] of {type(model).__name__}: no module call produces "
                               f"or receives that tensor (shape {tuple(h.shape)}); pass sites= with module names")
