@@ -111,20 +111,74 @@ def test_imatrix_sums_counts_and_llama_cpp_names(calib, tmp_path):
         name = name_map.get_name(module + ".weight", try_suffixes=(".weight",))
         assert names[module] == name and name.startswith("blk.")
         sum2 = tensors[name + ".in_sum2"]
-        assert sum2.dtype == np.float32 and sum2.shape == (1, x.shape[1])
+        # 1-D, as llama-imatrix's files hold a dense weight's entries (ne [D, 1] stored as [D])
+        assert sum2.dtype == np.float32 and sum2.shape == (x.shape[1],)
         want = (x * x).sum(0)
         # the moments square in float32 (one rounding) and sum by float32 cascade (pairwise) sums,
         # whose error grows with log2(n); then one float32 rounding when written
         rtol = (2 + np.ceil(np.log2(x.shape[0]))) * 2.0**-24
-        np.testing.assert_allclose(sum2[0], want, rtol=rtol, atol=0)
+        np.testing.assert_allclose(sum2, want, rtol=rtol, atol=0)
         # sum x = count * mean, the mean from float64 sums (merged in float64): float64-level error
         # against sum |x|, then one float32 rounding
-        np.testing.assert_allclose(tensors[name + ".in_sum"][0], x.sum(0), rtol=F32_ROUNDING,
+        np.testing.assert_allclose(tensors[name + ".in_sum"], x.sum(0), rtol=F32_ROUNDING,
                                    atol=1e-12 * np.abs(x).sum(0).max())
-        assert tensors[name + ".counts"].tolist() == [[float(tokens)]] == [[float(x.shape[0])]]
+        assert tensors[name + ".counts"].tolist() == [float(tokens)] == [float(x.shape[0])]
     ggml_shapes = {t.name: list(t.shape) for t in reader.tensors}
-    assert ggml_shapes["blk.0.ffn_down.weight.in_sum2"] == [model.config.intermediate_size, 1]
+    # llama-imatrix builds ne [D, 1] and [1, 1] and gguf drops trailing sizes of 1: [D] and [1]
+    assert ggml_shapes["blk.0.ffn_down.weight.in_sum2"] == [model.config.intermediate_size]
+    assert ggml_shapes["blk.0.ffn_down.weight.in_sum"] == [model.config.intermediate_size]
+    assert ggml_shapes["blk.0.ffn_down.weight.counts"] == [1]
     assert not any(n.startswith(("output.", "token_embd.")) for n in tensors)
+
+
+def test_imatrix_dims_as_llama_imatrix_stores_them(tmp_path):
+    """The ggml dimensions llama-imatrix's own files hold (checked against a real llama-imatrix in
+    tests/test_llama_imatrix.py): a dense weight's entries 1-D, ``in_sum2``/``in_sum`` ``[D]`` and
+    ``counts`` ``[1]`` (it builds ``[D, 1]`` / ``[1, 1]``; gguf drops trailing sizes of 1), an
+    experts weight's ``[D, E]`` / ``[1, E]``; values against float64 numpy from plain hooks."""
+    gguf = pytest.importorskip("gguf")
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      head_dim=8, vocab_size=64, num_experts=4, num_experts_per_tok=2)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(1))
+    seen: dict[str, np.ndarray] = {}
+    layer = model.model.layers[0]
+    hooks = [layer.self_attn.q_proj.register_forward_pre_hook(
+                 lambda m, a: seen.__setitem__("q", a[0].reshape(-1, 16).double().numpy())),
+             layer.self_attn.o_proj.register_forward_pre_hook(
+                 lambda m, a: seen.__setitem__("o", a[0].reshape(-1, 16).double().numpy())),
+             layer.mlp.experts.register_forward_pre_hook(
+                 lambda m, a: seen.update(x=a[0].double().numpy(), top=a[1].numpy()))]
+    with probe.capture(model, sites="linear_inputs", stats=("moments",)) as run, torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    out = tmp_path / "imatrix.gguf"
+    probe.export("imatrix", run, out)
+    reader = gguf.GGUFReader(str(out))
+    t = {r.name: r for r in reader.tensors}
+    n = ids.numel()
+    for name, key in (("blk.0.attn_q.weight", "q"), ("blk.0.attn_output.weight", "o")):
+        assert list(t[name + ".in_sum2"].shape) == list(t[name + ".in_sum"].shape) == [16]
+        assert list(t[name + ".counts"].shape) == [1] and t[name + ".counts"].data.tolist() == [float(n)]
+        x = seen[key]
+        np.testing.assert_allclose(t[name + ".in_sum2"].data, (x * x).sum(0), rtol=1e-6)
+        np.testing.assert_allclose(t[name + ".in_sum"].data, x.sum(0), rtol=1e-6, atol=1e-6 * np.abs(x).sum(0).max())
+    x, top = seen["x"], seen["top"]
+    want2, want_n = np.zeros((4, 16)), np.zeros(4)
+    for j in range(top.shape[1]):
+        np.add.at(want2, top[:, j], x * x)
+        np.add.at(want_n, top[:, j], 1)
+    for proj in ("gate", "up"):
+        name = f"blk.0.ffn_{proj}_exps.weight"
+        assert list(t[name + ".in_sum2"].shape) == [16, 4] and list(t[name + ".counts"].shape) == [1, 4]
+        np.testing.assert_allclose(np.asarray(t[name + ".in_sum2"].data).reshape(4, 16), want2, rtol=1e-6)
+        assert np.asarray(t[name + ".counts"].data).reshape(4).tolist() == want_n.tolist()
+    assert list(t["blk.0.ffn_down_exps.weight.in_sum2"].shape) == [8, 4]
 
 
 def test_export_of_two_runs_equals_export_of_one_run_over_both(calib, tmp_path):

@@ -6,11 +6,11 @@ Contents:
 - key-values ``general.type = "imatrix"``, ``imatrix.datasets`` (string array),
   ``imatrix.chunk_count`` and ``imatrix.chunk_size`` (uint32);
 - per weight, named as in a llama.cpp model GGUF (``blk.0.attn_q.weight``):
-  ``<name>.in_sum2`` F32 ``[1, in_features]`` (numpy order; ggml ``ne = [in_features, 1]``,
-  one row per expert, here one) holding ``Σ x²`` per input channel over every kept token,
-  ``<name>.counts`` F32 ``[1, 1]`` holding the number of tokens, and ``<name>.in_sum`` F32
-  ``[1, in_features]`` holding ``Σ x`` (what current ``llama-imatrix`` also writes; older
-  readers ignore it).
+  ``<name>.in_sum2`` F32 ``[in_features]`` holding ``Σ x²`` per input channel over every kept
+  token, ``<name>.counts`` F32 ``[1]`` holding the number of tokens, and ``<name>.in_sum`` F32
+  ``[in_features]`` holding ``Σ x`` (what current ``llama-imatrix`` also writes; older readers
+  ignore it). 1-D, as in llama-imatrix's files: it builds ``ne = [in_features, 1]`` (one row per
+  expert, here one) and gguf stores a tensor without its trailing sizes of 1 (``ggml_n_dims``).
 
 ``llama-quantize`` uses ``in_sum2 / counts``, the mean of ``x²`` per input channel, as the weight
 of each column. Names come from gguf-py's own map (``gguf.get_tensor_name_map(arch, n_blocks)``),
@@ -137,7 +137,7 @@ def write(stats: list[ModuleStats], path: str, meta: dict, *, arch: str | None =
             raise ProbeError(f"modules {seen[name]!r} and {s.module!r} both map to {name!r}; expected one "
                              "module per llama.cpp tensor; pass arch= with the right architecture")
         seen[name] = s.module
-        entries[name] = (s.sum_x.reshape(1, -1), s.sum_x2.reshape(1, -1), np.array([s.tokens]))
+        entries[name] = (s.sum_x.reshape(1, -1), s.sum_x2.reshape(1, -1), np.array([s.tokens]))  # M = 1
     for key, name in sorted(exp_names.items(), key=lambda kv: kv[1]):
         x = by_key[key]
         if name in seen:
@@ -159,9 +159,12 @@ def write(stats: list[ModuleStats], path: str, meta: dict, *, arch: str | None =
     writer.add_uint32("imatrix.chunk_count", math.ceil(tokens / chunk_size))
     writer.add_uint32("imatrix.chunk_size", chunk_size)
     for name, (sum_x, sum_x2, counts) in entries.items():
-        writer.add_tensor(f"{name}.in_sum", sum_x.astype(np.float32))
-        writer.add_tensor(f"{name}.in_sum2", sum_x2.astype(np.float32))
-        writer.add_tensor(f"{name}.counts", counts.astype(np.float32).reshape(-1, 1))
+        # llama-imatrix's shapes on disk: ne [n, M] and [1, M] less trailing 1s (gguf keeps
+        # ggml_n_dims dimensions), so one row (a dense weight, M = 1) is 1-D: [n] and [1]
+        shape = (lambda a: a.reshape(-1)) if sum_x2.shape[0] == 1 else (lambda a: a)
+        writer.add_tensor(f"{name}.in_sum", shape(sum_x.astype(np.float32)))
+        writer.add_tensor(f"{name}.in_sum2", shape(sum_x2.astype(np.float32)))
+        writer.add_tensor(f"{name}.counts", shape(counts.astype(np.float32).reshape(-1, 1)))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
