@@ -211,10 +211,15 @@ def test_routing_and_experts_exact_over_real_tokens(kind, tmp_path):
 
 @pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
 @pytest.mark.parametrize("kind", list(MODELS))
-def test_down_projection_input_per_expert_for_every_implementation(kind, impl):
+@pytest.mark.parametrize("host_reads", [True, False])
+def test_down_projection_input_per_expert_for_every_implementation(kind, impl, host_reads, monkeypatch):
     """transformers runs fused experts as a loop per expert (eager), one batched matmul or one
     grouped matmul: the down projection's input is followed inside each, the model's output is
-    bitwise what it is without probe, and padding never counts."""
+    bitwise what it is without probe, and padding never counts — on CPU's paths (the rows written
+    in place, the shifted sums) and on the ones an accelerator takes (``DENSE_CPU`` off)."""
+    from probe.stats import _base
+
+    monkeypatch.setattr(_base, "DENSE_CPU", host_reads)
     make, normalized = MODELS[kind]
     model = make()
     model.set_experts_implementation(impl)

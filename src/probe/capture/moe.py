@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SiteError, closest
+from ..stats._base import host_reads
 from .sites import Site
 
 __all__ = ["MoeLayer", "moe_layers", "moe_sites", "expert_sites", "named_sites", "SUFFIXES",
@@ -403,11 +404,23 @@ class _DownTap:
             with torch.no_grad():
                 n, k = index.shape
                 width = mode.parts[0][0].shape[-1]
-                buf = torch.full((n, k + 1, width), float("nan"), dtype=torch.float32, device=index.device)
                 chosen = index.long()
+                placed = []
                 for x, tok, ex in mode.parts:
                     match = chosen[tok] == ex.unsqueeze(-1)  # [R, k]: the slot that chose this expert
-                    slot = torch.where(match.any(-1), match.int().argmax(-1), k)
+                    placed.append((x, tok, torch.where(match.any(-1), match.int().argmax(-1), k)))
+                if host_reads(index) and sum(t.shape[0] for _, t, _ in placed) == n * k:
+                    flat = torch.cat([t * k + slot for _, t, slot in placed])  # the slots written
+                    if bool((torch.bincount(flat, minlength=n * k + 1)[:n * k] == 1).all()):
+                        # every slot once (read on the host: free on CPU): written in place, no fill
+                        out = torch.empty(n, k + k * width, dtype=torch.float32, device=index.device)
+                        out[:, :k] = chosen
+                        body = out[:, k:].view(n, k, width)
+                        for x, tok, slot in placed:
+                            body[tok, slot] = x.float()
+                        return out
+                buf = torch.full((n, k + 1, width), float("nan"), dtype=torch.float32, device=index.device)
+                for x, tok, slot in placed:
                     buf[tok, slot] = x.float()
                 return _rows(chosen, buf[:, :k])
         except Exception as err:  # never into the model's forward
