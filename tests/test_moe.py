@@ -480,6 +480,11 @@ def test_imatrix_per_expert_layout(calibrated, tmp_path):
         names = probe.export("imatrix", path, tmp_path / "imatrix.gguf")
     assert names["model.layers.0.mlp.experts.gate_proj"] == "blk.0.ffn_gate_exps.weight"
     assert names["model.layers.1.mlp.experts.up_proj"] == "blk.1.ffn_up_exps.weight"
+    # an architecture without expert tensors would leave every expert out: refused, naming the model's own
+    with pytest.raises(probe.ProbeError, match=r"'qwen3' names none of the 2 experts modules .*pass --arch "
+                                               r"qwen3moe or no --arch"):
+        probe.export("imatrix", path, tmp_path / "other.gguf", arch="qwen3")
+    assert not (tmp_path / "other.gguf").exists()
     reader = gguf.GGUFReader(str(tmp_path / "imatrix.gguf"))
     tensors = {t.name: t for t in reader.tensors}
     for i, layer in enumerate(tape.layers):
@@ -643,6 +648,32 @@ def test_show_plot_and_cli_report_the_experts(tmp_path, capsys):
     assert cb.y1 <= hb.y0 and cb.x0 >= hb.x0 - 0.02 and cb.x1 <= hb.x1 + 0.02, (hb, cb)
     assert bars.get_ylabel() == "layer" and heat.get_ylabel() == "layer"
     assert colour.get_xlabel().startswith("share") and not colour.get_ylabel()
+    # the per-site figures run over the sites that hold their statistics' kind, not over the MoE
+    # sites (no empty rows or columns for them); an index label stays an index in run.sites
+    general = [n for n in run.sites if run[n].has("moments")]
+    assert 0 < len(general) < len(run.sites)
+    figs = figures(run, kinds=["channels", "depth"])
+    grid = figs["channels_absmax.png"].axes[0].images[0].get_array()
+    assert grid.shape[0] == len(general) and not np.ma.getmaskarray(grid).all(axis=1).any()
+    depth = figs["depth.png"].axes[2]
+    assert [t.get_text() for t in depth.get_xticklabels()] == [str(run.sites.index(n)) for n in general]
+    assert depth.get_xlabel() == "site (index in run.sites)"
+    assert sorted(depth.lines[0].get_xdata()) == list(range(len(general)))
+    with probe.capture(model, tmp_path / "hm.h5", sites=["hidden_states", "moe"]):  # layers, by name
+        for ids, mask in _batches(1, 9):
+            model(input_ids=ids, attention_mask=mask)
+    hm = probe.load(tmp_path / "hm.h5")
+    depth = figures(hm, kinds="depth")["depth.png"].axes[2]
+    assert [t.get_text() for t in depth.get_xticklabels()] == ["0", "1", "2"]
+    assert depth.get_xlabel() == "layer (hidden_states index)"
+    # a run of MoE sites alone: each skipped kind says why, under its own name
+    with probe.capture(model, tmp_path / "moe.h5", sites="moe"):
+        for ids, mask in _batches(1, 9):
+            model(input_ids=ids, attention_mask=mask)
+    assert main(["plot", str(tmp_path / "moe.h5"), "-o", str(tmp_path / "figs")]) == 0
+    err = capsys.readouterr().err
+    assert "skipped depth: plot kind 'depth' needs histogram statistics, and no site of this run holds them " \
+           "(its sites hold experts, router statistics only)" in err, err
 
 
 def test_general_tables_reprs_and_grads_leave_the_moe_sites_to_their_own(tmp_path):

@@ -118,7 +118,16 @@ def write(stats: list[ModuleStats], path: str, meta: dict, *, arch: str | None =
     by_key = {f"{x.module}.{p}": x for x in experts
               for p in (("gate_proj", "up_proj") if x.proj == "gate_up" else ("down_proj",))}
     missing = [s.module for s in stats if s.module not in names]
-    missing += [x.module for x in experts if not any(by_key.get(k) is x for k in exp_names)]
+    lost = list(dict.fromkeys(x.module for x in experts if not any(by_key.get(k) is x for k in exp_names)))
+    if experts and len(lost) == len({x.module for x in experts}) and arch is not None:
+        try:
+            own = f"--arch {gguf.MODEL_ARCH_NAMES[arch_for(config.get('model_type'))]} or no --arch"
+        except ProbeError:
+            own = "the llama.cpp name of this model's architecture"
+        raise ProbeError(f"the llama.cpp architecture {arch!r} names none of the {len(lost)} experts modules "
+                         f"({lost[0]}, …: no ffn_*_exps tensors); expected the model's own architecture "
+                         f"(model_type {config.get('model_type')!r}); pass {own}")
+    missing += lost
     if not names and not exp_names:
         raise ProbeError(f"none of the {len(stats)} modules has a llama.cpp tensor name for model_type "
                          f"{config.get('model_type')!r}; expected module paths of a transformers model; "

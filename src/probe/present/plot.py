@@ -770,11 +770,51 @@ def _sites_with(run: Run, kind: str) -> list[str]:
     return [n for n in run.sites if run[n].has(kind)]
 
 
+def _site_only(run: Run) -> set[str]:
+    """The run's statistics that run only at their own sites (MoE routers and experts, attention)."""
+    from ..stats import stat_class
+
+    out = set()
+    for name in run.meta.get("stats") or ():
+        try:
+            if getattr(stat_class(name), "site_only", False):
+                out.add(name)
+        except Exception:  # a statistic not registered here: not one of probe's own
+            continue
+    return out
+
+
+def _axis(run: Run, names: Sequence[str]) -> tuple[list[str], list[str], str]:
+    """The sites a per-site figure's axis runs over — ``run.sites`` less the sites of the
+    statistics that run only at their own sites (router, experts, attention: they hold none of
+    the per-channel statistics, and would be empty rows) — with their tick labels (where they are
+    indices, indices in ``run.sites``) and the axis title."""
+    only = _site_only(run)
+    keep = set(names)
+    axis = [n for n in run.sites if n in keep or not any(run[n].has(k) for k in only)]
+    labels, title = _labels(axis)
+    if title.startswith("site (index"):  # indices: into run.sites, where a reader looks them up
+        at = {n: i for i, n in enumerate(run.sites)}
+        labels = [str(at[n]) for n in axis]
+    return axis, labels, title
+
+
 def _missing(kind: str, stat: str, run: Run) -> _Missing:
-    got = run.meta.get("stats")
+    got = list(run.meta.get("stats") or [])
+    if stat in got:  # captured, but at no site that can hold it
+        only = sorted(_site_only(run) & _held(run))
+        held = f" (its sites hold {', '.join(only)} statistics only)" if only else ""
+        return _Missing(f"plot kind {kind!r} needs {stat} statistics, and no site of this run holds them{held}; "
+                        "expected hidden-state or module sites; capture them too (e.g. sites=['hidden_states', "
+                        f"'moe']) or leave out kind {kind!r}")
     return _Missing(f"plot kind {kind!r} needs {stat} statistics; expected a run captured with stats including "
                     f"{stat!r}; got stats={got!r}; capture again with stats including {stat!r} or leave out "
                     f"kind {kind!r}")
+
+
+def _held(run: Run) -> set[str]:
+    """The statistics some site of ``run`` holds."""
+    return {k for n in run.sites for k in (run.meta.get("stats") or ()) if run[n].has(k)}
 
 
 # ---------------------------------------------------------------------------- histograms
@@ -867,10 +907,10 @@ def _mark_extremes(ax, s, color) -> None:
             transform=ax.get_xaxis_transform(), zorder=5)
 
 
-def _hist_sites(run: Run) -> list[str]:
+def _hist_sites(run: Run, kind: str = "histograms") -> list[str]:
     names = [n for n in _sites_with(run, "histogram") if run[n].count and np.isfinite(run[n].min)]
     if not names:
-        raise _missing("histograms", "histogram", run)
+        raise _missing(kind, "histogram", run)
     return names
 
 
@@ -1084,10 +1124,10 @@ DEPTH_BANDS = ((0.001, 0.999), (0.01, 0.99), (0.25, 0.75))
 def _depth(run: Run, out: _Out, opts: dict) -> list[str]:
     """Width by depth: quantile bands, std and excess kurtosis against the site index."""
     _, Figure, colors, cm = _mpl()
-    names = _hist_sites(run)
+    names = _hist_sites(run, "depth")
     views = [run[n] for n in names]
-    labels, axis_label = _labels(run.sites)
-    index = {n: i for i, n in enumerate(run.sites)}
+    axis, labels, axis_label = _axis(run, names)
+    index = {n: i for i, n in enumerate(axis)}
     x = np.array([index[n] for n in names])
     qs = sorted({q for band in DEPTH_BANDS for q in band} | {0.5})
     table = np.array([v.quantile(qs) for v in views])  # [sites, len(qs)]
@@ -1324,8 +1364,9 @@ def _channels(run: Run, out: _Out, opts: dict) -> list[str]:
     if not names:
         raise _missing("channels", "moments", run)
     width = max(len(run[n].channel) for n in names)
-    grid = np.full((len(run.sites), width), np.nan)
-    index = {n: i for i, n in enumerate(run.sites)}
+    axis, labels, axis_label = _axis(run, names)
+    grid = np.full((len(axis), width), np.nan)
+    index = {n: i for i, n in enumerate(axis)}
     for n in names:
         a = run[n].channel.absmax
         grid[index[n], :len(a)] = a
@@ -1335,8 +1376,7 @@ def _channels(run: Run, out: _Out, opts: dict) -> list[str]:
     # a log colour scale: typical channels sit near 1, outlier channels 100-1000x above
     top = float(pos.max())
     low, extend = _log_limits(pos, top, 1e-6)
-    labels, axis_label = _labels(run.sites)
-    fig = Figure(figsize=(NARROW_DESIGN if out.narrow else 11, max(3.2, 0.17 * len(run.sites) + 1.4)),
+    fig = Figure(figsize=(NARROW_DESIGN if out.narrow else 11, max(3.2, 0.17 * len(axis) + 1.4)),
                  layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(np.ma.masked_invalid(np.where(grid > 0, grid, np.nan)), aspect="auto",
