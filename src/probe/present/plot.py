@@ -770,28 +770,14 @@ def _sites_with(run: Run, kind: str) -> list[str]:
     return [n for n in run.sites if run[n].has(kind)]
 
 
-def _site_only(run: Run) -> set[str]:
-    """The run's statistics that run only at their own sites (MoE routers and experts, attention)."""
-    from ..stats import stat_class
-
-    out = set()
-    for name in run.meta.get("stats") or ():
-        try:
-            if getattr(stat_class(name), "site_only", False):
-                out.add(name)
-        except Exception:  # a statistic not registered here: not one of probe's own
-            continue
-    return out
-
-
 def _axis(run: Run, names: Sequence[str]) -> tuple[list[str], list[str], str]:
-    """The sites a per-site figure's axis runs over — ``run.sites`` less the sites of the
-    statistics that run only at their own sites (router, experts, attention: they hold none of
-    the per-channel statistics, and would be empty rows) — with their tick labels (where they are
-    indices, indices in ``run.sites``) and the axis title."""
-    only = _site_only(run)
-    keep = set(names)
-    axis = [n for n in run.sites if n in keep or not any(run[n].has(k) for k in only)]
+    """The sites a per-site figure's axis runs over — ``names`` (the sites holding its statistic)
+    and the sites holding no statistic at all (disabled: a gap in the data), not the sites that
+    hold only statistics of their own kind (MoE routers and experts, attention: they would be empty
+    rows) — with their tick labels (where they are indices, indices in ``run.sites``) and the axis
+    title."""
+    keep, stats = set(names), run.meta.get("stats") or ()
+    axis = [n for n in run.sites if n in keep or not any(run[n].has(k) for k in stats)]
     labels, title = _labels(axis)
     if title.startswith("site (index"):  # indices: into run.sites, where a reader looks them up
         at = {n: i for i, n in enumerate(run.sites)}
@@ -802,7 +788,7 @@ def _axis(run: Run, names: Sequence[str]) -> tuple[list[str], list[str], str]:
 def _missing(kind: str, stat: str, run: Run) -> _Missing:
     got = list(run.meta.get("stats") or [])
     if stat in got:  # captured, but at no site that can hold it
-        only = sorted(_site_only(run) & _held(run))
+        only = sorted(_held(run))
         held = f" (its sites hold {', '.join(only)} statistics only)" if only else ""
         return _Missing(f"plot kind {kind!r} needs {stat} statistics, and no site of this run holds them{held}; "
                         "expected hidden-state or module sites; capture them too (e.g. sites=['hidden_states', "
