@@ -337,13 +337,19 @@ class _DownMode(torch.overrides.TorchFunctionMode):
         self.tags = [(u, tag) for u, tag in self.tags if u is not t]
 
 
-def _rows(chosen: Tensor, inputs: Tensor) -> Tensor:
-    """The packed ``[n, k + k·I]`` float32 rows of a ``<experts>:down_proj`` site from the chosen
-    experts ``[n, k]`` and each slot's input ``[n, k, I]``: one copy of each."""
-    n, k, width = inputs.shape
-    out = torch.empty(n, k + k * width, dtype=torch.float32, device=inputs.device)
+def _empty_rows(chosen: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """The packed ``[n, k + k·I]`` float32 rows of an experts site with the chosen experts
+    ``[n, k]`` written, and the view ``[n, k, I]`` of its slots' inputs, still to be written."""
+    n, k = chosen.shape
+    out = torch.empty(n, k + k * width, dtype=torch.float32, device=chosen.device)
     out[:, :k] = chosen
-    out[:, k:].view(n, k, width).copy_(inputs)
+    return out, out[:, k:].view(n, k, width)
+
+
+def _rows(chosen: Tensor, inputs: Tensor) -> Tensor:
+    """The packed rows (:func:`_empty_rows`) from each slot's input ``[n, k, I]``: one copy."""
+    out, body = _empty_rows(chosen, inputs.shape[-1])
+    body.copy_(inputs)
     return out
 
 
@@ -413,9 +419,7 @@ class _DownTap:
                     flat = torch.cat([t * k + slot for _, t, slot in placed])  # the slots written
                     if bool((torch.bincount(flat, minlength=n * k + 1)[:n * k] == 1).all()):
                         # every slot once (read on the host: free on CPU): written in place, no fill
-                        out = torch.empty(n, k + k * width, dtype=torch.float32, device=index.device)
-                        out[:, :k] = chosen
-                        body = out[:, k:].view(n, k, width)
+                        out, body = _empty_rows(chosen, width)
                         for x, tok, slot in placed:
                             body[tok, slot] = x.float()
                         return out
