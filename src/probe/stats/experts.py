@@ -39,6 +39,14 @@ from .router import MoeConfigured
 __all__ = ["Experts"]
 
 
+def _slots(x: Tensor, tokens: Tokens, e: int, k: int) -> Tensor:
+    """The expert of each (token, top-k slot) of packed rows ``x`` as int64 ``[n, k]``: ``E`` (a
+    spare row) for padding and for an index outside ``[0, E)``, a slot that holds no expert
+    (experts held as modules)."""
+    index = x[:, :k]
+    return torch.where(tokens.valid.unsqueeze(-1) & (index >= 0) & (index < e), index.long().clamp(0, e - 1), e)
+
+
 class Experts(MoeConfigured):
     """Per-expert input statistics (``E`` experts, ``D`` channels); fields in
     :data:`probe.stats._state.EXPERTS`."""
@@ -75,8 +83,7 @@ class Experts(MoeConfigured):
         one-pass sums (a CPU chunk; see the module docstring), or ``None`` where the two-pass path
         must run (a non-finite value routed to an expert)."""
         f64 = torch.float64
-        index = x[:, :k].long()
-        ix = torch.where(tokens.valid.unsqueeze(-1) & (x[:, :k] >= 0) & (x[:, :k] < e), index.clamp(0, e - 1), e)
+        ix = _slots(x, tokens, e, k)
         n = x.shape[0]
         rows = x[:, k:].view(n, k, d) if self.per_slot else x[:, k:]  # [n, k, D] or [n, D]: views
         m = n * k if self.per_slot else n
@@ -131,9 +138,7 @@ class Experts(MoeConfigured):
         fins = [torch.isfinite(v) for v in parts]
         v0s = [torch.where(fin, v, 0.0).to(f64) for v, fin in zip(parts, fins)]
         ffs = [fin.to(f64) for fin in fins]
-        # an index outside [0, E) is a slot that holds no expert (experts held as modules)
-        slots = [torch.where(tokens.valid & (x[:, j] >= 0) & (x[:, j] < e), x[:, j].long().clamp(0, e - 1), e)
-                 for j in range(k)]
+        slots = _slots(x, tokens, e, k).unbind(1)
         at = (lambda j: j) if self.per_slot else (lambda j: 0)
         zeros = torch.zeros(e + 1, d, dtype=f64, device=x.device)
         cn, s1 = zeros.clone(), zeros.clone()
