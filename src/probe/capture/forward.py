@@ -28,9 +28,9 @@ recorded. A forward on any other thread (a background evaluation, ``nn.DataParal
 is ignored, with one warning, and touches none of the capture's state: not the call counts, not
 the forward count, not the open forward of the entering thread.
 
-A site's tensor is laid out as ``[batch, sequence, ...]`` (``Site.layout``; a NestedTensor padded
-back), its tokens are read from the call of its own stack (:mod:`probe.capture.tokens`), and it is held until
-the forward ends (up to ``cross_budget`` bytes; past it, sites fold in at once): on CPU as a copy in a
+A site's tensor is laid out as ``[batch, sequence, ...]`` (``Site.layout``, ``Site.spatial``; a
+NestedTensor padded back), its tokens are read from the call of its own stack
+(:mod:`probe.capture.tokens`), and it is held until the forward ends (up to ``cross_budget`` bytes; past it, sites fold in at once): on CPU as a copy in a
 buffer reused across forwards, on accelerators by reference.
 A submodule called on its own, with no model or stack call around it, folds in at once. Nothing
 here reads a device value on the host; errors disable one site with one warning (``strict``:
@@ -62,7 +62,7 @@ from .grads import Grads
 from .hooks import HookSet, token_source
 from .options import CaptureOptions
 from .parallel import Placements
-from .sites import discovering
+from .sites import as_tokens, discovering
 from .tokens import CallInputs, TokenContext, read_call
 
 __all__ = ["Forwards", "ForwardCounter", "forward_signature"]
@@ -682,10 +682,9 @@ class Forwards:
                             "capture a module whose output keeps the token dims")
         raw, x = x, x.detach()
         layout = site.layout
-        if layout is None and x.dim() > 2 and self._sequence_first(i, x, context):
+        if layout is None and site.spatial is None and x.dim() > 2 and self._sequence_first(i, x, context):
             layout = (1, 0, *range(2, x.dim()))  # [sequence, batch, ...], read batch-major
-        if layout is not None:
-            x = x.permute(layout)
+        x = as_tokens(x, layout, site.spatial)
         self.dtypes.setdefault(site.name, str(x.dtype).replace("torch.", ""))
         if x.dim() == 2:  # [batch·sequence, D]: the tokens of its forward's grid (see tokens.py)
             x = x.unsqueeze(1)
@@ -696,7 +695,7 @@ class Forwards:
             tokens = context.tokens(self._sources[i], x.shape[0], x.shape[1], x.device)
         b, t = x.shape[0], x.shape[1]
         if self._grads is not None and self._phase == "prefill" and raw.dim() > 2:
-            self._grads.watch(i, raw, layout, tokens)
+            self._grads.watch(i, raw, layout, site.spatial, tokens)
         shape = (b * t, x.shape[2:].numel())
         real = self._real.get(i)
         count = tokens.cache.get("real")

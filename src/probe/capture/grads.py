@@ -4,7 +4,7 @@ of the recorded forwards (``capture(..., grads=True)``).
 Recipe (what :class:`probe.capture.forward.Forwards` does with each site's tensor)::
 
     grads = Grads(engine, [f"{s.name}@grad" for s in sites])
-    grads.watch(i, x, site.layout, tokens)   # in the site's hook, on the tensor the model goes on with
+    grads.watch(i, x, site.layout, site.spatial, tokens)   # in the site's hook, on the model's own tensor
 
 At the forward, a tensor hook (``Tensor.register_hook``) is put on the site's own tensor when it
 takes part in autograd (``requires_grad`` under grad mode); when the backward computes the
@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ..stats._base import Tokens
 from .engine import StatEngine
+from .sites import as_tokens
 
 __all__ = ["Grads", "SUFFIX"]
 
@@ -65,30 +66,31 @@ class Grads:
         #: the capture exited: a gradient arriving now (a backward after the block) is not recorded
         self.closed = False
 
-    def watch(self, i: int, x: Tensor, layout: tuple[int, ...] | None, tokens: Tokens) -> None:
-        """Hook site ``i``'s tensor ``x`` (as the model produced it, before ``layout``) so that its
-        gradient is folded in with ``tokens``; nothing when ``x`` takes no part in autograd."""
+    def watch(self, i: int, x: Tensor, layout: tuple[int, ...] | None, spatial: str | None, tokens: Tokens) -> None:
+        """Hook site ``i``'s tensor ``x`` (as the model produced it, before ``layout`` and ``spatial``,
+        see :func:`probe.capture.sites.as_tokens`) so that its gradient is folded in with ``tokens``;
+        nothing when ``x`` takes no part in autograd."""
         if not (isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled()):
             return
         name = self.names[i]
         if not name or name in self.engine.disabled:  # "": a site without a gradient site
             return
-        x.register_hook(self._hook(i, name, layout, tokens))
+        x.register_hook(self._hook(i, name, layout, spatial, tokens))
 
-    def _hook(self, i: int, name: str, layout: tuple[int, ...] | None, tokens: Tokens) -> Callable[[Tensor], None]:
+    def _hook(self, i: int, name: str, layout: tuple[int, ...] | None, spatial: str | None,
+              tokens: Tokens) -> Callable[[Tensor], None]:
         engine = self.engine
 
         def hook(g: Tensor) -> None:
             if not self.closed:
-                engine.guarded(name, g, lambda: self._fold(i, name, g, layout, tokens))
+                engine.guarded(name, g, lambda: self._fold(i, name, g, layout, spatial, tokens))
 
         return hook
 
-    def _fold(self, i: int, name: str, g: Tensor, layout: tuple[int, ...] | None, tokens: Tokens) -> None:
+    def _fold(self, i: int, name: str, g: Tensor, layout: tuple[int, ...] | None, spatial: str | None,
+              tokens: Tokens) -> None:
         with torch.no_grad():
-            g = g.detach()
-            if layout is not None:
-                g = g.permute(layout)
+            g = as_tokens(g.detach(), layout, spatial)
             b, t = g.shape[0], g.shape[1]
             self.engine.fold(i, name, g.reshape(b * t, g.shape[2:].numel()), tokens, phase="grad")
             self.engine.flush()  # accelerators gather sites: run them before the tokens' forward is gone

@@ -3,20 +3,25 @@
 ``"hidden_states"`` reproduces ``output_hidden_states=True`` of transformers exactly, in three ways,
 tried in order:
 
-1. **discovery** — every model that takes ``input_ids``: one forward on ``2 x 5`` token ids
-   (decoder ``2 x 3``) under ``no_grad``, in the model's current train/eval mode, with the RNG state,
-   normalisation buffers and hooks restored afterwards, and every module's calls recorded. Each
+1. **discovery** — one forward on the model's main input built from its config: ``2 x 5`` token
+   ids (decoder ``2 x 3``; with an image where the forward needs one too), or two images, videos,
+   audio clips or log-mel inputs (:func:`main_inputs`), under ``no_grad``, in the model's current
+   train/eval mode, with the RNG state, normalisation buffers and hooks restored afterwards, and
+   every module's calls recorded. Each
    tensor ``output_hidden_states=True`` returns is matched to the module call that produced or
    received it — the same tensor object first, else exactly equal values (possibly in another axis
    order) — and that call is hooked: the module, which call of it within the stack's forward (a
    shared or looped layer is one site per call), output or input, and which element. Composite
-   models get one name per returned tuple: ``encoder_hidden_states.i``, ``decoder_hidden_states.i``;
-   each stack reads its own mask (see :mod:`probe.capture.tokens`). ``hidden_states[0]`` is read as
+   models get one name per returned tuple: ``encoder_hidden_states.i``, ``decoder_hidden_states.i``,
+   a two-tower model's ``text_hidden_states.i`` and ``vision_hidden_states.i``; each stack reads its
+   own mask (see :mod:`probe.capture.tokens`). A returned feature map of four or more axes is read
+   as its spatial positions (``Site.spatial``); ``reshaped_hidden_states``, the same values as
+   ``hidden_states`` in another shape, get no sites. ``hidden_states[0]`` is read as
    the input of the first layer (the call producing ``hidden_states[1]``) when that call receives it,
    as transformers defines it, so it is captured with ``inputs_embeds`` too (the embedding does not
    run then). A returned tensor that no module call produces or receives (e.g. modified in place
    afterwards) is refused with one line.
-2. **registry** — a model that cannot run on token ids alone, whose base forward transformers
+2. **registry** — a model that discovery cannot run, whose base forward transformers
    decorates with ``capture_outputs`` and whose ``_can_record_outputs`` names as many layers as the
    config has: input of the first layer, the layers' outputs, and the base model's
    ``last_hidden_state`` (after the final norm) where transformers ties it.
@@ -56,7 +61,8 @@ from torch import Tensor, nn
 
 from ..errors import SiteError, closest
 
-__all__ = ["Site", "SiteSet", "SiteSpec", "resolve", "hidden_state_sites", "discovering", "linear_input_sites"]
+__all__ = ["Site", "SiteSet", "SiteSpec", "as_tokens", "discovering", "hidden_state_sites", "linear_input_sites",
+           "main_inputs", "resolve"]
 
 INPUT_SUFFIX = ":input"
 
@@ -92,6 +98,10 @@ class Site:
     ``index`` field (str); ``last_hidden_state`` — the model output's ``last_hidden_state``.
     ``call``: which call of the module within one forward of ``context`` (``None``: every call).
     ``layout``: the permutation that brings the captured tensor to ``[batch, sequence, ...]``.
+    ``spatial``: the tensor is a feature map, ``channels_first`` (``[batch, channels, height, width]``,
+    as transformers' convolutional models return hidden states) or ``channels_last`` (``[batch,
+    height, width, channels]``); its tokens are the spatial positions in row-major order and its
+    channels the feature axis (:func:`as_tokens`).
     ``stack``: the tuple it reproduces (``hidden_states``, ``decoder_hidden_states``, ...) and
     ``context``: the module whose call holds that stack's mask (``""``: the model itself).
     ``source``: ``registry``, ``discovery``, ``structure`` or ``module`` (named by the user).
@@ -120,6 +130,7 @@ class Site:
     #: ``disarm`` ends it after the call, also when the call raises. Neither ever raises
     arm: Callable[[Any, tuple, dict], None] | None = field(default=None, compare=False, repr=False)
     disarm: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    spatial: Literal["channels_first", "channels_last"] | None = None
 
     def describe(self) -> str:
         """One line: which module call, which element, which stack."""
@@ -128,7 +139,8 @@ class Site:
         plain = self.index is None or (self.index == 0 and self.source in ("module", "structure"))
         what = {"input": f"input {self.index!r}", "output": "output" if plain else f"output[{self.index!r}]",
                 "last_hidden_state": "output.last_hidden_state"}[self.read]
-        return f"{where}{call} {what} ({self.source})"
+        spatial = "" if self.spatial is None else f", a {self.spatial.replace('_', '-')} feature map"
+        return f"{where}{call} {what} ({self.source}{spatial})"
 
 
 def resolve(model: nn.Module, sites: SiteSpec = "hidden_states") -> list[Site]:
@@ -437,8 +449,7 @@ def _anchor(model: nn.Module, sites: list[Site]) -> list[Site]:
     if not common:
         return sites
     path = ".".join(common)
-    return [Site(s.name, s.module, s.read, s.index, s.hf_index, s.call, s.layout, s.stack, path, s.source)
-            for s in sites]
+    return [replace(s, context=path) for s in sites]
 
 
 def hidden_state_sites(model: nn.Module) -> list[Site]:
@@ -481,6 +492,31 @@ class _Record:
     version: int
 
 
+def as_tokens(x: Tensor, layout: tuple[int, ...] | None, spatial: str | None) -> Tensor:
+    """``x`` as ``[batch, sequence, ...]``: permuted by ``layout``, or a feature map's spatial
+    positions flattened row-major into the sequence axis with its channels last (a view where the
+    memory allows)."""
+    if spatial == "channels_first":
+        return x.flatten(2).transpose(1, 2)
+    if spatial == "channels_last":
+        return x.flatten(1, -2)
+    return x if layout is None else x.permute(layout)
+
+
+def _feature_map(h: Tensor, layout: tuple[int, ...] | None,
+                 lengths: set[int]) -> Literal["channels_first", "channels_last"] | None:
+    """How a returned hidden state of four or more axes holds its channels: after the batch when the
+    axes after it are the square spatial grid the discovery image makes (``[batch, C, H, W]``, as
+    transformers' convolutional models return them, and the reading when all are equal), last when
+    the axes before it are (``[batch, H, W, C]``). ``None`` for a token stack's ``[batch, tokens,
+    ...]`` (its second axis one of the discovery call's token lengths ``lengths``)."""
+    if h.dim() < 4 or layout is not None or h.shape[1] in lengths:
+        return None
+    if h.dim() == 4 and h.shape[1] == h.shape[2] != h.shape[3]:
+        return "channels_last"
+    return "channels_first"
+
+
 def _tensors_of(obj: Any, read: str) -> list[tuple[int | str | None, Tensor]]:
     if isinstance(obj, Tensor):
         return [(None, obj)]
@@ -498,39 +534,142 @@ def _version(t: Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-def _discovery_inputs(model: nn.Module) -> tuple[dict[str, Any] | None, str]:
+def _holding(config: Any, *keys: str) -> Any:
+    """``config`` or the first of its nested sub-configs (breadth first) with every one of ``keys`` set."""
+    queue, seen = [config], set()
+    while queue:
+        c = queue.pop(0)
+        if id(c) in seen or c is None:
+            continue
+        seen.add(id(c))
+        if all(getattr(c, k, None) is not None for k in keys):
+            return c
+        queue += [v for v in getattr(c, "__dict__", {}).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")]
+    return None
+
+
+def _image_size(value: Any) -> tuple[int, int]:
+    if isinstance(value, Mapping):
+        value = (value.get("height") or value.get("shortest_edge"), value.get("width") or value.get("shortest_edge"))
+    if isinstance(value, (list, tuple)):
+        return int(value[-2]), int(value[-1])
+    return int(value), int(value)
+
+
+#: ``input_values`` discovery clips: samples per clip
+_SAMPLES = 6400
+
+
+def main_inputs(model: nn.Module, batch: int = _B, main: str | None = None) -> list[dict[str, Tensor]]:
+    """Ways to feed ``model``'s main input from its config alone, most likely first.
+
+    The main input is transformers' ``main_input_name`` (``main`` overrides it), else the first of
+    ``input_ids``, ``pixel_values``, ``input_values``, ``input_features`` the forward takes:
+
+    - ``pixel_values``: ``[batch, channels, height, width]`` at the config's ``image_size``; a video
+      (``pixel_values_videos``, or a config with ``num_frames``) ``[batch, frames, channels, height,
+      width]`` or ``[batch, channels, frames, height, width]``;
+    - ``input_values``: ``[batch, 6400]`` samples, or ``[batch, 1, 6400]``;
+    - ``input_features``: ``[batch, mel bins, frames]`` or ``[batch, frames, mel bins]``, with
+      ``2 * max_source_positions`` frames where the config fixes them (Whisper), else 64;
+    - a vision tower fed flattened patches with their grid (``grid_thw``, Qwen-VL-like): ``batch``
+      images of 4 x 4 patches, ``[16 * batch, channels * temporal_patch_size * patch_size²]``.
+
+    Empty for token ids (:func:`_discovery_inputs` builds those) and any other main input. Values
+    are deterministic, standard normal, on the parameters' device and dtype.
+    """
+    config = getattr(model, "config", None)
+    main = main or getattr(model, "main_input_name", None)
+    main = main[0] if isinstance(main, (list, tuple)) and main else main
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    if main not in params:  # a main input the forward does not take: the first of the known ones it does
+        main = next((n for n in ("input_ids", "pixel_values", "input_values", "input_features") if n in params), main)
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    grid = next((n for n in ("grid_thw", "image_grid_thw") if n in params), None)
+    first = next(iter(params), None)
+    if grid is not None and first in ("hidden_states", "pixel_values") and "input_ids" not in params:
+        main = "patches"
+    if config is None or param is None or main not in ("pixel_values", "pixel_values_videos", "input_values",
+                                                        "input_features", "patches"):
+        return []
+    g = torch.Generator().manual_seed(0)
+
+    def values(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g).to(param.device, param.dtype)
+
+    try:
+        if main == "patches":  # a vision tower fed flattened patches and their (t, h, w) grid
+            vision = _holding(config, "patch_size") or config
+            size = int(getattr(vision, "patch_size", 14))
+            frames = int(getattr(vision, "temporal_patch_size", None) or 1)
+            channels = int(getattr(vision, "in_channels", None) or getattr(vision, "num_channels", None) or 3)
+            thw = torch.tensor([[1, 4, 4]] * batch, device=param.device)
+            return [{str(first): values(16 * batch, channels * frames * size * size), str(grid): thw}]
+        if main in ("pixel_values", "pixel_values_videos"):
+            vision = _holding(config, "image_size") or config
+            h, w = _image_size(getattr(vision, "image_size", 224))
+            channels = int(getattr(vision, "num_channels", 3) or 3)
+            frames = getattr(_holding(config, "num_frames"), "num_frames", None)
+            if main == "pixel_values" and not isinstance(frames, int):
+                return [{main: values(batch, channels, h, w)}]
+            frames = frames if isinstance(frames, int) else 8
+            return [{main: values(batch, frames, channels, h, w)}, {main: values(batch, channels, frames, h, w)}]
+        if main == "input_values":  # mono clips, or with their channel axis (audio codecs)
+            return [{"input_values": values(batch, _SAMPLES)}, {"input_values": values(batch, 1, _SAMPLES)}]
+        audio = _holding(config, "num_mel_bins") or _holding(config, "feature_size") or config
+        bins = int(getattr(audio, "num_mel_bins", None) or getattr(audio, "feature_size", None) or 80)
+        sources = getattr(_holding(config, "max_source_positions"), "max_source_positions", None)
+        frames = 2 * sources if isinstance(sources, int) and sources <= 2000 else 64
+        return [{"input_features": values(batch, bins, frames)}, {"input_features": values(batch, frames, bins)}]
+    except (TypeError, ValueError):
+        return []
+
+
+def _discovery_inputs(model: nn.Module) -> tuple[list[dict[str, Any]] | None, str]:
+    """The calls discovery tries, in order (the first that runs is recorded), or ``(None, why not)``."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return None, "forward has no signature"
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    if "input_ids" not in params:
-        return None, "forward takes no input_ids"
     if "output_hidden_states" not in params and not var_kw:
         return None, "forward takes no output_hidden_states"
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    device = next((p.device for p in model.parameters()), None)
+    if device is None or device.type == "meta":
+        return None, "parameters are on the meta device"
+    config = getattr(model, "config", None)
+    vocab = getattr(_holding(config, "vocab_size"), "vocab_size", None)
     if not isinstance(vocab, int):
         try:
             embeddings: Any = model.get_input_embeddings  # a transformers model's method
             vocab = embeddings().num_embeddings
         except Exception:
-            return None, "no vocab_size"
-    device = next((p.device for p in model.parameters()), None)
-    if device is None or device.type == "meta":
-        return None, "parameters are on the meta device"
-    low = min(3, max(0, vocab - 1))
+            vocab = None
+    low = min(3, max(0, (vocab or 1) - 1))
 
     def ids(t: int) -> Tensor:
-        return (low + (torch.arange(_B * t) * 7) % max(1, vocab - low)).view(_B, t).to(device)
+        return (low + (torch.arange(_B * t) * 7) % max(1, (vocab or 1) - low)).view(_B, t).to(device)
 
-    call: dict[str, Any] = {"input_ids": ids(_T), "output_hidden_states": True}
+    calls = main_inputs(model)
+    if not calls:
+        if "input_ids" not in params:
+            return None, "forward takes no input_ids"
+        if vocab is None:
+            return None, "no vocab_size"
+        calls = [{"input_ids": ids(_T)}]
+        if "pixel_values" in params:  # a multimodal model that needs its image too (CLIP-like)
+            calls += [{**calls[0], **c} for c in main_inputs(model, main="pixel_values")]
+    common: dict[str, Any] = {"output_hidden_states": True}
     if "return_dict" in params or var_kw:
-        call["return_dict"] = True
+        common["return_dict"] = True
     if "use_cache" in params:
-        call["use_cache"] = False
-    if "decoder_input_ids" in params:
-        call["decoder_input_ids"] = ids(_T_DEC)
-    return call, ""
+        common["use_cache"] = False
+    if "decoder_input_ids" in params and vocab is not None:
+        common["decoder_input_ids"] = ids(_T_DEC)
+    return [{**c, **common} for c in calls], ""
 
 
 def _buffers_to_restore(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
@@ -721,13 +860,25 @@ def _first_layer_input(tensors: tuple, hits: list, records: list[_Record]) -> _R
     return None
 
 
-def _stack_tuples(out: Any) -> list[tuple[str, tuple]]:
+#: returned tuples that repeat another one's values in another shape (Swin-like models' feature maps)
+_DERIVED = ("reshaped_hidden_states",)
+
+
+def _stack_tuples(out: Any, prefix: str = "") -> list[tuple[str, tuple]]:
+    """``(name, tensors)`` of every hidden-state tuple ``out`` returns; a tower's own output inside
+    it (CLIP-like ``text_model_output``/``vision_model_output``) names its tuples after the tower:
+    ``text_hidden_states``, ``vision_hidden_states``."""
     items = out.items() if hasattr(out, "items") else []
     found = []
     for k, v in items:
-        if (isinstance(k, str) and k.endswith("hidden_states") and isinstance(v, (tuple, list)) and v
+        if not isinstance(k, str) or k in _DERIVED:
+            continue
+        if (k.endswith("hidden_states") and isinstance(v, (tuple, list)) and v
                 and all(isinstance(t, Tensor) for t in v)):
-            found.append((k, tuple(v)))
+            found.append((prefix + k, tuple(v)))
+        elif not prefix and hasattr(v, "items") and hasattr(v, "to_tuple"):  # a nested ModelOutput
+            tower = k.removesuffix("_outputs").removesuffix("_output").removesuffix("_model")
+            found += _stack_tuples(v, tower + "_")
     return found
 
 
@@ -735,16 +886,21 @@ def discover(model: nn.Module) -> tuple[list[Site] | None, str | None]:
     """Sites from one recorded forward (see the module docstring).
 
     Returns:
-        ``(sites, None)``; ``(None, reason)`` when the model cannot be run on token ids;
+        ``(sites, None)``; ``(None, reason)`` when the model cannot be run on the inputs discovery builds;
         ``(None, "!" + message)`` when it ran but a hidden state is produced by no module call.
     """
-    call, why = _discovery_inputs(model)
-    if call is None:
+    calls, why = _discovery_inputs(model)
+    if calls is None:
         return None, why
-    try:
-        out, records, intervals = _run_recorded(model, call)
-    except Exception as err:  # the model wants other inputs (pixels, boxes, ...)
-        return None, f"a forward on token ids failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    for call in calls:
+        try:
+            out, records, intervals = _run_recorded(model, call)
+            break
+        except Exception as err:  # the model wants other inputs (pixels, boxes, ...)
+            failed = (f"a forward on its {next(iter(call))} failed: {type(err).__name__}: "
+                      f"{str(err).splitlines()[0][:120]}")
+    else:
+        return None, failed
     stacks = _stack_tuples(out)
     if not stacks:
         return None, "the model returned no hidden_states"
@@ -763,20 +919,22 @@ def discover(model: nn.Module) -> tuple[list[Site] | None, str | None]:
     # stacks in the order they run (encoder before decoder), whatever the output's field order
     chosen = dict(sorted(chosen.items(), key=lambda kv: min(r.seq for _, r, _ in kv[1])))
     ends = {(s[0], s[1]): s for s in intervals}
+    lengths = {v.shape[1] for k, v in call.items() if k.endswith("input_ids") and isinstance(v, Tensor)}
     sites: list[Site] = []
     for key, hits in chosen.items():
-        if len(chosen) > 1:
+        if len(chosen) > 1 or key != "hidden_states":  # several stacks, or one tower's: its own call
             context = _context(key, hits, chosen, intervals, ends)
         else:
             context = _base_call(model, hits, intervals, ends)
         ctx_name, ctx_start, ctx_end = context if context else ("", None, None)
+        tensors = dict(stacks)[key]
         for i, r, layout in hits:
             call_index = r.call
             if ctx_start is not None:  # which call of the module within the context's call
                 end = ends[(r.module, r.call)][2]
                 call_index = sum(s[0] == r.module and ctx_start <= s[2] < end for s in intervals)
             sites.append(Site(f"{key}.{i}", r.module, r.read, r.index, i, call_index, layout, key, ctx_name,
-                              "discovery"))
+                              "discovery", spatial=_feature_map(tensors[i], layout, lengths)))
     return sites, None
 
 

@@ -66,6 +66,9 @@ class CallInputs:
     layer: bool = False
     #: why the mask cannot be read (a flex-attention ``BlockMask``), else ``None``
     unreadable: str | None = None
+    #: a vision tower's ``[images, 3]`` (frames, height, width) patch grid (``grid_thw``): its
+    #: flattened ``[patches, D]`` tensors are one sequence of every image's patches
+    patches: Tensor | None = None
 
 
 def _cache_length(cache: Any) -> int | None:
@@ -118,7 +121,13 @@ def read_call(call: dict[str, Any], prefix: str = "", layer: bool = False) -> Ca
                       else None,
                       call.get("cache_position") if isinstance(call.get("cache_position"), Tensor) else None,
                       ids if isinstance(ids, Tensor) else None,
-                      _cache_length(cache), layer, unreadable)
+                      _cache_length(cache), layer, unreadable, _patch_grid(call))
+
+
+def _patch_grid(call: dict[str, Any]) -> Tensor | None:
+    grid = call.get("grid_thw")
+    grid = call.get("image_grid_thw") if grid is None else grid
+    return grid if isinstance(grid, Tensor) and grid.dim() == 2 and grid.shape[-1] == 3 else None
 
 
 def _attends(mask: Tensor) -> Tensor:
@@ -246,8 +255,9 @@ class TokenContext:
 
     def grid(self, stack: str) -> tuple[int, int] | None:
         """The ``(batch, sequence)`` of ``stack``'s current call: of a ``[b, t, ...]`` site of it seen
-        in this forward, else of its ``input_ids``, its mask's queries or its ``position_ids``;
-        ``None`` when nothing says."""
+        in this forward, else of its ``input_ids``, its mask's queries or its ``position_ids``, else
+        ``(1, patches)`` of a vision tower's patch grid (:attr:`CallInputs.patches`); ``None`` when
+        nothing says."""
         for key in self._memo:
             if key[0] == stack:
                 return key[1], key[2]
@@ -262,6 +272,8 @@ class TokenContext:
             return mask.shape[0], mask.shape[1] - past
         if pos is not None and pos.dim() == 2:
             return pos.shape[0], pos.shape[1]
+        if inputs.patches is not None and ids is None and mask is None:
+            return 1, int(inputs.patches.prod(-1).sum())  # the tower reads its grid on the host too
         return None
 
     def flat_tokens(self, stack: str, n: int, device: torch.device) -> Tokens:
