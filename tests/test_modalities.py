@@ -173,3 +173,49 @@ def test_two_towers_each_read_their_own_tokens():
         _assert_channels(s, x)
     for i, h in enumerate(vision):
         _assert_site(run[f"vision_hidden_states.{i}"], h.double().numpy())
+
+
+def _llava():
+    vision = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=32, patch_size=8)
+    text = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, pad_token_id=0)
+    config = T.LlavaConfig(vision_config=vision, text_config=text, image_token_id=99, vision_feature_layer=-1)
+    return T.LlavaForConditionalGeneration(config).eval()
+
+
+def test_vision_language_model_has_its_image_tower_and_text_stacks():
+    """LLaVA: discovery runs text holding an image's placeholder tokens with that image, so the
+    vision tower's states (``image_hidden_states.i``, every patch and CLS) are sites beside the
+    language model's (``hidden_states.i``, over real tokens, image tokens included); a text-only
+    forward in the same capture adds to the text stack only."""
+    torch.manual_seed(0)
+    model = _llava()
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 90, (2, 23), generator=g)
+    ids[:, 2:18] = 99  # 16 patches of a 32 x 32 image, CLS dropped by the default feature selection
+    mask = torch.ones(2, 23, dtype=torch.long)
+    mask[1, 20:] = 0
+    pixels = torch.randn(2, 3, 32, 32, generator=g)
+    text_ids = torch.randint(1, 90, (2, 9), generator=g)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_hidden_states=True)
+        text_only = model(input_ids=text_ids, output_hidden_states=True)
+    with probe.capture(model, stats=("moments",), strict=True) as run:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+            model(input_ids=text_ids)
+    image = out.image_outputs.hidden_states
+    assert sorted(run.sites) == sorted([f"image_hidden_states.{i}" for i in range(len(image))]
+                                       + [f"hidden_states.{i}" for i in range(len(out.hidden_states))])
+    for i, h in enumerate(image):
+        x = h.double().numpy().reshape(-1, 32)
+        s = run[f"image_hidden_states.{i}"]
+        assert (s.tokens, s.count) == (2 * 17, x.size)
+        _assert_channels(s, x)
+    for i, (h, h_text) in enumerate(zip(out.hidden_states, text_only.hidden_states)):
+        x = np.concatenate([h[mask.bool()].double().numpy(), h_text.double().numpy().reshape(-1, 32)])
+        s = run[f"hidden_states.{i}"]
+        assert (s.tokens, s.count) == (int(mask.sum()) + 18, x.size)
+        assert s.min == np.float32(x.min()) and s.max == np.float32(x.max())
+        _assert_channels(s, x)

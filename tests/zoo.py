@@ -21,7 +21,7 @@ import torch
 import transformers
 
 import probe
-from probe.capture.sites import _holding, main_inputs
+from probe.capture.sites import _text_config, _with_image_tokens, main_inputs
 
 #: generic shrink: config attribute -> tiny value (applied recursively to sub-configs)
 SHRINK = {
@@ -53,6 +53,7 @@ HEADS = {"head_dim", "d_kv", "attention_head_size", "v_head_dim", "rotary_dim", 
 
 
 def shrink(config, keep: frozenset = frozenset()) -> None:
+    """Shrink ``config`` in place: every :data:`SHRINK` attribute not in ``keep``, in sub-configs too."""
     for key, value in list(vars(config).items()):
         if isinstance(value, transformers.PretrainedConfig):
             shrink(value, keep)
@@ -66,6 +67,31 @@ def shrink(config, keep: frozenset = frozenset()) -> None:
         layers = next((getattr(config, k) for k in ("num_hidden_layers", "num_layers") if hasattr(config, k)), None)
         if isinstance(types, list) and isinstance(layers, int) and len(types) != layers:
             setattr(config, key, types[:layers])
+
+
+def _shrunk_dict(d: dict, keep: frozenset) -> dict:
+    widths = {v for k, v in d.items() if k in SHRINK and k not in keep and type(v) is int and v > SHRINK[k] >= 32}
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and "model_type" in value:  # a sub-config
+            out[key] = _shrunk_dict(value, keep)
+        elif key in SHRINK and key not in keep and type(value) is int:
+            out[key] = SHRINK[key]
+        elif not (type(value) is int and value in widths):  # else left for the class to derive again
+            out[key] = value
+    return out
+
+
+def shrunk(config, keep: frozenset = frozenset()):
+    """A new config of ``config``'s class from its shrunk values (:func:`shrink`), leaving out the
+    values that repeat a shrunk width (SigLIP's ``projection_size``, a pooled width): the class
+    derives those again from the shrunk ones, or sets its defaults. ``None`` when the class refuses."""
+    try:
+        new = type(config).from_dict(_shrunk_dict(config.to_dict(), keep))
+    except Exception:
+        return None
+    shrink(new, keep)
+    return new
 
 
 def _mrope(config) -> None:
@@ -105,6 +131,16 @@ def _offline(config) -> None:
             setattr(config, key, OFFLINE[key])
 
 
+def _fit_special_tokens(config) -> None:
+    """Grow the text vocabulary over the image placeholder token where a default config leaves it
+    outside (LLaVA's ``image_token_id`` 32000 of a 32000-token Llama; the released model has 32064)."""
+    text = _text_config(config)
+    token = next((v for k in ("image_token_id", "image_token_index") if isinstance(v := getattr(config, k, None), int)),
+                 None)
+    if text is not None and token is not None and isinstance(text.vocab_size, int) and text.vocab_size <= token:
+        text.vocab_size = token + 1
+
+
 #: the most parameters a model built with full-size widths may have (its build and forward stay fast)
 MAX_PARAMS = 30_000_000
 
@@ -112,7 +148,12 @@ MAX_PARAMS = 30_000_000
 def build(model_type: str, keep: frozenset = frozenset()):
     config = transformers.AutoConfig.for_model(model_type)
     _offline(config)
-    shrink(config, keep)
+    small = shrunk(config, keep)
+    if small is None:  # the class does not take its own values back: shrunk in place
+        shrink(config, keep)
+        small = config
+    config = small
+    _fit_special_tokens(config)
     if keep == WIDTHS:  # counted on the meta device first: nothing is allocated
         with torch.device("meta"):
             size = sum(p.numel() for p in transformers.AutoModel.from_config(config).parameters())
@@ -128,42 +169,55 @@ SAMPLES, PAD_SAMPLES = 6400, 2400
 
 
 def inputs(model, order: int = 0) -> dict | None:
-    """A batch of 2 for ``model``'s main input: token ids (the second row padded; ``order`` 1: with
-    an image too), or the ``order``-th way :func:`probe.capture.sites.main_inputs` feeds it (images
-    or videos, audio clips with the second padded and masked, log-mel features either way round);
-    ``None`` when there is no ``order``-th way."""
+    """The ``order``-th way to feed a batch of 2 to ``model``'s main input: token ids (the second
+    row padded) holding an image's placeholder tokens with that image (a vision-language model), the
+    ids alone, then with an image too (CLIP-like); or each way :func:`probe.capture.sites.main_inputs` feeds
+    it (images or videos, audio clips with the second padded and masked, log-mel features either way
+    round), then each with token ids too. Other token ids the forward requires (``qformer_input_ids``)
+    are given with every one; ``None`` when there is no ``order``-th way."""
     import inspect
 
     g = torch.Generator().manual_seed(0)
     config = model.config
     params = inspect.signature(model.forward).parameters
-    built = main_inputs(model, B)
-    if built:
-        if order >= len(built):
-            return None
-        call = dict(built[order])
-        if "input_values" in call and call["input_values"].dim() == 2 and "attention_mask" in params:
-            mask = torch.ones(B, SAMPLES, dtype=torch.long)
-            mask[1, SAMPLES - PAD_SAMPLES:] = 0
-            call["input_values"][1, SAMPLES - PAD_SAMPLES:] = 0
-            call["attention_mask"] = mask
-    else:
-        vocab = getattr(_holding(config, "vocab_size"), "vocab_size", None)
-        vocab = int(vocab or model.get_input_embeddings().num_embeddings)
-        ids = torch.randint(min(5, vocab - 1), vocab, (B, T), generator=g)
+    vocab = getattr(_text_config(config), "vocab_size", None)
+
+    def ids() -> dict:
+        n = int(vocab or model.get_input_embeddings().num_embeddings)
         mask = torch.ones(B, T, dtype=torch.long)
         mask[1, T - 3:] = 0
-        call = {"input_ids": ids, "attention_mask": mask}
-        if order:  # a multimodal model that needs its image too
-            images = main_inputs(model, B, main="pixel_values") if "pixel_values" in params else []
-            if not images:
-                return None
-            call.update(images[0])
+        return {"input_ids": torch.randint(min(5, n - 1), n, (B, T), generator=g), "attention_mask": mask}
+
+    built = main_inputs(model, B)
+    if built:
+        calls = [dict(c) for c in built]
+        for call in calls:
+            if "input_values" in call and call["input_values"].dim() == 2 and "attention_mask" in params:
+                mask = torch.ones(B, SAMPLES, dtype=torch.long)
+                mask[1, SAMPLES - PAD_SAMPLES:] = 0
+                call["input_values"][1, SAMPLES - PAD_SAMPLES:] = 0
+                call["attention_mask"] = mask
+        if "input_ids" in params and isinstance(vocab, int):  # an image model that needs its text too
+            calls += [{**c, **ids()} for c in calls if "attention_mask" not in c]
+    else:
+        calls = [ids()]
+        images = main_inputs(model, B, main="pixel_values") if "pixel_values" in params else []
+        if images:  # a vision-language model's text with an image's tokens first; a CLIP-like one's both
+            try:
+                with torch.no_grad():
+                    calls.insert(0, _with_image_tokens(model, calls[0], images[0])())
+            except Exception:
+                pass
+            calls.append({**calls[-1], **images[0]})
+    if order >= len(calls):
+        return None
+    call = calls[order]
     if "use_cache" in params:
         call["use_cache"] = False  # hybrid caches of some models cannot report a length
-    if "decoder_input_ids" in params:
-        vocab = getattr(_holding(config, "vocab_size"), "vocab_size", None) or 16
-        call["decoder_input_ids"] = torch.randint(min(5, vocab - 1), vocab, (B, T_DEC), generator=g)
+    for name, p in params.items():
+        if name == "decoder_input_ids" or (name.endswith("input_ids") and name not in call and p.default is p.empty):
+            n = vocab or 16
+            call[name] = torch.randint(min(5, n - 1), n, (B, T_DEC if name.startswith("decoder") else T), generator=g)
     return call
 
 
@@ -172,12 +226,12 @@ def _real(model, call: dict, key: str, h: torch.Tensor) -> torch.Tensor | None:
     prefix = "decoder_" if key.startswith("decoder_") else ""
     ids = call.get(prefix + "input_ids")
     mask = call.get(prefix + "attention_mask")
-    if key.startswith(("vision_", "image_")):  # a vision tower's patches: all real
+    if key.startswith(("vision_", "image_", "video_")):  # a vision tower's patches: all real
         return torch.ones(h.shape[:2], dtype=torch.bool)
-    if ids is not None and (prefix or "input_ids" in call):
-        if tuple(h.shape[:2]) != tuple(ids.shape):
-            return None  # tokens the batch does not describe
-        return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    if ids is not None and mask is not None and (prefix or "input_ids" in call):
+        if tuple(h.shape[:2]) != tuple(mask.shape):
+            return None  # tokens the mask does not describe
+        return mask.bool()
     if "input_values" in call and mask is not None and not prefix:
         frames = model._get_feature_vector_attention_mask(h.shape[1], mask)
         return frames.bool()
@@ -281,7 +335,7 @@ def _takes_hidden_states(model) -> bool:
 
 def _check(model_type: str) -> tuple[str, str]:
     failed = ""  # the first try's error: the later ones undo part of the shrink
-    tries = [(keep, order) for keep in (frozenset(), frozenset(HEADS), WIDTHS) for order in (0, 1)]
+    tries = [(keep, order) for keep in (frozenset(), frozenset(HEADS), WIDTHS) for order in range(4)]
     for keep, order in tries:  # then full-size heads (rotary sections, MLA), full widths; time-major features
         try:
             with warnings.catch_warnings():

@@ -548,6 +548,16 @@ def _holding(config: Any, *keys: str) -> Any:
     return None
 
 
+def _text_config(config: Any) -> Any:
+    """The config that holds the text model's settings (transformers' ``get_text_config``), else the
+    first (sub-)config with a ``vocab_size``."""
+    try:
+        text = config.get_text_config()
+    except Exception:
+        text = None
+    return text if getattr(text, "vocab_size", None) is not None else _holding(config, "vocab_size")
+
+
 def _image_size(value: Any) -> tuple[int, int]:
     if isinstance(value, Mapping):
         value = (value.get("height") or value.get("shortest_edge"), value.get("width") or value.get("shortest_edge"))
@@ -628,7 +638,37 @@ def main_inputs(model: nn.Module, batch: int = _B, main: str | None = None) -> l
         return []
 
 
-def _discovery_inputs(model: nn.Module) -> tuple[list[dict[str, Any]] | None, str]:
+def _with_image_tokens(model: nn.Module, text: dict[str, Tensor], image: dict[str, Tensor]) -> Callable[[], dict]:
+    """A builder of a vision-language call (LLaVA-like): ``text``'s token ids with one image's
+    placeholder tokens (``config.image_token_id``) after the first, as many as the model's
+    ``get_image_features`` makes of ``image``, and the image itself."""
+
+    def build() -> dict[str, Tensor]:
+        config = getattr(model, "config", None)
+        token = getattr(config, "image_token_id", None)
+        token = getattr(config, "image_token_index", None) if token is None else token
+        if not isinstance(token, int):
+            raise ValueError("the config names no image_token_id")
+        features: Any = model.get_image_features(**image)  # type: ignore[operator]
+        features = getattr(features, "pooler_output", features)
+        batch = text["input_ids"].shape[0]
+        if isinstance(features, Tensor):
+            features = list(features) if features.dim() == 3 else list(features.chunk(batch))
+        if not (isinstance(features, (list, tuple)) and len(features) == batch and isinstance(features[0], Tensor)):
+            raise ValueError("get_image_features returned no features per image")
+        n = features[0].reshape(-1, features[0].shape[-1]).shape[0]
+        out = {**text, **image}
+        for key, fill in (("input_ids", token), ("attention_mask", 1)):  # a mask, where given, grows with them
+            if isinstance(text.get(key), Tensor):
+                t = text[key]
+                out[key] = torch.cat([t[:, :1], torch.full((t.shape[0], n), fill, dtype=t.dtype, device=t.device),
+                                      t[:, 1:]], 1)
+        return out
+
+    return build
+
+
+def _discovery_inputs(model: nn.Module) -> tuple[list[dict[str, Any] | Callable[[], dict[str, Any]]] | None, str]:
     """The calls discovery tries, in order (the first that runs is recorded), or ``(None, why not)``."""
     try:
         params = inspect.signature(model.forward).parameters
@@ -641,7 +681,7 @@ def _discovery_inputs(model: nn.Module) -> tuple[list[dict[str, Any]] | None, st
     if device is None or device.type == "meta":
         return None, "parameters are on the meta device"
     config = getattr(model, "config", None)
-    vocab = getattr(_holding(config, "vocab_size"), "vocab_size", None)
+    vocab = getattr(_text_config(config), "vocab_size", None)
     if not isinstance(vocab, int):
         try:
             embeddings: Any = model.get_input_embeddings  # a transformers model's method
@@ -654,22 +694,30 @@ def _discovery_inputs(model: nn.Module) -> tuple[list[dict[str, Any]] | None, st
         return (low + (torch.arange(_B * t) * 7) % max(1, (vocab or 1) - low)).view(_B, t).to(device)
 
     calls = main_inputs(model)
-    if not calls:
+    if calls:
+        if "input_ids" in params and vocab is not None:  # an image model that needs its text too (BLIP-2-like)
+            calls += [{**c, "input_ids": ids(_T)} for c in calls]
+    else:
         if "input_ids" not in params:
             return None, "forward takes no input_ids"
         if vocab is None:
             return None, "no vocab_size"
         calls = [{"input_ids": ids(_T)}]
-        if "pixel_values" in params:  # a multimodal model that needs its image too (CLIP-like)
-            calls += [{**calls[0], **c} for c in main_inputs(model, main="pixel_values")]
+        images = main_inputs(model, main="pixel_values") if "pixel_values" in params else []
+        if images:  # a vision-language model: its text with an image's tokens, then text alone; CLIP-like: both
+            calls = [_with_image_tokens(model, calls[0], images[0]), *calls, *({**calls[0], **c} for c in images)]
     common: dict[str, Any] = {"output_hidden_states": True}
+    for name, p in params.items():  # other token ids the forward requires (InstructBLIP's qformer_input_ids)
+        if (name.endswith("input_ids") and name not in ("input_ids", "decoder_input_ids")
+                and p.default is p.empty and vocab is not None):
+            common[name] = ids(_T)
     if "return_dict" in params or var_kw:
         common["return_dict"] = True
     if "use_cache" in params:
         common["use_cache"] = False
     if "decoder_input_ids" in params and vocab is not None:
         common["decoder_input_ids"] = ids(_T_DEC)
-    return [{**c, **common} for c in calls], ""
+    return [(lambda c=c: {**c(), **common}) if callable(c) else {**c, **common} for c in calls], ""
 
 
 def _buffers_to_restore(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
@@ -717,7 +765,10 @@ def _undo_lazy_hooks(model: nn.Module, before: dict, flags: dict) -> None:
             setattr(m, _INSTALLED, flags[id(m)])
 
 
-def _run_recorded(model: nn.Module, call: dict[str, Any]):
+def _run_recorded(model: nn.Module, call: dict[str, Any] | Callable[[], dict[str, Any]]):
+    """Run ``model(**call)`` with every module call recorded, leaving the model as it was (RNG state,
+    buffers, hooks). ``call`` may be a function building it, run under the same restoration before
+    the recording starts. Returns ``(output, records, intervals, call)``."""
     records: list[_Record] = []
     calls: dict[int, int] = {}
     intervals: list[list] = []  # [module, call, start, end]
@@ -756,10 +807,12 @@ def _run_recorded(model: nn.Module, call: dict[str, Any]):
     token = _DISCOVERING.set(True)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     try:
-        for m in model.modules():
-            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
-            handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
         with torch.random.fork_rng(devices=devices), torch.no_grad():
+            if callable(call):
+                call = call()
+            for m in model.modules():
+                handles.append(m.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+                handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
             out = model(**call)
     finally:
         for h in reversed(handles):
@@ -769,7 +822,7 @@ def _run_recorded(model: nn.Module, call: dict[str, Any]):
         with torch.no_grad():
             for buf, old in saved:
                 buf.copy_(old)
-    return out, records, intervals
+    return out, records, intervals, call
 
 
 def _perms(dim: int) -> list[tuple[int, ...]]:
@@ -894,11 +947,11 @@ def discover(model: nn.Module) -> tuple[list[Site] | None, str | None]:
         return None, why
     for call in calls:
         try:
-            out, records, intervals = _run_recorded(model, call)
+            out, records, intervals, call = _run_recorded(model, call)
             break
         except Exception as err:  # the model wants other inputs (pixels, boxes, ...)
-            failed = (f"a forward on its {next(iter(call))} failed: {type(err).__name__}: "
-                      f"{str(err).splitlines()[0][:120]}")
+            what = "token ids and image" if callable(call) else next(iter(call))
+            failed = f"a forward on its {what} failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
     else:
         return None, failed
     stacks = _stack_tuples(out)
