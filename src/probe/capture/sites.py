@@ -622,11 +622,11 @@ def main_inputs(model: nn.Module, batch: int = _B, main: str | None = None) -> l
             vision = _holding(config, "image_size") or config
             h, w = _image_size(getattr(vision, "image_size", 224))
             channels = int(getattr(vision, "num_channels", 3) or 3)
-            frames = getattr(_holding(config, "num_frames"), "num_frames", None)
-            if main == "pixel_values" and not isinstance(frames, int):
+            t = getattr(_holding(config, "num_frames"), "num_frames", None)
+            if main == "pixel_values" and not isinstance(t, int):
                 return [{main: values(batch, channels, h, w)}]
-            frames = frames if isinstance(frames, int) else 8
-            return [{main: values(batch, frames, channels, h, w)}, {main: values(batch, channels, frames, h, w)}]
+            t = t if isinstance(t, int) else 8
+            return [{main: values(batch, t, channels, h, w)}, {main: values(batch, channels, t, h, w)}]
         if main == "input_values":  # mono clips, or with their channel axis (audio codecs)
             return [{"input_values": values(batch, _SAMPLES)}, {"input_values": values(batch, 1, _SAMPLES)}]
         audio = _holding(config, "num_mel_bins") or _holding(config, "feature_size") or config
@@ -693,19 +693,20 @@ def _discovery_inputs(model: nn.Module) -> tuple[list[dict[str, Any] | Callable[
     def ids(t: int) -> Tensor:
         return (low + (torch.arange(_B * t) * 7) % max(1, (vocab or 1) - low)).view(_B, t).to(device)
 
-    calls = main_inputs(model)
+    calls: list[dict[str, Any] | Callable[[], dict[str, Any]]] = [*main_inputs(model)]
     if calls:
         if "input_ids" in params and vocab is not None:  # an image model that needs its text too (BLIP-2-like)
-            calls += [{**c, "input_ids": ids(_T)} for c in calls]
+            calls += [{**c, "input_ids": ids(_T)} for c in calls if isinstance(c, dict)]
     else:
         if "input_ids" not in params:
             return None, "forward takes no input_ids"
         if vocab is None:
             return None, "no vocab_size"
-        calls = [{"input_ids": ids(_T)}]
+        text = {"input_ids": ids(_T)}
         images = main_inputs(model, main="pixel_values") if "pixel_values" in params else []
+        calls = [text]
         if images:  # a vision-language model: its text with an image's tokens, then text alone; CLIP-like: both
-            calls = [_with_image_tokens(model, calls[0], images[0]), *calls, *({**calls[0], **c} for c in images)]
+            calls = [_with_image_tokens(model, text, images[0]), text, *({**text, **c} for c in images)]
     common: dict[str, Any] = {"output_hidden_states": True}
     for name, p in params.items():  # other token ids the forward requires (InstructBLIP's qformer_input_ids)
         if (name.endswith("input_ids") and name not in ("input_ids", "decoder_input_ids")
@@ -717,7 +718,11 @@ def _discovery_inputs(model: nn.Module) -> tuple[list[dict[str, Any] | Callable[
         common["use_cache"] = False
     if "decoder_input_ids" in params and vocab is not None:
         common["decoder_input_ids"] = ids(_T_DEC)
-    return [(lambda c=c: {**c(), **common}) if callable(c) else {**c, **common} for c in calls], ""
+    return [_with(c, common) if callable(c) else {**c, **common} for c in calls], ""
+
+
+def _with(build: Callable[[], dict[str, Any]], common: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+    return lambda: {**build(), **common}
 
 
 def _buffers_to_restore(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
