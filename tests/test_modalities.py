@@ -129,13 +129,20 @@ def test_whisper_has_encoder_and_decoder_stacks(direct):
 
 def test_main_inputs_follow_the_config():
     """The discovery inputs are read from the (nested) config: image size and channels, mel bins and
-    the frames a Whisper encoder requires; none for token-id models."""
+    the frames a Whisper encoder requires, an AST spectrogram's size, W2V-BERT's stacked frames;
+    none for token-id models."""
     vit, _ = _vit()
     (pixels,) = main_inputs(vit)
     assert tuple(pixels["pixel_values"].shape) == (2, 3, 32, 32)
     first, second = main_inputs(_whisper())
     assert tuple(first["input_features"].shape) == (2, 16, 24)
     assert tuple(second["input_features"].shape) == (2, 24, 16)
+    ast = T.ASTModel(T.ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                 max_length=24, num_mel_bins=16))
+    assert [tuple(c["input_values"].shape) for c in main_inputs(ast)] == [(2, 6400), (2, 1, 6400), (2, 24, 16)]
+    w2v_bert = T.Wav2Vec2BertModel(T.Wav2Vec2BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                        intermediate_size=64, feature_projection_input_dim=24))
+    assert tuple(main_inputs(w2v_bert)[1]["input_features"].shape) == (2, 64, 24)  # stacked frames' width
     llama = T.LlamaModel(T.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                        num_attention_heads=2, vocab_size=32))
     assert main_inputs(llama) == []
@@ -219,3 +226,51 @@ def test_vision_language_model_has_its_image_tower_and_text_stacks():
         assert (s.tokens, s.count) == (int(mask.sum()) + 18, x.size)
         assert s.min == np.float32(x.min()) and s.max == np.float32(x.max())
         _assert_channels(s, x)
+
+
+def test_cross_layer_statistics_stay_within_one_stack():
+    """R² pairs sites at the same (token, channel): Whisper's encoder frames and decoder tokens are
+    not the same tokens, even when as many (12 and 12), so the matrices hold one stack, the
+    encoder's, against float64 numpy; a ConvNeXt's stages of other sizes stay out of them too."""
+    torch.manual_seed(0)
+    model = _whisper()
+    g = torch.Generator().manual_seed(5)
+    features, ids = torch.randn(2, 16, 24, generator=g), torch.randint(2, 50, (2, 12), generator=g)
+    with torch.no_grad():
+        out = model(input_features=features, decoder_input_ids=ids, output_hidden_states=True)
+    with probe.capture(model, stats=("moments", "cross"), strict=True) as run:
+        with torch.no_grad():
+            model(input_features=features, decoder_input_ids=ids)
+    assert run.cross.sites == [f"encoder_hidden_states.{i}" for i in range(3)]
+    x = np.stack([h.double().numpy().reshape(-1) for h in out.encoder_hidden_states])
+    np.testing.assert_allclose(run.cross.r2_all, np.corrcoef(x) ** 2, rtol=1e-12, atol=1e-12)
+    convnext, size = _convnext()
+    with probe.capture(convnext, stats=("moments", "cross"), strict=True) as run:
+        with torch.no_grad():
+            convnext(pixel_values=torch.randn(2, 3, size, size, generator=g))
+    assert run.cross.sites == ["hidden_states.0", "hidden_states.1"]  # the 8-channel 8 x 8 stage
+
+
+def test_several_stacks_are_told_apart_in_show_and_plot(tmp_path):
+    """With an encoder and a decoder, ``--site 1`` names both candidates instead of picking one,
+    figure axes label each stack's layers ("enc 1", "dec 1"), and a depth line stops between the
+    stacks."""
+    from probe.present.plot import _labels, _stack_breaks
+    from probe.present.report import resolve_site
+
+    torch.manual_seed(0)
+    model = _whisper()
+    with probe.capture(model, out=tmp_path / "w.h5", stats=("moments",)) as run:
+        with torch.no_grad():
+            model(input_features=torch.randn(2, 16, 24), decoder_input_ids=torch.randint(2, 50, (2, 6)))
+    run = probe.load(tmp_path / "w.h5")
+    with pytest.raises(probe.ProbeError, match=r"several stacks have a layer 1 \(encoder_hidden_states.1, "
+                                               r"decoder_hidden_states.1\)"):
+        resolve_site(run, "1")
+    assert resolve_site(run, "decoder_hidden_states.1") == "decoder_hidden_states.1"
+    labels, title = _labels(run.sites)
+    assert labels == ["enc 0", "enc 1", "enc 2", "dec 0", "dec 1", "dec 2"]
+    assert title == "layer (enc = encoder_hidden_states, dec = decoder_hidden_states)"
+    x, (y,), cuts = _stack_breaks(np.arange(6), run.sites, np.arange(6.0) * 10)
+    assert cuts == [2.5] and x.tolist() == [0, 1, 2, 2.5, 3, 4, 5]
+    assert np.isnan(y[3]) and np.array_equal(np.delete(y, 3), np.arange(6.0) * 10)

@@ -579,9 +579,13 @@ def main_inputs(model: nn.Module, batch: int = _B, main: str | None = None) -> l
     - ``pixel_values``: ``[batch, channels, height, width]`` at the config's ``image_size``; a video
       (``pixel_values_videos``, or a config with ``num_frames``) ``[batch, frames, channels, height,
       width]`` or ``[batch, channels, frames, height, width]``;
-    - ``input_values``: ``[batch, 6400]`` samples, or ``[batch, 1, 6400]``;
+    - ``input_values``: ``[batch, 6400]`` samples, or ``[batch, 1, 6400]``, or a spectrogram
+      ``[batch, max_length, num_mel_bins]`` where the config has both (AST);
     - ``input_features``: ``[batch, mel bins, frames]`` or ``[batch, frames, mel bins]``, with
-      ``2 * max_source_positions`` frames where the config fixes them (Whisper), else 64;
+      ``2 * max_source_positions`` frames where the config fixes them (Whisper), else 64 (or
+      ``2 * n_window`` where that does not divide them: chunked encoders, Qwen3-ASR); the bins
+      are the config's ``feature_projection_input_dim`` (stacked frames, W2V-BERT) where it has one;
+      an ``input_features_mask`` the forward requires is all ones;
     - a vision tower fed flattened patches with their grid (``grid_thw``, Qwen-VL-like): ``batch``
       images of 4 x 4 patches, ``[16 * batch, channels * temporal_patch_size * patch_size²]``.
 
@@ -628,12 +632,26 @@ def main_inputs(model: nn.Module, batch: int = _B, main: str | None = None) -> l
             t = t if isinstance(t, int) else 8
             return [{main: values(batch, t, channels, h, w)}, {main: values(batch, channels, t, h, w)}]
         if main == "input_values":  # mono clips, or with their channel axis (audio codecs)
-            return [{"input_values": values(batch, _SAMPLES)}, {"input_values": values(batch, 1, _SAMPLES)}]
-        audio = _holding(config, "num_mel_bins") or _holding(config, "feature_size") or config
-        bins = int(getattr(audio, "num_mel_bins", None) or getattr(audio, "feature_size", None) or 80)
+            calls = [{"input_values": values(batch, _SAMPLES)}, {"input_values": values(batch, 1, _SAMPLES)}]
+            spectrogram = _holding(config, "num_mel_bins", "max_length")  # a spectrogram (AST)
+            if spectrogram is not None:
+                calls.append({"input_values": values(batch, int(spectrogram.max_length),
+                                                     int(spectrogram.num_mel_bins))})
+            return calls
+        audio = (_holding(config, "feature_projection_input_dim") or _holding(config, "num_mel_bins")
+                 or _holding(config, "feature_size") or config)
+        bins = int(getattr(audio, "feature_projection_input_dim", None) or getattr(audio, "num_mel_bins", None)
+                   or getattr(audio, "feature_size", None) or 80)
         sources = getattr(_holding(config, "max_source_positions"), "max_source_positions", None)
         frames = 2 * sources if isinstance(sources, int) and sources <= 2000 else 64
-        return [{"input_features": values(batch, bins, frames)}, {"input_features": values(batch, frames, bins)}]
+        window = getattr(_holding(config, "n_window"), "n_window", None)  # chunked encoders (Qwen3-ASR)
+        frames = 2 * window if isinstance(window, int) and 0 < window <= 1000 and frames % (2 * window) else frames
+        calls = [{"input_features": values(batch, bins, frames)}, {"input_features": values(batch, frames, bins)}]
+        required = params.get("input_features_mask")
+        if required is not None and required.default is required.empty:  # every frame real
+            ones = torch.ones(batch, frames, dtype=torch.long, device=param.device)
+            calls = [{**c, "input_features_mask": ones} for c in calls]
+        return calls
     except (TypeError, ValueError):
         return []
 

@@ -625,6 +625,31 @@ def _mpl():
 
 
 # ----------------------------------------------------------------------------------- helpers
+#: short names of the stacks transformers returns, for tick labels
+_STACK_SHORT = {"encoder_hidden_states": "enc", "decoder_hidden_states": "dec"}
+
+
+def _stack_of(name: str) -> str:
+    """The stack of a site ``<stack>.<index>`` (``decoder_hidden_states.3``: ``decoder_hidden_states``);
+    any other name is its own."""
+    head, _, tail = name.rpartition(".")
+    return head if head and tail.isdigit() else name
+
+
+def _stack_breaks(x: np.ndarray, names: Sequence[str], *series: Any) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
+    """``x`` and each of ``series`` with a NaN point put between two stacks (a line or band drawn
+    over them stops there: an encoder's last layer and the decoder's first are not neighbours), and
+    the x of each boundary."""
+    cuts = [i for i in range(1, len(names)) if _stack_of(names[i]) != _stack_of(names[i - 1])]
+    xs = np.asarray(x, dtype=float)
+    out = [np.asarray(v, dtype=float) for v in series]
+    at = [(xs[i - 1] + xs[i]) / 2 for i in cuts]
+    for i, b in zip(reversed(cuts), reversed(at)):
+        xs = np.insert(xs, i, b)
+        out = [np.insert(v, i, np.nan) for v in out]
+    return xs, out, at
+
+
 def _labels(names: Sequence[str]) -> tuple[list[str], str]:
     """Short tick labels for site names and the axis title that explains them.
 
@@ -634,6 +659,12 @@ def _labels(names: Sequence[str]) -> tuple[list[str], str]:
     prefix = "hidden_states."
     if names and all(n.startswith(prefix) for n in names):
         return [n[len(prefix):] for n in names], "layer (hidden_states index)"
+    stacks = [_stack_of(n) for n in names]
+    if names and all(s.endswith("hidden_states") and s != n for s, n in zip(stacks, names)):
+        # several stacks (encoder and decoder, two towers): "enc 0", "dec 1", "text 2", ...
+        short = {s: _STACK_SHORT.get(s, s.removesuffix("hidden_states").rstrip("_") or "h") for s in stacks}
+        legend = ", ".join(f"{short[s]} = {s}" for s in dict.fromkeys(stacks))
+        return [f"{short[s]} {n.rsplit('.', 1)[1]}" for s, n in zip(stacks, names)], f"layer ({legend})"
     parts = [n.split(".") for n in names]
     common = 0
     while parts and all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
@@ -1122,11 +1153,17 @@ def _depth(run: Run, out: _Out, opts: dict) -> list[str]:
     fig = Figure(figsize=(NARROW_DESIGN, 7.6) if out.narrow else (11, 7.2), layout="constrained")
     top, mid, low = fig.subplots(3, 1, sharex=True, height_ratios=(3, 1.2, 1.2))
     shades = ("#c6dbef", "#6baed6", "#2171b5")
+    kurt = np.array([v.kurtosis for v in views])
+    # a stack's lines stop at its last site: the next stack (a decoder after its encoder) starts anew
+    xb, (mins, maxs, stds, kurts, *bands), cuts = _stack_breaks(
+        x, names, [v.min for v in views], [v.max for v in views], [v.std for v in views], kurt,
+        *(col[q] for q in qs))
+    colb = dict(zip(qs, bands))
     for (a, b), shade in zip(DEPTH_BANDS, shades):
-        top.fill_between(x, col[a], col[b], color=shade, step=None, lw=0, label=f"q{a:g} – q{b:g}")
-    top.plot(x, col[0.5], color="black", lw=1, label="median")
-    top.plot(x, [v.min for v in views], ls=":", color="#c44e52", lw=1, marker="v", ms=3, label="min / max (exact)")
-    top.plot(x, [v.max for v in views], ls=":", color="#c44e52", lw=1, marker="^", ms=3)
+        top.fill_between(xb, colb[a], colb[b], color=shade, step=None, lw=0, label=f"q{a:g} – q{b:g}")
+    top.plot(xb, colb[0.5], color="black", lw=1, label="median")
+    top.plot(xb, mins, ls=":", color="#c44e52", lw=1, marker="v", ms=3, label="min / max (exact)")
+    top.plot(xb, maxs, ls=":", color="#c44e52", lw=1, marker="^", ms=3)
     lo, hi = min(v.min for v in views), max(v.max for v in views)
     # a margin of at most 0.3 in asinh units (x1.35 past the extremes): wider, the view's end labels
     # would read as data far beyond the exact min/max
@@ -1143,11 +1180,13 @@ def _depth(run: Run, out: _Out, opts: dict) -> list[str]:
     else:
         top.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     top.set_title("quantile bands of the kept values per site", fontsize=9)
-    mid.plot(x, [v.std for v in views], color="#3b6ea5", marker="o", ms=3, lw=1)
+    mid.plot(xb, stds, color="#3b6ea5", marker="o", ms=3, lw=1)
     mid.set_yscale("log")
     mid.set_ylabel("std (log)", fontsize=8)
-    kurt = np.array([v.kurtosis for v in views])
-    low.plot(x, kurt, color="#55a868", marker="o", ms=3, lw=1)
+    low.plot(xb, kurts, color="#55a868", marker="o", ms=3, lw=1)
+    for ax in (top, mid, low):
+        for c in cuts:
+            ax.axvline(c, color="0.55", lw=0.8, ls="--")
     low.axhline(0, color="0.4", lw=0.7)
     low.set_yscale("symlog", linthresh=1.0)
     finite = kurt[np.isfinite(kurt)]
@@ -1431,8 +1470,12 @@ def _positions(run: Run, out: _Out, opts: dict) -> list[str]:
     elif len(views) < len(every):
         _note(fig, f"{len(views)} of {len(every)} sites: evenly spaced with the first and last, and the one "
                    "with the largest max |activation|; choose the sites with --layers")
-    # every site sees the same tokens: one count says how noisy each position's numbers are
+    # one count says how noisy each position's numbers are: one bar where every site saw the same
+    # tokens, else one outline per site (an encoder's frames and its decoder's tokens, two towers)
     tokens = views[0][1].tokens
+    same = all(len(p.tokens) == len(tokens) and np.array_equal(p.tokens, tokens) for _, p in views)
+    if not same:
+        _note(fig, "the sites saw other tokens (several stacks or grids): the token counts are one outline per site")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     for j, (what, short) in enumerate((("max |activation|", "max |x| (log)"),
                                        ("std over channels and tokens", "std (log)"))):
@@ -1442,7 +1485,11 @@ def _positions(run: Run, out: _Out, opts: dict) -> list[str]:
         ax.set_ylabel(short, fontsize=8)
         ax.grid(alpha=0.25, lw=0.5)
         ax.tick_params(labelsize=7)
-        low.stairs(tokens, np.arange(len(tokens) + 1) - 0.5, fill=True, color="0.6")
+        if same:
+            low.stairs(tokens, np.arange(len(tokens) + 1) - 0.5, fill=True, color="0.6")
+        else:
+            for (_, p), c in zip(views, _palette(len(views))):
+                low.stairs(p.tokens, np.arange(len(p.tokens) + 1) - 0.5, color=c, lw=0.9)
         low.set_ylim(bottom=0)
         low.set_ylabel("tokens", fontsize=8)
         low.tick_params(labelsize=7)

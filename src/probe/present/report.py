@@ -51,8 +51,9 @@ def _clean(v: Any) -> Any:
 
 def resolve_site(run: Run, name: str, flag: str = "--site") -> str:
     """The site ``name`` means: a site name, or the layer number the tables show (``"5"`` is
-    ``"hidden_states.5"``; for other sites, the index in ``run.sites``); a negative number counts
-    from the end (``"-1"`` is the last site), as ``run[-1]`` and ``run["-1"]`` do.
+    ``"hidden_states.5"``, else the one stack's ``<stack>_hidden_states.5``; for other sites, the
+    index in ``run.sites``); a negative number counts from the end (``"-1"`` is the last site), as
+    ``run[-1]`` and ``run["-1"]`` do.
 
     Args:
         run: the run whose sites are meant.
@@ -63,7 +64,8 @@ def resolve_site(run: Run, name: str, flag: str = "--site") -> str:
         The site's name in ``run.sites``.
 
     Raises:
-        ProbeError: no such site (the closest names are listed).
+        ProbeError: no such site (the closest names are listed), or a layer number that several
+            stacks have (an encoder's and its decoder's: their names are listed).
 
     Example:
         >>> resolve_site(run, "1"), resolve_site(run, "hidden_states.2"), resolve_site(run, "-1")
@@ -76,6 +78,12 @@ def resolve_site(run: Run, name: str, flag: str = "--site") -> str:
         k = int(text)
         if f"hidden_states.{k}" in run.sites:
             return f"hidden_states.{k}"
+        stacked = [n for n in run.sites if n.rpartition(".")[2] == str(k) and n.rpartition(".")[0].endswith("hidden_states")]
+        if len(stacked) == 1:
+            return stacked[0]
+        if len(stacked) > 1:  # an encoder's layer k and its decoder's
+            raise ProbeError(f"{flag} {name}: several stacks have a layer {k} ({', '.join(stacked)}); "
+                             "pass one of these names")
         if not all(n.startswith("hidden_states.") for n in run.sites) and 0 <= k < len(run.sites):
             return run.sites[k]
         if -len(run.sites) <= k < 0:  # from the end, as run[-1] counts

@@ -123,13 +123,15 @@ class Cross(StatBase):
         #: their fields stay empty (about doubles this statistic's cost)
         self.cosines = cosines
         self.candidates = list(sites)
-        #: indices (into ``candidates``) of the sites in the matrices: those as wide as the first
-        #: site that fires; fixed by the first forward
+        #: indices (into ``candidates``) of the sites in the matrices, fixed by the first forward:
+        #: the largest group of its sites with one width and the same tokens (one stack's call and
+        #: grid: not an encoder beside its decoder, nor feature maps of other sizes)
         self.members: list[int] | None = None
         self.budget = budget
         self.block_bytes = block_bytes
         self._held: dict[int, tuple[Tensor, int]] = {}
         self._widths: dict[int, int] = {}
+        self._token_of: dict[int, Tokens] = {}
         self._held_bytes = 0
         self._over = False
         self._warned = False
@@ -158,6 +160,7 @@ class Cross(StatBase):
             self.finish()
         self._tokens = tokens
         self._widths[index] = x.shape[1]
+        self._token_of[index] = tokens
         if self._over or (self.members is not None and index not in self.members):
             return
         size = x.numel() * x.element_size()
@@ -171,15 +174,17 @@ class Cross(StatBase):
 
     def finish(self) -> None:
         """Fold the held forward in and release it."""
-        tokens, held, over, widths = self._tokens, self._held, self._over, self._widths
+        tokens, held, over, widths, token_of = self._tokens, self._held, self._over, self._widths, self._token_of
         self._tokens, self._held, self._held_bytes, self._over, self._widths = None, {}, 0, False, {}
+        self._token_of = {}
         if tokens is None:
             return
         device = tokens.keep.device
         if self.members is None and widths:
-            width = widths[min(widths)]
             drop = self.relay.drop if self.relay is not None else None
-            self.members = sorted(i for i, w in widths.items() if w == width and i != drop)
+            self.members = self._group(widths, token_of, drop)
+        if self.members and self.members[0] in token_of:  # the members' tokens, not the last site's
+            tokens = token_of[self.members[0]]
         if self.relay is not None:  # a pipeline stage: every stage passes every forward on
             stale = [self.candidates[i] for i, (x, v) in held.items() if x._version != v]
             whole = self.members is not None and not over and not stale and all(i in held for i in self.members)
@@ -206,7 +211,8 @@ class Cross(StatBase):
             self._allocate(self.dims(), device)
             self.s["skipped_tokens"] += self._early
         s = self.s
-        if over or any(i not in held for i in members) or stale:
+        apart = [self.candidates[i] for i in members if i in token_of and token_of[i] is not tokens]
+        if over or any(i not in held for i in members) or stale or apart:
             s["skipped_tokens"] += tokens.keep.sum().to(device)
             if not self._warned:
                 if self.relay is not None:
@@ -217,6 +223,9 @@ class Cross(StatBase):
                            f"cross_budget={self.budget} bytes; pass a larger cross_budget= or smaller batches")
                 elif stale:
                     why = f"sites {stale} were modified in place during the forward; capture other sites"
+                elif apart:
+                    why = (f"sites {apart} saw other tokens than {self.candidates[members[0]]} in this forward "
+                           "(another stack or grid); capture sites of one stack")
                 else:
                     missing = [i for i in members if i not in held]
                     why = (f"sites {[self.candidates[i] for i in missing]} did not fire in this forward; "
@@ -270,6 +279,23 @@ class Cross(StatBase):
         for v in ("keep", "all"):
             s[f"{v}_cos_n"] = s[f"{v}_cos_n"] + cos[v][0]
             s[f"{v}_cos"] = s[f"{v}_cos"] + cos[v][1]
+
+    def _group(self, widths: dict[int, int], token_of: dict[int, Tokens], drop: int | None) -> list[int]:
+        """The sites of the matrices: the largest group of the first forward's sites with one width
+        and one tokens object (one stack's call and grid); a tie goes to the group holding a
+        ``hidden_states.*`` site, then to the earliest."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in sorted(widths):
+            if i != drop:
+                groups.setdefault((widths[i], id(token_of.get(i))), []).append(i)
+        if not groups:
+            return []
+
+        def rank(members: list[int]) -> tuple[int, int, int]:
+            main = any(self.candidates[i].startswith("hidden_states.") for i in members)
+            return len(members), int(main), -members[0]
+
+        return max(groups.values(), key=rank)
 
     def _warn_skip(self, why: str) -> None:
         if not self._warned:
