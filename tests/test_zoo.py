@@ -10,9 +10,10 @@ import torch
 
 import zoo
 
-#: model types the zoo cannot build or run (docs/architectures.md gives each one's reason); a
-#: change that loses more of them fails here
-CANNOT_BUILD_MAX = 999
+#: model types the zoo cannot build or run (docs/architectures.md gives each one's reason): 143
+#: of 631 with transformers 5.25.0, and 3 more for the models near the 60 s limit on a loaded
+#: 2-core machine (SAM2's 1024 x 1024 images); a change that loses more of them fails here
+CANNOT_BUILD_MAX = 146
 
 
 @pytest.mark.slow
