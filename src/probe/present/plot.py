@@ -637,10 +637,12 @@ def _stack_of(name: str) -> str:
 
 
 def _stack_breaks(x: np.ndarray, names: Sequence[str], *series: Any) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
-    """``x`` and each of ``series`` with a NaN point put between two stacks (a line or band drawn
-    over them stops there: an encoder's last layer and the decoder's first are not neighbours), and
-    the x of each boundary."""
-    cuts = [i for i in range(1, len(names)) if _stack_of(names[i]) != _stack_of(names[i - 1])]
+    """``x`` and each of ``series`` with a NaN point put between two stacks of hidden states (a line
+    or band drawn over them stops there: an encoder's last layer and the decoder's first are not
+    neighbours), and the x of each boundary. Other sites (modules) break nothing."""
+    stacks = [_stack_of(n) for n in names]
+    stacked = [s.endswith("hidden_states") and s != n for s, n in zip(stacks, names)]
+    cuts = [i for i in range(1, len(names)) if stacked[i] and stacked[i - 1] and stacks[i] != stacks[i - 1]]
     xs = np.asarray(x, dtype=float)
     out = [np.asarray(v, dtype=float) for v in series]
     at = [(xs[i - 1] + xs[i]) / 2 for i in cuts]
