@@ -664,9 +664,9 @@ def _labels(names: Sequence[str]) -> tuple[list[str], str]:
     stacks = [_stack_of(n) for n in names]
     if names and all(s.endswith("hidden_states") and s != n for s, n in zip(stacks, names)):
         # several stacks (encoder and decoder, two towers): "enc 0", "dec 1", "text 2", ...
-        short = {s: _STACK_SHORT.get(s, s.removesuffix("hidden_states").rstrip("_") or "h") for s in stacks}
-        legend = ", ".join(f"{short[s]} = {s}" for s in dict.fromkeys(stacks))
-        return [f"{short[s]} {n.rsplit('.', 1)[1]}" for s, n in zip(stacks, names)], f"layer ({legend})"
+        abbr = {s: _STACK_SHORT.get(s, s.removesuffix("hidden_states").rstrip("_") or "h") for s in stacks}
+        legend = ", ".join(f"{abbr[s]} = {s}" for s in dict.fromkeys(stacks))
+        return [f"{abbr[s]} {n.rsplit('.', 1)[1]}" for s, n in zip(stacks, names)], f"layer ({legend})"
     parts = [n.split(".") for n in names]
     common = 0
     while parts and all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
