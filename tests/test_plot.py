@@ -604,7 +604,8 @@ def _uncovered(fig) -> list:
     return found
 
 
-@pytest.mark.parametrize("size", ["column", "page", pytest.param("screen", marks=pytest.mark.slow),
+@pytest.mark.parametrize("size", ["column", pytest.param("page", marks=pytest.mark.slow),
+                                  pytest.param("screen", marks=pytest.mark.slow),
                                   pytest.param("slide", marks=pytest.mark.slow)])
 def test_every_kind_lays_out_at_every_size(deep, size):
     """No collapsed constrained layout and no two tick labels over each other, for every figure
@@ -867,6 +868,7 @@ def _pdf_facts(path) -> tuple[float, bool, list]:
     return box[2] - box[0], b"/Type3" in data, sizes
 
 
+@pytest.mark.slow  # 30-55 s of CPU: run by make test-slow (and .ci/run)
 def test_column_files_are_a_column_wide_with_print_fonts_and_dpi(deep, tmp_path):
     """At ``--size column``: a PDF page and a 300 dpi PNG no wider than 3.5 in (252 pt, 1050 px),
     TrueType fonts (no Type 3), every glyph (10^n exponents included) at 6 pt or more, and the
@@ -887,6 +889,7 @@ def test_column_files_are_a_column_wide_with_print_fonts_and_dpi(deep, tmp_path)
             assert im.info.get("dpi") and abs(im.info["dpi"][0] - 300) < 0.01, (p, im.info.get("dpi"))
 
 
+@pytest.mark.slow  # 30-55 s of CPU: run by make test-slow (and .ci/run)
 def test_printed_grid_fits_a_page_and_says_what_it_left_out(deep, tmp_path):
     """31 panels at a column's width would be 10.2 in tall: evenly spread ones are drawn (first
     and last kept), the figure is at most 6.5 in tall (a column, with room for its caption), and
@@ -916,6 +919,7 @@ def test_printed_grid_fits_a_page_and_says_what_it_left_out(deep, tmp_path):
     assert len([ax for ax in figures(deep, "histograms", size="page")["hist_grid.png"].axes if ax.get_visible()]) == 31
 
 
+@pytest.mark.slow  # 30-55 s of CPU: run by make test-slow (and .ci/run)
 def test_titles_carry_no_tool_text_and_can_be_left_out(deep, tmp_path, capsys):
     """Titles name what is drawn, not the options that chose it: no ``--layers``, ``skip_first=``
     or doubled parentheses in any title; those go to the caption. ``titles=False`` (``probe plot
