@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from ..errors import ProbeError
+from .report import hidden_state_stack
 
 if TYPE_CHECKING:
     from ..results.run import Run
@@ -629,20 +630,12 @@ def _mpl():
 _STACK_SHORT = {"encoder_hidden_states": "enc", "decoder_hidden_states": "dec"}
 
 
-def _stack_of(name: str) -> str:
-    """The stack of a site ``<stack>.<index>`` (``decoder_hidden_states.3``: ``decoder_hidden_states``);
-    any other name is its own."""
-    head, _, tail = name.rpartition(".")
-    return head if head and tail.isdigit() else name
-
-
 def _stack_breaks(x: np.ndarray, names: Sequence[str], *series: Any) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
     """``x`` and each of ``series`` with a NaN point put between two stacks of hidden states (a line
     or band drawn over them stops there: an encoder's last layer and the decoder's first are not
     neighbours), and the x of each boundary. Other sites (modules) break nothing."""
-    stacks = [_stack_of(n) for n in names]
-    stacked = [s.endswith("hidden_states") and s != n for s, n in zip(stacks, names)]
-    cuts = [i for i in range(1, len(names)) if stacked[i] and stacked[i - 1] and stacks[i] != stacks[i - 1]]
+    stacks = [hidden_state_stack(n) for n in names]
+    cuts = [i for i in range(1, len(names)) if stacks[i] and stacks[i - 1] and stacks[i] != stacks[i - 1]]
     xs = np.asarray(x, dtype=float)
     out = [np.asarray(v, dtype=float) for v in series]
     at = [(xs[i - 1] + xs[i]) / 2 for i in cuts]
@@ -661,8 +654,8 @@ def _labels(names: Sequence[str]) -> tuple[list[str], str]:
     prefix = "hidden_states."
     if names and all(n.startswith(prefix) for n in names):
         return [n[len(prefix):] for n in names], "layer (hidden_states index)"
-    stacks = [_stack_of(n) for n in names]
-    if names and all(s.endswith("hidden_states") and s != n for s, n in zip(stacks, names)):
+    stacks = [hidden_state_stack(n) or "" for n in names]
+    if names and all(stacks):
         # several stacks (encoder and decoder, two towers): "enc 0", "dec 1", "text 2", ...
         abbr = {s: _STACK_SHORT.get(s, s.removesuffix("hidden_states").rstrip("_") or "h") for s in stacks}
         legend = ", ".join(f"{abbr[s]} = {s}" for s in dict.fromkeys(stacks))

@@ -49,6 +49,18 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def hidden_state_stack(name: str) -> str | None:
+    """The stack of a hidden-state site ``<stack>.<layer>`` whose stack is one transformers returns
+    (``decoder_hidden_states.3``: ``decoder_hidden_states``); ``None`` for any other site.
+
+    Example:
+        >>> hidden_state_stack("text_hidden_states.2"), hidden_state_stack("model.layers.2")
+        ('text_hidden_states', None)
+    """
+    head, _, layer = name.rpartition(".")
+    return head if head.endswith("hidden_states") and layer.isdigit() else None
+
+
 def resolve_site(run: Run, name: str, flag: str = "--site") -> str:
     """The site ``name`` means: a site name, or the layer number the tables show (``"5"`` is
     ``"hidden_states.5"``, else the one stack's ``<stack>_hidden_states.5``; for other sites, the
@@ -78,7 +90,7 @@ def resolve_site(run: Run, name: str, flag: str = "--site") -> str:
         k = int(text)
         if f"hidden_states.{k}" in run.sites:
             return f"hidden_states.{k}"
-        stacked = [n for n in run.sites if n.rpartition(".")[2] == str(k) and n.rpartition(".")[0].endswith("hidden_states")]
+        stacked = [n for n in run.sites if hidden_state_stack(n) and n.rpartition(".")[2] == str(k)]
         if len(stacked) == 1:
             return stacked[0]
         if len(stacked) > 1:  # an encoder's layer k and its decoder's
