@@ -3,6 +3,7 @@ helper that proves hooks are removed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests build models from configs; nothing is fetched
@@ -122,10 +123,18 @@ def free_port() -> int:
 
 def spawn_ranks(worker, world: int, folder, *args, timeout: float) -> None:
     """Run ``worker(rank, world, port, str(folder), *args)`` in ``world`` spawned processes; a rank
-    that fails raises here with every rank's ``folder/error*.txt``."""
+    that fails raises here with every rank's ``folder/error*.txt``.
+
+    The rendezvous store lives in this process (``port`` is its port), so no rank's exit takes it
+    from a rank still shutting down; each worker joins with :func:`rank_group`."""
+    import datetime
+
+    import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(worker, args=(world, free_port(), str(folder), *args), nprocs=world,
+    store = dist.TCPStore("127.0.0.1", 0, world, True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout))
+    ctx = mp.start_processes(worker, args=(world, store.port, str(folder), *args), nprocs=world,
                              join=False, start_method="spawn")
     try:
         while not ctx.join(timeout=timeout):
@@ -133,6 +142,33 @@ def spawn_ranks(worker, world: int, folder, *args, timeout: float) -> None:
     except Exception as err:
         errors = [p.read_text() for p in sorted(folder.glob("error*.txt"))]
         raise AssertionError(f"a rank failed: {err}\n" + "\n".join(errors)) from None
+
+
+@contextlib.contextmanager
+def rank_group(rank: int, world: int, port: int, folder: str, timeout: float = 120):
+    """Inside a :func:`spawn_ranks` worker: torch on one thread, the gloo group on the parent's
+    store for the block, then a barrier (no rank leaves while another still talks) and
+    ``destroy_process_group``. An error in the block goes to ``folder/error{rank}.txt`` and is
+    raised again."""
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)
+        wait = datetime.timedelta(seconds=timeout)
+        store = dist.TCPStore("127.0.0.1", port, world, False, timeout=wait)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=wait)
+        yield
+        dist.barrier()
+    except BaseException:
+        with open(os.path.join(folder, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @pytest.fixture

@@ -410,19 +410,11 @@ def _rank(rank: int, world: int, port: int, folder: str) -> None:
     """One rank: rebuilds every rank's attention windows (uneven batch counts), merges its own across
     the gloo group with the tensor collectives; the result must equal the file merge of all of them
     (the MaxLogit argmax per head included), on every rank."""
-    import datetime
-    import traceback
-    from pathlib import Path
-
-    import torch.distributed as dist
-
     from probe.capture.sync import merge_windows
     from probe.stats._state import merge_rows
+    from conftest import rank_group
 
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
+    with rank_group(rank, world, port, folder, 120):
         model = llama("eager")
         rows = []
         for r in range(world):
@@ -438,10 +430,6 @@ def _rank(rank: int, world: int, port: int, folder: str) -> None:
                 mine, ref = got.sites[name]["attention"], want.sites[name]["attention"]
                 for field in ref:
                     np.testing.assert_allclose(mine[field], ref[field], rtol=1e-9, err_msg=f"{name}.{field}")
-        dist.destroy_process_group()
-    except Exception:
-        Path(folder, f"error{rank}.txt").write_text(traceback.format_exc())
-        raise
 
 
 @pytest.mark.slow

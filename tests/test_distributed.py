@@ -4,17 +4,14 @@ batches and against the file merge of the ranks' own windows."""
 
 from __future__ import annotations
 
-import datetime
 import os
-import traceback
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 import probe
-from conftest import spawn_ranks
+from conftest import rank_group, spawn_ranks
 
 TIMEOUT = 120  # seconds: a hang fails the test instead of waiting for gloo's 30-minute default
 
@@ -48,10 +45,7 @@ OPTIONS = dict(skip_first=1, max_positions=16, sample_size=64)
 
 
 def _worker(rank: int, world: int, port: int, folder: str, n: int, every: int | None) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=TIMEOUT))
+    with rank_group(rank, world, port, folder, TIMEOUT):
         model = _model()
         data = _batches(n)
         out = os.path.join(folder, "dist.h5")
@@ -64,11 +58,6 @@ def _worker(rank: int, world: int, port: int, folder: str, n: int, every: int | 
 
             write_run(run.result, os.path.join(folder, f"rank{rank}.h5"))
         _check_sync_against_file_merge(rank, world)
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(folder, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
 
 
 def _check_sync_against_file_merge(rank: int, world: int) -> None:

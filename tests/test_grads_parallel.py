@@ -19,18 +19,15 @@ FSDP2 with compile are ``slow`` (``make test-slow``); the whole-model compile an
 
 from __future__ import annotations
 
-import datetime
 import os
-import traceback
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import probe
-from conftest import spawn_ranks
+from conftest import rank_group, spawn_ranks
 from test_grads import _batch, _check, _model, _reference
 
 TIMEOUT = 120  # seconds: a hang fails the test instead of waiting for gloo's 30-minute default
@@ -129,10 +126,7 @@ def _rank_batches(rank: int) -> list[int]:
 
 
 def _worker(rank: int, world: int, port: int, folder: str, mode: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=TIMEOUT))
+    with rank_group(rank, world, port, folder, TIMEOUT):
         model = _model()
         if mode == "ddp":
             runner = torch.nn.parallel.DistributedDataParallel(model)
@@ -156,11 +150,6 @@ def _worker(rank: int, world: int, port: int, folder: str, mode: str) -> None:
             from probe.store import write_run
 
             write_run(c.result, os.path.join(folder, f"result{rank}.h5"))
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(folder, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
 
 
 def _check_ranks(tmp_path, mode: str) -> None:

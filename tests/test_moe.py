@@ -312,24 +312,15 @@ def test_files_and_ranks_merge_exactly(tmp_path):
 def _ranked(rank: int, world: int, port: int, folder: str) -> None:
     """One rank of test_counts_per_rank: its own batches (seed 10 + rank), one merged file."""
     import os
-    import traceback
 
-    import torch.distributed as dist
+    from conftest import rank_group
 
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
+    with rank_group(rank, world, port, folder, 120):
         model = _mixtral()
         with probe.capture(model, os.path.join(folder, "ranks.h5"), sites="moe", every=1):
             for ids, mask in _batches(2 + rank, 10 + rank):  # uneven: rank 1 runs one batch more
                 with torch.no_grad():
                     model(input_ids=ids, attention_mask=mask)
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(folder, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
 
 
 def test_counts_per_rank(tmp_path, capsys):

@@ -12,9 +12,7 @@ filled slots, every value one the site took)."""
 
 from __future__ import annotations
 
-import datetime
 import os
-import traceback
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ import torch.distributed as dist
 import probe
 from probe.capture.parallel import Layout
 from probe.stats._state import SPECS
-from conftest import spawn_ranks
+from conftest import rank_group, spawn_ranks
 
 TIMEOUT = 120
 N = 4  # batches
@@ -202,17 +200,12 @@ def _stage_forward(stage, rank: int, ids, mask) -> None:
 
 
 def _worker(rank: int, world: int, port: int, folder: str, mode: str, jobs: tuple[str, ...]) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=TIMEOUT))
+    with rank_group(rank, world, port, folder, TIMEOUT):
         if mode == "pp":
             _pipeline(rank, folder, jobs)
-            dist.destroy_process_group()
             return
         if mode == "pp_dp":
             _pipeline_data(folder)
-            dist.destroy_process_group()
             return
         model, layout, batches = _setup(mode, rank, world)
         data = _batches()
@@ -257,11 +250,6 @@ def _worker(rank: int, world: int, port: int, folder: str, mode: str, jobs: tupl
                 for i in batches:
                     with torch.no_grad():
                         runner(input_ids=data[i][0], attention_mask=data[i][1], use_cache=False)
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(folder, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
 
 
 def _spawn(world: int, folder, mode: str, jobs: tuple[str, ...]) -> None:

@@ -17,7 +17,7 @@ import probe
 from probe import stats as registry
 from probe.stats._base import StatBase, Tokens
 from probe.stats._state import SPECS, Field, State, merge_rows
-from conftest import free_port, spawn_ranks
+from conftest import free_port, rank_group, spawn_ranks
 
 
 class SumSq(StatBase):
@@ -171,16 +171,10 @@ def _rank(rank: int, world: int, port: int, folder: str) -> None:
     """One rank: registers the toy (a fresh process knows only the built-in statistics), rebuilds
     every rank's windows (uneven batch counts, one capture per rank) and merges its own across
     the group; the result must equal the file merge of all of them, on every rank."""
-    import traceback
-    from pathlib import Path
-
     from probe.capture.sync import merge_windows
 
-    try:
-        torch.set_num_threads(1)
-        registry.register(SumSq)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
+    registry.register(SumSq)
+    with rank_group(rank, world, port, folder, 120):
         model = _llama()
         rows = [list(_capture(model, _batches(2 + r, 10 + r), every=1, distributed=False).result.rows)
                 for r in range(world)]
@@ -192,10 +186,6 @@ def _rank(rank: int, world: int, port: int, folder: str) -> None:
                 mine, ref = got.sites[name]["toy"], want.sites[name]["toy"]
                 assert int(mine["tokens"]) == int(ref["tokens"]), (name, got.step)
                 np.testing.assert_allclose(mine["sumsq"], ref["sumsq"], rtol=1e-12, err_msg=name)
-        dist.destroy_process_group()
-    except Exception:
-        Path(folder, f"error{rank}.txt").write_text(traceback.format_exc())
-        raise
 
 
 def test_toy_statistic_two_ranks(tmp_path):
