@@ -402,6 +402,67 @@ def test_calibration_preset_holds_what_the_exports_read(tiny):
         probe.capture(model, stats="calibrate")
 
 
+class _SharedInput(torch.nn.Module):
+    """Two linears read one tensor (as q/k/v projections do), then it changes in place and a third reads it."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Linear(d, d) for _ in range(3))
+
+    def forward(self, x):
+        h = x * 1.0
+        y = self.a(h) + self.b(h)
+        h.mul_(-3.0)
+        return y + self.c(h)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_sites_reading_one_tensor_share_its_statistics_until_it_changes(mode, monkeypatch):
+    """Sites whose hooks see the same tensor, unchanged, over the same tokens compute each chunk's
+    moments once and all hold them; a site that reads the tensor after an in-place change, or an
+    inference tensor (no version counter to show a change), computes its own. Every site equals
+    numpy in float64 on the tensor it read."""
+    from probe.capture import engine
+    from probe.stats.moments import Moments
+
+    b, t, d = 3, 70, 8  # more than STACK_ELEMENTS: run site by site, where the sharing is
+    monkeypatch.setattr(engine, "STACK_ELEMENTS", b * t * d - 1)
+    model = _SharedInput(d)
+    x = torch.randn(b, t, d, generator=torch.Generator().manual_seed(0)) * 4 + 1
+    calls = {"n": 0}
+    chunk = Moments._chunk
+
+    def counted(*args):
+        calls["n"] += 1
+        return chunk(*args)
+
+    monkeypatch.setattr(Moments, "_chunk", staticmethod(counted))
+    grad_mode = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with probe.capture(model, sites=["a:input", "b:input", "c:input"], stats=("moments",), strict=True) as run:
+        with grad_mode():
+            model(x)
+    assert calls["n"] == (2 if mode == "no_grad" else 3)
+    ref = x.double().reshape(-1, d).numpy()
+    for name, want in (("a:input", ref), ("b:input", ref), ("c:input", -3.0 * ref)):
+        ch = run.result[name].channel
+        assert run.result[name].tokens == b * t
+        np.testing.assert_array_equal(ch.count, b * t)
+        np.testing.assert_allclose(ch.mean, want.mean(0), rtol=1e-6, atol=1e-6 * np.abs(want).max())
+        np.testing.assert_allclose(ch.var, want.var(0), rtol=1e-5)
+        np.testing.assert_allclose(ch.kurtosis, scipy_free_kurtosis(want), rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(ch.max, want.max(0).astype(np.float32))
+        np.testing.assert_array_equal(ch.min, want.min(0).astype(np.float32))
+    a, b = (run.result[n].channel for n in ("a:input", "b:input"))
+    for field in ("mean", "var", "kurtosis", "min", "max"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def scipy_free_kurtosis(x: np.ndarray) -> np.ndarray:
+    """Population excess kurtosis per column (scipy.stats.kurtosis's default), in float64."""
+    d = x - x.mean(0)
+    return (d**4).mean(0) / (d**2).mean(0) ** 2 - 3.0
+
+
 def test_discovery_runs_once_per_model_structure(tiny, monkeypatch):
     from probe.capture import sites as _sites
 

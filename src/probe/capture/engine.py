@@ -341,6 +341,9 @@ class StatEngine:
         for a in range(0, n, step):
             tc = tokens.slice(a, a + step)
             parts: dict[str, tuple[list[str], list[StatBase], list[Any]]] = {}
+            # sites holding one tensor (q/k/v projections' shared input, see Forwards._stage) take
+            # one partial result per statistic that allows it (StatBase.share_key)
+            shared: dict[tuple, Any] = {}
             for name, x2, _, source in batch:
                 if name in self.disabled:
                     continue
@@ -350,8 +353,14 @@ class StatEngine:
                 try:
                     for k, stat in per.items():
                         if stat.chunked:
-                            with _wide(x2):
-                                part = type(stat).partial(stat, xc, tc)
+                            same = stat.share_key()
+                            key = None if same is None else (k, same, x2.data_ptr(), x2.shape, x2.stride(), x2.dtype)
+                            part = None if key is None else shared.get(key)
+                            if part is None or not type(stat)._ready([stat], xc):
+                                with _wide(x2):
+                                    part = type(stat).partial(stat, xc, tc)
+                                if key is not None and part is not None:
+                                    shared[key] = part
                             names, stats, chunks = parts.setdefault(k, ([], [], []))
                             names.append(name)
                             stats.append(stat)

@@ -303,6 +303,8 @@ class Forwards:
         self._recorded = 0  # forwards recorded (not skipped by the schedule)
         self._pending: list = []  # this forward's site tensors, folded in when it ends (all or nothing)
         self._pending_bytes = 0
+        #: this forward's held copies by what they copied (see _stage): sites that read one tensor share one
+        self._staged: dict[tuple, Tensor] = {}
         self._dropped = 0
         self._copy: set[int] = set()  # sites whose tensor the model modifies in place: copied at the hook
         self._held: dict[int, Tensor] = {}  # CPU: each site's reused buffer (see _hold)
@@ -371,7 +373,7 @@ class Forwards:
         return context
 
     def _drop_pending(self) -> None:
-        self._pending, self._pending_bytes = [], 0
+        self._pending, self._pending_bytes, self._staged = [], 0, {}
         self._dropped += 1
         if self._dropped == 1:
             warnings.warn("probe: a forward stopped before it finished (it raised); none of its tokens enter "
@@ -629,7 +631,7 @@ class Forwards:
         self._counter.forward_ended()
 
     def _fold_pending(self) -> None:
-        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        pending, self._pending, self._pending_bytes, self._staged = self._pending, [], 0, {}
         # sites held by reference (version recorded) that the model changed in place after the hook
         moved = [i for i, _, x, version, _, _ in pending if version is not None and _version(x) != version]
         if moved:
@@ -707,8 +709,20 @@ class Forwards:
         # nobody ends this forward, or holding it passes the budget: fold in now
         now = self._owner is None or self._pending_bytes + size > self._options.cross_budget
         if held and not now:  # a copy in this site's reused buffer; the model's own tensor is not held (see _hold)
-            self._pending.append((i, name, self._hold(i, x).view(shape), None, tokens, x))
-            self._pending_bytes += size
+            # another site of this forward read the same tensor, unchanged since, over the same tokens
+            # (q/k/v projections share their input, gate/up theirs): its copy serves both, and the engine
+            # computes the chunk once for both (StatEngine._run_sites). The pending entry keeps ``x``
+            # alive, so no other tensor can take its address before the forward ends.
+            # (an inference tensor has no version counter to show an in-place change: never shared)
+            key = None if x.is_inference() else (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version,
+                                                 id(tokens))
+            copy = None if key is None else self._staged.get(key)
+            if copy is None:
+                copy = self._hold(i, x).view(shape)
+                self._pending_bytes += size
+                if key is not None:
+                    self._staged[key] = copy
+            self._pending.append((i, name, copy, None, tokens, x))
             return
         x2 = x.reshape(shape)
         if i in self._copy:

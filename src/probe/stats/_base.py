@@ -264,6 +264,13 @@ class StatBase:
         over the same tokens), without reading the device from the host."""
         raise NotImplementedError(f"{cls.__name__} must define update_group")
 
+    def share_key(self) -> tuple | None:
+        """For a statistic whose :meth:`partial` result is a function of the chunk and its tokens
+        alone, what else it depends on (options such as a size): sites that read one tensor over
+        the same tokens and agree on this key take one partial result (``StatEngine._run_sites``).
+        ``None`` (this default): computed for every site."""
+        return None
+
     @classmethod
     def partial(cls, stat: Self, x: Tensor, tokens: Tokens) -> Any:
         """Phase one of a two-phase update of ``stat`` by chunk ``x[1, n, D]`` (see

@@ -183,6 +183,9 @@ class Moments(BatchedStat):
     def dims(self, x: Tensor) -> dict[str, int]:
         return {"D": x.shape[-1]}
 
+    def share_key(self) -> tuple:
+        return ()  # the chunk's state reads the chunk and its tokens only
+
     @staticmethod
     def _run(state: tuple[Tensor, ...], x: Tensor, parts, tokens: Tokens, compiled: bool) -> tuple[Tensor, ...]:
         meta = (tokens.keep, tokens.row, tokens.position, tokens.token)

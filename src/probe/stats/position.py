@@ -141,6 +141,9 @@ class Position(BatchedStat):
     def dims(self, x: Tensor) -> dict[str, int]:
         return {"P": self.max_positions}
 
+    def share_key(self) -> tuple:
+        return (self.max_positions,)
+
     def _adopt(self, dims: dict[str, int]) -> None:
         self.max_positions = dims["P"]
 
