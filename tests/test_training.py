@@ -103,6 +103,43 @@ def test_generate_prefill_and_decode(tiny):
     assert list(np.flatnonzero(dec.position.tokens)) == decode_positions
 
 
+def test_decode_steps_merge_only_the_positions_they_reach(tiny, monkeypatch):
+    """On CPU a chunk's per-position states (``position``, ``norm``) are built and merged over the
+    positions its real tokens reach (a decode step: one): every field equals, bitwise, the merge
+    over all ``max_positions`` positions, tokens past them included (``overflow``)."""
+    from probe.stats import norm, position
+
+    model = tiny("llama")
+    ids, mask = batch(2, 6, "left")
+    windows = []
+    window = position.position_window
+
+    def seen(tokens, p):
+        windows.append(window(tokens, p))
+        return windows[-1]
+
+    def run(windowed: bool):
+        monkeypatch.setattr(position, "position_window", seen if windowed else (lambda tokens, p: None))
+        monkeypatch.setattr(norm, "position_window", seen if windowed else (lambda tokens, p: None))
+        with probe.capture(model, stats=("position", "norm"), max_positions=8, strict=True) as c:
+            with torch.no_grad():
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                               pad_token_id=0)
+        return c.result
+
+    full, windowed = run(False), run(True)
+    # rows of 6 and 3 real tokens: the prefill reaches [0, 6); decode step k positions 5 + k and
+    # 2 + k, the first rows' past max_positions from step 3 on
+    assert windows[0] == (0, 6) and (3, 7) in windows and (5, 6) in windows
+    for name in full.sites:
+        for kind in ("position", "norm"):
+            want, got = full.total.sites[name][kind], windowed.total.sites[name][kind]
+            for field in want:
+                np.testing.assert_array_equal(got[field], want[field], err_msg=f"{name}.{kind}.{field}")
+    assert int(full.total.sites["hidden_states.1"]["position"]["overflow"]) == 3  # the first row's 8, 9, 10
+    assert list(np.flatnonzero(full["hidden_states.1"].position.tokens)) == list(range(8))
+
+
 def test_distributed_two_ranks_equal_one_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     script = str(ROOT / "examples" / "distributed.py")

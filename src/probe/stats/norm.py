@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ._base import SPECS, StatBase, Tokens, finite, host_checks, merge_moments, stacked
 from ._buckets import Buckets
+from .position import in_window, position_window
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+
     from typing_extensions import Self
@@ -157,17 +158,24 @@ class Norm(StatBase):
         index = index + (torch.arange(g, device=norm.device) * (b.spare + 1)).unsqueeze(-1)
         one = torch.ones((), dtype=torch.int64, device=norm.device).expand(index.numel())
         counts = s["counts"].reshape(-1).index_add(0, index.reshape(-1), one).view(g, b.spare + 1)
-        # per position, over every real token with a finite norm
+        # per position, over every real token with a finite norm; on CPU over the window of
+        # positions the chunk reaches (a decode step: one), the others left as they are
         p = s["pos_n"].shape[-1]
-        inside = fin & tokens.valid & (tokens.position >= 0) & (tokens.position < p)
-        where = torch.where(inside, tokens.position, 0).expand(g, n)
+        window = position_window(tokens, p)
+        start, stop = (0, p) if window is None else window
+        position = tokens.position - start
+        inside = fin & tokens.valid & (position >= 0) & (position < stop - start)
+        where = torch.where(inside, position, 0).expand(g, n)
         wi = inside.to(f64)
-        zeros = torch.zeros(g, p, dtype=f64, device=norm.device)
+        zeros = torch.zeros(g, stop - start, dtype=f64, device=norm.device)
         pn = zeros.scatter_add(1, where, wi)
         pmean = zeros.scatter_add(1, where, v * wi) / pn.clamp(min=1)
         pdev = (v - pmean.gather(1, where)) * wi
         pm2 = zeros.scatter_add(1, where, pdev * pdev)
-        pos = merge_moments((s["pos_n"], s["pos_mean"], s["pos_m2"]), (pn, pmean, pm2))
+        before = (s["pos_n"], s["pos_mean"], s["pos_m2"])
+        pos = merge_moments(tuple(f[..., start:stop] for f in before), (pn, pmean, pm2))
+        if window is not None:
+            pos = tuple(in_window(f, start, stop, m) for f, m in zip(before, pos))
         # the sum of unit vectors h / ||h|| over kept tokens with a non-zero norm
         unit = kept & (norm0 > 0)
         new = {"n": n1, "mean": mean1, "m2": m21, "m3": m31, "m4": m41,

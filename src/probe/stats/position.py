@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _base
 from ._base import (SPECS, BatchedStat, Finite, Tokens, host_checks, host_reads, merge_moments, pow2, power_of_two,
                     run_compiled, scratch, wide)
 
-__all__ = ["Position"]
+__all__ = ["Position", "position_window", "in_window"]
 
 
 #: a mean square deviation below which float32 squares may have lost bits to underflow: the
@@ -103,6 +104,30 @@ def _dense_chunk(x: Tensor, parts: Finite, valid: Tensor, position: Tensor, p: i
     return tokens, n, mean, m2, absmax, overflow
 
 
+def position_window(tokens: Tokens, p: int) -> tuple[int, int] | None:
+    """``(lo, hi)``: the positions ``[lo, hi)`` of ``[0, p)`` that the chunk's real tokens reach
+    (``(0, 1)`` when none does), read on the host; ``None`` where that would wait for a device
+    (tokens not on the CPU, or :data:`probe.stats._base.DENSE_CPU` off) or the window is all of
+    ``[0, p)``. A decode step reaches one
+    position: its per-position states are built and merged over that window alone, the rest of
+    the ``p`` positions left as they are (what merging an empty chunk into them gives)."""
+    if not (_base.DENSE_CPU and tokens.position.device.type == "cpu"):  # the CPU fast paths' switch
+        return None
+    key = ("position_window", p)
+    if key not in tokens.local:
+        position = tokens.position.numpy()
+        reached = position[tokens.valid.numpy() & (position >= 0) & (position < p)]
+        lo, hi = (int(reached.min()), int(reached.max()) + 1) if reached.size else (0, 1)
+        tokens.local[key] = None if (lo, hi) == (0, p) else (lo, hi)
+    return tokens.local[key]
+
+
+def in_window(state: Tensor, lo: int, hi: int, new: Tensor) -> Tensor:
+    """``state[..., P]`` with ``[..., lo:hi]`` replaced by ``new`` (a fresh tensor: states are
+    never changed in place, see :func:`probe.stats._base.stacked`)."""
+    return torch.cat((state[..., :lo], new, state[..., hi:]), dim=-1)
+
+
 def _merge(state: tuple[Tensor, ...], chunk: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """Two states in ``Position._fields`` order (leading site dim ``G``) merged into one: counts
     add, moments merge (Chan et al.), maxima take the larger."""
@@ -151,8 +176,17 @@ class Position(BatchedStat):
     def _run(state: tuple[Tensor, ...], x: Tensor, parts, tokens: Tokens, compiled: bool) -> tuple[Tensor, ...]:
         if compiled:
             return run_compiled(_step, state, x, None, None, None, tokens.valid, tokens.position, True)
-        return _merge(state, _chunk(x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position,
-                                    state[0].shape[-1], wide()))
+        p = state[0].shape[-1]
+        window = position_window(tokens, p)
+        if window is None:
+            return _merge(state, _chunk(x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position, p, wide()))
+        # the positions the chunk reaches alone (a decode step: one), as positions 0..hi-lo; the
+        # real tokens past P are counted from their own positions
+        lo, hi = window
+        chunk = _chunk(x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position - lo, hi - lo, wide())
+        chunk = (*chunk[:5], (tokens.valid & (tokens.position >= p)).sum().expand(x.shape[0]))
+        merged = _merge((*(f[..., lo:hi] for f in state[:5]), state[5]), chunk)
+        return (*(in_window(f, lo, hi, m) for f, m in zip(state[:5], merged[:5])), merged[5])
 
     def _chunk(self, x: Tensor, parts, tokens: Tokens) -> tuple[Tensor, ...]:
         checks = host_checks(x)
