@@ -259,6 +259,12 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _same_values(copy: Tensor, x: Tensor) -> bool:
+    """Whether ``copy`` (a held copy, float32 for a 16-bit ``x``) holds exactly ``x``'s values
+    (a NaN never compares equal: such a tensor is copied again)."""
+    return torch.equal(copy, x) if copy.dtype == x.dtype else bool(torch.eq(copy, x).all())
+
+
 def _version(x: Tensor) -> int:
     # inference tensors (torch.inference_mode) carry no version counter and cannot change later
     return -1 if x.is_inference() else x._version
@@ -709,19 +715,19 @@ class Forwards:
         # nobody ends this forward, or holding it passes the budget: fold in now
         now = self._owner is None or self._pending_bytes + size > self._options.cross_budget
         if held and not now:  # a copy in this site's reused buffer; the model's own tensor is not held (see _hold)
-            # another site of this forward read the same tensor, unchanged since, over the same tokens
-            # (q/k/v projections share their input, gate/up theirs): its copy serves both, and the engine
-            # computes the chunk once for both (StatEngine._run_sites). The pending entry keeps ``x``
-            # alive, so no other tensor can take its address before the forward ends.
-            # (an inference tensor has no version counter to show an in-place change: never shared)
-            key = None if x.is_inference() else (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version,
-                                                 id(tokens))
-            copy = None if key is None else self._staged.get(key)
+            # another site of this forward read the same tensor over the same tokens, and its values are
+            # still those copied (q/k/v projections share their input, gate/up theirs): the copy serves
+            # both, and the engine computes the chunk once for both (StatEngine._run_sites). The values
+            # are compared, not only the version counter, which writes through ``.data`` or a custom
+            # kernel leave alone; one read of both costs less than a copy and its statistics. The
+            # pending entry keeps ``x`` alive, so no other tensor takes its address before the forward ends.
+            key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, _version(x), id(tokens))
+            copy = self._staged.get(key)
+            if copy is not None and not _same_values(copy, x.reshape(shape)):
+                copy = None
             if copy is None:
-                copy = self._hold(i, x).view(shape)
+                copy = self._staged[key] = self._hold(i, x).view(shape)
                 self._pending_bytes += size
-                if key is not None:
-                    self._staged[key] = copy
             self._pending.append((i, name, copy, None, tokens, x))
             return
         x2 = x.reshape(shape)
