@@ -160,7 +160,7 @@ class PositionView:
     Attributes (numpy ``[P]``, ``P`` the last position any real token reached + 1): ``tokens``
     (int64, real tokens at each absolute position), ``count`` (int64, finite values),
     ``mean``, ``var``, ``std``, ``absmax`` (float64, activation units; NaN where no token);
-    ``overflow``: real tokens at positions past ``max_positions`` (not in the arrays).
+    ``overflow``: real tokens at positions ``>= max_positions`` (not in the arrays).
 
     Args:
         p: a site's raw ``position`` state.
@@ -179,7 +179,7 @@ class PositionView:
         self.var = np.where(empty, np.nan, p["m2"][:last] / np.where(empty, 1, p["n"][:last]))
         self.std = np.sqrt(self.var)
         self.absmax = np.where(empty, np.nan, p["absmax"][:last].astype(np.float64))
-        #: real tokens at positions past ``max_positions`` (not in the arrays)
+        #: real tokens at positions ``>= max_positions`` (not in the arrays)
         self.overflow = int(p["overflow"])
 
     def __len__(self) -> int:
