@@ -108,9 +108,9 @@ def position_window(tokens: Tokens, p: int) -> tuple[int, int] | None:
     """``(lo, hi)``: the positions ``[lo, hi)`` of ``[0, p)`` that the chunk's real tokens reach
     (``(0, 1)`` when none does), read on the host; ``None`` where that would wait for a device
     (tokens not on the CPU, or :data:`probe.stats._base.DENSE_CPU` off) or the window is all of
-    ``[0, p)``. A decode step reaches one
-    position: its per-position states are built and merged over that window alone, the rest of
-    the ``p`` positions left as they are (what merging an empty chunk into them gives)."""
+    ``[0, p)``. A decode step reaches one position: its per-position states are built and merged
+    over that window alone, the rest of the ``p`` positions left as they are (what merging an
+    empty chunk into them gives)."""
     if not (_base.DENSE_CPU and tokens.position.device.type == "cpu"):  # the CPU fast paths' switch
         return None
     key = ("position_window", p)
