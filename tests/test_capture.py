@@ -80,7 +80,7 @@ def test_outputs_bitwise_unchanged(tiny):
         (dict(sites=["model.norm", "model.norm"]), r"listed twice"),
         (dict(sites=["nothing.*"]), r"matches no module"),
         (dict(stats=("moments", "kurt")), r"unknown stats \['kurt'\]; expected a subset"),
-        (dict(stats="moment"), r"unknown stats \['moment'\] \('moment': did you mean 'moments'\?\); expected"),
+        (dict(stats="moment"), r"unknown stats \['moment'\]; closest: moments; expected"),
         (dict(skip_first=-1), r"skip_first must be an int >= 0; got -1"),
         (dict(histogram_bits=12), r"histogram_bits must be an int in 0..10"),
         (dict(compile="yes"), r"compile must be None, True or False; got 'yes'"),

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
 from .. import stats as _stats
-from ..errors import ProbeError
+from ..errors import ProbeError, closest
 from .parallel import Layout, check_layout
 from .schedule import as_schedule
 from .sites import Site, SiteSpec
@@ -76,13 +76,9 @@ def _stat_names(stats: str | Sequence[str] | None) -> tuple[StatName, ...]:
     names = _stats.DEFAULT if stats is None else (stats,) if isinstance(stats, str) else tuple(stats)
     unknown = [s for s in names if s not in _stats.NAMES]
     if unknown or not names:
-        import difflib
-
-        known = [*_stats.NAMES, *_stats.PRESETS]
-        close = {u: difflib.get_close_matches(str(u), known, n=1) for u in unknown}
-        hint = "; ".join(f"{u!r}: did you mean {c[0]!r}?" for u, c in close.items() if c)
-        raise ProbeError(f"unknown stats {unknown or names!r}{' (' + hint + ')' if hint else ''}; expected a subset "
-                         f"of {list(_stats.NAMES)} or a preset name ({', '.join(repr(p) for p in _stats.PRESETS)}); "
+        near = closest(str(unknown[0]), [*_stats.NAMES, *_stats.PRESETS]) if unknown else ""
+        raise ProbeError(f"unknown stats {unknown or names!r}{near}; expected a subset of {list(_stats.NAMES)} "
+                         f"or a preset name ({', '.join(repr(p) for p in _stats.PRESETS)}); "
                          "pass e.g. stats=('moments', 'histogram') or stats='calibration'")
     chosen = cast("tuple[StatName, ...]", tuple(s for s in _stats.NAMES if s in names))
     if "cos" in chosen and "cross" not in chosen:
