@@ -176,16 +176,15 @@ class Position(BatchedStat):
     def _run(state: tuple[Tensor, ...], x: Tensor, parts, tokens: Tokens, compiled: bool) -> tuple[Tensor, ...]:
         if compiled:
             return run_compiled(_step, state, x, None, None, None, tokens.valid, tokens.position, True)
+        # over the positions the chunk reaches (a decode step: one) as positions 0 .. hi - lo; no
+        # real token sits in [hi, P), so those past the window are exactly those past P (overflow)
         p = state[0].shape[-1]
         window = position_window(tokens, p)
-        if window is None:
-            return _merge(state, _chunk(x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position, p, wide()))
-        # the positions the chunk reaches alone (a decode step: one), as positions 0..hi-lo; the
-        # real tokens past P are counted from their own positions
-        lo, hi = window
+        lo, hi = (0, p) if window is None else window
         chunk = _chunk(x, parts.xs, parts.fm, parts.rowmax, tokens.valid, tokens.position - lo, hi - lo, wide())
-        chunk = (*chunk[:5], (tokens.valid & (tokens.position >= p)).sum().expand(x.shape[0]))
         merged = _merge((*(f[..., lo:hi] for f in state[:5]), state[5]), chunk)
+        if window is None:
+            return merged
         return (*(in_window(f, lo, hi, m) for f, m in zip(state[:5], merged[:5])), merged[5])
 
     def _chunk(self, x: Tensor, parts, tokens: Tokens) -> tuple[Tensor, ...]:
